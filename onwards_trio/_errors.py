@@ -50,12 +50,8 @@ class ConfigError(OnwardsError):
         super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def error_body(
-    message: str, type: str, code: str | None = None, param: str | None = None
-) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": type, "param": param, "code": code}}
-    )
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
 class HTTPError(OnwardsError):
@@ -102,8 +98,7 @@ _RATE_LIMITED = error_body(
     "You are sending requests too quickly. Please slow down.", "rate_limit_error", "rate_limit"
 )
 _CONCURRENCY = error_body(
-    "Too many concurrent requests. Please wait for some requests to complete before sending "
-    "more.",
+    "Too many concurrent requests. Please wait for some requests to complete before sending more.",
     "rate_limit_error",
     "concurrency_limit_exceeded",
 )

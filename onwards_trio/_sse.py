@@ -145,9 +145,8 @@ class SSEDecoder:
             elif name == "id":
                 if "\x00" not in value:
                     self._last_id = value
-            elif name == "retry":
-                if value.isdigit():
-                    retry = int(value)
+            elif name == "retry" and value.isdigit():
+                retry = int(value)
         if not has_data:
             return None
         return SSEEvent(data="\n".join(data), event=event, id=self._last_id, retry=retry)

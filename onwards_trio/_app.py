@@ -1,0 +1,261 @@
+"""The gateway: an ASGI app over the proxy pipeline, its resources, and ``serve()``.
+
+:class:`Gateway` owns the upstream connection pool and the live routing table. Long-lived
+tasks (the HTTP listener, the config watcher, the metrics listener, detached response loops)
+live in the gateway's *service nursery*, opened by :meth:`Gateway.running` or
+:meth:`Gateway.serve`; cancelling the nursery that runs ``serve()`` stops all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, MutableMapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import httpcore
+import orjson
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from . import _errors as errors
+from ._asgi import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_error,
+    send_json,
+    watch_disconnect,
+)
+from ._auth import bearer_token
+from ._config import Config
+from ._errors import HTTPError
+from ._proxy import Proxy, ProxyRequest, UpstreamReply, parse_json_body
+from ._targets import Targets
+from ._upstream import UpstreamClient, dot_segments
+
+__all__ = ["Gateway", "ServeInfo"]
+
+log = logging.getLogger("onwards_trio")
+
+_MODELS_PATHS = frozenset({"/v1/models", "/models"})
+_STREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
+_STREAM_BROKEN = (
+    b"data: "
+    + orjson.dumps(
+        {
+            "error": {
+                "message": "The upstream stream ended unexpectedly.",
+                "type": "internal_error",
+                "param": None,
+                "code": "upstream_stream_error",
+            }
+        }
+    )
+    + b"\n\n"
+)
+
+
+@attrs.frozen
+class ServeInfo:
+    """Where a served gateway listens (``url`` is ``http://host:port``)."""
+
+    url: str
+    metrics_url: str | None = None
+
+
+def hypercorn_config(host: str, port: int) -> HypercornConfig:
+    cfg = HypercornConfig()
+    cfg.bind = [f"{host}:{port}"]
+    cfg.accesslog = None
+    cfg.errorlog = None
+    cfg.keep_alive_max_requests = 1_000_000  # the default (1000) drops busy keep-alive clients
+    cfg.keep_alive_timeout = 75
+    cfg.backlog = 1024
+    cfg.graceful_timeout = 30
+    return cfg
+
+
+class Gateway:
+    """An OpenAI-compatible gateway. Call it as an ASGI app, or run it with :meth:`serve`."""
+
+    def __init__(self, config: Config) -> None:
+        self.targets = Targets(config)
+        self.client = UpstreamClient(config.http_pool)
+        self.proxy = Proxy(self.targets, self.client)
+        self._nursery: trio.Nursery | None = None
+        # SEAM: metrics (gateway-level Metrics object)
+        self.metrics: Any = None
+        # SEAM: responses (stores, tool executor and background loops live here)
+
+    @property
+    def config(self) -> Config:
+        return self.targets.config
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The service nursery (only while :meth:`running`/:meth:`serve` is active)."""
+        if self._nursery is None:
+            raise RuntimeError("the gateway is not running; use `async with gateway.running()`")
+        return self._nursery
+
+    def update_config(self, config: Config) -> None:
+        """Swap in a new config (whole table, atomically); in-flight requests are unaffected."""
+        self.targets.update(config)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Gateway]:
+        """Open the service nursery and the resources; close them all on exit."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self.client.aclose()
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 3000,
+        *,
+        task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled. ``task_status.started`` receives a :class:`ServeInfo`."""
+        async with self.running():
+            binds: Sequence[str] = await self.nursery.start(
+                hypercorn_serve,
+                self,
+                hypercorn_config(host, port),
+            )
+            url = binds[0] if binds else f"http://{host}:{port}"
+            log.info("onwards-trio listening on %s", url)
+            task_status.started(ServeInfo(url=url))
+            await trio.sleep_forever()
+
+    # -- ASGI -----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+        else:  # websockets are not ours; hypercorn-trio needs an exception, not a return
+            raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        path: str = scope["path"]
+        method: str = scope["method"]
+        status = 500
+        try:
+            if path in _MODELS_PATHS and method in ("GET", "HEAD"):
+                status = await self._models(scope, send)
+            # SEAM: strict
+            # SEAM: responses
+            else:
+                status = await self._proxy_http(scope, receive, send)
+        finally:
+            elapsed = time.perf_counter() - started
+            # SEAM: metrics (request count / duration by method, status, endpoint)
+            # SEAM: logging (one line per request)
+            del elapsed, status
+
+    async def _models(self, scope: Scope, send: Send) -> int:
+        token = bearer_token(scope["headers"])
+        created = int(time.time())
+        data = [
+            {"id": alias, "created": created, "object": "model", "owned_by": "None"}
+            for alias in self.targets.table.visible_aliases(token)
+        ]
+        await send_json(send, 200, {"object": "list", "data": data})
+        return 200
+
+    async def read_request(self, scope: Scope, receive: Receive) -> ProxyRequest:
+        """Read and frame one request for the pipeline (413 past the body limit)."""
+        body = await read_body(receive, self.config.body_limit_bytes)
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if dot_segments(raw_path.decode("latin-1")):
+            raise errors.invalid_request("The request path must not contain '.' or '..' segments.")
+        return ProxyRequest(
+            method=scope["method"].encode(),
+            raw_path=raw_path,
+            query=scope.get("query_string", b""),
+            headers=list(scope["headers"]),
+            body=body,
+            json=parse_json_body(body),
+        )
+
+    async def _proxy_http(self, scope: Scope, receive: Receive, send: Send) -> int:
+        try:
+            request = await self.read_request(scope, receive)
+        except HTTPError as exc:
+            await send_error(send, exc)
+            return exc.status
+        except ClientDisconnected:
+            return 499
+        return await self.relay(request, receive, send)
+
+    async def relay(self, request: ProxyRequest, receive: Receive, send: Send) -> int:
+        """Run the pipeline for ``request`` and relay the reply, watching for disconnects."""
+        status = 499
+        started = False
+
+        async def tracked(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
+            try:
+                async with self.proxy.open_upstream(request) as reply:
+                    status = reply.status
+                    await _send_reply(reply, tracked)
+            except HTTPError as exc:
+                status = exc.status
+                await send_error(send, exc)
+            except Exception:
+                if started:
+                    raise  # mid-body: let the server abort the connection
+                log.exception("unexpected error while proxying a request")
+                status = 500
+                await send_error(send, errors.internal_error())
+            nursery.cancel_scope.cancel()
+        return status
+
+
+async def _send_reply(reply: UpstreamReply, send: Send) -> None:
+    await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+    try:
+        async for chunk in reply.body:
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except _STREAM_ERRORS:
+        if not reply.is_sse:
+            raise  # the server aborts the connection: a truncated body is the honest signal
+        # SPEC §2.5: a stream the upstream breaks ends with an error event the client can see.
+        await send({"type": "http.response.body", "body": _STREAM_BROKEN, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,118 @@
+"""The ``onwards-trio`` command: serve a config file, or the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+from hypercorn.trio import serve as hypercorn_serve
+
+from ._app import Gateway, hypercorn_config
+from ._config import Config, load_config
+from ._demo import demo_config, demo_upstream
+from ._errors import ConfigError
+
+__all__ = ["main"]
+
+log = logging.getLogger("onwards_trio")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="onwards-trio",
+        description="A Trio-native, OpenAI-compatible LLM gateway.",
+        epilog="`onwards-trio demo` starts the gateway on a built-in offline demo upstream.",
+    )
+    p.add_argument("command", nargs="?", choices=["serve", "demo"], default="serve")
+    p.add_argument("-f", "--targets", "--config", dest="config", help="config JSON file")
+    p.add_argument("-p", "--port", type=int, default=3000, help="listen port (default 3000)")
+    p.add_argument("--host", default=None, help="listen address (default 0.0.0.0; demo: 127.0.0.1)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="metrics port (default 9090)")
+    p.add_argument("--metrics-prefix", default="onwards", help="metric name prefix")
+    p.add_argument("--no-watch", action="store_true", help="do not hot-reload the config file")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
+    p.add_argument(
+        "--log-level",
+        default=None,
+        help="log level (debug, info, warning, error); default from ONWARDS_LOG or info",
+    )
+    return p
+
+
+async def _run(args: argparse.Namespace) -> None:
+    async with trio.open_nursery() as nursery:
+        # Ctrl-C / SIGTERM end the process cleanly: cancel everything, no traceback.
+        # SEAM: shutdown (graceful drain before cancel)
+        nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+        if args.command == "demo":
+            upstream = await nursery.start(
+                hypercorn_serve,
+                demo_upstream(),
+                hypercorn_config("127.0.0.1", 0),
+            )
+            config: Config = demo_config(upstream[0])
+            log.info("demo upstream on %s (model %r, no API key needed)", upstream[0], "demo")
+        else:
+            config = load_config(args.config)
+        for warning in config.warnings:
+            log.warning("config: %s", warning)
+        gateway = Gateway(config)
+        # SEAM: metrics (start the metrics listener unless --no-metrics)
+        # SEAM: reload (start the config watcher unless --no-watch or demo)
+        host = args.host or ("127.0.0.1" if args.command == "demo" else "0.0.0.0")
+        info = await nursery.start(gateway.serve, host, args.port)
+        if args.command == "demo":
+            print(
+                f"onwards-trio demo ready: try\n"
+                f"  curl -s {info.url}/v1/chat/completions -H 'content-type: application/json' "
+                f"""-d '{{"model":"demo","messages":[{{"role":"user","content":"hello"}}]}}'""",
+                flush=True,
+            )
+
+
+async def _cancel_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # SEAM: logging (structured logging setup from --log-level / ONWARDS_LOG)
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve" and not args.config:
+        _parser().error("-f/--targets CONFIG is required (or run `onwards-trio demo`)")
+    try:
+        trio.run(_run, args)
+    except (Exception, KeyboardInterrupt) as exc:
+        return _exit_code(exc)
+    return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _exit_code(exc: BaseException) -> int:
+    """Known failures become one clear line and an exit code; anything else is a bug."""
+    leaves = _leaves(exc)
+    if all(isinstance(e, KeyboardInterrupt) for e in leaves):
+        return 130
+    known = [e for e in leaves if isinstance(e, ConfigError | OSError)]
+    if len(known) != len(leaves):
+        raise exc
+    for e in known:
+        print(f"onwards-trio: {e}", file=sys.stderr)
+    return 2 if any(isinstance(e, ConfigError) for e in known) else 1

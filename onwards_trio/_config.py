@@ -1,0 +1,494 @@
+"""The config file: onwards 0.27's ``config.json`` schema as attrs classes, plus our additions.
+
+Loading is two steps: cattrs structures the JSON into these frozen classes (errors name the JSON
+path of the bad value, e.g. ``$.targets.gpt-4.providers[1].url``), then all three target shapes
+(single, legacy list, pool with ``providers``) are normalised into one :class:`PoolSpec`, so the
+rest of the gateway only ever sees pools. Unknown keys are ignored, as onwards does, but a key
+that looks like a misspelling of a known one is reported in ``Config.warnings``.
+"""
+
+import difflib
+import os
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+import cattrs
+import orjson
+from cattrs.cols import list_structure_factory
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from ._errors import ConfigError
+
+__all__ = [
+    "Auth",
+    "Backoff",
+    "ConcurrencyLimitSpec",
+    "Config",
+    "Fallback",
+    "HttpPool",
+    "KeyDefinition",
+    "OpenResponsesSpec",
+    "PoolSpec",
+    "ProviderSpec",
+    "RateLimitSpec",
+    "RoutingAction",
+    "RoutingRule",
+    "StoreSpec",
+    "ToolSpec",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_BODY_LIMIT = 32 * 1024 * 1024
+
+
+def _positive(_inst: object, attr: "attrs.Attribute[Any]", value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attr.name} must be > 0, got {value}")
+
+
+def _non_negative(_inst: object, attr: "attrs.Attribute[Any]", value: float | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attr.name} must be >= 0, got {value}")
+
+
+@attrs.frozen
+class RateLimitSpec:
+    """Token bucket: ``requests_per_second`` refill rate (float > 0), ``burst_size`` capacity."""
+
+    requests_per_second: float = attrs.field(validator=_positive)
+    burst_size: int | None = attrs.field(default=None, validator=_positive)
+
+    @property
+    def capacity(self) -> int:
+        if self.burst_size is not None:
+            return self.burst_size
+        return max(1, int(self.requests_per_second))
+
+
+@attrs.frozen
+class ConcurrencyLimitSpec:
+    max_concurrent_requests: int = attrs.field(validator=_non_negative)
+
+
+@attrs.frozen
+class KeyDefinition:
+    key: str
+    rate_limit: RateLimitSpec | None = None
+    concurrency_limit: ConcurrencyLimitSpec | None = None
+    labels: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Auth:
+    global_keys: list[str] = attrs.field(factory=list)
+    key_definitions: dict[str, KeyDefinition] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class HttpPool:
+    max_idle_per_host: int = attrs.field(default=100, validator=_non_negative)
+    idle_timeout_secs: float = attrs.field(default=90, validator=_non_negative)
+    max_connections: int | None = attrs.field(default=None, validator=_positive)
+
+
+@attrs.frozen
+class Backoff:
+    """Delay before attempt n+1: ``min(max_ms, initial_ms * factor**n)``, full jitter by default."""
+
+    initial_ms: float = attrs.field(default=100, validator=_non_negative)
+    max_ms: float = attrs.field(default=5000, validator=_non_negative)
+    factor: float = attrs.field(default=2.0, validator=_positive)
+    jitter: Literal["full", "none"] = "full"
+
+
+@attrs.frozen
+class Fallback:
+    enabled: bool = False
+    on_status: list[int] = attrs.field(factory=list)
+    on_rate_limit: bool = False
+    with_replacement: bool = False
+    max_attempts: int | None = attrs.field(default=None, validator=_positive)
+    backoff: Backoff | None = None
+    max_total_backoff_ms: float | None = attrs.field(default=None, validator=_non_negative)
+
+
+@attrs.frozen
+class ToolSpec:
+    """A server-side tool declared in the config (SPEC §3.3).
+
+    ``kind: http`` POSTs the JSON arguments to ``url`` and returns its JSON answer;
+    ``kind: agent`` runs a sub-agent loop on the alias named by ``model``.
+    """
+
+    kind: Literal["http", "agent"] = "http"
+    url: str | None = None
+    model: str | None = None
+    description: str = ""
+    parameters: dict[str, Any] = attrs.field(factory=lambda: {"type": "object", "properties": {}})
+    strict: bool = False
+    timeout_secs: float = attrs.field(default=30.0, validator=_positive)
+    headers: dict[str, str] = attrs.field(factory=dict)
+    instructions: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind == "http" and not self.url:
+            raise ValueError("an http tool needs a 'url'")
+        if self.kind == "agent" and not self.model:
+            raise ValueError("an agent tool needs a 'model' (the alias it runs on)")
+
+
+@attrs.frozen
+class OpenResponsesSpec:
+    adapter: bool = False
+    tools: dict[str, ToolSpec] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class RoutingAction:
+    type: Literal["deny", "redirect"]
+    target: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.type == "redirect" and not self.target:
+            raise ValueError("a redirect action needs a 'target'")
+
+
+@attrs.frozen
+class RoutingRule:
+    action: RoutingAction
+    match_labels: dict[str, str] = attrs.field(factory=dict)
+
+
+def _check_url(_inst: object, _attr: "attrs.Attribute[Any]", value: str) -> None:
+    if not (value.startswith("http://") or value.startswith("https://")):
+        raise ValueError(f"url must start with http:// or https://, got {value!r}")
+    rest = value.split("://", 1)[1]
+    if not rest or rest.startswith("/"):
+        raise ValueError(f"url has no host: {value!r}")
+
+
+@attrs.frozen
+class ProviderSpec:
+    url: str = attrs.field(validator=_check_url)
+    onwards_key: str | None = None
+    onwards_model: str | None = None
+    rate_limit: RateLimitSpec | None = None
+    concurrency_limit: ConcurrencyLimitSpec | None = None
+    upstream_auth_header_name: str | None = None
+    upstream_auth_header_prefix: str | None = None
+    response_headers: dict[str, str] | None = None
+    weight: int = attrs.field(default=1, validator=_non_negative)
+    sanitize_response: bool = False
+    open_responses: OpenResponsesSpec | None = None
+    request_timeout_secs: float | None = attrs.field(default=None, validator=_positive)
+    trusted: bool | None = None
+
+
+@attrs.frozen
+class _SingleTarget(ProviderSpec):
+    """The single-target shape: a provider plus pool-level ``keys``."""
+
+    keys: list[str] | None = None
+
+
+@attrs.frozen
+class PoolSpec:
+    providers: list[ProviderSpec]
+    keys: list[str] | None = None
+    rate_limit: RateLimitSpec | None = None
+    concurrency_limit: ConcurrencyLimitSpec | None = None
+    response_headers: dict[str, str] | None = None
+    fallback: Fallback | None = None
+    strategy: Literal["weighted_random", "priority"] = "weighted_random"
+    sanitize_response: bool = False
+    open_responses: OpenResponsesSpec | None = None
+    trusted: bool = False
+    routing_rules: list[RoutingRule] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class StoreSpec:
+    """Where responses and loop steps are persisted: ``sqlite`` (default, one file) or
+    ``memory``."""
+
+    kind: Literal["sqlite", "memory"] = "sqlite"
+    path: str = "onwards_trio.sqlite3"
+
+
+@attrs.frozen
+class Config:
+    targets: dict[str, PoolSpec]
+    auth: Auth | None = None
+    strict_mode: bool = False
+    http_pool: HttpPool | None = None
+    tools: dict[str, ToolSpec] = attrs.field(factory=dict)
+    body_limit_bytes: int = attrs.field(default=DEFAULT_BODY_LIMIT, validator=_positive)
+    store: StoreSpec = attrs.field(factory=StoreSpec)
+    warnings: tuple[str, ...] = attrs.field(default=(), eq=False)
+
+
+# --- structuring -------------------------------------------------------------------------------
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
+
+    # The default primitive hooks coerce ("8080" -> 8080, 1 -> "1"); a config file deserves
+    # the truth, so each primitive must arrive as itself.
+    def strict(tp: type, name: str) -> Any:
+        def hook(value: Any, _t: Any) -> Any:
+            if tp is float:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"expected a number, got {_json_type(value)}")
+                return float(value)
+            if tp is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    if isinstance(value, float) and value.is_integer():
+                        return int(value)
+                    raise ValueError(f"expected an integer, got {_json_type(value)}")
+                return value
+            if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+                raise ValueError(f"expected {name}, got {_json_type(value)}")
+            return value
+
+        return hook
+
+    conv.register_structure_hook(str, strict(str, "a string"))
+    conv.register_structure_hook(bool, strict(bool, "a boolean"))
+    conv.register_structure_hook(int, strict(int, "an integer"))
+    conv.register_structure_hook(float, strict(float, "a number"))
+
+    def any_hook(value: Any, _t: Any) -> Any:
+        return value
+
+    conv.register_structure_hook(Any, any_hook)
+
+    def list_factory(tp: Any, converter: cattrs.Converter) -> Any:
+        inner = list_structure_factory(tp, converter)
+
+        def hook(value: Any, t: Any) -> Any:
+            if not isinstance(value, list):  # a string is iterable, but not a list of keys
+                raise ValueError(f"expected an array, got {_json_type(value)}")
+            return inner(value, t)
+
+        return hook
+
+    def is_list(t: Any) -> bool:
+        return typing.get_origin(t) is list
+
+    conv.register_structure_hook_factory(is_list, list_factory)  # type: ignore[type-var]
+    return conv
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+_CONVERTER = _make_converter()
+
+
+def _format_errors(exc: BaseException, path: str) -> list[str]:
+    """Flatten a cattrs exception tree into ``message @ $.path`` lines.
+
+    cattrs' own formatter hides validator messages ("invalid value") and calls unknown literals
+    "unknown error"; an operator needs the reason, so we render the leaves ourselves.
+    """
+    lines: list[str] = []
+    if isinstance(exc, ClassValidationError | IterableValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            if isinstance(exc, IterableValidationError):
+                index = getattr(note, "index", None)
+                sub_path = (
+                    f"{path}[{index}]" if isinstance(index, int) else _join_key(path, str(index))
+                )
+            else:
+                sub_path = _join_key(path, str(getattr(note, "name", "?")))
+            lines.extend(_format_errors(sub, sub_path))
+        for leaf in without:
+            lines.extend(_format_errors(leaf, path))
+        return lines
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            lines.extend(_format_errors(sub, path))
+        return lines
+    if isinstance(exc, KeyError):
+        return [f"required field missing @ {path}"]
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return [f"unknown keys {sorted(exc.extra_fields)} @ {path}"]
+    msg = str(exc)
+    if "Literal" in msg or "not in literal" in msg:
+        choices = msg.split("Literal[", 1)[-1].rstrip("]")
+        return [f"must be one of {choices} @ {path}"]
+    if isinstance(exc, TypeError) and "missing" in msg and "required" in msg:
+        return [f"{msg} @ {path}"]
+    return [f"{msg} @ {path}"]
+
+
+def _join_key(path: str, key: str) -> str:
+    if key.replace("_", "").replace("-", "").isalnum():
+        return f"{path}.{key}"
+    return f"{path}[{orjson.dumps(key).decode()}]"
+
+
+def _structure(data: Any, tp: Any, path: str) -> Any:
+    try:
+        return _CONVERTER.structure(data, tp)
+    except Exception as exc:
+        raise ConfigError(_format_errors(exc, path) or [f"{exc} @ {path}"]) from None
+
+
+def _known_keys_warnings(cls: type, data: Any, path: str, out: list[str]) -> None:
+    """Warn about keys that are unknown here but close to a known one (likely typos)."""
+    if not isinstance(data, Mapping) or not attrs.has(cls):
+        return
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in attrs.fields(cls) if not f.name.startswith("_")}
+    known.discard("warnings")
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+            if close:
+                out.append(f"unknown key {key!r} @ {path} (did you mean {close[0]!r}?)")
+            continue
+        _walk_type(hints.get(key), value, _join_key(path, key), out)
+
+
+def _walk_type(tp: Any, value: Any, path: str, out: list[str]) -> None:
+    if tp is None:
+        return
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in args:
+            if arg is not type(None) and attrs.has(arg):
+                _known_keys_warnings(arg, value, path, out)
+        return
+    if origin is list and args and isinstance(value, list):
+        for i, item in enumerate(value):
+            _walk_type(args[0], item, f"{path}[{i}]", out)
+        return
+    if origin is dict and len(args) == 2 and isinstance(value, Mapping):
+        for k, item in value.items():
+            _walk_type(args[1], item, _join_key(path, str(k)), out)
+        return
+    if isinstance(tp, type) and attrs.has(tp):
+        _known_keys_warnings(tp, value, path, out)
+
+
+def _target_to_pool(alias: str, raw: Any, warnings: list[str]) -> PoolSpec:
+    path = _join_key("$.targets", alias)
+    if isinstance(raw, list):
+        if not raw:
+            raise ConfigError([f"a target list must not be empty @ {path}"])
+        singles: list[_SingleTarget] = []
+        for i, item in enumerate(raw):
+            _known_keys_warnings(_SingleTarget, item, f"{path}[{i}]", warnings)
+            singles.append(_structure(item, _SingleTarget, f"{path}[{i}]"))
+        trusted = {bool(s.trusted) for s in singles}
+        if len(trusted) > 1:
+            raise ConfigError(
+                [f"all providers of a target list must have the same 'trusted' value @ {path}"]
+            )
+        return PoolSpec(
+            providers=[_provider_of(s) for s in singles],
+            keys=singles[0].keys,
+            trusted=trusted.pop(),
+        )
+    if isinstance(raw, Mapping) and "providers" in raw:
+        _known_keys_warnings(PoolSpec, raw, path, warnings)
+        pool: PoolSpec = _structure(raw, PoolSpec, path)
+        return pool
+    if isinstance(raw, Mapping):
+        _known_keys_warnings(_SingleTarget, raw, path, warnings)
+        single: _SingleTarget = _structure(raw, _SingleTarget, path)
+        return PoolSpec(
+            providers=[_provider_of(single, keep_trust=False)],
+            keys=single.keys,
+            sanitize_response=single.sanitize_response,
+            trusted=bool(single.trusted),
+        )
+    raise ConfigError([f"expected an object or an array, got {_json_type(raw)} @ {path}"])
+
+
+def _provider_of(single: _SingleTarget, keep_trust: bool = True) -> ProviderSpec:
+    fields = {f.name: getattr(single, f.name) for f in attrs.fields(ProviderSpec)}
+    if not keep_trust:
+        fields["trusted"] = None  # a single target's `trusted` is pool-level
+    return ProviderSpec(**fields)
+
+
+def parse_config(data: bytes | str | Mapping[str, Any]) -> Config:
+    """Validate a config document (JSON bytes/str or an already-parsed mapping)."""
+    if isinstance(data, bytes | str):
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError([f"invalid JSON: {exc}"]) from None
+    else:
+        raw = data
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"expected an object, got {_json_type(raw)} @ $"])
+    warnings: list[str] = []
+    targets_raw = raw.get("targets")
+    if not isinstance(targets_raw, Mapping):
+        raise ConfigError(
+            ["required field missing @ $.targets"]
+            if targets_raw is None
+            else [f"expected an object, got {_json_type(targets_raw)} @ $.targets"]
+        )
+    problems: list[str] = []
+    targets: dict[str, PoolSpec] = {}
+    for alias, spec in targets_raw.items():
+        try:
+            targets[alias] = _target_to_pool(alias, spec, warnings)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    rest = {k: v for k, v in raw.items() if k != "targets"}
+    rest["targets"] = {}
+    _known_keys_warnings(Config, rest, "$", warnings)
+    try:
+        config: Config = _structure(rest, Config, "$")
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    for alias, pool in targets.items():
+        for i, rule in enumerate(pool.routing_rules):
+            if rule.action.type == "redirect" and rule.action.target not in targets_raw:
+                # Not fatal (onwards answers 502 at request time), but worth telling.
+                warnings.append(
+                    f"redirect target {rule.action.target!r} is not a configured alias "
+                    f"@ {_join_key('$.targets', alias)}.routing_rules[{i}]"
+                )
+    return attrs.evolve(config, targets=targets, warnings=tuple(warnings))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; :class:`ConfigError` lists every problem found."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise ConfigError([f"Config file '{os.fspath(path)}' does not exist"]) from None
+    except OSError as exc:
+        raise ConfigError(
+            [f"cannot read config file '{os.fspath(path)}': {exc.strerror}"]
+        ) from None
+    return parse_config(data)

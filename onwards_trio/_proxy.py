@@ -1,0 +1,438 @@
+"""The proxy pipeline: decide whether and where a request goes, then relay the answer.
+
+Order (the first failing step answers): model → pool → auth → routing rules → empty pool →
+pool and key rate limits → pool and key concurrency permits → provider attempts (selection,
+provider rate limit, ``onwards_model`` rewrite, send with header timeout, fallback with
+backoff). :meth:`Proxy.open_upstream` is an async context manager: everything it acquires
+(permits, the upstream connection) is held until the caller leaves it, so a streamed response
+keeps its permits until the stream ends or the client goes away (SPEC §2.9), and every exit
+path — error, timeout, cancellation, disconnect — releases them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Protocol
+
+import attrs
+import httpcore
+import orjson
+import trio
+
+from . import _errors as errors
+from ._auth import bearer_token, evaluate_rules
+from ._balance import backoff_delays, plan_attempts, status_matches
+from ._errors import HTTPError
+from ._limits import Permit
+from ._targets import Pool, Provider, Table, Targets
+from ._upstream import UpstreamClient, forward_headers, upstream_target
+
+__all__ = [
+    "FilterContext",
+    "FilterFactory",
+    "Proxy",
+    "ProxyRequest",
+    "ResponseFilter",
+    "UpstreamReply",
+    "extract_model",
+]
+
+_ERROR_BODY_LIMIT = 64 * 1024
+# Response headers that describe the upstream hop, not the content; the server sets its own.
+_HOP_RESPONSE = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+_BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
+_UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
+
+
+@attrs.define(eq=False)
+class ProxyRequest:
+    """One client request as the pipeline sees it. ``headers`` names are lower-case."""
+
+    method: bytes
+    raw_path: bytes
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    json: Any = None  # the parsed body, when it was JSON (parsed once, reused)
+    # filled in as the request moves through the pipeline (for logs and metrics)
+    alias: str | None = None
+    provider_index: int | None = None
+    attempts: int = 0
+
+    @property
+    def path(self) -> str:
+        return self.raw_path.decode("latin-1")
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    @property
+    def wants_stream(self) -> bool:
+        return isinstance(self.json, dict) and self.json.get("stream") is True
+
+
+class _Body:
+    """The upstream body as an async iterator: the pre-read first chunk, then the rest."""
+
+    __slots__ = ("_first", "_it")
+
+    def __init__(self, first: bytes | None, it: AsyncIterator[bytes] | None) -> None:
+        self._first = first
+        self._it = it
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        if self._it is None:
+            raise StopAsyncIteration
+        return await self._it.__anext__()
+
+
+@attrs.define(eq=False)
+class UpstreamReply:
+    """What goes back to the client: status, headers and a body iterator."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: AsyncIterator[bytes]
+    request: ProxyRequest
+    alias: str  # the alias the client asked for (responses are rewritten to it)
+    pool: Pool
+    provider: Provider | None
+
+    @property
+    def content_type(self) -> bytes:
+        for k, v in self.headers:
+            if k == b"content-type":
+                return v
+        return b""
+
+    @property
+    def is_sse(self) -> bool:
+        return b"text/event-stream" in self.content_type.lower()
+
+
+@attrs.frozen
+class FilterContext:
+    """What a response filter factory may decide on."""
+
+    request: ProxyRequest
+    alias: str
+    pool: Pool
+    provider: Provider | None
+    strict: bool
+
+    @property
+    def trusted(self) -> bool:
+        return self.provider.trusted if self.provider is not None else self.pool.trusted
+
+
+class ResponseFilter(Protocol):
+    """Rewrites an upstream reply (status, headers, body stream) before it reaches the client.
+
+    A filter that needs the whole body reads ``reply.body`` itself; one that works per chunk
+    wraps the iterator. It must keep ``content-length`` truthful.
+    """
+
+    async def __call__(self, reply: UpstreamReply) -> UpstreamReply: ...
+
+
+FilterFactory = Callable[[FilterContext], ResponseFilter | None]
+
+
+def extract_model(headers: list[tuple[bytes, bytes]], body_json: Any) -> str | None:
+    """``model-override`` header first, else the JSON body's string ``model``."""
+    for k, v in headers:
+        if k == b"model-override":
+            try:
+                text = v.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+            return text if text and text.isprintable() else None
+    if isinstance(body_json, dict):
+        model = body_json.get("model")
+        if isinstance(model, str) and model:
+            return model
+    return None
+
+
+def parse_json_body(body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def _read_limited(response: httpcore.Response, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_stream():
+        parts.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(parts)[:limit]
+
+
+class Proxy:
+    """The pipeline over a live :class:`Targets` table and a shared upstream client."""
+
+    def __init__(
+        self,
+        targets: Targets,
+        client: UpstreamClient,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.targets = targets
+        self.client = client
+        self.rng = rng or random.Random()
+        self.filters: list[FilterFactory] = []
+        self.sleep: Callable[[float], Awaitable[None]] = trio.sleep
+        # SEAM: metrics (upstream/provider metrics object, set by the gateway)
+        self.metrics: Any = None
+
+    # -- routing --------------------------------------------------------------------------
+
+    def resolve(self, table: Table, request: ProxyRequest) -> tuple[str, Pool, str | None]:
+        """Model → pool → auth → routing rules. Returns (requested alias, pool, token)."""
+        alias = extract_model(request.headers, request.json)
+        if alias is None:
+            raise errors.missing_model()
+        request.alias = alias
+        token = bearer_token(request.headers)
+        pool = table.pools.get(alias)
+        if pool is None:
+            # With keys in play, a stranger must not learn which aliases exist (SPEC §2.2).
+            if table.protected and (token is None or token not in table.all_keys):
+                raise errors.unauthenticated(invalid=token is not None)
+            raise errors.model_not_found(alias)
+        if pool.keys is not None:
+            if token is None:
+                raise errors.unauthenticated()
+            if token not in pool.keys:
+                if token in table.all_keys:
+                    raise errors.forbidden()
+                raise errors.unauthenticated(invalid=True)
+        if pool.rules and token is not None:
+            action = evaluate_rules(pool.rules, table.key_labels.get(token, {}))
+            if action is not None:
+                if action.type == "deny":
+                    raise errors.forbidden()
+                target = table.pools.get(action.target or "")
+                if target is None or not target.providers:
+                    raise errors.bad_gateway()
+                pool = target
+        if not pool.providers:
+            raise errors.service_unavailable()
+        return alias, pool, token
+
+    def _admit(self, table: Table, pool: Pool, token: str | None, stack: AsyncExitStack) -> None:
+        """Pool then key rate limits, then pool then key concurrency permits."""
+        if pool.rate is not None:
+            wait = pool.rate.try_acquire()
+            if wait is not None:
+                raise errors.rate_limited(wait)
+        key_rate = table.key_rate.get(token) if token is not None else None
+        if key_rate is not None:
+            wait = key_rate.try_acquire()
+            if wait is not None:
+                raise errors.rate_limited(wait)
+        if pool.concurrency is not None:
+            permit = pool.concurrency.try_acquire()
+            if permit is None:
+                raise errors.concurrency_limited()
+            stack.callback(permit.release)
+        key_conc = table.key_concurrency.get(token) if token is not None else None
+        if key_conc is not None:
+            permit = key_conc.try_acquire()
+            if permit is None:
+                raise errors.concurrency_limited()
+            stack.callback(permit.release)
+
+    # -- one attempt ----------------------------------------------------------------------
+
+    def _body_for(self, request: ProxyRequest, provider: Provider) -> bytes:
+        if provider.model is None or not request.body:
+            return request.body
+        data = request.json
+        if not isinstance(data, dict) or "model" not in data:
+            raise errors.missing_model()
+        return orjson.dumps({**data, "model": provider.model.decode()})
+
+    async def _send(self, request: ProxyRequest, provider: Provider) -> httpcore.Response:
+        body = self._body_for(request, provider)
+        target = upstream_target(provider, request.raw_path, request.query)
+        length = None if not body and request.method in _BODYLESS else len(body)
+        headers = forward_headers(request.headers, provider, length)
+        if provider.timeout is None:
+            return await self.client.send(provider, request.method, target, headers, body)
+        with trio.fail_after(provider.timeout):
+            return await self.client.send(provider, request.method, target, headers, body)
+
+    # -- the pipeline ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_upstream(self, request: ProxyRequest) -> AsyncIterator[UpstreamReply]:
+        """Run the pipeline; yield the reply to relay. Gateway errors raise :class:`HTTPError`.
+
+        Leaving the context closes the upstream response and releases every permit.
+        """
+        table = self.targets.table  # one snapshot for the whole request
+        alias, pool, token = self.resolve(table, request)
+        async with AsyncExitStack() as stack:
+            self._admit(table, pool, token, stack)
+            reply = await self._attempts(request, alias, pool, stack)
+            filters = self.filters
+            if filters:
+                ctx = FilterContext(request, alias, pool, reply.provider, table.strict_mode)
+                for factory in filters:
+                    flt = factory(ctx)
+                    if flt is not None:
+                        reply = await flt(reply)
+                        break
+            yield reply
+
+    async def _attempts(
+        self, request: ProxyRequest, alias: str, pool: Pool, stack: AsyncExitStack
+    ) -> UpstreamReply:
+        fallback = pool.fallback if pool.fallback is not None and pool.fallback.enabled else None
+        delays = (
+            backoff_delays(fallback.backoff, self.rng)
+            if fallback is not None and fallback.backoff is not None
+            else None
+        )
+        budget = (
+            fallback.max_total_backoff_ms / 1000.0
+            if fallback is not None and fallback.max_total_backoff_ms is not None
+            else None
+        )
+        last_error: HTTPError | None = None
+        last_upstream: tuple[int, list[tuple[bytes, bytes]], bytes, Provider] | None = None
+        for index, permit in plan_attempts(pool.providers, pool.strategy, fallback, self.rng):
+            provider = pool.providers[index]
+            if request.attempts and delays is not None:
+                delay = next(delays)
+                if budget is not None:
+                    if delay > budget:
+                        permit.release()
+                        break
+                    budget -= delay
+                try:
+                    await self.sleep(delay)
+                except BaseException:
+                    permit.release()
+                    raise
+            request.attempts += 1
+            request.provider_index = index
+            outcome = await self._attempt(request, alias, pool, provider, permit, stack)
+            if isinstance(outcome, UpstreamReply):
+                return outcome
+            if isinstance(outcome, HTTPError):
+                if fallback is None:
+                    raise outcome
+                last_error, last_upstream = outcome, None
+            else:
+                last_error, last_upstream = None, (*outcome, provider)
+            # SEAM: metrics (fallback attempt for alias/provider)
+        if last_upstream is not None:
+            # Every attempt failed on status: report the last upstream answer honestly.
+            status, headers, body, provider = last_upstream
+            return UpstreamReply(status, headers, _Body(body, None), request, alias, pool, provider)
+        if last_error is not None:
+            raise last_error
+        raise errors.concurrency_limited()  # no provider could even be tried
+
+    async def _attempt(
+        self,
+        request: ProxyRequest,
+        alias: str,
+        pool: Pool,
+        provider: Provider,
+        permit: Permit,
+        stack: AsyncExitStack,
+    ) -> UpstreamReply | HTTPError | tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """One try at one provider. Returns the reply to relay, or why to try the next one."""
+        fallback = pool.fallback if pool.fallback is not None and pool.fallback.enabled else None
+        keep = False
+        try:
+            if provider.rate is not None:
+                wait = provider.rate.try_acquire()
+                if wait is not None:
+                    err = errors.rate_limited(wait)
+                    if fallback is not None and fallback.on_rate_limit:
+                        return err
+                    raise err
+            try:
+                response = await self._send(request, provider)
+            except trio.TooSlowError:
+                return errors.gateway_timeout()
+            except _UPSTREAM_ERRORS:
+                return errors.bad_gateway()
+            try:
+                headers = self._response_headers(response, provider)
+                if fallback is not None and status_matches(fallback.on_status, response.status):
+                    body = await _read_limited(response, _ERROR_BODY_LIMIT)
+                    return (response.status, headers, body)
+                # Read the first chunk before answering: if the upstream dies before its first
+                # byte, nothing has reached the client yet and another attempt is still honest.
+                stream = response.aiter_stream()
+                try:
+                    first: bytes | None = await stream.__anext__()
+                except StopAsyncIteration:
+                    first = None
+                except _UPSTREAM_ERRORS:
+                    return errors.bad_gateway()
+                body_iter: AsyncIterator[bytes] | None = stream if first is not None else None
+                reply = UpstreamReply(
+                    response.status,
+                    headers,
+                    _Body(first, body_iter),
+                    request,
+                    alias,
+                    pool,
+                    provider,
+                )
+                stack.push_async_callback(response.aclose)
+                stack.callback(permit.release)
+                keep = True
+                return reply
+            finally:
+                if not keep:
+                    with trio.CancelScope(shield=True):
+                        await response.aclose()
+        finally:
+            if not keep:
+                permit.release()
+
+    @staticmethod
+    def _response_headers(
+        response: httpcore.Response, provider: Provider
+    ) -> list[tuple[bytes, bytes]]:
+        extra = provider.response_headers
+        if extra:
+            names = {k for k, _ in extra}
+            out = [
+                (k.lower(), v)
+                for k, v in response.headers
+                if k.lower() not in _HOP_RESPONSE and k.lower() not in names
+            ]
+            out.extend(extra)
+            return out
+        return [(k.lower(), v) for k, v in response.headers if k.lower() not in _HOP_RESPONSE]
+
+
+def now() -> float:
+    return time.perf_counter()
