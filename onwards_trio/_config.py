@@ -279,7 +279,7 @@ def _make_converter() -> cattrs.Converter:
     def is_list(t: Any) -> bool:
         return typing.get_origin(t) is list
 
-    conv.register_structure_hook_factory(is_list, list_factory)  # type: ignore[type-var]
+    conv.register_structure_hook_factory(is_list, list_factory)
     return conv
 
 
@@ -324,8 +324,8 @@ def _format_errors(exc: BaseException, path: str) -> list[str]:
             lines.extend(_format_errors(leaf, path))
         return lines
     if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            lines.extend(_format_errors(sub, path))
+        for member in exc.exceptions:
+            lines.extend(_format_errors(member, path))
         return lines
     if isinstance(exc, KeyError):
         return [f"required field missing @ {path}"]

@@ -12,8 +12,7 @@ path — error, timeout, cancellation, disconnect — releases them.
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol
 
@@ -389,30 +388,34 @@ class Proxy:
                 # Read the first chunk before answering: if the upstream dies before its first
                 # byte, nothing has reached the client yet and another attempt is still honest.
                 stream = response.aiter_stream()
+                assert isinstance(stream, AsyncGenerator)
                 try:
                     first: bytes | None = await stream.__anext__()
                 except StopAsyncIteration:
                     first = None
                 except _UPSTREAM_ERRORS:
+                    await _aclose_shielded(stream)
                     return errors.bad_gateway()
-                body_iter: AsyncIterator[bytes] | None = stream if first is not None else None
+                except BaseException:
+                    await _aclose_shielded(stream)
+                    raise
                 reply = UpstreamReply(
                     response.status,
                     headers,
-                    _Body(first, body_iter),
+                    _Body(first, stream if first is not None else None),
                     request,
                     alias,
                     pool,
                     provider,
                 )
                 stack.push_async_callback(response.aclose)
+                stack.push_async_callback(stream.aclose)
                 stack.callback(permit.release)
                 keep = True
                 return reply
             finally:
                 if not keep:
-                    with trio.CancelScope(shield=True):
-                        await response.aclose()
+                    await _aclose_shielded(response)
         finally:
             if not keep:
                 permit.release()
@@ -434,5 +437,7 @@ class Proxy:
         return [(k.lower(), v) for k, v in response.headers if k.lower() not in _HOP_RESPONSE]
 
 
-def now() -> float:
-    return time.perf_counter()
+async def _aclose_shielded(resource: Any) -> None:
+    """Close an upstream resource even while being cancelled (it frees a pooled connection)."""
+    with trio.CancelScope(shield=True):
+        await resource.aclose()

@@ -1,0 +1,206 @@
+"""Shared test helpers: real servers on loopback (port 0) and a scriptable fake upstream.
+
+Everything that crosses HTTP in the tests goes over real sockets: the gateway is served by
+hypercorn on 127.0.0.1:0 and the fake upstreams are ASGI apps served the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import orjson
+import trio
+from hypercorn.trio import serve
+
+from onwards_trio import Gateway, parse_config
+from onwards_trio._app import hypercorn_config
+from onwards_trio._asgi import Receive, Scope, Send
+
+__all__ = [
+    "FakeUpstream",
+    "Recorded",
+    "Reply",
+    "chat_completion",
+    "serve_app",
+    "sse",
+    "start_gateway",
+]
+
+
+async def serve_app(nursery: trio.Nursery, app: Any) -> str:
+    """Serve an ASGI app on 127.0.0.1 port 0; return its base URL (``http://127.0.0.1:N``)."""
+    binds = await nursery.start(serve, app, hypercorn_config("127.0.0.1", 0))
+    return str(binds[0])
+
+
+async def start_gateway(nursery: trio.Nursery, config: Mapping[str, Any]) -> tuple[Gateway, str]:
+    """Build a gateway from a config mapping and serve it on loopback."""
+    gateway = Gateway(parse_config(config))
+    info = await nursery.start(gateway.serve, "127.0.0.1", 0)
+    return gateway, info.url
+
+
+@attrs.define
+class Recorded:
+    """One request the fake upstream received."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    header_list: list[tuple[str, str]]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@attrs.define
+class Reply:
+    """A scripted upstream answer.
+
+    ``chunks`` streams the body piece by piece (``chunk_delay`` seconds apart); ``fail_after``
+    aborts the connection after that many chunks; ``delay`` waits before the head.
+    """
+
+    status: int = 200
+    body: bytes = b""
+    headers: list[tuple[bytes, bytes]] = attrs.field(
+        factory=lambda: [(b"content-type", b"application/json")]
+    )
+    chunks: Sequence[bytes] | None = None
+    delay: float = 0.0
+    chunk_delay: float = 0.0
+    fail_after: int | None = None
+
+
+def chat_completion(content: str = "hi", model: str = "upstream-model", **extra: Any) -> bytes:
+    body = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        **extra,
+    }
+    return orjson.dumps(body)
+
+
+def sse(*payloads: Any, done: bool = True) -> list[bytes]:
+    """SSE chunks for the given JSON payloads (strings are sent as-is)."""
+    out = [
+        b"data: " + (p.encode() if isinstance(p, str) else orjson.dumps(p)) + b"\n\n"
+        for p in payloads
+    ]
+    if done:
+        out.append(b"data: [DONE]\n\n")
+    return out
+
+
+class UpstreamBroke(Exception):
+    """Raised inside the fake upstream to abort its connection mid-body."""
+
+
+class FakeUpstream:
+    """A scriptable upstream: answers with ``script`` (a Reply, a list consumed in order, or a
+    callable of the recorded request) and records every request."""
+
+    def __init__(self, script: Reply | Sequence[Reply] | Callable[[Recorded], Reply] | None = None):
+        self.requests: list[Recorded] = []
+        self.script = script if script is not None else Reply(body=chat_completion())
+        self.active = 0
+        self.max_active = 0
+        self.finished = 0
+        self.cancelled = 0
+        self.disconnected = 0  # streams cut short because the gateway went away
+        self.disconnect_seen = 0
+
+    def _next(self, rec: Recorded) -> Reply:
+        script = self.script
+        if isinstance(script, Reply):
+            return script
+        if callable(script):
+            reply: Reply = script(rec)
+            return reply
+        if isinstance(script, list) and len(script) > 1:
+            popped: Reply = script.pop(0)
+            return popped
+        return script[0]
+
+    async def _watch(self, receive: Receive, scope: trio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.disconnect_seen += 1
+                scope.cancel()
+                return
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        header_list = [(k.decode(), v.decode()) for k, v in scope["headers"]]
+        rec = Recorded(
+            method=scope["method"],
+            path=scope.get("raw_path", scope["path"].encode()).decode(),
+            query=scope["query_string"].decode(),
+            headers=dict(header_list),
+            header_list=header_list,
+            body=body,
+        )
+        self.requests.append(rec)
+        reply = self._next(rec)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if reply.delay:
+                await trio.sleep(reply.delay)
+            headers = list(reply.headers)
+            if reply.chunks is None:
+                headers.append((b"content-length", str(len(reply.body)).encode()))
+            await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+            if reply.chunks is None:
+                await send({"type": "http.response.body", "body": reply.body})
+                self.finished += 1
+            else:
+                completed = False
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch, receive, nursery.cancel_scope)
+                    for i, chunk in enumerate(reply.chunks):
+                        if reply.fail_after is not None and i >= reply.fail_after:
+                            raise UpstreamBroke
+                        if reply.chunk_delay and i:
+                            await trio.sleep(reply.chunk_delay)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    completed = True  # every chunk is out; the server may now report the close
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    nursery.cancel_scope.cancel()
+                if completed:
+                    self.finished += 1
+                else:
+                    self.disconnected += 1
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
