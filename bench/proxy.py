@@ -1,0 +1,279 @@
+"""Gateway throughput and added latency, measured over loopback with real processes.
+
+Three processes share the machine: a fast fake upstream (raw Trio sockets, canned answers),
+the gateway (``python -m onwards_trio``) and this load generator (raw keep-alive sockets).
+Every figure is relative: on a 2-core machine the three compete for CPU.
+
+Run: ``nox -s bench`` or ``python bench/proxy.py [--seconds 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+CHAT_BODY = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "bench",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "ok " * 40},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 40, "total_tokens": 50},
+    }
+).encode()
+SSE_EVENTS = 20
+
+
+def _sse_body() -> bytes:
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "tok "}}],
+    }
+    return (
+        b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for _ in range(SSE_EVENTS))
+        + b"data: [DONE]\n\n"
+    )
+
+
+def upstream_main(port: int) -> None:
+    """A minimal keep-alive HTTP/1.1 server: JSON for plain requests, SSE for streaming ones."""
+    plain = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+        + str(len(CHAT_BODY)).encode()
+        + b"\r\n\r\n"
+        + CHAT_BODY
+    )
+    sse = _sse_body()
+    streamed = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: "
+        + str(len(sse)).encode()
+        + b"\r\n\r\n"
+        + sse
+    )
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                while len(rest) < length:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    rest += data
+                body, buf = rest[:length], rest[length:]
+                await stream.send_all(streamed if b'"stream":true' in body else plain)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    trio.run(trio.serve_tcp, handle, port)  # type: ignore[arg-type]
+
+
+class Conn:
+    """One keep-alive client connection speaking just enough HTTP/1.1."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def request(self, raw: bytes) -> tuple[float, float]:
+        """Send one request; return (time to first body byte, total time)."""
+        t0 = time.perf_counter()
+        await self.stream.send_all(raw)
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += await self.stream.receive_some(65536)
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        length = None
+        chunked = False
+        for line in head.split(b"\r\n")[1:]:
+            low = line.lower()
+            if low.startswith(b"content-length:"):
+                length = int(line[15:])
+            elif low.startswith(b"transfer-encoding:") and b"chunked" in low:
+                chunked = True
+        while not rest:
+            rest += await self.stream.receive_some(65536)
+        ttfb = time.perf_counter() - t0
+        if chunked:
+            while not rest.endswith(b"0\r\n\r\n"):
+                rest += await self.stream.receive_some(65536)
+            self.buf = b""
+        else:
+            assert length is not None
+            while len(rest) < length:
+                rest += await self.stream.receive_some(65536)
+            self.buf = rest[length:]
+        return ttfb, time.perf_counter() - t0
+
+
+def build_request(port: int, stream: bool) -> bytes:
+    body = json.dumps(
+        {
+            "model": "bench",
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hello " * 20}],
+        },
+        separators=(",", ":"),
+    ).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+        b"content-type: application/json\r\nauthorization: Bearer bench-key\r\n"
+        b"content-length: %d\r\n\r\n" % (port, len(body))
+    ) + body
+
+
+async def load(port: int, concurrency: int, seconds: float, stream: bool) -> dict[str, float]:
+    raw = build_request(port, stream)
+    lat: list[float] = []
+    ttfbs: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = Conn(s)
+        async with s:
+            while time.perf_counter() < deadline:
+                ttfb, total = await conn.request(raw)
+                lat.append(total)
+                ttfbs.append(ttfb)
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    elapsed = time.perf_counter() - t0
+    lat.sort()
+    ttfbs.sort()
+    return {
+        "rps": len(lat) / elapsed,
+        "p50_ms": statistics.median(lat) * 1000,
+        "p99_ms": lat[int(len(lat) * 0.99) - 1] * 1000,
+        "ttfb_p50_ms": statistics.median(ttfbs) * 1000,
+        "n": len(lat),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--config-extra", default="{}", help="JSON merged into the target")
+    args = parser.parse_args()
+
+    up_port, gw_port = free_port(), free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)])]
+    try:
+        wait_port(up_port)
+        target = {"url": f"http://127.0.0.1:{up_port}/v1", **json.loads(args.config_extra)}
+        cfg = {"targets": {"bench": target}}
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+            json.dump(cfg, fh)
+        gateway = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "onwards_trio",
+                "-f",
+                fh.name,
+                "--port",
+                str(gw_port),
+                "--host",
+                "127.0.0.1",
+                "--no-watch",
+                "--no-metrics",
+                "--log-level",
+                "warning",
+            ],
+        )
+        procs.append(gateway)
+        wait_port(gw_port)
+
+        async def run() -> None:
+            await load(gw_port, 16, 1.0, False)  # warm-up (connections, caches)
+            rows = []
+            for conc in (1, 16, 64):
+                direct = await load(up_port, conc, args.seconds, False)
+                via = await load(gw_port, conc, args.seconds, False)
+                rows.append((f"non-streaming c={conc}", direct, via))
+            direct = await load(up_port, 16, args.seconds, True)
+            via = await load(gw_port, 16, args.seconds, True)
+            rows.append((f"streaming ({SSE_EVENTS} events) c=16", direct, via))
+            print(
+                f"\nonwards_trio proxy benchmark ({os.cpu_count()} cores, "
+                f"{args.seconds:.0f}s per row)"
+            )
+            print(
+                f"{'scenario':34} {'gateway req/s':>14} {'direct req/s':>13} "
+                f"{'added p50 ms':>13} {'added p99 ms':>13} {'ttfb p50 ms':>12}"
+            )
+            for name, d, v in rows:
+                print(
+                    f"{name:34} {v['rps']:14.0f} {d['rps']:13.0f} "
+                    f"{v['p50_ms'] - d['p50_ms']:13.2f} {v['p99_ms'] - d['p99_ms']:13.2f} "
+                    f"{v['ttfb_p50_ms']:12.2f}"
+                )
+            print(f"gateway peak RSS: {peak_rss_mb(gateway.pid):.1f} MiB")
+
+        trio.run(run)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--upstream":
+        upstream_main(int(sys.argv[2]))
+    else:
+        main()
