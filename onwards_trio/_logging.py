@@ -1,0 +1,326 @@
+"""Logging: structured lines, one access line per request, and a guard that keeps secrets out.
+
+What is logged (SPEC §2.8): never a key, a prompt or a completion -- lengths only. The access
+line carries method, path (without the query string, which may hold credentials), alias,
+provider index, status, duration and byte counts. Two layers keep it that way:
+
+1. The gateway only ever passes lengths and labels to the logger (:func:`log_request`).
+2. :class:`RedactionFilter`, installed on the handler by :func:`configure_logging`, masks
+   anything that still looks like a credential in any record from any logger (``Bearer ...``,
+   ``sk-...``-style keys, ``user:password@`` in URLs, ``api_key=...`` pairs) plus the exact keys
+   the current config holds (:meth:`RedactionFilter.add_secrets`).
+
+Formats: ``text`` (``ts level logger message``, where the access line is ``key=value`` pairs) or
+``json`` (one object per line, the access fields as top-level keys). Level and format come from
+the arguments, else ``ONWARDS_LOG`` / ``ONWARDS_LOG_FORMAT``, else ``info`` / ``text``.
+
+OpenTelemetry seam: every finished request is a :class:`RequestRecord` handed to
+:func:`log_request`, which logs it and then calls each function in :data:`request_observers`.
+A tracing exporter (``OTEL_EXPORTER_OTLP_ENDPOINT``) plugs in there -- or as a
+``logging.Handler`` on the ``onwards_trio`` logger, since records carry their fields in
+``record.fields`` -- without touching the proxy. Until then :func:`configure_logging` says once
+that the variable is set but not used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any, Final
+
+import attrs
+import orjson
+
+__all__ = [
+    "ACCESS_LOGGER",
+    "JsonFormatter",
+    "RedactionFilter",
+    "RequestRecord",
+    "TextFormatter",
+    "collect_secrets",
+    "configure_logging",
+    "log_request",
+    "redact",
+    "request_observers",
+]
+
+ACCESS_LOGGER: Final = "onwards_trio.access"
+_access = logging.getLogger(ACCESS_LOGGER)
+MASK: Final = "***"
+_MIN_SECRET: Final = 6  # shorter "secrets" would mask ordinary words
+
+# Credential shapes that must never reach a log, whatever the logger.
+_PATTERNS: Final = (
+    # Authorization-style values: "Bearer <token>", "Basic <b64>"
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + MASK),
+    # provider key shapes: sk-..., sk-proj-..., sk-ant-..., pk-..., rk-..., xai-..., gsk_...
+    (re.compile(r"\b(?:sk|pk|rk|xai|gsk)[-_][A-Za-z0-9_-]{6,}"), MASK),
+    # credentials in URLs: scheme://user:password@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@"), r"\1" + MASK + "@"),
+    # key=value / "key": "value" pairs with a credential-ish name
+    (
+        re.compile(
+            r"(?i)(\b(?:api[_-]?key|onwards_key|access[_-]?token|secret|password|x-api-key|"
+            r"authorization)\b[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&}]+"
+        ),
+        r"\1" + MASK,
+    ),
+)
+
+_SECRET_FIELDS: Final = frozenset(
+    {"onwards_key", "key", "api_key", "global_keys", "keys", "authorization", "x-api-key"}
+)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with credential shapes and the given exact ``secrets`` masked."""
+    for secret in sorted((s for s in secrets if len(s) >= _MIN_SECRET), key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, MASK)
+    for pattern, repl in _PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def collect_secrets(data: bytes | str | Any) -> set[str]:
+    """Every string in a config document under a key that holds credentials.
+
+    Takes raw JSON (unparseable JSON yields nothing) or a parsed mapping. Also collects the
+    values of any ``headers`` mapping (tool endpoints often carry an ``Authorization`` there).
+    """
+    if isinstance(data, bytes | str):
+        try:
+            data = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return set()
+    out: set[str] = set()
+
+    def walk(value: Any, secret: bool) -> None:
+        if isinstance(value, str):
+            if secret:
+                out.add(value)
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                name = k.lower() if isinstance(k, str) else ""
+                walk(v, secret or name in _SECRET_FIELDS or name == "headers")
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, secret)
+
+    walk(data, False)
+    return out
+
+
+class RedactionFilter(logging.Filter):
+    """Masks credentials in every record that passes (message, arguments and traceback).
+
+    Put it on *handlers* (as :func:`configure_logging` does): a filter on a logger does not see
+    records from its child loggers.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets: frozenset[str] = frozenset()
+        self.add_secrets(secrets)
+
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        """Also mask these exact strings (e.g. every key of a config that was just loaded)."""
+        self._secrets = self._secrets | {s for s in secrets if len(s) >= _MIN_SECRET}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message, self._secrets)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self._secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self._secrets)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = {
+                k: redact(v, self._secrets) if isinstance(v, str) else v for k, v in fields.items()
+            }
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-25T13:40:00.123Z INFO onwards_trio.access method=POST path=/v1/... status=200``."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        t = time.gmtime(record.created)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.formatTime(record)} {record.levelname} {record.name} {record.getMessage()}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; an access record's fields become top-level keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": TextFormatter().formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exc"] = record.exc_text
+        return orjson.dumps(out, default=str).decode()
+
+
+_LEVELS: Final = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "off": logging.CRITICAL + 10,
+}
+
+
+def parse_level(value: str | None) -> int:
+    """``debug``/``info``/... (case-insensitive; a ``RUST_LOG``-like ``a=debug,info`` takes the
+    last bare level). Raises ``ValueError`` for anything else."""
+    text = (value or "info").strip().lower()
+    bare = [part for part in text.split(",") if part and "=" not in part]
+    level = bare[-1] if bare else "info"
+    if level not in _LEVELS:
+        raise ValueError(f"unknown log level {value!r} (use debug, info, warning or error)")
+    return _LEVELS[level]
+
+
+_installed: logging.Handler | None = None
+
+
+def configure_logging(
+    level: str | None = None,
+    *,
+    fmt: str | None = None,
+    stream: IO[str] | None = None,
+    secrets: Iterable[str] = (),
+) -> RedactionFilter:
+    """Set up the ``onwards_trio`` loggers: one handler, a format, the redaction guard.
+
+    ``level`` falls back to ``ONWARDS_LOG`` (default ``info``), ``fmt`` to ``ONWARDS_LOG_FORMAT``
+    (``text`` or ``json``). Calling it again replaces the previous handler. Returns the filter
+    so the caller can add the config's keys (:meth:`RedactionFilter.add_secrets`).
+    """
+    global _installed
+    numeric = parse_level(level if level is not None else os.environ.get("ONWARDS_LOG"))
+    kind = (fmt or os.environ.get("ONWARDS_LOG_FORMAT") or "text").strip().lower()
+    if kind not in ("text", "json"):
+        raise ValueError(f"unknown log format {kind!r} (use text or json)")
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if kind == "json" else TextFormatter())
+    guard = RedactionFilter(secrets)
+    handler.addFilter(guard)
+    root = logging.getLogger("onwards_trio")
+    if _installed is not None:
+        root.removeHandler(_installed)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    root.propagate = False
+    _installed = handler
+    for name in ("hypercorn.error", "hypercorn.access", "httpx", "httpcore"):
+        # Their debug output includes request headers (keys); keep them quiet unless asked.
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        logging.getLogger("onwards_trio").info(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but tracing export is not built in yet; "
+            "register an observer in onwards_trio._logging.request_observers"
+        )
+    return guard
+
+
+@attrs.define(slots=True)
+class RequestRecord:
+    """One finished request, as the access log and observers see it (no bodies, no keys)."""
+
+    method: str
+    path: str
+    status: int
+    duration: float  # seconds
+    alias: str | None = None
+    provider: int | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    attempts: int | None = None
+    stream: bool | None = None
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "duration_ms": round(self.duration * 1000.0, 3),
+        }
+        if self.alias is not None:
+            out["alias"] = self.alias
+        if self.provider is not None:
+            out["provider"] = self.provider
+        if self.bytes_in is not None:
+            out["bytes_in"] = self.bytes_in
+        if self.bytes_out is not None:
+            out["bytes_out"] = self.bytes_out
+        if self.attempts is not None:
+            out["attempts"] = self.attempts
+        if self.stream is not None:
+            out["stream"] = self.stream
+        return out
+
+
+#: Called with every finished :class:`RequestRecord` (the OpenTelemetry seam). An observer
+#: must be quick and must not raise; one that raises is logged and skipped.
+request_observers: list[Callable[[RequestRecord], None]] = []
+
+_MAX_PATH: Final = 256
+_SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9._~:/{}\[\]@+-]*$")
+
+
+def _logfmt(value: Any) -> str:
+    text = str(value)
+    if text and _SAFE_VALUE.match(text):
+        return text
+    return orjson.dumps(text).decode()
+
+
+def clean_path(path: str) -> str:
+    """The path part only (a query string may hold credentials), bounded in length."""
+    path = path.split("?", 1)[0]
+    return path if len(path) <= _MAX_PATH else path[:_MAX_PATH] + "..."
+
+
+def log_request(record: RequestRecord) -> None:
+    """Log one access line at info (if enabled) and hand the record to the observers."""
+    if _access.isEnabledFor(logging.INFO):
+        record.path = clean_path(record.path)
+        if record.alias is not None and len(record.alias) > 128:
+            record.alias = record.alias[:128] + "..."
+        fields = record.fields()
+        message = " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
+        _access.info(message, extra={"fields": fields})
+    for observer in request_observers:
+        try:
+            observer(record)
+        except Exception:
+            logging.getLogger("onwards_trio").exception("a request observer failed")
