@@ -1,0 +1,451 @@
+"""Strict mode (``"strict_mode": true``): typed routes, validated requests, closed responses.
+
+For gateways in front of third-party providers. Only the OpenAI routes the gateway understands
+are served (``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+``/v1/responses``, ``/v1/models``, ``/models``); anything else is a JSON 404. Requests are
+validated against the schemas in :mod:`._strict_schemas` before routing, with JSON errors that
+name the offending field (400 malformed JSON, 415 wrong content type, 413 too large, 422 schema
+errors), client-supplied ids are scrubbed, and the request is re-serialised and forwarded with
+``accept-encoding`` removed.
+
+Responses pass through :func:`strict_filter`: successes are coerced into closed schemas (unknown
+fields dropped, ``model`` rewritten to the requested alias, missing non-critical fields
+backfilled, ``content-length`` recomputed), upstream errors are standardised by status unless
+the provider that answered is trusted, and account-class statuses from untrusted providers are
+masked. Gateway-generated errors (auth, limits, timeouts) are not upstream replies and reach
+the client unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import orjson
+
+from . import _errors as errors
+from ._asgi import ClientDisconnected, Receive, Scope, Send, send_error
+from ._errors import HTTPError, error_body
+from ._proxy import FilterContext, ProxyRequest, ResponseFilter, UpstreamReply
+from ._sanitize import (
+    StreamSanitizer,
+    account_class_mask,
+    generic_error_body,
+    is_json_type,
+    json_reply,
+    replace_error,
+    sanitize_filter,
+    sse_reply,
+)
+from ._strict_schemas import (
+    CHAT_CHUNK,
+    CHAT_COMPLETION,
+    CHAT_REQUEST,
+    COMPLETION,
+    COMPLETION_CHUNK,
+    COMPLETIONS_REQUEST,
+    EMBEDDINGS,
+    EMBEDDINGS_REQUEST,
+    RESPONSE,
+    RESPONSE_EVENT,
+    RESPONSES_REQUEST,
+    SchemaError,
+    Validator,
+    backfill_chat,
+    backfill_chat_chunk,
+    backfill_completion,
+    backfill_completion_chunk,
+    backfill_response,
+    normalise_response_event,
+)
+
+__all__ = [
+    "SCRUBBED_REQUEST_KEYS",
+    "STRICT_ROUTES",
+    "ResponsesHook",
+    "handle_strict",
+    "response_filter",
+    "standard_error",
+    "strict_error_body",
+    "strict_filter",
+    "validate_request",
+]
+
+log = logging.getLogger("onwards_trio.strict")
+
+STRICT_ROUTES: dict[str, Validator] = {
+    "/v1/chat/completions": CHAT_REQUEST,
+    "/v1/completions": COMPLETIONS_REQUEST,
+    "/v1/embeddings": EMBEDDINGS_REQUEST,
+    "/v1/responses": RESPONSES_REQUEST,
+}
+_MODEL_ROUTES = frozenset({"/v1/models", "/models"})
+
+# Ids a client must not inject into the upstream request (v0.34.3): the upstream would echo
+# them, and they would then pass for ids the gateway or the provider issued.
+SCRUBBED_REQUEST_KEYS = ("id", "response_id", "completion_id")
+
+_DROPPED_REQUEST_HEADERS = frozenset({b"content-type", b"accept-encoding", b"content-length"})
+_JSON_CT = (b"content-type", b"application/json")
+
+# Hook for ``POST /v1/responses`` after validation: the Open Responses adapter answers for
+# aliases in adapter mode and returns the status; ``None`` means "not mine" (passthrough).
+ResponsesHook = Callable[[ProxyRequest, Receive, Send], Awaitable[int | None]]
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+_STANDARD: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "Invalid request"),
+    401: ("authentication_error", "Authentication failed"),
+    402: ("api_error", "Payment required"),
+    403: ("permission_error", "Permission denied"),
+    404: ("not_found_error", "Not found"),
+    408: ("api_error", "Request timeout"),
+    413: ("invalid_request_error", "Request too large"),
+    422: ("invalid_request_error", "Unprocessable request"),
+    429: ("rate_limit_error", "Rate limit exceeded"),
+    500: ("api_error", "Internal server error"),
+    502: ("api_error", "Bad gateway"),
+    503: ("api_error", "Service unavailable"),
+    504: ("api_error", "Gateway timeout"),
+}
+_OTHER = ("api_error", "An error occurred")
+
+
+def standard_error(status: int) -> tuple[str, str]:
+    """``(type, message)`` of the standard strict error for ``status``."""
+    return _STANDARD.get(status, _OTHER)
+
+
+def strict_error_body(status: int) -> bytes:
+    """``{"error": {"message", "type", "param": null, "code": null}}`` for ``status``."""
+    type_, message = standard_error(status)
+    return error_body(message, type_)
+
+
+def _strict_http_error(status: int) -> HTTPError:
+    return HTTPError(status, strict_error_body(status))
+
+
+def _bad_gateway() -> HTTPError:
+    return _strict_http_error(502)
+
+
+# --- request validation ---------------------------------------------------------------------
+
+
+def _media_type(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    for k, v in headers:
+        if k == b"content-type":
+            return v.split(b";", 1)[0].strip().lower()
+    return None
+
+
+def _unprocessable(exc: SchemaError) -> HTTPError:
+    path = exc.path or None
+    return HTTPError(
+        422,
+        error_body(
+            f"Invalid request: {exc.message}",
+            "invalid_request_error",
+            "unprocessable_request",
+            path,
+        ),
+    )
+
+
+def validate_request(path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+    """The validated, normalised request body for a strict route, or :class:`HTTPError`.
+
+    415 when the content type is not JSON, 400 for malformed JSON, 422 (``param`` = the JSON
+    path) when the body does not fit the schema.
+    """
+    media = _media_type(headers)
+    if media is None or not (media == b"application/json" or media.endswith(b"+json")):
+        raise HTTPError(
+            415,
+            error_body(
+                "Unsupported content type: expected 'application/json'.",
+                "invalid_request_error",
+                "unsupported_media_type",
+            ),
+        )
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(
+            400,
+            error_body(f"Malformed JSON body: {exc}", "invalid_request_error", "bad_request"),
+        ) from None
+    try:
+        out = STRICT_ROUTES[path](data)
+    except SchemaError as exc:
+        raise _unprocessable(exc) from None
+    for key in SCRUBBED_REQUEST_KEYS:
+        out.pop(key, None)
+    if path == "/v1/responses":
+        for tool in out.get("tools") or ():
+            if tool.get("type") == "function":
+                tool["parameters"].setdefault("additionalProperties", False)
+    return out
+
+
+def _method_not_allowed(path: str, allow: bytes) -> HTTPError:
+    return HTTPError(
+        405,
+        error_body(f"Method not allowed on {path}.", "invalid_request_error", "method_not_allowed"),
+        [(b"allow", allow)],
+    )
+
+
+async def handle_strict(
+    gateway: Any,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    responses: ResponsesHook | None = None,
+) -> int | None:
+    """Serve one request in strict mode; returns the status, or ``None`` for requests strict
+    mode leaves to a later handler (the stored-responses routes under ``/v1/responses/``).
+
+    ``gateway`` is the :class:`~onwards_trio._app.Gateway` (``read_request`` and ``relay``
+    are used); ``responses`` is consulted for ``POST /v1/responses`` after validation.
+    """
+    path: str = scope["path"]
+    method: str = scope["method"]
+    try:
+        if path not in STRICT_ROUTES:
+            if path.startswith("/v1/responses/"):
+                return None
+            if path in _MODEL_ROUTES:
+                raise _method_not_allowed(path, b"GET, HEAD")
+            raise errors.not_found(path)
+        if method != "POST":
+            raise _method_not_allowed(path, b"POST")
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if _media_type(headers) is None:  # decide before reading a body we would refuse
+            validate_request(path, headers, b"")
+        try:
+            request: ProxyRequest = await gateway.read_request(scope, receive)
+        except ClientDisconnected:
+            return 499
+        data = validate_request(path, request.headers, request.body)
+    except HTTPError as exc:
+        await send_error(send, exc)
+        return exc.status
+    request.json = data
+    request.body = orjson.dumps(data)
+    request.headers = [(k, v) for k, v in request.headers if k not in _DROPPED_REQUEST_HEADERS]
+    request.headers.append(_JSON_CT)
+    if responses is not None and path == "/v1/responses":
+        status = await responses(request, receive, send)
+        if status is not None:
+            return status
+    result: int = await gateway.relay(request, receive, send)
+    return result
+
+
+# --- response filter ------------------------------------------------------------------------
+
+
+def _route_kind(path: str) -> str | None:
+    path = path.rstrip("/")
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/completions"):
+        return "completions"
+    if path.endswith("/embeddings"):
+        return "embeddings"
+    if path.endswith("/responses"):
+        return "responses"
+    return None
+
+
+class _FallbackId:
+    """One generated id per response or stream (``chatcmpl-…`` for every id-less chunk)."""
+
+    __slots__ = ("_id", "_prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._id: str | None = None
+
+    def __call__(self) -> str:
+        if self._id is None:
+            self._id = self._prefix + str(uuid.uuid4())
+        return self._id
+
+
+def chat_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
+    def coerce(obj: Any) -> Any:
+        if type(obj) is dict:
+            backfill_chat(obj, alias, fallback_id)
+        out = CHAT_COMPLETION(obj)
+        out["model"] = alias
+        return out
+
+    return coerce
+
+
+def chat_chunk_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
+    def coerce(obj: Any) -> Any:
+        backfill_chat_chunk(obj, alias, fallback_id)
+        out = CHAT_CHUNK(obj)
+        out["model"] = alias
+        return out
+
+    return coerce
+
+
+def completion_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
+    def coerce(obj: Any) -> Any:
+        if type(obj) is dict:
+            backfill_completion(obj, alias, fallback_id)
+        out = COMPLETION(obj)
+        out["model"] = alias
+        return out
+
+    return coerce
+
+
+def completion_chunk_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
+    def coerce(obj: Any) -> Any:
+        backfill_completion_chunk(obj, alias, fallback_id)
+        out = COMPLETION_CHUNK(obj)
+        out["model"] = alias
+        return out
+
+    return coerce
+
+
+def embeddings_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
+    def coerce(obj: Any) -> Any:
+        if type(obj) is dict:
+            obj["model"] = alias
+        return EMBEDDINGS(obj)
+
+    return coerce
+
+
+def response_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
+    def coerce(obj: Any) -> Any:
+        if type(obj) is dict and "output" in obj:
+            backfill_response(obj, alias, fallback_id)
+        out = RESPONSE(obj)
+        out["model"] = alias
+        return out
+
+    return coerce
+
+
+def response_event_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
+    def coerce(obj: Any) -> Any:
+        normalise_response_event(obj, alias, fallback_id)
+        out = RESPONSE_EVENT(obj)
+        snapshot = out.get("response")
+        if snapshot is not None:
+            snapshot["model"] = alias
+        return out
+
+    return coerce
+
+
+_ID_PREFIX = {"chat": "chatcmpl-", "completions": "cmpl-", "responses": "resp_", "embeddings": ""}
+_WHOLE = {
+    "chat": chat_coercer,
+    "completions": completion_coercer,
+    "embeddings": embeddings_coercer,
+    "responses": response_coercer,
+}
+_STREAMED = {
+    "chat": chat_chunk_coercer,
+    "completions": completion_chunk_coercer,
+    "responses": response_event_coercer,
+}
+
+
+def _sse_error_code(obj: dict[str, Any]) -> int:
+    err = obj.get("error")
+    code = err.get("code") if type(err) is dict else None
+    if type(code) is int and code >= 0:
+        return code
+    return 500
+
+
+def sse_error_formatter(trusted: bool) -> Callable[[dict[str, Any]], bytes]:
+    """An error object inside a 200 stream: verbatim from a trusted provider, otherwise the
+    standard strict error for its numeric ``code`` (500 when it has none), masked."""
+
+    def format_error(obj: dict[str, Any]) -> bytes:
+        if trusted:
+            return orjson.dumps(obj)
+        code = account_class_mask(_sse_error_code(obj))
+        type_, message = standard_error(code)
+        return orjson.dumps(
+            {"error": {"message": message, "type": type_, "param": None, "code": code}}
+        )
+
+    return format_error
+
+
+def _wants_stream(reply: UpstreamReply, ctx: FilterContext) -> bool:
+    """The upstream's content type decides; only when it says neither SSE nor JSON does the
+    request's ``stream`` flag (a JSON answer to a streaming request is sanitised as JSON, not
+    swallowed by the stream sanitiser, §5.3 item 15)."""
+    if reply.is_sse:
+        return True
+    if is_json_type(reply.headers):
+        return False
+    return ctx.request.wants_stream
+
+
+@attrs.frozen
+class _StrictFilter:
+    ctx: FilterContext
+    kind: str | None
+
+    async def __call__(self, reply: UpstreamReply) -> UpstreamReply:
+        ctx = self.ctx
+        status = reply.status
+        if not 200 <= status < 300:
+            if not ctx.trusted:
+                status = account_class_mask(status)
+                return await replace_error(reply, status, strict_error_body(status), ctx)
+            if ctx.provider is not None and ctx.provider.sanitize:
+                # the operator asked for sanitised errors on this provider: that wins over trust
+                return await replace_error(reply, status, generic_error_body(status), ctx)
+            return reply
+        kind = self.kind
+        if kind is None:
+            return reply
+        fallback_id = _FallbackId(_ID_PREFIX[kind])
+        if kind != "embeddings" and _wants_stream(reply, ctx):
+            coerce = _STREAMED[kind](ctx.alias, fallback_id)
+            sanitizer = StreamSanitizer(coerce, sse_error_formatter(ctx.trusted))
+            out = sse_reply(reply, sanitizer, _bad_gateway)
+            if not reply.is_sse:
+                out.headers = [(k, v) for k, v in out.headers if k != b"content-type"] + [
+                    (b"content-type", b"text/event-stream")
+                ]
+            return out
+        return await json_reply(reply, _WHOLE[kind](ctx.alias, fallback_id), _bad_gateway)
+
+
+def strict_filter(ctx: FilterContext) -> ResponseFilter | None:
+    """Filter factory for strict mode: every upstream reply is standardised or coerced."""
+    if not ctx.strict:
+        return None
+    return _StrictFilter(ctx, _route_kind(ctx.request.path))
+
+
+def response_filter(ctx: FilterContext) -> ResponseFilter | None:
+    """The one factory the gateway registers: strict mode, else ``sanitize_response``, else
+    ``None`` (bytes relayed untouched)."""
+    if ctx.strict:
+        return _StrictFilter(ctx, _route_kind(ctx.request.path))
+    return sanitize_filter(ctx)
