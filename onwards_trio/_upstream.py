@@ -1,14 +1,23 @@
 """Talking to upstreams: one pooled HTTP client, URL joining, request header filtering.
 
-The hot path uses httpcore (the transport under httpx) directly: it adds no default headers
-(httpx would add ``accept-encoding`` and so silently ask upstreams for compression the client
-never asked for), does not decompress, and skips httpx's per-request URL/cookie/auth machinery.
-Connections are pooled and reused (``http_pool`` sets the keep-alive size and expiry).
+The hot path uses httpcore's HTTP/1.1 connection (the transport under httpx) directly: it adds
+no default headers (httpx would add ``accept-encoding`` and so silently ask upstreams for
+compression the client never asked for), does not decompress, and skips httpx's per-request
+URL/cookie/auth machinery. Connections are pooled per origin and reused (``http_pool`` sets the
+keep-alive size and expiry); the pool is ours because httpcore's rescans all connections on
+every request.
 """
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
 import httpcore
+import trio
+from httpcore._async.http11 import AsyncHTTP11Connection
+from httpcore._backends.trio import TrioBackend
 
 from ._config import HttpPool
 from ._targets import Provider
@@ -102,18 +111,105 @@ def upstream_target(provider: Provider, raw_path: bytes, query: bytes) -> bytes:
     return target
 
 
+class _ReturningStream:
+    """The response body stream; closing it hands the connection back to its host pool."""
+
+    __slots__ = ("_conn", "_inner", "_pool")
+
+    def __init__(self, inner: Any, conn: AsyncHTTP11Connection, pool: _HostPool) -> None:
+        self._inner = inner
+        self._conn = conn
+        self._pool = pool
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        it: AsyncIterator[bytes] = self._inner.__aiter__()
+        return it
+
+    async def aclose(self) -> None:
+        # Shielded: this runs on the way out of cancelled requests too, and a connection that
+        # is neither returned nor closed would leak its socket.
+        with trio.CancelScope(shield=True):
+            await self._inner.aclose()
+            await self._pool.release(self._conn)
+
+
+class _HostPool:
+    """Idle keep-alive connections to one origin, reused last-in first-out.
+
+    httpcore's general pool rescans every connection for every request (quadratic under
+    load); one origin's idle list needs only a pop and a health check.
+    """
+
+    __slots__ = ("_client", "_idle", "origin")
+
+    def __init__(self, origin: httpcore.Origin, client: UpstreamClient) -> None:
+        self.origin = origin
+        self._client = client
+        self._idle: list[AsyncHTTP11Connection] = []
+
+    async def _connect(self) -> AsyncHTTP11Connection:
+        origin = self.origin
+        host = origin.host.decode("ascii")
+        stream = await self._client.backend.connect_tcp(
+            host, origin.port, timeout=self._client.connect_timeout
+        )
+        try:
+            if origin.scheme == b"https":
+                stream = await stream.start_tls(
+                    self._client.ssl_context(),
+                    server_hostname=host,
+                    timeout=self._client.connect_timeout,
+                )
+        except BaseException:
+            await stream.aclose()
+            raise
+        return AsyncHTTP11Connection(origin, stream, self._client.keepalive_expiry)
+
+    async def request(self, request: httpcore.Request) -> httpcore.Response:
+        conn: AsyncHTTP11Connection | None = None
+        while self._idle:
+            candidate = self._idle.pop()
+            if candidate.is_idle() and not candidate.has_expired():
+                conn = candidate
+                break
+            await candidate.aclose()
+        if conn is None:
+            conn = await self._connect()
+        response = await conn.handle_async_request(request)
+        response.stream = _ReturningStream(response.stream, conn, self)
+        return response
+
+    async def release(self, conn: AsyncHTTP11Connection) -> None:
+        if conn.is_idle() and len(self._idle) < self._client.max_idle:
+            self._idle.append(conn)
+        else:
+            await conn.aclose()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.aclose()
+
+
 class UpstreamClient:
-    """The shared connection pool. Create once per gateway; close with :meth:`aclose`."""
+    """Pooled HTTP/1.1 connections to the upstreams. Create once per gateway; close with
+    :meth:`aclose`."""
 
     def __init__(self, http_pool: HttpPool | None = None) -> None:
         spec = http_pool or HttpPool()
-        self.pool = httpcore.AsyncConnectionPool(
-            max_connections=spec.max_connections,
-            max_keepalive_connections=spec.max_idle_per_host,
-            keepalive_expiry=spec.idle_timeout_secs,
-            http1=True,
-            http2=False,
-        )
+        self.max_idle = spec.max_idle_per_host
+        self.keepalive_expiry = spec.idle_timeout_secs
+        self.connect_timeout = 30.0
+        self.backend = TrioBackend()
+        self._pools: dict[tuple[bytes, bytes, int | None], _HostPool] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            ctx = ssl.create_default_context()
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._ssl = ctx
+        return self._ssl
 
     async def send(
         self,
@@ -124,6 +220,13 @@ class UpstreamClient:
         body: bytes,
     ) -> httpcore.Response:
         """Send a request; returns once the response head arrived (body still streaming)."""
+        key = (provider.scheme, provider.host, provider.port)
+        pool = self._pools.get(key)
+        if pool is None:
+            port = provider.port or (443 if provider.scheme == b"https" else 80)
+            pool = self._pools[key] = _HostPool(
+                httpcore.Origin(provider.scheme, provider.host, port), self
+            )
         url = httpcore.URL(
             scheme=provider.scheme, host=provider.host, port=provider.port, target=target
         )
@@ -134,7 +237,9 @@ class UpstreamClient:
             content=body,
             extensions={"timeout": {"connect": 30.0, "read": None, "write": 60.0, "pool": None}},
         )
-        return await self.pool.handle_async_request(request)
+        return await pool.request(request)
 
     async def aclose(self) -> None:
-        await self.pool.aclose()
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            await pool.aclose()
