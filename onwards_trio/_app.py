@@ -171,7 +171,9 @@ class Gateway:
             elapsed = time.perf_counter() - started
             # SEAM: metrics (request count / duration by method, status, endpoint)
             # SEAM: logging (one line per request)
-            del elapsed, status
+            from ._logging import finish_exchange
+
+            finish_exchange(self.metrics, method, path, status, elapsed)
 
     async def _models(self, scope: Scope, send: Send) -> int:
         token = bearer_token(scope["headers"])

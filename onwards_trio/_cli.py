@@ -62,7 +62,32 @@ async def _run(args: argparse.Namespace) -> None:
             log.warning("config: %s", warning)
         gateway = Gateway(config)
         # SEAM: metrics (start the metrics listener unless --no-metrics)
+        if not args.no_metrics:
+            from ._metrics import Metrics, install_metrics, serve_metrics
+
+            metrics = install_metrics(gateway, Metrics(args.metrics_prefix))
+            metrics_host = args.host or ("127.0.0.1" if args.command == "demo" else "0.0.0.0")
+            try:
+                metrics_url = await nursery.start(
+                    serve_metrics, metrics, metrics_host, args.metrics_port
+                )
+                log.info("metrics on %s/metrics", metrics_url)
+            except OSError as exc:
+                if args.command != "demo":
+                    raise
+                log.warning("demo: no metrics listener (%s)", exc.strerror or exc)
         # SEAM: reload (start the config watcher unless --no-watch or demo)
+        from ._logging import protect
+        from ._reload import ConfigWatcher, config_secrets, reload_on_sighup
+
+        protect(config_secrets(config))
+        if args.command != "demo":
+            watcher = ConfigWatcher(
+                args.config, gateway.update_config, current=config, metrics=gateway.metrics
+            )
+            await nursery.start(reload_on_sighup, watcher)
+            if not args.no_watch:
+                await nursery.start(watcher.run)
         host = args.host or ("127.0.0.1" if args.command == "demo" else "0.0.0.0")
         info = await nursery.start(gateway.serve, host, args.port)
         if args.command == "demo":
@@ -85,6 +110,16 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # SEAM: logging (structured logging setup from --log-level / ONWARDS_LOG)
+    from ._logging import configure_logging
+    from ._metrics import Metrics
+
+    try:
+        configure_logging(args.log_level)
+        Metrics(args.metrics_prefix)  # a bad prefix is a usage error, not a crash later
+    except ValueError as exc:
+        _parser().error(str(exc))
+    level = logging.getLogger("onwards_trio").level
+    args.log_level = logging.getLevelName(min(level, logging.CRITICAL))
     logging.basicConfig(
         level=(args.log_level or "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

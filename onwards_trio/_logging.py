@@ -30,20 +30,30 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import IO, Any, Final
+from contextvars import ContextVar
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import attrs
 import orjson
 
+if TYPE_CHECKING:
+    from ._asgi import Send
+    from ._metrics import Metrics
+
 __all__ = [
     "ACCESS_LOGGER",
+    "Exchange",
     "JsonFormatter",
     "RedactionFilter",
     "RequestRecord",
     "TextFormatter",
+    "begin_exchange",
     "collect_secrets",
     "configure_logging",
+    "finish_exchange",
     "log_request",
+    "note_request",
+    "protect",
     "redact",
     "request_observers",
 ]
@@ -210,6 +220,7 @@ def parse_level(value: str | None) -> int:
 
 
 _installed: logging.Handler | None = None
+_guard: RedactionFilter | None = None
 
 
 def configure_logging(
@@ -225,7 +236,7 @@ def configure_logging(
     (``text`` or ``json``). Calling it again replaces the previous handler. Returns the filter
     so the caller can add the config's keys (:meth:`RedactionFilter.add_secrets`).
     """
-    global _installed
+    global _installed, _guard
     numeric = parse_level(level if level is not None else os.environ.get("ONWARDS_LOG"))
     kind = (fmt or os.environ.get("ONWARDS_LOG_FORMAT") or "text").strip().lower()
     if kind not in ("text", "json"):
@@ -241,6 +252,7 @@ def configure_logging(
     root.setLevel(numeric)
     root.propagate = False
     _installed = handler
+    _guard = guard
     for name in ("hypercorn.error", "hypercorn.access", "httpx", "httpcore"):
         # Their debug output includes request headers (keys); keep them quiet unless asked.
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
@@ -324,3 +336,127 @@ def log_request(record: RequestRecord) -> None:
             observer(record)
         except Exception:
             logging.getLogger("onwards_trio").exception("a request observer failed")
+
+
+# -- per-request observation (the seam the gateway calls) ---------------------------------------
+
+_exchange: ContextVar[Exchange | None] = ContextVar("onwards_trio_exchange", default=None)
+
+
+class Exchange:
+    """One HTTP request as metrics and the access log see it.
+
+    :func:`begin_exchange` makes it current (a context variable: each ASGI request runs in its
+    own Trio task, so no request sees another's) and wraps ``send`` to learn the status, count
+    body bytes and stamp the first body byte. :func:`note_request` attaches the proxy's
+    :class:`~onwards_trio.ProxyRequest` (alias, provider index, attempts, body length);
+    :func:`finish_exchange` records and logs it. Nothing here sees a header value or a body.
+    """
+
+    __slots__ = (
+        "_reset",
+        "bytes_out",
+        "first_byte",
+        "method",
+        "metrics",
+        "path",
+        "request",
+        "started",
+        "stream",
+        "token",
+    )
+
+    def __init__(self, metrics: Metrics | None, method: str, path: str, started: float) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.path = path
+        self.started = started
+        self.token = metrics.http_started(method, path) if metrics is not None else None
+        self.bytes_out = 0
+        self.first_byte: float | None = None
+        self.stream = False
+        self.request: Any = None
+        self._reset: Any = None
+
+    def wrap_send(self, send: Send) -> Send:
+        async def counted(message: Any) -> None:
+            kind = message["type"]
+            if kind == "http.response.body":
+                size = len(message.get("body", b""))
+                if size:
+                    if self.first_byte is None:
+                        self.first_byte = time.perf_counter()
+                    self.bytes_out += size
+            elif kind == "http.response.start":
+                for k, v in message.get("headers", ()):
+                    if k.lower() == b"content-type" and b"text/event-stream" in v.lower():
+                        self.stream = True
+            await send(message)
+
+        return counted
+
+    def finish(self, status: int, seconds: float) -> None:
+        metrics = self.metrics
+        request = self.request
+        alias = provider = attempts = bytes_in = None
+        if request is not None:
+            alias, provider = request.alias, request.provider_index
+            attempts = request.attempts or None
+            bytes_in = len(request.body)
+        if metrics is not None:
+            if self.token is not None:
+                metrics.http_finished(self.token, status, seconds)
+            else:
+                metrics.observe_http(self.method, self.path, status, seconds)
+            if self.stream and self.first_byte is not None and alias and provider is not None:
+                metrics.first_byte(alias, provider, self.first_byte - self.started)
+        log_request(
+            RequestRecord(
+                method=self.method,
+                path=self.path,
+                status=status,
+                duration=seconds,
+                alias=alias,
+                provider=provider,
+                bytes_in=bytes_in,
+                bytes_out=self.bytes_out if self._reset is not None else None,
+                attempts=attempts,
+                stream=self.stream or None,
+            )
+        )
+
+
+def begin_exchange(
+    metrics: Metrics | None, method: str, path: str, started: float, send: Send
+) -> Send:
+    """Start observing the current request; returns the ``send`` to use from now on."""
+    exchange = Exchange(metrics, method, path, started)
+    exchange._reset = _exchange.set(exchange)
+    return exchange.wrap_send(send)
+
+
+def note_request(request: Any) -> None:
+    """Attach the proxy's request (alias, provider index, attempts, body length) to the log."""
+    exchange = _exchange.get()
+    if exchange is not None:
+        exchange.request = request
+
+
+def finish_exchange(
+    metrics: Metrics | None, method: str, path: str, status: int, seconds: float
+) -> None:
+    """Record and log the current request (works whether or not it was begun)."""
+    exchange = _exchange.get()
+    if exchange is None:
+        exchange = Exchange(None, method, path, time.perf_counter() - seconds)
+        exchange.metrics = metrics
+    else:
+        if exchange._reset is not None:
+            _exchange.reset(exchange._reset)
+    exchange.finish(status, seconds)
+
+
+def protect(secrets: Iterable[str]) -> None:
+    """Mask these exact strings in every log line from now on (e.g. a config's keys)."""
+    if _guard is not None:
+        _guard.add_secrets(secrets)

@@ -37,11 +37,13 @@ so the hot path is a dict lookup plus the child's own update)::
 
     token = metrics.http_started(method, path)      # pending +1, onwards_requests_inflight +1
     metrics.http_finished(token, status, seconds)   # count, duration; pending/inflight -1
+    metrics.observe_http(method, path, status, seconds)  # count, duration (no start seen)
     metrics.upstream_response(alias, provider, status, seconds)
     metrics.upstream_failure(alias, provider, "timeout" | "error")
     metrics.first_byte(alias, provider, seconds)
     metrics.rejected(alias, "rate" | "concurrency", "pool" | "key" | "provider")
     metrics.fallback(alias, provider, reason)
+    metrics.attempt_failed(alias, provider, outcome)  # fallback() with the reason worked out
     metrics.reload(ok=True | False)
     metrics.loop_step(alias, kind, outcome)
     metrics.tool_call(alias, outcome)
@@ -339,6 +341,15 @@ class Metrics:
         """The response ended (or the client left): count it and time it."""
         token.pending.dec()
         self._inflight.dec()
+        self._count(token, status, seconds)
+
+    def observe_http(self, method: str, path: str, status: int, seconds: float) -> None:
+        """Count and time a finished request that :meth:`http_started` never saw."""
+        method = _bounded(method, _METHODS, "OTHER")
+        token = HttpToken(method, endpoint_label(path), None)
+        self._count(token, status, seconds)
+
+    def _count(self, token: HttpToken, status: int, seconds: float) -> None:
         key = (token.method, status, token.endpoint)
         children = self._done_children.get(key)
         if children is None:
@@ -408,6 +419,20 @@ class Metrics:
             str(provider),
             _bounded(reason, _FALLBACK_REASONS),
         ).inc()
+
+    def attempt_failed(self, alias: str, provider: int, outcome: Any) -> None:
+        """Classify a failed attempt the pipeline moves on from (an ``HTTPError`` it would have
+        answered, or an upstream ``(status, headers, body)`` that matched ``on_status``)."""
+        status = getattr(outcome, "status", None)
+        if status == 429:
+            reason = "rate_limited"
+        elif status == 504:
+            reason = "timeout"
+        elif status is not None:
+            reason = "network_error"
+        else:
+            reason = "status"
+        self.fallback(alias, provider, reason)
 
     # -- operations and the loop ----------------------------------------------------------
 

@@ -346,6 +346,8 @@ class Proxy:
             else:
                 last_error, last_upstream = None, (*outcome, provider)
             # SEAM: metrics (fallback attempt for alias/provider)
+            if self.metrics is not None:
+                self.metrics.attempt_failed(alias, index, outcome)
         if last_upstream is not None:
             # Every attempt failed on status: report the last upstream answer honestly.
             status, headers, body, provider = last_upstream

@@ -33,7 +33,7 @@ import trio
 
 from ._config import Config, parse_config
 from ._errors import ConfigError
-from ._logging import collect_secrets, redact
+from ._logging import collect_secrets, protect, redact
 
 if TYPE_CHECKING:
     from ._metrics import Metrics
@@ -142,6 +142,7 @@ class ConfigWatcher:
         except Exception as exc:  # a table that cannot be built: keep the old one
             return self._rejected(f"{type(exc).__name__}: {exc}", secrets)
         previous, self.current = self.current, config
+        protect(config_secrets(config))
         self.reloads_ok += 1
         if self.metrics is not None:
             self.metrics.reload(ok=True)
