@@ -164,6 +164,10 @@ class Gateway:
             if path in _MODELS_PATHS and method in ("GET", "HEAD"):
                 status = await self._models(scope, send)
             # SEAM: strict
+            elif self.targets.table.strict_mode and not path.startswith("/v1/responses/"):
+                from ._strict import handle_strict  # SEAM: strict (typed routes only)
+
+                status = await handle_strict(self, scope, receive, send)
             # SEAM: responses
             else:
                 status = await self._proxy_http(scope, receive, send)

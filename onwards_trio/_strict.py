@@ -209,19 +209,18 @@ async def handle_strict(
     send: Send,
     *,
     responses: ResponsesHook | None = None,
-) -> int | None:
-    """Serve one request in strict mode; returns the status, or ``None`` for requests strict
-    mode leaves to a later handler (the stored-responses routes under ``/v1/responses/``).
+) -> int:
+    """Serve one request in strict mode; returns the status.
 
     ``gateway`` is the :class:`~onwards_trio._app.Gateway` (``read_request`` and ``relay``
-    are used); ``responses`` is consulted for ``POST /v1/responses`` after validation.
+    are used); ``responses`` is consulted for ``POST /v1/responses`` after validation. The
+    stored-responses routes under ``/v1/responses/`` are not strict mode's: the gateway routes
+    them elsewhere before calling this.
     """
     path: str = scope["path"]
     method: str = scope["method"]
     try:
         if path not in STRICT_ROUTES:
-            if path.startswith("/v1/responses/"):
-                return None
             if path in _MODEL_ROUTES:
                 raise _method_not_allowed(path, b"GET, HEAD")
             raise errors.not_found(path)
