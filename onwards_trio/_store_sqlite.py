@@ -1,0 +1,334 @@
+"""SQLite :class:`~onwards_trio._steps.MultiStepStore`: the embedded default, one file, no set-up.
+
+One connection (``check_same_thread=False``, WAL, ``synchronous=NORMAL``) used only through
+``trio.to_thread.run_sync`` with the store's own ``CapacityLimiter(1)``, so calls are serialised
+and the event loop never blocks on disk. The schema is created on first use. A thread that has
+started is never abandoned on cancellation (trio's default), so a write either commits or
+raises; it is never half done. Sequence allocation happens inside ``BEGIN IMMEDIATE`` so that
+several processes sharing the file still allocate distinct, increasing sequences.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import orjson
+import trio
+
+from ._steps import (
+    ChainStep,
+    NextAction,
+    RecordedStep,
+    ResponseRecord,
+    ResponseStatus,
+    StepDescriptor,
+    StepKind,
+    StepState,
+    StoreError,
+    StoreErrorKind,
+)
+from ._store_memory import new_step_id
+from ._tools import ToolSchema
+from ._transition import ScopeView, Transition, open_responses_transition
+
+__all__ = ["SqliteStore"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS loop_responses (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    request TEXT,
+    output TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS loop_steps (
+    id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    scope_parent TEXT,
+    prev_step_id TEXT,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    request_payload TEXT,
+    response_payload TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (request_id, sequence)
+);
+CREATE INDEX IF NOT EXISTS loop_steps_scope ON loop_steps (request_id, scope_parent, sequence);
+"""
+
+_STEP_COLUMNS = (
+    "id, kind, state, sequence, prev_step_id, scope_parent, "
+    "request_payload, response_payload, error"
+)
+_OPEN = ("pending", "processing")
+
+
+def _dump(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError as e:
+        raise StoreError(StoreErrorKind.SERIALIZATION, str(e)) from None
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+def _step(row: tuple[Any, ...]) -> ChainStep:
+    return ChainStep(
+        id=row[0],
+        kind=StepKind(row[1]),
+        state=StepState(row[2]),
+        sequence=row[3],
+        prev_step_id=row[4],
+        parent_step_id=row[5],
+        request_payload=_load(row[6]),
+        response_payload=_load(row[7]),
+        error=_load(row[8]),
+    )
+
+
+class SqliteStore:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        transition: Transition | None = None,
+        *,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.transition = transition if transition is not None else open_responses_transition
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        conn = self._conn
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout,
+                isolation_level=None,  # autocommit; multi-statement writes use BEGIN IMMEDIATE
+                check_same_thread=False,
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        return conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            try:
+                return fn(self._db())
+            except sqlite3.Error as e:
+                raise StoreError(StoreErrorKind.STORAGE, f"{type(e).__name__}: {e}") from None
+
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await trio.to_thread.run_sync(close, limiter=self._limiter)
+
+    async def __aenter__(self) -> SqliteStore:
+        await self._run(lambda db: None)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, step_id: str) -> ChainStep:
+        row = db.execute(
+            f"SELECT {_STEP_COLUMNS} FROM loop_steps WHERE id = ?", (step_id,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(StoreErrorKind.NOT_FOUND, f"step {step_id}")
+        return _step(row)
+
+    @staticmethod
+    def _chain(
+        db: sqlite3.Connection, request_id: str, scope_parent: str | None
+    ) -> list[ChainStep]:
+        rows = db.execute(
+            f"SELECT {_STEP_COLUMNS} FROM loop_steps WHERE request_id = ? AND scope_parent IS ? "
+            "ORDER BY sequence",
+            (request_id, scope_parent),
+        ).fetchall()
+        return [_step(r) for r in rows]
+
+    @staticmethod
+    def _response(db: sqlite3.Connection, request_id: str) -> ResponseRecord | None:
+        row = db.execute(
+            "SELECT status, request, output FROM loop_responses WHERE id = ?", (request_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return ResponseRecord(request_id, ResponseStatus(row[0]), _load(row[1]), _load(row[2]))
+
+    # -- protocol -------------------------------------------------------------------------------
+
+    async def next_action_for(
+        self, request_id: str, scope_parent: str | None, tools: Mapping[str, ToolSchema]
+    ) -> NextAction:
+        def read(db: sqlite3.Connection) -> ScopeView:
+            return ScopeView(
+                request_id=request_id,
+                scope_parent=scope_parent,
+                response=self._response(db, request_id),
+                parent_step=self._get(db, scope_parent) if scope_parent else None,
+                chain=self._chain(db, request_id, scope_parent),
+                tools=tools,
+            )
+
+        return self.transition(await self._run(read))
+
+    async def record_step(
+        self,
+        request_id: str,
+        scope_parent: str | None,
+        prev_step_id: str | None,
+        descriptor: StepDescriptor,
+    ) -> RecordedStep:
+        payload = _dump(descriptor.request_payload)
+        step_id = new_step_id()
+
+        def write(db: sqlite3.Connection) -> RecordedStep:
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                (sequence,) = db.execute(
+                    "SELECT COALESCE(MAX(sequence), 0) + 1 FROM loop_steps WHERE request_id = ?",
+                    (request_id,),
+                ).fetchone()
+                db.execute(
+                    "INSERT INTO loop_steps (id, request_id, scope_parent, prev_step_id, kind, "
+                    "state, sequence, request_payload, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                    (
+                        step_id,
+                        request_id,
+                        scope_parent,
+                        prev_step_id,
+                        descriptor.kind.value,
+                        sequence,
+                        payload,
+                        now,
+                        now,
+                    ),
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return RecordedStep(step_id, sequence)
+
+        return await self._run(write)
+
+    async def _transition(
+        self, step_id: str, to: StepState, from_states: tuple[str, ...], column: str, value: Any
+    ) -> bool:
+        """Move a step from one of ``from_states`` to ``to``; False if it was elsewhere."""
+        text = _dump(value)
+        marks = ", ".join("?" * len(from_states))
+        sql = (
+            f"UPDATE loop_steps SET state = ?, {column} = ?, updated_at = ? "
+            f"WHERE id = ? AND state IN ({marks})"
+        )
+
+        def write(db: sqlite3.Connection) -> bool:
+            cur = db.execute(sql, (to.value, text, time.time(), step_id, *from_states))
+            if cur.rowcount == 1:
+                return True
+            self._get(db, step_id)  # NOT_FOUND if it does not exist
+            return False
+
+        return await self._run(write)
+
+    async def _must(self, step_id: str, ok: bool) -> None:
+        if not ok:
+            step = await self.get_step(step_id)
+            raise StoreError(StoreErrorKind.CONFLICT, f"step {step_id} is {step.state.value}")
+
+    async def mark_step_processing(self, step_id: str) -> None:
+        ok = await self._transition(step_id, StepState.PROCESSING, ("pending",), "error", None)
+        await self._must(step_id, ok)
+
+    async def complete_step(self, step_id: str, payload: Any) -> None:
+        ok = await self._transition(
+            step_id, StepState.COMPLETED, _OPEN, "response_payload", payload
+        )
+        await self._must(step_id, ok)
+
+    async def fail_step(self, step_id: str, error: Any) -> None:
+        ok = await self._transition(step_id, StepState.FAILED, _OPEN, "error", error)
+        await self._must(step_id, ok)
+
+    async def cancel_step(self, step_id: str, reason: Any = None) -> bool:
+        return await self._transition(step_id, StepState.CANCELED, _OPEN, "error", reason)
+
+    async def get_step(self, step_id: str) -> ChainStep:
+        return await self._run(lambda db: self._get(db, step_id))
+
+    async def list_chain(self, request_id: str, scope_parent: str | None) -> Sequence[ChainStep]:
+        return await self._run(lambda db: self._chain(db, request_id, scope_parent))
+
+    async def assemble_response(self, request_id: str) -> Any:
+        record = await self.get_response(request_id)
+        if record is None:
+            raise StoreError(StoreErrorKind.NOT_FOUND, request_id)
+        return record.output
+
+    async def begin_response(self, request_id: str, request: Any) -> None:
+        text = _dump(request)
+
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute(
+                "INSERT INTO loop_responses (id, status, request, output, created_at, updated_at) "
+                "VALUES (?, 'in_progress', ?, NULL, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status = 'in_progress', "
+                "request = COALESCE(excluded.request, request), output = NULL, "
+                "updated_at = excluded.updated_at",
+                (request_id, text, now, now),
+            )
+
+        await self._run(write)
+
+    async def finish_response(
+        self, request_id: str, status: ResponseStatus, output: Any = None
+    ) -> None:
+        text = _dump(output)
+
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute(
+                "INSERT INTO loop_responses (id, status, request, output, created_at, updated_at) "
+                "VALUES (?, ?, NULL, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+                "output = excluded.output, updated_at = excluded.updated_at",
+                (request_id, status.value, text, now, now),
+            )
+
+        await self._run(write)
+
+    async def get_response(self, request_id: str) -> ResponseRecord | None:
+        return await self._run(lambda db: self._response(db, request_id))
