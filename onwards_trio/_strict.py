@@ -239,6 +239,8 @@ async def handle_strict(
         return exc.status
     request.json = data
     request.body = orjson.dumps(data)
+    request.raw_path = path.encode("ascii")  # the fixed route, never a percent-encoded twin
+    request.query = b""
     request.headers = [(k, v) for k, v in request.headers if k not in _DROPPED_REQUEST_HEADERS]
     request.headers.append(_JSON_CT)
     if responses is not None and path == "/v1/responses":
@@ -421,7 +423,10 @@ class _StrictFilter:
             return reply
         kind = self.kind
         if kind is None:
-            return reply
+            # Only typed routes reach an upstream in strict mode; a success from anywhere else
+            # has no schema to be coerced into, so it is refused rather than relayed raw.
+            log.warning("strict mode: no schema for a reply to %s; refused", ctx.request.path)
+            raise _bad_gateway()
         fallback_id = _FallbackId(_ID_PREFIX[kind])
         if kind != "embeddings" and _wants_stream(reply, ctx):
             coerce = _STREAMED[kind](ctx.alias, fallback_id)

@@ -524,3 +524,19 @@ async def test_responses_request_with_nested_tool_is_422(nursery: trio.Nursery) 
     async with client:
         r = await client.post("/v1/responses", json={**RESP_REQ, "tools": [tool]})
     assert r.status_code == 422 and r.json()["error"]["param"] == "tools[0].name"
+
+
+async def test_sse_answer_to_a_plain_request_is_sanitised_as_a_stream(
+    nursery: trio.Nursery,
+) -> None:
+    reply = Reply(headers=SSE_HEADERS, chunks=sse(chunk("Hello", provider="custom-provider")))
+    r, _ = await one(nursery, reply)
+    assert r.headers["content-type"] == "text/event-stream"
+    assert b"custom-provider" not in r.content and r.content.endswith(b"data: [DONE]\n\n")
+    assert events(r.content)[0]["model"] == "gpt-4"
+
+
+async def test_forwarded_to_the_fixed_path_without_query(nursery: trio.Nursery) -> None:
+    r, up = await one(nursery, Reply(body=chat_completion()), path=CHAT + "?debug=1&x=2")
+    assert r.status_code == 200
+    assert (up.requests[0].path, up.requests[0].query) == (CHAT, "")

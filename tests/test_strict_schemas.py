@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -18,6 +19,7 @@ from onwards_trio._strict import (
     response_event_coercer,
     standard_error,
     strict_error_body,
+    strict_filter,
     validate_request,
 )
 from onwards_trio._strict_schemas import (
@@ -563,3 +565,24 @@ def test_response_events_share_one_fallback_id() -> None:
     b = coerce({"type": "response.completed", "sequence_number": 1, "response": {}})
     assert a["response"]["id"] == b["response"]["id"] == "resp_fixed"
     assert b["response"]["status"] == "completed"
+
+
+async def test_strict_success_without_a_schema_is_refused() -> None:
+    ctx: Any = SimpleNamespace(
+        strict=True,
+        trusted=False,
+        alias="m",
+        provider=None,
+        request=SimpleNamespace(path="/v1/responses/resp_1", wants_stream=False),
+    )
+    flt = strict_filter(ctx)
+    assert flt is not None
+    reply: Any = SimpleNamespace(status=200, headers=[], body=None, is_sse=False)
+    with pytest.raises(HTTPError) as info:
+        await flt(reply)
+    assert info.value.status == 502
+
+
+def test_non_strict_context_gets_no_strict_filter() -> None:
+    ctx: Any = SimpleNamespace(strict=False)
+    assert strict_filter(ctx) is None
