@@ -30,6 +30,7 @@ from typing import Any
 
 import attrs
 import orjson
+import trio
 
 from . import _errors as errors
 from ._errors import HTTPError, error_body
@@ -60,6 +61,7 @@ log = logging.getLogger("onwards_trio.sanitize")
 
 MAX_BODY = 64 * 1024 * 1024  # largest upstream body (decoded) a sanitiser will buffer
 _ERROR_PEEK = 64 * 1024  # error bodies are read this far only to log their length
+_ERROR_PEEK_SECONDS = 2.0
 
 UPSTREAM_REJECTED = error_body(
     "The upstream provider rejected the request.", "invalid_request_error", "upstream_error"
@@ -510,10 +512,11 @@ async def replace_error(
     the operator configured for the provider (``response_headers``) stay (§5.3 item 5).
     """
     size = 0
-    async for chunk in reply.body:
-        size += len(chunk)
-        if size >= _ERROR_PEEK:
-            break
+    with trio.move_on_after(_ERROR_PEEK_SECONDS):  # a dribbling error body must not hang us
+        async for chunk in reply.body:
+            size += len(chunk)
+            if size >= _ERROR_PEEK:
+                break
     log.warning(
         "upstream error replaced: alias=%s status=%d body_bytes=%d%s",
         ctx.alias,

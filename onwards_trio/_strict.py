@@ -66,6 +66,7 @@ __all__ = [
     "SCRUBBED_REQUEST_KEYS",
     "STRICT_ROUTES",
     "ResponsesHook",
+    "check_content_type",
     "handle_strict",
     "response_filter",
     "standard_error",
@@ -158,12 +159,8 @@ def _unprocessable(exc: SchemaError) -> HTTPError:
     )
 
 
-def validate_request(path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
-    """The validated, normalised request body for a strict route, or :class:`HTTPError`.
-
-    415 when the content type is not JSON, 400 for malformed JSON, 422 (``param`` = the JSON
-    path) when the body does not fit the schema.
-    """
+def check_content_type(headers: list[tuple[bytes, bytes]]) -> None:
+    """415 unless the request says it is JSON (``application/json`` or ``*/*+json``)."""
     media = _media_type(headers)
     if media is None or not (media == b"application/json" or media.endswith(b"+json")):
         raise HTTPError(
@@ -174,6 +171,15 @@ def validate_request(path: str, headers: list[tuple[bytes, bytes]], body: bytes)
                 "unsupported_media_type",
             ),
         )
+
+
+def validate_request(path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+    """The validated, normalised request body for a strict route, or :class:`HTTPError`.
+
+    415 when the content type is not JSON, 400 for malformed JSON, 422 (``param`` = the JSON
+    path) when the body does not fit the schema.
+    """
+    check_content_type(headers)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -227,8 +233,7 @@ async def handle_strict(
         if method != "POST":
             raise _method_not_allowed(path, b"POST")
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        if _media_type(headers) is None:  # decide before reading a body we would refuse
-            validate_request(path, headers, b"")
+        check_content_type(headers)  # before reading a body we would refuse
         try:
             request: ProxyRequest = await gateway.read_request(scope, receive)
         except ClientDisconnected:

@@ -225,3 +225,10 @@ async def test_trusted_error_inside_a_200_stream_is_verbatim(nursery: trio.Nurse
     reply = Reply(headers=SSE_HEADERS, chunks=chunks)
     r, _ = await one(nursery, reply, {"trusted": True}, json=body(stream=True))
     assert b"Input too long" in r.content
+
+
+async def test_dribbling_error_body_does_not_hang_the_answer(nursery: trio.Nursery) -> None:
+    reply = Reply(status=500, chunks=[b"a"] * 100, chunk_delay=1.0)  # 100 s to finish
+    with trio.fail_after(8):
+        r, _ = await one(nursery, reply)
+    assert r.status_code == 500

@@ -540,3 +540,10 @@ async def test_forwarded_to_the_fixed_path_without_query(nursery: trio.Nursery) 
     r, up = await one(nursery, Reply(body=chat_completion()), path=CHAT + "?debug=1&x=2")
     assert r.status_code == 200
     assert (up.requests[0].path, up.requests[0].query) == (CHAT, "")
+
+
+async def test_sanitize_flag_wins_over_trust_for_errors(nursery: trio.Nursery) -> None:
+    reply = Reply(status=400, body=b'{"error":{"message":"provider detail"}}')
+    r, _ = await one(nursery, reply, {"trusted": True, "sanitize_response": True})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "upstream_error"
