@@ -180,6 +180,14 @@ def _tool_failure(err: ToolError) -> _StepFailed:
     )
 
 
+async def _aclose(body: object) -> None:
+    """Finalise an async-generator body we stopped reading early (at ``[DONE]``), so it does
+    not linger until garbage collection."""
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 def _all_cancelled(exc: BaseException) -> bool:
     if isinstance(exc, trio.Cancelled):
         return True
@@ -571,12 +579,15 @@ class _Run:
 
     async def _read(self, resp: ModelResponse, limit: int, truncate: bool = False) -> bytes:
         buf = bytearray()
-        async for chunk in resp.body:
-            buf += chunk
-            if len(buf) > limit:
-                if truncate:
-                    return bytes(buf[:limit])
-                raise _executor_failure(f"model call body larger than {limit} bytes")
+        try:
+            async for chunk in resp.body:
+                buf += chunk
+                if len(buf) > limit:
+                    if truncate:
+                        return bytes(buf[:limit])
+                    raise _executor_failure(f"model call body larger than {limit} bytes")
+        finally:
+            await _aclose(resp.body)
         return bytes(buf)
 
     async def _stream(self, rec: RecordedStep, resp: ModelResponse) -> Any:
@@ -621,6 +632,8 @@ class _Run:
                         break
         except SSEEventTooLarge as e:
             raise _executor_failure(f"model stream: {e}") from None
+        finally:
+            await _aclose(resp.body)
         if asm.chunks == 0:
             raise _executor_failure("model stream ended without a chunk")
         if tr is not None and emitter is not None:
