@@ -14,7 +14,7 @@ import trio.testing
 
 from onwards_trio import Config, Targets, parse_config
 from onwards_trio._metrics import Metrics
-from onwards_trio._reload import ConfigWatcher, GracefulShutdown, file_signature
+from onwards_trio._reload import ConfigWatcher, file_signature
 
 SECRET = "sk-upstream-secret-0123456789"
 
@@ -287,36 +287,3 @@ async def test_in_flight_counts_survive_a_reload(
     assert provider.concurrency.try_acquire() is None  # the limit still counts the old request
     permit.release()
     assert provider.concurrency.active == 0
-
-
-async def test_graceful_shutdown_cancels_after_the_grace_period(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    shutdown = GracefulShutdown(grace=5)
-    finished_at: list[float] = []
-    async with trio.open_nursery() as nursery:
-
-        async def slow_request() -> None:
-            try:
-                await trio.sleep(100)
-            finally:
-                finished_at.append(trio.current_time())
-
-        nursery.start_soon(slow_request)
-        nursery.start_soon(shutdown.cancel_after_drain, nursery.cancel_scope)
-        await trio.sleep(1)
-        shutdown.request()
-    assert finished_at == [pytest.approx(1 + 5 + 1)]
-
-
-async def test_graceful_shutdown_ends_as_soon_as_the_server_finished(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    shutdown = GracefulShutdown(grace=30)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(shutdown.cancel_after_drain, nursery.cancel_scope)
-        shutdown.request()
-        await trio.sleep(2)  # the server drains in 2 s
-        shutdown.finished()
-        await trio.sleep(100)  # cancelled long before this ends
-    assert trio.current_time() == pytest.approx(2)
