@@ -646,8 +646,9 @@ class _NonStrictFilter:
             if not ctx.trusted:
                 status = account_class_mask(status)
             return await replace_error(reply, status, generic_error_body(status), ctx)
-        if "/chat/completions" not in ctx.request.path:
-            return reply
+        request = ctx.request
+        if request.method != b"POST" or not request.path.rstrip("/").endswith("/chat/completions"):
+            return reply  # not a completion (e.g. the stored-completions list API): as is
         alias = ctx.alias
         if reply.is_sse:
             trusted = ctx.trusted

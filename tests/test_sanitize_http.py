@@ -232,3 +232,12 @@ async def test_dribbling_error_body_does_not_hang_the_answer(nursery: trio.Nurse
     with trio.fail_after(8):
         r, _ = await one(nursery, reply)
     assert r.status_code == 500
+
+
+async def test_stored_completions_api_is_not_mangled(nursery: trio.Nursery) -> None:
+    listing = b'{"object":"list","data":[{"id":"chatcmpl-1"}],"has_more":false}'
+    up = FakeUpstream(Reply(body=listing))
+    url = await serve_app(nursery, up)
+    async with await client_for(nursery, {"gpt-4": {"url": url, "sanitize_response": True}}) as c:
+        r = await c.get(CHAT, headers={"model-override": "gpt-4"})
+    assert r.status_code == 200 and r.content == listing

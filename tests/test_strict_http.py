@@ -9,8 +9,12 @@ import httpx
 import orjson
 import pytest
 import trio
+import trio.testing
 
-from onwards_trio._strict import response_filter
+from onwards_trio import Gateway, parse_config
+from onwards_trio._asgi import Receive, Scope, Send, send_json
+from onwards_trio._proxy import ProxyRequest
+from onwards_trio._strict import ResponsesHook, handle_strict, response_filter
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
 
 CHAT = "/v1/chat/completions"
@@ -547,3 +551,56 @@ async def test_sanitize_flag_wins_over_trust_for_errors(nursery: trio.Nursery) -
     r, _ = await one(nursery, reply, {"trusted": True, "sanitize_response": True})
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "upstream_error"
+
+
+async def hooked(
+    nursery: trio.Nursery, hook: ResponsesHook
+) -> tuple[httpx.AsyncClient, FakeUpstream]:
+    up = FakeUpstream(Reply(body=b'{"id":"resp_up","output":[]}'))
+    config = {"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}, "strict_mode": True}
+    gateway = Gateway(parse_config(config))
+    if response_filter not in gateway.proxy.filters:
+        gateway.proxy.filters.append(response_filter)
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with gateway.running():  # owns (and finally closes) the upstream connections
+            task_status.started()
+            await trio.sleep_forever()
+
+    await nursery.start(run)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await handle_strict(gateway, scope, receive, send, responses=hook)
+        else:
+            await gateway(scope, receive, send)
+
+    return httpx.AsyncClient(base_url=await serve_app(nursery, app), timeout=10), up
+
+
+async def test_responses_hook_gets_the_validated_request(nursery: trio.Nursery) -> None:
+    seen: list[ProxyRequest] = []
+
+    async def hook(request: ProxyRequest, receive: Receive, send: Send) -> int | None:
+        seen.append(request)
+        await send_json(send, 200, {"id": "resp_adapter"})
+        return 200
+
+    client, up = await hooked(nursery, hook)
+    async with client:
+        r = await client.post("/v1/responses", json={**RESP_REQ, "id": "forged"})
+    assert r.json() == {"id": "resp_adapter"}
+    assert up.requests == []
+    assert "id" not in seen[0].json and seen[0].json["input"][0]["type"] == "message"
+
+
+async def test_responses_hook_can_decline_to_passthrough(nursery: trio.Nursery) -> None:
+    async def hook(request: ProxyRequest, receive: Receive, send: Send) -> int | None:
+        return None
+
+    client, up = await hooked(nursery, hook)
+    async with client:
+        r = await client.post("/v1/responses", json=RESP_REQ)
+        await trio.testing.wait_all_tasks_blocked()  # let the handler finish its clean-up
+    assert r.json()["id"] == "resp_up" and r.json()["model"] == "gpt-4"
+    assert len(up.requests) == 1
