@@ -361,6 +361,7 @@ class Exchange:
         "metrics",
         "path",
         "request",
+        "sent_status",
         "started",
         "stream",
         "token",
@@ -375,6 +376,7 @@ class Exchange:
         self.bytes_out = 0
         self.first_byte: float | None = None
         self.stream = False
+        self.sent_status: int | None = None
         self.request: Any = None
         self._reset: Any = None
 
@@ -388,6 +390,7 @@ class Exchange:
                         self.first_byte = time.perf_counter()
                     self.bytes_out += size
             elif kind == "http.response.start":
+                self.sent_status = message["status"]
                 for k, v in message.get("headers", ()):
                     if k.lower() == b"content-type" and b"text/event-stream" in v.lower():
                         self.stream = True
@@ -396,6 +399,10 @@ class Exchange:
         return counted
 
     def finish(self, status: int, seconds: float) -> None:
+        # What went on the wire wins: a handler that fails after its head was sent still
+        # answered with that status (the client saw a truncated body, not a 500).
+        if self.sent_status is not None:
+            status = self.sent_status
         metrics = self.metrics
         request = self.request
         alias = provider = attempts = bytes_in = None

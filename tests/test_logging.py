@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -196,3 +197,61 @@ def test_configuring_twice_keeps_one_handler(restore_logging: None) -> None:
     configure_logging("info", stream=io.StringIO())
     root = logging.getLogger("onwards_trio")
     assert sum(isinstance(h, logging.StreamHandler) for h in root.handlers) == 1
+
+
+# -- the per-request exchange (what Gateway._http calls) ----------------------------------------
+
+
+class _FakeRequest:
+    alias = "gpt-4"
+    provider_index = 1
+    attempts = 2
+    body = b"x" * 42
+
+
+async def test_exchange_records_what_went_on_the_wire(restore_logging: None) -> None:
+    from onwards_trio._logging import begin_exchange, finish_exchange, note_request
+    from onwards_trio._metrics import Metrics
+
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    metrics = Metrics()
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    wrapped = begin_exchange(metrics, "POST", "/v1/chat/completions", 0.0, send)
+    pending = {"method": "POST", "endpoint": "/v1/chat/completions"}
+    assert metrics.registry.get_sample_value("onwards_http_requests_pending", pending) == 1
+    note_request(_FakeRequest())
+    sse = [(b"content-type", b"text/event-stream")]
+    await wrapped({"type": "http.response.start", "status": 200, "headers": sse})
+    await wrapped({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+    await wrapped({"type": "http.response.body", "body": b"", "more_body": False})
+    finish_exchange(metrics, "POST", "/v1/chat/completions", 500, 0.5)  # failed after the head
+    assert len(sent) == 3
+    done = {"method": "POST", "status": "200", "endpoint": "/v1/chat/completions"}
+    assert metrics.registry.get_sample_value("onwards_http_requests_total", done) == 1
+    assert metrics.registry.get_sample_value("onwards_http_requests_pending", pending) == 0
+    ttfb = {"alias": "gpt-4", "provider": "1"}
+    count = "onwards_upstream_time_to_first_byte_seconds_count"
+    assert metrics.registry.get_sample_value(count, ttfb) == 1
+    line = stream.getvalue().strip()
+    assert line.endswith(
+        "status=200 duration_ms=500.0 alias=gpt-4 provider=1 bytes_in=42 bytes_out=9 "
+        "attempts=2 stream=True"
+    )
+
+
+def test_finish_without_begin_still_counts_and_logs(restore_logging: None) -> None:
+    from onwards_trio._logging import finish_exchange
+    from onwards_trio._metrics import Metrics
+
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    metrics = Metrics()
+    finish_exchange(metrics, "GET", "/v1/models", 200, 0.01)
+    done = {"method": "GET", "status": "200", "endpoint": "/v1/models"}
+    assert metrics.registry.get_sample_value("onwards_http_requests_total", done) == 1
+    assert "method=GET path=/v1/models status=200" in stream.getvalue()
