@@ -207,19 +207,39 @@ class _Emitter:
         self.indexer = OutputIndexer()
         self.terminal_sent = False
 
+    async def _acquire(self) -> None:
+        # Uncontended (the common case) costs no extra schedule point: the sink's send is one.
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+
+    async def _send(self, kind: LoopEventKind, data: Mapping[str, Any]) -> None:
+        if self.terminal_sent:
+            return
+        event = LoopEvent(self.sequence, kind, data)
+        self.sequence += 1
+        if kind.is_terminal:
+            self.terminal_sent = True
+        await self.sink.emit(event)
+
     async def emit(self, kind: LoopEventKind, data: Mapping[str, Any]) -> None:
-        async with self.lock:
-            if self.terminal_sent:
-                return
-            event = LoopEvent(self.sequence, kind, data)
-            self.sequence += 1
-            if kind.is_terminal:
-                self.terminal_sent = True
-            await self.sink.emit(event)
+        await self._acquire()
+        try:
+            await self._send(kind, data)
+        finally:
+            self.lock.release()
 
     async def emit_all(self, events: list[Event]) -> None:
-        for name, data in events:
-            await self.emit(LoopEventKind(name), data)
+        """Emit a batch back to back (one chunk's events stay together)."""
+        if not events:
+            return
+        await self._acquire()
+        try:
+            for name, data in events:
+                await self._send(LoopEventKind(name), data)
+        finally:
+            self.lock.release()
 
 
 async def run_response_loop(

@@ -336,7 +336,10 @@ class ChatChunkAssembler:
             if not isinstance(ch, Mapping):
                 continue
             index = ch.get("index", n)
-            acc = self._choices.setdefault(index if isinstance(index, int) else n, _ChoiceAcc())
+            key = index if isinstance(index, int) else n
+            acc = self._choices.get(key)
+            if acc is None:
+                acc = self._choices[key] = _ChoiceAcc()
             delta = ch.get("delta")
             if isinstance(delta, Mapping):
                 if isinstance(delta.get("role"), str) and not acc.role:
@@ -355,7 +358,10 @@ class ChatChunkAssembler:
                         if not isinstance(tc, Mapping):
                             continue
                         ti = tc.get("index", k)
-                        t = acc.tools.setdefault(ti if isinstance(ti, int) else k, _ToolAcc())
+                        tkey = ti if isinstance(ti, int) else k
+                        t = acc.tools.get(tkey)
+                        if t is None:
+                            t = acc.tools[tkey] = _ToolAcc()
                         if isinstance(tc.get("id"), str) and tc["id"] and not t.id:
                             t.id = tc["id"]
                         if isinstance(tc.get("type"), str):
