@@ -336,10 +336,10 @@ class ChatChunkAssembler:
             if not isinstance(ch, Mapping):
                 continue
             index = ch.get("index", n)
-            key = index if isinstance(index, int) else n
-            acc = self._choices.get(key)
+            ckey = index if isinstance(index, int) else n
+            acc = self._choices.get(ckey)
             if acc is None:
-                acc = self._choices[key] = _ChoiceAcc()
+                acc = self._choices[ckey] = _ChoiceAcc()
             delta = ch.get("delta")
             if isinstance(delta, Mapping):
                 if isinstance(delta.get("role"), str) and not acc.role:
