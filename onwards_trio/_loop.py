@@ -337,11 +337,11 @@ class _Run:
         base = dict(response or {})
         self.created_at = int(time.time())
         try:
-            schemas = await self.executor.tools(self.ctx)
-        except Exception as e:
-            raise LoopError(LoopErrorKind.EXECUTOR, f"tools() failed: {e}") from e
-        self.tools = {t.name: t for t in schemas}
-        try:
+            try:
+                schemas = await self.executor.tools(self.ctx)
+            except Exception as e:
+                raise LoopError(LoopErrorKind.EXECUTOR, f"tools() failed: {e}") from e
+            self.tools = {t.name: t for t in schemas}
             chain = await self._s(self.store.list_chain(self.request_id, self.scope_parent))
             prev = chain[-1].id if chain else None
             if self.emitter is not None:

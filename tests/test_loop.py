@@ -465,3 +465,18 @@ async def test_channel_sink_with_a_closed_receiver_does_not_stop_the_loop() -> N
     assert sink.closed
     rec = await store.get_response("r")
     assert rec is not None and rec.status is ResponseStatus.COMPLETED
+
+
+async def test_executor_tools_failure_is_an_executor_error_reported_once() -> None:
+    class NoTools(FakeExecutor):
+        async def tools(self, ctx: RequestContext) -> Any:
+            raise RuntimeError("registry down")
+
+    store = MemoryStore(scripted([Complete({})]))
+    sink = ListSink()
+    with pytest.raises(LoopError) as info:
+        await run(store, NoTools(), sink=sink)
+    assert info.value.kind is LoopErrorKind.EXECUTOR
+    assert sink.kinds() == [LoopEventKind.FAILED]
+    rec = await store.get_response("r")
+    assert rec is not None and rec.status is ResponseStatus.FAILED
