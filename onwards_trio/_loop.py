@@ -322,6 +322,12 @@ class _Run:
             "id": rid if rid.startswith("resp_") else f"resp_{rid}",
             "object": "response",
             "created_at": self.created_at,
+            # The fields a Response object must have (the openai SDK refuses it otherwise);
+            # the HTTP layer passes the real echo in ``response``.
+            "model": self.ctx.model or "",
+            "tools": [],
+            "tool_choice": "auto",
+            "parallel_tool_calls": True,
             "output": [],
             "usage": None,
             "error": None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 import trio
 
 from onwards_trio._events import ChannelSink, LoopEvent, LoopEventKind, open_response_stream
@@ -10,7 +11,7 @@ from onwards_trio._sse import SSEDecoder
 from onwards_trio._steps import ResponseStatus
 from onwards_trio._store_memory import MemoryStore
 from onwards_trio._tools import RequestContext
-from tests.test_loop_helpers import FakeExecutor, FakeModel, Reply, stream_text
+from tests.test_loop_helpers import FakeExecutor, FakeModel, Reply, chunk, sse, stream_text
 
 CTX = RequestContext(model="m")
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -102,3 +103,32 @@ async def test_a_full_buffer_holds_the_loop_back(autojump_clock: trio.abc.Clock)
         rest = [e async for e in recv]
     assert rest[-1].kind is LoopEventKind.COMPLETED
     assert rest[0].sequence == 1
+
+
+async def test_every_event_validates_against_the_openai_sdk_types() -> None:
+    pydantic = pytest.importorskip("pydantic")
+    responses = pytest.importorskip("openai.types.responses")
+    adapter = pydantic.TypeAdapter(responses.ResponseStreamEvent)
+    calls = [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "t", "arguments": ""}}
+    ]
+    first = sse(
+        chunk({"role": "assistant", "tool_calls": calls}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+        chunk({}, "tool_calls"),
+    )
+    second = sse(chunk({"reasoning_content": "hm"}), chunk({"content": "hi"}), chunk({}, "stop"))
+    store = MemoryStore()
+    await store.begin_response("r", REQUEST)
+    model = FakeModel([Reply(chunks=first), Reply(chunks=second)])
+    seen = set()
+    async with open_response_stream(
+        store, FakeExecutor({"t": "ok"}), CTX, model, request_id="r"
+    ) as recv:
+        async for ev in recv:
+            parsed = adapter.validate_python(ev.wire())
+            assert parsed.type == ev.kind.value
+            seen.add(ev.kind)
+    assert LoopEventKind.REASONING_SUMMARY_TEXT_DELTA in seen
+    assert LoopEventKind.FUNCTION_CALL_ARGUMENTS_DONE in seen
+    assert LoopEventKind.COMPLETED in seen
