@@ -34,8 +34,8 @@ class TokenBucket:
 
     def try_acquire(self) -> float | None:
         self._refill(trio.current_time())
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self._tokens >= 1.0 - 1e-9:  # tolerate float drift: waiting "Retry-After" must work
+            self._tokens = max(0.0, self._tokens - 1.0)
             return None
         return (1.0 - self._tokens) / self.rate
 
