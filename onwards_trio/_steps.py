@@ -166,7 +166,7 @@ class StoreErrorKind(enum.StrEnum):
 
 
 _STORE_PREFIX = {
-    StoreErrorKind.NOT_FOUND: "Response not found",
+    StoreErrorKind.NOT_FOUND: "Not found",
     StoreErrorKind.STORAGE: "Storage error",
     StoreErrorKind.SERIALIZATION: "Serialization error",
     StoreErrorKind.CONFLICT: "Conflict",

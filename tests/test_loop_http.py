@@ -177,3 +177,17 @@ async def test_cancelling_mid_stream_closes_the_upstream_connection(
     assert step.state is StepState.CANCELED
     rec = await store.get_response("r")
     assert rec is not None and rec.status is ResponseStatus.CANCELLED
+
+
+async def test_connection_refused_fails_the_step(client: httpx.AsyncClient) -> None:
+    with trio.socket.socket() as sock:  # a port nobody listens on
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = MemoryStore(model_then_complete({"model": "m"}, {"x": 1}))
+    transport = HttpModelTransport(f"http://127.0.0.1:{port}/chat", None, client)
+    assert await run_response_loop(store, FakeExecutor(), CTX, transport, request_id="r") == {
+        "x": 1
+    }
+    (step,) = await store.list_chain("r", None)
+    assert step.state is StepState.FAILED
+    assert step.error["message"].startswith("executor error: model call HTTP error: ConnectError")
