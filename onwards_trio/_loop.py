@@ -350,6 +350,11 @@ class _Run:
             self.tools = {t.name: t for t in schemas}
             chain = await self._s(self.store.list_chain(self.request_id, self.scope_parent))
             prev = chain[-1].id if chain else None
+            for stale in chain:
+                # Open steps found on resume belong to a run that died (a crash, a killed
+                # process): nobody will ever finish them, so close them before going on.
+                if not stale.state.is_terminal:
+                    await self._s(self.store.cancel_step(stale.id, {"type": "interrupted"}))
             if self.emitter is not None:
                 start = {"response": self._snapshot(base, "in_progress")}
                 await self._emit(LoopEventKind.CREATED, start)

@@ -15,7 +15,8 @@ converts to it, and lists the server tools it wants offered in ``tools``). Then:
 * last step a tool step → the next model step: previous messages + each assistant message +
   one ``role: tool`` message per tool output (a failed tool's error text is the output, so the
   model sees invalid arguments and tool errors and can recover);
-* a failed model step → ``Fail`` (the gateway's transport already retried / failed over);
+* a failed model step → ``Fail`` (the gateway's transport already retried / failed over); a
+  canceled one (a resumed response) → the same model request again;
 * otherwise → ``Complete`` with the output items of the whole chain and the summed usage.
 
 Sub-agent scopes (an ``AGENT`` tool step's sub-loop) start from the top-level request's model
@@ -222,6 +223,11 @@ def open_responses_transition(view: ScopeView) -> NextAction:
         )
     last = chain[-1]
     if last.kind is StepKind.TOOL_CALL:
+        return AppendSteps(
+            [StepDescriptor.model_call(_model_request(base, _messages(base, chain)))]
+        )
+    if last.state is StepState.CANCELED:
+        # Cancelled (or interrupted and closed on resume): ask the model again.
         return AppendSteps(
             [StepDescriptor.model_call(_model_request(base, _messages(base, chain)))]
         )

@@ -480,3 +480,12 @@ async def test_executor_tools_failure_is_an_executor_error_reported_once() -> No
     assert sink.kinds() == [LoopEventKind.FAILED]
     rec = await store.get_response("r")
     assert rec is not None and rec.status is ResponseStatus.FAILED
+
+
+async def test_resume_closes_steps_a_dead_run_left_open() -> None:
+    store = MemoryStore(scripted([Complete({"ok": 1})]))
+    stale = await store.record_step("r", None, None, StepDescriptor.tool_call("t"))
+    await store.mark_step_processing(stale.id)
+    assert await run(store) == {"ok": 1}
+    step = await store.get_step(stale.id)
+    assert step.state is StepState.CANCELED and step.error == {"type": "interrupted"}

@@ -9,7 +9,15 @@ import trio
 
 from onwards_trio._events import LoopEvent, LoopEventKind, open_response_stream
 from onwards_trio._loop import run_response_loop
-from onwards_trio._steps import AppendSteps, ChainStep, Fail, ResponseStatus, StepKind, StepState
+from onwards_trio._steps import (
+    AppendSteps,
+    ChainStep,
+    Fail,
+    ResponseStatus,
+    StepDescriptor,
+    StepKind,
+    StepState,
+)
 from onwards_trio._store_memory import MemoryStore
 from onwards_trio._tools import RequestContext, ToolError, ToolKind, ToolSchema
 from onwards_trio._transition import ScopeView, open_responses_transition
@@ -261,3 +269,15 @@ async def test_tool_output_strings_are_passed_verbatim(autojump_clock: trio.abc.
     await run(store, FakeExecutor({"echo": "plain text"}), model)
     assert model.requests[1]["messages"][-1]["content"] == "plain text"
     assert orjson.loads(orjson.dumps(model.requests[1])) == model.requests[1]
+
+
+async def test_resume_after_an_interrupted_model_step_asks_the_model_again() -> None:
+    store = await start()
+    dead = await store.record_step("r", None, None, StepDescriptor.model_call({}))
+    await store.mark_step_processing(dead.id)
+    model = FakeModel(Reply(body=chat("second try")))
+    result = await run(store, FakeExecutor({}), model)
+    assert model.requests[0]["messages"] == USER
+    assert result["output"][0]["content"][0]["text"] == "second try"
+    first, second = await store.list_chain("r", None)
+    assert (first.state, second.state) == (StepState.CANCELED, StepState.COMPLETED)
