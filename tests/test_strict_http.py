@@ -604,3 +604,54 @@ async def test_responses_hook_can_decline_to_passthrough(nursery: trio.Nursery) 
         await trio.testing.wait_all_tasks_blocked()  # let the handler finish its clean-up
     assert r.json()["id"] == "resp_up" and r.json()["model"] == "gpt-4"
     assert len(up.requests) == 1
+
+
+async def test_completions_accept_a_missing_prompt(nursery: trio.Nursery) -> None:
+    reply = Reply(body=b'{"choices":[{"text":"ok"}]}')
+    r, up = await one(nursery, reply, path="/v1/completions", json={"model": "gpt-4"})
+    assert r.status_code == 200 and up.requests[0].json() == {"model": "gpt-4"}
+
+
+async def test_completions_untrusted_error_is_generic(nursery: trio.Nursery) -> None:
+    reply = Reply(status=500, body=b'{"error":"OOM on GPU 3","provider":"custom-llm"}')
+    r, _ = await one(nursery, reply, path="/v1/completions", json={"model": "gpt-4"})
+    assert r.status_code == 500
+    assert b"OOM" not in r.content and b"custom-llm" not in r.content
+
+
+async def test_completions_trusted_error_is_verbatim(nursery: trio.Nursery) -> None:
+    original = b'{"error":{"message":"Context length exceeded","code":"context_length_exceeded"}}'
+    r, _ = await one(
+        nursery,
+        Reply(status=400, body=original),
+        {"trusted": True},
+        path="/v1/completions",
+        json={"model": "gpt-4"},
+    )
+    assert r.content == original
+
+
+async def test_trusted_responses_success_is_still_sanitised(nursery: trio.Nursery) -> None:
+    reply = Reply(body=b'{"id":"resp_1","output":[],"provider_metadata":{"a":1}}')
+    r, _ = await one(nursery, reply, {"trusted": True}, path="/v1/responses", json=RESP_REQ)
+    data = r.json()
+    assert "provider_metadata" not in data and data["object"] == "response"
+    assert int(r.headers["content-length"]) == len(r.content)
+
+
+async def test_trusted_responses_error_is_verbatim(nursery: trio.Nursery) -> None:
+    original = b'{"error":{"code":"oom_error","metadata":{"provider":"vllm"}}}'
+    r, _ = await one(
+        nursery,
+        Reply(status=500, body=original),
+        {"trusted": True},
+        path="/v1/responses",
+        json=RESP_REQ,
+    )
+    assert r.content == original
+
+
+async def test_trusted_streaming_success_is_still_sanitised(nursery: trio.Nursery) -> None:
+    reply = Reply(headers=SSE_HEADERS, chunks=sse(chunk("a", provider_metadata={"x": 1})))
+    r, _ = await one(nursery, reply, {"trusted": True}, json=body(stream=True))
+    assert b"provider_metadata" not in r.content and events(r.content)[0]["model"] == "gpt-4"
