@@ -173,15 +173,18 @@ def check_content_type(headers: list[tuple[bytes, bytes]]) -> None:
         )
 
 
-def validate_request(path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+def validate_request(
+    path: str, headers: list[tuple[bytes, bytes]], body: bytes, parsed: Any = None
+) -> Any:
     """The validated, normalised request body for a strict route, or :class:`HTTPError`.
 
     415 when the content type is not JSON, 400 for malformed JSON, 422 (``param`` = the JSON
-    path) when the body does not fit the schema.
+    path) when the body does not fit the schema. ``parsed`` is the body already parsed, if
+    the caller has it (``None`` means "parse it here").
     """
     check_content_type(headers)
     try:
-        data = orjson.loads(body)
+        data = parsed if parsed is not None else orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise HTTPError(
             400,
@@ -238,7 +241,7 @@ async def handle_strict(
             request: ProxyRequest = await gateway.read_request(scope, receive)
         except ClientDisconnected:
             return 499
-        data = validate_request(path, request.headers, request.body)
+        data = validate_request(path, request.headers, request.body, request.json)
     except HTTPError as exc:
         await send_error(send, exc)
         return exc.status
