@@ -92,6 +92,9 @@ class Gateway:
         # SEAM: metrics (gateway-level Metrics object)
         self.metrics: Any = None
         # SEAM: responses (stores, tool executor and background loops live here)
+        from ._responses_api import ResponsesService
+
+        self.responses = ResponsesService(self)
 
     @property
     def config(self) -> Config:
@@ -169,6 +172,8 @@ class Gateway:
 
                 status = await handle_strict(self, scope, receive, send)
             # SEAM: responses
+            elif path == "/v1/responses" or path.startswith("/v1/responses/"):
+                status = await self.responses.handle(scope, receive, send)
             else:
                 status = await self._proxy_http(scope, receive, send)
         finally:

@@ -74,6 +74,9 @@ class StoredResponse:
     context_items: list[dict[str, Any]] = attrs.field(factory=list)
     background: bool = False
     created_at: float = attrs.field(factory=time.time)
+    # A digest of the API key that created the response (None: created without a key); the
+    # HTTP layer only shows a response to the key that made it.
+    owner: str | None = None
 
     @property
     def status(self) -> str:
@@ -190,7 +193,8 @@ CREATE TABLE IF NOT EXISTS oresp_responses (
     input_items TEXT NOT NULL,
     context_items TEXT NOT NULL,
     background INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS oresp_events (
     response_id TEXT NOT NULL,
@@ -246,11 +250,12 @@ class SQLiteResponseStore:
             orjson.dumps(record.context_items).decode(),
             int(record.background),
             record.created_at,
+            record.owner,
         )
 
         def insert(conn: sqlite3.Connection) -> None:
             try:
-                conn.execute("INSERT INTO oresp_responses VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+                conn.execute("INSERT INTO oresp_responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
             except sqlite3.IntegrityError:
                 raise ValueError(f"response {record.id!r} already exists") from None
 
@@ -259,7 +264,7 @@ class SQLiteResponseStore:
     async def get(self, response_id: str) -> StoredResponse | None:
         def select(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
             cur = conn.execute(
-                "SELECT response, input_items, context_items, background, created_at "
+                "SELECT response, input_items, context_items, background, created_at, owner "
                 "FROM oresp_responses WHERE id = ?",
                 (response_id,),
             )
@@ -269,7 +274,7 @@ class SQLiteResponseStore:
         row = await self._run(select)
         if row is None:
             return None
-        response, input_items, context_items, background, created_at = row
+        response, input_items, context_items, background, created_at, owner = row
         return StoredResponse(
             id=response_id,
             response=orjson.loads(response),
@@ -277,6 +282,7 @@ class SQLiteResponseStore:
             context_items=orjson.loads(context_items),
             background=bool(background),
             created_at=float(created_at),
+            owner=owner,
         )
 
     async def update(self, response_id: str, response: dict[str, Any]) -> bool:

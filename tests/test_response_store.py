@@ -42,10 +42,11 @@ def record(rid: str = "resp_1", status: str = "queued", **kw: Any) -> StoredResp
 
 async def test_create_then_get_round_trips(store: ResponseStore) -> None:
     items = [{"type": "message", "id": "msg_1", "role": "user", "content": []}]
-    await store.create(record(input_items=items, background=True))
+    await store.create(record(input_items=items, background=True, owner="k1"))
     got = await store.get("resp_1")
     assert got is not None
     assert got.status == "queued"
+    assert got.owner == "k1"
     assert got.input_items == items
     assert got.background is True
 
