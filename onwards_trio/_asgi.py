@@ -25,6 +25,7 @@ __all__ = [
     "send_error",
     "send_json",
     "send_response",
+    "serve_lifespan",
     "watch_disconnect",
 ]
 
@@ -93,4 +94,15 @@ async def watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             scope.cancel()
+            return
+
+
+async def serve_lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge ASGI lifespan startup/shutdown (hypercorn-trio crashes on a bare return)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
             return

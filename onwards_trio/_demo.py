@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import trio
 
-from ._asgi import Receive, Scope, Send, read_body, send_json
+from ._asgi import Receive, Scope, Send, read_body, send_json, serve_lifespan
 from ._config import Config, parse_config
 
 __all__ = ["demo_config", "demo_upstream"]
@@ -218,13 +218,8 @@ def demo_upstream(delay: float = 0.02) -> Any:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             raise RuntimeError("http only")
         path = scope["path"]

@@ -16,7 +16,7 @@ from hypercorn.trio import serve
 
 from onwards_trio import Gateway, parse_config
 from onwards_trio._app import hypercorn_config
-from onwards_trio._asgi import Receive, Scope, Send
+from onwards_trio._asgi import Receive, Scope, Send, serve_lifespan
 
 __all__ = [
     "FakeUpstream",
@@ -146,13 +146,8 @@ class FakeUpstream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         body = b""
         while True:
             message = await receive()
