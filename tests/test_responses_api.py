@@ -601,3 +601,98 @@ async def test_gateway_shutdown_stores_running_background_as_cancelled() -> None
         assert record is not None
         assert record.status == "cancelled"
         outer.cancel_scope.cancel()
+
+
+# -- more loop behaviour through HTTP -------------------------------------------------------------
+
+
+async def test_agent_tool_runs_a_sub_agent_on_its_own_alias(nursery: trio.Nursery) -> None:
+    def script(rec: Recorded) -> Reply:
+        body = rec.json()
+        if body["model"] == "small":
+            return text_reply(rec, "helper says hi")
+        if has_tool_result(rec):
+            return text_reply(rec, "final")
+        return tool_reply(rec, "helper", '{"input": "question"}', call_id="call_agent")
+
+    upstream = FakeUpstream(script)
+    url = await serve_app(nursery, upstream)
+    cfg = gateway_config(url)
+    cfg["targets"]["small"] = {"url": url + "/v1"}
+    cfg["tools"] = {
+        "helper": {"kind": "agent", "model": "small", "instructions": "be terse"},
+    }
+    _, gw_url = await start_gateway(nursery, cfg)
+    client = make_client(gw_url)
+    resp = await sdk(lambda: client.responses.create(model="m", input="ask the helper"))
+    assert resp.output_text == "final"
+    outputs = [i for i in resp.output if i.type == "function_call_output"]
+    assert [o.output for o in outputs] == ["helper says hi"]
+    sub = [r.json() for r in upstream.requests if r.json()["model"] == "small"]
+    assert sub[0]["messages"] == [
+        {"role": "system", "content": "be terse"},
+        {"role": "user", "content": "question"},
+    ]
+
+
+async def test_tool_error_goes_back_to_the_model(nursery: trio.Nursery) -> None:
+    tool = FakeUpstream(Reply(status=500, body=b"broken"))
+    tool_url = await serve_app(nursery, tool)
+
+    def script(rec: Recorded) -> Reply:
+        if has_tool_result(rec):
+            return text_reply(rec, "sorry, the tool failed")
+        return tool_reply(rec, "lookup", "{}")
+
+    upstream = FakeUpstream(script)
+    _, client, _ = await start(nursery, upstream, tools={"lookup": {"url": tool_url}})
+    resp = await sdk(lambda: client.responses.create(model="m", input="x"))
+    assert resp.status == "completed"
+    tool_message = upstream.requests[1].json()["messages"][-1]
+    assert tool_message["role"] == "tool"
+    assert "HTTP 500" in tool_message["content"]
+    (out,) = [i for i in resp.output if i.type == "function_call_output"]
+    assert out.output.startswith("Error:")
+
+
+async def test_upstream_breaking_mid_stream_ends_with_response_failed(
+    nursery: trio.Nursery,
+) -> None:
+    def script(rec: Recorded) -> Reply:
+        reply = text_reply(rec, "a b c d")
+        reply.fail_after = 2
+        return reply
+
+    upstream = FakeUpstream(script)
+    _, client, _ = await start(nursery, upstream)
+
+    def run() -> list[Any]:
+        with client.responses.create(model="m", input="x", stream=True) as stream:
+            return list(stream)
+
+    events = await sdk(run)
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.error is not None
+    stored = await sdk(lambda: client.responses.retrieve(events[-1].response.id))
+    assert stored.status == "failed"
+
+
+async def test_sqlite_store_keeps_responses_and_event_logs(
+    nursery: trio.Nursery, tmp_path: Any
+) -> None:
+    upstream = FakeUpstream(lambda rec: text_reply(rec))
+    path = str(tmp_path / "gw.sqlite3")
+    _, client, _ = await start(nursery, upstream, store={"kind": "sqlite", "path": path})
+    queued = await sdk(lambda: client.responses.create(model="m", input="x", background=True))
+    done = await wait_status(client, queued.id, {"completed"})
+    assert done.output_text == "Hello world"
+
+    def resume() -> list[Any]:
+        with client.responses.retrieve(queued.id, stream=True, starting_after=7) as stream:
+            return list(stream)
+
+    assert [e.type for e in await sdk(resume)] == TEXT_EVENTS[8:]
+    follow_up = await sdk(
+        lambda: client.responses.create(model="m", input="y", previous_response_id=queued.id)
+    )
+    assert follow_up.status == "completed"
