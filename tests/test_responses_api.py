@@ -696,3 +696,26 @@ async def test_sqlite_store_keeps_responses_and_event_logs(
         lambda: client.responses.create(model="m", input="y", previous_response_id=queued.id)
     )
     assert follow_up.status == "completed"
+
+
+async def test_disconnect_with_cancel_policy_stores_cancelled(nursery: trio.Nursery) -> None:
+    from onwards_trio._loop import DisconnectPolicy, LoopConfig
+
+    upstream = FakeUpstream(lambda rec: text_reply(rec, "a b c d e f g h", chunk_delay=0.2))
+    gateway, client, gw_url = await start(nursery, upstream)
+    gateway.responses.loop_config = LoopConfig(on_disconnect=DisconnectPolicy.CANCEL)
+    rid = None
+    body = {"model": "m", "input": "x", "stream": True}
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("POST", gw_url + "/v1/responses", json=body) as r,
+    ):
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                data = orjson.loads(line[6:])
+                rid = rid or data["response"]["id"]
+                if data["type"] == "response.output_text.delta":
+                    break  # leave mid-message
+    assert rid is not None
+    resp = await wait_status(client, rid, {"completed", "failed", "cancelled", "incomplete"})
+    assert resp.status == "cancelled"
