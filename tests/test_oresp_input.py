@@ -7,6 +7,8 @@ from typing import Any
 import attrs
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from onwards_trio._errors import HTTPError
 from onwards_trio._oresp_input import (
@@ -463,3 +465,39 @@ def test_assign_item_ids_keeps_client_ids_and_adds_missing() -> None:
     assert items[1]["id"].startswith("msg_")
     assert items[1]["status"] == "completed"
     assert items[1]["content"] == [{"type": "input_text", "text": "b"}]
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+_text = st.text(max_size=20)
+_message = st.builds(
+    lambda role, content: {"role": role, "content": content},
+    st.sampled_from(["user", "assistant", "system", "developer"]),
+    _text | st.lists(st.builds(lambda t: {"type": "input_text", "text": t}, _text), max_size=3),
+)
+_call = st.builds(
+    lambda cid, name: {"type": "function_call", "call_id": cid, "name": name, "arguments": "{}"},
+    st.text(min_size=1, max_size=5),
+    st.text(min_size=1, max_size=5),
+)
+_output = st.builds(
+    lambda cid, out: {"type": "function_call_output", "call_id": cid, "output": out},
+    st.text(min_size=1, max_size=5),
+    _text,
+)
+
+
+@given(st.lists(_message | _call | _output, max_size=12))
+def test_any_valid_items_convert_with_one_tool_message_per_output(items: list[Any]) -> None:
+    messages = items_to_messages(normalize_input(items))
+    outputs = [i for i in items if i.get("type") == "function_call_output"]
+    calls = [i for i in items if i.get("type") == "function_call"]
+    tool_messages = [m for m in messages if m["role"] == "tool"]
+    assert [m["tool_call_id"] for m in tool_messages] == [o["call_id"] for o in outputs]
+    converted_calls = [c["id"] for m in messages for c in m.get("tool_calls", [])]
+    assert converted_calls == [c["call_id"] for c in calls]
+
+
+def test_generated_item_ids_are_unique() -> None:  # cf. reference 314
+    items = assign_item_ids(normalize_input([{"role": "user", "content": "x"}] * 100))
+    assert len({i["id"] for i in items}) == 100
