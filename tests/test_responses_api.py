@@ -719,3 +719,24 @@ async def test_disconnect_with_cancel_policy_stores_cancelled(nursery: trio.Nurs
     assert rid is not None
     resp = await wait_status(client, rid, {"completed", "failed", "cancelled", "incomplete"})
     assert resp.status == "cancelled"
+
+
+async def test_demo_shows_the_server_side_tool_loop(nursery: trio.Nursery, tmp_path: Any) -> None:
+    from onwards_trio._demo import demo_config, demo_upstream
+
+    up_url = await serve_app(nursery, demo_upstream(delay=0))
+    gateway = Gateway(demo_config(up_url, store_path=str(tmp_path / "demo.sqlite3")))
+    info = await nursery.start(gateway.serve, "127.0.0.1", 0)
+    client = make_client(info.url)
+
+    def run() -> list[Any]:
+        with client.responses.create(
+            model="demo", input="What's the weather in Paris?", stream=True
+        ) as stream:
+            return list(stream)
+
+    events = await sdk(run)
+    final = events[-1].response
+    assert events[-1].type == "response.completed"
+    assert [i.type for i in final.output] == ["function_call", "function_call_output", "message"]
+    assert "sunny" in final.output_text
