@@ -54,6 +54,15 @@ def test_redact_masks_exact_secrets_of_any_shape() -> None:
     assert redact("model said plainsecret99 twice", ["plainsecret99"]) == "model said *** twice"
 
 
+def test_redact_masks_secrets_with_delimiters_inside() -> None:
+    assert redact("token was abc/DEF+ghi=jk!", ["abc/DEF+ghi=jk"]) == "token was ***!"
+
+
+def test_redact_masks_a_secret_among_thousands() -> None:
+    secrets = [f"key-{i:05d}-private" for i in range(5000)]
+    assert redact("url /v1/x?k=key-04321-private&y=1", secrets) == "url /v1/x?k=***&y=1"
+
+
 def test_redact_ignores_too_short_secrets() -> None:
     assert redact("a b c", ["a"]) == "a b c"
 
