@@ -60,6 +60,15 @@ def file_signature(path: str | os.PathLike[str]) -> FileSignature | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _read_or_none(path: str) -> bytes | None:
+    """A config file is a few KB: read it in place (a thread hop would cost more)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
 class ConfigWatcher:
     """Watch one config file and apply every valid new version of it.
 
@@ -91,10 +100,13 @@ class ConfigWatcher:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self._missing_logged = False
+        self._applied: bytes | None = None  # the bytes behind the config in effect, if known
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Poll until cancelled. ``task_status.started()`` once the baseline is taken."""
         self.signature = file_signature(self.path)
+        if self.current is not None:
+            self._applied = _read_or_none(self.path)  # so that a `touch` is not a reload
         task_status.started()
         while True:
             await trio.sleep(self.interval)
@@ -133,6 +145,9 @@ class ConfigWatcher:
                 data = fh.read()
         except OSError as exc:
             return self._rejected(f"cannot read the file: {exc.strerror or type(exc).__name__}", ())
+        if data == self._applied:
+            log.debug("config file %s touched but unchanged", self.path)
+            return True
         try:
             secrets |= collect_secrets(data)
             config = parse_config(data)
@@ -142,6 +157,7 @@ class ConfigWatcher:
         except Exception as exc:  # a table that cannot be built: keep the old one
             return self._rejected(f"{type(exc).__name__}: {exc}", secrets)
         previous, self.current = self.current, config
+        self._applied = data
         protect(config_secrets(config))
         self.reloads_ok += 1
         if self.metrics is not None:

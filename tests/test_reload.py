@@ -182,6 +182,19 @@ async def test_unchanged_file_is_not_reloaded(
     assert (watcher.reloads_ok, watcher.reloads_failed) == (0, 0)
 
 
+async def test_touched_but_unchanged_file_is_not_reloaded(
+    tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "config.json"
+    write(path, doc("a"))
+    targets, watcher, _ = await start(nursery, path)
+    table = targets.table
+    replace(path, doc("a"))  # same bytes, new inode (an editor saving without changes)
+    await trio.sleep(2)
+    assert targets.table is table
+    assert (watcher.reloads_ok, watcher.reloads_failed) == (0, 0)
+
+
 async def test_deleted_file_keeps_config_and_a_recreated_one_applies(
     tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
