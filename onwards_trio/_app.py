@@ -170,7 +170,9 @@ class Gateway:
             elif self.targets.table.strict_mode and not path.startswith("/v1/responses/"):
                 from ._strict import handle_strict  # SEAM: strict (typed routes only)
 
-                status = await handle_strict(self, scope, receive, send)
+                status = await handle_strict(
+                    self, scope, receive, send, responses=self.responses.create
+                )
             # SEAM: responses
             elif path == "/v1/responses" or path.startswith("/v1/responses/"):
                 status = await self.responses.handle(scope, receive, send)

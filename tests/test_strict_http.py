@@ -655,3 +655,14 @@ async def test_trusted_streaming_success_is_still_sanitised(nursery: trio.Nurser
     reply = Reply(headers=SSE_HEADERS, chunks=sse(chunk("a", provider_metadata={"x": 1})))
     r, _ = await one(nursery, reply, {"trusted": True}, json=body(stream=True))
     assert b"provider_metadata" not in r.content and events(r.content)[0]["model"] == "gpt-4"
+
+
+async def test_adapter_alias_is_served_by_the_responses_adapter(nursery: trio.Nursery) -> None:
+    up = FakeUpstream(Reply(body=chat_completion("from the adapter", provider="leak")))
+    target = {"url": await serve_app(nursery, up), "open_responses": {"adapter": True}}
+    async with await client_for(nursery, {"gpt-4": target}, store={"kind": "memory"}) as client:
+        r = await client.post("/v1/responses", json={"model": "gpt-4", "input": "hi"})
+    assert r.status_code == 200
+    assert r.json()["object"] == "response"
+    assert b"from the adapter" in r.content and b"leak" not in r.content
+    assert up.requests[0].path == "/v1/chat/completions"
