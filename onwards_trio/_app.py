@@ -36,6 +36,7 @@ from ._auth import bearer_token
 from ._config import Config
 from ._errors import HTTPError
 from ._proxy import Proxy, ProxyRequest, UpstreamReply, parse_json_body
+from ._strict import response_filter
 from ._targets import Targets
 from ._upstream import UpstreamClient, dot_segments
 
@@ -88,6 +89,9 @@ class Gateway:
         self.targets = Targets(config)
         self.client = UpstreamClient(config.http_pool)
         self.proxy = Proxy(self.targets, self.client)
+        # Sanitisation and strict mode: one factory that answers None (zero cost per chunk)
+        # for targets that need neither.
+        self.proxy.filters.append(response_filter)
         self._nursery: trio.Nursery | None = None
         # SEAM: metrics (gateway-level Metrics object)
         self.metrics: Any = None

@@ -410,8 +410,9 @@ class Proxy:
                     pool,
                     provider,
                 )
-                stack.push_async_callback(response.aclose)
-                stack.push_async_callback(stream.aclose)
+                # Shielded closers: they also run on the way out of a cancelled relay.
+                stack.push_async_callback(_aclose_shielded, response)
+                stack.push_async_callback(_aclose_shielded, stream)
                 stack.callback(permit.release)
                 keep = True
                 return reply
