@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,13 +30,17 @@ from ._asgi import (
     read_body,
     send_error,
     send_json,
+    serve_lifespan,
     watch_disconnect,
 )
 from ._auth import bearer_token
 from ._config import Config
 from ._errors import HTTPError
+from ._logging import begin_exchange, current_status, finish_exchange, note_request
+from ._metrics import endpoint_label
 from ._proxy import Proxy, ProxyRequest, UpstreamReply, parse_json_body
-from ._strict import response_filter
+from ._responses_api import ResponsesService
+from ._strict import handle_strict, response_filter
 from ._targets import Targets
 from ._upstream import UpstreamClient, dot_segments
 
@@ -95,9 +99,7 @@ class Gateway:
         self._nursery: trio.Nursery | None = None
         # SEAM: metrics (gateway-level Metrics object)
         self.metrics: Any = None
-        # SEAM: responses (stores, tool executor and background loops live here)
-        from ._responses_api import ResponsesService
-
+        # /v1/responses: stores, tool executor and background loops live here
         self.responses = ResponsesService(self)
 
     @property
@@ -137,19 +139,30 @@ class Gateway:
         host: str = "127.0.0.1",
         port: int = 3000,
         *,
+        shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+        grace: float = 30.0,
         task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled. ``task_status.started`` receives a :class:`ServeInfo`."""
+        cfg = hypercorn_config(host, port)
+        cfg.graceful_timeout = grace
+        done = trio.Event()
+
+        async def server(task_status: trio.TaskStatus[Sequence[str]]) -> None:
+            app: Any = self  # hypercorn's app type is narrower than our raw ASGI typing
+            try:
+                await hypercorn_serve(
+                    app, cfg, shutdown_trigger=shutdown_trigger, task_status=task_status
+                )
+            finally:
+                done.set()
+
         async with self.running():
-            binds: Sequence[str] = await self.nursery.start(
-                hypercorn_serve,
-                self,
-                hypercorn_config(host, port),
-            )
+            binds: Sequence[str] = await self.nursery.start(server)
             url = binds[0] if binds else f"http://{host}:{port}"
             log.info("onwards-trio listening on %s", url)
             task_status.started(ServeInfo(url=url))
-            await trio.sleep_forever()
+            await done.wait()
 
     # -- ASGI -----------------------------------------------------------------------------
 
@@ -158,7 +171,7 @@ class Gateway:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await serve_lifespan(receive, send)
         else:  # websockets are not ours; hypercorn-trio needs an exception, not a return
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
 
@@ -166,29 +179,30 @@ class Gateway:
         started = time.perf_counter()
         path: str = scope["path"]
         method: str = scope["method"]
+        # metrics (pending, in flight, bytes, time to first byte) and the access line
+        exchange = begin_exchange(self.metrics, method, path, started, send)
         status = 500
         try:
             if path in _MODELS_PATHS and method in ("GET", "HEAD"):
-                status = await self._models(scope, send)
-            # SEAM: strict
+                status = await self._models(scope, exchange)
             elif self.targets.table.strict_mode and not path.startswith("/v1/responses/"):
-                from ._strict import handle_strict  # SEAM: strict (typed routes only)
-
+                # typed routes only; POST /v1/responses goes to the adapter first
                 status = await handle_strict(
-                    self, scope, receive, send, responses=self.responses.create
+                    self, scope, receive, exchange, responses=self.responses.create
                 )
-            # SEAM: responses
             elif path == "/v1/responses" or path.startswith("/v1/responses/"):
-                status = await self.responses.handle(scope, receive, send)
+                status = await self.responses.handle(scope, receive, exchange)
             else:
-                status = await self._proxy_http(scope, receive, send)
+                status = await self._proxy_http(scope, receive, exchange)
+        except Exception:
+            # A bug must still end as a JSON error, never a traceback or a hung client.
+            log.exception("unhandled error in %s %s", method, endpoint_label(path))
+            if current_status() is not None:
+                raise  # the head is out: let the server abort the connection
+            status = 500
+            await send_error(exchange, errors.internal_error())
         finally:
-            elapsed = time.perf_counter() - started
-            # SEAM: metrics (request count / duration by method, status, endpoint)
-            # SEAM: logging (one line per request)
-            from ._logging import finish_exchange
-
-            finish_exchange(self.metrics, method, path, status, elapsed)
+            finish_exchange(self.metrics, method, path, status, time.perf_counter() - started)
 
     async def _models(self, scope: Scope, send: Send) -> int:
         token = bearer_token(scope["headers"])
@@ -218,6 +232,7 @@ class Gateway:
     async def _proxy_http(self, scope: Scope, receive: Receive, send: Send) -> int:
         try:
             request = await self.read_request(scope, receive)
+            note_request(request)
         except HTTPError as exc:
             await send_error(send, exc)
             return exc.status
@@ -266,13 +281,3 @@ async def _send_reply(reply: UpstreamReply, send: Send) -> None:
         # SPEC §2.5: a stream the upstream breaks ends with an error event the client can see.
         await send({"type": "http.response.body", "body": _STREAM_BROKEN, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

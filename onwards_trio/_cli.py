@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -15,6 +14,9 @@ from ._app import Gateway, hypercorn_config
 from ._config import Config, load_config
 from ._demo import demo_config, demo_upstream
 from ._errors import ConfigError
+from ._logging import configure_logging, protect
+from ._metrics import Metrics, install_metrics, serve_metrics
+from ._reload import ConfigWatcher, GracefulShutdown, config_secrets, reload_on_sighup
 
 __all__ = ["main"]
 
@@ -36,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-watch", action="store_true", help="do not hot-reload the config file")
     p.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
     p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish after SIGTERM (default 30)",
+    )
+    p.add_argument(
         "--log-level",
         default=None,
         help="log level (debug, info, warning, error); default from ONWARDS_LOG or info",
@@ -45,9 +53,10 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
-        # Ctrl-C / SIGTERM end the process cleanly: cancel everything, no traceback.
-        # SEAM: shutdown (graceful drain before cancel)
-        nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+        # The first SIGTERM/Ctrl-C drains (stop accepting, let requests finish for the grace
+        # period), the second stops at once; either way the process exits with no traceback.
+        shutdown = GracefulShutdown(grace=args.shutdown_grace)
+        await nursery.start(shutdown.watch_signals, nursery.cancel_scope)
         if args.command == "demo":
             upstream = await nursery.start(
                 hypercorn_serve,
@@ -60,27 +69,18 @@ async def _run(args: argparse.Namespace) -> None:
             config = load_config(args.config)
         for warning in config.warnings:
             log.warning("config: %s", warning)
+        protect(config_secrets(config))
         gateway = Gateway(config)
-        # SEAM: metrics (start the metrics listener unless --no-metrics)
+        host = args.host or ("127.0.0.1" if args.command == "demo" else "0.0.0.0")
         if not args.no_metrics:
-            from ._metrics import Metrics, install_metrics, serve_metrics
-
             metrics = install_metrics(gateway, Metrics(args.metrics_prefix))
-            metrics_host = args.host or ("127.0.0.1" if args.command == "demo" else "0.0.0.0")
             try:
-                metrics_url = await nursery.start(
-                    serve_metrics, metrics, metrics_host, args.metrics_port
-                )
+                metrics_url = await nursery.start(serve_metrics, metrics, host, args.metrics_port)
                 log.info("metrics on %s/metrics", metrics_url)
             except OSError as exc:
                 if args.command != "demo":
                     raise
                 log.warning("demo: no metrics listener (%s)", exc.strerror or exc)
-        # SEAM: reload (start the config watcher unless --no-watch or demo)
-        from ._logging import protect
-        from ._reload import ConfigWatcher, config_secrets, reload_on_sighup
-
-        protect(config_secrets(config))
         if args.command != "demo":
             watcher = ConfigWatcher(
                 args.config, gateway.update_config, current=config, metrics=gateway.metrics
@@ -88,8 +88,7 @@ async def _run(args: argparse.Namespace) -> None:
             await nursery.start(reload_on_sighup, watcher)
             if not args.no_watch:
                 await nursery.start(watcher.run)
-        host = args.host or ("127.0.0.1" if args.command == "demo" else "0.0.0.0")
-        info = await nursery.start(gateway.serve, host, args.port)
+        info = await nursery.start(shutdown.serve, gateway.serve, host, args.port)
         if args.command == "demo":
             print(
                 f"onwards-trio demo ready: try\n"
@@ -99,34 +98,16 @@ async def _run(args: argparse.Namespace) -> None:
             )
 
 
-async def _cancel_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s, shutting down", signal.Signals(signum).name)
-            scope.cancel()
-            return
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    # SEAM: logging (structured logging setup from --log-level / ONWARDS_LOG)
-    from ._logging import configure_logging
-    from ._metrics import Metrics
-
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         configure_logging(args.log_level)
         Metrics(args.metrics_prefix)  # a bad prefix is a usage error, not a crash later
     except ValueError as exc:
-        _parser().error(str(exc))
-    level = logging.getLogger("onwards_trio").level
-    args.log_level = logging.getLevelName(min(level, logging.CRITICAL))
-    logging.basicConfig(
-        level=(args.log_level or "info").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+        parser.error(str(exc))
     if args.command == "serve" and not args.config:
-        _parser().error("-f/--targets CONFIG is required (or run `onwards-trio demo`)")
+        parser.error("-f/--targets CONFIG is required (or run `onwards-trio demo`)")
     try:
         trio.run(_run, args)
     except (Exception, KeyboardInterrupt) as exc:

@@ -51,6 +51,7 @@ __all__ = [
     "begin_exchange",
     "collect_secrets",
     "configure_logging",
+    "current_status",
     "finish_exchange",
     "log_request",
     "note_request",
@@ -487,6 +488,12 @@ def note_request(request: Any) -> None:
     exchange = _exchange.get()
     if exchange is not None:
         exchange.request = request
+
+
+def current_status() -> int | None:
+    """The status already sent for the current request (``None``: no response head yet)."""
+    exchange = _exchange.get()
+    return exchange.sent_status if exchange is not None else None
 
 
 def finish_exchange(

@@ -240,24 +240,33 @@ class Proxy:
 
     def _admit(self, table: Table, pool: Pool, token: str | None, stack: AsyncExitStack) -> None:
         """Pool then key rate limits, then pool then key concurrency permits."""
+        m = self.metrics
         if pool.rate is not None:
             wait = pool.rate.try_acquire()
             if wait is not None:
+                if m is not None:
+                    m.rejected(pool.alias, "rate", "pool")
                 raise errors.rate_limited(wait)
         key_rate = table.key_rate.get(token) if token is not None else None
         if key_rate is not None:
             wait = key_rate.try_acquire()
             if wait is not None:
+                if m is not None:
+                    m.rejected(pool.alias, "rate", "key")
                 raise errors.rate_limited(wait)
         if pool.concurrency is not None:
             permit = pool.concurrency.try_acquire()
             if permit is None:
+                if m is not None:
+                    m.rejected(pool.alias, "concurrency", "pool")
                 raise errors.concurrency_limited()
             stack.callback(permit.release)
         key_conc = table.key_concurrency.get(token) if token is not None else None
         if key_conc is not None:
             permit = key_conc.try_acquire()
             if permit is None:
+                if m is not None:
+                    m.rejected(pool.alias, "concurrency", "key")
                 raise errors.concurrency_limited()
             stack.callback(permit.release)
 
@@ -354,6 +363,8 @@ class Proxy:
             return UpstreamReply(status, headers, _Body(body, None), request, alias, pool, provider)
         if last_error is not None:
             raise last_error
+        if self.metrics is not None:
+            self.metrics.rejected(alias, "concurrency", "provider")
         raise errors.concurrency_limited()  # no provider could even be tried
 
     async def _attempt(
@@ -372,16 +383,27 @@ class Proxy:
             if provider.rate is not None:
                 wait = provider.rate.try_acquire()
                 if wait is not None:
+                    if self.metrics is not None:
+                        self.metrics.rejected(alias, "rate", "provider")
                     err = errors.rate_limited(wait)
                     if fallback is not None and fallback.on_rate_limit:
                         return err
                     raise err
+            m = self.metrics
+            t0 = trio.current_time()
             try:
                 response = await self._send(request, provider)
             except trio.TooSlowError:
+                if m is not None:
+                    m.upstream_failure(alias, provider.index, "timeout")
                 return errors.gateway_timeout()
             except _UPSTREAM_ERRORS:
+                if m is not None:
+                    m.upstream_failure(alias, provider.index, "error")
                 return errors.bad_gateway()
+            if m is not None:
+                elapsed = trio.current_time() - t0
+                m.upstream_response(alias, provider.index, response.status, elapsed)
             try:
                 headers = self._response_headers(response, provider)
                 if fallback is not None and status_matches(fallback.on_status, response.status):
