@@ -435,3 +435,36 @@ async def test_gateway_serves_inside_a_callers_nursery_and_stops_with_it() -> No
             async with httpx.AsyncClient(base_url=url) as client:
                 await client.post(CHAT, json=body("m"))
         outer.cancel_scope.cancel()
+
+
+async def test_a_bug_in_a_handler_answers_json_500_not_a_traceback(nursery: trio.Nursery) -> None:
+    gateway, url = await start_gateway(nursery, {"targets": {"m": {"url": "http://127.0.0.1:9"}}})
+
+    async def broken(*args: Any) -> int:
+        raise RuntimeError("boom")
+
+    gateway.responses.handle = broken  # type: ignore[method-assign,assignment]
+    async with httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/v1/responses/resp_x")
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "internal_error"
+    assert "boom" not in r.text
+
+
+async def test_a_failing_response_filter_answers_json_500(nursery: trio.Nursery) -> None:
+    up = FakeUpstream()
+    gateway, url = await start_gateway(
+        nursery, {"targets": {"m": {"url": await serve_app(nursery, up)}}}
+    )
+
+    def factory(ctx: Any) -> Any:
+        async def explode(reply: Any) -> Any:
+            raise ValueError("filter bug")
+
+        return explode
+
+    gateway.proxy.filters.insert(0, factory)
+    async with httpx.AsyncClient(base_url=url) as client:
+        r = await client.post(CHAT, json=body("m"))
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "internal_error"
