@@ -38,7 +38,7 @@ from ._config import Config
 from ._errors import HTTPError
 from ._logging import begin_exchange, current_status, finish_exchange, note_request
 from ._metrics import endpoint_label
-from ._proxy import Proxy, ProxyRequest, UpstreamReply, parse_json_body
+from ._proxy import Proxy, ProxyModelTransport, ProxyRequest, UpstreamReply, parse_json_body
 from ._responses_api import ResponsesService
 from ._strict import handle_strict, response_filter
 from ._targets import Targets
@@ -112,6 +112,13 @@ class Gateway:
         if self._nursery is None:
             raise RuntimeError("the gateway is not running; use `async with gateway.running()`")
         return self._nursery
+
+    def model_transport(self, api_key: str | None = None) -> ProxyModelTransport:
+        """A :class:`ModelTransport` for :func:`run_response_loop` through this gateway: each
+        model call is routed by its payload's ``model`` with the full pipeline (auth with
+        ``api_key``, limits, balancing, failover, upstream auth, filters)."""
+        headers = [(b"authorization", b"Bearer " + api_key.encode())] if api_key else []
+        return ProxyModelTransport(self.proxy, headers)
 
     def update_config(self, config: Config) -> None:
         """Swap in a new config (whole table, atomically); in-flight requests are unaffected."""

@@ -242,16 +242,16 @@ def _make_converter() -> cattrs.Converter:
         def hook(value: Any, _t: Any) -> Any:
             if tp is float:
                 if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError(f"expected a number, got {_json_type(value)}")
+                    raise ValueError(f"expected a number, got {json_type_name(value)}")
                 return float(value)
             if tp is int:
                 if isinstance(value, bool) or not isinstance(value, int):
                     if isinstance(value, float) and value.is_integer():
                         return int(value)
-                    raise ValueError(f"expected an integer, got {_json_type(value)}")
+                    raise ValueError(f"expected an integer, got {json_type_name(value)}")
                 return value
             if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-                raise ValueError(f"expected {name}, got {_json_type(value)}")
+                raise ValueError(f"expected {name}, got {json_type_name(value)}")
             return value
 
         return hook
@@ -271,7 +271,7 @@ def _make_converter() -> cattrs.Converter:
 
         def hook(value: Any, t: Any) -> Any:
             if not isinstance(value, list):  # a string is iterable, but not a list of keys
-                raise ValueError(f"expected an array, got {_json_type(value)}")
+                raise ValueError(f"expected an array, got {json_type_name(value)}")
             return inner(value, t)
 
         return hook
@@ -283,7 +283,8 @@ def _make_converter() -> cattrs.Converter:
     return conv
 
 
-def _json_type(value: Any) -> str:
+def json_type_name(value: Any) -> str:
+    """How an error message names a JSON value's type ("a string", "an array", ...)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -423,7 +424,7 @@ def _target_to_pool(alias: str, raw: Any, warnings: list[str]) -> PoolSpec:
             sanitize_response=single.sanitize_response,
             trusted=bool(single.trusted),
         )
-    raise ConfigError([f"expected an object or an array, got {_json_type(raw)} @ {path}"])
+    raise ConfigError([f"expected an object or an array, got {json_type_name(raw)} @ {path}"])
 
 
 def _provider_of(single: _SingleTarget, keep_trust: bool = True) -> ProviderSpec:
@@ -443,14 +444,14 @@ def parse_config(data: bytes | str | Mapping[str, Any]) -> Config:
     else:
         raw = data
     if not isinstance(raw, Mapping):
-        raise ConfigError([f"expected an object, got {_json_type(raw)} @ $"])
+        raise ConfigError([f"expected an object, got {json_type_name(raw)} @ $"])
     warnings: list[str] = []
     targets_raw = raw.get("targets")
     if not isinstance(targets_raw, Mapping):
         raise ConfigError(
             ["required field missing @ $.targets"]
             if targets_raw is None
-            else [f"expected an object, got {_json_type(targets_raw)} @ $.targets"]
+            else [f"expected an object, got {json_type_name(targets_raw)} @ $.targets"]
         )
     problems: list[str] = []
     targets: dict[str, PoolSpec] = {}

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from ._config import json_type_name
 from ._errors import HTTPError, invalid_request
 
 __all__ = [
@@ -102,28 +103,12 @@ def _bad(message: str, param: str) -> HTTPError:
     return invalid_request(message, param)
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
 def _opt_str(body: dict[str, Any], key: str) -> str | None:
     value = body.get(key)
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _bad(f"'{key}' must be a string, got {_type_name(value)}.", key)
+        raise _bad(f"'{key}' must be a string, got {json_type_name(value)}.", key)
     return value
 
 
@@ -132,7 +117,7 @@ def _opt_bool(body: dict[str, Any], key: str) -> bool | None:
     if value is None:
         return None
     if not isinstance(value, bool):
-        raise _bad(f"'{key}' must be a boolean, got {_type_name(value)}.", key)
+        raise _bad(f"'{key}' must be a boolean, got {json_type_name(value)}.", key)
     return value
 
 
@@ -141,7 +126,7 @@ def _opt_number(body: dict[str, Any], key: str, lo: float, hi: float) -> float |
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad(f"'{key}' must be a number, got {_type_name(value)}.", key)
+        raise _bad(f"'{key}' must be a number, got {json_type_name(value)}.", key)
     if not lo <= value <= hi:
         raise _bad(f"'{key}' must be between {lo:g} and {hi:g}, got {value}.", key)
     return float(value)
@@ -161,7 +146,7 @@ def _opt_object(body: dict[str, Any], key: str) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise _bad(f"'{key}' must be an object, got {_type_name(value)}.", key)
+        raise _bad(f"'{key}' must be an object, got {json_type_name(value)}.", key)
     return value
 
 
@@ -170,7 +155,7 @@ def _opt_object(body: dict[str, Any], key: str) -> dict[str, Any] | None:
 
 def _normalize_part(part: Any, role: str, where: str) -> dict[str, Any]:
     if not isinstance(part, dict):
-        raise _bad(f"'{where}' must be an object, got {_type_name(part)}.", where)
+        raise _bad(f"'{where}' must be an object, got {json_type_name(part)}.", where)
     kind = part.get("type")
     if kind not in _PART_TYPES:
         raise _bad(
@@ -225,7 +210,7 @@ def _normalize_message(item: dict[str, Any], where: str) -> dict[str, Any]:
     else:
         raise _bad(
             f"'{where}.content' must be a string or an array of content parts, "
-            f"got {_type_name(content)}.",
+            f"got {json_type_name(content)}.",
             f"{where}.content",
         )
     out = {**item, "type": "message", "role": role, "content": parts}
@@ -234,7 +219,7 @@ def _normalize_message(item: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _normalize_item(item: Any, where: str) -> dict[str, Any]:
     if not isinstance(item, dict):
-        raise _bad(f"'{where}' must be an object, got {_type_name(item)}.", where)
+        raise _bad(f"'{where}' must be an object, got {json_type_name(item)}.", where)
     kind = item.get("type", "message")  # SPEC fix §5.3.17: no type means a message
     if not isinstance(kind, str):
         raise _bad(f"'{where}.type' must be a string.", f"{where}.type")
@@ -275,7 +260,7 @@ def normalize_input(value: Any, param: str = "input") -> list[dict[str, Any]]:
         ]
     if not isinstance(value, list):
         raise _bad(
-            f"'{param}' must be a string or an array of items, got {_type_name(value)}.", param
+            f"'{param}' must be a string or an array of items, got {json_type_name(value)}.", param
         )
     return [_normalize_item(item, f"{param}[{i}]") for i, item in enumerate(value)]
 
@@ -314,13 +299,13 @@ def _parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]
     if tools is None:
         return [], []
     if not isinstance(tools, list):
-        raise _bad(f"'tools' must be an array, got {_type_name(tools)}.", "tools")
+        raise _bad(f"'tools' must be an array, got {json_type_name(tools)}.", "tools")
     client: list[dict[str, Any]] = []
     hosted: list[str] = []
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         if not isinstance(tool, dict):
-            raise _bad(f"'{where}' must be an object, got {_type_name(tool)}.", where)
+            raise _bad(f"'{where}' must be an object, got {json_type_name(tool)}.", where)
         kind = tool.get("type")
         if not isinstance(kind, str):
             raise _bad(f"'{where}.type' must be a string.", f"{where}.type")
@@ -434,7 +419,7 @@ def _parse_tool_choice(body: dict[str, Any]) -> Any:
             raise _bad("'tool_choice.type' must be a string.", "tool_choice.type")
         return choice
     raise _bad(
-        f"'tool_choice' must be a string or an object, got {_type_name(choice)}.", "tool_choice"
+        f"'tool_choice' must be a string or an object, got {json_type_name(choice)}.", "tool_choice"
     )
 
 
@@ -514,7 +499,7 @@ def parse_request(body: Any) -> ResponsesRequest:
         raise _bad(f"'truncation' must be 'auto' or 'disabled', got {truncation!r}.", "truncation")
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
-        raise _bad(f"'reasoning' must be an object, got {_type_name(reasoning)}.", "reasoning")
+        raise _bad(f"'reasoning' must be an object, got {json_type_name(reasoning)}.", "reasoning")
     store = _opt_bool(body, "store")
     background = bool(_opt_bool(body, "background"))
     if background and store is False:

@@ -13,7 +13,7 @@
   number), so ``GET /v1/responses/{id}?stream=true&starting_after=N`` can resume.
 
 Two implementations: :class:`MemoryResponseStore` (tests, single process) and
-:class:`SQLiteResponseStore` (the embedded default: one file, WAL, its own tables, so it may
+:class:`SqliteResponseStore` (the embedded default: one file, WAL, its own tables, so it may
 share the file with the loop's step store). SQLite calls are blocking, so they run in
 ``trio.to_thread.run_sync`` on one connection serialised by a dedicated ``CapacityLimiter(1)``.
 """
@@ -34,7 +34,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "MemoryResponseStore",
     "ResponseStore",
-    "SQLiteResponseStore",
+    "SqliteResponseStore",
     "StoredEvent",
     "StoredResponse",
     "can_transition",
@@ -206,7 +206,7 @@ CREATE TABLE IF NOT EXISTS oresp_events (
 """
 
 
-class SQLiteResponseStore:
+class SqliteResponseStore:
     """The embedded default: one SQLite file (WAL), schema created on first use.
 
     One connection, opened lazily in a worker thread; every call goes through

@@ -32,8 +32,7 @@ import re
 import secrets
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -46,7 +45,6 @@ from ._auth import bearer_token
 from ._errors import HTTPError, error_body
 from ._events import LoopEvent, LoopEventKind
 from ._loop import DisconnectPolicy, LoopConfig, LoopError, run_response_loop
-from ._model import ModelResponse
 from ._oresp_input import (
     ResponsesRequest,
     assign_item_ids,
@@ -55,12 +53,12 @@ from ._oresp_input import (
     to_chat_request,
     tool_schema_to_chat,
 )
-from ._proxy import ProxyRequest, extract_model
+from ._proxy import MODEL_CALL_DROP, ProxyModelTransport, ProxyRequest, extract_model
 from ._response_store import (
     TERMINAL_STATUSES,
     MemoryResponseStore,
     ResponseStore,
-    SQLiteResponseStore,
+    SqliteResponseStore,
     StoredEvent,
     StoredResponse,
 )
@@ -85,9 +83,6 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 # Headers of the client request that must not reach a model call (the transport sets its own).
-_MODEL_CALL_DROP = frozenset(
-    {b"content-length", b"content-type", b"accept", b"accept-encoding", b"model-override"}
-)
 _FLUSH_EVERY = 32  # background event-log batch size
 _FLUSH_INTERVAL = 0.2  # … or at most this old (seconds)
 _POLL_INTERVAL = 0.25  # following a response another process runs
@@ -166,54 +161,6 @@ def _stored_event(event: LoopEvent) -> StoredEvent:
 
 
 # -- model transport ----------------------------------------------------------------------------
-
-
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    yield body
-
-
-class _ProxyTransport:
-    """A :class:`ModelTransport` through the gateway's proxy pipeline, as the client.
-
-    The payload's ``model`` picks the alias (so a sub-agent on another alias is routed there);
-    the client's headers go along, so its key is checked and forwarded exactly as for a proxied
-    ``/v1/chat/completions``. A gateway error (limits, auth, no upstream) becomes a reply with
-    that status and error body, which the loop records as a failed model step. The first
-    non-2xx reply is remembered so a non-streaming caller can be answered with it.
-    """
-
-    def __init__(self, gateway: Gateway, headers: Sequence[tuple[bytes, bytes]]) -> None:
-        self.gateway = gateway
-        self.headers = [(k, v) for k, v in headers if k not in _MODEL_CALL_DROP]
-        self.first_error: tuple[int, bytes] | None = None
-
-    @asynccontextmanager
-    async def open(self, payload: bytes, *, stream: bool) -> AsyncIterator[ModelResponse]:
-        accept = b"text/event-stream" if stream else b"application/json"
-        request = ProxyRequest(
-            method=b"POST",
-            raw_path=b"/v1/chat/completions",
-            query=b"",
-            headers=[*self.headers, (b"content-type", b"application/json"), (b"accept", accept)],
-            body=payload,
-            json=orjson.loads(payload),
-        )
-        async with AsyncExitStack() as stack:
-            try:
-                reply = await stack.enter_async_context(self.gateway.proxy.open_upstream(request))
-            except HTTPError as exc:
-                if self.first_error is None:
-                    self.first_error = (exc.status, exc.body)
-                yield ModelResponse(
-                    exc.status, [(b"content-type", b"application/json")], _once(exc.body)
-                )
-                return
-            if not 200 <= reply.status < 300 and self.first_error is None:
-                body = b"".join([chunk async for chunk in reply.body])
-                self.first_error = (reply.status, body)
-                yield ModelResponse(reply.status, reply.headers, _once(body))
-                return
-            yield ModelResponse(reply.status, reply.headers, reply.body)
 
 
 # -- tools for one request ----------------------------------------------------------------------
@@ -382,7 +329,7 @@ class _Job:
     chat: dict[str, Any]
     ctx: RequestContext
     tools: _RequestTools
-    transport: _ProxyTransport
+    transport: ProxyModelTransport
     steps: MultiStepStore
     stored: bool
 
@@ -442,7 +389,7 @@ class ResponsesService:
                 self.response_store = self.response_store or MemoryResponseStore()
                 self.step_store = self.step_store or MemoryStore()
             else:
-                self.response_store = self.response_store or SQLiteResponseStore(spec.path)
+                self.response_store = self.response_store or SqliteResponseStore(spec.path)
                 self.step_store = self.step_store or SqliteStore(spec.path)
         return self.response_store, self.step_store
 
@@ -564,7 +511,7 @@ class ResponsesService:
         )
         response_id = f"resp_{secrets.token_hex(24)}"
         base = response_object(req, response_id, _now())
-        headers = [(k, v) for k, v in request.headers if k not in _MODEL_CALL_DROP]
+        headers = [(k, v) for k, v in request.headers if k not in MODEL_CALL_DROP]
         job = _Job(
             response_id=response_id,
             request=req,
@@ -572,7 +519,7 @@ class ResponsesService:
             chat=chat,
             ctx=ctx,
             tools=_RequestTools(self, offered, headers),
-            transport=_ProxyTransport(self.gateway, headers),
+            transport=ProxyModelTransport(self.gateway.proxy, headers),
             steps=step_store if req.store else MemoryStore(),
             stored=req.store,
         )
@@ -888,7 +835,7 @@ class ResponsesService:
         _, step_store = self._stores()
         sub_id = f"agent_{secrets.token_hex(16)}"
         await step_store.begin_response(sub_id, chat)
-        transport = _ProxyTransport(self.gateway, headers)
+        transport = ProxyModelTransport(self.gateway.proxy, headers)
         try:
             payload = await run_response_loop(
                 step_store,

@@ -12,7 +12,7 @@ import trio
 from onwards_trio._response_store import (
     MemoryResponseStore,
     ResponseStore,
-    SQLiteResponseStore,
+    SqliteResponseStore,
     StoredEvent,
     StoredResponse,
     can_transition,
@@ -25,7 +25,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     if request.param == "memory":
         s = MemoryResponseStore()
     else:
-        s = SQLiteResponseStore(str(tmp_path / "r.sqlite3"))
+        s = SqliteResponseStore(str(tmp_path / "r.sqlite3"))
     try:
         yield s
     finally:
@@ -134,11 +134,11 @@ def test_transition_table() -> None:
 
 async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "r.sqlite3")
-    first = SQLiteResponseStore(path)
+    first = SqliteResponseStore(path)
     await first.create(record())
     await first.append_events("resp_1", [StoredEvent(0, "response.created", b"{}")])
     await first.aclose()
-    second = SQLiteResponseStore(path)
+    second = SqliteResponseStore(path)
     try:
         assert (await second.get("resp_1")) is not None
         assert len(await second.events_after("resp_1", -1)) == 1
@@ -147,7 +147,7 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
 
 
 async def test_sqlite_concurrent_writers_serialise(tmp_path: Path) -> None:
-    s = SQLiteResponseStore(str(tmp_path / "r.sqlite3"))
+    s = SqliteResponseStore(str(tmp_path / "r.sqlite3"))
     try:
         async with trio.open_nursery() as nursery:
             for i in range(20):

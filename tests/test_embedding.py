@@ -1,0 +1,80 @@
+"""Embedding the library in a Trio application, through the public names only."""
+
+from __future__ import annotations
+
+import trio
+
+import onwards_trio as ot
+from tests.support import FakeUpstream, Reply, chat_completion, serve_app, start_gateway
+
+
+def test_every_public_name_is_exported() -> None:
+    for name in ot.__all__:
+        assert getattr(ot, name) is not None, name
+    assert {"Gateway", "run_response_loop", "ChannelSink", "MemoryStore", "SqliteStore"} <= set(
+        ot.__all__
+    )
+
+
+async def test_a_loop_runs_its_model_calls_through_the_gateway_pipeline(
+    nursery: trio.Nursery,
+) -> None:
+    up = FakeUpstream(Reply(body=chat_completion("from the pool", model="real")))
+    gateway, _ = await start_gateway(
+        nursery,
+        {
+            "targets": {
+                "assistant": {
+                    "url": await serve_app(nursery, up),
+                    "onwards_key": "sk-upstream",
+                    "onwards_model": "real",
+                    "keys": ["sk-client"],
+                }
+            }
+        },
+    )
+    store = ot.MemoryStore()
+    await store.begin_response(
+        "r1", {"model": "assistant", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    send, receive = trio.open_memory_channel[ot.LoopEvent](64)
+    result = await ot.run_response_loop(
+        store,
+        ot.NoOpToolExecutor(),
+        ot.RequestContext(model="assistant"),
+        gateway.model_transport(api_key="sk-client"),
+        request_id="r1",
+        sink=ot.ChannelSink(send),
+    )
+    send.close()
+    kinds = [event.kind async for event in receive]
+    # routed by alias with upstream auth and model rewrite, like any proxied request
+    assert up.requests[0].headers["authorization"] == "Bearer sk-upstream"
+    assert up.requests[0].json()["model"] == "real"
+    assert kinds[0] == ot.LoopEventKind.CREATED
+    assert kinds[-1] == ot.LoopEventKind.COMPLETED
+    assert "from the pool" in str(result)
+    steps = await store.list_chain("r1", None)
+    assert [s.state for s in steps] == [ot.StepState.COMPLETED]
+
+
+async def test_a_loop_without_the_key_fails_at_the_gateway_auth(nursery: trio.Nursery) -> None:
+    up = FakeUpstream()
+    gateway, _ = await start_gateway(
+        nursery, {"targets": {"a": {"url": await serve_app(nursery, up), "keys": ["k"]}}}
+    )
+    store = ot.MemoryStore()
+    await store.begin_response("r2", {"model": "a", "messages": [{"role": "user", "content": "x"}]})
+    try:
+        await ot.run_response_loop(
+            store,
+            ot.NoOpToolExecutor(),
+            ot.RequestContext(model="a"),
+            gateway.model_transport(),
+            request_id="r2",
+        )
+    except ot.LoopError:
+        pass
+    steps = await store.list_chain("r2", None)
+    assert steps and steps[0].state == ot.StepState.FAILED
+    assert up.requests == []
