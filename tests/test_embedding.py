@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 import onwards_trio as ot
@@ -65,7 +66,7 @@ async def test_a_loop_without_the_key_fails_at_the_gateway_auth(nursery: trio.Nu
     )
     store = ot.MemoryStore()
     await store.begin_response("r2", {"model": "a", "messages": [{"role": "user", "content": "x"}]})
-    try:
+    with pytest.raises(ot.LoopError):
         await ot.run_response_loop(
             store,
             ot.NoOpToolExecutor(),
@@ -73,8 +74,6 @@ async def test_a_loop_without_the_key_fails_at_the_gateway_auth(nursery: trio.Nu
             gateway.model_transport(),
             request_id="r2",
         )
-    except ot.LoopError:
-        pass
     steps = await store.list_chain("r2", None)
     assert steps and steps[0].state == ot.StepState.FAILED
     assert up.requests == []
