@@ -63,7 +63,7 @@ from ._response_store import (
     StoredResponse,
 )
 from ._sse import encode_event
-from ._steps import MultiStepStore
+from ._steps import MultiStepStore, StepKind
 from ._store_memory import MemoryStore
 from ._store_sqlite import SqliteStore
 from ._tools import RequestContext, ToolError, ToolKind, ToolSchema
@@ -559,13 +559,30 @@ class ResponsesService:
             sink.crashed = True
         finally:
             final = sink.final_response()
-            if job.stored:
-                with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
+            with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
+                if job.stored:
                     try:
                         await self._stores()[0].update(job.response_id, final)
                     except Exception:
                         log.exception("response %s: could not store its outcome", job.response_id)
+                await self._count_steps(job)
         return final
+
+    async def _count_steps(self, job: _Job) -> None:
+        """Loop steps and tool calls by outcome, for the metrics (one chain read, only when
+        metrics are on)."""
+        metrics = self.gateway.metrics
+        if metrics is None:
+            return
+        alias = job.ctx.model or "unknown"
+        try:
+            steps = await job.steps.list_chain(job.response_id, None)
+        except Exception:
+            return
+        for step in steps:
+            metrics.loop_step(alias, step.kind.value, step.state.value)
+            if step.kind == StepKind.TOOL_CALL:
+                metrics.tool_call(alias, step.state.value)
 
     async def _answer_foreground(self, job: _Job, send: Send) -> int:
         final = await self._execute(job, _ResponseSink(job))

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import httpx
-import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from onwards_trio import _app, _proxy
+from onwards_trio import Gateway
 from onwards_trio._metrics import Metrics, install_metrics, serve_metrics
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
 
 CHAT = "/v1/chat/completions"
-_STARTED = "begin_exchange" in inspect.getsource(_app)  # pending gauge needs the start seam
-_UPSTREAM = "upstream_response" in inspect.getsource(_proxy)
 
 
 async def gateway(
@@ -161,7 +157,6 @@ async def test_config_reloads_appear_on_the_scrape(nursery: trio.Nursery) -> Non
     assert sample(scraped, "onwards_config_reloads_total", result="failed") == 1
 
 
-@pytest.mark.skipif(not _STARTED, reason="needs the request-start seam in Gateway._http")
 async def test_pending_and_inflight_gauges_while_a_stream_is_open(nursery: trio.Nursery) -> None:
     slow = FakeUpstream(
         Reply(
@@ -196,7 +191,6 @@ async def test_pending_and_inflight_gauges_while_a_stream_is_open(nursery: trio.
     assert sample(after, ttfb, alias="gpt-4", provider="0") == 1
 
 
-@pytest.mark.skipif(not _UPSTREAM, reason="needs the upstream metric calls in Proxy._attempt")
 async def test_upstream_requests_by_status_and_limit_rejections(nursery: trio.Nursery) -> None:
     up = FakeUpstream([Reply(body=chat_completion()), Reply(status=503, body=b"{}")])
     pool = {
@@ -215,3 +209,25 @@ async def test_upstream_requests_by_status_and_limit_rejections(nursery: trio.Nu
     assert sample(scraped, rejections, alias="gpt-4", limit="rate", scope="provider") == 1
     latency = "onwards_upstream_request_duration_seconds_count"
     assert sample(scraped, latency, alias="gpt-4", provider="0") == 2
+
+
+async def test_loop_steps_and_tool_calls_are_counted_by_outcome(
+    nursery: trio.Nursery, tmp_path: Any
+) -> None:
+    from onwards_trio._demo import demo_config, demo_upstream
+
+    upstream = await serve_app(nursery, demo_upstream(delay=0))
+    gw = Gateway(demo_config(upstream, store_path=str(tmp_path / "m.sqlite3")))
+    metrics = install_metrics(gw, Metrics())
+    info = await nursery.start(gw.serve, "127.0.0.1", 0)
+    async with httpx.AsyncClient(base_url=info.url, timeout=10) as client:
+        r = await client.post(
+            "/v1/responses", json={"model": "demo", "input": "What is the weather in Oslo?"}
+        )
+    assert r.status_code == 200 and r.json()["status"] == "completed"
+    steps = "onwards_loop_steps_total"
+    await settle(metrics, steps, {"alias": "demo", "kind": "model_call", "outcome": "completed"}, 2)
+    value = metrics.registry.get_sample_value
+    assert value(steps, {"alias": "demo", "kind": "model_call", "outcome": "completed"}) == 2
+    assert value(steps, {"alias": "demo", "kind": "tool_call", "outcome": "completed"}) == 1
+    assert value("onwards_tool_calls_total", {"alias": "demo", "outcome": "completed"}) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 from typing import Any
@@ -19,7 +18,6 @@ from onwards_trio._reload import GracefulShutdown
 from tests.support import FakeUpstream, Reply, serve_app, sse
 
 CHAT = "/v1/chat/completions"
-_SERVE_TAKES_TRIGGER = "shutdown_trigger" in inspect.signature(Gateway.serve).parameters
 
 
 def body(**extra: Any) -> dict[str, Any]:
@@ -195,7 +193,6 @@ async def test_stream_longer_than_the_grace_is_cut_and_releases_its_slot(
             await trio.sleep(0.01)  # the upstream call was cancelled too, not left running
 
 
-@pytest.mark.skipif(not _SERVE_TAKES_TRIGGER, reason="Gateway.serve has no shutdown_trigger yet")
 async def test_gateway_serve_drains_with_the_trigger(nursery: trio.Nursery) -> None:
     up = FakeUpstream(stream_reply(6, 0.05))
     gateway = Gateway(parse_config({"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}))

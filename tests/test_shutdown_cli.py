@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import signal
@@ -15,16 +14,9 @@ import orjson
 import pytest
 import trio
 
-from onwards_trio import _cli
 from tests.support import FakeUpstream, Reply, serve_app, sse
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        "GracefulShutdown" not in inspect.getsource(_cli),
-        reason="the CLI does not drain on SIGTERM yet (docs/operations.md, Wiring 4)",
-    ),
-]
+pytestmark = [pytest.mark.slow]
 
 
 async def _listening(proc: trio.Process, lines: list[str]) -> str:
