@@ -204,70 +204,103 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def start_gateway(
+    config: dict[str, object], port: int, extra: list[str]
+) -> subprocess.Popen[bytes]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(config, fh)
+    cmd = [sys.executable, "-m", "onwards_trio", "-f", fh.name, "--port", str(port)]
+    cmd += ["--host", "127.0.0.1", "--no-watch", "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd)
+    wait_port(port)
+    return proc
+
+
+def traffic_control(upstream: str) -> dict[str, object]:
+    """Auth (global and defined keys), key and pool limits, two weighted providers, fallback:
+    every check on the hot path is exercised, none of them refuses (limits are generous)."""
+    provider = {"url": upstream, "rate_limit": {"requests_per_second": 1e6, "burst_size": 10**6}}
+    return {
+        "auth": {
+            "global_keys": ["admin-key"],
+            "key_definitions": {
+                "bench": {
+                    "key": "bench-key",
+                    "rate_limit": {"requests_per_second": 1e6, "burst_size": 10**6},
+                    "concurrency_limit": {"max_concurrent_requests": 10_000},
+                    "labels": {"team": "bench"},
+                }
+            },
+        },
+        "targets": {
+            "bench": {
+                "keys": ["bench"],
+                "rate_limit": {"requests_per_second": 1e6, "burst_size": 10**6},
+                "concurrency_limit": {"max_concurrent_requests": 10_000},
+                "fallback": {"enabled": True, "on_status": [5]},
+                "routing_rules": [{"match_labels": {"team": "x"}, "action": {"type": "deny"}}],
+                "providers": [{**provider, "weight": 3}, {**provider, "weight": 1}],
+            }
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--config-extra", default="{}", help="JSON merged into the target")
     args = parser.parse_args()
 
-    up_port, gw_port = free_port(), free_port()
+    up_port = free_port()
+    upstream = f"http://127.0.0.1:{up_port}/v1"
     procs = [subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)])]
+    rows: list[tuple[str, dict[str, float], dict[str, float]]] = []
+    rss: dict[str, float] = {}
+
+    async def measure(label: str, port: int, scenarios: list[tuple[int, bool]]) -> None:
+        await load(port, 16, 1.0, False)  # warm-up (connections, caches)
+        for conc, stream in scenarios:
+            direct = await load(up_port, conc, args.seconds, stream)
+            via = await load(port, conc, args.seconds, stream)
+            kind = f"streaming ({SSE_EVENTS} events)" if stream else "non-streaming"
+            rows.append((f"{label}{kind} c={conc}", direct, via))
+
     try:
         wait_port(up_port)
-        target = {"url": f"http://127.0.0.1:{up_port}/v1", **json.loads(args.config_extra)}
-        cfg = {"targets": {"bench": target}}
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-            json.dump(cfg, fh)
-        gateway = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "onwards_trio",
-                "-f",
-                fh.name,
-                "--port",
-                str(gw_port),
-                "--host",
-                "127.0.0.1",
-                "--no-watch",
-                "--no-metrics",
-                "--log-level",
-                "warning",
-            ],
+        plain_port = free_port()
+        plain = start_gateway(
+            {"targets": {"bench": {"url": upstream}}}, plain_port, ["--no-metrics"]
         )
-        procs.append(gateway)
-        wait_port(gw_port)
+        procs.append(plain)
+        trio.run(measure, "", plain_port, [(1, False), (16, False), (64, False), (16, True)])
+        rss["plain"] = peak_rss_mb(plain.pid)
+        plain.terminate()
+        plain.wait(timeout=10)
 
-        async def run() -> None:
-            await load(gw_port, 16, 1.0, False)  # warm-up (connections, caches)
-            rows = []
-            for conc in (1, 16, 64):
-                direct = await load(up_port, conc, args.seconds, False)
-                via = await load(gw_port, conc, args.seconds, False)
-                rows.append((f"non-streaming c={conc}", direct, via))
-            direct = await load(up_port, 16, args.seconds, True)
-            via = await load(gw_port, 16, args.seconds, True)
-            rows.append((f"streaming ({SSE_EVENTS} events) c=16", direct, via))
-            print(
-                f"\nonwards_trio proxy benchmark ({os.cpu_count()} cores, "
-                f"{args.seconds:.0f}s per row)"
-            )
-            print(
-                f"{'scenario':34} {'gateway req/s':>14} {'direct req/s':>13} "
-                f"{'added p50 ms':>13} {'added p99 ms':>13} {'ttfb p50 ms':>12}"
-            )
-            for name, d, v in rows:
-                print(
-                    f"{name:34} {v['rps']:14.0f} {d['rps']:13.0f} "
-                    f"{v['p50_ms'] - d['p50_ms']:13.2f} {v['p99_ms'] - d['p99_ms']:13.2f} "
-                    f"{v['ttfb_p50_ms']:12.2f}"
-                )
-            print(f"gateway peak RSS: {peak_rss_mb(gateway.pid):.1f} MiB")
+        tc_port = free_port()
+        tc = start_gateway(traffic_control(upstream), tc_port, ["--metrics-port", str(free_port())])
+        procs.append(tc)
+        trio.run(measure, "auth+limits+LB+metrics, ", tc_port, [(1, False), (16, False)])
+        rss["traffic control"] = peak_rss_mb(tc.pid)
 
-        trio.run(run)
+        print(
+            f"\nonwards_trio proxy benchmark ({os.cpu_count()} cores, {args.seconds:.0f}s per row)"
+        )
+        print(
+            f"{'scenario':48} {'gateway req/s':>14} {'direct req/s':>13} "
+            f"{'added p50 ms':>13} {'added p99 ms':>13} {'ttfb p50 ms':>12}"
+        )
+        for name, d, v in rows:
+            print(
+                f"{name:48} {v['rps']:14.0f} {d['rps']:13.0f} "
+                f"{v['p50_ms'] - d['p50_ms']:13.2f} {v['p99_ms'] - d['p99_ms']:13.2f} "
+                f"{v['ttfb_p50_ms']:12.2f}"
+            )
+        for label, mb in rss.items():
+            print(f"gateway peak RSS ({label}): {mb:.1f} MiB")
     finally:
         for p in procs:
-            p.terminate()
+            if p.poll() is None:
+                p.terminate()
         for p in procs:
             p.wait(timeout=10)
 
