@@ -217,11 +217,12 @@ class _Emitter:
     async def _send(self, kind: LoopEventKind, data: Mapping[str, Any]) -> None:
         if self.terminal_sent:
             return
-        event = LoopEvent(self.sequence, kind, data)
+        # A send cancelled part-way delivered nothing, so its number is not used up: the
+        # sequence only moves once the sink has taken the event (no gaps, no repeats).
+        await self.sink.emit(LoopEvent(self.sequence, kind, data))
         self.sequence += 1
         if kind.is_terminal:
             self.terminal_sent = True
-        await self.sink.emit(event)
 
     async def emit(self, kind: LoopEventKind, data: Mapping[str, Any]) -> None:
         await self._acquire()
@@ -371,30 +372,29 @@ class _Run:
                     self.store.finish_response(self.request_id, ResponseStatus(status), snap)
                 )
         except LoopError as e:
-            await self._clean_up(False)
+            snap = self._snapshot(base, "failed")
+            snap["error"] = e.error_object()
+            await self._clean_up(False, (ResponseStatus.FAILED, snap))
             if self.top:
-                snap = self._snapshot(base, "failed")
-                snap["error"] = e.error_object()
-                try:
-                    await self._s(
-                        self.store.finish_response(self.request_id, ResponseStatus.FAILED, snap)
-                    )
-                except LoopError:
-                    log.warning("could not finish response %s", self.request_id, exc_info=True)
                 await self._emit(LoopEventKind.FAILED, {"response": snap})
             raise
         except BaseException as e:
-            await self._clean_up(_all_cancelled(e))
+            if _all_cancelled(e):
+                await self._clean_up(True, (ResponseStatus.CANCELLED, None))
+            else:
+                snap = self._snapshot(base, "failed")
+                snap["error"] = {"code": "server_error", "message": "the response loop crashed"}
+                await self._clean_up(False, (ResponseStatus.FAILED, snap))
             raise
         if self.top:
             await self._emit(_TERMINAL_EVENT[status], {"response": snap})
         return payload
 
-    async def _clean_up(self, cancelled: bool) -> None:
-        """Shielded, bounded: every open step ends ``canceled``; a top-level cancelled
-        response is written ``cancelled``. Store failures here are logged, not raised: the
-        loop is already ending with its own error."""
-        if not self.open_steps and not (self.top and cancelled):
+    async def _clean_up(self, cancelled: bool, final: tuple[ResponseStatus, Any]) -> None:
+        """Shielded, bounded: every open step ends ``canceled``, and a top-level response gets
+        its ``final`` (status, snapshot) written, even when a cancellation is pending. Store
+        failures here are logged, not raised: the loop is already ending with its own error."""
+        if not self.open_steps and not self.top:
             return
         reason = {"type": "canceled" if cancelled else "aborted"}
         with trio.CancelScope(shield=True), trio.move_on_after(self.config.persist_timeout):
@@ -404,11 +404,9 @@ class _Run:
                 except Exception:
                     log.warning("could not cancel step %s", step_id, exc_info=True)
                 self.open_steps.pop(step_id, None)
-            if self.top and cancelled:
+            if self.top:
                 try:
-                    await self.store.finish_response(
-                        self.request_id, ResponseStatus.CANCELLED, None
-                    )
+                    await self.store.finish_response(self.request_id, *final)
                 except Exception:
                     log.warning("could not finish response %s", self.request_id, exc_info=True)
 

@@ -38,6 +38,7 @@ from ._oresp_output import (
     function_call_output_item,
     responses_usage,
     sum_usage,
+    tool_call_id,
 )
 from ._steps import (
     AppendSteps,
@@ -94,6 +95,13 @@ def _call_id(step: ChainStep) -> str:
     p = step.request_payload
     given = p.get("call_id") if isinstance(p, Mapping) else None
     return given if isinstance(given, str) and given else f"call_{step.id}"
+
+
+def _model_call_id(step: ChainStep, n: int, call: Mapping[str, Any]) -> str:
+    """The ``call_id`` of a model step's ``n``-th tool call: the model's id, or the same
+    stand-in its ``function_call`` item carries (:func:`tool_call_id`) when it sent none."""
+    index = call.get("index", n)
+    return tool_call_id(step.id, index if isinstance(index, int) else n, call.get("id"))
 
 
 def _tool_output(step: ChainStep) -> tuple[str, str]:
@@ -163,14 +171,14 @@ def _messages(base: Mapping[str, Any], chain: Sequence[ChainStep]) -> list[Any]:
             if isinstance(calls, list) and calls:
                 assistant["tool_calls"] = [
                     {
-                        "id": c.get("id"),
+                        "id": _model_call_id(step, n, c),
                         "type": c.get("type") or "function",
                         "function": {
                             "name": (c.get("function") or {}).get("name"),
                             "arguments": (c.get("function") or {}).get("arguments") or "",
                         },
                     }
-                    for c in calls
+                    for n, c in enumerate(calls)
                     if isinstance(c, Mapping)
                 ]
             messages.append(assistant)
@@ -246,12 +254,12 @@ def open_responses_transition(view: ScopeView) -> NextAction:
         ]
         if all(isinstance(n, str) and n in view.tools for n in names):
             steps = []
-            for c in calls:
+            for n, c in enumerate(calls):
                 fn = c.get("function") or {}
                 payload = {
                     "name": fn.get("name"),
                     "arguments": fn.get("arguments") or "{}",
-                    "call_id": c.get("id") or "",
+                    "call_id": _model_call_id(last, n, c),
                 }
                 steps.append(StepDescriptor(StepKind.TOOL_CALL, payload))
             return AppendSteps(steps)

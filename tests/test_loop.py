@@ -6,6 +6,7 @@ has its own file (test_loop_transition.py).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -22,6 +23,8 @@ from onwards_trio._steps import (
     StepDescriptor,
     StepKind,
     StepState,
+    StoreError,
+    StoreErrorKind,
 )
 from onwards_trio._store_memory import MemoryStore
 from onwards_trio._tools import RequestContext, ToolError, ToolKind
@@ -489,3 +492,80 @@ async def test_resume_closes_steps_a_dead_run_left_open() -> None:
     assert await run(store) == {"ok": 1}
     step = await store.get_step(stale.id)
     assert step.state is StepState.CANCELED and step.error == {"type": "interrupted"}
+
+
+class StallOnFirstDone(ListSink):
+    """Takes every event except the first ``output_item.done``, on which it blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled = False
+
+    async def emit(self, event: LoopEvent) -> None:
+        if event.kind is LoopEventKind.OUTPUT_ITEM_DONE and not self.stalled:
+            self.stalled = True
+            await trio.sleep_forever()
+        await super().emit(event)
+
+
+async def test_an_event_whose_send_was_cancelled_does_not_use_up_a_sequence(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # "fast" is stuck delivering its output_item.done when "slow"'s store write fails and
+    # cancels the fan-out; the response.failed that follows must take the unsent number.
+    async def slow(args: Any) -> int:
+        await trio.sleep(1)
+        return 2
+
+    store = BrokenStore(
+        tools_then_complete(StepDescriptor.tool_call("fast"), StepDescriptor.tool_call("slow")),
+        "complete_step",
+        after=1,
+    )
+    sink = StallOnFirstDone()
+    with trio.fail_after(5), pytest.raises(LoopError):
+        await run(store, FakeExecutor({"fast": 1, "slow": slow}), sink=sink)
+    assert sink.stalled
+    assert sink.kinds()[-1] is LoopEventKind.FAILED
+    assert [e.sequence for e in sink.events] == list(range(len(sink.events)))
+
+
+class CancelThenBreak(MemoryStore):
+    """``complete_step`` cancels ``scope`` and then fails: a store error with a cancellation
+    pending."""
+
+    scope: trio.CancelScope
+
+    async def complete_step(self, step_id: str, payload: Any) -> None:
+        self.scope.cancel()
+        raise StoreError(StoreErrorKind.STORAGE, "disk on fire")
+
+
+async def test_a_store_error_with_a_cancellation_pending_still_writes_the_response() -> None:
+    store = CancelThenBreak(tools_then_complete(StepDescriptor.tool_call("t")))
+    with trio.CancelScope() as scope:
+        store.scope = scope
+        with contextlib.suppress(LoopError):
+            await run(store, FakeExecutor({"t": 1}))
+    rec = await store.get_response("r")
+    assert rec is not None and rec.status is ResponseStatus.FAILED
+    (step,) = await store.list_chain("r", None)
+    assert step.state is StepState.CANCELED
+
+
+class CrashingSink(ListSink):
+    async def emit(self, event: LoopEvent) -> None:
+        if event.kind is LoopEventKind.OUTPUT_ITEM_ADDED:
+            raise RuntimeError("sink bug")
+        await super().emit(event)
+
+
+async def test_an_unexpected_crash_writes_the_response_failed() -> None:
+    store = MemoryStore(tools_then_complete(StepDescriptor.tool_call("t")))
+    with pytest.raises(RuntimeError):
+        await run(store, FakeExecutor({"t": 1}), sink=CrashingSink())
+    rec = await store.get_response("r")
+    assert rec is not None and rec.status is ResponseStatus.FAILED
+    assert rec.output["error"]["code"] == "server_error"
+    (step,) = await store.list_chain("r", None)
+    assert step.state is StepState.CANCELED

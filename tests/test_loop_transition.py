@@ -281,3 +281,18 @@ async def test_resume_after_an_interrupted_model_step_asks_the_model_again() -> 
     assert result["output"][0]["content"][0]["text"] == "second try"
     first, second = await store.list_chain("r", None)
     assert (first.state, second.state) == (StepState.CANCELED, StepState.COMPLETED)
+
+
+async def test_tool_calls_without_an_id_keep_one_call_id_end_to_end() -> None:
+    # A non-streamed upstream that sends no tool-call id: the function_call item, the tool
+    # output item and the follow-up messages must all use the same stand-in id.
+    store = await start()
+    call = {"type": "function", "function": {"name": "add", "arguments": "{}"}}
+    model = FakeModel([Reply(body=chat(None, tool_calls=[call])), Reply(body=chat("3"))])
+    result = await run(store, FakeExecutor({"add": 3}), model)
+    fc, fco = result["output"][0], result["output"][1]
+    assert (fc["type"], fco["type"]) == ("function_call", "function_call_output")
+    assert fco["call_id"] == fc["call_id"]
+    follow_up = model.requests[1]["messages"]
+    assert follow_up[1]["tool_calls"][0]["id"] == fc["call_id"]
+    assert follow_up[2]["tool_call_id"] == fc["call_id"]
