@@ -251,12 +251,19 @@ class _Live:
         await changed.wait()
 
     async def maybe_flush(self, force: bool = False) -> None:
+        """Write the pending events when a batch is due. Never raises (but ``Cancelled``): a
+        batch the store refused stays pending and goes with the next flush, and the loop
+        (whose event sink calls this) is never broken by its event log."""
         now = trio.current_time()
         due = len(self._pending) >= _FLUSH_EVERY or now - self._last_flush >= _FLUSH_INTERVAL
         if self._pending and (force or due):
             batch, self._pending = self._pending, []
             self._last_flush = now
-            await self.store.append_events(self.response_id, batch)
+            try:
+                await self.store.append_events(self.response_id, batch)
+            except Exception:
+                self._pending = batch + self._pending
+                log.exception("response %s: could not store its events", self.response_id)
 
 
 class _ResponseSink:
@@ -665,14 +672,14 @@ class ResponsesService:
         store, _ = self._stores()
         try:
             with live.scope:
-                await store.update(job.response_id, {**job.base, "status": "in_progress"})
+                try:
+                    await store.update(job.response_id, {**job.base, "status": "in_progress"})
+                except Exception:  # never into the service nursery: that would stop the gateway
+                    log.exception("response %s: could not mark it in_progress", job.response_id)
                 await self._execute(job, _ResponseSink(job, live=live))
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
-                try:
-                    await live.maybe_flush(force=True)
-                except Exception:
-                    log.exception("response %s: could not store its events", job.response_id)
+                await live.maybe_flush(force=True)
                 # A loop cancelled before it started still gets its final state.
                 try:
                     record = await store.get(job.response_id)

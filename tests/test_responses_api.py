@@ -3,7 +3,8 @@ with fake chat-completions upstreams and tool servers (SPEC §3.1 to §3.5)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from onwards_trio import Gateway
+from onwards_trio._response_store import MemoryResponseStore, StoredEvent
 
 from .support import FakeUpstream, Recorded, Reply, serve_app, sse, start_gateway
 
@@ -740,3 +742,51 @@ async def test_demo_shows_the_server_side_tool_loop(nursery: trio.Nursery, tmp_p
     assert events[-1].type == "response.completed"
     assert [i.type for i in final.output] == ["function_call", "function_call_output", "message"]
     assert "sunny" in final.output_text
+
+
+class FlakyResponseStore(MemoryResponseStore):
+    """A memory response store whose writes fail on demand (as a locked SQLite file does)."""
+
+    def __init__(self, *, fail_status: str | None = None, fail_appends: int = 0) -> None:
+        super().__init__()
+        self.fail_status = fail_status
+        self.fail_appends = fail_appends
+
+    async def update(self, response_id: str, response: dict[str, Any]) -> bool:
+        if response.get("status") == self.fail_status:
+            self.fail_status = None
+            raise sqlite3.OperationalError("database is locked")
+        return await super().update(response_id, response)
+
+    async def append_events(self, response_id: str, events: Sequence[StoredEvent]) -> None:
+        if self.fail_appends:
+            self.fail_appends -= 1
+            raise sqlite3.OperationalError("database is locked")
+        await super().append_events(response_id, events)
+
+
+async def test_a_failed_event_log_write_neither_breaks_the_loop_nor_loses_events(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = FakeUpstream(lambda rec: text_reply(rec))
+    gateway, client, _ = await start(nursery, upstream)
+    store = gateway.responses.response_store = FlakyResponseStore(fail_appends=1)
+    queued = await sdk(lambda: client.responses.create(model="m", input="x", background=True))
+    done = await wait_status(client, queued.id, {"completed", "failed"})
+    assert done.status == "completed"
+    events = await store.events_after(queued.id, -1)
+    assert [e.type for e in events] == TEXT_EVENTS
+    assert [e.sequence for e in events] == list(range(len(TEXT_EVENTS)))
+
+
+async def test_a_store_error_in_a_background_response_does_not_stop_the_gateway(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = FakeUpstream(lambda rec: text_reply(rec))
+    gateway, client, _ = await start(nursery, upstream)
+    gateway.responses.response_store = FlakyResponseStore(fail_status="in_progress")
+    queued = await sdk(lambda: client.responses.create(model="m", input="x", background=True))
+    done = await wait_status(client, queued.id, {"completed", "failed"})
+    assert done.status == "completed"
+    again = await sdk(lambda: client.responses.create(model="m", input="y"))
+    assert again.output_text == "Hello world"
