@@ -365,10 +365,11 @@ def clean_path(path: str) -> str:
 
 def log_request(record: RequestRecord) -> None:
     """Log one access line at info (if enabled) and hand the record to the observers."""
+    # Observers get the same bounded, query-free values as the log, whatever the log level.
+    record.path = clean_path(record.path)
+    if record.alias is not None and len(record.alias) > 128:
+        record.alias = record.alias[:128] + "..."
     if _access.isEnabledFor(logging.INFO):
-        record.path = clean_path(record.path)
-        if record.alias is not None and len(record.alias) > 128:
-            record.alias = record.alias[:128] + "..."
         fields = record.fields()
         message = " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
         _access.info(message, extra={"fields": fields})

@@ -23,19 +23,21 @@ error bodies are replaced without being read, so they need no decoding.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
+import httpcore
 import orjson
 import trio
 
 from . import _errors as errors
 from ._errors import HTTPError, error_body
 from ._proxy import FilterContext, ResponseFilter, UpstreamReply
-from ._sse import DEFAULT_MAX_EVENT_SIZE, SSEEventTooLarge, SSEFramer
+from ._sse import DEFAULT_MAX_EVENT_SIZE, SSEFramer
 from ._strict_schemas import SchemaError
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "UnsupportedEncoding",
     "account_class_mask",
     "decode_body",
+    "error_code",
     "generic_error_body",
     "is_json_type",
     "json_reply",
@@ -55,6 +58,8 @@ __all__ = [
     "sanitize_filter",
     "sse_reply",
     "stream_decoder",
+    "stream_error_formatter",
+    "upstream_error",
 ]
 
 log = logging.getLogger("onwards_trio.sanitize")
@@ -68,6 +73,8 @@ UPSTREAM_REJECTED = error_body(
 )
 _INTERNAL = error_body(errors.INTERNAL_MESSAGE, "internal_error", "internal_error")
 _JSON_CT = (b"content-type", b"application/json")
+# What reading an upstream body can raise when the upstream breaks off (as in the proxy).
+_UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 
 
 def _event(payload: bytes) -> bytes:
@@ -206,38 +213,32 @@ def _choice_index(choice: Any, i: int) -> int:
     return index
 
 
+def _sanitize_chat(obj: Any, alias: str | None, object_name: str, body: str) -> dict[str, Any]:
+    out, choices = _envelope(obj, alias, object_name)
+    out["choices"] = [
+        {
+            "index": _choice_index(c, i),
+            body: c.get(body),
+            "finish_reason": c.get("finish_reason"),
+            "logprobs": c.get("logprobs"),
+        }
+        for i, c in enumerate(choices)
+    ]
+    return out
+
+
 def sanitize_chat_completion(obj: Any, alias: str | None) -> dict[str, Any]:
     """A chat completion reduced to the OpenAI keys; missing optionals come out as ``null``.
 
     The message is copied verbatim (tool calls, refusals, reasoning fields stay usable).
     Raises :class:`SchemaError` when ``model`` or ``choices`` is missing.
     """
-    out, choices = _envelope(obj, alias, "chat.completion")
-    out["choices"] = [
-        {
-            "index": _choice_index(c, i),
-            "message": c.get("message"),
-            "finish_reason": c.get("finish_reason"),
-            "logprobs": c.get("logprobs"),
-        }
-        for i, c in enumerate(choices)
-    ]
-    return out
+    return _sanitize_chat(obj, alias, "chat.completion", "message")
 
 
 def sanitize_chat_chunk(obj: Any, alias: str | None) -> dict[str, Any]:
     """One streamed chunk, same rules as :func:`sanitize_chat_completion` (``delta`` verbatim)."""
-    out, choices = _envelope(obj, alias, "chat.completion.chunk")
-    out["choices"] = [
-        {
-            "index": _choice_index(c, i),
-            "delta": c.get("delta"),
-            "finish_reason": c.get("finish_reason"),
-            "logprobs": c.get("logprobs"),
-        }
-        for i, c in enumerate(choices)
-    ]
-    return out
+    return _sanitize_chat(obj, alias, "chat.completion.chunk", "delta")
 
 
 # --- the per-event SSE sanitiser (sans-io) --------------------------------------------------
@@ -263,7 +264,7 @@ class StreamSanitizer:
     Output depends only on the bytes, never on how they were chunked.
     """
 
-    __slots__ = ("_coerce", "_format_error", "_framer", "finished")
+    __slots__ = ("_coerce", "_format_error", "_framer", "_max", "_pending", "finished")
 
     def __init__(
         self,
@@ -274,28 +275,34 @@ class StreamSanitizer:
     ) -> None:
         self._coerce = coerce
         self._format_error = format_error
-        self._framer = SSEFramer(max_event_size)
+        # The size cap is applied here, not by the framer: a framer that raises would take the
+        # complete events of the same chunk down with it (and the output would then depend on
+        # how the bytes were chunked).
+        self._framer = SSEFramer(sys.maxsize)
+        self._max = max_event_size
+        self._pending = 0  # bytes the framer holds: fed minus framed
         self.finished = False
 
     def feed(self, chunk: bytes) -> bytes:
         if self.finished:
             return b""
-        try:
-            blocks = self._framer.feed(chunk)
-        except SSEEventTooLarge:
-            self.finished = True
-            log.warning("upstream SSE event over the size limit; stream ended")
-            return STREAM_TOO_LARGE_EVENT
-        if not blocks:
-            return b""
+        blocks = self._framer.feed(chunk)
+        self._pending += len(chunk)
         out = []
         for block in blocks:
+            self._pending -= len(block)
             out.append(self._block(block))
-            if self._stopped():
-                break
+            if self._stopped():  # a malformed event ended the stream
+                return b"".join(out)
+        if self._pending > self._max:
+            self.finished = True
+            log.warning("upstream SSE event over the size limit; stream ended")
+            out.append(STREAM_TOO_LARGE_EVENT)
         return b"".join(out)
 
     def _stopped(self) -> bool:
+        # A method, not the attribute: the type checker would take ``finished`` to be still
+        # false after ``_block`` (it cannot see the assignment in there).
         return self.finished
 
     def close(self) -> bytes:
@@ -360,15 +367,18 @@ class UnsupportedEncoding(ValueError):
 class _Inflater:
     """Incremental gzip / deflate decoder with a bound on the decoded size."""
 
-    __slots__ = ("_d", "_gzip", "_limit", "_size")
+    __slots__ = ("_d", "_fed", "_gzip", "_limit", "_size")
 
     def __init__(self, coding: str, limit: int) -> None:
         self._gzip = coding != "deflate"
         self._d: Any = zlib.decompressobj(31) if self._gzip else None
+        self._fed = False
         self._limit = limit
         self._size = 0
 
     def feed(self, data: bytes) -> bytes:
+        if data:
+            self._fed = True
         if self._d is None:
             if not data:
                 return b""
@@ -389,7 +399,14 @@ class _Inflater:
         return bytes(out)
 
     def flush(self) -> bytes:
-        return bytes(self._d.flush()) if self._d is not None else b""
+        """The rest; ``zlib.error`` when the compressed data stopped before its end marker
+        (a cut body must not pass for a complete one)."""
+        if self._d is None:
+            return b""
+        out = bytes(self._d.flush())
+        if self._fed and not self._d.eof:
+            raise zlib.error("compressed body ended early")
+        return out
 
 
 class StreamDecoder:
@@ -451,14 +468,24 @@ def decode_body(body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
 # --- reply rewriting ------------------------------------------------------------------------
 
 _CONTENT_HEADERS = frozenset(
-    {b"content-length", b"content-encoding", b"transfer-encoding", b"content-md5", b"etag"}
+    {
+        b"content-type",
+        b"content-length",
+        b"content-encoding",
+        b"transfer-encoding",
+        b"content-md5",
+        b"etag",
+    }
 )
 
 
 def _rewritten_headers(
-    headers: list[tuple[bytes, bytes]], length: int | None
+    headers: list[tuple[bytes, bytes]], content_type: bytes, length: int | None
 ) -> list[tuple[bytes, bytes]]:
+    """Upstream headers minus those that described the upstream's bytes; the content type and
+    (for a whole body) the length of what the sanitiser produced."""
     out = [(k, v) for k, v in headers if k not in _CONTENT_HEADERS]
+    out.append((b"content-type", content_type))
     if length is not None:
         out.append((b"content-length", str(length).encode()))
     return out
@@ -513,10 +540,13 @@ async def replace_error(
     """
     size = 0
     with trio.move_on_after(_ERROR_PEEK_SECONDS):  # a dribbling error body must not hang us
-        async for chunk in reply.body:
-            size += len(chunk)
-            if size >= _ERROR_PEEK:
-                break
+        try:
+            async for chunk in reply.body:
+                size += len(chunk)
+                if size >= _ERROR_PEEK:
+                    break
+        except _UPSTREAM_ERRORS:
+            pass  # only its length was wanted: a broken error body is still replaced
     log.warning(
         "upstream error replaced: alias=%s status=%d body_bytes=%d%s",
         ctx.alias,
@@ -544,7 +574,11 @@ async def json_reply(
     except UnsupportedEncoding as exc:
         log.warning("cannot sanitise a %s-encoded upstream body", exc)
         raise failure() from None
-    raw = await read_body(reply.body)
+    try:
+        raw = await read_body(reply.body)
+    except _UPSTREAM_ERRORS as exc:
+        log.warning("upstream body broke off (%s); cannot sanitise", type(exc).__name__)
+        raise failure() from None
     if raw is None:
         log.warning("upstream body over %d bytes; cannot sanitise", MAX_BODY)
         raise failure()
@@ -555,7 +589,7 @@ async def json_reply(
         reason = exc.message if isinstance(exc, SchemaError) else type(exc).__name__
         log.warning("upstream body could not be sanitised (%d bytes): %s", len(raw), reason)
         raise failure() from None
-    headers = _rewritten_headers(reply.headers, len(out))
+    headers = _rewritten_headers(reply.headers, b"application/json", len(out))
     return attrs.evolve(reply, headers=headers, body=_Once(out))
 
 
@@ -580,27 +614,27 @@ class _SanitizedStream:
 
     async def __anext__(self) -> bytes:
         sanitizer = self._sanitizer
+        decoder = self._decoder
         while not self._done:
             try:
                 chunk = await self._src.__anext__()
             except StopAsyncIteration:
                 self._done = True
-                try:
-                    out = sanitizer.feed(self._decoder.flush()) if self._decoder else b""
-                except zlib.error:
-                    sanitizer.finished = True
-                    return STREAM_MALFORMED_EVENT
+                out = b""
+                if decoder is not None:
+                    try:
+                        out = sanitizer.feed(decoder.flush())
+                    except zlib.error:
+                        return self._undecodable()
                 out += sanitizer.close()
                 if out:
                     return out
                 break
-            if self._decoder is not None:
+            if decoder is not None:
                 try:
-                    chunk = self._decoder.feed(chunk)
+                    chunk = decoder.feed(chunk)
                 except zlib.error:
-                    self._done = sanitizer.finished = True
-                    log.warning("upstream SSE body failed to decode; stream ended")
-                    return STREAM_MALFORMED_EVENT
+                    return self._undecodable()
             out = sanitizer.feed(chunk)
             if sanitizer.finished:
                 self._done = True
@@ -608,31 +642,70 @@ class _SanitizedStream:
                 return out
         raise StopAsyncIteration
 
+    def _undecodable(self) -> bytes:
+        self._done = self._sanitizer.finished = True
+        log.warning("upstream SSE body failed to decode; stream ended")
+        return STREAM_MALFORMED_EVENT
+
 
 def sse_reply(
     reply: UpstreamReply, sanitizer: StreamSanitizer, failure: Callable[[], HTTPError]
 ) -> UpstreamReply:
-    """Stream the reply through ``sanitizer``. The length is unknown, so ``content-length``
-    goes; a decoded body loses ``content-encoding``."""
+    """Stream the reply through ``sanitizer`` as ``text/event-stream``. The length is unknown,
+    so ``content-length`` goes; a decoded body loses ``content-encoding``."""
     try:
         decoder = stream_decoder(reply.headers)
     except UnsupportedEncoding as exc:
         log.warning("cannot sanitise a %s-encoded upstream stream", exc)
         raise failure() from None
-    headers = _rewritten_headers(reply.headers, None)
+    headers = _rewritten_headers(reply.headers, b"text/event-stream", None)
     body = _SanitizedStream(reply.body, sanitizer, decoder)
     return attrs.evolve(reply, headers=headers, body=body)
 
 
-# --- the non-strict filter ------------------------------------------------------------------
+# --- upstream errors (both modes) ----------------------------------------------------------
 
 
-def _error_code(obj: dict[str, Any]) -> int:
+def error_code(obj: dict[str, Any]) -> int:
+    """The numeric ``error.code`` of an error object inside a stream (500 when it has none)."""
     err = obj.get("error")
     code = err.get("code") if type(err) is dict else None
     if type(code) is int and code >= 0:
         return code
     return 500
+
+
+def stream_error_formatter(trusted: bool, body_for: Callable[[int], bytes]) -> FormatError:
+    """An error object inside a 200 stream: verbatim from a trusted provider, otherwise
+    ``body_for`` its numeric ``code`` (500 when it has none), account-class codes masked."""
+
+    def format_error(obj: dict[str, Any]) -> bytes:
+        if trusted:
+            return orjson.dumps(obj)
+        return body_for(account_class_mask(error_code(obj)))
+
+    return format_error
+
+
+async def upstream_error(
+    reply: UpstreamReply,
+    ctx: FilterContext,
+    untrusted_body: Callable[[int], bytes],
+    trusted_body: Callable[[int], bytes] | None,
+) -> UpstreamReply:
+    """An upstream error reply: an untrusted provider's is replaced by ``untrusted_body`` of its
+    status (account-class statuses masked first); a trusted provider's by ``trusted_body`` of
+    its status, or relayed as it is when that is ``None``."""
+    status = reply.status
+    if not ctx.trusted:
+        status = account_class_mask(status)
+        return await replace_error(reply, status, untrusted_body(status), ctx)
+    if trusted_body is None:
+        return reply
+    return await replace_error(reply, status, trusted_body(status), ctx)
+
+
+# --- the non-strict filter ------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -641,25 +714,17 @@ class _NonStrictFilter:
 
     async def __call__(self, reply: UpstreamReply) -> UpstreamReply:
         ctx = self.ctx
-        status = reply.status
-        if not 200 <= status < 300:
-            if not ctx.trusted:
-                status = account_class_mask(status)
-            return await replace_error(reply, status, generic_error_body(status), ctx)
+        if not 200 <= reply.status < 300:
+            return await upstream_error(reply, ctx, generic_error_body, generic_error_body)
         request = ctx.request
         if request.method != b"POST" or not request.path.rstrip("/").endswith("/chat/completions"):
             return reply  # not a completion (e.g. the stored-completions list API): as is
         alias = ctx.alias
         if reply.is_sse:
-            trusted = ctx.trusted
-
-            def format_error(obj: dict[str, Any]) -> bytes:
-                if trusted:
-                    return orjson.dumps(obj)
-                code = _error_code(obj)
-                return generic_error_body(account_class_mask(code))
-
-            sanitizer = StreamSanitizer(lambda o: sanitize_chat_chunk(o, alias), format_error)
+            sanitizer = StreamSanitizer(
+                lambda o: sanitize_chat_chunk(o, alias),
+                stream_error_formatter(ctx.trusted, generic_error_body),
+            )
             return sse_reply(reply, sanitizer, errors.bad_gateway)
         return await json_reply(
             reply, lambda o: sanitize_chat_completion(o, alias), errors.bad_gateway

@@ -29,16 +29,18 @@ import orjson
 from . import _errors as errors
 from ._asgi import ClientDisconnected, Receive, Scope, Send, send_error
 from ._errors import HTTPError, error_body
+from ._logging import note_request
 from ._proxy import FilterContext, ProxyRequest, ResponseFilter, UpstreamReply
 from ._sanitize import (
+    FormatError,
     StreamSanitizer,
-    account_class_mask,
     generic_error_body,
     is_json_type,
     json_reply,
-    replace_error,
     sanitize_filter,
     sse_reply,
+    stream_error_formatter,
+    upstream_error,
 )
 from ._strict_schemas import (
     CHAT_CHUNK,
@@ -241,6 +243,7 @@ async def handle_strict(
             request: ProxyRequest = await gateway.read_request(scope, receive)
         except ClientDisconnected:
             return 499
+        note_request(request)  # alias, provider, attempts and size on the access line
         data = validate_request(path, request.headers, request.body, request.json)
     except HTTPError as exc:
         await send_error(send, exc)
@@ -290,66 +293,44 @@ class _FallbackId:
         return self._id
 
 
-def chat_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
-    def coerce(obj: Any) -> Any:
-        if type(obj) is dict:
-            backfill_chat(obj, alias, fallback_id)
-        out = CHAT_COMPLETION(obj)
-        out["model"] = alias
-        return out
-
-    return coerce
+Coercer = Callable[[str, Callable[[], str]], Callable[[Any], Any]]
+Backfill = Callable[[dict[str, Any], str, Callable[[], str]], None]
 
 
-def chat_chunk_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
-    def coerce(obj: Any) -> Any:
-        backfill_chat_chunk(obj, alias, fallback_id)
-        out = CHAT_CHUNK(obj)
-        out["model"] = alias
-        return out
+def _coercer(backfill: Backfill, schema: Validator) -> Coercer:
+    """``(alias, fallback_id) -> coerce``: backfill a JSON object in place, fit it into the
+    closed ``schema`` and rewrite ``model`` to the alias."""
 
-    return coerce
+    def make(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
+        def coerce(obj: Any) -> Any:
+            if type(obj) is dict:
+                backfill(obj, alias, fallback_id)
+            out = schema(obj)
+            out["model"] = alias
+            return out
 
+        return coerce
 
-def completion_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
-    def coerce(obj: Any) -> Any:
-        if type(obj) is dict:
-            backfill_completion(obj, alias, fallback_id)
-        out = COMPLETION(obj)
-        out["model"] = alias
-        return out
-
-    return coerce
+    return make
 
 
-def completion_chunk_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
-    def coerce(obj: Any) -> Any:
-        backfill_completion_chunk(obj, alias, fallback_id)
-        out = COMPLETION_CHUNK(obj)
-        out["model"] = alias
-        return out
-
-    return coerce
+def _set_model(obj: dict[str, Any], alias: str, fallback_id: Callable[[], str]) -> None:
+    obj["model"] = alias  # embeddings are not backfilled beyond the model
 
 
-def embeddings_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
-    def coerce(obj: Any) -> Any:
-        if type(obj) is dict:
-            obj["model"] = alias
-        return EMBEDDINGS(obj)
-
-    return coerce
+def _backfill_response_object(
+    obj: dict[str, Any], alias: str, fallback_id: Callable[[], str]
+) -> None:
+    if "output" in obj:  # without it this is no Responses object: let the schema say so
+        backfill_response(obj, alias, fallback_id)
 
 
-def response_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
-    def coerce(obj: Any) -> Any:
-        if type(obj) is dict and "output" in obj:
-            backfill_response(obj, alias, fallback_id)
-        out = RESPONSE(obj)
-        out["model"] = alias
-        return out
-
-    return coerce
+chat_coercer = _coercer(backfill_chat, CHAT_COMPLETION)
+chat_chunk_coercer = _coercer(backfill_chat_chunk, CHAT_CHUNK)
+completion_coercer = _coercer(backfill_completion, COMPLETION)
+completion_chunk_coercer = _coercer(backfill_completion_chunk, COMPLETION_CHUNK)
+embeddings_coercer = _coercer(_set_model, EMBEDDINGS)
+response_coercer = _coercer(_backfill_response_object, RESPONSE)
 
 
 def response_event_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
@@ -378,28 +359,16 @@ _STREAMED = {
 }
 
 
-def _sse_error_code(obj: dict[str, Any]) -> int:
-    err = obj.get("error")
-    code = err.get("code") if type(err) is dict else None
-    if type(code) is int and code >= 0:
-        return code
-    return 500
+def _stream_error_body(code: int) -> bytes:
+    """The standard strict error for ``code``, which stays in the body (the stream is a 200)."""
+    type_, message = standard_error(code)
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
 
 
-def sse_error_formatter(trusted: bool) -> Callable[[dict[str, Any]], bytes]:
+def sse_error_formatter(trusted: bool) -> FormatError:
     """An error object inside a 200 stream: verbatim from a trusted provider, otherwise the
     standard strict error for its numeric ``code`` (500 when it has none), masked."""
-
-    def format_error(obj: dict[str, Any]) -> bytes:
-        if trusted:
-            return orjson.dumps(obj)
-        code = account_class_mask(_sse_error_code(obj))
-        type_, message = standard_error(code)
-        return orjson.dumps(
-            {"error": {"message": message, "type": type_, "param": None, "code": code}}
-        )
-
-    return format_error
+    return stream_error_formatter(trusted, _stream_error_body)
 
 
 def _wants_stream(reply: UpstreamReply, ctx: FilterContext) -> bool:
@@ -420,15 +389,12 @@ class _StrictFilter:
 
     async def __call__(self, reply: UpstreamReply) -> UpstreamReply:
         ctx = self.ctx
-        status = reply.status
-        if not 200 <= status < 300:
-            if not ctx.trusted:
-                status = account_class_mask(status)
-                return await replace_error(reply, status, strict_error_body(status), ctx)
-            if ctx.provider is not None and ctx.provider.sanitize:
-                # the operator asked for sanitised errors on this provider: that wins over trust
-                return await replace_error(reply, status, generic_error_body(status), ctx)
-            return reply
+        if not 200 <= reply.status < 300:
+            # A trusted provider's errors are relayed, unless the operator asked for sanitised
+            # errors on it (``sanitize_response``): that wins over trust.
+            sanitized = ctx.provider is not None and ctx.provider.sanitize
+            trusted_body = generic_error_body if sanitized else None
+            return await upstream_error(reply, ctx, strict_error_body, trusted_body)
         kind = self.kind
         if kind is None:
             # Only typed routes reach an upstream in strict mode; a success from anywhere else
@@ -439,12 +405,7 @@ class _StrictFilter:
         if kind != "embeddings" and _wants_stream(reply, ctx):
             coerce = _STREAMED[kind](ctx.alias, fallback_id)
             sanitizer = StreamSanitizer(coerce, sse_error_formatter(ctx.trusted))
-            out = sse_reply(reply, sanitizer, _bad_gateway)
-            if not reply.is_sse:
-                out.headers = [(k, v) for k, v in out.headers if k != b"content-type"] + [
-                    (b"content-type", b"text/event-stream")
-                ]
-            return out
+            return sse_reply(reply, sanitizer, _bad_gateway)
         return await json_reply(reply, _WHOLE[kind](ctx.alias, fallback_id), _bad_gateway)
 
 
@@ -458,6 +419,4 @@ def strict_filter(ctx: FilterContext) -> ResponseFilter | None:
 def response_filter(ctx: FilterContext) -> ResponseFilter | None:
     """The one factory the gateway registers: strict mode, else ``sanitize_response``, else
     ``None`` (bytes relayed untouched)."""
-    if ctx.strict:
-        return _StrictFilter(ctx, _route_kind(ctx.request.path))
-    return sanitize_filter(ctx)
+    return strict_filter(ctx) or sanitize_filter(ctx)

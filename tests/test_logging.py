@@ -188,6 +188,16 @@ def test_observers_see_every_record_even_when_logging_is_off(
     assert seen == [record]
 
 
+def test_observers_get_a_bounded_path_even_when_logging_is_off(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[RequestRecord] = []
+    monkeypatch.setattr(_logging, "request_observers", [seen.append])
+    configure_logging("error", stream=io.StringIO())
+    log_request(RequestRecord("GET", "/v1/x?api_key=k" + "a" * 1000, 404, 0.001))
+    assert seen[0].path == "/v1/x"
+
+
 def test_a_failing_observer_does_not_break_the_request(
     restore_logging: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

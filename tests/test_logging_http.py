@@ -117,6 +117,21 @@ async def test_access_line_names_alias_provider_and_sizes(
     assert sum("stream=true" in ln.lower() for ln in lines) == 1
 
 
+async def test_strict_mode_access_line_names_alias_provider_and_size(
+    nursery: trio.Nursery, handler_output: io.StringIO
+) -> None:
+    url = await serve_app(nursery, FakeUpstream(_script))
+    _, gateway_url = await start_gateway(
+        nursery, {"strict_mode": True, "targets": {"gpt-4": {"url": url}}}
+    )
+    messages = [{"role": "user", "content": PROMPT}]
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=10) as client:
+        r = await client.post(CHAT, json={"model": "gpt-4", "messages": messages})
+    assert r.status_code == 200
+    (line,) = await _access_lines(handler_output, 1)
+    assert "alias=gpt-4 provider=0" in line and "bytes_in=" in line
+
+
 def test_config_secrets_cover_client_and_upstream_keys() -> None:
     from onwards_trio import parse_config
 

@@ -264,6 +264,12 @@ def test_oversized_event_ends_with_an_error_event() -> None:
     assert s.finished
 
 
+def test_events_before_an_oversized_one_in_the_same_chunk_are_kept() -> None:
+    s = StreamSanitizer(lambda o: o, lambda o: b"{}", max_event_size=64)
+    out = s.feed(b'data: {"n": 1}\n\n' + b"data: " + b"x" * 100)
+    assert out == b'data: {"n":1}\n\n' + STREAM_TOO_LARGE_EVENT
+
+
 def test_untrusted_error_in_stream_is_standardised() -> None:
     s = nonstrict(trusted=False)
     out = s.feed(data({"error": {"message": "OOM on GPU 3", "code": 500}}))
@@ -391,6 +397,14 @@ def test_gzip_stream_decodes_byte_by_byte() -> None:
     compressed = gzip.compress(raw)
     out = b"".join(decoder.feed(compressed[i : i + 1]) for i in range(len(compressed)))
     assert out + decoder.flush() == raw
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"deflate"])
+def test_truncated_compressed_body_is_an_error(coding: bytes) -> None:
+    raw = orjson.dumps(CHAT)
+    whole = gzip.compress(raw) if coding == b"gzip" else zlib.compress(raw)
+    with pytest.raises(zlib.error):
+        decode_body(whole[: len(whole) // 2], [(b"content-encoding", coding)])
 
 
 def test_identity_needs_no_decoder() -> None:

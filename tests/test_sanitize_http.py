@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from typing import Any
 
 import httpx
@@ -185,6 +186,19 @@ async def test_gzip_sse_stream_is_decoded_and_sanitised(nursery: trio.Nursery) -
     assert r.content.count(b"data: ") == 3 and b"leak" not in r.content
 
 
+async def test_gzip_stream_cut_between_events_ends_with_an_error_event(
+    nursery: trio.Nursery,
+) -> None:
+    gz = zlib.compressobj(wbits=31)
+    first = gz.compress(b"".join(sse(chunk("a"), done=False))) + gz.flush(zlib.Z_SYNC_FLUSH)
+    headers = [*SSE_HEADERS, (b"content-encoding", b"gzip")]
+    reply = Reply(headers=headers, chunks=[first])  # the upstream stops after the first event
+    r, _ = await one(nursery, reply, json=body(stream=True))
+    events = [e for e in r.content.split(b"\n\n") if e]
+    assert len(events) == 2
+    assert orjson.loads(events[1][6:])["error"]["code"] == "upstream_stream_error"
+
+
 async def test_brotli_success_body_is_refused_not_leaked(nursery: trio.Nursery) -> None:
     reply = Reply(
         body=b"\x8b\x02\x80opaque",
@@ -225,6 +239,21 @@ async def test_trusted_error_inside_a_200_stream_is_verbatim(nursery: trio.Nurse
     reply = Reply(headers=SSE_HEADERS, chunks=chunks)
     r, _ = await one(nursery, reply, {"trusted": True}, json=body(stream=True))
     assert b"Input too long" in r.content
+
+
+async def test_success_body_that_breaks_off_is_a_502(nursery: trio.Nursery) -> None:
+    whole = chat_completion()
+    reply = Reply(chunks=[whole[:10], whole[10:]], fail_after=1)
+    r, _ = await one(nursery, reply)
+    assert r.status_code == 502  # not a 500: the upstream failed, not the gateway
+
+
+async def test_error_body_that_breaks_off_is_still_replaced(nursery: trio.Nursery) -> None:
+    reply = Reply(status=503, chunks=[b"secret internals", b"more"], fail_after=1)
+    r, _ = await one(nursery, reply)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "internal_error"
+    assert b"secret" not in r.content
 
 
 async def test_dribbling_error_body_does_not_hang_the_answer(nursery: trio.Nursery) -> None:

@@ -262,6 +262,14 @@ async def test_untrusted_400_is_standardised(nursery: trio.Nursery) -> None:
     }
 
 
+async def test_coerced_json_body_is_labelled_json(nursery: trio.Nursery) -> None:
+    reply = Reply(body=chat_completion(), headers=[(b"content-type", b"text/plain")])
+    r, _ = await one(nursery, reply)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert int(r.headers["content-length"]) == len(r.content)
+
+
 async def test_untrusted_html_500_becomes_json(nursery: trio.Nursery) -> None:
     reply = Reply(
         status=500,
