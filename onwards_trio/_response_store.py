@@ -15,19 +15,22 @@
 Two implementations: :class:`MemoryResponseStore` (tests, single process) and
 :class:`SqliteResponseStore` (the embedded default: one file, WAL, its own tables, so it may
 share the file with the loop's step store). SQLite calls are blocking, so they run in
-``trio.to_thread.run_sync`` on one connection serialised by a dedicated ``CapacityLimiter(1)``.
+``trio.to_thread.run_sync`` on one connection serialised by a dedicated ``CapacityLimiter(1)``
+(:class:`~onwards_trio._store_sqlite.SqliteFile`, shared with the step store).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 import attrs
 import orjson
 import trio
+
+from ._store_sqlite import SqliteFile, transaction
 
 __all__ = [
     "STATUSES",
@@ -209,37 +212,14 @@ CREATE TABLE IF NOT EXISTS oresp_events (
 class SqliteResponseStore:
     """The embedded default: one SQLite file (WAL), schema created on first use.
 
-    One connection, opened lazily in a worker thread; every call goes through
-    ``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)`` so the connection is never used
-    by two threads at once. A call that has started is not abandoned when its caller is
+    The connection is a :class:`~onwards_trio._store_sqlite.SqliteFile`: used from one worker
+    thread at a time, and a call that has started is not abandoned when its caller is
     cancelled, so a write is never left half done.
     """
 
     def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
         self.path = path
-        self._busy_timeout = busy_timeout
-        self._conn: sqlite3.Connection | None = None
-        self._limiter = trio.CapacityLimiter(1)
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                check_same_thread=False,
-                timeout=self._busy_timeout,
-                isolation_level=None,  # autocommit; explicit transactions where needed
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-            self._conn = conn
-        return self._conn
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            return fn(self._connect())
-
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        self._db = SqliteFile(path, _SCHEMA, busy_timeout=busy_timeout)
 
     async def create(self, record: StoredResponse) -> None:
         row = (
@@ -259,7 +239,7 @@ class SqliteResponseStore:
             except sqlite3.IntegrityError:
                 raise ValueError(f"response {record.id!r} already exists") from None
 
-        await self._run(insert)
+        await self._db.run(insert)
 
     async def get(self, response_id: str) -> StoredResponse | None:
         def select(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
@@ -271,7 +251,7 @@ class SqliteResponseStore:
             row: tuple[Any, ...] | None = cur.fetchone()
             return row
 
-        row = await self._run(select)
+        row = await self._db.run(select)
         if row is None:
             return None
         response, input_items, context_items, background, created_at, owner = row
@@ -301,21 +281,16 @@ class SqliteResponseStore:
             )
             return cur.rowcount == 1
 
-        return await self._run(write)
+        return await self._db.run(write)
 
     async def delete(self, response_id: str) -> bool:
         def remove(conn: sqlite3.Connection) -> bool:
-            conn.execute("BEGIN")
-            try:
+            with transaction(conn):
                 conn.execute("DELETE FROM oresp_events WHERE response_id = ?", (response_id,))
                 cur = conn.execute("DELETE FROM oresp_responses WHERE id = ?", (response_id,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             return cur.rowcount == 1
 
-        return await self._run(remove)
+        return await self._db.run(remove)
 
     async def append_events(self, response_id: str, events: Sequence[StoredEvent]) -> None:
         if not events:
@@ -323,15 +298,10 @@ class SqliteResponseStore:
         rows = [(response_id, e.sequence, e.type, e.data) for e in events]
 
         def insert(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN")
-            try:
+            with transaction(conn):
                 conn.executemany("INSERT OR REPLACE INTO oresp_events VALUES (?, ?, ?, ?)", rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
-        await self._run(insert)
+        await self._db.run(insert)
 
     async def events_after(self, response_id: str, after: int) -> list[StoredEvent]:
         def select(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
@@ -342,15 +312,8 @@ class SqliteResponseStore:
             )
             return cur.fetchall()
 
-        rows = await self._run(select)
+        rows = await self._db.run(select)
         return [StoredEvent(int(s), str(t), bytes(d)) for s, t, d in rows]
 
     async def aclose(self) -> None:
-        def close(_conn: sqlite3.Connection) -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        if self._conn is not None:
-            with trio.CancelScope(shield=True):
-                await self._run(close)
+        await self._db.aclose()

@@ -10,10 +10,11 @@ several processes sharing the file still allocate distinct, increasing sequences
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -35,7 +36,7 @@ from ._store_memory import new_step_id
 from ._tools import ToolSchema
 from ._transition import ScopeView, Transition, open_responses_transition
 
-__all__ = ["SqliteStore"]
+__all__ = ["SqliteFile", "SqliteStore", "transaction"]
 
 T = TypeVar("T")
 
@@ -100,6 +101,93 @@ def _step(row: tuple[Any, ...]) -> ChainStep:
     )
 
 
+def _storage(e: sqlite3.Error) -> StoreError:
+    return StoreError(StoreErrorKind.STORAGE, f"{type(e).__name__}: {e}")
+
+
+class SqliteFile:
+    """One SQLite connection to ``path`` for Trio code; the plumbing both SQLite stores share.
+
+    The connection (``check_same_thread=False``, autocommit, WAL, ``synchronous=NORMAL``,
+    ``schema`` applied) is opened lazily in a worker thread, and every call runs in
+    ``trio.to_thread.run_sync`` behind this file's own ``CapacityLimiter(1)``, so two threads
+    never use it at once. A call that has started is not abandoned on cancellation (Trio's
+    default), so a write either commits or raises. ``on_error`` turns ``sqlite3.Error`` into
+    the store's own exception.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        schema: str,
+        *,
+        busy_timeout: float = 5.0,
+        on_error: Callable[[sqlite3.Error], Exception] | None = None,
+    ) -> None:
+        self.path = path
+        self._schema = schema
+        self._busy_timeout = busy_timeout
+        self._on_error = on_error
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout,
+                isolation_level=None,  # autocommit; multi-statement writes use transaction()
+                check_same_thread=False,
+            )
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(self._schema)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` in a worker thread, one call at a time."""
+
+        def call() -> T:
+            try:
+                return fn(self._connect())
+            except sqlite3.Error as e:
+                if self._on_error is None:
+                    raise
+                raise self._on_error(e) from None
+
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        """Close the connection (shielded: a cancelled close would leak it)."""
+
+        def close() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close, limiter=self._limiter)
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
+    """``begin`` … ``COMMIT``, rolled back if anything (the commit included) fails, so the
+    connection is never left inside a transaction."""
+    db.execute(begin)
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 class SqliteStore:
     def __init__(
         self,
@@ -110,46 +198,15 @@ class SqliteStore:
     ) -> None:
         self.path = os.fspath(path)
         self.transition = transition if transition is not None else open_responses_transition
-        self._busy_timeout = busy_timeout
-        self._conn: sqlite3.Connection | None = None
-        self._limiter = trio.CapacityLimiter(1)
+        self._db = SqliteFile(self.path, _SCHEMA, busy_timeout=busy_timeout, on_error=_storage)
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _db(self) -> sqlite3.Connection:
-        conn = self._conn
-        if conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self._busy_timeout,
-                isolation_level=None,  # autocommit; multi-statement writes use BEGIN IMMEDIATE
-                check_same_thread=False,
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-            self._conn = conn
-        return conn
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            try:
-                return fn(self._db())
-            except sqlite3.Error as e:
-                raise StoreError(StoreErrorKind.STORAGE, f"{type(e).__name__}: {e}") from None
-
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
-
     async def aclose(self) -> None:
-        def close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await trio.to_thread.run_sync(close, limiter=self._limiter)
+        await self._db.aclose()
 
     async def __aenter__(self) -> SqliteStore:
-        await self._run(lambda db: None)
+        await self._db.run(lambda db: None)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -199,7 +256,7 @@ class SqliteStore:
                 tools=tools,
             )
 
-        return self.transition(await self._run(read))
+        return self.transition(await self._db.run(read))
 
     async def record_step(
         self,
@@ -213,8 +270,7 @@ class SqliteStore:
 
         def write(db: sqlite3.Connection) -> RecordedStep:
             now = time.time()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db, "BEGIN IMMEDIATE"):
                 (sequence,) = db.execute(
                     "SELECT COALESCE(MAX(sequence), 0) + 1 FROM loop_steps WHERE request_id = ?",
                     (request_id,),
@@ -235,13 +291,9 @@ class SqliteStore:
                         now,
                     ),
                 )
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
             return RecordedStep(step_id, sequence)
 
-        return await self._run(write)
+        return await self._db.run(write)
 
     async def _transition(
         self, step_id: str, to: StepState, from_states: tuple[str, ...], column: str, value: Any
@@ -261,7 +313,7 @@ class SqliteStore:
             self._get(db, step_id)  # NOT_FOUND if it does not exist
             return False
 
-        return await self._run(write)
+        return await self._db.run(write)
 
     async def _must(self, step_id: str, ok: bool) -> None:
         if not ok:
@@ -286,10 +338,10 @@ class SqliteStore:
         return await self._transition(step_id, StepState.CANCELED, _OPEN, "error", reason)
 
     async def get_step(self, step_id: str) -> ChainStep:
-        return await self._run(lambda db: self._get(db, step_id))
+        return await self._db.run(lambda db: self._get(db, step_id))
 
     async def list_chain(self, request_id: str, scope_parent: str | None) -> Sequence[ChainStep]:
-        return await self._run(lambda db: self._chain(db, request_id, scope_parent))
+        return await self._db.run(lambda db: self._chain(db, request_id, scope_parent))
 
     async def assemble_response(self, request_id: str) -> Any:
         record = await self.get_response(request_id)
@@ -311,7 +363,7 @@ class SqliteStore:
                 (request_id, text, now, now),
             )
 
-        await self._run(write)
+        await self._db.run(write)
 
     async def finish_response(
         self, request_id: str, status: ResponseStatus, output: Any = None
@@ -328,7 +380,7 @@ class SqliteStore:
                 (request_id, status.value, text, now, now),
             )
 
-        await self._run(write)
+        await self._db.run(write)
 
     async def get_response(self, request_id: str) -> ResponseRecord | None:
-        return await self._run(lambda db: self._response(db, request_id))
+        return await self._db.run(lambda db: self._response(db, request_id))

@@ -23,7 +23,7 @@ from onwards_trio._steps import (
     StoreErrorKind,
 )
 from onwards_trio._store_memory import MemoryStore
-from onwards_trio._store_sqlite import SqliteStore
+from onwards_trio._store_sqlite import SqliteStore, transaction
 from onwards_trio._tools import ToolSchema
 from onwards_trio._transition import ScopeView
 
@@ -283,3 +283,18 @@ async def test_sqlite_errors_become_store_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as info:
         await store.list_chain("a", None)
     assert info.value.kind is StoreErrorKind.STORAGE
+
+
+def test_a_transaction_whose_commit_fails_is_rolled_back() -> None:
+    # A deferred foreign key fails at COMMIT: the connection must not stay in the transaction
+    # (the next BEGIN IMMEDIATE of record_step would fail forever after).
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.execute("PRAGMA foreign_keys=ON")
+    db.executescript(
+        "CREATE TABLE p (id INTEGER PRIMARY KEY);"
+        "CREATE TABLE c (pid INTEGER REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED);"
+    )
+    with pytest.raises(sqlite3.IntegrityError), transaction(db):
+        db.execute("INSERT INTO c VALUES (1)")
+    assert not db.in_transaction
+    db.close()
