@@ -278,13 +278,34 @@ class Gateway:
 
 async def _send_reply(reply: UpstreamReply, send: Send) -> None:
     await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+    # With a known length, the chunk that completes it is held until the upstream body has
+    # ended (which hands its connection back to the pool) and then closes the response itself:
+    # one send fewer, and the client's next request finds the connection free.
+    remaining = _content_length(reply.headers)
+    held = b""
     try:
         async for chunk in reply.body:
-            if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not chunk or remaining == 0:
+                continue
+            if remaining is not None:
+                remaining = max(0, remaining - len(chunk))
+                if remaining == 0:
+                    held = chunk
+                    continue
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except _STREAM_ERRORS:
         if not reply.is_sse:
             raise  # the server aborts the connection: a truncated body is the honest signal
         # SPEC §2.5: a stream the upstream breaks ends with an error event the client can see.
         await send({"type": "http.response.body", "body": _STREAM_BROKEN, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await send({"type": "http.response.body", "body": held, "more_body": False})
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any, Protocol
 
 import attrs
@@ -79,13 +80,24 @@ class ProxyRequest:
 
 
 class _Body:
-    """The upstream body as an async iterator: the pre-read first chunk, then the rest."""
+    """The upstream body as an async iterator: the pre-read first chunk, then the rest.
 
-    __slots__ = ("_first", "_it")
+    When the upstream body ends, ``on_end`` runs at once (it hands the connection back to the
+    pool) — before the caller sends the client its last bytes, so a client's next request can
+    reuse that connection.
+    """
 
-    def __init__(self, first: bytes | None, it: AsyncIterator[bytes] | None) -> None:
+    __slots__ = ("_first", "_it", "_on_end")
+
+    def __init__(
+        self,
+        first: bytes | None,
+        it: AsyncIterator[bytes] | None,
+        on_end: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._first = first
         self._it = it
+        self._on_end = on_end
 
     def __aiter__(self) -> _Body:
         return self
@@ -94,9 +106,15 @@ class _Body:
         if self._first is not None:
             first, self._first = self._first, None
             return first
-        if self._it is None:
-            raise StopAsyncIteration
-        return await self._it.__anext__()
+        if self._it is not None:
+            try:
+                return await self._it.__anext__()
+            except StopAsyncIteration:
+                self._it = None
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            await on_end()
+        raise StopAsyncIteration
 
 
 @attrs.define(eq=False)
@@ -428,7 +446,11 @@ class Proxy:
                 reply = UpstreamReply(
                     response.status,
                     headers,
-                    _Body(first, stream if first is not None else None),
+                    _Body(
+                        first,
+                        stream if first is not None else None,
+                        partial(_aclose_shielded, response),
+                    ),
                     request,
                     alias,
                     pool,

@@ -118,7 +118,7 @@ class _ReturningStream:
 
     def __init__(self, inner: Any, conn: AsyncHTTP11Connection, pool: _HostPool) -> None:
         self._inner = inner
-        self._conn = conn
+        self._conn: AsyncHTTP11Connection | None = conn
         self._pool = pool
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -126,11 +126,15 @@ class _ReturningStream:
         return it
 
     async def aclose(self) -> None:
-        # Shielded: this runs on the way out of cancelled requests too, and a connection that
-        # is neither returned nor closed would leak its socket.
+        # Idempotent (the body's end and the request's exit both close it) and shielded: this
+        # runs on the way out of cancelled requests too, and a connection that is neither
+        # returned nor closed would leak its socket.
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
         with trio.CancelScope(shield=True):
             await self._inner.aclose()
-            await self._pool.release(self._conn)
+            await self._pool.release(conn)
 
 
 class _HostPool:
