@@ -56,6 +56,7 @@ object to a gateway. :func:`metrics_app` is the ASGI app for the metrics port.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -64,7 +65,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 from prometheus_client.core import GaugeMetricFamily
 
-from ._asgi import ASGIApp, Receive, Scope, Send, send_response
+from ._asgi import ASGIApp, Receive, Scope, Send, send_response, serve_lifespan
 
 if TYPE_CHECKING:
     from ._targets import Targets
@@ -114,6 +115,7 @@ _TEMPLATED: Final = {
     ("v1", "models", None): "/v1/models/{model}",
 }
 OTHER_ENDPOINT: Final = "other"
+_PREFIX: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 UNKNOWN_ALIAS: Final = "unknown"
 _METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
@@ -206,100 +208,96 @@ class Metrics:
     """The gateway's metrics in their own registry. See the module docstring for the API."""
 
     def __init__(self, prefix: str = "onwards", registry: CollectorRegistry | None = None) -> None:
-        if not prefix or not prefix.replace("_", "a").isalnum() or prefix[0].isdigit():
+        if not _PREFIX.fullmatch(prefix):
             raise ValueError(f"invalid metrics prefix {prefix!r}: use [a-zA-Z_][a-zA-Z0-9_]*")
         self.prefix = prefix
         self.registry = registry if registry is not None else CollectorRegistry()
         self.targets: Targets | None = None
         r = self.registry
-        p = prefix
-        self._http_total = Counter(
-            f"{p}_http_requests_total",
-            "HTTP requests served, by method, status and endpoint.",
-            ["method", "status", "endpoint"],
-            registry=r,
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(f"{prefix}_{name}", doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(f"{prefix}_{name}", doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
+            return Histogram(f"{prefix}_{name}", doc, labels, buckets=buckets, registry=r)
+
+        http = ("method", "status", "endpoint")
+        self._http_total = counter(
+            "http_requests_total", "HTTP requests served, by method, status and endpoint.", *http
         )
-        self._http_duration = Histogram(
-            f"{p}_http_requests_duration_seconds",
+        self._http_duration = histogram(
+            "http_requests_duration_seconds",
             "Time from request start to the end of the response body.",
-            ["method", "status", "endpoint"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
+            *http,
         )
-        self._http_pending = Gauge(
-            f"{p}_http_requests_pending",
-            "HTTP requests being served right now.",
-            ["method", "endpoint"],
-            registry=r,
+        self._http_pending = gauge(
+            "http_requests_pending", "HTTP requests being served right now.", "method", "endpoint"
         )
         # Fixed name, no prefix: as onwards.
         self._inflight = Gauge(
             "onwards_requests_inflight", "Requests in flight through the gateway.", registry=r
         )
-        self._upstream_total = Counter(
-            f"{p}_upstream_requests_total",
+        self._upstream_total = counter(
+            "upstream_requests_total",
             "Upstream attempts by alias, provider index and upstream status "
             "(or 'timeout' / 'error' when no status arrived).",
-            ["alias", "provider", "status"],
-            registry=r,
+            "alias",
+            "provider",
+            "status",
         )
-        self._upstream_latency = Histogram(
-            f"{p}_upstream_request_duration_seconds",
+        self._upstream_latency = histogram(
+            "upstream_request_duration_seconds",
             "Time from sending an upstream request to its response head.",
-            ["alias", "provider"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
+            "alias",
+            "provider",
         )
-        self._ttfb = Histogram(
-            f"{p}_upstream_time_to_first_byte_seconds",
+        self._ttfb = histogram(
+            "upstream_time_to_first_byte_seconds",
             "Streaming responses: time from request start to the first body byte.",
-            ["alias", "provider"],
-            buckets=TTFB_BUCKETS,
-            registry=r,
+            TTFB_BUCKETS,
+            "alias",
+            "provider",
         )
-        self._rejections = Counter(
-            f"{p}_limit_rejections_total",
+        self._rejections = counter(
+            "limit_rejections_total",
             "Requests refused by a rate or concurrency limit, by the scope of the limit.",
-            ["alias", "limit", "scope"],
-            registry=r,
+            "alias",
+            "limit",
+            "scope",
         )
-        self._fallbacks = Counter(
-            f"{p}_fallback_attempts_total",
+        self._fallbacks = counter(
+            "fallback_attempts_total",
             "Failed attempts that moved on to another attempt, by why.",
-            ["alias", "provider", "reason"],
-            registry=r,
+            "alias",
+            "provider",
+            "reason",
         )
-        self._reloads = Counter(
-            f"{p}_config_reloads_total", "Config reloads by result.", ["result"], registry=r
-        )
+        self._reloads = counter("config_reloads_total", "Config reloads by result.", "result")
         self._reload_ok = self._reloads.labels("ok")
         self._reload_failed = self._reloads.labels("failed")
-        self._last_reload = Gauge(
-            f"{p}_config_last_reload_success_timestamp_seconds",
+        self._last_reload = gauge(
+            "config_last_reload_success_timestamp_seconds",
             "Unix time of the last config that was applied (start-up counts).",
-            registry=r,
         )
         self._last_reload.set(time.time())
-        self._steps = Counter(
-            f"{p}_loop_steps_total",
+        self._steps = counter(
+            "loop_steps_total",
             "Multi-step loop steps by alias, kind and outcome.",
-            ["alias", "kind", "outcome"],
-            registry=r,
+            "alias",
+            "kind",
+            "outcome",
         )
-        self._tools = Counter(
-            f"{p}_tool_calls_total",
-            "Server-side tool calls by alias and outcome.",
-            ["alias", "outcome"],
-            registry=r,
+        self._tools = counter(
+            "tool_calls_total", "Server-side tool calls by alias and outcome.", "alias", "outcome"
         )
         r.register(_TableCollector(self))
-        # Label children, bound once per distinct label tuple.
-        self._pending_children: dict[tuple[str, str], Any] = {}
-        self._done_children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
-        self._upstream_children: dict[tuple[str, int, str], Any] = {}
-        self._latency_children: dict[tuple[str, int], Any] = {}
-        self._ttfb_children: dict[tuple[str, int], Any] = {}
-        self._simple_children: dict[tuple[Any, ...], Any] = {}
+        # Label children, bound once per metric and distinct label values.
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     # -- bounding -------------------------------------------------------------------------
 
@@ -317,10 +315,11 @@ class Metrics:
         return alias
 
     def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, bound once and cached (the hot path is a dict lookup)."""
         key = (id(metric), *values)
-        child = self._simple_children.get(key)
+        child = self._children.get(key)
         if child is None:
-            child = self._simple_children[key] = metric.labels(*values)
+            child = self._children[key] = metric.labels(*values)
         return child
 
     # -- HTTP layer -----------------------------------------------------------------------
@@ -329,10 +328,7 @@ class Metrics:
         """A request arrived: pending and ``onwards_requests_inflight`` go up."""
         method = _bounded(method, _METHODS, "OTHER")
         endpoint = endpoint_label(path)
-        key = (method, endpoint)
-        pending = self._pending_children.get(key)
-        if pending is None:
-            pending = self._pending_children[key] = self._http_pending.labels(method, endpoint)
+        pending = self._child(self._http_pending, method, endpoint)
         pending.inc()
         self._inflight.inc()
         return HttpToken(method, endpoint, pending)
@@ -350,57 +346,26 @@ class Metrics:
         self._count(token, status, seconds)
 
     def _count(self, token: HttpToken, status: int, seconds: float) -> None:
-        key = (token.method, status, token.endpoint)
-        children = self._done_children.get(key)
-        if children is None:
-            labels = (token.method, str(status), token.endpoint)
-            children = self._done_children[key] = (
-                self._http_total.labels(*labels),
-                self._http_duration.labels(*labels),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        labels = (token.method, str(status), token.endpoint)
+        self._child(self._http_total, *labels).inc()
+        self._child(self._http_duration, *labels).observe(seconds)
 
     # -- upstream, per alias and provider ------------------------------------------------
 
     def upstream_response(self, alias: str, provider: int, status: int, seconds: float) -> None:
         """An attempt got a response head with ``status`` after ``seconds``."""
-        alias = self.alias_label(alias)
-        key = (alias, provider, str(status))
-        child = self._upstream_children.get(key)
-        if child is None:
-            child = self._upstream_children[key] = self._upstream_total.labels(
-                alias, str(provider), key[2]
-            )
-        child.inc()
-        lkey = (alias, provider)
-        latency = self._latency_children.get(lkey)
-        if latency is None:
-            latency = self._latency_children[lkey] = self._upstream_latency.labels(
-                alias, str(provider)
-            )
-        latency.observe(seconds)
+        alias, index = self.alias_label(alias), str(provider)
+        self._child(self._upstream_total, alias, index, str(status)).inc()
+        self._child(self._upstream_latency, alias, index).observe(seconds)
 
     def upstream_failure(self, alias: str, provider: int, kind: str) -> None:
         """An attempt got no response head: ``"timeout"`` or ``"error"`` (network, protocol)."""
-        alias = self.alias_label(alias)
         kind = _bounded(kind, _UPSTREAM_FAILURES, "error")
-        key = (alias, provider, kind)
-        child = self._upstream_children.get(key)
-        if child is None:
-            child = self._upstream_children[key] = self._upstream_total.labels(
-                alias, str(provider), kind
-            )
-        child.inc()
+        self._child(self._upstream_total, self.alias_label(alias), str(provider), kind).inc()
 
     def first_byte(self, alias: str, provider: int, seconds: float) -> None:
         """A streamed response sent its first body byte ``seconds`` after the request began."""
-        alias = self.alias_label(alias)
-        key = (alias, provider)
-        child = self._ttfb_children.get(key)
-        if child is None:
-            child = self._ttfb_children[key] = self._ttfb.labels(alias, str(provider))
-        child.observe(seconds)
+        self._child(self._ttfb, self.alias_label(alias), str(provider)).observe(seconds)
 
     def rejected(self, alias: str | None, limit: str, scope: str) -> None:
         """A limit refused a request: ``limit`` rate|concurrency, ``scope`` pool|key|provider."""
@@ -506,13 +471,7 @@ def metrics_app(metrics: Metrics) -> ASGIApp:
             else:
                 await exposition(scope, receive, send)
         elif kind == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
         else:
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
 

@@ -54,6 +54,7 @@ from ._strict_schemas import (
     RESPONSE,
     RESPONSE_EVENT,
     RESPONSES_REQUEST,
+    FallbackId,
     SchemaError,
     Validator,
     backfill_chat,
@@ -278,7 +279,7 @@ def _route_kind(path: str) -> str | None:
     return None
 
 
-class _FallbackId:
+class _StreamId:
     """One generated id per response or stream (``chatcmpl-…`` for every id-less chunk)."""
 
     __slots__ = ("_id", "_prefix")
@@ -293,15 +294,15 @@ class _FallbackId:
         return self._id
 
 
-Coercer = Callable[[str, Callable[[], str]], Callable[[Any], Any]]
-Backfill = Callable[[dict[str, Any], str, Callable[[], str]], None]
+Coercer = Callable[[str, FallbackId], Callable[[Any], Any]]
+Backfill = Callable[[dict[str, Any], str, FallbackId], None]
 
 
 def _coercer(backfill: Backfill, schema: Validator) -> Coercer:
     """``(alias, fallback_id) -> coerce``: backfill a JSON object in place, fit it into the
     closed ``schema`` and rewrite ``model`` to the alias."""
 
-    def make(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
+    def make(alias: str, fallback_id: FallbackId) -> Callable[[Any], Any]:
         def coerce(obj: Any) -> Any:
             if type(obj) is dict:
                 backfill(obj, alias, fallback_id)
@@ -314,13 +315,11 @@ def _coercer(backfill: Backfill, schema: Validator) -> Coercer:
     return make
 
 
-def _set_model(obj: dict[str, Any], alias: str, fallback_id: Callable[[], str]) -> None:
+def _set_model(obj: dict[str, Any], alias: str, fallback_id: FallbackId) -> None:
     obj["model"] = alias  # embeddings are not backfilled beyond the model
 
 
-def _backfill_response_object(
-    obj: dict[str, Any], alias: str, fallback_id: Callable[[], str]
-) -> None:
+def _backfill_response_object(obj: dict[str, Any], alias: str, fallback_id: FallbackId) -> None:
     if "output" in obj:  # without it this is no Responses object: let the schema say so
         backfill_response(obj, alias, fallback_id)
 
@@ -333,7 +332,7 @@ embeddings_coercer = _coercer(_set_model, EMBEDDINGS)
 response_coercer = _coercer(_backfill_response_object, RESPONSE)
 
 
-def response_event_coercer(alias: str, fallback_id: Callable[[], str]) -> Callable[[Any], Any]:
+def response_event_coercer(alias: str, fallback_id: FallbackId) -> Callable[[Any], Any]:
     def coerce(obj: Any) -> Any:
         normalise_response_event(obj, alias, fallback_id)
         out = RESPONSE_EVENT(obj)
@@ -401,7 +400,7 @@ class _StrictFilter:
             # has no schema to be coerced into, so it is refused rather than relayed raw.
             log.warning("strict mode: no schema for a reply to %s; refused", ctx.request.path)
             raise _bad_gateway()
-        fallback_id = _FallbackId(_ID_PREFIX[kind])
+        fallback_id = _StreamId(_ID_PREFIX[kind])
         if kind != "embeddings" and _wants_stream(reply, ctx):
             coerce = _STREAMED[kind](ctx.alias, fallback_id)
             sanitizer = StreamSanitizer(coerce, sse_error_formatter(ctx.trusted))

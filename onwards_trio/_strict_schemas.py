@@ -37,6 +37,7 @@ __all__ = [
     "RESPONSE",
     "RESPONSES_REQUEST",
     "RESPONSE_EVENT",
+    "FallbackId",
     "Field",
     "Obj",
     "SchemaError",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 Validator = Callable[[Any], Any]
+FallbackId = Callable[[], str]  # the id for an object that came without one (one per stream)
 
 
 class SchemaError(ValueError):
@@ -640,13 +642,8 @@ _USAGE = Obj(
         "completion_tokens_details": F(_COMPLETION_DETAILS),
     }
 )
-_RESP_TOOL_CALL = Obj(
-    {
-        "id": F(string),
-        "type": F(string),
-        "function": F(Obj({"name": F(string), "arguments": F(string)})),
-    }
-)
+_FUNCTION_CALL = Obj({"name": F(string), "arguments": F(string)})
+_RESP_TOOL_CALL = Obj({"id": F(string), "type": F(string), "function": F(_FUNCTION_CALL)})
 _OUT_MESSAGE = Obj(
     {
         "role": _req(string),
@@ -663,35 +660,42 @@ _OUT_MESSAGE = Obj(
         "reasoning_details": F(json_array),
     }
 )
-_CHOICE = Obj(
-    {
-        "index": _req(unsigned),
-        "message": _req(_OUT_MESSAGE),
-        "finish_reason": F(string),
-        "stop_reason": F(any_json),  # vLLM (v0.33.4 keeps it)
-        "logprobs": F(any_json),
-    }
-)
-CHAT_COMPLETION = Obj(
-    {
-        "id": _req(string),
-        "object": _req(string),
-        "created": _req(unsigned),
-        "model": _req(string),
-        "choices": _req(list_of(_CHOICE)),
-        "usage": F(_USAGE),
-        "system_fingerprint": F(string),
-        "service_tier": F(string),
-    }
+
+
+def _chat_choice(body: str, body_schema: Validator) -> Obj:
+    """A chat choice: ``message`` (whole answers) or ``delta`` (chunks)."""
+    return Obj(
+        {
+            "index": _req(unsigned),
+            body: _req(body_schema),
+            "finish_reason": F(string),
+            "stop_reason": F(any_json),  # vLLM (v0.33.4 keeps it)
+            "logprobs": F(any_json),
+        }
+    )
+
+
+def _completion_object(choice: Validator, **extra: Field) -> Obj:
+    """The envelope chat completions, legacy completions and their chunks share."""
+    return Obj(
+        {
+            "id": _req(string),
+            "object": _req(string),
+            "created": _req(unsigned),
+            "model": _req(string),
+            "choices": _req(list_of(choice)),
+            "usage": F(_USAGE),
+            **extra,
+        }
+    )
+
+
+CHAT_COMPLETION = _completion_object(
+    _chat_choice("message", _OUT_MESSAGE), system_fingerprint=F(string), service_tier=F(string)
 )
 
 _DELTA_TOOL_CALL = Obj(
-    {
-        "index": _req(unsigned),
-        "id": F(string),
-        "type": F(string),
-        "function": F(Obj({"name": F(string), "arguments": F(string)})),
-    }
+    {"index": _req(unsigned), "id": F(string), "type": F(string), "function": F(_FUNCTION_CALL)}
 )
 _DELTA = Obj(
     {
@@ -705,26 +709,8 @@ _DELTA = Obj(
         "reasoning_details": F(json_array),
     }
 )
-_CHUNK_CHOICE = Obj(
-    {
-        "index": _req(unsigned),
-        "delta": _req(_DELTA),
-        "finish_reason": F(string),
-        "stop_reason": F(any_json),
-        "logprobs": F(any_json),
-    }
-)
-CHAT_CHUNK = Obj(
-    {
-        "id": _req(string),
-        "object": _req(string),
-        "created": _req(unsigned),
-        "model": _req(string),
-        "choices": _req(list_of(_CHUNK_CHOICE)),
-        "usage": F(_USAGE),
-        "system_fingerprint": F(string),
-        "service_tier": F(string),
-    }
+CHAT_CHUNK = _completion_object(
+    _chat_choice("delta", _DELTA), system_fingerprint=F(string), service_tier=F(string)
 )
 
 _COMPLETION_CHOICE = Obj(
@@ -736,27 +722,8 @@ _COMPLETION_CHOICE = Obj(
         "stop_reason": F(any_json),
     }
 )
-COMPLETION = Obj(
-    {
-        "id": _req(string),
-        "object": _req(string),
-        "created": _req(unsigned),
-        "model": _req(string),
-        "choices": _req(list_of(_COMPLETION_CHOICE)),
-        "usage": F(_USAGE),
-        "system_fingerprint": F(string),
-    }
-)
-COMPLETION_CHUNK = Obj(
-    {
-        "id": _req(string),
-        "object": _req(string),
-        "created": _req(unsigned),
-        "model": _req(string),
-        "choices": _req(list_of(_COMPLETION_CHOICE)),
-        "usage": F(_USAGE),
-    }
-)
+COMPLETION = _completion_object(_COMPLETION_CHOICE, system_fingerprint=F(string))
+COMPLETION_CHUNK = _completion_object(_COMPLETION_CHOICE)
 
 
 def _embedding(v: Any) -> Any:
@@ -918,72 +885,23 @@ RESPONSE_EVENT: Validator = _EVENT
 # --- backfill (what onwards fills in before coercing, reference §1.19.3 to §1.20.1) -----------
 
 
-def backfill_chat(obj: dict[str, Any], alias: str, fallback_id: Callable[[], str]) -> None:
-    """Fill non-critical fields of a chat completion in place (only when it has ``choices``)."""
-    choices = obj.get("choices")
-    if type(choices) is not list:
-        return
-    _top_defaults(obj, alias, fallback_id, "chat.completion")
-    obj.setdefault("service_tier", None)
-    for i, choice in enumerate(choices):
-        if type(choice) is not dict:
-            continue
-        if choice.get("index") is None:
-            choice["index"] = i
-        message = choice.get("message")
-        if type(message) is dict and message.get("role") is None:
-            message["role"] = "assistant"
-
-
-def backfill_chat_chunk(obj: dict[str, Any], alias: str, fallback_id: Callable[[], str]) -> None:
-    choices = obj.get("choices")
-    if choices is None and obj.get("usage") is not None:
-        obj["choices"] = choices = []  # a usage-only chunk (some providers omit `choices`)
-    if type(choices) is not list:
-        return
-    _top_defaults(obj, alias, fallback_id, "chat.completion.chunk")
-    for i, choice in enumerate(choices):
-        if type(choice) is not dict:
-            continue
-        if choice.get("index") is None:
-            choice["index"] = i
-        if choice.get("delta") is None:
-            choice["delta"] = {}
-
-
-def backfill_completion(obj: dict[str, Any], alias: str, fallback_id: Callable[[], str]) -> None:
-    """Legacy completions: ``text`` is deliberately *not* backfilled (a choice without text is
-    an upstream failure, not a sparse answer)."""
-    choices = obj.get("choices")
-    if type(choices) is not list:
-        return
-    _top_defaults(obj, alias, fallback_id, "text_completion")
-    for i, choice in enumerate(choices):
-        if type(choice) is dict and choice.get("index") is None:
-            choice["index"] = i
-
-
-def backfill_completion_chunk(
-    obj: dict[str, Any], alias: str, fallback_id: Callable[[], str]
+def _backfill_choices(
+    obj: dict[str, Any],
+    alias: str,
+    fallback_id: FallbackId,
+    object_name: str,
+    fill: Callable[[dict[str, Any]], None] | None,
+    *,
+    chunk: bool,
 ) -> None:
+    """Fill the envelope (id, object, created, model) and each choice's ``index`` (by
+    position), then ``fill`` each choice; only when there is a ``choices`` array. A chunk with
+    ``usage`` and no ``choices`` gets an empty array (some providers omit it there)."""
     choices = obj.get("choices")
-    if choices is None and obj.get("usage") is not None:
+    if chunk and choices is None and obj.get("usage") is not None:
         obj["choices"] = choices = []
     if type(choices) is not list:
         return
-    _top_defaults(obj, alias, fallback_id, "text_completion")
-    for i, choice in enumerate(choices):
-        if type(choice) is not dict:
-            continue
-        if choice.get("index") is None:
-            choice["index"] = i
-        if choice.get("text") is None:
-            choice["text"] = ""
-
-
-def _top_defaults(
-    obj: dict[str, Any], alias: str, fallback_id: Callable[[], str], object_name: str
-) -> None:
     if obj.get("id") is None:
         obj["id"] = fallback_id()
     if obj.get("object") is None:
@@ -991,6 +909,48 @@ def _top_defaults(
     if obj.get("created") is None:
         obj["created"] = 0
     obj["model"] = alias
+    for i, choice in enumerate(choices):
+        if type(choice) is not dict:
+            continue
+        if choice.get("index") is None:
+            choice["index"] = i
+        if fill is not None:
+            fill(choice)
+
+
+def _assistant_role(choice: dict[str, Any]) -> None:
+    message = choice.get("message")
+    if type(message) is dict and message.get("role") is None:
+        message["role"] = "assistant"
+
+
+def _empty_delta(choice: dict[str, Any]) -> None:
+    if choice.get("delta") is None:
+        choice["delta"] = {}
+
+
+def _empty_text(choice: dict[str, Any]) -> None:
+    if choice.get("text") is None:
+        choice["text"] = ""
+
+
+def backfill_chat(obj: dict[str, Any], alias: str, fallback_id: FallbackId) -> None:
+    """Fill non-critical fields of a chat completion in place (only when it has ``choices``)."""
+    _backfill_choices(obj, alias, fallback_id, "chat.completion", _assistant_role, chunk=False)
+
+
+def backfill_chat_chunk(obj: dict[str, Any], alias: str, fallback_id: FallbackId) -> None:
+    _backfill_choices(obj, alias, fallback_id, "chat.completion.chunk", _empty_delta, chunk=True)
+
+
+def backfill_completion(obj: dict[str, Any], alias: str, fallback_id: FallbackId) -> None:
+    """Legacy completions: ``text`` is deliberately *not* backfilled (a choice without text is
+    an upstream failure, not a sparse answer)."""
+    _backfill_choices(obj, alias, fallback_id, "text_completion", None, chunk=False)
+
+
+def backfill_completion_chunk(obj: dict[str, Any], alias: str, fallback_id: FallbackId) -> None:
+    _backfill_choices(obj, alias, fallback_id, "text_completion", _empty_text, chunk=True)
 
 
 _RESPONSE_DEFAULTS: tuple[tuple[str, Callable[[], Any]], ...] = (
@@ -1014,7 +974,7 @@ _RESPONSE_DEFAULTS: tuple[tuple[str, Callable[[], Any]], ...] = (
 )
 
 
-def backfill_response(obj: dict[str, Any], alias: str, fallback_id: Callable[[], str]) -> None:
+def backfill_response(obj: dict[str, Any], alias: str, fallback_id: FallbackId) -> None:
     """Fill a Responses object's missing keys with OpenAI's defaults (nullable ones are emitted
     as ``null`` by the schema itself)."""
     if obj.get("id") is None:
@@ -1037,9 +997,7 @@ _EVENT_STATUS = {
 }
 
 
-def normalise_response_event(
-    obj: dict[str, Any], alias: str, fallback_id: Callable[[], str]
-) -> None:
+def normalise_response_event(obj: dict[str, Any], alias: str, fallback_id: FallbackId) -> None:
     """A streaming event's ``response`` snapshot gets its status from the event type when
     missing, then the usual backfill."""
     snapshot = obj.get("response")
@@ -1048,6 +1006,6 @@ def normalise_response_event(
     if snapshot.get("status") is None:
         kind = obj.get("type")
         snapshot["status"] = (
-            _EVENT_STATUS.get(kind, "completed") if type(kind) is str else ("completed")
+            _EVENT_STATUS.get(kind, "completed") if type(kind) is str else "completed"
         )
     backfill_response(snapshot, alias, fallback_id)

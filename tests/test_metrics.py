@@ -42,7 +42,7 @@ def test_a_given_registry_is_used() -> None:
     assert registry.get_sample_value("onwards_config_reloads_total", {"result": "failed"}) == 1
 
 
-@pytest.mark.parametrize("prefix", ["", "9lives", "with-dash", "a b"])
+@pytest.mark.parametrize("prefix", ["", "9lives", "with-dash", "a b", "onwärds", "a²"])
 def test_invalid_prefix_is_refused(prefix: str) -> None:
     with pytest.raises(ValueError, match="invalid metrics prefix"):
         Metrics(prefix=prefix)

@@ -441,6 +441,7 @@ _extra = st.dictionaries(
                 "system_fingerprint",
                 "service_tier",
                 "error",
+                "content",  # a parameter of chunk() below
             }
         )
     ),
