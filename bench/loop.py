@@ -28,6 +28,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from onwards_trio._asgi import serve_lifespan
 from onwards_trio._events import open_response_stream
 from onwards_trio._loop import LoopConfig, run_response_loop
 from onwards_trio._model import HttpModelTransport, ModelResponse
@@ -83,13 +84,8 @@ SSE_BODY = _sse_body()
 
 async def upstream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await serve_lifespan(receive, send)
+        return
     while (await receive()).get("more_body"):
         pass
     stream = scope["path"] == "/stream"

@@ -430,6 +430,21 @@ class _Item:
     done: bool = False
 
 
+def _part_added(item: _Item) -> Event:
+    """The empty part that opens a message (``content_part.added``) or a reasoning item
+    (``reasoning_summary_part.added``)."""
+    base = {"item_id": item.item_id, "output_index": item.output_index}
+    if item.kind == "message":
+        return (
+            "response.content_part.added",
+            {**base, "content_index": 0, "part": _output_text_part("")},
+        )
+    return (
+        "response.reasoning_summary_part.added",
+        {**base, "summary_index": 0, "part": {"type": "summary_text", "text": ""}},
+    )
+
+
 class OutputIndexer:
     """Hands out a response's ``output_index`` values; shared by every translator of one
     response so concurrent model steps and tool outputs never collide."""
@@ -511,17 +526,7 @@ class ChatStreamTranslator:
                         "status": "in_progress",
                     },
                 )
-                events.append(
-                    (
-                        "response.reasoning_summary_part.added",
-                        {
-                            "item_id": r.item_id,
-                            "output_index": r.output_index,
-                            "summary_index": 0,
-                            "part": {"type": "summary_text", "text": ""},
-                        },
-                    )
-                )
+                events.append(_part_added(r))
             if not r.done:
                 r.text.append(reasoning)
                 events.append(
@@ -553,17 +558,7 @@ class ChatStreamTranslator:
                 )
                 if isinstance(delta.get("role"), str):
                     m.role = delta["role"]
-                events.append(
-                    (
-                        "response.content_part.added",
-                        {
-                            "item_id": m.item_id,
-                            "output_index": m.output_index,
-                            "content_index": 0,
-                            "part": _output_text_part(""),
-                        },
-                    )
-                )
+                events.append(_part_added(m))
             if not m.done:
                 m.text.append(content)
                 events.append(
@@ -706,29 +701,7 @@ class ChatStreamTranslator:
                     {"output_index": state.output_index, "item": skeleton},
                 )
             )
-            if kind == "message":
-                events.append(
-                    (
-                        "response.content_part.added",
-                        {
-                            "item_id": state.item_id,
-                            "output_index": state.output_index,
-                            "content_index": 0,
-                            "part": _output_text_part(""),
-                        },
-                    )
-                )
-            elif kind == "reasoning":
-                events.append(
-                    (
-                        "response.reasoning_summary_part.added",
-                        {
-                            "item_id": state.item_id,
-                            "output_index": state.output_index,
-                            "summary_index": 0,
-                            "part": {"type": "summary_text", "text": ""},
-                        },
-                    )
-                )
+            if kind != "function_call":
+                events.append(_part_added(state))
             self._close(events, state, item["status"])
         return events

@@ -82,7 +82,6 @@ _SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-# Headers of the client request that must not reach a model call (the transport sets its own).
 _FLUSH_EVERY = 32  # background event-log batch size
 _FLUSH_INTERVAL = 0.2  # … or at most this old (seconds)
 _POLL_INTERVAL = 0.25  # following a response another process runs
@@ -158,9 +157,6 @@ def _sse(event: StoredEvent) -> bytes:
 
 def _stored_event(event: LoopEvent) -> StoredEvent:
     return StoredEvent(event.sequence, event.kind.value, orjson.dumps(event.wire()))
-
-
-# -- model transport ----------------------------------------------------------------------------
 
 
 # -- tools for one request ----------------------------------------------------------------------
@@ -424,13 +420,9 @@ class ResponsesService:
         if path.rstrip("/") == "/v1/responses":
             if scope["method"] != "POST":
                 return await self._passthrough(scope, receive, send)
-            try:
-                request = await self.gateway.read_request(scope, receive)
-            except HTTPError as exc:
-                await send_error(send, exc)
-                return exc.status
-            except ClientDisconnected:
-                return 499
+            request = await self._read(scope, receive, send)
+            if isinstance(request, int):
+                return request
             status = await self.create(request, receive, send)
             if status is None:
                 relayed: int = await self.gateway.relay(request, receive, send)
@@ -441,14 +433,21 @@ class ResponsesService:
             return await self._passthrough(scope, receive, send)
         return handled
 
-    async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> int:
+    async def _read(self, scope: Scope, receive: Receive, send: Send) -> ProxyRequest | int:
+        """The request, or the status already answered (a bad body) or 499 (client gone)."""
         try:
-            request = await self.gateway.read_request(scope, receive)
+            request: ProxyRequest = await self.gateway.read_request(scope, receive)
         except HTTPError as exc:
             await send_error(send, exc)
             return exc.status
         except ClientDisconnected:
             return 499
+        return request
+
+    async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> int:
+        request = await self._read(scope, receive, send)
+        if isinstance(request, int):
+            return request
         status: int = await self.gateway.relay(request, receive, send)
         return status
 

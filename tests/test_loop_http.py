@@ -13,15 +13,15 @@ import httpx
 import orjson
 import pytest
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
+from onwards_trio._asgi import read_body, serve_lifespan
 from onwards_trio._events import LoopEventKind, open_response_stream
 from onwards_trio._loop import run_response_loop
 from onwards_trio._model import HttpModelTransport
 from onwards_trio._steps import ResponseStatus, StepState
 from onwards_trio._store_memory import MemoryStore
 from onwards_trio._tools import RequestContext
+from tests.support import serve_app
 from tests.test_loop_helpers import FakeExecutor, model_then_complete, stream_text
 
 CTX = RequestContext(model="m")
@@ -35,19 +35,9 @@ class Upstream:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+            await serve_lifespan(receive, send)
+            return
+        body = await read_body(receive, 1 << 20)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.requests.append((scope["path"], headers, orjson.loads(body)))
         path = scope["path"]
@@ -90,12 +80,7 @@ class Upstream:
 @pytest.fixture
 async def upstream(nursery: trio.Nursery) -> AsyncIterator[tuple[Upstream, str]]:
     app = Upstream()
-    cfg = Config()
-    cfg.bind = ["127.0.0.1:0"]
-    cfg.accesslog = None
-    cfg.errorlog = None
-    binds = await nursery.start(serve, app, cfg)
-    yield app, str(binds[0])
+    yield app, await serve_app(nursery, app)
 
 
 @pytest.fixture

@@ -179,6 +179,28 @@ async def wait_status(client: openai.OpenAI, rid: str, statuses: set[str]) -> An
             await trio.sleep(0.05)
 
 
+FINISHED = {"completed", "failed", "cancelled", "incomplete"}
+
+
+async def stream_then_leave(gw_url: str, leave_at: str) -> str:
+    """POST a streamed response, disconnect once an event of type ``leave_at`` arrived, and
+    return the response id."""
+    rid = None
+    body = {"model": "m", "input": "x", "stream": True}
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("POST", gw_url + "/v1/responses", json=body) as r,
+    ):
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                data = orjson.loads(line[6:])
+                rid = rid or data["response"]["id"]
+                if data["type"] == leave_at:
+                    break
+    assert rid is not None
+    return str(rid)
+
+
 # -- non-streaming --------------------------------------------------------------------------------
 
 
@@ -307,18 +329,8 @@ async def test_client_disconnect_mid_stream_leaves_a_stored_response(
 ) -> None:
     upstream = FakeUpstream(lambda rec: text_reply(rec, "one two three four", chunk_delay=0.2))
     _, client, gw_url = await start(nursery, upstream)
-    rid = None
-    body = {"model": "m", "input": "x", "stream": True}
-    async with (
-        httpx.AsyncClient(timeout=10) as http,
-        http.stream("POST", gw_url + "/v1/responses", json=body) as r,
-    ):
-        async for line in r.aiter_lines():
-            if line.startswith("data: "):
-                rid = orjson.loads(line[6:])["response"]["id"]
-                break  # leave after response.created
-    assert rid is not None
-    resp = await wait_status(client, rid, {"completed", "failed", "cancelled", "incomplete"})
+    rid = await stream_then_leave(gw_url, "response.created")
+    resp = await wait_status(client, rid, FINISHED)
     # The loop goes on after its client leaves (the default policy) and stores its result.
     assert resp.status == "completed"
     assert resp.output_text == "one two three four"
@@ -706,20 +718,8 @@ async def test_disconnect_with_cancel_policy_stores_cancelled(nursery: trio.Nurs
     upstream = FakeUpstream(lambda rec: text_reply(rec, "a b c d e f g h", chunk_delay=0.2))
     gateway, client, gw_url = await start(nursery, upstream)
     gateway.responses.loop_config = LoopConfig(on_disconnect=DisconnectPolicy.CANCEL)
-    rid = None
-    body = {"model": "m", "input": "x", "stream": True}
-    async with (
-        httpx.AsyncClient(timeout=10) as http,
-        http.stream("POST", gw_url + "/v1/responses", json=body) as r,
-    ):
-        async for line in r.aiter_lines():
-            if line.startswith("data: "):
-                data = orjson.loads(line[6:])
-                rid = rid or data["response"]["id"]
-                if data["type"] == "response.output_text.delta":
-                    break  # leave mid-message
-    assert rid is not None
-    resp = await wait_status(client, rid, {"completed", "failed", "cancelled", "incomplete"})
+    rid = await stream_then_leave(gw_url, "response.output_text.delta")  # mid-message
+    resp = await wait_status(client, rid, FINISHED)
     assert resp.status == "cancelled"
 
 

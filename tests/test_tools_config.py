@@ -39,6 +39,18 @@ def executor(cfg: dict[str, Any]) -> tuple[Targets, ConfigToolExecutor]:
     return targets, ConfigToolExecutor.from_targets(targets)
 
 
+async def tool_error(
+    ex: ConfigToolExecutor, name: str, args: Any, *, model: str = "big"
+) -> ToolError:
+    """Run one call that must fail; close the executor; return the error."""
+    try:
+        with pytest.raises(ToolError) as info:
+            await ex.execute(name, "c", args, RequestContext(model=model))
+    finally:
+        await ex.aclose()
+    return info.value
+
+
 async def test_tools_are_global_plus_alias_specific() -> None:
     _, ex = executor(config("http://127.0.0.1:9/tool"))
     try:
@@ -92,13 +104,8 @@ async def test_string_arguments_are_parsed(nursery: trio.Nursery) -> None:
 
 
 async def test_invalid_string_arguments_are_a_tool_error() -> None:
-    _, ex = executor(config("http://127.0.0.1:9/tool"))
-    try:
-        with pytest.raises(ToolError) as info:
-            await ex.execute("lookup", "c", "{nope", RequestContext(model="big"))
-    finally:
-        await ex.aclose()
-    assert info.value.kind is ToolErrorKind.INVALID_ARGUMENTS
+    err = await tool_error(executor(config("http://127.0.0.1:9/tool"))[1], "lookup", "{nope")
+    assert err.kind is ToolErrorKind.INVALID_ARGUMENTS
 
 
 async def test_non_json_answer_is_text(nursery: trio.Nursery) -> None:
@@ -115,57 +122,34 @@ async def test_non_json_answer_is_text(nursery: trio.Nursery) -> None:
 async def test_http_error_status_is_an_execution_error(nursery: trio.Nursery) -> None:
     tool = FakeUpstream(Reply(status=503, body=b"down"))
     url = await serve_app(nursery, tool)
-    _, ex = executor(config(url + "/tool"))
-    try:
-        with pytest.raises(ToolError) as info:
-            await ex.execute("lookup", "c", {}, RequestContext(model="big"))
-    finally:
-        await ex.aclose()
-    assert info.value.kind is ToolErrorKind.EXECUTION
-    assert "HTTP 503" in str(info.value)
+    err = await tool_error(executor(config(url + "/tool"))[1], "lookup", {})
+    assert err.kind is ToolErrorKind.EXECUTION
+    assert "HTTP 503" in str(err)
 
 
 async def test_slow_tool_times_out(nursery: trio.Nursery) -> None:
     tool = FakeUpstream(Reply(body=b"{}", delay=5))
     url = await serve_app(nursery, tool)
-    _, ex = executor(config(url + "/tool", timeout_secs=0.2))
-    try:
-        with trio.fail_after(3):
-            with pytest.raises(ToolError) as info:
-                await ex.execute("lookup", "c", {}, RequestContext(model="big"))
-    finally:
-        await ex.aclose()
-    assert info.value.kind is ToolErrorKind.TIMEOUT
+    with trio.fail_after(3):
+        err = await tool_error(executor(config(url + "/tool", timeout_secs=0.2))[1], "lookup", {})
+    assert err.kind is ToolErrorKind.TIMEOUT
 
 
 async def test_unreachable_tool_is_an_execution_error() -> None:
-    _, ex = executor(config("http://127.0.0.1:9/tool"))
-    try:
-        with pytest.raises(ToolError) as info:
-            await ex.execute("lookup", "c", {}, RequestContext(model="big"))
-    finally:
-        await ex.aclose()
-    assert info.value.kind is ToolErrorKind.EXECUTION
+    err = await tool_error(executor(config("http://127.0.0.1:9/tool"))[1], "lookup", {})
+    assert err.kind is ToolErrorKind.EXECUTION
 
 
 async def test_unknown_tool_is_not_found() -> None:
-    _, ex = executor(config("http://127.0.0.1:9/tool"))
-    try:
-        with pytest.raises(ToolError) as info:
-            await ex.execute("only_big", "c", {}, RequestContext(model="small"))
-    finally:
-        await ex.aclose()
-    assert info.value.kind is ToolErrorKind.NOT_FOUND
+    err = await tool_error(
+        executor(config("http://127.0.0.1:9/tool"))[1], "only_big", {}, model="small"
+    )
+    assert err.kind is ToolErrorKind.NOT_FOUND
 
 
 async def test_agent_tool_without_runner_is_an_execution_error() -> None:
-    _, ex = executor(config("http://127.0.0.1:9/tool"))
-    try:
-        with pytest.raises(ToolError) as info:
-            await ex.execute("helper", "c", {}, RequestContext(model="big"))
-    finally:
-        await ex.aclose()
-    assert info.value.kind is ToolErrorKind.EXECUTION
+    err = await tool_error(executor(config("http://127.0.0.1:9/tool"))[1], "helper", {})
+    assert err.kind is ToolErrorKind.EXECUTION
 
 
 async def test_agent_tool_with_runner_runs_it() -> None:
