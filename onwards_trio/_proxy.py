@@ -427,7 +427,13 @@ class Proxy:
             try:
                 headers = self._response_headers(response, provider)
                 if fallback is not None and status_matches(fallback.on_status, response.status):
-                    body = await _read_limited(response, _ERROR_BODY_LIMIT)
+                    # Kept (bounded) in case this turns out to be the last answer to report.
+                    try:
+                        body = await _read_limited(response, _ERROR_BODY_LIMIT)
+                    except _UPSTREAM_ERRORS:
+                        return errors.bad_gateway()
+                    headers = [(k, v) for k, v in headers if k != b"content-length"]
+                    headers.append((b"content-length", str(len(body)).encode()))
                     return (response.status, headers, body)
                 # Read the first chunk before answering: if the upstream dies before its first
                 # byte, nothing has reached the client yet and another attempt is still honest.

@@ -658,3 +658,18 @@ async def test_fallback_disabled_returns_the_first_failure(
     with pytest.raises(HTTPError):
         async with proxy.open_upstream(ProxyRequest(b"POST", b"/x", b"", [], b"{}", {})):
             pass
+
+
+async def test_a_large_last_failure_is_reported_with_a_truthful_length(
+    nursery: trio.Nursery,
+) -> None:
+    big = b"x" * 200_000
+    first, last = (
+        FakeUpstream(Reply(status=500, body=big)),
+        FakeUpstream(Reply(status=503, body=big)),
+    )
+    client = await failover_client(nursery, await serve_app(nursery, first), last)
+    async with client:
+        r = await client.post(CHAT, json=body("m"))
+    assert r.status_code == 503
+    assert int(r.headers["content-length"]) == len(r.content) == 64 * 1024
