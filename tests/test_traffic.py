@@ -673,3 +673,56 @@ async def test_a_large_last_failure_is_reported_with_a_truthful_length(
         r = await client.post(CHAT, json=body("m"))
     assert r.status_code == 503
     assert int(r.headers["content-length"]) == len(r.content) == 64 * 1024
+
+
+class HangingClient(ScriptedClient):
+    """An upstream that never answers its first ``hangs`` requests."""
+
+    def __init__(self, hangs: int) -> None:
+        super().__init__(failures=0)
+        self.hangs = hangs
+
+    async def send(self, provider: Provider, *args: Any) -> httpcore.Response:
+        self.times.append(trio.current_time())
+        if len(self.times) <= self.hangs:
+            await trio.sleep_forever()
+        return httpcore.Response(200, content=b"{}")
+
+
+def timeout_targets(fallback: bool) -> Targets:
+    pool: dict[str, Any] = {
+        "providers": [
+            {"url": "http://slow.invalid", "request_timeout_secs": 5},
+            {"url": "http://fast.invalid"},
+        ],
+        "strategy": "priority",
+    }
+    if fallback:
+        pool["fallback"] = {"enabled": True}
+    return Targets(parse_config({"targets": {"m": pool}}))
+
+
+async def test_header_timeout_fires_at_request_timeout_secs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    proxy = Proxy(timeout_targets(fallback=False), HangingClient(hangs=1))  # type: ignore[arg-type]
+    start = trio.current_time()
+    with pytest.raises(HTTPError) as info:
+        async with proxy.open_upstream(
+            ProxyRequest(b"POST", b"/x", b"", [], b"{}", {"model": "m"})
+        ):
+            pass
+    assert info.value.status == 504
+    assert trio.current_time() - start == pytest.approx(5.0)
+
+
+async def test_a_timeout_falls_back_to_the_next_provider(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client = HangingClient(hangs=1)
+    proxy = Proxy(timeout_targets(fallback=True), client)  # type: ignore[arg-type]
+    request = ProxyRequest(b"POST", b"/x", b"", [], b"{}", {"model": "m"})
+    async with proxy.open_upstream(request) as reply:
+        assert reply.status == 200
+    assert request.provider_index == 1
+    assert client.times == [pytest.approx(0.0), pytest.approx(5.0)]
