@@ -181,10 +181,12 @@ class _RequestTools:
         service: ResponsesService,
         offered: Sequence[ToolSchema],
         headers: Sequence[tuple[bytes, bytes]],
+        steps: MultiStepStore,
     ) -> None:
         self.service = service
         self.offered = {t.name: t for t in offered}
         self.headers = headers
+        self.steps = steps  # the response's step store: sub-agents keep their steps there too
 
     async def tools(self, ctx: RequestContext) -> Sequence[ToolSchema]:
         await trio.lowlevel.checkpoint()
@@ -199,7 +201,7 @@ class _RequestTools:
         executor = self.service.executor
         agent = executor.agent(name, ctx)
         if agent is not None:
-            return await self.service.run_agent(agent, args, ctx, self.headers)
+            return await self.service.run_agent(agent, args, ctx, self.headers, self.steps)
         return await executor.execute(name, tool_call_id, args, ctx)
 
 
@@ -518,15 +520,16 @@ class ResponsesService:
         response_id = f"resp_{secrets.token_hex(24)}"
         base = response_object(req, response_id, _now())
         headers = [(k, v) for k, v in request.headers if k not in MODEL_CALL_DROP]
+        steps = step_store if req.store else MemoryStore()  # store: false keeps nothing
         job = _Job(
             response_id=response_id,
             request=req,
             base=base,
             chat=chat,
             ctx=ctx,
-            tools=_RequestTools(self, offered, headers),
+            tools=_RequestTools(self, offered, headers, steps),
             transport=ProxyModelTransport(self.gateway.proxy, headers),
-            steps=step_store if req.store else MemoryStore(),
+            steps=steps,
             stored=req.store,
         )
         await job.steps.begin_response(response_id, chat)
@@ -833,8 +836,10 @@ class ResponsesService:
         args: Any,
         ctx: RequestContext,
         headers: Sequence[tuple[bytes, bytes]],
+        steps: MultiStepStore,
     ) -> Any:
-        """Run a ``kind: agent`` tool: a loop of its own on ``agent.model`` → its final text."""
+        """Run a ``kind: agent`` tool: a loop of its own on ``agent.model`` → its final text.
+        Its steps go to ``steps``, the calling response's step store."""
         depth = ctx.extension(_AgentDepth)
         level = depth.depth + 1 if depth is not None else 1
         if level > self.loop_config.max_response_step_depth:
@@ -855,14 +860,13 @@ class ResponsesService:
         chat: dict[str, Any] = {"model": agent.model, "messages": messages}
         if offered:
             chat["tools"] = [tool_schema_to_chat(t) for t in offered]
-        _, step_store = self._stores()
         sub_id = f"agent_{secrets.token_hex(16)}"
-        await step_store.begin_response(sub_id, chat)
+        await steps.begin_response(sub_id, chat)
         transport = ProxyModelTransport(self.gateway.proxy, headers)
         try:
             payload = await run_response_loop(
-                step_store,
-                _RequestTools(self, offered, headers),
+                steps,
+                _RequestTools(self, offered, headers, steps),
                 sub_ctx,
                 transport,
                 request_id=sub_id,

@@ -15,6 +15,7 @@ import trio
 
 from onwards_trio import Gateway
 from onwards_trio._response_store import MemoryResponseStore, StoredEvent
+from onwards_trio._store_memory import MemoryStore
 
 from .support import FakeUpstream, Recorded, Reply, serve_app, sse, start_gateway
 
@@ -790,3 +791,24 @@ async def test_a_store_error_in_a_background_response_does_not_stop_the_gateway(
     assert done.status == "completed"
     again = await sdk(lambda: client.responses.create(model="m", input="y"))
     assert again.output_text == "Hello world"
+
+
+async def test_store_false_keeps_no_sub_agent_steps_either(nursery: trio.Nursery) -> None:
+    def script(rec: Recorded) -> Reply:
+        if rec.json()["model"] == "small":
+            return text_reply(rec, "helper says hi")
+        if has_tool_result(rec):
+            return text_reply(rec, "final")
+        return tool_reply(rec, "helper", '{"input": "question"}')
+
+    url = await serve_app(nursery, FakeUpstream(script))
+    cfg = gateway_config(url)
+    cfg["targets"]["small"] = {"url": url + "/v1"}
+    cfg["tools"] = {"helper": {"kind": "agent", "model": "small"}}
+    gateway, gw_url = await start_gateway(nursery, cfg)
+    client = make_client(gw_url)
+    resp = await sdk(lambda: client.responses.create(model="m", input="ask", store=False))
+    assert resp.output_text == "final"
+    steps = gateway.responses.step_store
+    assert isinstance(steps, MemoryStore)
+    assert steps._responses == {}  # neither the response nor its sub-agent was kept
