@@ -30,7 +30,7 @@ import enum
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import orjson
@@ -69,8 +69,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("onwards_trio.loop")
-
-T = TypeVar("T")
 
 
 class DisconnectPolicy(enum.StrEnum):

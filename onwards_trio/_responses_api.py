@@ -352,12 +352,16 @@ class ResponsesService:
     def __init__(self, gateway: Gateway, *, loop_config: LoopConfig | None = None) -> None:
         self.gateway = gateway
         self.loop_config = loop_config or LoopConfig()
-        self.persist_timeout = self.loop_config.persist_timeout
         self.response_store: ResponseStore | None = None
         self.step_store: MultiStepStore | None = None
         self._executor: ConfigToolExecutor | None = None
         self._live: dict[str, _Live] = {}
         self._keeper_started = False
+
+    @property
+    def persist_timeout(self) -> float:
+        """How long a shielded final write may take (the loop config's, kept in step with it)."""
+        return self.loop_config.persist_timeout
 
     # -- resources -------------------------------------------------------------------------------
 

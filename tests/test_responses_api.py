@@ -812,3 +812,11 @@ async def test_store_false_keeps_no_sub_agent_steps_either(nursery: trio.Nursery
     steps = gateway.responses.step_store
     assert isinstance(steps, MemoryStore)
     assert steps._responses == {}  # neither the response nor its sub-agent was kept
+
+
+async def test_persist_timeout_follows_a_replaced_loop_config(nursery: trio.Nursery) -> None:
+    from onwards_trio._loop import LoopConfig
+
+    gateway, _, _ = await start(nursery, FakeUpstream(lambda rec: text_reply(rec)))
+    gateway.responses.loop_config = LoopConfig(persist_timeout=0.5)
+    assert gateway.responses.persist_timeout == 0.5
