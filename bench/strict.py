@@ -29,12 +29,12 @@ from hypercorn.trio import serve
 
 from onwards_trio import Gateway, parse_config
 from onwards_trio._app import hypercorn_config
+from onwards_trio._asgi import serve_lifespan
 from onwards_trio._sanitize import StreamSanitizer, generic_error_body, sanitize_chat_chunk
 from onwards_trio._sse import SSEFramer
 from onwards_trio._strict import (
     chat_chunk_coercer,
     response_event_coercer,
-    response_filter,
     sse_error_formatter,
 )
 
@@ -135,13 +135,8 @@ def upstream_app(n: int) -> Any:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         while (await receive()).get("more_body"):
             pass
         await send(
@@ -180,8 +175,6 @@ async def end_to_end(n: int, rounds: int) -> None:
         }
         for name, config in modes.items():
             gateway = Gateway(parse_config(config))
-            if response_filter not in gateway.proxy.filters:
-                gateway.proxy.filters.append(response_filter)
             info = await nursery.start(gateway.serve, "127.0.0.1", 0)
             async with httpx.AsyncClient(base_url=info.url, timeout=60) as client:
                 await stream_once(client)  # warm the connections

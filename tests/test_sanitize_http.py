@@ -10,46 +10,21 @@ import httpx
 import orjson
 import trio
 
-from onwards_trio._strict import response_filter
-from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
-
-CHAT = "/v1/chat/completions"
-SSE_HEADERS = [(b"content-type", b"text/event-stream")]
-
-
-def body(model: str = "gpt-4", **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hello"}], **extra}
+from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse
+from tests.test_sanitize import chunk
+from tests.test_strict_http import CHAT, SSE_HEADERS, body, exchange, gateway_client
 
 
 async def client_for(
     nursery: trio.Nursery, targets: dict[str, Any], **config: Any
 ) -> httpx.AsyncClient:
-    gateway, url = await start_gateway(nursery, {"targets": targets, **config})
-    if response_filter not in gateway.proxy.filters:  # until the gateway registers it itself
-        gateway.proxy.filters.append(response_filter)
-    return httpx.AsyncClient(base_url=url, timeout=10)
+    return await gateway_client(nursery, targets, **config)
 
 
 async def one(
     nursery: trio.Nursery, reply: Reply, target: dict[str, Any] | None = None, **req: Any
 ) -> tuple[httpx.Response, FakeUpstream]:
-    up = FakeUpstream(reply)
-    url = await serve_app(nursery, up)
-    spec = {"url": url, "sanitize_response": True, **(target or {})}
-    async with await client_for(nursery, {"gpt-4": spec}) as client:
-        r = await client.post(req.pop("path", CHAT), json=req.pop("json", body()), **req)
-    return r, up
-
-
-def chunk(content: str, model: str = "gpt-4-turbo", **extra: Any) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": model,
-        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
-        **extra,
-    }
+    return await exchange(nursery, reply, {"sanitize_response": True, **(target or {})}, **req)
 
 
 async def test_non_streaming_removes_unknown_fields(nursery: trio.Nursery) -> None:

@@ -10,10 +10,8 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from hypercorn.trio import serve as hypercorn_serve
 
 from onwards_trio import Gateway, parse_config
-from onwards_trio._app import hypercorn_config
 from onwards_trio._reload import GracefulShutdown
 from tests.support import FakeUpstream, Reply, serve_app, sse
 
@@ -107,35 +105,20 @@ async def test_first_signal_drains_second_signal_stops_now() -> None:
 # -- the gateway app under hypercorn's drain, over loopback ------------------------------------
 
 
-async def serve_draining(
-    nursery: trio.Nursery, gateway: Gateway, shutdown: GracefulShutdown
-) -> tuple[str, trio.Event]:
-    """Serve ``gateway`` the way ``Gateway.serve`` should with a trigger; returns (url, done)."""
-    done = trio.Event()
-    cfg = hypercorn_config("127.0.0.1", 0)
-    cfg.graceful_timeout = shutdown.grace
-
-    async def server(task_status: trio.TaskStatus[list[str]]) -> None:
-        try:
-            app: Any = gateway
-            await hypercorn_serve(app, cfg, shutdown_trigger=shutdown.wait, task_status=task_status)
-        finally:
-            done.set()
-
-    async def run(task_status: trio.TaskStatus[str]) -> None:
-        async with gateway.running():
-            binds = await gateway.nursery.start(server)
-            task_status.started(binds[0])
-            await done.wait()  # hypercorn returns once drained (or its grace cut the rest)
-
-    return await nursery.start(run), done
+async def draining_gateway(
+    nursery: trio.Nursery, reply: Reply, grace: float
+) -> tuple[Gateway, GracefulShutdown, FakeUpstream, str]:
+    """A gateway served by ``Gateway.serve`` under a :class:`GracefulShutdown`, in front of an
+    upstream answering ``reply``; returns it, the shutdown, the upstream and the base URL."""
+    up = FakeUpstream(reply)
+    gateway = Gateway(parse_config({"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}))
+    shutdown = GracefulShutdown(grace=grace)
+    info = await nursery.start(shutdown.serve, gateway.serve, "127.0.0.1", 0)
+    return gateway, shutdown, up, info.url
 
 
 async def test_in_flight_stream_finishes_during_the_drain(nursery: trio.Nursery) -> None:
-    up = FakeUpstream(stream_reply(6, 0.05))
-    gateway = Gateway(parse_config({"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}))
-    shutdown = GracefulShutdown(grace=10)
-    url, done = await serve_draining(nursery, gateway, shutdown)
+    _, shutdown, _, url = await draining_gateway(nursery, stream_reply(6, 0.05), grace=10)
     client = httpx.AsyncClient(base_url=url, timeout=10)
     async with client, client.stream("POST", CHAT, json=body(stream=True)) as r:
         chunks = r.aiter_bytes()
@@ -146,14 +129,11 @@ async def test_in_flight_stream_finishes_during_the_drain(nursery: trio.Nursery)
     assert received.endswith(b"data: [DONE]\n\n")
     assert received.count(b"data: ") == 7
     with trio.fail_after(5):
-        await done.wait()
+        await shutdown._finished.wait()  # the server returned once drained
 
 
 async def test_no_new_connections_during_the_drain(nursery: trio.Nursery) -> None:
-    up = FakeUpstream(stream_reply(4, 0.2))
-    gateway = Gateway(parse_config({"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}))
-    shutdown = GracefulShutdown(grace=10)
-    url, _ = await serve_draining(nursery, gateway, shutdown)
+    _, shutdown, _, url = await draining_gateway(nursery, stream_reply(4, 0.2), grace=10)
     client = httpx.AsyncClient(base_url=url, timeout=10)
     async with client, client.stream("POST", CHAT, json=body(stream=True)) as r:
         chunks = r.aiter_bytes()
@@ -170,11 +150,8 @@ async def test_no_new_connections_during_the_drain(nursery: trio.Nursery) -> Non
 async def test_stream_longer_than_the_grace_is_cut_and_releases_its_slot(
     nursery: trio.Nursery,
 ) -> None:
-    up = FakeUpstream(stream_reply(100, 0.1))  # 10 s of stream
-    config = {"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}
-    gateway = Gateway(parse_config(config))
-    shutdown = GracefulShutdown(grace=0.3)
-    url, done = await serve_draining(nursery, gateway, shutdown)
+    # 10 s of stream against a grace of 0.3 s
+    gateway, shutdown, up, url = await draining_gateway(nursery, stream_reply(100, 0.1), grace=0.3)
     client = httpx.AsyncClient(base_url=url, timeout=10)
     async with client, client.stream("POST", CHAT, json=body(stream=True)) as r:
         chunks = r.aiter_bytes()
@@ -186,25 +163,8 @@ async def test_stream_longer_than_the_grace_is_cut_and_releases_its_slot(
                 pass
     assert trio.current_time() - started < 3
     with trio.fail_after(5):
-        await done.wait()
+        await shutdown._finished.wait()
     assert gateway.targets.table.pools["gpt-4"].providers[0].concurrency.active == 0
     with trio.fail_after(5):
         while up.active:
             await trio.sleep(0.01)  # the upstream call was cancelled too, not left running
-
-
-async def test_gateway_serve_drains_with_the_trigger(nursery: trio.Nursery) -> None:
-    up = FakeUpstream(stream_reply(6, 0.05))
-    gateway = Gateway(parse_config({"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}))
-    shutdown = GracefulShutdown(grace=10)
-    info = await nursery.start(shutdown.serve, gateway.serve, "127.0.0.1", 0)
-    client = httpx.AsyncClient(base_url=info.url, timeout=10)
-    async with client, client.stream("POST", CHAT, json=body(stream=True)) as r:
-        chunks = r.aiter_bytes()
-        received = await anext(chunks)
-        shutdown.request()
-        async for chunk in chunks:
-            received += chunk
-    assert received.endswith(b"data: [DONE]\n\n")
-    with trio.fail_after(5):
-        await shutdown._finished.wait()

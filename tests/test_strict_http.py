@@ -14,8 +14,9 @@ import trio.testing
 from onwards_trio import Gateway, parse_config
 from onwards_trio._asgi import Receive, Scope, Send, send_json
 from onwards_trio._proxy import ProxyRequest
-from onwards_trio._strict import ResponsesHook, handle_strict, response_filter
+from onwards_trio._strict import ResponsesHook, handle_strict
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
+from tests.test_sanitize import chunk
 
 CHAT = "/v1/chat/completions"
 SSE_HEADERS = [(b"content-type", b"text/event-stream")]
@@ -25,40 +26,44 @@ def body(model: str = "gpt-4", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hello"}], **extra}
 
 
+async def gateway_client(
+    nursery: trio.Nursery, targets: dict[str, Any], **config: Any
+) -> httpx.AsyncClient:
+    """A client of a gateway serving ``targets`` (and the other ``config`` keys)."""
+    _, url = await start_gateway(nursery, {"targets": targets, **config})
+    return httpx.AsyncClient(base_url=url, timeout=10)
+
+
+async def exchange(
+    nursery: trio.Nursery, reply: Reply, target: dict[str, Any], /, **req: Any
+) -> tuple[httpx.Response, FakeUpstream]:
+    """One request (``CHAT`` with :func:`body` unless ``path`` / ``json`` say otherwise) through
+    a gateway whose alias ``gpt-4`` is ``target`` in front of an upstream answering ``reply``.
+    A ``config`` keyword holds extra top-level config keys."""
+    up = FakeUpstream(reply)
+    url = await serve_app(nursery, up)
+    config = req.pop("config", {})
+    async with await gateway_client(nursery, {"gpt-4": {"url": url, **target}}, **config) as c:
+        r = await c.post(req.pop("path", CHAT), json=req.pop("json", body()), **req)
+    return r, up
+
+
 async def client_for(
     nursery: trio.Nursery, targets: dict[str, Any], **config: Any
 ) -> httpx.AsyncClient:
-    gateway, url = await start_gateway(nursery, {"targets": targets, "strict_mode": True, **config})
-    if response_filter not in gateway.proxy.filters:  # until the gateway registers it itself
-        gateway.proxy.filters.append(response_filter)
-    return httpx.AsyncClient(base_url=url, timeout=10)
+    return await gateway_client(nursery, targets, strict_mode=True, **config)
 
 
 async def one(
     nursery: trio.Nursery, reply: Reply, target: dict[str, Any] | None = None, **req: Any
 ) -> tuple[httpx.Response, FakeUpstream]:
-    up = FakeUpstream(reply)
-    url = await serve_app(nursery, up)
-    async with await client_for(nursery, {"gpt-4": {"url": url, **(target or {})}}) as client:
-        r = await client.post(req.pop("path", CHAT), json=req.pop("json", body()), **req)
-    return r, up
+    return await exchange(nursery, reply, target or {}, config={"strict_mode": True}, **req)
 
 
 async def plain(nursery: trio.Nursery) -> tuple[httpx.AsyncClient, FakeUpstream]:
     up = FakeUpstream()
     client = await client_for(nursery, {"gpt-4": {"url": await serve_app(nursery, up)}})
     return client, up
-
-
-def chunk(content: str, model: str = "gpt-4-turbo", **extra: Any) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": model,
-        "choices": [{"index": 0, "delta": {"content": content}}],
-        **extra,
-    }
 
 
 def events(content: bytes) -> list[Any]:
@@ -426,18 +431,6 @@ async def test_embeddings_are_coerced(nursery: trio.Nursery) -> None:
     assert int(r.headers["content-length"]) == len(r.content)
 
 
-async def test_trusted_embeddings_error_is_verbatim(nursery: trio.Nursery) -> None:
-    original = b'{"error":{"code":"context_length_exceeded","metadata":{"max_tokens":8192}}}'
-    r, _ = await one(
-        nursery,
-        Reply(status=400, body=original),
-        {"trusted": True},
-        path="/v1/embeddings",
-        json={"model": "gpt-4", "input": "x"},
-    )
-    assert r.content == original
-
-
 RESP_REQ = {
     "model": "gpt-4",
     "input": [
@@ -567,8 +560,6 @@ async def hooked(
     up = FakeUpstream(Reply(body=b'{"id":"resp_up","output":[]}'))
     config = {"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}, "strict_mode": True}
     gateway = Gateway(parse_config(config))
-    if response_filter not in gateway.proxy.filters:
-        gateway.proxy.filters.append(response_filter)
 
     async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with gateway.running():  # owns (and finally closes) the upstream connections
@@ -627,18 +618,6 @@ async def test_completions_untrusted_error_is_generic(nursery: trio.Nursery) -> 
     assert b"OOM" not in r.content and b"custom-llm" not in r.content
 
 
-async def test_completions_trusted_error_is_verbatim(nursery: trio.Nursery) -> None:
-    original = b'{"error":{"message":"Context length exceeded","code":"context_length_exceeded"}}'
-    r, _ = await one(
-        nursery,
-        Reply(status=400, body=original),
-        {"trusted": True},
-        path="/v1/completions",
-        json={"model": "gpt-4"},
-    )
-    assert r.content == original
-
-
 async def test_trusted_responses_success_is_still_sanitised(nursery: trio.Nursery) -> None:
     reply = Reply(body=b'{"id":"resp_1","output":[],"provider_metadata":{"a":1}}')
     r, _ = await one(nursery, reply, {"trusted": True}, path="/v1/responses", json=RESP_REQ)
@@ -647,16 +626,35 @@ async def test_trusted_responses_success_is_still_sanitised(nursery: trio.Nurser
     assert int(r.headers["content-length"]) == len(r.content)
 
 
-async def test_trusted_responses_error_is_verbatim(nursery: trio.Nursery) -> None:
-    original = b'{"error":{"code":"oom_error","metadata":{"provider":"vllm"}}}'
-    r, _ = await one(
-        nursery,
-        Reply(status=500, body=original),
-        {"trusted": True},
-        path="/v1/responses",
-        json=RESP_REQ,
-    )
-    assert r.content == original
+@pytest.mark.parametrize(
+    ("path", "request_body", "status", "original"),
+    [
+        (
+            "/v1/embeddings",
+            {"model": "gpt-4", "input": "x"},
+            400,
+            b'{"error":{"code":"context_length_exceeded","metadata":{"max_tokens":8192}}}',
+        ),
+        (
+            "/v1/completions",
+            {"model": "gpt-4"},
+            400,
+            b'{"error":{"message":"Context length exceeded","code":"context_length_exceeded"}}',
+        ),
+        (
+            "/v1/responses",
+            RESP_REQ,
+            500,
+            b'{"error":{"code":"oom_error","metadata":{"provider":"vllm"}}}',
+        ),
+    ],
+)
+async def test_trusted_error_on_every_route_is_verbatim(
+    nursery: trio.Nursery, path: str, request_body: dict[str, Any], status: int, original: bytes
+) -> None:
+    reply = Reply(status=status, body=original)
+    r, _ = await one(nursery, reply, {"trusted": True}, path=path, json=request_body)
+    assert r.status_code == status and r.content == original
 
 
 async def test_trusted_streaming_success_is_still_sanitised(nursery: trio.Nursery) -> None:
