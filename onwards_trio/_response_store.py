@@ -115,7 +115,8 @@ class ResponseStore(Protocol):
         """Forget the response, its items and its events. ``False`` when unknown."""
 
     async def append_events(self, response_id: str, events: Sequence[StoredEvent]) -> None:
-        """Append events to the response's log (sequence numbers increase)."""
+        """Append events to the response's log (sequence numbers increase); nothing for an
+        unknown (or deleted) response."""
 
     async def events_after(self, response_id: str, after: int) -> list[StoredEvent]:
         """Logged events with ``sequence > after``, in order."""
@@ -295,11 +296,17 @@ class SqliteResponseStore:
     async def append_events(self, response_id: str, events: Sequence[StoredEvent]) -> None:
         if not events:
             return
-        rows = [(response_id, e.sequence, e.type, e.data) for e in events]
+        rows = [(response_id, e.sequence, e.type, e.data, response_id) for e in events]
 
         def insert(conn: sqlite3.Connection) -> None:
+            # Only for a response that exists (as the memory store): a loop still flushing
+            # after a DELETE must not leave its events behind.
             with transaction(conn):
-                conn.executemany("INSERT OR REPLACE INTO oresp_events VALUES (?, ?, ?, ?)", rows)
+                conn.executemany(
+                    "INSERT OR REPLACE INTO oresp_events SELECT ?, ?, ?, ? "
+                    "WHERE EXISTS (SELECT 1 FROM oresp_responses WHERE id = ?)",
+                    rows,
+                )
 
         await self._db.run(insert)
 

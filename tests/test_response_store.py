@@ -97,6 +97,14 @@ async def test_delete_forgets_response_and_events(store: ResponseStore) -> None:
     assert not await store.delete("resp_1")
 
 
+async def test_events_of_a_deleted_response_are_not_kept(store: ResponseStore) -> None:
+    # A background loop still flushing its log after a DELETE must not leave events behind.
+    await store.create(record())
+    assert await store.delete("resp_1")
+    await store.append_events("resp_1", [StoredEvent(0, "response.created", b"{}")])
+    assert await store.events_after("resp_1", -1) == []
+
+
 async def test_events_after_filters_and_orders(store: ResponseStore) -> None:
     await store.create(record())
     events = [StoredEvent(i, f"t{i}", b'{"n":%d}' % i) for i in range(5)]
