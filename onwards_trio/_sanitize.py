@@ -492,6 +492,7 @@ def _rewritten_headers(
 
 
 def is_json_type(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the (first) ``content-type`` is ``application/json`` or ``*/*+json``."""
     for k, v in headers:
         if k == b"content-type":
             media = v.split(b";", 1)[0].strip().lower()

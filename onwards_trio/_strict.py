@@ -142,13 +142,6 @@ def _bad_gateway() -> HTTPError:
 # --- request validation ---------------------------------------------------------------------
 
 
-def _media_type(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    for k, v in headers:
-        if k == b"content-type":
-            return v.split(b";", 1)[0].strip().lower()
-    return None
-
-
 def _unprocessable(exc: SchemaError) -> HTTPError:
     path = exc.path or None
     return HTTPError(
@@ -164,8 +157,7 @@ def _unprocessable(exc: SchemaError) -> HTTPError:
 
 def check_content_type(headers: list[tuple[bytes, bytes]]) -> None:
     """415 unless the request says it is JSON (``application/json`` or ``*/*+json``)."""
-    media = _media_type(headers)
-    if media is None or not (media == b"application/json" or media.endswith(b"+json")):
+    if not is_json_type(headers):
         raise HTTPError(
             415,
             error_body(
