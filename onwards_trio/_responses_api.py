@@ -227,6 +227,7 @@ class _Live:
         self._changed = trio.Event()
         self._pending: list[StoredEvent] = []
         self._last_flush = trio.current_time()
+        self._flush_lock = trio.Lock()
 
     def append(self, event: StoredEvent) -> None:
         self.events.append(event)
@@ -250,18 +251,35 @@ class _Live:
 
     async def maybe_flush(self, force: bool = False) -> None:
         """Write the pending events when a batch is due. Never raises (but ``Cancelled``): a
-        batch the store refused stays pending and goes with the next flush, and the loop
-        (whose event sink calls this) is never broken by its event log."""
-        now = trio.current_time()
-        due = len(self._pending) >= _FLUSH_EVERY or now - self._last_flush >= _FLUSH_INTERVAL
-        if self._pending and (force or due):
+        batch the store refused (or a cancelled write) stays pending and goes with the next
+        flush, and the loop (whose event sink calls this) is never broken by its event log.
+        Flushes are serialised, so batches reach the store in order."""
+        due = (
+            len(self._pending) >= _FLUSH_EVERY
+            or trio.current_time() - self._last_flush >= _FLUSH_INTERVAL
+        )
+        if not (self._pending and (force or due)):
+            return
+        async with self._flush_lock:
             batch, self._pending = self._pending, []
-            self._last_flush = now
+            if not batch:
+                return  # another flush took them while we waited
+            self._last_flush = trio.current_time()
             try:
                 await self.store.append_events(self.response_id, batch)
-            except Exception:
+            except BaseException as exc:
                 self._pending = batch + self._pending
+                if not isinstance(exc, Exception):
+                    raise
                 log.exception("response %s: could not store its events", self.response_id)
+
+    async def flush_while_running(self) -> None:
+        """Flush on a timer, so events do not wait in memory while the loop is quiet (a slow
+        model or tool): another process following the response sees them within
+        ``_FLUSH_INTERVAL``."""
+        while True:
+            await trio.sleep(_FLUSH_INTERVAL)
+            await self.maybe_flush()
 
 
 class _ResponseSink:
@@ -682,7 +700,10 @@ class ResponsesService:
                     await store.update(job.response_id, {**job.base, "status": "in_progress"})
                 except Exception:  # never into the service nursery: that would stop the gateway
                     log.exception("response %s: could not mark it in_progress", job.response_id)
-                await self._execute(job, _ResponseSink(job, live=live))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(live.flush_while_running)
+                    await self._execute(job, _ResponseSink(job, live=live))
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
                 await live.maybe_flush(force=True)

@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import httpx
 import openai
 import orjson
@@ -820,3 +821,24 @@ async def test_persist_timeout_follows_a_replaced_loop_config(nursery: trio.Nurs
     gateway, _, _ = await start(nursery, FakeUpstream(lambda rec: text_reply(rec)))
     gateway.responses.loop_config = LoopConfig(persist_timeout=0.5)
     assert gateway.responses.persist_timeout == 0.5
+
+
+async def test_background_events_reach_the_store_while_the_loop_waits(
+    nursery: trio.Nursery,
+) -> None:
+    # The model takes 3 s to answer: response.created / in_progress must not wait that long
+    # in memory (another process following the response reads them from the store).
+    def slow(rec: Recorded) -> Reply:
+        return attrs.evolve(text_reply(rec), delay=3.0)
+
+    gateway, client, _ = await start(nursery, FakeUpstream(slow))
+    queued = await sdk(lambda: client.responses.create(model="m", input="x", background=True))
+    store = gateway.responses.response_store
+    assert store is not None
+    with trio.fail_after(2):
+        while not await store.events_after(queued.id, -1):
+            await trio.sleep(0.05)
+    record = await store.get(queued.id)
+    assert record is not None and record.status == "in_progress"
+    types = [e.type for e in await store.events_after(queued.id, -1)]
+    assert types == ["response.created", "response.in_progress"]
