@@ -344,11 +344,11 @@ class StreamSanitizer:
             return None
         if type(obj) is not dict:
             return None
-        if obj.get("error") is not None:
-            return _event(self._format_error(obj))
         try:
+            if obj.get("error") is not None:
+                return _event(self._format_error(obj))
             return _event(orjson.dumps(self._coerce(obj)))
-        except (SchemaError, TypeError, orjson.JSONEncodeError):
+        except (SchemaError, TypeError):  # TypeError: also orjson.JSONEncodeError (too deep)
             return None
 
     def _malformed(self, size: int) -> bytes:

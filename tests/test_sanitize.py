@@ -291,6 +291,11 @@ def test_error_is_detected_before_coercion_even_beside_chunk_fields() -> None:
     assert b"secret" not in out
 
 
+def test_trusted_error_too_deep_to_reencode_ends_the_stream_cleanly() -> None:
+    deep = b'data: {"error": ' + b"[" * 300 + b"]" * 300 + b"}\n\n"
+    assert nonstrict(trusted=True).feed(deep) == STREAM_MALFORMED_EVENT
+
+
 def test_null_error_key_is_not_an_error() -> None:
     s = nonstrict()
     out = s.feed(data(chunk("a", error=None)))
