@@ -12,7 +12,7 @@ path — error, timeout, cancellation, disconnect — releases them.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any, Protocol
@@ -29,7 +29,7 @@ from ._errors import HTTPError
 from ._limits import Permit
 from ._model import ModelResponse
 from ._targets import Pool, Provider, Table, Targets
-from ._upstream import UpstreamClient, forward_headers, upstream_target
+from ._upstream import UpstreamClient, UpstreamResponse, forward_headers, upstream_target
 
 __all__ = [
     "FilterContext",
@@ -194,7 +194,7 @@ def parse_json_body(body: bytes) -> Any:
         return None
 
 
-async def _read_limited(response: httpcore.Response, limit: int) -> bytes:
+async def _read_limited(response: UpstreamResponse, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     async for chunk in response.aiter_stream():
@@ -300,7 +300,7 @@ class Proxy:
             raise errors.missing_model()
         return orjson.dumps({**data, "model": provider.model.decode()})
 
-    async def _send(self, request: ProxyRequest, provider: Provider) -> httpcore.Response:
+    async def _send(self, request: ProxyRequest, provider: Provider) -> UpstreamResponse:
         body = self._body_for(request, provider)
         target = upstream_target(provider, request.raw_path, request.query)
         length = None if not body and request.method in _BODYLESS else len(body)
@@ -438,7 +438,6 @@ class Proxy:
                 # Read the first chunk before answering: if the upstream dies before its first
                 # byte, nothing has reached the client yet and another attempt is still honest.
                 stream = response.aiter_stream()
-                assert isinstance(stream, AsyncGenerator)
                 try:
                     first: bytes | None = await stream.__anext__()
                 except StopAsyncIteration:
@@ -477,7 +476,7 @@ class Proxy:
 
     @staticmethod
     def _response_headers(
-        response: httpcore.Response, provider: Provider
+        response: UpstreamResponse, provider: Provider
     ) -> list[tuple[bytes, bytes]]:
         extra = provider.response_headers
         if extra:

@@ -1,29 +1,26 @@
 """Talking to upstreams: one pooled HTTP client, URL joining, request header filtering.
 
-The hot path uses httpcore's HTTP/1.1 connection (the transport under httpx) directly: it adds
-no default headers (httpx would add ``accept-encoding`` and so silently ask upstreams for
-compression the client never asked for), does not decompress, and skips httpx's per-request
-URL/cookie/auth machinery. Connections are pooled per origin and reused (``http_pool`` sets the
-keep-alive size and expiry); the pool is ours because httpcore's rescans all connections on
-every request.
+The hot path uses a lean HTTP/1.1 client of our own (``_http1``): it adds no default headers
+(httpx would add ``accept-encoding`` and so silently ask upstreams for compression the client
+never asked for), does not decompress, and costs a fraction of httpx/httpcore per request.
+Connections are pooled per origin and reused last-in first-out (``http_pool`` sets the
+keep-alive size and expiry); an idle connection the server closed is detected before reuse,
+and a request that met such a connection before any response byte is tried once more.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
-from typing import Any
 
-import httpcore
 import trio
-from httpcore._async.http11 import AsyncHTTP11Connection
-from httpcore._backends.trio import TrioBackend
 
 from ._config import HttpPool
+from ._http1 import Connection, NoResponse, Response
 from ._targets import Provider
 
 __all__ = [
     "UpstreamClient",
+    "UpstreamResponse",
     "dot_segments",
     "forward_headers",
     "upstream_target",
@@ -111,80 +108,88 @@ def upstream_target(provider: Provider, raw_path: bytes, query: bytes) -> bytes:
     return target
 
 
-class _ReturningStream:
-    """The response body stream; closing it hands the connection back to its host pool."""
+class UpstreamResponse:
+    """A response on a pooled connection; closing it (idempotent, shielded) hands the
+    connection back to the pool when it can carry another request, or closes it."""
 
-    __slots__ = ("_conn", "_inner", "_pool")
+    __slots__ = ("_conn", "_pool", "_response", "headers", "status")
 
-    def __init__(self, inner: Any, conn: AsyncHTTP11Connection, pool: _HostPool) -> None:
-        self._inner = inner
-        self._conn: AsyncHTTP11Connection | None = conn
+    def __init__(self, response: Response, conn: Connection, pool: _HostPool) -> None:
+        self._response = response
+        self._conn: Connection | None = conn
         self._pool = pool
+        self.status = response.status
+        self.headers = response.headers
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        it: AsyncIterator[bytes] = self._inner.__aiter__()
-        return it
+    def aiter_stream(self) -> UpstreamResponse:
+        return self
+
+    def __aiter__(self) -> UpstreamResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._response.__anext__()
 
     async def aclose(self) -> None:
-        # Idempotent (the body's end and the request's exit both close it) and shielded: this
-        # runs on the way out of cancelled requests too, and a connection that is neither
-        # returned nor closed would leak its socket.
         if self._conn is None:
             return
         conn, self._conn = self._conn, None
+        # Shielded: this runs on the way out of cancelled requests too, and a connection that
+        # is neither returned nor closed would leak its socket.
         with trio.CancelScope(shield=True):
-            await self._inner.aclose()
+            await self._response.aclose()
             await self._pool.release(conn)
 
 
 class _HostPool:
-    """Idle keep-alive connections to one origin, reused last-in first-out.
+    """Idle keep-alive connections to one origin, reused last-in first-out."""
 
-    httpcore's general pool rescans every connection for every request (quadratic under
-    load); one origin's idle list needs only a pop and a health check.
-    """
+    __slots__ = ("_client", "_idle", "host", "port", "scheme")
 
-    __slots__ = ("_client", "_idle", "origin")
-
-    def __init__(self, origin: httpcore.Origin, client: UpstreamClient) -> None:
-        self.origin = origin
+    def __init__(self, scheme: bytes, host: bytes, port: int, client: UpstreamClient) -> None:
+        self.scheme = scheme
+        self.host = host.decode("ascii").strip("[]")
+        self.port = port
         self._client = client
-        self._idle: list[AsyncHTTP11Connection] = []
+        self._idle: list[Connection] = []
 
-    async def _connect(self) -> AsyncHTTP11Connection:
-        origin = self.origin
-        host = origin.host.decode("ascii")
-        stream = await self._client.backend.connect_tcp(
-            host, origin.port, timeout=self._client.connect_timeout
-        )
-        try:
-            if origin.scheme == b"https":
-                stream = await stream.start_tls(
-                    self._client.ssl_context(),
-                    server_hostname=host,
-                    timeout=self._client.connect_timeout,
-                )
-        except BaseException:
-            await stream.aclose()
-            raise
-        return AsyncHTTP11Connection(origin, stream, self._client.keepalive_expiry)
-
-    async def request(self, request: httpcore.Request) -> httpcore.Response:
-        conn: AsyncHTTP11Connection | None = None
+    async def _connection(self) -> tuple[Connection, bool]:
         while self._idle:
-            candidate = self._idle.pop()
-            if candidate.is_idle() and not candidate.has_expired():
-                conn = candidate
-                break
-            await candidate.aclose()
-        if conn is None:
-            conn = await self._connect()
-        response = await conn.handle_async_request(request)
-        response.stream = _ReturningStream(response.stream, conn, self)
-        return response
+            conn = self._idle.pop()
+            if conn.is_healthy():
+                return conn, True
+            await conn.aclose()
+        client = self._client
+        conn = await Connection.connect(
+            self.scheme,
+            self.host,
+            self.port,
+            client.connect_timeout,
+            client.ssl_context() if self.scheme == b"https" else None,
+        )
+        return conn, False
 
-    async def release(self, conn: AsyncHTTP11Connection) -> None:
-        if conn.is_idle() and len(self._idle) < self._client.max_idle:
+    async def request(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> UpstreamResponse:
+        for _ in range(2):
+            conn, reused = await self._connection()
+            try:
+                response = await conn.request(method, target, headers, body)
+            except NoResponse:
+                await conn.aclose()
+                if reused:
+                    continue  # the server had closed that idle connection: one fresh try
+                raise
+            except BaseException:
+                await conn.aclose()
+                raise
+            return UpstreamResponse(response, conn, self)
+        raise NoResponse("no response on a fresh connection")  # pragma: no cover
+
+    async def release(self, conn: Connection) -> None:
+        if conn.reusable and len(self._idle) < self._client.max_idle:
+            conn.expires_at = trio.current_time() + self._client.keepalive_expiry
             self._idle.append(conn)
         else:
             await conn.aclose()
@@ -204,7 +209,6 @@ class UpstreamClient:
         self.max_idle = spec.max_idle_per_host
         self.keepalive_expiry = spec.idle_timeout_secs
         self.connect_timeout = 30.0
-        self.backend = TrioBackend()
         self._pools: dict[tuple[bytes, bytes, int | None], _HostPool] = {}
         self._ssl: ssl.SSLContext | None = None
 
@@ -222,26 +226,14 @@ class UpstreamClient:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-    ) -> httpcore.Response:
+    ) -> UpstreamResponse:
         """Send a request; returns once the response head arrived (body still streaming)."""
         key = (provider.scheme, provider.host, provider.port)
         pool = self._pools.get(key)
         if pool is None:
             port = provider.port or (443 if provider.scheme == b"https" else 80)
-            pool = self._pools[key] = _HostPool(
-                httpcore.Origin(provider.scheme, provider.host, port), self
-            )
-        url = httpcore.URL(
-            scheme=provider.scheme, host=provider.host, port=provider.port, target=target
-        )
-        request = httpcore.Request(
-            method,
-            url,
-            headers=headers,
-            content=body,
-            extensions={"timeout": {"connect": 30.0, "read": None, "write": 60.0, "pool": None}},
-        )
-        return await pool.request(request)
+            pool = self._pools[key] = _HostPool(provider.scheme, provider.host, port, self)
+        return await pool.request(method, target, headers, body)
 
     async def aclose(self) -> None:
         pools, self._pools = self._pools, {}

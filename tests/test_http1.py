@@ -1,0 +1,241 @@
+"""The lean HTTP/1.1 client: framing, keep-alive decisions, errors (over in-memory streams),
+and the pool's retry of a request that met a closed idle connection (over real sockets)."""
+
+from __future__ import annotations
+
+import httpcore
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from onwards_trio import parse_config
+from onwards_trio._http1 import Connection, NoResponse
+from onwards_trio._targets import Targets
+from onwards_trio._upstream import UpstreamClient
+
+HEADERS = [(b"host", b"upstream"), (b"content-length", b"2")]
+
+
+async def exchange(
+    answer: bytes, method: bytes = b"POST", pieces: int = 1
+) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool, bytes]:
+    """Send one request on a fresh connection whose server answers ``answer`` (cut into
+    ``pieces`` writes); return status, headers, body, reusable, and what the server read."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    conn = Connection(client_end)
+    received = b""
+
+    async def server() -> None:
+        nonlocal received
+        while b"\r\n\r\n" not in received:
+            received += await server_end.receive_some()
+        step = max(1, len(answer) // pieces)
+        for i in range(0, len(answer), step):
+            await server_end.send_all(answer[i : i + step])
+        await trio.testing.wait_all_tasks_blocked()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        response = await conn.request(method, b"/v1/x?q=1", HEADERS, b"{}")
+        body = b"".join([chunk async for chunk in response])
+    return response.status, response.headers, body, conn.reusable, received
+
+
+async def test_request_is_written_whole_and_as_given() -> None:
+    *_, received = await exchange(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    assert received == b"POST /v1/x?q=1 HTTP/1.1\r\nhost: upstream\r\ncontent-length: 2\r\n\r\n{}"
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 40])
+async def test_content_length_body(pieces: int) -> None:
+    status, headers, body, reusable, _ = await exchange(
+        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n"
+        b'{"a":"xyz"}',
+        pieces=pieces,
+    )
+    assert status == 201 and body == b'{"a":"xyz"}' and reusable
+    assert (b"Content-Type", b"application/json") in headers
+
+
+@given(cut=st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=30))
+async def test_chunked_body_survives_any_fragmentation(cut: list[int]) -> None:
+    raw = (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nx-trailer: t\r\n\r\n"
+    )
+    client_end, server_end = trio.testing.memory_stream_pair()
+    conn = Connection(client_end)
+
+    async def server() -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await server_end.receive_some()
+        i = 0
+        for n in cut * 20:
+            if i >= len(raw):
+                break
+            await server_end.send_all(raw[i : i + n])
+            i += n
+        await server_end.send_all(raw[i:])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        response = await conn.request(b"POST", b"/", HEADERS, b"{}")
+        body = b"".join([chunk async for chunk in response])
+    assert body == b"hello world"
+    assert conn.reusable
+
+
+@pytest.mark.parametrize(
+    ("answer", "method"),
+    [
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"POST"),
+        (b"HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n", b"HEAD"),
+    ],
+)
+async def test_answers_without_a_body(answer: bytes, method: bytes) -> None:
+    _, _, body, reusable, _ = await exchange(answer, method)
+    assert body == b"" and reusable
+
+
+async def test_body_until_close_is_not_reusable() -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    conn = Connection(client_end)
+
+    async def server() -> None:
+        await server_end.receive_some()
+        await server_end.send_all(b"HTTP/1.1 200 OK\r\n\r\nall of ")
+        await server_end.send_all(b"it")
+        await server_end.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        response = await conn.request(b"GET", b"/", [(b"host", b"u")], b"")
+        assert b"".join([c async for c in response]) == b"all of it"
+    assert not conn.reusable
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    ],
+)
+async def test_connection_close_and_http10_are_not_reused(answer: bytes) -> None:
+    _, _, body, reusable, _ = await exchange(answer)
+    assert body == b"ok" and not reusable
+
+
+async def test_interim_100_continue_is_skipped() -> None:
+    status, _, body, _, _ = await exchange(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    )
+    assert status == 200 and body == b"ok"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"garbage\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n", b"HTTP/1.1 200 OK\r\nno-colon\r\n\r\n"],
+)
+async def test_malformed_heads_are_protocol_errors(answer: bytes) -> None:
+    with pytest.RaisesGroup(httpcore.RemoteProtocolError):
+        await exchange(answer)
+
+
+async def test_a_server_that_closes_before_answering_is_no_response() -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    conn = Connection(client_end)
+
+    async def server() -> None:
+        await server_end.receive_some()
+        await server_end.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        with pytest.raises(NoResponse):
+            await conn.request(b"GET", b"/", [(b"host", b"u")], b"")
+
+
+async def test_a_body_cut_short_is_a_protocol_error() -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    conn = Connection(client_end)
+
+    async def server() -> None:
+        await server_end.receive_some()
+        await server_end.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+        await server_end.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        response = await conn.request(b"GET", b"/", [(b"host", b"u")], b"")
+        with pytest.raises(httpcore.RemoteProtocolError):
+            async for _ in response:
+                pass
+
+
+async def test_an_unread_body_makes_the_connection_unusable() -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    conn = Connection(client_end)
+
+    async def server() -> None:
+        await server_end.receive_some()
+        await server_end.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        response = await conn.request(b"GET", b"/", [(b"host", b"u")], b"")
+        await response.__anext__()
+        await response.aclose()
+    assert not conn.reusable
+
+
+async def test_pool_retries_once_when_a_kept_alive_connection_was_closed() -> None:
+    """The server answers the first request, then drops the idle connection without a FIN
+    the client could see in time; the second request must succeed on a fresh connection."""
+    connections = 0
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some()
+            if not chunk:
+                return
+            data += chunk
+        if first:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n1")
+            data = b""
+            while b"\r\n\r\n" not in data:  # read the second request, then hang up
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                data += chunk
+            await stream.aclose()
+            return
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n2")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handler, 0)
+        port = listeners[0].socket.getsockname()[1]
+        provider = (
+            Targets(parse_config({"targets": {"m": {"url": f"http://127.0.0.1:{port}"}}}))
+            .table.pools["m"]
+            .providers[0]
+        )
+        client = UpstreamClient()
+        bodies = []
+        for _ in range(2):
+            response = await client.send(provider, b"GET", b"/", [(b"host", b"x")], b"")
+            bodies.append(b"".join([c async for c in response]))
+            await response.aclose()
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert bodies == [b"1", b"2"]
+    assert connections == 2
