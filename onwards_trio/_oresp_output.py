@@ -445,6 +445,18 @@ def _part_added(item: _Item) -> Event:
     )
 
 
+def _text_delta(item: _Item, delta: str) -> Event:
+    """A piece of a message's text (``output_text.delta``) or of a reasoning summary
+    (``reasoning_summary_text.delta``)."""
+    base = {"item_id": item.item_id, "output_index": item.output_index}
+    if item.kind == "message":
+        return (
+            "response.output_text.delta",
+            {**base, "content_index": 0, "delta": delta, "logprobs": []},
+        )
+    return ("response.reasoning_summary_text.delta", {**base, "summary_index": 0, "delta": delta})
+
+
 class OutputIndexer:
     """Hands out a response's ``output_index`` values; shared by every translator of one
     response so concurrent model steps and tool outputs never collide."""
@@ -529,17 +541,7 @@ class ChatStreamTranslator:
                 events.append(_part_added(r))
             if not r.done:
                 r.text.append(reasoning)
-                events.append(
-                    (
-                        "response.reasoning_summary_text.delta",
-                        {
-                            "item_id": r.item_id,
-                            "output_index": r.output_index,
-                            "summary_index": 0,
-                            "delta": reasoning,
-                        },
-                    )
-                )
+                events.append(_text_delta(r, reasoning))
         content = delta.get("content")
         if isinstance(content, str) and content:
             self._close_reasoning(events, ci)
@@ -561,18 +563,7 @@ class ChatStreamTranslator:
                 events.append(_part_added(m))
             if not m.done:
                 m.text.append(content)
-                events.append(
-                    (
-                        "response.output_text.delta",
-                        {
-                            "item_id": m.item_id,
-                            "output_index": m.output_index,
-                            "content_index": 0,
-                            "delta": content,
-                            "logprobs": [],
-                        },
-                    )
-                )
+                events.append(_text_delta(m, content))
         tcs = delta.get("tool_calls")
         if isinstance(tcs, list):
             self._close_reasoning(events, ci)

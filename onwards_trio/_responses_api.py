@@ -40,7 +40,15 @@ import orjson
 import trio
 
 from . import _errors as errors
-from ._asgi import ClientDisconnected, Receive, Scope, Send, send_error, send_json
+from ._asgi import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    send_error,
+    send_json,
+    watch_disconnect,
+)
 from ._auth import bearer_token
 from ._errors import HTTPError, error_body
 from ._events import LoopEvent, LoopEventKind
@@ -811,7 +819,7 @@ class ResponsesService:
         """Stream a background response's events after ``after``, then follow it live."""
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
             live = self._live.get(response_id)
             if live is not None:
                 await _follow_live(live, after, send)
@@ -937,14 +945,6 @@ async def _follow_live(live: _Live, after: int, send: Send) -> None:
         if live.done:
             return
         await live.wait_beyond(index)
-
-
-async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
 
 
 def _method_not_allowed(allow: bytes) -> HTTPError:
