@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from functools import partial
 from typing import Any, Protocol
 
 import attrs
@@ -454,16 +453,18 @@ class Proxy:
                     _Body(
                         first,
                         stream if first is not None else None,
-                        partial(_aclose_shielded, response),
+                        response.aclose,
                     ),
                     request,
                     alias,
                     pool,
                     provider,
                 )
-                # Shielded closers: they also run on the way out of a cancelled relay.
-                stack.push_async_callback(_aclose_shielded, response)
-                stack.push_async_callback(_aclose_shielded, stream)
+                # The upstream client's close is idempotent and shields itself, so it is safe
+                # (and cheap) on the way out of a cancelled relay too.
+                stack.push_async_callback(response.aclose)
+                if stream is not response:
+                    stack.push_async_callback(_aclose_shielded, stream)
                 stack.callback(permit.release)
                 keep = True
                 return reply
