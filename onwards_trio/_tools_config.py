@@ -30,6 +30,7 @@ from ._tools import RequestContext, ToolError, ToolKind, ToolSchema
 
 __all__ = ["AgentSpec", "ConfigToolExecutor", "ToolTable", "tool_schema"]
 
+_ANSWER_LIMIT = 8 * 1024 * 1024
 _ERROR_TEXT_LIMIT = 500
 
 
@@ -134,24 +135,39 @@ class ConfigToolExecutor:
         }
         try:
             with trio.fail_after(spec.timeout_secs):
-                response = await self._client.post(
-                    spec.url, content=orjson.dumps(args), headers=headers
-                )
+                status, content = await self._post(spec.url, orjson.dumps(args), headers)
         except trio.TooSlowError:
             raise ToolError.timeout(
                 f"{name} did not answer within {spec.timeout_secs:g}s"
             ) from None
         except httpx.HTTPError as exc:
             raise ToolError.execution(f"{name}: {type(exc).__name__}") from None
-        if not 200 <= response.status_code < 300:
-            text = response.text[:_ERROR_TEXT_LIMIT]
-            raise ToolError.execution(f"{name} returned HTTP {response.status_code}: {text}")
-        if not response.content:
+        if content is None:
+            raise ToolError.execution(f"{name} answered more than {_ANSWER_LIMIT} bytes")
+        text = content.decode("utf-8", "replace")
+        if not 200 <= status < 300:
+            raise ToolError.execution(f"{name} returned HTTP {status}: {text[:_ERROR_TEXT_LIMIT]}")
+        if not content:
             return None
         try:
-            return orjson.loads(response.content)
+            return orjson.loads(content)
         except orjson.JSONDecodeError:
-            return response.text
+            return text
+
+    async def _post(
+        self, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> tuple[int, bytes | None]:
+        """POST and read the answer, refusing (``None``) past ``_ANSWER_LIMIT`` bytes: a tool's
+        answer goes back into the model's context, and a runaway one must not fill memory."""
+        async with self._client.stream("POST", url, content=body, headers=headers) as response:
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > _ANSWER_LIMIT:
+                    return response.status_code, None
+                parts.append(chunk)
+            return response.status_code, b"".join(parts)
 
 
 class _TargetsTools:

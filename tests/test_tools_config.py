@@ -180,3 +180,14 @@ async def test_reload_changes_the_offered_tools() -> None:
     finally:
         await ex.aclose()
     assert names == {"helper"}
+
+
+async def test_an_oversized_answer_is_an_execution_error(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("onwards_trio._tools_config._ANSWER_LIMIT", 1000)
+    tool = FakeUpstream(Reply(body=b'"' + b"x" * 5000 + b'"'))
+    _, ex = executor(config(await serve_app(nursery, tool)))
+    err = await tool_error(ex, "lookup", {})
+    assert err.kind is ToolErrorKind.EXECUTION
+    assert "more than 1000 bytes" in str(err)
