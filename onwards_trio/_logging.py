@@ -321,25 +321,21 @@ class RequestRecord:
     stream: bool | None = None
 
     def fields(self) -> dict[str, Any]:
+        """The access-line fields in order; the optional ones only when known."""
         out: dict[str, Any] = {
             "method": self.method,
             "path": self.path,
             "status": self.status,
             "duration_ms": round(self.duration * 1000.0, 3),
         }
-        if self.alias is not None:
-            out["alias"] = self.alias
-        if self.provider is not None:
-            out["provider"] = self.provider
-        if self.bytes_in is not None:
-            out["bytes_in"] = self.bytes_in
-        if self.bytes_out is not None:
-            out["bytes_out"] = self.bytes_out
-        if self.attempts is not None:
-            out["attempts"] = self.attempts
-        if self.stream is not None:
-            out["stream"] = self.stream
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
         return out
+
+
+_OPTIONAL_FIELDS: Final = ("alias", "provider", "bytes_in", "bytes_out", "attempts", "stream")
 
 
 #: Called with every finished :class:`RequestRecord` (the OpenTelemetry seam). An observer

@@ -418,14 +418,14 @@ def _token(v: Any) -> int:
     raise SchemaError("expected an integer token")
 
 
+_TEXTS_OR_TOKENS = _token_arrays(
+    "a string, an array of strings, an array of tokens or an array of token arrays"
+)
+
 COMPLETIONS_REQUEST = Obj(
     {
         "model": _req(string),
-        "prompt": F(
-            _token_arrays(
-                "a string, an array of strings, an array of tokens or an array of token arrays"
-            )
-        ),
+        "prompt": F(_TEXTS_OR_TOKENS),
         "suffix": F(string),
         "max_tokens": F(integer),
         "temperature": F(number),
@@ -449,11 +449,7 @@ COMPLETIONS_REQUEST = Obj(
 EMBEDDINGS_REQUEST = Obj(
     {
         "model": _req(string),
-        "input": _req(
-            _token_arrays(
-                "a string, an array of strings, an array of tokens or an array of token arrays"
-            )
-        ),
+        "input": _req(_TEXTS_OR_TOKENS),
         "encoding_format": F(const("float", "base64")),
         "dimensions": F(integer),
         "user": F(string),
