@@ -211,11 +211,18 @@ class PoolSpec:
 
 @attrs.frozen
 class StoreSpec:
-    """Where responses and loop steps are persisted: ``sqlite`` (default, one file) or
-    ``memory``."""
+    """Where responses and loop steps are persisted: ``sqlite`` (default, one file),
+    ``memory``, or ``postgres`` (shared by many gateway replicas; ``dsn`` is a libpq
+    connection string, ``pool_size`` its connection pool)."""
 
-    kind: Literal["sqlite", "memory"] = "sqlite"
+    kind: Literal["sqlite", "memory", "postgres"] = "sqlite"
     path: str = "onwards_trio.sqlite3"
+    dsn: str | None = None
+    pool_size: int = attrs.field(default=8, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind == "postgres" and not self.dsn:
+            raise ValueError("a postgres store needs a 'dsn'")
 
 
 @attrs.frozen
