@@ -22,8 +22,8 @@ UPSTREAM_KEY = "upstream-key-4d8e2b6a0c"
 PROMPT = "the-prompt-text-nobody-may-log"
 COMPLETION = "the-completion-text-nobody-may-log"
 
-# The gateway tells the access log which alias and provider served a request once the core
-# calls note_request() (see docs/operations.md, "Wiring").
+# The gateway tells the access log which alias and provider served a request through
+# note_request() (see docs/operations.md, "Wiring").
 
 
 @pytest.fixture
