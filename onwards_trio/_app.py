@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -248,30 +248,21 @@ class Gateway:
         return await self.relay(request, receive, send)
 
     async def relay(self, request: ProxyRequest, receive: Receive, send: Send) -> int:
-        """Run the pipeline for ``request`` and relay the reply, watching for disconnects."""
+        """Run the pipeline for ``request`` and relay the reply, watching for disconnects.
+
+        Anything unexpected propagates to the handler's safety net (a JSON 500 while no head
+        was sent, an aborted connection after).
+        """
         status = 499
-        started = False
-
-        async def tracked(message: MutableMapping[str, Any]) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
             try:
                 async with self.proxy.open_upstream(request) as reply:
                     status = reply.status
-                    await _send_reply(reply, tracked)
+                    await _send_reply(reply, send)
             except HTTPError as exc:
                 status = exc.status
                 await send_error(send, exc)
-            except Exception:
-                if started:
-                    raise  # mid-body: let the server abort the connection
-                log.exception("unexpected error while proxying a request")
-                status = 500
-                await send_error(send, errors.internal_error())
             nursery.cancel_scope.cancel()
         return status
 
