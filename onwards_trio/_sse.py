@@ -50,14 +50,20 @@ class SSEFramer:
     stream (an unterminated trailing block, possibly empty).
     """
 
-    __slots__ = ("_buf", "_line", "_max")
+    __slots__ = ("_buf", "_line", "_max", "_too_large")
 
     def __init__(self, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
         self._buf = bytearray()
         self._max = max_event_size
         self._line = 0  # offset in _buf of the first line not yet seen whole
+        self._too_large = False  # an oversized event is pending: raise on the next call
+
+    def _check(self) -> None:
+        if self._too_large:
+            raise SSEEventTooLarge(f"SSE event larger than {self._max} bytes")
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        self._check()
         buf = self._buf
         buf += chunk
         out: list[bytes] = []
@@ -85,10 +91,15 @@ class SSEFramer:
             del buf[:start]
         self._line = pos - start
         if len(buf) > self._max:
-            raise SSEEventTooLarge(f"SSE event larger than {self._max} bytes")
+            # The complete events before the oversized one are still delivered; the error
+            # comes with the next call, so output never depends on how bytes were chunked.
+            self._too_large = True
+            if not out:
+                self._check()
         return out
 
     def close(self) -> bytes:
+        self._check()
         rest = bytes(self._buf)
         self._buf.clear()
         self._line = 0
