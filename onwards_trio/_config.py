@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 DEFAULT_BODY_LIMIT = 32 * 1024 * 1024
+DEFAULT_SSE_EVENT_LIMIT = 16 * 1024 * 1024
 
 
 def _positive(_inst: object, attr: "attrs.Attribute[Any]", value: float | None) -> None:
@@ -233,6 +234,7 @@ class Config:
     http_pool: HttpPool | None = None
     tools: dict[str, ToolSpec] = attrs.field(factory=dict)
     body_limit_bytes: int = attrs.field(default=DEFAULT_BODY_LIMIT, validator=_positive)
+    sse_max_event_bytes: int = attrs.field(default=DEFAULT_SSE_EVENT_LIMIT, validator=_positive)
     store: StoreSpec = attrs.field(factory=StoreSpec)
     warnings: tuple[str, ...] = attrs.field(default=(), eq=False)
 

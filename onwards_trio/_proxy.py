@@ -24,6 +24,7 @@ import trio
 from . import _errors as errors
 from ._auth import bearer_token, evaluate_rules
 from ._balance import backoff_delays, plan_attempts, status_matches
+from ._config import DEFAULT_SSE_EVENT_LIMIT
 from ._errors import HTTPError
 from ._limits import Permit
 from ._model import ModelResponse
@@ -149,6 +150,7 @@ class FilterContext:
     pool: Pool
     provider: Provider | None
     strict: bool
+    max_event_size: int = DEFAULT_SSE_EVENT_LIMIT  # a sanitised SSE event larger ends the stream
 
     @property
     def trusted(self) -> bool:
@@ -324,7 +326,14 @@ class Proxy:
             reply = await self._attempts(request, alias, pool, stack)
             filters = self.filters
             if filters:
-                ctx = FilterContext(request, alias, pool, reply.provider, table.strict_mode)
+                ctx = FilterContext(
+                    request,
+                    alias,
+                    pool,
+                    reply.provider,
+                    table.strict_mode,
+                    table.config.sse_max_event_bytes,
+                )
                 for factory in filters:
                     flt = factory(ctx)
                     if flt is not None:

@@ -288,17 +288,23 @@ class StreamSanitizer:
             return b""
         blocks = self._framer.feed(chunk)
         self._pending += len(chunk)
-        out = []
+        out: list[bytes] = []
         for block in blocks:
             self._pending -= len(block)
+            if len(block) > self._max:  # whole but oversized: the same limit applies
+                return b"".join(self._too_large(out))
             out.append(self._block(block))
             if self._stopped():  # a malformed event ended the stream
                 return b"".join(out)
         if self._pending > self._max:
-            self.finished = True
-            log.warning("upstream SSE event over the size limit; stream ended")
-            out.append(STREAM_TOO_LARGE_EVENT)
+            self._too_large(out)
         return b"".join(out)
+
+    def _too_large(self, out: list[bytes]) -> list[bytes]:
+        self.finished = True
+        log.warning("upstream SSE event over the size limit; stream ended")
+        out.append(STREAM_TOO_LARGE_EVENT)
+        return out
 
     def _stopped(self) -> bool:
         # A method, not the attribute: the type checker would take ``finished`` to be still
@@ -725,6 +731,7 @@ class _NonStrictFilter:
             sanitizer = StreamSanitizer(
                 lambda o: sanitize_chat_chunk(o, alias),
                 stream_error_formatter(ctx.trusted, generic_error_body),
+                max_event_size=ctx.max_event_size,
             )
             return sse_reply(reply, sanitizer, errors.bad_gateway)
         return await json_reply(

@@ -395,7 +395,9 @@ class _StrictFilter:
         fallback_id = _StreamId(_ID_PREFIX[kind])
         if kind != "embeddings" and _wants_stream(reply, ctx):
             coerce = _STREAMED[kind](ctx.alias, fallback_id)
-            sanitizer = StreamSanitizer(coerce, sse_error_formatter(ctx.trusted))
+            sanitizer = StreamSanitizer(
+                coerce, sse_error_formatter(ctx.trusted), max_event_size=ctx.max_event_size
+            )
             return sse_reply(reply, sanitizer, _bad_gateway)
         return await json_reply(reply, _WHOLE[kind](ctx.alias, fallback_id), _bad_gateway)
 

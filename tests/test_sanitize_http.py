@@ -245,3 +245,19 @@ async def test_stored_completions_api_is_not_mangled(nursery: trio.Nursery) -> N
     async with await client_for(nursery, {"gpt-4": {"url": url, "sanitize_response": True}}) as c:
         r = await c.get(CHAT, headers={"model-override": "gpt-4"})
     assert r.status_code == 200 and r.content == listing
+
+
+async def test_configured_sse_event_cap_ends_the_stream_with_an_error_event(
+    nursery: trio.Nursery,
+) -> None:
+    chunks = [*sse(chunk("a"), done=False), *sse(chunk("x" * 5000))]
+    r, _ = await one(
+        nursery,
+        Reply(headers=SSE_HEADERS, chunks=chunks),
+        json=body(stream=True),
+        config={"sse_max_event_bytes": 1000},
+    )
+    events = [e for e in r.content.split(b"\n\n") if e]
+    assert len(events) == 2
+    assert orjson.loads(events[0][6:])["choices"][0]["delta"]["content"] == "a"
+    assert "error" in orjson.loads(events[1][6:])
