@@ -423,6 +423,18 @@ class ResponsesService:
             if spec.kind == "memory":
                 self.response_store = self.response_store or MemoryResponseStore()
                 self.step_store = self.step_store or MemoryStore()
+            elif spec.kind == "postgres":
+                # Imported here: psycopg is an optional extra, needed only for this kind.
+                from ._store_postgres import (
+                    PostgresDatabase,
+                    PostgresResponseStore,
+                    PostgresStore,
+                )
+
+                assert spec.dsn is not None  # StoreSpec refuses postgres without a dsn
+                database = PostgresDatabase(spec.dsn, pool_size=spec.pool_size)
+                self.response_store = self.response_store or PostgresResponseStore(database)
+                self.step_store = self.step_store or PostgresStore(database)
             else:
                 self.response_store = self.response_store or SqliteResponseStore(spec.path)
                 self.step_store = self.step_store or SqliteStore(spec.path)

@@ -1,4 +1,4 @@
-"""One suite for every ResponseStore implementation (memory and SQLite)."""
+"""One suite for every ResponseStore implementation (memory, SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,21 @@ from onwards_trio._response_store import (
     StoredResponse,
     can_transition,
 )
+from onwards_trio._store_postgres import PostgresResponseStore
+
+from .test_store_postgres import fresh_schema, needs_postgres
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=needs_postgres)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ResponseStore]:
+    if request.param == "postgres":
+        async with fresh_schema() as dsn:
+            pg = PostgresResponseStore(dsn)
+            try:
+                yield pg
+            finally:
+                await pg.aclose()
+        return
     s: ResponseStore
     if request.param == "memory":
         s = MemoryResponseStore()

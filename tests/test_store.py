@@ -23,9 +23,12 @@ from onwards_trio._steps import (
     StoreErrorKind,
 )
 from onwards_trio._store_memory import MemoryStore
+from onwards_trio._store_postgres import PostgresStore
 from onwards_trio._store_sqlite import SqliteStore, transaction
 from onwards_trio._tools import ToolSchema
 from onwards_trio._transition import ScopeView
+
+from .test_store_postgres import fresh_schema, needs_postgres
 
 MODEL = StepDescriptor.model_call({"model": "m", "messages": []})
 TOOL = StepDescriptor.tool_call("add", {"x": 1}, call_id="call_1")
@@ -38,11 +41,18 @@ def recording_transition(view: ScopeView) -> NextAction:
     return Complete({"chain": len(view.chain)})
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=needs_postgres)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MultiStepStore]:
     seen_views.clear()
     if request.param == "memory":
         yield MemoryStore(recording_transition)
+    elif request.param == "postgres":
+        async with fresh_schema() as dsn:
+            pg = PostgresStore(dsn, recording_transition)
+            try:
+                yield pg
+            finally:
+                await pg.aclose()
     else:
         s = SqliteStore(tmp_path / "loop.db", recording_transition)
         try:

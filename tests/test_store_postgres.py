@@ -1,0 +1,236 @@
+"""The PostgreSQL stores as several replicas see them: two store instances (two pools) on one
+database behave as one store, and two gateways on one database serve each other's responses.
+
+Needs a server: set ``ONWARDS_TEST_POSTGRES_DSN`` (``.ci/postgres.sh`` prints one); without it
+these tests are skipped. Each test gets a fresh schema (``search_path`` set through the DSN's
+``options``), dropped afterwards. The shared suites in ``test_store.py`` and
+``test_response_store.py`` use :func:`fresh_schema` too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import psycopg
+import psycopg.conninfo
+import pytest
+import trio
+
+from onwards_trio import Gateway, parse_config
+from onwards_trio._response_store import StoredEvent, StoredResponse
+from onwards_trio._steps import StepDescriptor, StepState, StoreError, StoreErrorKind
+from onwards_trio._store_postgres import (
+    PostgresDatabase,
+    PostgresResponseStore,
+    PostgresStore,
+)
+
+from .support import FakeUpstream, serve_app, start_gateway
+
+POSTGRES_DSN = os.environ.get("ONWARDS_TEST_POSTGRES_DSN", "")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_DSN, reason="set ONWARDS_TEST_POSTGRES_DSN (see .ci/postgres.sh)"
+)
+
+MODEL = StepDescriptor.model_call({"model": "m", "messages": []})
+
+
+def _admin(sql: str) -> None:
+    with psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql)
+
+
+@contextlib.asynccontextmanager
+async def fresh_schema() -> AsyncIterator[str]:
+    """A DSN whose ``search_path`` is a new, empty schema (dropped on exit)."""
+    name = "onwards_t_" + secrets.token_hex(6)
+    with trio.fail_after(15):
+        await trio.to_thread.run_sync(_admin, f"CREATE SCHEMA {name}")
+    try:
+        yield psycopg.conninfo.make_conninfo(POSTGRES_DSN, options=f"-c search_path={name}")
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(15):
+            await trio.to_thread.run_sync(_admin, f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture
+async def dsn() -> AsyncIterator[str]:
+    async with fresh_schema() as value:
+        yield value
+
+
+@contextlib.asynccontextmanager
+async def replicas(dsn: str) -> AsyncIterator[tuple[PostgresDatabase, PostgresDatabase]]:
+    """Two pools on one database, as two gateway processes would have."""
+    a, b = PostgresDatabase(dsn, pool_size=4), PostgresDatabase(dsn, pool_size=4)
+    try:
+        yield a, b
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+def record(rid: str) -> StoredResponse:
+    return StoredResponse(id=rid, response={"id": rid, "status": "in_progress", "output": []})
+
+
+# -- without a server -----------------------------------------------------------------------------
+
+
+async def test_an_unreachable_database_is_a_bounded_storage_error() -> None:
+    # Port 1 on loopback refuses at once; the pool retries until connect_timeout, then gives up.
+    store = PostgresStore(
+        PostgresDatabase("postgresql://nobody@127.0.0.1:1/x", connect_timeout=0.5)
+    )
+    with trio.fail_after(10), pytest.raises(StoreError) as info:
+        await store.list_chain("a", None)
+    assert info.value.kind is StoreErrorKind.STORAGE
+    await store.aclose()
+
+
+def test_the_postgres_kind_builds_one_pool_for_both_stores() -> None:
+    gateway = Gateway(
+        parse_config(
+            {
+                "targets": {"m": {"url": "http://127.0.0.1:9/v1"}},
+                "store": {
+                    "kind": "postgres",
+                    "dsn": "postgresql://x@127.0.0.1:1/y",
+                    "pool_size": 3,
+                },
+            }
+        )
+    )
+    responses, steps = gateway.responses._stores()
+    assert isinstance(responses, PostgresResponseStore)
+    assert isinstance(steps, PostgresStore)
+    assert responses.database is steps.database
+    assert (steps.database.dsn, steps.database.pool_size) == ("postgresql://x@127.0.0.1:1/y", 3)
+
+
+# -- two replicas on one database -----------------------------------------------------------------
+
+
+@needs_postgres
+async def test_two_replicas_allocate_distinct_gap_free_sequences(dsn: str) -> None:
+    async with replicas(dsn) as (a, b):
+        stores = [PostgresStore(a), PostgresStore(b)]
+        got: list[int] = []
+
+        async def record_steps(store: PostgresStore) -> None:
+            for _ in range(15):
+                got.append((await store.record_step("r", None, None, MODEL)).sequence)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for store in stores:
+                    for _ in range(4):
+                        nursery.start_soon(record_steps, store)
+        assert sorted(got) == list(range(1, 121))
+        assert [s.sequence for s in await stores[1].list_chain("r", None)] == list(range(1, 121))
+
+
+@needs_postgres
+async def test_two_replicas_creating_the_schema_at_once_both_succeed(dsn: str) -> None:
+    async with replicas(dsn) as (a, b), trio.open_nursery() as nursery:
+        nursery.start_soon(PostgresStore(a).list_chain, "r", None)
+        nursery.start_soon(PostgresResponseStore(b).get, "resp_x")
+
+
+@needs_postgres
+async def test_a_step_canceled_on_one_replica_cannot_complete_on_the_other(dsn: str) -> None:
+    async with replicas(dsn) as (a, b):
+        first, second = PostgresStore(a), PostgresStore(b)
+        rec = await first.record_step("r", None, None, MODEL)
+        await second.mark_step_processing(rec.id)
+        assert await first.cancel_step(rec.id, {"type": "canceled"})
+        with pytest.raises(StoreError) as info:
+            await second.complete_step(rec.id, {"late": True})
+        assert info.value.kind is StoreErrorKind.CONFLICT
+        assert (await second.get_step(rec.id)).state is StepState.CANCELED
+
+
+@needs_postgres
+async def test_a_terminal_status_written_by_one_replica_is_final_for_the_other(dsn: str) -> None:
+    async with replicas(dsn) as (a, b):
+        first, second = PostgresResponseStore(a), PostgresResponseStore(b)
+        await first.create(record("resp_1"))
+        cancel = {"id": "resp_1", "status": "cancelled", "output": []}
+        done = {"id": "resp_1", "status": "completed", "output": [{"type": "x"}]}
+        results: dict[str, bool] = {}
+
+        async def write(name: str, store: PostgresResponseStore, body: dict[str, Any]) -> None:
+            results[name] = await store.update("resp_1", body)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write, "cancel", first, cancel)
+            nursery.start_soon(write, "done", second, done)
+        assert sorted(results.values()) == [False, True]  # exactly one writer won
+        got = await second.get("resp_1")
+        assert got is not None
+        assert got.status == ("cancelled" if results["cancel"] else "completed")
+
+
+@needs_postgres
+async def test_events_appended_after_another_replica_deleted_are_not_kept(dsn: str) -> None:
+    async with replicas(dsn) as (a, b):
+        first, second = PostgresResponseStore(a), PostgresResponseStore(b)
+        await first.create(record("resp_1"))
+        assert await second.delete("resp_1")
+        await first.append_events("resp_1", [StoredEvent(0, "response.created", b"{}")])
+        assert await second.events_after("resp_1", -1) == []
+
+
+@needs_postgres
+async def test_event_data_is_kept_byte_for_byte(dsn: str) -> None:
+    store = PostgresResponseStore(dsn)
+    try:
+        await store.create(record("resp_1"))
+        data = b'{"b": 1,  "a": "\xc3\xa9"}'  # key order and spacing as sent
+        await store.append_events("resp_1", [StoredEvent(3, "response.created", data)])
+        assert await store.events_after("resp_1", 0) == [StoredEvent(3, "response.created", data)]
+    finally:
+        await store.aclose()
+
+
+@needs_postgres
+async def test_a_nul_character_jsonb_refuses_is_a_serialization_error(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    try:
+        with pytest.raises(StoreError) as info:
+            await store.record_step("r", None, None, StepDescriptor.model_call({"x": "a\x00b"}))
+        assert info.value.kind is StoreErrorKind.SERIALIZATION
+        assert await store.list_chain("r", None) == []
+    finally:
+        await store.aclose()
+
+
+# -- two gateways on one database -----------------------------------------------------------------
+
+
+@needs_postgres
+async def test_a_response_made_by_one_gateway_is_retrieved_from_another(
+    nursery: trio.Nursery, dsn: str
+) -> None:
+    from .test_responses_api import sdk, text_reply
+
+    upstream_url = await serve_app(nursery, FakeUpstream(lambda rec: text_reply(rec)))
+    config = {
+        "targets": {"m": {"url": upstream_url + "/v1", "open_responses": {"adapter": True}}},
+        "store": {"kind": "postgres", "dsn": dsn, "pool_size": 2},
+    }
+    _, url_a = await start_gateway(nursery, config)
+    _, url_b = await start_gateway(nursery, config)
+    with (
+        openai.OpenAI(base_url=url_a + "/v1", api_key="k", max_retries=0, timeout=15) as a,
+        openai.OpenAI(base_url=url_b + "/v1", api_key="k", max_retries=0, timeout=15) as b,
+    ):
+        made = await sdk(lambda: a.responses.create(model="m", input="Hi"))
+        got = await sdk(lambda: b.responses.retrieve(made.id))
+    assert made.status == "completed"
+    assert (got.id, got.status, got.output_text) == (made.id, "completed", "Hello world")
