@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import openai
+import orjson
 import psycopg
 import psycopg.conninfo
 import pytest
@@ -31,6 +32,7 @@ from onwards_trio._store_postgres import (
 )
 
 from .support import FakeUpstream, serve_app, start_gateway
+from .test_responses_api import TEXT_EVENTS, sdk, text_reply
 
 POSTGRES_DSN = os.environ.get("ONWARDS_TEST_POSTGRES_DSN", "")
 needs_postgres = pytest.mark.skipif(
@@ -213,24 +215,71 @@ async def test_a_nul_character_jsonb_refuses_is_a_serialization_error(dsn: str) 
 # -- two gateways on one database -----------------------------------------------------------------
 
 
-@needs_postgres
-async def test_a_response_made_by_one_gateway_is_retrieved_from_another(
-    nursery: trio.Nursery, dsn: str
-) -> None:
-    from .test_responses_api import sdk, text_reply
+@contextlib.contextmanager
+def two_clients(url_a: str, url_b: str) -> Iterator[tuple[openai.OpenAI, openai.OpenAI]]:
+    with (
+        openai.OpenAI(base_url=url_a + "/v1", api_key="k", max_retries=0, timeout=15) as a,
+        openai.OpenAI(base_url=url_b + "/v1", api_key="k", max_retries=0, timeout=15) as b,
+    ):
+        yield a, b
 
-    upstream_url = await serve_app(nursery, FakeUpstream(lambda rec: text_reply(rec)))
+
+async def two_gateways(nursery: trio.Nursery, dsn: str, upstream: FakeUpstream) -> tuple[str, str]:
+    """Two gateways (two pools, as two replicas) on one database; their base URLs."""
+    upstream_url = await serve_app(nursery, upstream)
     config = {
         "targets": {"m": {"url": upstream_url + "/v1", "open_responses": {"adapter": True}}},
         "store": {"kind": "postgres", "dsn": dsn, "pool_size": 2},
     }
     _, url_a = await start_gateway(nursery, config)
     _, url_b = await start_gateway(nursery, config)
-    with (
-        openai.OpenAI(base_url=url_a + "/v1", api_key="k", max_retries=0, timeout=15) as a,
-        openai.OpenAI(base_url=url_b + "/v1", api_key="k", max_retries=0, timeout=15) as b,
-    ):
+    return url_a, url_b
+
+
+@needs_postgres
+async def test_a_response_made_by_one_gateway_is_retrieved_from_another(
+    nursery: trio.Nursery, dsn: str
+) -> None:
+    url_a, url_b = await two_gateways(nursery, dsn, FakeUpstream(lambda rec: text_reply(rec)))
+    with two_clients(url_a, url_b) as (a, b):
         made = await sdk(lambda: a.responses.create(model="m", input="Hi"))
         got = await sdk(lambda: b.responses.retrieve(made.id))
     assert made.status == "completed"
     assert (got.id, got.status, got.output_text) == (made.id, "completed", "Hello world")
+
+
+@needs_postgres
+async def test_a_background_response_is_resumed_on_another_gateway(
+    nursery: trio.Nursery, dsn: str
+) -> None:
+    url_a, url_b = await two_gateways(nursery, dsn, FakeUpstream(lambda rec: text_reply(rec)))
+    with two_clients(url_a, url_b) as (a, b):
+        queued = await sdk(lambda: a.responses.create(model="m", input="x", background=True))
+        with trio.fail_after(10):
+            while (await sdk(lambda: b.responses.retrieve(queued.id))).status != "completed":
+                await trio.sleep(0.05)
+
+        def resume() -> list[Any]:
+            with b.responses.retrieve(queued.id, stream=True, starting_after=3) as stream:
+                return list(stream)
+
+        events = await sdk(resume)
+    assert [e.sequence_number for e in events] == list(range(4, len(TEXT_EVENTS)))
+    assert [e.type for e in events] == TEXT_EVENTS[4:]
+
+
+@needs_postgres
+async def test_a_follow_up_on_another_gateway_replays_the_conversation(
+    nursery: trio.Nursery, dsn: str
+) -> None:
+    upstream = FakeUpstream(lambda rec: text_reply(rec))
+    url_a, url_b = await two_gateways(nursery, dsn, upstream)
+    with two_clients(url_a, url_b) as (a, b):
+        first = await sdk(lambda: a.responses.create(model="m", input="one"))
+        second = await sdk(
+            lambda: b.responses.create(model="m", input="two", previous_response_id=first.id)
+        )
+    assert second.status == "completed"
+    messages = upstream.requests[-1].json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert "Hello world" in orjson.dumps(messages[1]).decode()
