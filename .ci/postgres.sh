@@ -10,7 +10,7 @@
 #
 #   export ONWARDS_TEST_POSTGRES_DSN="$(.ci/postgres.sh | tail -n 1)"
 #
-# Stop it with: runuser -u postgres -- "$(dirname "$(command -v pg_ctl || ls -d /usr/lib/postgresql/*/bin/pg_ctl | tail -n 1)")"/pg_ctl -D /tmp/onwards-trio-pg/data stop
+# Stop it with (as root): runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D /tmp/onwards-trio-pg/data stop
 set -euo pipefail
 
 dir="${ONWARDS_PG_DIR:-/tmp/onwards-trio-pg}"
@@ -80,12 +80,26 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 chmod 700 "$dir"
 
-port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 as_pg "$bindir/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 \
     --no-sync >&2
-as_pg "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-    start >&2 || { cat "$dir/server.log" >&2; exit 1; }
+# The port is free when picked but may be taken before the server binds it: try a few.
+started=""
+for _ in 1 2 3; do
+    port="$(free_port)"
+    if as_pg "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+        start >&2; then
+        started=1
+        break
+    fi
+done
+if [ -z "$started" ]; then
+    cat "$dir/server.log" >&2
+    exit 1
+fi
 as_pg sh -c "echo '$port' > '$dir/port'"
 ensure_db "$port"
 log "started a server in $dir"
