@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import httpcore
@@ -40,6 +40,7 @@ from ._logging import begin_exchange, current_status, finish_exchange, note_requ
 from ._metrics import endpoint_label
 from ._proxy import Proxy, ProxyModelTransport, ProxyRequest, UpstreamReply, parse_json_body
 from ._responses_api import ResponsesService
+from ._server import serve as serve_http
 from ._strict import handle_strict, response_filter
 from ._targets import Targets
 from ._upstream import UpstreamClient, dot_segments
@@ -148,24 +149,38 @@ class Gateway:
         *,
         shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
         grace: float = 30.0,
+        server: Literal["onwards", "hypercorn"] = "onwards",
         task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled. ``task_status.started`` receives a :class:`ServeInfo`."""
-        cfg = hypercorn_config(host, port)
-        cfg.graceful_timeout = grace
+        """Serve until cancelled, or until ``shutdown_trigger`` returns and in-flight requests
+        had ``grace`` seconds to finish. ``task_status.started`` receives a
+        :class:`ServeInfo`. ``server="hypercorn"`` uses hypercorn (HTTP/2, h2c) instead of
+        the lean built-in HTTP/1.1 server."""
         done = trio.Event()
 
-        async def server(task_status: trio.TaskStatus[Sequence[str]]) -> None:
-            app: Any = self  # hypercorn's app type is narrower than our raw ASGI typing
+        async def listener(task_status: trio.TaskStatus[Sequence[str]]) -> None:
             try:
-                await hypercorn_serve(
-                    app, cfg, shutdown_trigger=shutdown_trigger, task_status=task_status
-                )
+                if server == "hypercorn":
+                    cfg = hypercorn_config(host, port)
+                    cfg.graceful_timeout = grace
+                    app: Any = self  # hypercorn's app type is narrower than raw ASGI typing
+                    await hypercorn_serve(
+                        app, cfg, shutdown_trigger=shutdown_trigger, task_status=task_status
+                    )
+                else:
+                    await serve_http(
+                        self,
+                        host,
+                        port,
+                        shutdown_trigger=shutdown_trigger,
+                        grace=grace,
+                        task_status=task_status,
+                    )
             finally:
                 done.set()
 
         async with self.running():
-            binds: Sequence[str] = await self.nursery.start(server)
+            binds: Sequence[str] = await self.nursery.start(listener)
             url = binds[0] if binds else f"http://{host}:{port}"
             log.info("onwards-trio listening on %s", url)
             task_status.started(ServeInfo(url=url))
