@@ -115,6 +115,29 @@ def test_the_postgres_kind_builds_one_pool_for_both_stores() -> None:
     assert (steps.database.dsn, steps.database.pool_size) == ("postgresql://x@127.0.0.1:1/y", 3)
 
 
+@needs_postgres
+async def test_aclose_in_a_cancelled_scope_still_closes_the_pool(dsn: str) -> None:
+    database = PostgresDatabase(dsn)
+    await PostgresStore(database).list_chain("r", None)
+    pool = database._pool
+    assert pool is not None and not pool.closed
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await database.aclose()
+    assert pool.closed
+
+
+@needs_postgres
+async def test_a_closed_store_opens_its_pool_again_when_used(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    rec = await store.record_step("r", None, None, MODEL)
+    await store.aclose()
+    try:
+        assert [s.id for s in await store.list_chain("r", None)] == [rec.id]
+    finally:
+        await store.aclose()
+
+
 # -- two replicas on one database -----------------------------------------------------------------
 
 
