@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from functools import partial
 from collections.abc import Sequence
 
 import trio
@@ -37,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-prefix", default="onwards", help="metric name prefix")
     p.add_argument("--no-watch", action="store_true", help="do not hot-reload the config file")
     p.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
+    p.add_argument(
+        "--server",
+        choices=["onwards", "hypercorn"],
+        default="onwards",
+        help="HTTP server: the built-in HTTP/1.1 one (default, fastest) or hypercorn (HTTP/2)",
+    )
     p.add_argument(
         "--shutdown-grace",
         type=float,
@@ -88,7 +95,8 @@ async def _run(args: argparse.Namespace) -> None:
             await nursery.start(reload_on_sighup, watcher)
             if not args.no_watch:
                 await nursery.start(watcher.run)
-        info = await nursery.start(shutdown.serve, gateway.serve, host, args.port)
+        serve = partial(gateway.serve, server=args.server)
+        info = await nursery.start(shutdown.serve, serve, host, args.port)
         if args.command == "demo":
             print(
                 f"onwards-trio demo ready: try\n"

@@ -58,3 +58,34 @@ def test_demo_starts_answers_and_exits_cleanly_on_ctrl_c() -> None:
     assert "Traceback" not in out
     # Python's own start-up is part of this; the gateway itself adds little.
     assert ready < 10
+
+
+def test_the_hypercorn_server_option_serves_the_same_gateway() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onwards_trio", "demo", "--port", "0", "--no-metrics"]
+        + ["--server", "hypercorn"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None and time.monotonic() < deadline:
+            match = re.search(r"listening on (http://\S+)", proc.stdout.readline())
+            url = match.group(1) if match else None
+        assert url is not None
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=10,
+        )
+        assert chat.json()["choices"][0]["message"]["content"] == "You said: hi"
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
