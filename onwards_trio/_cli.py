@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 from hypercorn.trio import serve as hypercorn_serve

@@ -62,8 +62,7 @@ def test_demo_starts_answers_and_exits_cleanly_on_ctrl_c() -> None:
 
 def test_the_hypercorn_server_option_serves_the_same_gateway() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "onwards_trio", "demo", "--port", "0", "--no-metrics"]
-        + ["--server", "hypercorn"],
+        [sys.executable, "-m", "onwards_trio", "demo", "--port", "0", "--server", "hypercorn"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
