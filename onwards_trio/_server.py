@@ -20,6 +20,7 @@ Requests with both ``content-length`` and ``transfer-encoding`` are refused (smu
 from __future__ import annotations
 
 import logging
+import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -450,7 +451,14 @@ class _Response:
         )
 
 
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+
+
 def _parse_head(head: bytes) -> tuple[str, bytes, bytes, list[tuple[bytes, bytes]]]:
+    """Parse a request head strictly: whatever passes here is forwarded upstream, so a bare CR
+    or LF, a NUL, a control byte in the target or a malformed name must not get through."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3:
@@ -458,14 +466,14 @@ def _parse_head(head: bytes) -> tuple[str, bytes, bytes, list[tuple[bytes, bytes
     method, target, version = parts
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or not method.isalpha() or not target:
         raise _BadRequest
-    if len(lines) - 1 > _MAX_HEADERS:
+    if _BAD_TARGET.search(target) or len(lines) - 1 > _MAX_HEADERS:
         raise _BadRequest
     headers = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
-            raise _BadRequest  # no obs-fold, no whitespace before the colon
-        headers.append((name.lower(), value.strip()))
+        if not sep or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+            raise _BadRequest  # no obs-fold, no whitespace before the colon, no bare CR/LF
+        headers.append((name.lower(), value.strip(b" \t")))
     return method.decode("ascii"), target, version, headers
 
 

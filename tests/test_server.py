@@ -183,6 +183,10 @@ async def test_head_gets_no_body(nursery: trio.Nursery) -> None:
         b"GET / HTTP/1.1\r\n folded: header\r\n\r\n",
         b"POST / HTTP/1.1\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\ncontent-length: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nx-a: 1\ninjected: 2\r\n\r\n",
+        b"GET / HTTP/1.1\r\nx-a: 1\x00\r\n\r\n",
+        b"GET /a\x01b HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nbad name: 1\r\n\r\n",
     ],
 )
 async def test_malformed_requests_get_a_json_400_and_the_connection_closes(
