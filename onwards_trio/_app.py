@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import httpcore
@@ -42,8 +42,11 @@ from ._proxy import Proxy, ProxyModelTransport, ProxyRequest, UpstreamReply, par
 from ._responses_api import ResponsesService
 from ._server import serve as serve_http
 from ._strict import handle_strict, response_filter
-from ._targets import Targets
+from ._targets import Targets, build_table
 from ._upstream import UpstreamClient, dot_segments
+
+if TYPE_CHECKING:
+    from ._limits_redis import SharedLimits
 
 __all__ = ["Gateway", "ServeInfo"]
 
@@ -92,6 +95,14 @@ class Gateway:
 
     def __init__(self, config: Config) -> None:
         self.targets = Targets(config)
+        # Limits shared with other replicas through Redis (SPEC §3.6), when configured; its
+        # client opens in running(). Absent: in-process limits, at no extra cost.
+        self.shared_limits: SharedLimits | None = None
+        if config.shared_limits is not None:
+            from ._limits_redis import SharedLimits  # coredis is an optional extra
+
+            self.shared_limits = SharedLimits(config.shared_limits)
+            self.targets.table = build_table(config, shared=self.shared_limits)
         self.client = UpstreamClient(config.http_pool)
         self.proxy = Proxy(self.targets, self.client)
         # Sanitisation and strict mode: one factory that answers None (zero cost per chunk)
@@ -134,6 +145,8 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
+                    if self.shared_limits is not None:
+                        await nursery.start(self.shared_limits.run)
                     yield self
                 finally:
                     nursery.cancel_scope.cancel()

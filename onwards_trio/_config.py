@@ -35,6 +35,7 @@ __all__ = [
     "RateLimitSpec",
     "RoutingAction",
     "RoutingRule",
+    "SharedLimitsSpec",
     "StoreSpec",
     "ToolSpec",
     "load_config",
@@ -227,6 +228,20 @@ class StoreSpec:
 
 
 @attrs.frozen
+class SharedLimitsSpec:
+    """Rate and concurrency limits shared by every replica through Redis (docs/shared-limits.md).
+
+    ``timeout_ms`` bounds each Redis call (past it the request falls back to in-process limits);
+    ``lease_secs`` is how long a dead replica's concurrency slots can outlive it.
+    """
+
+    redis_url: str
+    key_prefix: str = "onwards"
+    timeout_ms: float = attrs.field(default=50.0, validator=_positive)
+    lease_secs: float = attrs.field(default=300.0, validator=_positive)
+
+
+@attrs.frozen
 class Config:
     targets: dict[str, PoolSpec]
     auth: Auth | None = None
@@ -236,6 +251,7 @@ class Config:
     body_limit_bytes: int = attrs.field(default=DEFAULT_BODY_LIMIT, validator=_positive)
     sse_max_event_bytes: int = attrs.field(default=DEFAULT_SSE_EVENT_LIMIT, validator=_positive)
     store: StoreSpec = attrs.field(factory=StoreSpec)
+    shared_limits: SharedLimitsSpec | None = None
     warnings: tuple[str, ...] = attrs.field(default=(), eq=False)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import httpcore
@@ -23,13 +23,16 @@ import trio
 
 from . import _errors as errors
 from ._auth import bearer_token, evaluate_rules
-from ._balance import backoff_delays, plan_attempts, status_matches
+from ._balance import backoff_delays, plan_attempts, select, status_matches
 from ._config import DEFAULT_SSE_EVENT_LIMIT
 from ._errors import HTTPError
 from ._limits import Permit
 from ._model import ModelResponse
 from ._targets import Pool, Provider, Table, Targets
 from ._upstream import UpstreamClient, UpstreamResponse, forward_headers, upstream_target
+
+if TYPE_CHECKING:
+    from ._limits_redis import SharedLimits, SharedPermit
 
 __all__ = [
     "FilterContext",
@@ -259,8 +262,13 @@ class Proxy:
             raise errors.service_unavailable()
         return alias, pool, token
 
-    def _admit(self, table: Table, pool: Pool, token: str | None, stack: AsyncExitStack) -> None:
+    async def _admit(
+        self, table: Table, pool: Pool, token: str | None, stack: AsyncExitStack
+    ) -> None:
         """Pool then key rate limits, then pool then key concurrency permits."""
+        if table.shared is not None:
+            await self._admit_shared(table.shared, table, pool, token, stack)
+            return
         m = self.metrics
         if pool.rate is not None:
             wait = pool.rate.try_acquire()
@@ -290,6 +298,83 @@ class Proxy:
                     m.rejected(pool.alias, "concurrency", "key")
                 raise errors.concurrency_limited()
             stack.callback(permit.release)
+
+    async def _admit_shared(
+        self,
+        shared: SharedLimits,
+        table: Table,
+        pool: Pool,
+        token: str | None,
+        stack: AsyncExitStack,
+    ) -> None:
+        """:meth:`_admit` with the limits shared across replicas (each falls back to its
+        in-process twin while Redis is unavailable)."""
+        from ._limits_redis import key_scope, pool_scope
+
+        m = self.metrics
+        if pool.rate is not None:
+            wait = await shared.rate(pool_scope(pool.alias), pool.rate)
+            if wait is not None:
+                if m is not None:
+                    m.rejected(pool.alias, "rate", "pool")
+                raise errors.rate_limited(wait)
+        key_rate = table.key_rate.get(token) if token is not None else None
+        if key_rate is not None:
+            assert token is not None
+            wait = await shared.rate(key_scope(token), key_rate)
+            if wait is not None:
+                if m is not None:
+                    m.rejected(pool.alias, "rate", "key")
+                raise errors.rate_limited(wait)
+        if pool.concurrency is not None:
+            slot = await shared.slot(pool_scope(pool.alias), pool.concurrency)
+            if slot is None:
+                if m is not None:
+                    m.rejected(pool.alias, "concurrency", "pool")
+                raise errors.concurrency_limited()
+            stack.push_async_callback(slot.release)
+        key_conc = table.key_concurrency.get(token) if token is not None else None
+        if key_conc is not None:
+            assert token is not None
+            slot = await shared.slot(key_scope(token), key_conc)
+            if slot is None:
+                if m is not None:
+                    m.rejected(pool.alias, "concurrency", "key")
+                raise errors.concurrency_limited()
+            stack.push_async_callback(slot.release)
+
+    async def _shared_provider(
+        self,
+        shared: SharedLimits,
+        pool: Pool,
+        index: int,
+        permit: Permit,
+        full: set[int],
+    ) -> tuple[int, Permit, SharedPermit | None] | None:
+        """Add the shared slot to the provider :func:`select` chose with its local permit.
+
+        A provider full across replicas counts as at capacity: the next free candidate is
+        tried; ``None`` when none is left. ``full`` collects them for the whole request.
+        """
+        from ._limits_redis import provider_scope
+
+        while True:
+            limit = pool.providers[index].concurrency.limit
+            if limit is None:
+                return index, permit, None
+            try:
+                got = await shared.provider_slot(provider_scope(pool.alias, index), limit)
+            except BaseException:
+                permit.release()
+                raise
+            if got is not None:
+                return index, permit, None if isinstance(got, bool) else got
+            permit.release()
+            full.add(index)
+            choice = select(pool.providers, pool.strategy, full, self.rng)
+            if choice is None:
+                return None
+            index, permit = choice
 
     # -- one attempt ----------------------------------------------------------------------
 
@@ -322,7 +407,7 @@ class Proxy:
         table = self.targets.table  # one snapshot for the whole request
         alias, pool, token = self.resolve(table, request)
         async with AsyncExitStack() as stack:
-            self._admit(table, pool, token, stack)
+            await self._admit(table, pool, token, stack)
             reply = await self._attempts(request, alias, pool, stack)
             filters = self.filters
             if filters:
@@ -357,8 +442,9 @@ class Proxy:
         )
         last_error: HTTPError | None = None
         last_upstream: tuple[int, list[tuple[bytes, bytes]], bytes, Provider] | None = None
+        shared = self.targets.table.shared
+        full: set[int] = set()  # providers at capacity across replicas
         for index, permit in plan_attempts(pool.providers, pool.strategy, fallback, self.rng):
-            provider = pool.providers[index]
             if request.attempts and delays is not None:
                 delay = next(delays)
                 if budget is not None:
@@ -371,9 +457,26 @@ class Proxy:
                 except BaseException:
                     permit.release()
                     raise
+            shared_permit: SharedPermit | None = None
+            if shared is not None:
+                chosen = await self._shared_provider(shared, pool, index, permit, full)
+                if chosen is None:
+                    continue
+                index, permit, shared_permit = chosen
+            provider = pool.providers[index]
             request.attempts += 1
             request.provider_index = index
-            outcome = await self._attempt(request, alias, pool, provider, permit, stack)
+            try:
+                outcome = await self._attempt(request, alias, pool, provider, permit, stack)
+            except BaseException:
+                if shared_permit is not None:
+                    await shared_permit.release()
+                raise
+            if shared_permit is not None:
+                if isinstance(outcome, UpstreamReply):
+                    stack.push_async_callback(shared_permit.release)
+                else:
+                    await shared_permit.release()
             if isinstance(outcome, UpstreamReply):
                 return outcome
             if isinstance(outcome, HTTPError):
@@ -409,7 +512,14 @@ class Proxy:
         keep = False
         try:
             if provider.rate is not None:
-                wait = provider.rate.try_acquire()
+                shared = self.targets.table.shared
+                if shared is None:
+                    wait = provider.rate.try_acquire()
+                else:
+                    from ._limits_redis import provider_scope
+
+                    scope = provider_scope(pool.alias, provider.index)
+                    wait = await shared.rate(scope, provider.rate)
                 if wait is not None:
                     if self.metrics is not None:
                         self.metrics.rejected(alias, "rate", "provider")

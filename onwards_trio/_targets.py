@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -25,6 +26,9 @@ from ._config import (
     ToolSpec,
 )
 from ._limits import ConcurrencyLimit, TokenBucket
+
+if TYPE_CHECKING:
+    from ._limits_redis import SharedLimits
 
 __all__ = ["Pool", "Provider", "Table", "Targets"]
 
@@ -109,6 +113,9 @@ class Table:
     key_labels: dict[str, dict[str, str]]
     all_keys: KeySet
     protected: bool  # some key protects some pool: unknown aliases answer 401 to strangers
+    # Limits shared with other replicas through Redis (None: in-process limits only). One
+    # object for the gateway's lifetime, carried from table to table across reloads.
+    shared: SharedLimits | None = None
 
     @property
     def strict_mode(self) -> bool:
@@ -177,8 +184,16 @@ def _build_provider(
     )
 
 
-def build_table(config: Config, old: Table | None = None) -> Table:
-    """Build a table from a config, adopting counters and unchanged buckets from ``old``."""
+def build_table(
+    config: Config, old: Table | None = None, shared: SharedLimits | None = None
+) -> Table:
+    """Build a table from a config, adopting counters and unchanged buckets from ``old``.
+
+    ``shared`` (else ``old``'s) is carried over as is: the Redis connection belongs to the
+    gateway, so a reload that edits ``shared_limits`` takes effect at the next start.
+    """
+    if shared is None and old is not None:
+        shared = old.shared
     auth = config.auth
     global_keys = list(auth.global_keys) if auth else []
     definitions = dict(auth.key_definitions) if auth else {}
@@ -254,6 +269,7 @@ def build_table(config: Config, old: Table | None = None) -> Table:
         key_labels=key_labels,
         all_keys=KeySet(every_key),
         protected=protected,
+        shared=shared,
     )
 
 
