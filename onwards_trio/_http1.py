@@ -13,6 +13,7 @@ httpcore's exception types, so callers handle one family whichever client is und
 
 from __future__ import annotations
 
+import re
 import ssl
 
 import httpcore
@@ -23,6 +24,7 @@ __all__ = ["Connection", "NoResponse", "Response"]
 _MAX_HEAD = 64 * 1024
 _READ = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
 
 
 class NoResponse(httpcore.RemoteProtocolError):
@@ -149,7 +151,8 @@ class Connection:
         keep_alive = version == b"HTTP/1.1"
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip():
+            if not sep or not name or name != name.strip() or _BAD_VALUE.search(line):
+                # a bare CR/LF or NUL would be relayed to the client: response splitting
                 raise httpcore.RemoteProtocolError("malformed response header")
             value = value.strip()
             headers.append((name, value))

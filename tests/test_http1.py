@@ -139,7 +139,12 @@ async def test_interim_100_continue_is_skipped() -> None:
 
 @pytest.mark.parametrize(
     "answer",
-    [b"garbage\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n", b"HTTP/1.1 200 OK\r\nno-colon\r\n\r\n"],
+    [
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 abc\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno-colon\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx-a: 1\nset-cookie: evil\r\n\r\n",
+    ],
 )
 async def test_malformed_heads_are_protocol_errors(answer: bytes) -> None:
     with pytest.RaisesGroup(httpcore.RemoteProtocolError):
