@@ -20,6 +20,7 @@ import httpx
 import pytest
 import trio
 
+from onwards_trio import parse_config
 from onwards_trio._config import SharedLimitsSpec
 from onwards_trio._limits import ConcurrencyLimit, TokenBucket
 from onwards_trio._limits_redis import SharedLimits, key_scope, pool_scope
@@ -442,3 +443,18 @@ async def test_without_shared_limits_the_table_has_none(nursery: trio.Nursery) -
         nursery, {"targets": {"m": {"url": await serve_app(nursery, up)}}}
     )
     assert gateway.shared_limits is None and gateway.targets.table.shared is None
+
+
+async def test_a_reload_keeps_the_shared_limits(nursery: trio.Nursery, prefix: str) -> None:
+    up = FakeUpstream()
+    url = await serve_app(nursery, up)
+    gateway, _ = await start_gateway(
+        nursery,
+        {
+            "shared_limits": shared_config(prefix, f"redis://127.0.0.1:{await _closed_port()}/0"),
+            "targets": {"m": {"url": url}},
+        },
+    )
+    shared = gateway.shared_limits
+    gateway.update_config(parse_config({"targets": {"n": {"url": url}}}))
+    assert shared is not None and gateway.targets.table.shared is shared
