@@ -4,6 +4,8 @@ Everything public is re-exported here (explicit ``X as X``, so type checkers tre
 public); the implementation lives in private modules, one per concern (docs/architecture.md).
 """
 
+from typing import TYPE_CHECKING
+
 from ._app import Gateway as Gateway
 from ._app import ServeInfo as ServeInfo
 from ._config import Config as Config
@@ -82,6 +84,31 @@ from ._transition import open_responses_transition as open_responses_transition
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:  # static types for the lazily imported names below
+    from ._limits_redis import SharedLimits as SharedLimits
+    from ._store_postgres import PostgresDatabase as PostgresDatabase
+    from ._store_postgres import PostgresResponseStore as PostgresResponseStore
+    from ._store_postgres import PostgresStore as PostgresStore
+
+# Backends with optional dependencies (psycopg for PostgreSQL, coredis for Redis) are imported
+# on first use, so `import onwards_trio` never requires them.
+_OPTIONAL = {
+    "PostgresDatabase": "._store_postgres",
+    "PostgresResponseStore": "._store_postgres",
+    "PostgresStore": "._store_postgres",
+    "SharedLimits": "._limits_redis",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _OPTIONAL.get(name)
+    if module is None:
+        raise AttributeError(f"module 'onwards_trio' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module, __name__), name)
+
+
 __all__ = [
     "AgentSpec",
     "AppendSteps",
@@ -115,6 +142,9 @@ __all__ = [
     "NextAction",
     "NoOpToolExecutor",
     "OnwardsError",
+    "PostgresDatabase",
+    "PostgresResponseStore",
+    "PostgresStore",
     "ProxyModelTransport",
     "ProxyRequest",
     "RecordedStep",
@@ -130,6 +160,7 @@ __all__ = [
     "SchemaError",
     "ScopeView",
     "ServeInfo",
+    "SharedLimits",
     "SqliteResponseStore",
     "SqliteStore",
     "StepDescriptor",
