@@ -19,7 +19,8 @@ import contextlib
 import hashlib
 import logging
 import secrets
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import attrs
 import coredis
@@ -31,6 +32,7 @@ from ._config import SharedLimitsSpec
 from ._limits import ConcurrencyLimit, Permit, TokenBucket
 
 __all__ = [
+    "Admission",
     "SharedLimits",
     "SharedLimitsUnavailable",
     "SharedPermit",
@@ -47,52 +49,75 @@ _REOPEN_DELAY = 1.0  # seconds before a crashed Redis client is replaced
 # timeout at all, and only one probe per pause finds out whether Redis is back.
 _PAUSE_AFTER_FAILURE = 1.0
 
-# A token bucket that starts full, the same semantics as the in-process TokenBucket. The state
-# is a hash {t: tokens, ts: seconds}; an absent key is a full bucket, so the key may expire
-# once the bucket would have refilled. Returns nil (admitted) or the seconds until one token
-# is there, as a string (Lua numbers become integers in a Redis reply).
-_RATE_LUA = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
+# One admission, atomically: rate buckets in order, then concurrency slots in order.
+#
+# KEYS: the rate buckets, then the slot sets. ARGV: number of buckets, lease ms, then
+# (rate, burst) per bucket, then (limit, lease id) per slot.
+#
+# A bucket starts full (the in-process TokenBucket's rule): a hash {t: tokens, ts: seconds};
+# a missing key is a full bucket, so the key may expire once it would have refilled. A slot
+# set holds lease ids scored by expiry (ms); expired ones are purged before counting, which is
+# what frees the slots of a replica that died.
+#
+# Returns {0} when admitted; {1, i, wait} when bucket i refused (wait in seconds, a string:
+# Lua numbers become integers in a reply); {2, j} when slot j was full. As in-process, tokens
+# of buckets before a refusal stay taken; slots taken before a full one are given back.
+_ADMIT_LUA = """
+local nrate = tonumber(ARGV[1])
+local lease_ms = tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 't', 'ts')
-local tokens = tonumber(state[1])
-local ts = tonumber(state[2])
-if tokens == nil or ts == nil then
-  tokens = burst
-  ts = now
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local a = 3
+for i = 1, nrate do
+  local rate = tonumber(ARGV[a])
+  local burst = tonumber(ARGV[a + 1])
+  a = a + 2
+  local state = redis.call('HMGET', KEYS[i], 't', 'ts')
+  local tokens = tonumber(state[1])
+  local ts = tonumber(state[2])
+  if tokens == nil or ts == nil then
+    tokens = burst
+    ts = now
+  end
+  if now > ts then
+    tokens = math.min(burst, tokens + (now - ts) * rate)
+    ts = now
+  end
+  local admitted = tokens >= 1 - 1e-9
+  if admitted then
+    tokens = math.max(0, tokens - 1)
+  end
+  redis.call('HSET', KEYS[i], 't', tostring(tokens), 'ts', tostring(ts))
+  redis.call('PEXPIRE', KEYS[i], math.ceil((burst - tokens) / rate * 1000) + 1000)
+  if not admitted then
+    return {1, i, tostring((1 - tokens) / rate)}
+  end
 end
-if now > ts then
-  tokens = math.min(burst, tokens + (now - ts) * rate)
-  ts = now
+local first = a
+for j = nrate + 1, #KEYS do
+  local limit = tonumber(ARGV[a])
+  local lease = ARGV[a + 1]
+  a = a + 2
+  redis.call('ZREMRANGEBYSCORE', KEYS[j], '-inf', now_ms)
+  if redis.call('ZCARD', KEYS[j]) >= limit then
+    for k = nrate + 1, j - 1 do
+      redis.call('ZREM', KEYS[k], ARGV[first + (k - nrate - 1) * 2 + 1])
+    end
+    return {2, j - nrate}
+  end
+  redis.call('ZADD', KEYS[j], now_ms + lease_ms, lease)
+  redis.call('PEXPIRE', KEYS[j], lease_ms + 1000)
 end
-local admitted = tokens >= 1 - 1e-9
-if admitted then
-  tokens = math.max(0, tokens - 1)
-end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(ts))
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
-if admitted then
-  return false
-end
-return tostring((1 - tokens) / rate)
+return {0}
 """
 
-# Take one of ``limit`` slots: purge expired leases, then add ours if there is room.
-# ARGV: limit, lease id, lease milliseconds. Returns 1 (taken) or 0 (full).
-_ACQUIRE_LUA = """
-local limit = tonumber(ARGV[1])
-local lease_ms = tonumber(ARGV[3])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= limit then
-  return 0
+# Give leases back: KEYS[i] holds lease ARGV[i].
+_RELEASE_LUA = """
+for i, key in ipairs(KEYS) do
+  redis.call('ZREM', key, ARGV[i])
 end
-redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[2])
-redis.call('PEXPIRE', KEYS[1], lease_ms + 1000)
-return 1
+return #KEYS
 """
 
 # Push the expiry of live leases forward. KEYS[i] holds lease ARGV[i + 1]; ARGV[1]: lease ms.
@@ -135,40 +160,43 @@ class _Lease:
 
 
 class SharedPermit:
-    """One shared concurrency slot. :meth:`release` is idempotent, shielded and bounded, so
-    every exit path (including a cancelled one) may await it; a release that cannot reach
-    Redis leaves the lease to expire."""
+    """Shared concurrency slots (one or more leases) and the local permits taken with them.
 
-    __slots__ = ("_lease", "_owner")
+    :meth:`release` gives them all back in one Redis call; it is idempotent, shielded and
+    bounded, so every exit path (including a cancelled one) may await it. A release that
+    cannot reach Redis leaves the leases to expire.
+    """
 
-    def __init__(self, owner: SharedLimits, lease: _Lease) -> None:
+    __slots__ = ("_leases", "_local", "_owner")
+
+    def __init__(
+        self, owner: SharedLimits, leases: list[_Lease], local: Sequence[Permit] = ()
+    ) -> None:
         self._owner: SharedLimits | None = owner
-        self._lease = lease
+        self._leases = leases
+        self._local = local
 
     @property
-    def lease_id(self) -> str:
-        return self._lease.lease_id
+    def lease_ids(self) -> list[str]:
+        return [lease.lease_id for lease in self._leases]
 
     async def release(self) -> None:
         owner, self._owner = self._owner, None
         if owner is not None:
-            await owner._release(self._lease)
+            for permit in self._local:
+                permit.release()
+            await owner._release(self._leases)
 
 
-class _BothPermit:
-    """A local permit together with its shared slot, released as one (async)."""
+@attrs.frozen
+class Admission:
+    """The outcome of :meth:`SharedLimits.admit`: admitted with ``permit`` (``None`` when no
+    slot was asked for), or ``refused`` by the rate limit or concurrency slot at ``index``."""
 
-    __slots__ = ("local", "shared")
-
-    def __init__(self, local: Permit, shared: SharedPermit | None) -> None:
-        self.local = local
-        self.shared = shared
-
-    async def release(self) -> None:
-        self.local.release()
-        if self.shared is not None:
-            shared, self.shared = self.shared, None
-            await shared.release()
+    refused: Literal["rate", "concurrency"] | None = None
+    index: int = 0
+    retry_after: float | None = None
+    permit: SharedPermit | None = None
 
 
 class SharedLimits:
@@ -187,7 +215,7 @@ class SharedLimits:
         self._live: dict[str, _Lease] = {}  # lease id → lease, renewed while held
         # Leases whose acquire was cut short (timeout, cancellation): Redis may have taken
         # them anyway, so they are removed in the background instead of waiting to expire.
-        self._orphans, self._orphans_in = trio.open_memory_channel[_Lease](1024)
+        self._orphans, self._orphans_in = trio.open_memory_channel[list[_Lease]](1024)
         self._last_warning: float | None = None
         self._paused_until = 0.0
         self.fallbacks = 0  # requests that fell back to local limits (for tests and metrics)
@@ -217,8 +245,8 @@ class SharedLimits:
                 async with client:
                     self._client = client
                     self._scripts = {
-                        "rate": client.register_script(_RATE_LUA),
-                        "acquire": client.register_script(_ACQUIRE_LUA),
+                        "admit": client.register_script(_ADMIT_LUA),
+                        "release": client.register_script(_RELEASE_LUA),
                         "renew": client.register_script(_RENEW_LUA),
                     }
                     if not started:
@@ -253,12 +281,12 @@ class SharedLimits:
                 )
 
     async def _reap_forever(self) -> None:
-        async for lease in self._orphans_in:
-            await self._zrem(lease)
+        async for leases in self._orphans_in:
+            await self._give_back(leases)
 
-    def _orphan(self, lease: _Lease) -> None:
-        with contextlib.suppress(trio.WouldBlock):  # else the lease expires on its own
-            self._orphans.send_nowait(lease)
+    def _orphan(self, leases: list[_Lease]) -> None:
+        with contextlib.suppress(trio.WouldBlock):  # else the leases expire on their own
+            self._orphans.send_nowait(leases)
 
     # -- Redis calls --------------------------------------------------------------------------
 
@@ -298,78 +326,131 @@ class SharedLimits:
         self._paused_until = trio.current_time() + _PAUSE_AFTER_FAILURE
         self._warn(exc)
 
+    async def _admit(
+        self, rates: Sequence[tuple[str, float, int]], slots: Sequence[tuple[str, int]]
+    ) -> tuple[Literal["rate", "concurrency"] | None, int, float | None, list[_Lease]]:
+        """One atomic admission in Redis: (refused, index, retry after, leases taken)."""
+        leases = [
+            _Lease(self._key("conc", scope), f"{self.replica}:{secrets.token_hex(8)}")
+            for scope, _ in slots
+        ]
+        keys = [self._key("rate", scope) for scope, _, _ in rates]
+        keys.extend(lease.redis_key for lease in leases)
+        args: list[Any] = [len(rates), self.lease_ms]
+        for _, rate, burst in rates:
+            args += (repr(rate), burst)
+        for (_, limit), lease in zip(slots, leases, strict=True):
+            args += (limit, lease.lease_id)
+        try:
+            reply = await self._call("admit", keys, args)
+        except BaseException:  # timed out or cancelled: the script may have run all the same
+            if leases:
+                self._orphan(leases)
+            raise
+        code = int(reply[0])
+        if code == 1:
+            return "rate", int(reply[1]) - 1, float(reply[2]), []
+        if code == 2:
+            return "concurrency", int(reply[1]) - 1, None, []
+        for lease in leases:
+            self._live[lease.lease_id] = lease
+        return None, 0, None, leases
+
     async def acquire_rate(self, scope: str, rate: float, burst: int) -> float | None:
         """Take a token from the shared bucket ``scope``: ``None``, or seconds to wait."""
-        reply = await self._call("rate", [self._key("rate", scope)], [repr(rate), burst])
-        if reply is None:
-            return None
-        return float(reply)
+        _, _, wait, _ = await self._admit([(scope, rate, burst)], ())
+        return wait
 
     async def acquire_slot(self, scope: str, limit: int) -> SharedPermit | None:
         """Take one of ``limit`` shared slots of ``scope``, or ``None`` when all are taken."""
-        lease = _Lease(self._key("conc", scope), f"{self.replica}:{secrets.token_hex(8)}")
-        try:
-            taken = await self._call(
-                "acquire", [lease.redis_key], [limit, lease.lease_id, self.lease_ms]
-            )
-        except BaseException:  # timed out or cancelled: the script may have run all the same
-            self._orphan(lease)
-            raise
-        if not taken:
-            return None
-        self._live[lease.lease_id] = lease
-        return SharedPermit(self, lease)
+        refused, _, _, leases = await self._admit((), [(scope, limit)])
+        return None if refused else SharedPermit(self, leases)
 
-    async def _release(self, lease: _Lease) -> None:
-        self._live.pop(lease.lease_id, None)
+    async def _release(self, leases: list[_Lease]) -> None:
+        for lease in leases:
+            self._live.pop(lease.lease_id, None)
         with trio.CancelScope(shield=True):
-            await self._zrem(lease)
+            await self._give_back(leases)
 
-    async def _zrem(self, lease: _Lease) -> None:
+    async def _give_back(self, leases: list[_Lease]) -> None:
         client = self._client
-        if client is None:
-            return  # the lease expires on its own
+        if client is None or not leases:
+            return  # the leases expire on their own
         with trio.move_on_after(max(self.timeout, 0.25)):
             try:
-                await client.zrem(lease.redis_key, [lease.lease_id])
+                await self._scripts["release"](
+                    keys=[lease.redis_key for lease in leases],
+                    args=[lease.lease_id for lease in leases],
+                    client=client,
+                )
             except _REDIS_ERRORS as exc:
                 self._warn(exc)
 
     # -- with local fallback (what the proxy calls) -----------------------------------------
 
-    async def rate(self, scope: str, bucket: TokenBucket) -> float | None:
-        """The shared bucket for ``scope`` (same rate and burst as ``bucket``), or ``bucket``
-        itself while Redis is unavailable."""
-        try:
-            return await self.acquire_rate(scope, bucket.rate, bucket.burst)
-        except SharedLimitsUnavailable:
-            self.fallbacks += 1
-            return bucket.try_acquire()
+    async def admit(
+        self,
+        rates: Sequence[tuple[str, TokenBucket]],
+        slots: Sequence[tuple[str, ConcurrencyLimit]],
+    ) -> Admission:
+        """Rate limits in order, then concurrency slots in order, in one Redis call.
 
-    async def slot(self, scope: str, limit: ConcurrencyLimit) -> _BothPermit | None:
-        """The local permit of ``limit`` plus a shared slot, or ``None`` if either is full.
-
-        The local permit is always taken (it keeps in-flight counts and metrics true, and it
-        is the limit while Redis is unavailable); it never refuses what Redis admits, because
-        this replica's in-flight count is part of the shared one.
+        Each limit is shared under its scope with the rate, burst and limit of its in-process
+        twin, and the twin decides while Redis is unavailable. The local concurrency permits
+        are always taken too (they keep in-flight counts, balancing and metrics true); they
+        never refuse what Redis admits, because this replica's in-flight requests are part of
+        the shared count. A refused admission holds nothing.
         """
-        local = limit.try_acquire()
-        if local is None:
-            return None
-        if limit.limit is None:
-            return _BothPermit(local, None)
+        local: list[Permit] = []
+        full: int | None = None
+        for i, (_, limit) in enumerate(slots):
+            permit = limit.try_acquire()
+            if permit is None:
+                full = i
+                break
+            local.append(permit)
+        # A locally full slot still lets the rate limits go first, as in-process.
+        shared_slots = [
+            (scope, lim.limit) for scope, lim in slots if lim.limit is not None and full is None
+        ]
         try:
-            shared = await self.acquire_slot(scope, limit.limit)
+            if rates or shared_slots:
+                refused, index, wait, leases = await self._admit(
+                    [(scope, bucket.rate, bucket.burst) for scope, bucket in rates], shared_slots
+                )
+            else:
+                refused, index, wait, leases = None, 0, None, []
         except SharedLimitsUnavailable:
             self.fallbacks += 1
-            return _BothPermit(local, None)
+            refused, index, wait, leases = None, 0, None, []
+            for i, (_, bucket) in enumerate(rates):
+                wait = bucket.try_acquire()
+                if wait is not None:
+                    refused, index = "rate", i
+                    break
         except BaseException:
-            local.release()
+            for permit in local:
+                permit.release()
             raise
-        if shared is None:
-            local.release()
-            return None
-        return _BothPermit(local, shared)
+        if refused is None and full is not None:
+            refused, index = "concurrency", full
+        if refused is not None:
+            for permit in local:
+                permit.release()
+            if refused == "concurrency" and full is None:
+                # Redis numbered only the limited slots: map back to the caller's index.
+                limited = [i for i, (_, lim) in enumerate(slots) if lim.limit is not None]
+                index = limited[index]
+            return Admission(refused, index, wait)
+        if not local and not leases:
+            return Admission()
+        return Admission(permit=SharedPermit(self, leases, local))
+
+    async def rate(self, scope: str, bucket: TokenBucket) -> float | None:
+        """One shared rate limit (``bucket`` while Redis is unavailable): ``None`` or the
+        seconds to wait."""
+        admission = await self.admit([(scope, bucket)], ())
+        return admission.retry_after if admission.refused else None
 
     async def provider_slot(self, scope: str, limit: int) -> SharedPermit | bool | None:
         """The shared slot of a provider whose local permit is already held: the permit,

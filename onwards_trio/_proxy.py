@@ -311,37 +311,37 @@ class Proxy:
         in-process twin while Redis is unavailable)."""
         from ._limits_redis import key_scope, pool_scope
 
-        m = self.metrics
+        scopes: list[str] = []  # which limit refused, for the metrics
+        rates = []
         if pool.rate is not None:
-            wait = await shared.rate(pool_scope(pool.alias), pool.rate)
-            if wait is not None:
-                if m is not None:
-                    m.rejected(pool.alias, "rate", "pool")
-                raise errors.rate_limited(wait)
+            rates.append((pool_scope(pool.alias), pool.rate))
+            scopes.append("pool")
         key_rate = table.key_rate.get(token) if token is not None else None
-        if key_rate is not None:
-            assert token is not None
-            wait = await shared.rate(key_scope(token), key_rate)
-            if wait is not None:
-                if m is not None:
-                    m.rejected(pool.alias, "rate", "key")
-                raise errors.rate_limited(wait)
+        if key_rate is not None and token is not None:
+            rates.append((key_scope(token), key_rate))
+            scopes.append("key")
+        slots = []
         if pool.concurrency is not None:
-            slot = await shared.slot(pool_scope(pool.alias), pool.concurrency)
-            if slot is None:
-                if m is not None:
-                    m.rejected(pool.alias, "concurrency", "pool")
-                raise errors.concurrency_limited()
-            stack.push_async_callback(slot.release)
+            slots.append((pool_scope(pool.alias), pool.concurrency))
+            scopes.append("pool")
         key_conc = table.key_concurrency.get(token) if token is not None else None
-        if key_conc is not None:
-            assert token is not None
-            slot = await shared.slot(key_scope(token), key_conc)
-            if slot is None:
+        if key_conc is not None and token is not None:
+            slots.append((key_scope(token), key_conc))
+            scopes.append("key")
+        if not scopes:
+            return
+        admission = await shared.admit(rates, slots)
+        if admission.permit is not None:
+            stack.push_async_callback(admission.permit.release)
+        elif admission.refused is not None:
+            m = self.metrics
+            if admission.refused == "rate":
                 if m is not None:
-                    m.rejected(pool.alias, "concurrency", "key")
-                raise errors.concurrency_limited()
-            stack.push_async_callback(slot.release)
+                    m.rejected(pool.alias, "rate", scopes[admission.index])
+                raise errors.rate_limited(admission.retry_after)
+            if m is not None:
+                m.rejected(pool.alias, "concurrency", scopes[len(rates) + admission.index])
+            raise errors.concurrency_limited()
 
     async def _shared_provider(
         self,

@@ -141,6 +141,28 @@ async def test_slots_admit_up_to_the_limit_and_release_frees_one(limits: SharedL
 
 
 @needs_redis
+async def test_an_admission_is_all_or_nothing_for_slots(limits: SharedLimits) -> None:
+    pool, key = ConcurrencyLimit(5), ConcurrencyLimit(1)
+    assert await limits.acquire_slot("key", 1) is not None  # the key is full elsewhere
+    refused = await limits.admit((), [("pool", pool), ("key", key)])
+    assert (refused.refused, refused.index, refused.permit) == ("concurrency", 1, None)
+    assert pool.active == 0 and key.active == 0  # the local permits were given back
+    # the pool slot taken before the full key slot was given back in Redis too
+    held = [await limits.acquire_slot("pool", 5) for _ in range(5)]
+    assert all(p is not None for p in held)
+
+
+@needs_redis
+async def test_an_admission_names_the_rate_limit_that_refused(limits: SharedLimits) -> None:
+    pool, key = TokenBucket(100.0, 5), TokenBucket(0.01, 1)
+    first = await limits.admit([("pool", pool), ("key", key)], ())
+    second = await limits.admit([("pool", pool), ("key", key)], ())
+    assert first.refused is None
+    assert second.refused == "rate" and second.index == 1
+    assert second.retry_after is not None and 99 <= second.retry_after <= 100
+
+
+@needs_redis
 async def test_a_zero_limit_admits_nothing(limits: SharedLimits) -> None:
     assert await limits.acquire_slot("s", 0) is None
 
@@ -425,15 +447,15 @@ async def test_a_hung_redis_costs_at_most_the_timeout(nursery: trio.Nursery, pre
     started = trio.current_time()
     first = await shared.rate(pool_scope("m"), bucket)
     second = await shared.rate(pool_scope("m"), bucket)
-    permit = await shared.slot(pool_scope("m"), local)
-    refused = await shared.slot(pool_scope("m"), local)
+    admitted = await shared.admit((), [(pool_scope("m"), local)])
+    refused = await shared.admit((), [(pool_scope("m"), local)])
     elapsed = trio.current_time() - started
     assert first is None and second is not None  # the local bucket decided
-    assert permit is not None and refused is None  # the local limit decided
+    assert admitted.permit is not None and refused.refused == "concurrency"  # the local limit
     # one call waits out the timeout; the others skip Redis while it is paused
     assert elapsed < 0.4
     assert shared.fallbacks == 3  # the last one the local limit refused before Redis
-    await permit.release()
+    await admitted.permit.release()
     assert local.active == 0
 
 
