@@ -1,16 +1,18 @@
 """Rate and concurrency limits shared by many gateway replicas through Redis (SPEC §3.6).
 
-Each limit is one Lua script, so a check-and-take is atomic across replicas, and every script
-reads Redis' own clock (``TIME``), so replicas with skewed clocks still agree. Concurrency slots
-are *leases*: members of a sorted set scored by their expiry. A replica renews the leases it
-holds; one that dies stops renewing, and its slots are purged by the next acquire once they
-expire, so a crash cannot leak capacity for longer than ``lease_secs``.
+A request's admission is one Lua script (pool and key rate limits, then pool and key slots),
+so check-and-take is atomic across replicas and costs one round trip; the script reads
+Redis' own clock (``TIME``), so replicas with skewed clocks still agree. Concurrency slots are
+*leases*: members of a sorted set scored by their expiry. A replica renews the leases it
+holds; one that dies stops renewing, and its slots are purged by the next admission once they
+expire, so a crash cannot take capacity for longer than ``lease_secs``.
 
 Failure policy: every Redis call is bounded by ``timeout_ms``. A call that fails or times out
-raises :class:`SharedLimitsUnavailable`; :meth:`SharedLimits.rate` and :meth:`SharedLimits.slot`
-catch it and apply the in-process limiter instead (fail open to local limits, never hang,
-never 500), logging at most once a minute. Redis keys never contain a raw client key, and the
-Redis URL (which may hold a password) is never logged.
+raises :class:`SharedLimitsUnavailable`; :meth:`SharedLimits.admit`, :meth:`SharedLimits.rate`
+and :meth:`SharedLimits.provider_slot` catch it and apply the in-process limiters instead
+(fail open to local limits, never hang, never 500), skip Redis for a second, and log at most
+once a minute. Redis keys never contain a raw client key, and the Redis URL (which may hold a
+password) is never logged.
 """
 
 from __future__ import annotations
