@@ -278,6 +278,26 @@ async def test_key_concurrency_is_shared_across_replicas(
 
 
 @needs_redis
+async def test_provider_rate_limit_is_shared_across_replicas(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    up = FakeUpstream()
+    config = {
+        "shared_limits": shared_config(prefix),
+        "targets": {
+            "m": {"url": await serve_app(nursery, up), "rate_limit": {"requests_per_second": 0.01}}
+        },
+    }
+    a, b = await replicas(nursery, config)
+    async with a, b:
+        first = await a.post(CHAT, json=body())
+        second = await b.post(CHAT, json=body())
+    assert (first.status_code, second.status_code) == (200, 429)
+    assert 90 <= int(second.headers["retry-after"]) <= 100
+    assert len(up.requests) == 1
+
+
+@needs_redis
 async def test_redis_keys_never_hold_a_client_key(
     nursery: trio.Nursery, prefix: str, redis: Any
 ) -> None:
@@ -422,6 +442,27 @@ async def test_redis_down_falls_back_to_local_limits_quickly(
     assert codes == [200, 200, 429]  # the local bucket of this replica
     assert elapsed < 1.0
     assert gateway.shared_limits is not None and gateway.shared_limits.fallbacks == 3
+
+
+async def test_the_outage_warning_names_no_secret(
+    nursery: trio.Nursery, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    up = FakeUpstream()
+    url = f"redis://:pw-s3cret@127.0.0.1:{await _closed_port()}/0"
+    config = {
+        "shared_limits": shared_config(prefix, url, timeout_ms=50),
+        "auth": {
+            "key_definitions": {"k": {"key": "sk-hidden", "rate_limit": {"requests_per_second": 5}}}
+        },
+        "targets": {"m": {"url": await serve_app(nursery, up)}},
+    }
+    _, base = await start_gateway(nursery, config)
+    caplog.set_level("DEBUG")
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        r = await client.post(CHAT, json=body(), headers={"authorization": "Bearer sk-hidden"})
+    assert r.status_code == 200
+    assert "Redis unavailable" in caplog.text
+    assert "pw-s3cret" not in caplog.text and "sk-hidden" not in caplog.text
 
 
 async def _black_hole(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
