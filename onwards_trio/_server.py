@@ -39,6 +39,10 @@ _MAX_HEAD = 64 * 1024
 _MAX_HEADERS = 200
 _HEAD_TIMEOUT = 30.0  # from the first byte of a request to the end of its head
 _BODY_READ_TIMEOUT = 60.0  # between pieces of a request body
+_MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
+_MAX_PIPELINED = 64 * 1024  # bytes read ahead while a request is served; then backpressure
+_LINGER = 2.0  # after a response, how long to discard an unread request body before closing
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _NO_BODY = frozenset({204, 304})
 _REASONS = {
     200: b"OK",
@@ -95,6 +99,8 @@ class _Server:
         self.idle_done = trio.Event() if self.idle_done.is_set() else self.idle_done
         try:
             await conn.run()
+        except Exception:  # one connection's bug must not take the listener down
+            log.exception("unhandled error on an HTTP connection")
         finally:
             self.connections.discard(conn)
             if not self.connections:
@@ -116,6 +122,7 @@ class _Connection:
         "_continue",
         "_disconnected",
         "_idle_scope",
+        "_overhead",
         "_receive_scope",
         "_request_done",
         "_response_done",
@@ -140,6 +147,7 @@ class _Connection:
         self._request_done = False
         self._body_delivered = False
         self._response_done = False
+        self._overhead = 0
 
     def wake_if_idle(self) -> None:
         if self._idle_scope is not None:
@@ -158,19 +166,34 @@ class _Connection:
     async def run(self) -> None:
         try:
             while not self.server.draining:
-                head = await self._next_head()
-                if head is None:
-                    return
                 try:
+                    head = await self._next_head()
+                    if head is None:
+                        return
                     method, raw_target, version, headers = _parse_head(head)
                     keep = await self._serve(method, raw_target, version, headers)
                 except _BadRequest:
                     await self._write(_BAD_REQUEST)
                     return
                 if not keep:
+                    if not self._request_done and not self._disconnected:
+                        await self._linger()
                     return
         except _Closed:
             return
+
+    async def _linger(self) -> None:
+        """Close without losing the response: closing a socket with unread request bytes
+        makes the kernel answer with a reset, which can destroy the response (say a 413) in
+        the client before it was read. Send our FIN, discard what still arrives for a moment."""
+        self._request_done = True
+        try:
+            await self.stream.send_eof()
+            with trio.move_on_after(_LINGER):
+                while await self.stream.receive_some(_READ):
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
 
     async def _next_head(self) -> bytes | None:
         """The next request head, or None when the connection should close (idle timeout,
@@ -208,17 +231,22 @@ class _Connection:
     ) -> bool:
         length: int | None = None
         chunked = False
-        keep_alive = version == b"HTTP/1.1"
+        http11 = version == b"HTTP/1.1"
+        keep_alive = http11
         expect_continue = False
+        hosts = 0
         for name, value in headers:
             if name == b"content-length":
                 if length is not None or not value.isdigit():
                     raise _BadRequest
                 length = int(value)
             elif name == b"transfer-encoding":
-                if value.lower() != b"chunked":
+                # only a lone "chunked" once, and never in HTTP/1.0 (RFC 9112 §6.1)
+                if chunked or value.lower() != b"chunked" or not http11:
                     raise _BadRequest
                 chunked = True
+            elif name == b"host":
+                hosts += 1
             elif name == b"connection":
                 tokens = value.lower()
                 if b"close" in tokens:
@@ -226,18 +254,26 @@ class _Connection:
                 elif b"keep-alive" in tokens:
                     keep_alive = True
             elif name == b"expect" and value.lower() == b"100-continue":
-                expect_continue = True
+                expect_continue = http11
         if chunked and length is not None:
             raise _BadRequest  # both framings: the classic request-smuggling shape
+        if hosts > 1 or (http11 and not hosts):
+            raise _BadRequest  # RFC 9112 §3.2: exactly one host in HTTP/1.1
         self._chunked = chunked
         self._body_left = length or 0
         self._request_done = not chunked and not length
         self._body_delivered = False
         self._continue = expect_continue and not self._request_done
         self._response_done = False
+        self._overhead = 0
         raw_path, _, query = raw_target.partition(b"?")
-        if raw_path.startswith((b"http://", b"https://")):  # absolute-form: keep the path
-            raw_path = b"/" + raw_path.split(b"/", 3)[-1] if raw_path.count(b"/") >= 3 else b"/"
+        if raw_path[:1] != b"/":
+            lowered = raw_path[:8].lower()
+            if lowered.startswith((b"http://", b"https://")):  # absolute-form: keep the path
+                parts = raw_path.split(b"/", 3)
+                raw_path = b"/" + parts[3] if len(parts) == 4 else b"/"
+            elif raw_path != b"*" or method != "OPTIONS":
+                raise _BadRequest  # no authority-form (CONNECT) or other shapes
         scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -252,16 +288,16 @@ class _Connection:
             "client": self._client,
             "server": self._server_addr,
         }
-        response = _Response(self, method == "HEAD", version == b"HTTP/1.1")
+        response = _Response(self, method == "HEAD", http11, keep_alive)
         try:
             await self.server.app(scope, self._receive, response.send)
         except Exception:
             log.exception("unhandled error in the ASGI app")
-            if not response.started:
+            if not response.committed:
                 await response.send_error()
             return False
         if not response.finished:
-            if not response.started:
+            if not response.committed:
                 await response.send_error()
             return False
         if self._disconnected or response.close or not self._request_done:
@@ -269,6 +305,8 @@ class _Connection:
         return keep_alive and not self.server.draining
 
     async def _receive(self) -> Message:
+        if self._response_done:
+            return {"type": "http.disconnect"}  # the exchange is over (ASGI)
         if not self._body_delivered and not self._disconnected:
             body = b""
             if not self._request_done:
@@ -289,6 +327,10 @@ class _Connection:
             with trio.CancelScope() as scope:
                 self._receive_scope = scope
                 try:
+                    if len(self.buf) >= _MAX_PIPELINED:
+                        # Enough read ahead: stop reading (TCP backpressure) until the
+                        # response is done; a disconnect goes unseen until then.
+                        await trio.sleep_forever()
                     self.buf += await self._read()  # pipelined bytes wait for their turn
                 except _Closed:
                     pass
@@ -320,24 +362,34 @@ class _Connection:
                 if self._body_left == 0 and await self._line() != b"":
                     raise _BadRequest  # chunk data must end with CRLF
                 return piece
-            size = (await self._line()).split(b";", 1)[0].strip()
-            try:
-                self._body_left = int(size, 16)
-            except ValueError:
-                raise _BadRequest from None
+            line = await self._line()
+            size, _, extensions = line.partition(b";")
+            size = size.rstrip(b" \t")
+            if not _CHUNK_SIZE.fullmatch(size):  # no sign, 0x, _, or spaces int() would take
+                raise _BadRequest
+            self._count_overhead(len(extensions))
+            self._body_left = int(size, 16)
             if self._body_left == 0:
-                while await self._line():  # trailers
-                    pass
+                while trailer := await self._line():
+                    self._count_overhead(len(trailer))
                 self._request_done = True
                 return b""
+
+    def _count_overhead(self, n: int) -> None:
+        """Chunk extensions and trailers are read and dropped; bound them per request."""
+        self._overhead += n
+        if self._overhead > _MAX_HEAD:
+            raise _BadRequest
 
     async def _line(self) -> bytes:
         while True:
             end = self.buf.find(b"\r\n")
             if end >= 0:
+                if end > _MAX_CHUNK_LINE:
+                    raise _BadRequest
                 line, self.buf = self.buf[:end], self.buf[end + 2 :]
                 return line
-            if len(self.buf) > _MAX_HEAD:
+            if len(self.buf) > _MAX_CHUNK_LINE:
                 raise _BadRequest
             self.buf += await self._read()
 
@@ -352,54 +404,71 @@ class _Connection:
 
 class _Response:
     """ASGI ``send`` for one response: the head waits for the first body chunk so both go out
-    in one write; without a content-length, HTTP/1.1 bodies are chunked."""
+    in one write; without a content-length, HTTP/1.1 bodies are chunked. A declared
+    content-length is held to: excess bytes are dropped and a short body closes the
+    connection, so a wrong length can never desynchronise the client's next response."""
 
     __slots__ = (
         "_chunked",
         "_conn",
-        "_has_length",
         "_head",
         "_head_only",
         "_http11",
+        "_keep_alive",
+        "_left",
         "_no_body",
         "close",
         "finished",
         "started",
     )
 
-    def __init__(self, conn: _Connection, head_only: bool, http11: bool) -> None:
+    def __init__(self, conn: _Connection, head_only: bool, http11: bool, keep_alive: bool) -> None:
         self._conn = conn
         self._head_only = head_only
         self._http11 = http11
+        self._keep_alive = keep_alive
         self._head: list[bytes] | None = None
         self._chunked = False
         self._no_body = head_only
-        self._has_length = False
+        self._left = -1  # bytes the declared content-length still expects; -1: none declared
         self.started = False
         self.finished = False
         self.close = False
+
+    @property
+    def committed(self) -> bool:
+        """True once bytes of the response head have been written."""
+        return self.started and self._head is None
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
-            self.started = True
             status = int(message["status"])
             head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
-            has_length = False
+            length = -1
             for name, value in message.get("headers", ()):
                 lname = bytes(name).lower()
+                value = bytes(value)
                 if lname == b"content-length":
-                    has_length = True
-                elif lname == b"connection" and b"close" in bytes(value).lower():
-                    self.close = True
+                    if not value.isdigit() or (length >= 0 and int(value) != length):
+                        raise RuntimeError("invalid content-length from the ASGI app")
+                    length = int(value)
+                    continue  # written once, below
+                elif lname == b"connection":
+                    if b"close" in value.lower():
+                        self.close = True
+                    continue  # written by us below
                 elif lname == b"transfer-encoding":
                     continue  # framing is ours
-                head += (lname, b": ", bytes(value), b"\r\n")
+                head += (lname, b": ", value, b"\r\n")
+            if length >= 0:
+                head.append(b"content-length: %d\r\n" % length)
+            self.started = True
             self._head = head
             self._no_body = self._head_only or status in _NO_BODY or status < 200
-            self._has_length = has_length
+            self._left = length
             return
         if kind != "http.response.body" or self.finished:
             if self.finished:
@@ -410,9 +479,18 @@ class _Response:
         body: bytes = bytes(message.get("body", b""))
         more = bool(message.get("more_body", False))
         out: list[bytes] = []
+        if not self._no_body and self._left >= 0:
+            if len(body) > self._left:
+                log.error("the ASGI app sent more body than its content-length; dropped")
+                body = body[: self._left]
+                self.close = True
+            self._left -= len(body)
+            if not more and self._left:
+                log.error("the ASGI app sent less body than its content-length")
+                self.close = True  # the client sees the body end early: an honest signal
         if self._head is not None:
             head, self._head = self._head, None
-            if not self._no_body and not self._has_length:
+            if self._left < 0 and not self._no_body:
                 if not more:
                     head.append(b"content-length: %d\r\n" % len(body))
                 elif self._http11:
@@ -420,9 +498,11 @@ class _Response:
                     self._chunked = True
                 else:
                     self.close = True  # HTTP/1.0: the body ends with the connection
-            if self.close or self._conn.server.draining:
+            if self.close or self._conn.server.draining or not self._keep_alive:
                 head.append(b"connection: close\r\n")
                 self.close = True
+            elif not self._http11:
+                head.append(b"connection: keep-alive\r\n")
             head.append(b"\r\n")
             out += head
         if not self._no_body and body:
@@ -443,6 +523,7 @@ class _Response:
         self.started = True
         self.finished = True
         self.close = True
+        self._head = None
         await self._conn._write(
             b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
             b"connection: close\r\ncontent-length: %d\r\n\r\n"

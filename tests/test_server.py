@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import trio
 
+from onwards_trio import _server
 from onwards_trio._asgi import Receive, Scope, Send
 from onwards_trio._server import serve
 
@@ -117,8 +118,8 @@ async def test_pipelined_requests_are_answered_in_order(nursery: trio.Nursery) -
     port = await start(nursery, echo_app([]))
     async with await connect(port) as s:
         await s.send_all(
-            b"POST /a HTTP/1.1\r\ncontent-length: 1\r\n\r\n1"
-            b"POST /b HTTP/1.1\r\ncontent-length: 1\r\n\r\n2"
+            b"POST /a HTTP/1.1\r\nhost: h\r\ncontent-length: 1\r\n\r\n1"
+            b"POST /b HTTP/1.1\r\nhost: h\r\ncontent-length: 1\r\n\r\n2"
         )
         buf = bytearray()
         assert (await read_response(s, buf))[1] == b"got:1"
@@ -130,7 +131,7 @@ async def test_chunked_request_body(nursery: trio.Nursery) -> None:
     port = await start(nursery, echo_app(seen))
     async with await connect(port) as s:
         await s.send_all(
-            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"POST / HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
             b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\ntrailer: t\r\n\r\n"
         )
         _, body = await read_response(s, bytearray())
@@ -140,7 +141,9 @@ async def test_chunked_request_body(nursery: trio.Nursery) -> None:
 async def test_expect_100_continue_is_answered_before_the_body(nursery: trio.Nursery) -> None:
     port = await start(nursery, echo_app([]))
     async with await connect(port) as s:
-        await s.send_all(b"POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n")
+        await s.send_all(
+            b"POST / HTTP/1.1\r\nhost: h\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n"
+        )
         with trio.fail_after(5):
             interim = await s.receive_some()
         assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -152,7 +155,7 @@ async def test_expect_100_continue_is_answered_before_the_body(nursery: trio.Nur
 async def test_streamed_response_is_chunked(nursery: trio.Nursery) -> None:
     port = await start(nursery, echo_app([]))
     async with await connect(port) as s:
-        await s.send_all(b"GET /stream HTTP/1.1\r\n\r\n")
+        await s.send_all(b"GET /stream HTTP/1.1\r\nhost: h\r\n\r\n")
         head, body = await read_response(s, bytearray())
     assert b"transfer-encoding: chunked" in head and body == b"abcd"
 
@@ -168,7 +171,7 @@ async def test_http10_streamed_response_ends_with_the_connection(nursery: trio.N
 async def test_head_gets_no_body(nursery: trio.Nursery) -> None:
     port = await start(nursery, echo_app([]))
     async with await connect(port) as s:
-        await s.send_all(b"HEAD / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+        await s.send_all(b"HEAD / HTTP/1.1\r\nhost: h\r\n\r\nGET / HTTP/1.1\r\nhost: h\r\n\r\n")
         buf = bytearray()
         while buf.count(b"HTTP/1.1 200") < 2 or not buf.endswith(b"got:"):
             buf += await s.receive_some()
@@ -180,13 +183,22 @@ async def test_head_gets_no_body(nursery: trio.Nursery) -> None:
     [
         b"garbage\r\n\r\n",
         b"GET / HTTP/2.0\r\n\r\n",
-        b"GET / HTTP/1.1\r\n folded: header\r\n\r\n",
-        b"POST / HTTP/1.1\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"POST / HTTP/1.1\r\ncontent-length: x\r\n\r\n",
-        b"GET / HTTP/1.1\r\nx-a: 1\ninjected: 2\r\n\r\n",
-        b"GET / HTTP/1.1\r\nx-a: 1\x00\r\n\r\n",
-        b"GET /a\x01b HTTP/1.1\r\n\r\n",
-        b"GET / HTTP/1.1\r\nbad name: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: h\r\n folded: header\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: h\r\nx-a: 1\ninjected: 2\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: h\r\nx-a: 1\x00\r\n\r\n",
+        b"GET /a\x01b HTTP/1.1\r\nhost: h\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: h\r\nbad name: 1\r\n\r\n",
+        # framing and routing shapes a front proxy might read differently
+        b"POST / HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n"
+        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+        b"CONNECT upstream:443 HTTP/1.1\r\nhost: upstream:443\r\n\r\n",
+        b"GET x/y HTTP/1.1\r\nhost: h\r\n\r\n",
     ],
 )
 async def test_malformed_requests_get_a_json_400_and_the_connection_closes(
@@ -205,7 +217,7 @@ async def test_malformed_requests_get_a_json_400_and_the_connection_closes(
 async def test_connection_close_from_the_app_closes_the_connection(nursery: trio.Nursery) -> None:
     port = await start(nursery, echo_app([]))
     async with await connect(port) as s:
-        await s.send_all(b"GET /close HTTP/1.1\r\n\r\n")
+        await s.send_all(b"GET /close HTTP/1.1\r\nhost: h\r\n\r\n")
         head, body = await read_response(s, bytearray())
         assert b"connection: close" in head and body == b"bye"
         assert await closed(s)
@@ -214,7 +226,7 @@ async def test_connection_close_from_the_app_closes_the_connection(nursery: trio
 async def test_an_app_error_is_a_json_500(nursery: trio.Nursery) -> None:
     port = await start(nursery, echo_app([]))
     async with await connect(port) as s:
-        await s.send_all(b"GET /boom HTTP/1.1\r\n\r\n")
+        await s.send_all(b"GET /boom HTTP/1.1\r\nhost: h\r\n\r\n")
         head, body = await read_response(s, bytearray())
     assert head.startswith(b"http/1.1 500") and b'"code":"internal_error"' in body
 
@@ -229,7 +241,7 @@ async def test_the_app_sees_a_client_disconnect_at_once(nursery: trio.Nursery) -
 
     port = await start(nursery, app)
     s = await connect(port)
-    await s.send_all(b"GET / HTTP/1.1\r\n\r\n")
+    await s.send_all(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n")
     await trio.testing.wait_all_tasks_blocked()
     await s.aclose()
     with trio.fail_after(5):
@@ -257,7 +269,7 @@ async def test_graceful_shutdown_lets_requests_in_flight_finish(nursery: trio.Nu
     port = int((await nursery.start(run))[0].rsplit(":", 1)[1])
     busy = await connect(port)
     idle = await connect(port)
-    await busy.send_all(b"GET / HTTP/1.1\r\n\r\n")
+    await busy.send_all(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n")
     await trio.testing.wait_all_tasks_blocked()
     trigger.set()
     await trio.testing.wait_all_tasks_blocked()
@@ -271,3 +283,213 @@ async def test_graceful_shutdown_lets_requests_in_flight_finish(nursery: trio.Nu
         await done.wait()
     await busy.aclose()
     await idle.aclose()
+
+
+async def test_an_oversized_head_is_a_400_and_the_server_keeps_serving(
+    nursery: trio.Nursery,
+) -> None:
+    port = await start(nursery, echo_app([]))
+    async with await connect(port) as s:
+        await s.send_all(b"GET / HTTP/1.1\r\nhost: h\r\nx-big: " + b"a" * 70_000)
+        head, _ = await read_response(s, bytearray())
+        assert head.startswith(b"http/1.1 400")
+    async with await connect(port) as s:
+        await s.send_all(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n")
+        head, body = await read_response(s, bytearray())
+    assert head.startswith(b"http/1.1 200") and body == b"got:"
+
+
+async def test_bytes_pipelined_while_the_app_runs_are_not_buffered_without_bound(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peak = 0
+    read = _server._Connection._read
+
+    async def spy(self: Any) -> bytes:
+        nonlocal peak
+        data = await read(self)
+        peak = max(peak, len(self.buf) + len(data))
+        return data
+
+    monkeypatch.setattr(_server._Connection, "_read", spy)
+    release = trio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        async with trio.open_nursery() as watch:
+            watch.start_soon(receive)  # watches for a disconnect, as the gateway does
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"done"})
+
+    port = await start(nursery, app)
+    async with await connect(port) as s:
+        await s.send_all(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n")
+        with trio.move_on_after(1):
+            await s.send_all(b"x" * (4 * 1024 * 1024))
+        await trio.sleep(0.2)
+        release.set()
+        head, body = await read_response(s, bytearray())
+    assert head.startswith(b"http/1.1 200") and body == b"done"
+    assert peak <= _server._MAX_PIPELINED + _server._READ  # the rest waits in the kernel
+
+
+async def drain_until_closed(stream: trio.SocketStream) -> bytes:
+    data = b""
+    with trio.fail_after(5):
+        try:
+            while chunk := await stream.receive_some():
+                data += chunk
+        except trio.BrokenResourceError:
+            pass
+    return data
+
+
+@pytest.mark.parametrize("size", [b"-1", b"0x3", b"+3", b"1_0", b" 3", b"11111111111111111"])
+async def test_chunk_sizes_are_strict_hex(nursery: trio.Nursery, size: bytes) -> None:
+    seen: Seen = []
+    port = await start(nursery, echo_app(seen))
+    async with await connect(port) as s:
+        await s.send_all(
+            b"POST / HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
+            + size
+            + b"\r\nabc\r\n0\r\n\r\n"
+        )
+        assert b"got:" not in await drain_until_closed(s)
+    assert not any(r["body"] for r in seen)  # the app saw a disconnect, not a body
+
+
+async def test_a_long_chunk_extension_is_refused(nursery: trio.Nursery) -> None:
+    seen: Seen = []
+    port = await start(nursery, echo_app(seen))
+    async with await connect(port) as s:
+        await s.send_all(
+            b"POST / HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"1;x=" + b"y" * 8000 + b"\r\na\r\n0\r\n\r\n"
+        )
+        assert b"got:" not in await drain_until_closed(s)
+    assert not any(r["body"] for r in seen)  # the app saw a disconnect, not a body
+
+
+async def test_trailers_are_bounded_in_total(nursery: trio.Nursery) -> None:
+    seen: Seen = []
+    port = await start(nursery, echo_app(seen))
+    async with await connect(port) as s:
+        trailers = b"".join(b"x-t%d: %s\r\n" % (i, b"v" * 1000) for i in range(100))
+        await s.send_all(
+            b"POST / HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"1\r\na\r\n0\r\n" + trailers + b"\r\n"
+        )
+        assert b"got:" not in await drain_until_closed(s)
+    assert seen[0]["body"] == b"a"  # the data before the trailers, then a disconnect
+
+
+async def test_receive_after_the_response_is_a_prompt_disconnect(nursery: trio.Nursery) -> None:
+    """An app that answers without reading the body (Expect: 100-continue pending), then
+    calls receive(): no 100 Continue after the response, no wait for the body."""
+    got: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 413, "headers": []})
+        await send({"type": "http.response.body", "body": b"too big"})
+        with trio.fail_after(2):
+            got.append((await receive())["type"])
+
+    port = await start(nursery, app)
+    async with await connect(port) as s:
+        await s.send_all(
+            b"POST / HTTP/1.1\r\nhost: h\r\nexpect: 100-continue\r\ncontent-length: 9\r\n\r\n"
+        )
+        data = await drain_until_closed(s)
+    assert data.startswith(b"HTTP/1.1 413") and b"100 Continue" not in data
+    assert got == ["http.disconnect"]
+
+
+async def test_expect_100_continue_is_ignored_for_http10(nursery: trio.Nursery) -> None:
+    port = await start(nursery, echo_app([]))
+    async with await connect(port) as s:
+        await s.send_all(b"POST / HTTP/1.0\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\nok")
+        data = await drain_until_closed(s)
+    assert data.startswith(b"HTTP/1.1 200") and b"100 Continue" not in data
+
+
+async def test_a_client_that_uploads_the_whole_body_first_still_gets_the_answer(
+    nursery: trio.Nursery,
+) -> None:
+    """The app answers (as a 413 does) before the body is read; closing at once would reset
+    the connection under a client still uploading, which then never reads the answer."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # the first piece only
+        await send({"type": "http.response.start", "status": 413, "headers": []})
+        await send({"type": "http.response.body", "body": b"too big"})
+
+    port = await start(nursery, app)
+    body = b"x" * (8 * 1024 * 1024)
+    async with await connect(port) as s:
+        await s.send_all(b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: %d\r\n\r\n" % len(body))
+        with trio.fail_after(5):
+            await s.send_all(body)  # like a client that reads only once it has sent
+        head, answer = await read_response(s, bytearray())
+    assert head.startswith(b"http/1.1 413") and answer == b"too big"
+
+
+async def test_an_app_error_after_the_start_message_but_before_any_byte_is_a_500(
+    nursery: trio.Nursery,
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("app bug before the body")
+
+    port = await start(nursery, app)
+    async with await connect(port) as s:
+        await s.send_all(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n")
+        head, body = await read_response(s, bytearray())
+    assert head.startswith(b"http/1.1 500") and b'"code":"internal_error"' in body
+
+
+@pytest.mark.parametrize(("declared", "sent"), [(b"2", b"abcdef"), (b"10", b"abc")])
+async def test_a_body_that_disagrees_with_its_content_length_ends_the_connection(
+    nursery: trio.Nursery, declared: bytes, sent: bytes
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-length", declared)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": sent})
+
+    port = await start(nursery, app)
+    async with await connect(port) as s:
+        await s.send_all(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n")
+        data = await drain_until_closed(s)  # no bytes beyond the declared length, then EOF
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.lower().count(b"content-length") == 1
+    assert body == sent[: int(declared)]
+
+
+async def test_http10_keep_alive_is_acknowledged(nursery: trio.Nursery) -> None:
+    port = await start(nursery, echo_app([]))
+    async with await connect(port) as s:
+        buf = bytearray()
+        for _ in range(2):
+            await s.send_all(b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+            head, body = await read_response(s, buf)
+            assert b"connection: keep-alive" in head and body == b"got:"
+
+
+async def test_connection_close_from_the_client_is_acknowledged(nursery: trio.Nursery) -> None:
+    port = await start(nursery, echo_app([]))
+    async with await connect(port) as s:
+        await s.send_all(b"GET / HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n")
+        head, _ = await read_response(s, bytearray())
+        assert b"connection: close" in head
+        assert await closed(s)
+
+
+async def test_absolute_form_targets_keep_only_the_path(nursery: trio.Nursery) -> None:
+    seen: Seen = []
+    port = await start(nursery, echo_app(seen))
+    async with await connect(port) as s:
+        await s.send_all(b"GET HTTP://Example.com/v1/models?a=1 HTTP/1.1\r\nhost: h\r\n\r\n")
+        await read_response(s, bytearray())
+    assert seen[0]["scope"]["path"] == "/v1/models"
+    assert seen[0]["scope"]["query_string"] == b"a=1"
