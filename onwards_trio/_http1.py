@@ -25,6 +25,7 @@ _MAX_HEAD = 64 * 1024
 _READ = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class NoResponse(httpcore.RemoteProtocolError):
@@ -114,18 +115,18 @@ class Connection:
             await self._stream.send_all(b"".join(out))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise NoResponse(f"connection broken while sending: {exc}") from None
-        try:
-            status, response_headers, keep_alive = await self._read_head()
-        except httpcore.ReadError as exc:
-            if self._buf:
-                raise
-            raise NoResponse(str(exc)) from None
+        status, response_headers, keep_alive = await self._read_head(first=True)
         while 100 <= status < 200 and status != 101:
             # 1xx answers (100 Continue, 103 Early Hints) precede the real one
-            status, response_headers, keep_alive = await self._read_head()
+            status, response_headers, keep_alive = await self._read_head(first=False)
+        if status == 101:
+            keep_alive = False  # no longer HTTP on this connection
         return Response(self, method, status, response_headers, keep_alive)
 
-    async def _read_head(self) -> tuple[int, list[tuple[bytes, bytes]], bool]:
+    async def _read_head(self, first: bool) -> tuple[int, list[tuple[bytes, bytes]], bool]:
+        """The next response head. Only when ``first`` and not a byte of it arrived is a
+        failure :class:`NoResponse` (safe to retry): once the server answered anything, the
+        request may have been acted on."""
         buf = self._buf
         start = 0
         while True:
@@ -135,9 +136,14 @@ class Connection:
             if len(buf) > _MAX_HEAD:
                 raise httpcore.RemoteProtocolError("response head too large")
             start = len(buf)
-            data = await self._receive()
+            try:
+                data = await self._receive()
+            except httpcore.ReadError as exc:
+                if first and not buf:
+                    raise NoResponse(str(exc)) from None
+                raise
             if not data:
-                if not buf:
+                if first and not buf:
                     raise NoResponse("server disconnected without sending a response")
                 raise httpcore.RemoteProtocolError("server disconnected in the response head")
             buf += data
@@ -195,16 +201,27 @@ class Response:
         self._chunk_left = -1  # chunked: bytes left in the current chunk; -1 = read a size line
         self._done = False
         length: int | None = None
-        chunked = False
+        codings: list[bytes] = []
         for name, value in headers:
             lname = name.lower()
             if lname == b"transfer-encoding":
-                chunked = value.lower().endswith(b"chunked")
+                codings += (c.strip() for c in value.lower().split(b","))
             elif lname == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise httpcore.RemoteProtocolError("malformed content-length") from None
+                # digits only (int() would take "-1", "+1", " 1", "1_0"); repeats must agree
+                if not value.isdigit() or (length is not None and int(value) != length):
+                    raise httpcore.RemoteProtocolError("malformed content-length")
+                length = int(value)
+        chunked = False
+        if codings:
+            # RFC 9112 §6.3: transfer-encoding overrides content-length, which is dropped so it
+            # is never relayed beside a body of another length; such a message is suspect, so
+            # the connection is not reused. Unless chunked is the final coding, the body runs
+            # to the end of the connection.
+            chunked = codings[-1] == b"chunked"
+            if length is not None:
+                length = None
+                self._keep_alive = False
+                self.headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
         if method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
             self._mode = "none"
         elif chunked:
@@ -281,11 +298,10 @@ class Response:
                     self._finish()
                     raise StopAsyncIteration
                 continue
-            size = line.split(b";", 1)[0].strip()
-            try:
-                self._chunk_left = int(size, 16)
-            except ValueError:
-                raise httpcore.RemoteProtocolError("malformed chunk size") from None
+            size = line.split(b";", 1)[0].rstrip(b" \t")
+            if not _CHUNK_SIZE.fullmatch(size):  # int() would take "-1", "0x5", "+5", "1_0"
+                raise httpcore.RemoteProtocolError("malformed chunk size")
+            self._chunk_left = int(size, 16)
             if self._chunk_left == 0:
                 self._chunk_left = -3
 

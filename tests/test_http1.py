@@ -244,3 +244,98 @@ async def test_pool_retries_once_when_a_kept_alive_connection_was_closed() -> No
         nursery.cancel_scope.cancel()
     assert bodies == [b"1", b"2"]
     assert connections == 2
+
+
+@pytest.mark.parametrize("size", [b"0x5", b"+5", b"0_5", b" 5", b"-5"])
+async def test_chunk_sizes_are_strict_hex(size: bytes) -> None:
+    answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n%s\r\nhello\r\n0\r\n\r\n"
+    with pytest.RaisesGroup(httpcore.RemoteProtocolError):
+        await exchange(answer % size)
+
+
+@pytest.mark.parametrize(
+    "length",
+    [
+        b"content-length: +2",
+        b"content-length: -1",
+        b"content-length: 0_2",
+        b"content-length: 2\r\ncontent-length: 3",
+    ],
+)
+async def test_content_length_is_digits_and_repeats_must_agree(length: bytes) -> None:
+    with pytest.RaisesGroup(httpcore.RemoteProtocolError):
+        await exchange(b"HTTP/1.1 200 OK\r\n%s\r\n\r\nokk" % length)
+
+
+async def test_transfer_encoding_overrides_content_length_which_is_not_relayed() -> None:
+    _, headers, body, reusable, _ = await exchange(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    assert body == b"hello"
+    assert [k for k, _ in headers if k.lower() == b"content-length"] == []
+    assert not reusable  # a message framed both ways is suspect
+
+
+async def test_a_final_coding_other_than_chunked_reads_to_the_end_of_the_connection() -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    conn = Connection(client_end)
+
+    async def server() -> None:
+        await server_end.receive_some()
+        await server_end.send_all(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: xchunked\r\ncontent-length: 2\r\n\r\nabcd"
+        )
+        await server_end.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        response = await conn.request(b"GET", b"/", [(b"host", b"u")], b"")
+        assert b"".join([c async for c in response]) == b"abcd"
+    assert not conn.reusable
+
+
+class _CutAfter(trio.abc.Stream):
+    """Delivers ``data``, then fails as a reset connection does."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        if self.data:
+            data, self.data = self.data, b""
+            return data
+        raise trio.BrokenResourceError("connection reset")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_reset_after_part_of_the_head_is_not_retryable() -> None:
+    """Once any response byte arrived the upstream may have acted: never NoResponse."""
+    conn = Connection(_CutAfter(b"HTTP/1.1 200 OK\r\n"))
+    with pytest.raises(httpcore.ReadError):
+        await conn.request(b"POST", b"/", HEADERS, b"{}")
+
+
+async def test_a_reset_before_any_byte_is_retryable() -> None:
+    conn = Connection(_CutAfter(b""))
+    with pytest.raises(NoResponse):
+        await conn.request(b"POST", b"/", HEADERS, b"{}")
+
+
+async def test_101_switching_protocols_is_not_reused() -> None:
+    _, _, body, reusable, _ = await exchange(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n"
+    )
+    assert body == b"" and not reusable
