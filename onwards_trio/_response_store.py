@@ -24,7 +24,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import attrs
 import orjson
@@ -37,6 +37,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "MemoryResponseStore",
     "ResponseStore",
+    "SharedResponseStore",
     "SqliteResponseStore",
     "StoredEvent",
     "StoredResponse",
@@ -123,6 +124,20 @@ class ResponseStore(Protocol):
 
     async def aclose(self) -> None:
         """Release resources (connections)."""
+
+
+@runtime_checkable
+class SharedResponseStore(Protocol):
+    """A response store that other gateway processes write to as well (PostgreSQL).
+
+    A cancel or a ``DELETE`` may then be written by a replica that does not run the response,
+    so the replica that runs it polls :meth:`status` and stops its loop. Stores without this
+    method (memory, SQLite) are not polled: every cancel reaches the process that runs the
+    response.
+    """
+
+    async def status(self, response_id: str) -> str | None:
+        """The stored status alone, or ``None`` when the response is unknown (or deleted)."""
 
 
 def _copy(obj: T) -> T:

@@ -15,6 +15,8 @@ Routes (served by :class:`ResponsesService`, which the gateway owns):
 Execution shapes: a *foreground* response runs in the request's task (streamed as SSE or
 answered as one JSON object); a *background* one runs in the gateway's service nursery, its
 events kept in memory for live followers and logged in the :class:`ResponseStore` for resumes.
+On a store shared by several replicas (:class:`SharedResponseStore`), the replica running a
+background response polls its status, so a cancel or ``DELETE`` sent to another replica stops it.
 Whatever ends a loop — completion, failure, cancel, shutdown — the stored response is rewritten
 inside a shielded, bounded scope with what happened (``completed``/``incomplete``/``failed``/
 ``cancelled`` plus the output produced so far). A foreground client that disconnects does not
@@ -66,6 +68,7 @@ from ._response_store import (
     TERMINAL_STATUSES,
     MemoryResponseStore,
     ResponseStore,
+    SharedResponseStore,
     SqliteResponseStore,
     StoredEvent,
     StoredResponse,
@@ -94,6 +97,11 @@ _FLUSH_EVERY = 32  # background event-log batch size
 _FLUSH_INTERVAL = 0.2  # … or at most this old (seconds)
 _POLL_INTERVAL = 0.25  # following a response another process runs
 _POLL_IDLE_LIMIT = 600.0  # give up following a response that shows no sign of life
+# A replica running a background response on a shared store (PostgreSQL) reads its status this
+# often, to stop the loop once another replica cancelled or deleted it; a read that takes longer
+# than the timeout is abandoned and tried again at the next interval.
+_REMOTE_CANCEL_INTERVAL = 0.5
+_REMOTE_CANCEL_READ_TIMEOUT = 5.0
 
 
 def _now() -> int:
@@ -717,11 +725,20 @@ class ResponsesService:
         try:
             with live.scope:
                 try:
-                    await store.update(job.response_id, {**job.base, "status": "in_progress"})
+                    started = await store.update(
+                        job.response_id, {**job.base, "status": "in_progress"}
+                    )
                 except Exception:  # never into the service nursery: that would stop the gateway
                     log.exception("response %s: could not mark it in_progress", job.response_id)
+                else:
+                    if not started:
+                        # Cancelled or deleted while queued, through another replica (a local
+                        # cancel has cancelled the scope already): end as a cancelled loop.
+                        live.scope.cancel()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(live.flush_while_running)
+                    if isinstance(store, SharedResponseStore):
+                        nursery.start_soon(_watch_remote_cancel, store, live)
                     await self._execute(job, _ResponseSink(job, live=live))
                     nursery.cancel_scope.cancel()
         finally:
@@ -945,6 +962,49 @@ def _final_text(payload: Any) -> Any:
                 p.get("text", "") for p in parts if isinstance(p, Mapping) and "text" in p
             )
     return ""
+
+
+async def _watch_remote_cancel(store: SharedResponseStore, live: _Live) -> None:
+    """Cancel ``live``'s loop once its stored status is ``cancelled`` or the response is gone:
+    a cancel or a ``DELETE`` made through another replica of a shared store. The loop then ends
+    as on a local cancel (open steps ``canceled`` in its shielded clean-up).
+
+    One status read every ``_REMOTE_CANCEL_INTERVAL``. A read that fails or takes longer than
+    ``_REMOTE_CANCEL_READ_TIMEOUT`` is logged (once per run of failures) and tried again at
+    the next interval; it never stops the response. Runs in the response's own nursery, so it
+    ends with the loop."""
+    failing = False
+    while True:
+        await trio.sleep(_REMOTE_CANCEL_INTERVAL)
+        status: str | None = "in_progress"
+        problem: str | None = None
+        with trio.move_on_after(_REMOTE_CANCEL_READ_TIMEOUT) as read:
+            try:
+                status = await store.status(live.response_id)
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+        if read.cancelled_caught:
+            problem = f"no answer within {_REMOTE_CANCEL_READ_TIMEOUT} s"
+        if problem is not None:
+            if not failing:
+                log.warning(
+                    "response %s: could not check for a cancel from another replica (%s)",
+                    live.response_id,
+                    problem,
+                )
+            failing = True
+            continue
+        failing = False
+        # Only a cancel or a DELETE comes from elsewhere: this process writes the other
+        # terminal statuses itself, once its loop has ended.
+        if (status is None or status == "cancelled") and not live.scope.cancel_called:
+            log.info(
+                "response %s: %s through another replica; stopping its loop",
+                live.response_id,
+                "deleted" if status is None else "cancelled",
+            )
+            live.scope.cancel()
+            return
 
 
 async def _follow_live(live: _Live, after: int, send: Send) -> None:

@@ -15,7 +15,10 @@ Multi-replica safety comes from the database, not from the process:
 * state and status transitions are single conditional ``UPDATE`` statements, so the first
   writer wins and a terminal state is final whichever replica writes second;
 * an event is appended under a share lock on its response row, so it can never outlive a
-  concurrent ``DELETE`` from another replica.
+  concurrent ``DELETE`` from another replica;
+* :meth:`PostgresResponseStore.status` (one column by primary key) lets the replica running a
+  background response notice a cancel or a ``DELETE`` made through another replica (see
+  :class:`~onwards_trio._response_store.SharedResponseStore`).
 
 The schema is created on first use (``CREATE TABLE IF NOT EXISTS`` under an advisory lock, so
 replicas starting together do not race on the catalog), in the first schema of the
@@ -179,8 +182,13 @@ class PostgresDatabase:
             self._pool = pool
             return pool
 
-    async def run(self, fn: Callable[[Conn], T]) -> T:
-        """``fn(connection)`` in a worker thread, with a pooled connection of its own."""
+    async def run(self, fn: Callable[[Conn], T], *, abandon_on_cancel: bool = False) -> T:
+        """``fn(connection)`` in a worker thread, with a pooled connection of its own.
+
+        A started call is waited for even when the caller is cancelled (a write commits or
+        raises). Reads may pass ``abandon_on_cancel=True`` instead: the caller returns at once
+        and the thread finishes on its own, keeping its limiter slot and its connection until
+        then."""
 
         def call() -> T:
             try:
@@ -189,7 +197,9 @@ class PostgresDatabase:
             except psycopg.Error as e:
                 raise _store_error(e) from None
 
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        return await trio.to_thread.run_sync(
+            call, limiter=self._limiter, abandon_on_cancel=abandon_on_cancel
+        )
 
     async def aclose(self) -> None:
         """Close the pool. Shielded (a cancelled close would leak connections) and bounded: a
@@ -497,6 +507,19 @@ class PostgresResponseStore:
             created_at=float(created_at),
             owner=owner,
         )
+
+    async def status(self, response_id: str) -> str | None:
+        """Only the stored status (``None`` when unknown or deleted): one primary-key read of
+        one column, for a replica that checks whether another one cancelled its response. A
+        read, so a cancelled caller does not wait for it."""
+
+        def select(conn: Conn) -> str | None:
+            row = conn.execute(
+                "SELECT status FROM oresp_responses WHERE id = %s", (response_id,)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self.database.run(select, abandon_on_cancel=True)
 
     async def update(self, response_id: str, response: dict[str, Any]) -> bool:
         new = str(response.get("status"))

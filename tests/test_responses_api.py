@@ -842,3 +842,156 @@ async def test_background_events_reach_the_store_while_the_loop_waits(
     assert record is not None and record.status == "in_progress"
     types = [e.type for e in await store.events_after(queued.id, -1)]
     assert types == ["response.created", "response.in_progress"]
+
+
+# -- replicas sharing a store: a cancel made through another replica ------------------------------
+
+
+class SharedMemoryResponseStore(MemoryResponseStore):
+    """A memory store that says it is shared (it has ``status``), as the PostgreSQL one is:
+    two gateways in this process given the same instance act as two replicas on one database.
+    Counts the status reads; ``cancel_before_start`` cancels a response (as another replica
+    would) just before its loop marks it ``in_progress``."""
+
+    def __init__(self, *, cancel_before_start: bool = False) -> None:
+        super().__init__()
+        self.status_reads = 0
+        self.cancel_before_start = cancel_before_start
+
+    async def status(self, response_id: str) -> str | None:
+        self.status_reads += 1
+        record = await self.get(response_id)
+        return None if record is None else record.status
+
+    async def update(self, response_id: str, response: dict[str, Any]) -> bool:
+        if self.cancel_before_start and response.get("status") == "in_progress":
+            self.cancel_before_start = False
+            await super().update(response_id, {**response, "status": "cancelled"})
+        return await super().update(response_id, response)
+
+
+class CountingResponseStore(MemoryResponseStore):
+    """A memory store that counts its reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets = 0
+
+    async def get(self, response_id: str) -> Any:
+        self.gets += 1
+        return await super().get(response_id)
+
+
+async def two_replicas(
+    nursery: trio.Nursery, upstream: FakeUpstream, store: MemoryResponseStore
+) -> tuple[tuple[Gateway, openai.OpenAI], tuple[Gateway, openai.OpenAI]]:
+    url = await serve_app(nursery, upstream)
+    steps = MemoryStore()
+    out = []
+    for _ in range(2):
+        gateway, gw_url = await start_gateway(nursery, gateway_config(url))
+        gateway.responses.response_store = store
+        gateway.responses.step_store = steps
+        out.append((gateway, make_client(gw_url)))
+    return out[0], out[1]
+
+
+async def wait_upstream_active(upstream: FakeUpstream) -> None:
+    with trio.fail_after(5):
+        while not upstream.active:
+            await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize("via", ["cancel", "delete"])
+async def test_a_cancel_through_another_replica_stops_the_loop(
+    nursery: trio.Nursery, via: str
+) -> None:
+    upstream = FakeUpstream(lambda rec: text_reply(rec, " ".join("w" * 30), chunk_delay=0.3))
+    store = SharedMemoryResponseStore()
+    (gw_a, a), (_, b) = await two_replicas(nursery, upstream, store)
+    queued = await sdk(lambda: a.responses.create(model="m", input="x", background=True))
+    await wait_upstream_active(upstream)
+    assert queued.id in gw_a.responses._live
+    start = trio.current_time()
+    if via == "cancel":
+        cancelled = await sdk(lambda: b.responses.cancel(queued.id))
+        assert cancelled.status == "cancelled"
+    else:
+        await sdk(lambda: b.responses.delete(queued.id))
+    with trio.fail_after(5):
+        while queued.id in gw_a.responses._live:  # A's loop ended and let go of the response
+            await trio.sleep(0.02)
+    assert trio.current_time() - start < 2.5  # the upstream would have taken ~9 s
+    assert (upstream.active, upstream.finished, len(upstream.requests)) == (0, 0, 1)
+    assert store.status_reads >= 1
+    steps = gw_a.responses.step_store
+    assert steps is not None
+    chain = await steps.list_chain(queued.id, None)
+    assert [s.state.value for s in chain] == ["canceled"]
+    if via == "cancel":
+        again = await sdk(lambda: a.responses.retrieve(queued.id))
+        assert again.status == "cancelled"
+    else:
+        assert await store.get(queued.id) is None
+
+
+async def test_a_response_cancelled_elsewhere_while_queued_makes_no_model_call(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = FakeUpstream(lambda rec: text_reply(rec))
+    store = SharedMemoryResponseStore(cancel_before_start=True)
+    (gw_a, a), _ = await two_replicas(nursery, upstream, store)
+    queued = await sdk(lambda: a.responses.create(model="m", input="x", background=True))
+    with trio.fail_after(5):
+        while queued.id in gw_a.responses._live:
+            await trio.sleep(0.02)
+    assert upstream.requests == []
+    assert (await sdk(lambda: a.responses.retrieve(queued.id))).status == "cancelled"
+
+
+async def test_a_store_that_is_not_shared_is_not_polled(nursery: trio.Nursery) -> None:
+    upstream = FakeUpstream(lambda rec: text_reply(rec, " ".join("w" * 20), chunk_delay=0.1))
+    gateway, client, _ = await start(nursery, upstream)
+    store = gateway.responses.response_store = CountingResponseStore()
+    queued = await sdk(lambda: client.responses.create(model="m", input="x", background=True))
+    await wait_upstream_active(upstream)
+    reads = store.gets
+    await trio.sleep(1.2)  # more than two polling intervals
+    assert upstream.active  # still running
+    assert store.gets == reads
+    cancelled = await sdk(lambda: client.responses.cancel(queued.id))
+    assert cancelled.status == "cancelled"
+
+
+class FlakySharedResponseStore(SharedMemoryResponseStore):
+    """Its first status read fails and its second never answers."""
+
+    async def status(self, response_id: str) -> str | None:
+        self.status_reads += 1
+        if self.status_reads == 1:
+            raise sqlite3.OperationalError("database is locked")
+        if self.status_reads == 2:
+            await trio.sleep_forever()
+        return await super().status(response_id)
+
+
+async def test_a_failing_or_hanging_status_read_is_retried(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onwards_trio import _responses_api
+
+    monkeypatch.setattr(_responses_api, "_REMOTE_CANCEL_READ_TIMEOUT", 0.3)
+    upstream = FakeUpstream(lambda rec: text_reply(rec, " ".join("w" * 30), chunk_delay=0.3))
+    store = FlakySharedResponseStore()
+    (gw_a, a), (_, b) = await two_replicas(nursery, upstream, store)
+    queued = await sdk(lambda: a.responses.create(model="m", input="x", background=True))
+    with trio.fail_after(5):
+        while store.status_reads < 3:  # past the failed read and the abandoned one
+            await trio.sleep(0.02)
+    assert queued.id in gw_a.responses._live  # neither stopped the response
+    cancelled = await sdk(lambda: b.responses.cancel(queued.id))
+    assert cancelled.status == "cancelled"
+    with trio.fail_after(5):
+        while queued.id in gw_a.responses._live:
+            await trio.sleep(0.02)
+    assert (upstream.active, upstream.finished) == (0, 0)

@@ -10,6 +10,7 @@ these tests are skipped. Each test gets a fresh schema (``search_path`` set thro
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -249,14 +250,22 @@ def two_clients(url_a: str, url_b: str) -> Iterator[tuple[openai.OpenAI, openai.
 
 async def two_gateways(nursery: trio.Nursery, dsn: str, upstream: FakeUpstream) -> tuple[str, str]:
     """Two gateways (two pools, as two replicas) on one database; their base URLs."""
+    (_, url_a), (_, url_b) = await two_replicas(nursery, dsn, upstream)
+    return url_a, url_b
+
+
+async def two_replicas(
+    nursery: trio.Nursery, dsn: str, upstream: FakeUpstream
+) -> tuple[tuple[Gateway, str], tuple[Gateway, str]]:
+    """Two gateways (two pools, as two replicas) on one database, with their base URLs."""
     upstream_url = await serve_app(nursery, upstream)
     config = {
         "targets": {"m": {"url": upstream_url + "/v1", "open_responses": {"adapter": True}}},
         "store": {"kind": "postgres", "dsn": dsn, "pool_size": 2},
     }
-    _, url_a = await start_gateway(nursery, config)
-    _, url_b = await start_gateway(nursery, config)
-    return url_a, url_b
+    a = await start_gateway(nursery, config)
+    b = await start_gateway(nursery, config)
+    return a, b
 
 
 @needs_postgres
@@ -306,3 +315,70 @@ async def test_a_follow_up_on_another_gateway_replays_the_conversation(
     messages = upstream.requests[-1].json()["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert "Hello world" in orjson.dumps(messages[1]).decode()
+
+
+@needs_postgres
+@pytest.mark.parametrize("via", ["other-cancel", "other-delete", "owner-cancel"])
+async def test_a_cancel_through_any_gateway_stops_the_loop_on_the_owner(
+    nursery: trio.Nursery, dsn: str, via: str
+) -> None:
+    # The model streams 30 words 0.3 s apart (~9 s): the cancel must cut it short.
+    upstream = FakeUpstream(lambda rec: text_reply(rec, " ".join("w" * 30), chunk_delay=0.3))
+    (gw_a, url_a), (_, url_b) = await two_replicas(nursery, dsn, upstream)
+    with two_clients(url_a, url_b) as (a, b):
+        queued = await sdk(lambda: a.responses.create(model="m", input="x", background=True))
+        with trio.fail_after(10):
+            while not upstream.active:
+                await trio.sleep(0.02)
+        assert queued.id in gw_a.responses._live  # A runs it
+        start = trio.current_time()
+        if via == "other-delete":
+            await sdk(lambda: b.responses.delete(queued.id))
+        else:
+            by = b if via == "other-cancel" else a
+            cancelled = await sdk(lambda: by.responses.cancel(queued.id))
+            assert cancelled.status == "cancelled"
+        with trio.fail_after(10):
+            while queued.id in gw_a.responses._live:  # A's loop ended and let go of it
+                await trio.sleep(0.02)
+        elapsed = trio.current_time() - start
+        if via != "other-delete":
+            for client in (a, b):
+                got = await sdk(functools.partial(client.responses.retrieve, queued.id))
+                assert got.status == "cancelled"
+    assert elapsed < 3.0, elapsed  # within about a second (plus the cancel's own round trip)
+    # The upstream saw its one request cut short, and no further model call was made.
+    assert (upstream.active, upstream.finished, len(upstream.requests)) == (0, 0, 1)
+    assert upstream.disconnected + upstream.cancelled == 1
+    steps = PostgresStore(dsn)
+    try:
+        chain = await steps.list_chain(queued.id, None)
+        loop_record = await steps.get_response(queued.id)
+    finally:
+        await steps.aclose()
+    assert [s.state for s in chain] == [StepState.CANCELED]  # nothing left processing
+    assert loop_record is not None and loop_record.status.value == "cancelled"
+    responses = PostgresResponseStore(dsn)
+    try:
+        stored = await responses.get(queued.id)
+    finally:
+        await responses.aclose()
+    if via == "other-delete":
+        assert stored is None
+    else:
+        assert stored is not None and stored.status == "cancelled"
+
+
+@needs_postgres
+async def test_status_reads_only_the_status(dsn: str) -> None:
+    store = PostgresResponseStore(dsn)
+    try:
+        assert await store.status("resp_1") is None
+        await store.create(record("resp_1"))
+        assert await store.status("resp_1") == "in_progress"
+        await store.update("resp_1", {"id": "resp_1", "status": "cancelled", "output": []})
+        assert await store.status("resp_1") == "cancelled"
+        await store.delete("resp_1")
+        assert await store.status("resp_1") is None
+    finally:
+        await store.aclose()
