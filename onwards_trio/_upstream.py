@@ -69,11 +69,15 @@ def forward_headers(
     and x-forwarded-proto."""
     auth = provider.auth_header
     auth_name = auth[0] if auth else None
+    drop = _DROP
+    for k, v in headers:
+        if k == b"connection":  # it names more hop-by-hop headers (RFC 9110 §7.6.1)
+            drop = drop.union(t.strip().lower() for t in v.split(b","))
     out = [(b"host", provider.host_header)]
     out.extend(
         (k, v)
         for k, v in headers
-        if k not in _DROP and k != auth_name and not k.startswith(b"sec-ch-ua")
+        if k not in drop and k != auth_name and not k.startswith(b"sec-ch-ua")
     )
     if body_length is not None:
         out.append((b"content-length", str(body_length).encode()))
@@ -137,14 +141,19 @@ class UpstreamResponse:
         # Shielded: this runs on the way out of cancelled requests too, and a connection that
         # is neither returned nor closed would leak its socket.
         with trio.CancelScope(shield=True):
-            await self._response.aclose()
-            await self._pool.release(conn)
+            try:
+                await self._response.aclose()
+                await self._pool.release(conn)
+            finally:
+                self._pool.done()
 
 
 class _HostPool:
-    """Idle keep-alive connections to one origin, reused last-in first-out."""
+    """Idle keep-alive connections to one origin, reused last-in first-out. With
+    ``http_pool.max_connections``, at most that many connections (idle or busy) are open at
+    once; a request beyond waits for one to be handed back."""
 
-    __slots__ = ("_client", "_idle", "host", "port", "scheme")
+    __slots__ = ("_client", "_idle", "_slots", "host", "port", "scheme")
 
     def __init__(self, scheme: bytes, host: bytes, port: int, client: UpstreamClient) -> None:
         self.scheme = scheme
@@ -152,6 +161,13 @@ class _HostPool:
         self.port = port
         self._client = client
         self._idle: list[Connection] = []
+        limit = client.max_connections
+        self._slots = trio.Semaphore(limit) if limit is not None else None
+
+    def done(self) -> None:
+        """A request's connection went back to the pool or was closed."""
+        if self._slots is not None:
+            self._slots.release()
 
     async def _connection(self) -> tuple[Connection, bool]:
         while self._idle:
@@ -172,25 +188,37 @@ class _HostPool:
     async def request(
         self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> UpstreamResponse:
-        for _ in range(2):
-            conn, reused = await self._connection()
-            try:
-                response = await conn.request(method, target, headers, body)
-            except NoResponse:
-                await conn.aclose()
-                if reused:
-                    continue  # the server had closed that idle connection: one fresh try
-                raise
-            except BaseException:
-                await conn.aclose()
-                raise
-            return UpstreamResponse(response, conn, self)
-        raise NoResponse("no response on a fresh connection")  # pragma: no cover
+        if self._slots is not None:
+            await self._slots.acquire()
+        try:
+            for _ in range(2):
+                conn, reused = await self._connection()
+                try:
+                    response = await conn.request(method, target, headers, body)
+                except NoResponse:
+                    await conn.aclose()
+                    if reused:
+                        continue  # the server had closed that idle connection: one fresh try
+                    raise
+                except BaseException:
+                    await conn.aclose()
+                    raise
+                return UpstreamResponse(response, conn, self)
+            raise NoResponse("no response on a fresh connection")  # pragma: no cover
+        except BaseException:
+            self.done()
+            raise
 
     async def release(self, conn: Connection) -> None:
-        if conn.reusable and len(self._idle) < self._client.max_idle:
-            conn.expires_at = trio.current_time() + self._client.keepalive_expiry
-            self._idle.append(conn)
+        now = trio.current_time()
+        idle = self._idle
+        # Idle connections are stacked in expiry order; under steady traffic only the top is
+        # reused, so the expired ones at the bottom are closed here, not left open for good.
+        while idle and idle[0].expires_at <= now:
+            await idle.pop(0).aclose()
+        if conn.reusable and len(idle) < self._client.max_idle:
+            conn.expires_at = now + self._client.keepalive_expiry
+            idle.append(conn)
         else:
             await conn.aclose()
 
@@ -208,6 +236,7 @@ class UpstreamClient:
         spec = http_pool or HttpPool()
         self.max_idle = spec.max_idle_per_host
         self.keepalive_expiry = spec.idle_timeout_secs
+        self.max_connections = spec.max_connections  # per origin; None: no limit
         self.connect_timeout = 30.0
         self._pools: dict[tuple[bytes, bytes, int | None], _HostPool] = {}
         self._ssl: ssl.SSLContext | None = None

@@ -3,6 +3,8 @@ and the pool's retry of a request that met a closed idle connection (over real s
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpcore
 import pytest
 import trio
@@ -11,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onwards_trio import parse_config
+from onwards_trio._config import HttpPool
 from onwards_trio._http1 import Connection, NoResponse
 from onwards_trio._targets import Targets
 from onwards_trio._upstream import UpstreamClient
@@ -339,3 +342,100 @@ async def test_101_switching_protocols_is_not_reused() -> None:
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n"
     )
     assert body == b"" and not reusable
+
+
+class _Origin:
+    """A keep-alive origin on a real socket that answers ``ok`` to every request, holding
+    each answer until ``gate`` is set; it counts connections opened and closed."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed = 0
+        self.open_now = 0
+        self.peak = 0
+        self.gate = trio.Event()
+        self.gate.set()
+
+    async def handler(self, stream: trio.SocketStream) -> None:
+        self.opened += 1
+        self.open_now += 1
+        self.peak = max(self.peak, self.open_now)
+        try:
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = await stream.receive_some()
+                    if not chunk:
+                        return
+                    data += chunk
+                data = data.split(b"\r\n\r\n", 1)[1]
+                await self.gate.wait()
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        finally:
+            self.open_now -= 1
+            self.closed += 1
+
+
+async def _get(client: UpstreamClient, provider: Any) -> bytes:
+    response = await client.send(provider, b"GET", b"/", [(b"host", b"x")], b"")
+    try:
+        return b"".join([c async for c in response])
+    finally:
+        await response.aclose()
+
+
+async def _origin(nursery: trio.Nursery, origin: _Origin) -> Any:
+    listeners = await nursery.start(trio.serve_tcp, origin.handler, 0)
+    port = listeners[0].socket.getsockname()[1]
+    config = {"targets": {"m": {"url": f"http://127.0.0.1:{port}"}}}
+    return Targets(parse_config(config)).table.pools["m"].providers[0]
+
+
+async def test_max_connections_bounds_the_connections_to_an_origin() -> None:
+    origin = _Origin()
+    origin.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        provider = await _origin(nursery, origin)
+        client = UpstreamClient(HttpPool(max_connections=2))
+        bodies: list[bytes] = []
+
+        async def one() -> None:
+            bodies.append(await _get(client, provider))
+
+        try:
+            async with trio.open_nursery() as requests:
+                for _ in range(5):
+                    requests.start_soon(one)
+                await trio.sleep(0.2)
+                opened = origin.opened
+                origin.gate.set()
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    assert opened == 2  # the other three waited for a connection
+    assert bodies == [b"ok"] * 5 and origin.peak == 2
+
+
+async def test_expired_idle_connections_are_closed_under_steady_traffic() -> None:
+    """After a burst, steady one-at-a-time traffic reuses only the top of the idle stack;
+    the expired connections beneath it must be closed, not kept open for good."""
+    origin = _Origin()
+    origin.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        provider = await _origin(nursery, origin)
+        client = UpstreamClient(HttpPool(idle_timeout_secs=0.3))
+        try:
+            async with trio.open_nursery() as burst:
+                for _ in range(3):
+                    burst.start_soon(_get, client, provider)
+                await trio.sleep(0.1)
+                origin.gate.set()
+            for _ in range(12):
+                await _get(client, provider)
+                await trio.sleep(0.05)
+            await trio.sleep(0.05)
+            opened, closed = origin.opened, origin.closed
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    assert opened == 3 and closed == 2

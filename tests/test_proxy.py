@@ -258,6 +258,18 @@ async def test_hop_by_hop_browser_and_credential_headers_are_stripped(
     assert got["x-forwarded-proto"] == "https"
 
 
+async def test_headers_the_client_names_in_connection_are_not_forwarded(
+    nursery: trio.Nursery,
+) -> None:
+    up = FakeUpstream()
+    _, client = await gateway_with(nursery, {"m": {"url": await serve_app(nursery, up)}})
+    headers = {"connection": "keep-alive, X-Hop", "x-hop": "1", "x-end": "2"}
+    async with client:
+        await client.post(CHAT, json=body("m"), headers=headers)
+    got = up.requests[0].headers
+    assert "x-hop" not in got and got["x-end"] == "2"
+
+
 async def test_models_lists_aliases_without_calling_upstreams(nursery: trio.Nursery) -> None:
     up = FakeUpstream()
     upstream = await serve_app(nursery, up)
