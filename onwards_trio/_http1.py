@@ -222,7 +222,10 @@ class Response:
                 length = None
                 self._keep_alive = False
                 self.headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
-        if method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
+        if method == b"CONNECT" and 200 <= status < 300:
+            self._mode = "close"  # a tunnel now (RFC 9112 §6.3): never reused
+            self._keep_alive = False
+        elif method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
             self._mode = "none"
         elif chunked:
             self._mode = "chunked"

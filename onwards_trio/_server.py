@@ -274,6 +274,8 @@ class _Connection:
                 raw_path = b"/" + parts[3] if len(parts) == 4 else b"/"
             elif raw_path != b"*" or method != "OPTIONS":
                 raise _BadRequest  # no authority-form (CONNECT) or other shapes
+        if method == "CONNECT":
+            raise _BadRequest  # no tunnels: a 2xx would turn the upstream link into one
         scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},

@@ -439,3 +439,19 @@ async def test_expired_idle_connections_are_closed_under_steady_traffic() -> Non
             await client.aclose()
             nursery.cancel_scope.cancel()
     assert opened == 3 and closed == 2
+
+
+async def test_a_2xx_to_connect_is_a_tunnel_never_reused() -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    conn = Connection(client_end)
+
+    async def server() -> None:
+        await server_end.receive_some()
+        await server_end.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\ntunnel")
+        await server_end.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        response = await conn.request(b"CONNECT", b"h:443", [(b"host", b"h:443")], b"")
+        assert b"".join([c async for c in response]) == b"tunnel"
+    assert not conn.reusable

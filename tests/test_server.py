@@ -199,6 +199,7 @@ async def test_head_gets_no_body(nursery: trio.Nursery) -> None:
         b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
         b"CONNECT upstream:443 HTTP/1.1\r\nhost: upstream:443\r\n\r\n",
         b"GET x/y HTTP/1.1\r\nhost: h\r\n\r\n",
+        b"CONNECT /v1/x HTTP/1.1\r\nhost: h\r\n\r\n",
     ],
 )
 async def test_malformed_requests_get_a_json_400_and_the_connection_closes(
