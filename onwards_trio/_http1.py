@@ -151,7 +151,12 @@ class Connection:
         lines = buf[:end].split(b"\r\n")
         version, _, rest = lines[0].partition(b" ")
         code = rest[:3]
-        if not version.startswith(b"HTTP/1.") or not code.isdigit():
+        if (
+            version not in (b"HTTP/1.1", b"HTTP/1.0")
+            or not code.isdigit()
+            or not b"100" <= code <= b"599"  # relayed to the client as the status line
+            or rest[3:4] not in (b"", b" ")
+        ):
             raise httpcore.RemoteProtocolError("malformed response status line")
         headers: list[tuple[bytes, bytes]] = []
         keep_alive = version == b"HTTP/1.1"

@@ -145,6 +145,10 @@ async def test_interim_100_continue_is_skipped() -> None:
     [
         b"garbage\r\n\r\n",
         b"HTTP/1.1 abc\r\n\r\n",
+        b"HTTP/1.1 099 Low\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 999 High\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 2000\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.12 200 OK\r\ncontent-length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nno-colon\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nx-a: 1\nset-cookie: evil\r\n\r\n",
     ],
