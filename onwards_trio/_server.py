@@ -492,6 +492,7 @@ class _Response:
                 self.close = True  # the client sees the body end early: an honest signal
         if self._head is not None:
             head, self._head = self._head, None
+            self._conn._continue = False  # never a 100 Continue after a final status
             if self._left < 0 and not self._no_body:
                 if not more:
                     head.append(b"content-length: %d\r\n" % len(body))

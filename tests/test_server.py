@@ -494,3 +494,23 @@ async def test_absolute_form_targets_keep_only_the_path(nursery: trio.Nursery) -
         await read_response(s, bytearray())
     assert seen[0]["scope"]["path"] == "/v1/models"
     assert seen[0]["scope"]["query_string"] == b"a=1"
+
+
+async def test_no_100_continue_is_written_inside_a_response(nursery: trio.Nursery) -> None:
+    """An app that starts answering, then reads the body: the interim 100 must not land in
+    the middle of the response it already began."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part1", "more_body": True})
+        with trio.move_on_after(0.2):
+            await receive()
+        await send({"type": "http.response.body", "body": b"part2"})
+
+    port = await start(nursery, app)
+    async with await connect(port) as s:
+        await s.send_all(
+            b"POST / HTTP/1.1\r\nhost: h\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n"
+        )
+        data = await drain_until_closed(s)
+    assert b"100 Continue" not in data and data.startswith(b"HTTP/1.1 200")
