@@ -232,3 +232,52 @@ class MultiStepStore(Protocol):
         ...
 
     async def get_response(self, request_id: str) -> ResponseRecord | None: ...
+
+
+class StepTransitions:
+    """The step state machine of the SQL stores, on top of one conditional update each store
+    implements (``_transition``): from pending to processing, from an open state to a
+    terminal one. A refused move of a step that exists is a ``CONFLICT``."""
+
+    _OPEN: tuple[str, ...] = ("pending", "processing")
+
+    async def _transition(
+        self, step_id: str, to: StepState, from_states: Sequence[str], column: str, value: Any
+    ) -> bool:
+        """Move a step from one of ``from_states`` to ``to``, setting ``column`` to ``value``;
+        False if it was in another state (``NOT_FOUND`` if it does not exist)."""
+        raise NotImplementedError
+
+    async def get_step(self, step_id: str) -> ChainStep:
+        raise NotImplementedError
+
+    async def get_response(self, request_id: str) -> ResponseRecord | None:
+        raise NotImplementedError
+
+    async def _must(self, step_id: str, ok: bool) -> None:
+        if not ok:
+            step = await self.get_step(step_id)
+            raise StoreError(StoreErrorKind.CONFLICT, f"step {step_id} is {step.state.value}")
+
+    async def mark_step_processing(self, step_id: str) -> None:
+        ok = await self._transition(step_id, StepState.PROCESSING, ("pending",), "error", None)
+        await self._must(step_id, ok)
+
+    async def complete_step(self, step_id: str, payload: Any) -> None:
+        ok = await self._transition(
+            step_id, StepState.COMPLETED, self._OPEN, "response_payload", payload
+        )
+        await self._must(step_id, ok)
+
+    async def fail_step(self, step_id: str, error: Any) -> None:
+        ok = await self._transition(step_id, StepState.FAILED, self._OPEN, "error", error)
+        await self._must(step_id, ok)
+
+    async def cancel_step(self, step_id: str, reason: Any = None) -> bool:
+        return await self._transition(step_id, StepState.CANCELED, self._OPEN, "error", reason)
+
+    async def assemble_response(self, request_id: str) -> Any:
+        record = await self.get_response(request_id)
+        if record is None:
+            raise StoreError(StoreErrorKind.NOT_FOUND, request_id)
+        return record.output

@@ -51,6 +51,7 @@ from ._steps import (
     StepDescriptor,
     StepKind,
     StepState,
+    StepTransitions,
     StoreError,
     StoreErrorKind,
 )
@@ -232,7 +233,6 @@ _STEP_COLUMNS = (
     "id, kind, state, sequence, prev_step_id, scope_parent, "
     "request_payload, response_payload, error"
 )
-_OPEN = ["pending", "processing"]
 
 
 def _step(row: TupleRow) -> ChainStep:
@@ -249,7 +249,7 @@ def _step(row: TupleRow) -> ChainStep:
     )
 
 
-class PostgresStore:
+class PostgresStore(StepTransitions):
     """:class:`~onwards_trio._steps.MultiStepStore` on PostgreSQL; replicas on one database
     behave as one store."""
 
@@ -367,7 +367,7 @@ class PostgresStore:
         return await self.database.run(write)
 
     async def _transition(
-        self, step_id: str, to: StepState, from_states: list[str], column: str, value: Any
+        self, step_id: str, to: StepState, from_states: Sequence[str], column: str, value: Any
     ) -> bool:
         """Move a step from one of ``from_states`` to ``to``; False if it was elsewhere."""
         text = _dump(value)
@@ -377,7 +377,7 @@ class PostgresStore:
         )
 
         def write(conn: Conn) -> bool:
-            cur = conn.execute(sql, (to.value, text, step_id, from_states))
+            cur = conn.execute(sql, (to.value, text, step_id, list(from_states)))
             if cur.rowcount == 1:
                 return True
             self._get(conn, step_id)  # NOT_FOUND if it does not exist
@@ -385,39 +385,11 @@ class PostgresStore:
 
         return await self.database.run(write)
 
-    async def _must(self, step_id: str, ok: bool) -> None:
-        if not ok:
-            step = await self.get_step(step_id)
-            raise StoreError(StoreErrorKind.CONFLICT, f"step {step_id} is {step.state.value}")
-
-    async def mark_step_processing(self, step_id: str) -> None:
-        ok = await self._transition(step_id, StepState.PROCESSING, ["pending"], "error", None)
-        await self._must(step_id, ok)
-
-    async def complete_step(self, step_id: str, payload: Any) -> None:
-        ok = await self._transition(
-            step_id, StepState.COMPLETED, _OPEN, "response_payload", payload
-        )
-        await self._must(step_id, ok)
-
-    async def fail_step(self, step_id: str, error: Any) -> None:
-        ok = await self._transition(step_id, StepState.FAILED, _OPEN, "error", error)
-        await self._must(step_id, ok)
-
-    async def cancel_step(self, step_id: str, reason: Any = None) -> bool:
-        return await self._transition(step_id, StepState.CANCELED, _OPEN, "error", reason)
-
     async def get_step(self, step_id: str) -> ChainStep:
         return await self.database.run(lambda conn: self._get(conn, step_id))
 
     async def list_chain(self, request_id: str, scope_parent: str | None) -> Sequence[ChainStep]:
         return await self.database.run(lambda conn: self._chain(conn, request_id, scope_parent))
-
-    async def assemble_response(self, request_id: str) -> Any:
-        record = await self.get_response(request_id)
-        if record is None:
-            raise StoreError(StoreErrorKind.NOT_FOUND, request_id)
-        return record.output
 
     async def begin_response(self, request_id: str, request: Any) -> None:
         text = _dump(request)

@@ -29,6 +29,7 @@ from ._steps import (
     StepDescriptor,
     StepKind,
     StepState,
+    StepTransitions,
     StoreError,
     StoreErrorKind,
 )
@@ -71,7 +72,6 @@ _STEP_COLUMNS = (
     "id, kind, state, sequence, prev_step_id, scope_parent, "
     "request_payload, response_payload, error"
 )
-_OPEN = ("pending", "processing")
 
 
 def _dump(value: Any) -> str | None:
@@ -188,7 +188,7 @@ def transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
         raise
 
 
-class SqliteStore:
+class SqliteStore(StepTransitions):
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -296,7 +296,7 @@ class SqliteStore:
         return await self._db.run(write)
 
     async def _transition(
-        self, step_id: str, to: StepState, from_states: tuple[str, ...], column: str, value: Any
+        self, step_id: str, to: StepState, from_states: Sequence[str], column: str, value: Any
     ) -> bool:
         """Move a step from one of ``from_states`` to ``to``; False if it was elsewhere."""
         text = _dump(value)
@@ -315,39 +315,11 @@ class SqliteStore:
 
         return await self._db.run(write)
 
-    async def _must(self, step_id: str, ok: bool) -> None:
-        if not ok:
-            step = await self.get_step(step_id)
-            raise StoreError(StoreErrorKind.CONFLICT, f"step {step_id} is {step.state.value}")
-
-    async def mark_step_processing(self, step_id: str) -> None:
-        ok = await self._transition(step_id, StepState.PROCESSING, ("pending",), "error", None)
-        await self._must(step_id, ok)
-
-    async def complete_step(self, step_id: str, payload: Any) -> None:
-        ok = await self._transition(
-            step_id, StepState.COMPLETED, _OPEN, "response_payload", payload
-        )
-        await self._must(step_id, ok)
-
-    async def fail_step(self, step_id: str, error: Any) -> None:
-        ok = await self._transition(step_id, StepState.FAILED, _OPEN, "error", error)
-        await self._must(step_id, ok)
-
-    async def cancel_step(self, step_id: str, reason: Any = None) -> bool:
-        return await self._transition(step_id, StepState.CANCELED, _OPEN, "error", reason)
-
     async def get_step(self, step_id: str) -> ChainStep:
         return await self._db.run(lambda db: self._get(db, step_id))
 
     async def list_chain(self, request_id: str, scope_parent: str | None) -> Sequence[ChainStep]:
         return await self._db.run(lambda db: self._chain(db, request_id, scope_parent))
-
-    async def assemble_response(self, request_id: str) -> Any:
-        record = await self.get_response(request_id)
-        if record is None:
-            raise StoreError(StoreErrorKind.NOT_FOUND, request_id)
-        return record.output
 
     async def begin_response(self, request_id: str, request: Any) -> None:
         text = _dump(request)
