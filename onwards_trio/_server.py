@@ -14,7 +14,12 @@ keeps the ASGI semantics the gateway relies on:
 Scope, deliberately: HTTP/1.1 and 1.0, keep-alive, content-length and chunked request bodies,
 ``Expect: 100-continue``, no pipelining concurrency (pipelined requests are served in order),
 no HTTP/2 or upgrades (hypercorn remains available for those: ``Gateway.serve(server=...)``).
-Requests with both ``content-length`` and ``transfer-encoding`` are refused (smuggling).
+Requests with both ``content-length`` and ``transfer-encoding`` are refused (smuggling), as are
+a repeated or non-``chunked`` transfer-encoding, transfer-encoding in HTTP/1.0, chunk sizes that
+are not plain hex, HTTP/1.1 requests without exactly one ``host``, and CONNECT. Chunk lines,
+extensions, trailers and bytes read ahead of a pipelined request are bounded. A response is held
+to the content-length the app declared; a request body the app left unread ends the connection
+with a lingering close (FIN, then discard for a moment) so the client still reads the answer.
 """
 
 from __future__ import annotations
