@@ -53,6 +53,11 @@ __all__ = ["Gateway", "ServeInfo"]
 log = logging.getLogger("onwards_trio")
 
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
+_TRACE_REFUSED = HTTPError(
+    405,
+    errors.error_body("TRACE is not supported.", "invalid_request_error", "method_not_allowed"),
+    [(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")],
+)
 _STREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 _STREAM_BROKEN = (
     b"data: "
@@ -218,7 +223,11 @@ class Gateway:
         exchange = begin_exchange(self.metrics, method, path, started, send)
         status = 500
         try:
-            if path in _MODELS_PATHS and method in ("GET", "HEAD"):
+            if method == "TRACE":
+                # An upstream that echoes TRACE would hand the client our upstream key.
+                status = 405
+                await send_error(exchange, _TRACE_REFUSED)
+            elif path in _MODELS_PATHS and method in ("GET", "HEAD"):
                 status = await self._models(scope, exchange)
             elif self.targets.table.strict_mode and not path.startswith("/v1/responses/"):
                 # typed routes only; POST /v1/responses goes to the adapter first

@@ -47,7 +47,17 @@ __all__ = [
 
 _ERROR_BODY_LIMIT = 64 * 1024
 # Response headers that describe the upstream hop, not the content; the server sets its own.
-_HOP_RESPONSE = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+_HOP_RESPONSE = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 _BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 _UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 
@@ -598,17 +608,19 @@ class Proxy:
     def _response_headers(
         response: UpstreamResponse, provider: Provider
     ) -> list[tuple[bytes, bytes]]:
+        """Upstream headers minus the hop-by-hop ones (and any the upstream names in its
+        ``Connection``), with the provider's configured headers overriding."""
+        drop: set[bytes] | frozenset[bytes] = _HOP_RESPONSE
+        for k, v in response.headers:
+            if k.lower() == b"connection":
+                named = {t.strip() for t in v.lower().split(b",")}
+                drop = _HOP_RESPONSE | named
         extra = provider.response_headers
         if extra:
-            names = {k for k, _ in extra}
-            out = [
-                (k.lower(), v)
-                for k, v in response.headers
-                if k.lower() not in _HOP_RESPONSE and k.lower() not in names
-            ]
-            out.extend(extra)
-            return out
-        return [(k.lower(), v) for k, v in response.headers if k.lower() not in _HOP_RESPONSE]
+            drop = drop | {k for k, _ in extra}
+        out = [(k.lower(), v) for k, v in response.headers if k.lower() not in drop]
+        out.extend(extra)
+        return out
 
 
 async def _aclose_shielded(resource: Any) -> None:

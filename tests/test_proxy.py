@@ -480,3 +480,31 @@ async def test_a_failing_response_filter_answers_json_500(nursery: trio.Nursery)
         r = await client.post(CHAT, json=body("m"))
     assert r.status_code == 500
     assert r.json()["error"]["code"] == "internal_error"
+
+
+async def test_trace_is_refused_so_no_upstream_key_can_be_echoed(nursery: trio.Nursery) -> None:
+    up = FakeUpstream()
+    _, client = await gateway_with(
+        nursery, {"m": {"url": await serve_app(nursery, up), "onwards_key": "sk-secret"}}
+    )
+    async with client:
+        r = await client.request("TRACE", CHAT, headers={"model-override": "m"})
+    assert r.status_code == 405
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    assert up.requests == []
+
+
+async def test_hop_by_hop_response_headers_are_not_relayed(nursery: trio.Nursery) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"connection", b"x-hop"),
+        (b"x-hop", b"1"),
+        (b"trailer", b"x-t"),
+        (b"x-kept", b"2"),
+    ]
+    up = FakeUpstream(Reply(body=chat_completion(), headers=headers))
+    _, client = await gateway_with(nursery, {"m": {"url": await serve_app(nursery, up)}})
+    async with client:
+        r = await client.post(CHAT, json=body("m"))
+    assert r.headers["x-kept"] == "2"
+    assert "x-hop" not in r.headers and "trailer" not in r.headers
