@@ -264,7 +264,7 @@ class Gateway:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if dot_segments(raw_path.decode("latin-1")):
             raise errors.invalid_request("The request path must not contain '.' or '..' segments.")
-        return ProxyRequest(
+        request = ProxyRequest(
             method=scope["method"].encode(),
             raw_path=raw_path,
             query=scope.get("query_string", b""),
@@ -272,11 +272,12 @@ class Gateway:
             body=body,
             json=parse_json_body(body),
         )
+        note_request(request)  # alias, provider, attempts and sizes on the access line
+        return request
 
     async def _proxy_http(self, scope: Scope, receive: Receive, send: Send) -> int:
         try:
             request = await self.read_request(scope, receive)
-            note_request(request)
         except HTTPError as exc:
             await send_error(send, exc)
             return exc.status

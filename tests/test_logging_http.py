@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from onwards_trio import _logging
+from onwards_trio import Gateway, _logging
 from onwards_trio._logging import configure_logging
 from onwards_trio._reload import config_secrets
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
@@ -142,3 +142,18 @@ def test_config_secrets_cover_client_and_upstream_keys() -> None:
         }
     )
     assert config_secrets(config) == {CLIENT_KEY, UPSTREAM_KEY, "def-key-123"}
+
+
+async def test_responses_access_line_names_the_alias(
+    nursery: trio.Nursery, handler_output: io.StringIO, tmp_path: Any
+) -> None:
+    from onwards_trio._demo import demo_config, demo_upstream
+
+    upstream = await serve_app(nursery, demo_upstream(delay=0))
+    gateway = Gateway(demo_config(upstream, store_path=str(tmp_path / "r.sqlite3")))
+    info = await nursery.start(gateway.serve, "127.0.0.1", 0)
+    async with httpx.AsyncClient(base_url=info.url, timeout=10) as client:
+        r = await client.post("/v1/responses", json={"model": "demo", "input": PROMPT})
+    assert r.status_code == 200
+    (line,) = await _access_lines(handler_output, 1)
+    assert "path=/v1/responses" in line and "alias=demo" in line
