@@ -488,12 +488,12 @@ class _Response:
         out: list[bytes] = []
         if not self._no_body and self._left >= 0:
             if len(body) > self._left:
-                log.error("the ASGI app sent more body than its content-length; dropped")
+                log.error("the ASGI app sent more body bytes than it declared; dropped")
                 body = body[: self._left]
                 self.close = True
             self._left -= len(body)
             if not more and self._left:
-                log.error("the ASGI app sent less body than its content-length")
+                log.error("the ASGI app sent fewer body bytes than it declared")
                 self.close = True  # the client sees the body end early: an honest signal
         if self._head is not None:
             head, self._head = self._head, None
