@@ -178,10 +178,6 @@ class SharedPermit:
         self._leases = leases
         self._local = local
 
-    @property
-    def lease_ids(self) -> list[str]:
-        return [lease.lease_id for lease in self._leases]
-
     async def release(self) -> None:
         owner, self._owner = self._owner, None
         if owner is not None:

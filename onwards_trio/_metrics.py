@@ -58,8 +58,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
@@ -164,10 +164,6 @@ class HttpToken:
         self.method = method
         self.endpoint = endpoint
         self.pending = pending
-
-
-class _Table(Protocol):
-    pools: Mapping[str, Any]
 
 
 class _TableCollector:

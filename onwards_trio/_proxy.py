@@ -81,12 +81,6 @@ class ProxyRequest:
     def path(self) -> str:
         return self.raw_path.decode("latin-1")
 
-    def header(self, name: bytes) -> bytes | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
-
     @property
     def wants_stream(self) -> bool:
         return isinstance(self.json, dict) and self.json.get("stream") is True

@@ -41,20 +41,6 @@ class ToolSchema:
     strict: bool = True
     kind: ToolKind = ToolKind.HTTP
 
-    def chat_tool(self) -> dict[str, Any]:
-        """This tool as a Chat Completions ``tools`` entry (what the model is offered)."""
-        params = dict(self.parameters)
-        params.setdefault("additionalProperties", False)
-        return {
-            "type": "function",
-            "function": {
-                "name": self.name,
-                "description": self.description,
-                "parameters": params,
-                "strict": self.strict,
-            },
-        }
-
 
 class ToolErrorKind(enum.StrEnum):
     NOT_FOUND = "not_found"
