@@ -262,7 +262,7 @@ class Gateway:
         """Read and frame one request for the pipeline (413 past the body limit)."""
         body = await read_body(receive, self.config.body_limit_bytes)
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        if dot_segments(raw_path.decode("latin-1")):
+        if dot_segments(raw_path):
             raise errors.invalid_request("The request path must not contain '.' or '..' segments.")
         request = ProxyRequest(
             method=scope["method"].encode(),

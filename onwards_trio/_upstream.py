@@ -87,10 +87,12 @@ def forward_headers(
     return out
 
 
-def dot_segments(path: str) -> bool:
+def dot_segments(path: bytes) -> bool:
     """True if a request path holds ``.``/``..`` segments (plain or percent-encoded)."""
-    lowered = path.lower().replace("%2e", ".")
-    return any(seg in (".", "..") for seg in lowered.split("?", 1)[0].split("/"))
+    if b"." not in path and b"%" not in path:
+        return False  # the common case (``/v1/chat/completions``): nothing to split
+    lowered = path.lower().replace(b"%2e", b".")
+    return any(seg in (b".", b"..") for seg in lowered.split(b"?", 1)[0].split(b"/"))
 
 
 def upstream_target(provider: Provider, raw_path: bytes, query: bytes) -> bytes:
