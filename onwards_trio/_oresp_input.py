@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import attrs
 
@@ -99,26 +99,29 @@ class ResponsesRequest:
         return list(self.tools)
 
 
+T = TypeVar("T")
+
+
 def _bad(message: str, param: str) -> HTTPError:
     return invalid_request(message, param)
 
 
-def _opt_str(body: dict[str, Any], key: str) -> str | None:
+def _opt(body: dict[str, Any], key: str, kind: type[T], noun: str) -> T | None:
+    """``body[key]`` when present and of ``kind``; absent or null is None; else a 400."""
     value = body.get(key)
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise _bad(f"'{key}' must be a string, got {json_type_name(value)}.", key)
+    if not isinstance(value, kind):
+        raise _bad(f"'{key}' must be {noun}, got {json_type_name(value)}.", key)
     return value
+
+
+def _opt_str(body: dict[str, Any], key: str) -> str | None:
+    return _opt(body, key, str, "a string")
 
 
 def _opt_bool(body: dict[str, Any], key: str) -> bool | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, bool):
-        raise _bad(f"'{key}' must be a boolean, got {json_type_name(value)}.", key)
-    return value
+    return _opt(body, key, bool, "a boolean")
 
 
 def _opt_number(body: dict[str, Any], key: str, lo: float, hi: float) -> float | None:
@@ -142,12 +145,7 @@ def _opt_positive_int(body: dict[str, Any], key: str) -> int | None:
 
 
 def _opt_object(body: dict[str, Any], key: str) -> dict[str, Any] | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise _bad(f"'{key}' must be an object, got {json_type_name(value)}.", key)
-    return value
+    return _opt(body, key, dict, "an object")
 
 
 # -- items ------------------------------------------------------------------------------------
