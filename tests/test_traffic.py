@@ -157,22 +157,17 @@ async def test_routing_rule_deny_is_403(keyed: tuple[httpx.AsyncClient, FakeUpst
     assert up.requests == []
 
 
-async def test_routing_rule_redirect_uses_the_target_pool(
-    keyed: tuple[httpx.AsyncClient, FakeUpstream],
+@pytest.mark.parametrize(
+    ("key", "upstream_model"),
+    [("sk-batch", "cheap-model"), ("sk-premium", "ruled")],  # redirected / no rule matched
+)
+async def test_routing_rules_redirect_or_pass(
+    keyed: tuple[httpx.AsyncClient, FakeUpstream], key: str, upstream_model: str
 ) -> None:
     client, up = keyed
-    r = await client.post(CHAT, json=body("ruled"), headers=bearer("sk-batch"))
+    r = await client.post(CHAT, json=body("ruled"), headers=bearer(key))
     assert r.status_code == 200
-    assert up.requests[-1].json()["model"] == "cheap-model"
-
-
-async def test_routing_rules_pass_unmatched_labels(
-    keyed: tuple[httpx.AsyncClient, FakeUpstream],
-) -> None:
-    client, up = keyed
-    r = await client.post(CHAT, json=body("ruled"), headers=bearer("sk-premium"))
-    assert r.status_code == 200
-    assert up.requests[-1].json()["model"] == "ruled"
+    assert up.requests[-1].json()["model"] == upstream_model
 
 
 async def test_redirect_to_a_missing_alias_is_502(
