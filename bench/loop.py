@@ -28,15 +28,20 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from onwards_trio._asgi import serve_lifespan
-from onwards_trio._events import open_response_stream
-from onwards_trio._loop import LoopConfig, run_response_loop
-from onwards_trio._model import HttpModelTransport, ModelResponse
-from onwards_trio._steps import AppendSteps, Complete, MultiStepStore, NextAction, StepDescriptor
-from onwards_trio._store_memory import MemoryStore
-from onwards_trio._store_sqlite import SqliteStore
-from onwards_trio._tools import NoOpToolExecutor, RequestContext
-from onwards_trio._transition import ScopeView
+from onwards_trio._loop.model import HttpModelTransport, ModelResponse
+from onwards_trio._loop.run import LoopConfig, open_response_stream, run_response_loop
+from onwards_trio._loop.steps import (
+    AppendSteps,
+    Complete,
+    MultiStepStore,
+    NextAction,
+    StepDescriptor,
+)
+from onwards_trio._loop.tools import NoOpToolExecutor, RequestContext
+from onwards_trio._loop.transition import ScopeView
+from onwards_trio._stores.memory import MemoryStore
+from onwards_trio._stores.sqlite import SqliteStore
+from onwards_trio._transport.asgi import serve_lifespan
 
 STEPS = 5  # model steps per response
 RESPONSES = 200

@@ -28,15 +28,15 @@ import trio
 from hypercorn.trio import serve
 
 from onwards_trio import Gateway, parse_config
-from onwards_trio._app import hypercorn_config
-from onwards_trio._asgi import serve_lifespan
-from onwards_trio._sanitize import StreamSanitizer, generic_error_body, sanitize_chat_chunk
-from onwards_trio._sse import SSEFramer
-from onwards_trio._strict import (
+from onwards_trio._app.gateway import hypercorn_config
+from onwards_trio._proxy.sanitize import StreamSanitizer, generic_error_body, sanitize_chat_chunk
+from onwards_trio._proxy.strict import (
     chat_chunk_coercer,
     response_event_coercer,
     sse_error_formatter,
 )
+from onwards_trio._transport.asgi import serve_lifespan
+from onwards_trio._transport.sse import SSEFramer
 
 CHAT_CHUNK = orjson.dumps(
     {

@@ -2,6 +2,6 @@
 
 import sys
 
-from ._cli import main
+from onwards_trio._app.cli import main
 
 sys.exit(main())

@@ -19,7 +19,7 @@ import orjson
 from cattrs.cols import list_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
-from ._errors import ConfigError
+from onwards_trio._errors import ConfigError
 
 __all__ = [
     "Auth",

@@ -15,8 +15,8 @@ import trio
 from hypercorn.trio import serve
 
 from onwards_trio import Gateway, parse_config
-from onwards_trio._app import hypercorn_config
-from onwards_trio._asgi import Receive, Scope, Send, serve_lifespan
+from onwards_trio._app.gateway import hypercorn_config
+from onwards_trio._transport.asgi import Receive, Scope, Send, serve_lifespan
 
 __all__ = [
     "FakeUpstream",

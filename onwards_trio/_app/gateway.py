@@ -1,0 +1,343 @@
+"""The gateway: an ASGI app over the proxy pipeline, its resources, and ``serve()``.
+
+:class:`Gateway` owns the upstream connection pool and the live routing table. Long-lived
+tasks (the HTTP listener, the config watcher, the metrics listener, detached response loops)
+live in the gateway's *service nursery*, opened by :meth:`Gateway.running` or
+:meth:`Gateway.serve`; cancelling the nursery that runs ``serve()`` stops all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+import httpcore
+import orjson
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from onwards_trio import _errors as errors
+from onwards_trio._config import Config
+from onwards_trio._errors import HTTPError
+from onwards_trio._ops.logs import begin_exchange, current_status, finish_exchange, note_request
+from onwards_trio._ops.metrics import endpoint_label
+from onwards_trio._proxy.auth import bearer_token
+from onwards_trio._proxy.pipeline import Proxy, ProxyRequest, UpstreamReply, parse_json_body
+from onwards_trio._proxy.strict import handle_strict, response_filter
+from onwards_trio._proxy.targets import Targets, build_table
+from onwards_trio._responses.model_transport import ProxyModelTransport
+from onwards_trio._responses.service import ResponsesService
+from onwards_trio._transport.asgi import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_error,
+    send_json,
+    serve_lifespan,
+    watch_disconnect,
+)
+from onwards_trio._transport.pool import UpstreamClient, dot_segments
+from onwards_trio._transport.server import serve as serve_http
+
+if TYPE_CHECKING:
+    from onwards_trio._proxy.shared_limits import SharedLimits
+
+__all__ = ["Gateway", "ServeInfo"]
+
+log = logging.getLogger("onwards_trio")
+
+_MODELS_PATHS = frozenset({"/v1/models", "/models"})
+_TRACE_REFUSED = HTTPError(
+    405,
+    errors.error_body("TRACE is not supported.", "invalid_request_error", "method_not_allowed"),
+    [(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")],
+)
+_STREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
+_STREAM_BROKEN = (
+    b"data: "
+    + orjson.dumps(
+        {
+            "error": {
+                "message": "The upstream stream ended unexpectedly.",
+                "type": "internal_error",
+                "param": None,
+                "code": "upstream_stream_error",
+            }
+        }
+    )
+    + b"\n\n"
+)
+
+
+@attrs.frozen
+class ServeInfo:
+    """Where a served gateway listens (``url`` is ``http://host:port``)."""
+
+    url: str
+    metrics_url: str | None = None
+
+
+def hypercorn_config(host: str, port: int) -> HypercornConfig:
+    cfg = HypercornConfig()
+    cfg.bind = [f"{host}:{port}"]
+    cfg.accesslog = None
+    cfg.errorlog = None
+    cfg.keep_alive_max_requests = 1_000_000  # the default (1000) drops busy keep-alive clients
+    cfg.keep_alive_timeout = 75
+    cfg.backlog = 1024
+    cfg.graceful_timeout = 30
+    return cfg
+
+
+class Gateway:
+    """An OpenAI-compatible gateway. Call it as an ASGI app, or run it with :meth:`serve`."""
+
+    def __init__(self, config: Config) -> None:
+        self.targets = Targets(config)
+        # Limits shared with other replicas through Redis (SPEC §3.6), when configured; its
+        # client opens in running(). Absent: in-process limits, at no extra cost.
+        self.shared_limits: SharedLimits | None = None
+        if config.shared_limits is not None:
+            from onwards_trio._proxy.shared_limits import (
+                SharedLimits,  # coredis is an optional extra
+            )
+
+            self.shared_limits = SharedLimits(config.shared_limits)
+            self.targets.table = build_table(config, shared=self.shared_limits)
+        self.client = UpstreamClient(config.http_pool)
+        self.proxy = Proxy(self.targets, self.client)
+        # Sanitisation and strict mode: one factory that answers None (zero cost per chunk)
+        # for targets that need neither.
+        self.proxy.filters.append(response_filter)
+        self._nursery: trio.Nursery | None = None
+        # SEAM: metrics (gateway-level Metrics object)
+        self.metrics: Any = None
+        # /v1/responses: stores, tool executor and background loops live here
+        self.responses = ResponsesService(self)
+
+    @property
+    def config(self) -> Config:
+        return self.targets.config
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The service nursery (only while :meth:`running`/:meth:`serve` is active)."""
+        if self._nursery is None:
+            raise RuntimeError("the gateway is not running; use `async with gateway.running()`")
+        return self._nursery
+
+    def model_transport(self, api_key: str | None = None) -> ProxyModelTransport:
+        """A :class:`ModelTransport` for :func:`run_response_loop` through this gateway: each
+        model call is routed by its payload's ``model`` with the full pipeline (auth with
+        ``api_key``, limits, balancing, failover, upstream auth, filters)."""
+        headers = [(b"authorization", b"Bearer " + api_key.encode())] if api_key else []
+        return ProxyModelTransport(self.proxy, headers)
+
+    def update_config(self, config: Config) -> None:
+        """Swap in a new config (whole table, atomically); in-flight requests are unaffected."""
+        self.targets.update(config)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Gateway]:
+        """Open the service nursery and the resources; close them all on exit."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    if self.shared_limits is not None:
+                        await nursery.start(self.shared_limits.run)
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self.client.aclose()
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 3000,
+        *,
+        shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+        grace: float = 30.0,
+        server: Literal["onwards", "hypercorn"] = "onwards",
+        task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled, or until ``shutdown_trigger`` returns and in-flight requests
+        had ``grace`` seconds to finish. ``task_status.started`` receives a
+        :class:`ServeInfo`. ``server="hypercorn"`` uses hypercorn (HTTP/2, h2c) instead of
+        the lean built-in HTTP/1.1 server."""
+        done = trio.Event()
+
+        async def listener(task_status: trio.TaskStatus[Sequence[str]]) -> None:
+            try:
+                if server == "hypercorn":
+                    cfg = hypercorn_config(host, port)
+                    cfg.graceful_timeout = grace
+                    app: Any = self  # hypercorn's app type is narrower than raw ASGI typing
+                    await hypercorn_serve(
+                        app, cfg, shutdown_trigger=shutdown_trigger, task_status=task_status
+                    )
+                else:
+                    await serve_http(
+                        self,
+                        host,
+                        port,
+                        shutdown_trigger=shutdown_trigger,
+                        grace=grace,
+                        task_status=task_status,
+                    )
+            finally:
+                done.set()
+
+        async with self.running():
+            binds: Sequence[str] = await self.nursery.start(listener)
+            url = binds[0] if binds else f"http://{host}:{port}"
+            log.info("onwards-trio listening on %s", url)
+            task_status.started(ServeInfo(url=url))
+            await done.wait()
+
+    # -- ASGI -----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await serve_lifespan(receive, send)
+        else:  # websockets are not ours; hypercorn-trio needs an exception, not a return
+            raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        path: str = scope["path"]
+        method: str = scope["method"]
+        # metrics (pending, in flight, bytes, time to first byte) and the access line
+        exchange = begin_exchange(self.metrics, method, path, started, send)
+        status = 500
+        try:
+            if method == "TRACE":
+                # An upstream that echoes TRACE would hand the client our upstream key.
+                status = 405
+                await send_error(exchange, _TRACE_REFUSED)
+            elif path in _MODELS_PATHS and method in ("GET", "HEAD"):
+                status = await self._models(scope, exchange)
+            elif self.targets.table.strict_mode and not path.startswith("/v1/responses/"):
+                # typed routes only; POST /v1/responses goes to the adapter first
+                status = await handle_strict(
+                    self, scope, receive, exchange, responses=self.responses.create
+                )
+            elif path == "/v1/responses" or path.startswith("/v1/responses/"):
+                status = await self.responses.handle(scope, receive, exchange)
+            else:
+                status = await self._proxy_http(scope, receive, exchange)
+        except Exception:
+            # A bug must still end as a JSON error, never a traceback or a hung client.
+            log.exception("unhandled error in %s %s", method, endpoint_label(path))
+            if current_status() is not None:
+                raise  # the head is out: let the server abort the connection
+            status = 500
+            await send_error(exchange, errors.internal_error())
+        finally:
+            finish_exchange(self.metrics, method, path, status, time.perf_counter() - started)
+
+    async def _models(self, scope: Scope, send: Send) -> int:
+        token = bearer_token(scope["headers"])
+        created = int(time.time())
+        data = [
+            {"id": alias, "created": created, "object": "model", "owned_by": "None"}
+            for alias in self.targets.table.visible_aliases(token)
+        ]
+        await send_json(send, 200, {"object": "list", "data": data})
+        return 200
+
+    async def read_request(self, scope: Scope, receive: Receive) -> ProxyRequest:
+        """Read and frame one request for the pipeline (413 past the body limit)."""
+        body = await read_body(receive, self.config.body_limit_bytes)
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if dot_segments(raw_path):
+            raise errors.invalid_request("The request path must not contain '.' or '..' segments.")
+        request = ProxyRequest(
+            method=scope["method"].encode(),
+            raw_path=raw_path,
+            query=scope.get("query_string", b""),
+            headers=list(scope["headers"]),
+            body=body,
+            json=parse_json_body(body),
+        )
+        note_request(request)  # alias, provider, attempts and sizes on the access line
+        return request
+
+    async def _proxy_http(self, scope: Scope, receive: Receive, send: Send) -> int:
+        try:
+            request = await self.read_request(scope, receive)
+        except HTTPError as exc:
+            await send_error(send, exc)
+            return exc.status
+        except ClientDisconnected:
+            return 499
+        return await self.relay(request, receive, send)
+
+    async def relay(self, request: ProxyRequest, receive: Receive, send: Send) -> int:
+        """Run the pipeline for ``request`` and relay the reply, watching for disconnects.
+
+        Anything unexpected propagates to the handler's safety net (a JSON 500 while no head
+        was sent, an aborted connection after).
+        """
+        status = 499
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
+            try:
+                async with self.proxy.open_upstream(request) as reply:
+                    status = reply.status
+                    await _send_reply(reply, send)
+            except HTTPError as exc:
+                status = exc.status
+                await send_error(send, exc)
+            nursery.cancel_scope.cancel()
+        return status
+
+
+async def _send_reply(reply: UpstreamReply, send: Send) -> None:
+    await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+    # With a known length, the chunk that completes it is held until the upstream body has
+    # ended (which hands its connection back to the pool) and then closes the response itself:
+    # one send fewer, and the client's next request finds the connection free.
+    remaining = _content_length(reply.headers)
+    held = b""
+    try:
+        async for chunk in reply.body:
+            if not chunk or remaining == 0:
+                continue
+            if remaining is not None:
+                remaining = max(0, remaining - len(chunk))
+                if remaining == 0:
+                    held = chunk
+                    continue
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except _STREAM_ERRORS:
+        if not reply.is_sse:
+            raise  # the server aborts the connection: a truncated body is the honest signal
+        # SPEC §2.5: a stream the upstream breaks ends with an error event the client can see.
+        await send({"type": "http.response.body", "body": _STREAM_BROKEN, "more_body": True})
+    await send({"type": "http.response.body", "body": held, "more_body": False})
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

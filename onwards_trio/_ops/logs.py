@@ -1,0 +1,513 @@
+"""Logging: structured lines, one access line per request, and a guard that keeps secrets out.
+
+What is logged (SPEC §2.8): never a key, a prompt or a completion -- lengths only. The access
+line carries method, path (without the query string, which may hold credentials), alias,
+provider index, status, duration and byte counts. Two layers keep it that way:
+
+1. The gateway only ever passes lengths and labels to the logger (:func:`log_request`).
+2. :class:`RedactionFilter`, installed on the handler by :func:`configure_logging`, masks
+   anything that still looks like a credential in any record from any logger (``Bearer ...``,
+   ``sk-...``-style keys, ``user:password@`` in URLs, ``api_key=...`` pairs) plus the exact keys
+   the current config holds (:meth:`RedactionFilter.add_secrets`).
+
+Formats: ``text`` (``ts level logger message``, where the access line is ``key=value`` pairs) or
+``json`` (one object per line, the access fields as top-level keys). Level and format come from
+the arguments, else ``ONWARDS_LOG`` / ``ONWARDS_LOG_FORMAT``, else ``info`` / ``text``.
+
+OpenTelemetry seam: every finished request is a :class:`RequestRecord` handed to
+:func:`log_request`, which logs it and then calls each function in :data:`request_observers`.
+A tracing exporter (``OTEL_EXPORTER_OTLP_ENDPOINT``) plugs in there -- or as a
+``logging.Handler`` on the ``onwards_trio`` logger, since records carry their fields in
+``record.fields`` -- without touching the proxy. Until then :func:`configure_logging` says once
+that the variable is set but not used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
+from typing import IO, TYPE_CHECKING, Any, Final
+
+import attrs
+import orjson
+
+if TYPE_CHECKING:
+    from onwards_trio._ops.metrics import Metrics
+    from onwards_trio._transport.asgi import Send
+
+__all__ = [
+    "ACCESS_LOGGER",
+    "Exchange",
+    "JsonFormatter",
+    "RedactionFilter",
+    "RequestRecord",
+    "SecretSet",
+    "TextFormatter",
+    "begin_exchange",
+    "collect_secrets",
+    "configure_logging",
+    "current_status",
+    "finish_exchange",
+    "log_request",
+    "note_request",
+    "protect",
+    "redact",
+    "request_observers",
+]
+
+ACCESS_LOGGER: Final = "onwards_trio.access"
+_access = logging.getLogger(ACCESS_LOGGER)
+MASK: Final = "***"
+_MIN_SECRET: Final = 6  # shorter "secrets" would mask ordinary words
+
+# Credential shapes that must never reach a log, whatever the logger.
+_PATTERNS: Final = (
+    # Authorization-style values: "Bearer <token>", "Basic <b64>"
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + MASK),
+    # provider key shapes: sk-..., sk-proj-..., sk-ant-..., pk-..., rk-..., xai-..., gsk_...
+    (re.compile(r"\b(?:sk|pk|rk|xai|gsk)[-_][A-Za-z0-9_-]{6,}"), MASK),
+    # credentials in URLs: scheme://user:password@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@"), r"\1" + MASK + "@"),
+    # key=value / "key": "value" pairs with a credential-ish name
+    (
+        re.compile(
+            r"(?i)(\b(?:api[_-]?key|onwards_key|access[_-]?token|secret|password|x-api-key|"
+            r"authorization)\b[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&}]+"
+        ),
+        r"\1" + MASK,
+    ),
+)
+
+_SECRET_FIELDS: Final = frozenset(
+    {"onwards_key", "key", "api_key", "global_keys", "keys", "authorization", "x-api-key"}
+)
+
+
+# Substrings without which no pattern above can match: most lines contain none, and one
+# search costs far less than four substitutions.
+_TRIGGER: Final = re.compile(
+    r"bearer|basic|[sprk]k[-_]|xai|gsk|@|key|token|secret|password|authorization", re.IGNORECASE
+)
+# Keys are matched as whole tokens between these characters (a set lookup per token, so a
+# config with thousands of keys costs no more per line than one with three).
+_DELIMITERS: Final = re.compile(r"[\s\"'=:,;&/?@()\[\]{}<>]+")
+
+
+class SecretSet:
+    """Exact strings to mask, prepared for a fast check per log line."""
+
+    __slots__ = ("others", "tokens")
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        usable = {s for s in secrets if len(s) >= _MIN_SECRET}
+        self.tokens: frozenset[str] = frozenset(s for s in usable if not _DELIMITERS.search(s))
+        # Secrets that contain a delimiter cannot be found by token; check them by substring,
+        # longest first so that a secret containing another is masked whole.
+        self.others: tuple[str, ...] = tuple(sorted(usable - self.tokens, key=len, reverse=True))
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens or self.others)
+
+    def union(self, secrets: Iterable[str]) -> SecretSet:
+        return SecretSet([*self.tokens, *self.others, *secrets])
+
+    def mask(self, text: str) -> str:
+        for secret in self.others:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        if self.tokens:
+            found = {t for t in _DELIMITERS.split(text) if t in self.tokens}
+            for secret in sorted(found, key=len, reverse=True):
+                text = text.replace(secret, MASK)
+        return text
+
+
+def redact(text: str, secrets: Iterable[str] | SecretSet = ()) -> str:
+    """``text`` with credential shapes and the given exact ``secrets`` masked."""
+    prepared = secrets if isinstance(secrets, SecretSet) else SecretSet(secrets)
+    if prepared:
+        text = prepared.mask(text)
+    if _TRIGGER.search(text):
+        for pattern, repl in _PATTERNS:
+            text = pattern.sub(repl, text)
+    return text
+
+
+def collect_secrets(data: bytes | str | Any) -> set[str]:
+    """Every string in a config document under a key that holds credentials.
+
+    Takes raw JSON (unparseable JSON yields nothing) or a parsed mapping. Also collects the
+    values of any ``headers`` mapping (tool endpoints often carry an ``Authorization`` there).
+    """
+    if isinstance(data, bytes | str):
+        try:
+            data = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return set()
+    out: set[str] = set()
+
+    def walk(value: Any, secret: bool) -> None:
+        if isinstance(value, str):
+            if secret:
+                out.add(value)
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                name = k.lower() if isinstance(k, str) else ""
+                walk(v, secret or name in _SECRET_FIELDS or name == "headers")
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, secret)
+
+    walk(data, False)
+    return out
+
+
+class RedactionFilter(logging.Filter):
+    """Masks credentials in every record that passes (message, arguments and traceback).
+
+    Put it on *handlers* (as :func:`configure_logging` does): a filter on a logger does not see
+    records from its child loggers.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets = SecretSet(secrets)
+
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        """Also mask these exact strings (e.g. every key of a config that was just loaded)."""
+        self._secrets = self._secrets.union(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message, self._secrets)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self._secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self._secrets)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = {
+                k: redact(v, self._secrets) if isinstance(v, str) else v for k, v in fields.items()
+            }
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-25T13:40:00.123Z INFO onwards_trio.access method=POST path=/v1/... status=200``."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        t = time.gmtime(record.created)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.formatTime(record)} {record.levelname} {record.name} {record.getMessage()}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; an access record's fields become top-level keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": TextFormatter().formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exc"] = record.exc_text
+        return orjson.dumps(out, default=str).decode()
+
+
+_LEVELS: Final = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "off": logging.CRITICAL + 10,
+}
+
+
+def parse_level(value: str | None) -> int:
+    """``debug``/``info``/... (case-insensitive; a ``RUST_LOG``-like ``a=debug,info`` takes the
+    last bare level). Raises ``ValueError`` for anything else."""
+    text = (value or "info").strip().lower()
+    bare = [part for part in text.split(",") if part and "=" not in part]
+    level = bare[-1] if bare else "info"
+    if level not in _LEVELS:
+        raise ValueError(f"unknown log level {value!r} (use debug, info, warning or error)")
+    return _LEVELS[level]
+
+
+_installed: logging.Handler | None = None
+_guard: RedactionFilter | None = None
+
+
+def configure_logging(
+    level: str | None = None,
+    *,
+    fmt: str | None = None,
+    stream: IO[str] | None = None,
+    secrets: Iterable[str] = (),
+) -> RedactionFilter:
+    """Set up the ``onwards_trio`` loggers: one handler, a format, the redaction guard.
+
+    ``level`` falls back to ``ONWARDS_LOG`` (default ``info``), ``fmt`` to ``ONWARDS_LOG_FORMAT``
+    (``text`` or ``json``). Calling it again replaces the previous handler. Returns the filter
+    so the caller can add the config's keys (:meth:`RedactionFilter.add_secrets`).
+    """
+    global _installed, _guard
+    numeric = parse_level(level if level is not None else os.environ.get("ONWARDS_LOG"))
+    kind = (fmt or os.environ.get("ONWARDS_LOG_FORMAT") or "text").strip().lower()
+    if kind not in ("text", "json"):
+        raise ValueError(f"unknown log format {kind!r} (use text or json)")
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if kind == "json" else TextFormatter())
+    guard = RedactionFilter(secrets)
+    handler.addFilter(guard)
+    root = logging.getLogger("onwards_trio")
+    if _installed is not None:
+        root.removeHandler(_installed)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    root.propagate = False
+    _installed = handler
+    _guard = guard
+    for name in ("hypercorn.error", "hypercorn.access", "httpx", "httpcore"):
+        # Their debug output includes request headers (keys); keep them quiet unless asked.
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        logging.getLogger("onwards_trio").info(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but tracing export is not built in yet; "
+            "register an observer in onwards_trio._ops.logs.request_observers"
+        )
+    return guard
+
+
+@attrs.define(slots=True)
+class RequestRecord:
+    """One finished request, as the access log and observers see it (no bodies, no keys)."""
+
+    method: str
+    path: str
+    status: int
+    duration: float  # seconds
+    alias: str | None = None
+    provider: int | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    attempts: int | None = None
+    stream: bool | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The access-line fields in order; the optional ones only when known."""
+        out: dict[str, Any] = {
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "duration_ms": round(self.duration * 1000.0, 3),
+        }
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+_OPTIONAL_FIELDS: Final = ("alias", "provider", "bytes_in", "bytes_out", "attempts", "stream")
+
+
+#: Called with every finished :class:`RequestRecord` (the OpenTelemetry seam). An observer
+#: must be quick and must not raise; one that raises is logged and skipped.
+request_observers: list[Callable[[RequestRecord], None]] = []
+
+_MAX_PATH: Final = 256
+_SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9._~:/{}\[\]@+-]*$")
+
+
+def _logfmt(value: Any) -> str:
+    text = str(value)
+    if text and _SAFE_VALUE.match(text):
+        return text
+    return orjson.dumps(text).decode()
+
+
+def clean_path(path: str) -> str:
+    """The path part only (a query string may hold credentials), bounded in length."""
+    path = path.split("?", 1)[0]
+    return path if len(path) <= _MAX_PATH else path[:_MAX_PATH] + "..."
+
+
+def log_request(record: RequestRecord) -> None:
+    """Log one access line at info (if enabled) and hand the record to the observers."""
+    # Observers get the same bounded, query-free values as the log, whatever the log level.
+    record.path = clean_path(record.path)
+    if record.alias is not None and len(record.alias) > 128:
+        record.alias = record.alias[:128] + "..."
+    if _access.isEnabledFor(logging.INFO):
+        fields = record.fields()
+        message = " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
+        _access.info(message, extra={"fields": fields})
+    for observer in request_observers:
+        try:
+            observer(record)
+        except Exception:
+            logging.getLogger("onwards_trio").exception("a request observer failed")
+
+
+# -- per-request observation (the seam the gateway calls) ---------------------------------------
+
+_exchange: ContextVar[Exchange | None] = ContextVar("onwards_trio_exchange", default=None)
+
+
+class Exchange:
+    """One HTTP request as metrics and the access log see it.
+
+    :func:`begin_exchange` makes it current (a context variable: each ASGI request runs in its
+    own Trio task, so no request sees another's) and wraps ``send`` to learn the status, count
+    body bytes and stamp the first body byte. :func:`note_request` attaches the proxy's
+    :class:`~onwards_trio.ProxyRequest` (alias, provider index, attempts, body length);
+    :func:`finish_exchange` records and logs it. Nothing here sees a header value or a body.
+    """
+
+    __slots__ = (
+        "_reset",
+        "bytes_out",
+        "first_byte",
+        "method",
+        "metrics",
+        "path",
+        "request",
+        "sent_status",
+        "started",
+        "stream",
+        "token",
+    )
+
+    def __init__(self, metrics: Metrics | None, method: str, path: str, started: float) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.path = path
+        self.started = started
+        self.token = metrics.http_started(method, path) if metrics is not None else None
+        self.bytes_out = 0
+        self.first_byte: float | None = None
+        self.stream = False
+        self.sent_status: int | None = None
+        self.request: Any = None
+        self._reset: Any = None
+
+    def wrap_send(self, send: Send) -> Send:
+        async def counted(message: Any) -> None:
+            kind = message["type"]
+            if kind == "http.response.body":
+                size = len(message.get("body", b""))
+                if size:
+                    if self.first_byte is None:
+                        self.first_byte = time.perf_counter()
+                    self.bytes_out += size
+            elif kind == "http.response.start":
+                self.sent_status = message["status"]
+                for k, v in message.get("headers", ()):
+                    if k.lower() == b"content-type" and b"text/event-stream" in v.lower():
+                        self.stream = True
+            await send(message)
+
+        return counted
+
+    def finish(self, status: int, seconds: float) -> None:
+        # What went on the wire wins: a handler that fails after its head was sent still
+        # answered with that status (the client saw a truncated body, not a 500).
+        if self.sent_status is not None:
+            status = self.sent_status
+        metrics = self.metrics
+        request = self.request
+        alias = provider = attempts = bytes_in = None
+        if request is not None:
+            alias, provider = request.alias, request.provider_index
+            attempts = request.attempts or None
+            bytes_in = len(request.body)
+        if metrics is not None:
+            if self.token is not None:
+                metrics.http_finished(self.token, status, seconds)
+            else:
+                metrics.observe_http(self.method, self.path, status, seconds)
+            if self.stream and self.first_byte is not None and alias and provider is not None:
+                metrics.first_byte(alias, provider, self.first_byte - self.started)
+        log_request(
+            RequestRecord(
+                method=self.method,
+                path=self.path,
+                status=status,
+                duration=seconds,
+                alias=alias,
+                provider=provider,
+                bytes_in=bytes_in,
+                bytes_out=self.bytes_out if self._reset is not None else None,
+                attempts=attempts,
+                stream=self.stream or None,
+            )
+        )
+
+
+def begin_exchange(
+    metrics: Metrics | None, method: str, path: str, started: float, send: Send
+) -> Send:
+    """Start observing the current request; returns the ``send`` to use from now on."""
+    exchange = Exchange(metrics, method, path, started)
+    exchange._reset = _exchange.set(exchange)
+    return exchange.wrap_send(send)
+
+
+def note_request(request: Any) -> None:
+    """Attach the proxy's request (alias, provider index, attempts, body length) to the log."""
+    exchange = _exchange.get()
+    if exchange is not None:
+        exchange.request = request
+
+
+def current_status() -> int | None:
+    """The status already sent for the current request (``None``: no response head yet)."""
+    exchange = _exchange.get()
+    return exchange.sent_status if exchange is not None else None
+
+
+def finish_exchange(
+    metrics: Metrics | None, method: str, path: str, status: int, seconds: float
+) -> None:
+    """Record and log the current request (works whether or not it was begun)."""
+    exchange = _exchange.get()
+    if exchange is None:
+        exchange = Exchange(None, method, path, time.perf_counter() - seconds)
+        exchange.metrics = metrics
+    else:
+        if exchange._reset is not None:
+            _exchange.reset(exchange._reset)
+    exchange.finish(status, seconds)
+
+
+def protect(secrets: Iterable[str]) -> None:
+    """Mask these exact strings in every log line from now on (e.g. a config's keys)."""
+    if _guard is not None:
+        _guard.add_secrets(secrets)

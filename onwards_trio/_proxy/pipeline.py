@@ -1,0 +1,626 @@
+"""The proxy pipeline: decide whether and where a request goes, then relay the answer.
+
+Order (the first failing step answers): model → pool → auth → routing rules → empty pool →
+pool and key rate limits → pool and key concurrency permits → provider attempts (selection,
+provider rate limit, ``onwards_model`` rewrite, send with header timeout, fallback with
+backoff). :meth:`Proxy.open_upstream` is an async context manager: everything it acquires
+(permits, the upstream connection) is held until the caller leaves it, so a streamed response
+keeps its permits until the stream ends or the client goes away (SPEC §2.9), and every exit
+path — error, timeout, cancellation, disconnect — releases them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import httpcore
+import orjson
+import trio
+
+from onwards_trio import _errors as errors
+from onwards_trio._config import DEFAULT_SSE_EVENT_LIMIT
+from onwards_trio._errors import HTTPError
+from onwards_trio._proxy.auth import bearer_token, evaluate_rules
+from onwards_trio._proxy.balance import backoff_delays, plan_attempts, select, status_matches
+from onwards_trio._proxy.limits import Permit
+from onwards_trio._proxy.targets import Pool, Provider, Table, Targets
+from onwards_trio._transport.pool import (
+    UpstreamClient,
+    UpstreamResponse,
+    forward_headers,
+    upstream_target,
+)
+
+if TYPE_CHECKING:
+    from onwards_trio._proxy.shared_limits import SharedLimits, SharedPermit
+
+__all__ = [
+    "FilterContext",
+    "FilterFactory",
+    "Proxy",
+    "ProxyRequest",
+    "ResponseFilter",
+    "UpstreamReply",
+    "extract_model",
+]
+
+_ERROR_BODY_LIMIT = 64 * 1024
+# Response headers that describe the upstream hop, not the content; the server sets its own.
+_HOP_RESPONSE = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
+_UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
+
+
+@attrs.define(eq=False)
+class ProxyRequest:
+    """One client request as the pipeline sees it. ``headers`` names are lower-case."""
+
+    method: bytes
+    raw_path: bytes
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    json: Any = None  # the parsed body, when it was JSON (parsed once, reused)
+    # filled in as the request moves through the pipeline (for logs and metrics)
+    alias: str | None = None
+    provider_index: int | None = None
+    attempts: int = 0
+
+    @property
+    def path(self) -> str:
+        return self.raw_path.decode("latin-1")
+
+    @property
+    def wants_stream(self) -> bool:
+        return isinstance(self.json, dict) and self.json.get("stream") is True
+
+
+class _Body:
+    """The upstream body as an async iterator: the pre-read first chunk, then the rest.
+
+    When the upstream body ends, ``on_end`` runs at once (it hands the connection back to the
+    pool) — before the caller sends the client its last bytes, so a client's next request can
+    reuse that connection.
+    """
+
+    __slots__ = ("_first", "_it", "_on_end")
+
+    def __init__(
+        self,
+        first: bytes | None,
+        it: AsyncIterator[bytes] | None,
+        on_end: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._first = first
+        self._it = it
+        self._on_end = on_end
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        if self._it is not None:
+            try:
+                return await self._it.__anext__()
+            except StopAsyncIteration:
+                self._it = None
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            await on_end()
+        raise StopAsyncIteration
+
+
+@attrs.define(eq=False)
+class UpstreamReply:
+    """What goes back to the client: status, headers and a body iterator."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: AsyncIterator[bytes]
+    request: ProxyRequest
+    alias: str  # the alias the client asked for (responses are rewritten to it)
+    pool: Pool
+    provider: Provider | None
+
+    @property
+    def content_type(self) -> bytes:
+        for k, v in self.headers:
+            if k == b"content-type":
+                return v
+        return b""
+
+    @property
+    def is_sse(self) -> bool:
+        return b"text/event-stream" in self.content_type.lower()
+
+
+@attrs.frozen
+class FilterContext:
+    """What a response filter factory may decide on."""
+
+    request: ProxyRequest
+    alias: str
+    pool: Pool
+    provider: Provider | None
+    strict: bool
+    max_event_size: int = DEFAULT_SSE_EVENT_LIMIT  # a sanitised SSE event larger ends the stream
+
+    @property
+    def trusted(self) -> bool:
+        return self.provider.trusted if self.provider is not None else self.pool.trusted
+
+
+class ResponseFilter(Protocol):
+    """Rewrites an upstream reply (status, headers, body stream) before it reaches the client.
+
+    A filter that needs the whole body reads ``reply.body`` itself; one that works per chunk
+    wraps the iterator. It must keep ``content-length`` truthful.
+    """
+
+    async def __call__(self, reply: UpstreamReply) -> UpstreamReply: ...
+
+
+FilterFactory = Callable[[FilterContext], ResponseFilter | None]
+
+
+def extract_model(headers: list[tuple[bytes, bytes]], body_json: Any) -> str | None:
+    """``model-override`` header first, else the JSON body's string ``model``."""
+    for k, v in headers:
+        if k == b"model-override":
+            try:
+                text = v.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+            return text if text and text.isprintable() else None
+    if isinstance(body_json, dict):
+        model = body_json.get("model")
+        if isinstance(model, str) and model:
+            return model
+    return None
+
+
+def parse_json_body(body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def _read_limited(response: UpstreamResponse, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_stream():
+        parts.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(parts)[:limit]
+
+
+class Proxy:
+    """The pipeline over a live :class:`Targets` table and a shared upstream client."""
+
+    def __init__(
+        self,
+        targets: Targets,
+        client: UpstreamClient,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.targets = targets
+        self.client = client
+        self.rng = rng or random.Random()
+        self.filters: list[FilterFactory] = []
+        self.sleep: Callable[[float], Awaitable[None]] = trio.sleep
+        # SEAM: metrics (upstream/provider metrics object, set by the gateway)
+        self.metrics: Any = None
+
+    # -- routing --------------------------------------------------------------------------
+
+    def resolve(self, table: Table, request: ProxyRequest) -> tuple[str, Pool, str | None]:
+        """Model → pool → auth → routing rules. Returns (requested alias, pool, token)."""
+        alias = extract_model(request.headers, request.json)
+        if alias is None:
+            raise errors.missing_model()
+        request.alias = alias
+        token = bearer_token(request.headers)
+        pool = table.pools.get(alias)
+        if pool is None:
+            # With keys in play, a stranger must not learn which aliases exist (SPEC §2.2).
+            if table.protected and (token is None or token not in table.all_keys):
+                raise errors.unauthenticated(invalid=token is not None)
+            raise errors.model_not_found(alias)
+        if pool.keys is not None:
+            if token is None:
+                raise errors.unauthenticated()
+            if token not in pool.keys:
+                if token in table.all_keys:
+                    raise errors.forbidden()
+                raise errors.unauthenticated(invalid=True)
+        if pool.rules and token is not None:
+            action = evaluate_rules(pool.rules, table.key_labels.get(token, {}))
+            if action is not None:
+                if action.type == "deny":
+                    raise errors.forbidden()
+                target = table.pools.get(action.target or "")
+                if target is None or not target.providers:
+                    raise errors.bad_gateway()
+                pool = target
+        if not pool.providers:
+            raise errors.service_unavailable()
+        return alias, pool, token
+
+    async def _admit(
+        self, table: Table, pool: Pool, token: str | None, stack: AsyncExitStack
+    ) -> None:
+        """Pool then key rate limits, then pool then key concurrency permits."""
+        if table.shared is not None:
+            await self._admit_shared(table.shared, table, pool, token, stack)
+            return
+        m = self.metrics
+        if pool.rate is not None:
+            wait = pool.rate.try_acquire()
+            if wait is not None:
+                if m is not None:
+                    m.rejected(pool.alias, "rate", "pool")
+                raise errors.rate_limited(wait)
+        key_rate = table.key_rate.get(token) if token is not None else None
+        if key_rate is not None:
+            wait = key_rate.try_acquire()
+            if wait is not None:
+                if m is not None:
+                    m.rejected(pool.alias, "rate", "key")
+                raise errors.rate_limited(wait)
+        if pool.concurrency is not None:
+            permit = pool.concurrency.try_acquire()
+            if permit is None:
+                if m is not None:
+                    m.rejected(pool.alias, "concurrency", "pool")
+                raise errors.concurrency_limited()
+            stack.callback(permit.release)
+        key_conc = table.key_concurrency.get(token) if token is not None else None
+        if key_conc is not None:
+            permit = key_conc.try_acquire()
+            if permit is None:
+                if m is not None:
+                    m.rejected(pool.alias, "concurrency", "key")
+                raise errors.concurrency_limited()
+            stack.callback(permit.release)
+
+    async def _admit_shared(
+        self,
+        shared: SharedLimits,
+        table: Table,
+        pool: Pool,
+        token: str | None,
+        stack: AsyncExitStack,
+    ) -> None:
+        """:meth:`_admit` with the limits shared across replicas (each falls back to its
+        in-process twin while Redis is unavailable)."""
+        from onwards_trio._proxy.shared_limits import key_scope, pool_scope
+
+        scopes: list[str] = []  # which limit refused, for the metrics
+        rates = []
+        if pool.rate is not None:
+            rates.append((pool_scope(pool.alias), pool.rate))
+            scopes.append("pool")
+        key_rate = table.key_rate.get(token) if token is not None else None
+        if key_rate is not None and token is not None:
+            rates.append((key_scope(token), key_rate))
+            scopes.append("key")
+        slots = []
+        if pool.concurrency is not None:
+            slots.append((pool_scope(pool.alias), pool.concurrency))
+            scopes.append("pool")
+        key_conc = table.key_concurrency.get(token) if token is not None else None
+        if key_conc is not None and token is not None:
+            slots.append((key_scope(token), key_conc))
+            scopes.append("key")
+        if not scopes:
+            return
+        admission = await shared.admit(rates, slots)
+        if admission.permit is not None:
+            stack.push_async_callback(admission.permit.release)
+        elif admission.refused is not None:
+            m = self.metrics
+            if admission.refused == "rate":
+                if m is not None:
+                    m.rejected(pool.alias, "rate", scopes[admission.index])
+                raise errors.rate_limited(admission.retry_after)
+            if m is not None:
+                m.rejected(pool.alias, "concurrency", scopes[len(rates) + admission.index])
+            raise errors.concurrency_limited()
+
+    async def _shared_provider(
+        self,
+        shared: SharedLimits,
+        pool: Pool,
+        index: int,
+        permit: Permit,
+        full: set[int],
+    ) -> tuple[int, Permit, SharedPermit | None] | None:
+        """Add the shared slot to the provider :func:`select` chose with its local permit.
+
+        A provider full across replicas counts as at capacity: the next free candidate is
+        tried; ``None`` when none is left. ``full`` collects them for the whole request.
+        """
+        from onwards_trio._proxy.shared_limits import provider_scope
+
+        while True:
+            limit = pool.providers[index].concurrency.limit
+            if limit is None:
+                return index, permit, None
+            try:
+                got = await shared.provider_slot(provider_scope(pool.alias, index), limit)
+            except BaseException:
+                permit.release()
+                raise
+            if got is not None:
+                return index, permit, None if isinstance(got, bool) else got
+            permit.release()
+            full.add(index)
+            choice = select(pool.providers, pool.strategy, full, self.rng)
+            if choice is None:
+                return None
+            index, permit = choice
+
+    # -- one attempt ----------------------------------------------------------------------
+
+    def _body_for(self, request: ProxyRequest, provider: Provider) -> bytes:
+        if provider.model is None or not request.body:
+            return request.body
+        data = request.json
+        if not isinstance(data, dict) or "model" not in data:
+            raise errors.missing_model()
+        return orjson.dumps({**data, "model": provider.model.decode()})
+
+    async def _send(self, request: ProxyRequest, provider: Provider) -> UpstreamResponse:
+        body = self._body_for(request, provider)
+        target = upstream_target(provider, request.raw_path, request.query)
+        length = None if not body and request.method in _BODYLESS else len(body)
+        headers = forward_headers(request.headers, provider, length)
+        if provider.timeout is None:
+            return await self.client.send(provider, request.method, target, headers, body)
+        with trio.fail_after(provider.timeout):
+            return await self.client.send(provider, request.method, target, headers, body)
+
+    # -- the pipeline ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_upstream(self, request: ProxyRequest) -> AsyncIterator[UpstreamReply]:
+        """Run the pipeline; yield the reply to relay. Gateway errors raise :class:`HTTPError`.
+
+        Leaving the context closes the upstream response and releases every permit.
+        """
+        table = self.targets.table  # one snapshot for the whole request
+        alias, pool, token = self.resolve(table, request)
+        async with AsyncExitStack() as stack:
+            await self._admit(table, pool, token, stack)
+            reply = await self._attempts(request, alias, pool, stack)
+            filters = self.filters
+            if filters:
+                ctx = FilterContext(
+                    request,
+                    alias,
+                    pool,
+                    reply.provider,
+                    table.strict_mode,
+                    table.config.sse_max_event_bytes,
+                )
+                for factory in filters:
+                    flt = factory(ctx)
+                    if flt is not None:
+                        reply = await flt(reply)
+                        break
+            yield reply
+
+    async def _attempts(
+        self, request: ProxyRequest, alias: str, pool: Pool, stack: AsyncExitStack
+    ) -> UpstreamReply:
+        fallback = pool.fallback if pool.fallback is not None and pool.fallback.enabled else None
+        delays = (
+            backoff_delays(fallback.backoff, self.rng)
+            if fallback is not None and fallback.backoff is not None
+            else None
+        )
+        budget = (
+            fallback.max_total_backoff_ms / 1000.0
+            if fallback is not None and fallback.max_total_backoff_ms is not None
+            else None
+        )
+        last_error: HTTPError | None = None
+        last_upstream: tuple[int, list[tuple[bytes, bytes]], bytes, Provider] | None = None
+        shared = self.targets.table.shared
+        full: set[int] = set()  # providers at capacity across replicas
+        for index, permit in plan_attempts(pool.providers, pool.strategy, fallback, self.rng):
+            if request.attempts and delays is not None:
+                delay = next(delays)
+                if budget is not None:
+                    if delay > budget:
+                        permit.release()
+                        break
+                    budget -= delay
+                try:
+                    await self.sleep(delay)
+                except BaseException:
+                    permit.release()
+                    raise
+            shared_permit: SharedPermit | None = None
+            if shared is not None:
+                chosen = await self._shared_provider(shared, pool, index, permit, full)
+                if chosen is None:
+                    continue
+                index, permit, shared_permit = chosen
+            provider = pool.providers[index]
+            request.attempts += 1
+            request.provider_index = index
+            try:
+                outcome = await self._attempt(request, alias, pool, provider, permit, stack)
+            except BaseException:
+                if shared_permit is not None:
+                    await shared_permit.release()
+                raise
+            if shared_permit is not None:
+                if isinstance(outcome, UpstreamReply):
+                    stack.push_async_callback(shared_permit.release)
+                else:
+                    await shared_permit.release()
+            if isinstance(outcome, UpstreamReply):
+                return outcome
+            if isinstance(outcome, HTTPError):
+                if fallback is None:
+                    raise outcome
+                last_error, last_upstream = outcome, None
+            else:
+                last_error, last_upstream = None, (*outcome, provider)
+            # SEAM: metrics (fallback attempt for alias/provider)
+            if self.metrics is not None:
+                self.metrics.attempt_failed(alias, index, outcome)
+        if last_upstream is not None:
+            # Every attempt failed on status: report the last upstream answer honestly.
+            status, headers, body, provider = last_upstream
+            return UpstreamReply(status, headers, _Body(body, None), request, alias, pool, provider)
+        if last_error is not None:
+            raise last_error
+        if self.metrics is not None:
+            self.metrics.rejected(alias, "concurrency", "provider")
+        raise errors.concurrency_limited()  # no provider could even be tried
+
+    async def _attempt(
+        self,
+        request: ProxyRequest,
+        alias: str,
+        pool: Pool,
+        provider: Provider,
+        permit: Permit,
+        stack: AsyncExitStack,
+    ) -> UpstreamReply | HTTPError | tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """One try at one provider. Returns the reply to relay, or why to try the next one."""
+        fallback = pool.fallback if pool.fallback is not None and pool.fallback.enabled else None
+        keep = False
+        try:
+            if provider.rate is not None:
+                shared = self.targets.table.shared
+                if shared is None:
+                    wait = provider.rate.try_acquire()
+                else:
+                    from onwards_trio._proxy.shared_limits import provider_scope
+
+                    scope = provider_scope(pool.alias, provider.index)
+                    wait = await shared.rate(scope, provider.rate)
+                if wait is not None:
+                    if self.metrics is not None:
+                        self.metrics.rejected(alias, "rate", "provider")
+                    err = errors.rate_limited(wait)
+                    if fallback is not None and fallback.on_rate_limit:
+                        return err
+                    raise err
+            m = self.metrics
+            t0 = trio.current_time()
+            try:
+                response = await self._send(request, provider)
+            except trio.TooSlowError:
+                if m is not None:
+                    m.upstream_failure(alias, provider.index, "timeout")
+                return errors.gateway_timeout()
+            except _UPSTREAM_ERRORS:
+                if m is not None:
+                    m.upstream_failure(alias, provider.index, "error")
+                return errors.bad_gateway()
+            if m is not None:
+                elapsed = trio.current_time() - t0
+                m.upstream_response(alias, provider.index, response.status, elapsed)
+            try:
+                headers = self._response_headers(response, provider)
+                if fallback is not None and status_matches(fallback.on_status, response.status):
+                    # Kept (bounded) in case this turns out to be the last answer to report.
+                    try:
+                        body = await _read_limited(response, _ERROR_BODY_LIMIT)
+                    except _UPSTREAM_ERRORS:
+                        return errors.bad_gateway()
+                    headers = [(k, v) for k, v in headers if k != b"content-length"]
+                    headers.append((b"content-length", str(len(body)).encode()))
+                    return (response.status, headers, body)
+                # Read the first chunk before answering: if the upstream dies before its first
+                # byte, nothing has reached the client yet and another attempt is still honest.
+                stream = response.aiter_stream()
+                try:
+                    first: bytes | None = await stream.__anext__()
+                except StopAsyncIteration:
+                    first = None
+                except _UPSTREAM_ERRORS:
+                    await _aclose_shielded(stream)
+                    return errors.bad_gateway()
+                except BaseException:
+                    await _aclose_shielded(stream)
+                    raise
+                reply = UpstreamReply(
+                    response.status,
+                    headers,
+                    _Body(
+                        first,
+                        stream if first is not None else None,
+                        response.aclose,
+                    ),
+                    request,
+                    alias,
+                    pool,
+                    provider,
+                )
+                # The upstream client's close is idempotent and shields itself, so it is safe
+                # (and cheap) on the way out of a cancelled relay too.
+                stack.push_async_callback(response.aclose)
+                if stream is not response:
+                    stack.push_async_callback(_aclose_shielded, stream)
+                stack.callback(permit.release)
+                keep = True
+                return reply
+            finally:
+                if not keep:
+                    await _aclose_shielded(response)
+        finally:
+            if not keep:
+                permit.release()
+
+    @staticmethod
+    def _response_headers(
+        response: UpstreamResponse, provider: Provider
+    ) -> list[tuple[bytes, bytes]]:
+        """Upstream headers minus the hop-by-hop ones (and any the upstream names in its
+        ``Connection``), with the provider's configured headers overriding."""
+        drop: set[bytes] | frozenset[bytes] = _HOP_RESPONSE
+        for k, v in response.headers:
+            if k.lower() == b"connection":
+                named = {t.strip() for t in v.lower().split(b",")}
+                drop = _HOP_RESPONSE | named
+        extra = provider.response_headers
+        if extra:
+            drop = drop | {k for k, _ in extra}
+        out = [(k.lower(), v) for k, v in response.headers if k.lower() not in drop]
+        out.extend(extra)
+        return out
+
+
+async def _aclose_shielded(resource: Any) -> None:
+    """Close an upstream resource even while being cancelled (it frees a pooled connection)."""
+    with trio.CancelScope(shield=True):
+        await resource.aclose()

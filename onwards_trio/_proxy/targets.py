@@ -1,0 +1,288 @@
+"""The live routing table built from a :class:`~onwards_trio._config.Config`.
+
+A :class:`Table` is immutable once built; :class:`Targets` holds the current one and swaps it in
+a single assignment, so a request that started on the old table finishes on it, and no request
+ever sees half a table. State that must outlive a swap is *adopted* by the new table:
+in-flight counters always (they describe requests still running), rate-limit buckets when the
+limit did not change (so a reload is no way around a limit).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import attrs
+
+from onwards_trio._config import (
+    Config,
+    Fallback,
+    PoolSpec,
+    ProviderSpec,
+    RateLimitSpec,
+    RoutingRule,
+    ToolSpec,
+)
+from onwards_trio._proxy.auth import KeySet
+from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket
+
+if TYPE_CHECKING:
+    from onwards_trio._proxy.shared_limits import SharedLimits
+
+__all__ = ["Pool", "Provider", "Table", "Targets"]
+
+
+def _bucket(spec: RateLimitSpec | None, old: TokenBucket | None) -> TokenBucket | None:
+    if spec is None:
+        return None
+    if old is not None and old.rate == spec.requests_per_second and old.burst == spec.capacity:
+        return old
+    return TokenBucket(spec.requests_per_second, spec.capacity)
+
+
+def _headers(mapping: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
+    out = []
+    for k, v in (mapping or {}).items():
+        try:
+            out.append((k.strip().lower().encode("ascii"), v.encode("latin-1")))
+        except UnicodeEncodeError:
+            continue  # an invalid header is skipped, as onwards does
+    return out
+
+
+@attrs.define(eq=False)
+class Provider:
+    """One upstream of a pool, with everything the hot path needs precomputed."""
+
+    index: int
+    spec: ProviderSpec
+    scheme: bytes
+    host: bytes
+    port: int | None
+    host_header: bytes
+    base_path: bytes  # always ends with "/"
+    prefix: bytes  # base path without slashes ("v1"), b"" for a root base
+    auth_header: tuple[bytes, bytes] | None
+    response_headers: list[tuple[bytes, bytes]]
+    weight: int
+    rate: TokenBucket | None
+    concurrency: ConcurrencyLimit
+    timeout: float | None
+    model: bytes | None
+    sanitize: bool
+    trusted: bool
+    adapter: bool
+
+    @property
+    def identity(self) -> tuple[str, str | None, str | None]:
+        """Providers are the same across a reload when these match (onwards' rule)."""
+        return (self.spec.url, self.spec.onwards_key, self.spec.onwards_model)
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+
+@attrs.define(eq=False)
+class Pool:
+    """One model alias: its providers and the policy around them."""
+
+    alias: str
+    spec: PoolSpec
+    providers: list[Provider]
+    keys: KeySet | None  # None: public
+    rate: TokenBucket | None
+    concurrency: ConcurrencyLimit | None
+    fallback: Fallback | None
+    strategy: str
+    trusted: bool
+    rules: list[RoutingRule]
+    adapter: bool
+    tools: dict[str, ToolSpec]
+
+
+@attrs.define(eq=False)
+class Table:
+    """An immutable snapshot of the routing table."""
+
+    config: Config
+    pools: dict[str, Pool]
+    key_rate: dict[str, TokenBucket]
+    key_concurrency: dict[str, ConcurrencyLimit]
+    key_labels: dict[str, dict[str, str]]
+    all_keys: KeySet
+    protected: bool  # some key protects some pool: unknown aliases answer 401 to strangers
+    # Limits shared with other replicas through Redis (None: in-process limits only). One
+    # object for the gateway's lifetime, carried from table to table across reloads.
+    shared: SharedLimits | None = None
+
+    @property
+    def strict_mode(self) -> bool:
+        return self.config.strict_mode
+
+    def visible_aliases(self, token: str | None) -> list[str]:
+        """Aliases a caller may see in ``/v1/models``: public ones plus those its key opens."""
+        return [
+            alias
+            for alias, pool in self.pools.items()
+            if pool.keys is None or (token is not None and token in pool.keys)
+        ]
+
+
+def _split_url(url: str) -> tuple[bytes, bytes, int | None, bytes]:
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path or "/"
+    if not path.endswith("/"):
+        path += "/"
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return parts.scheme.encode(), host.encode("idna"), parts.port, path.encode()
+
+
+def _build_provider(
+    index: int,
+    spec: ProviderSpec,
+    pool: PoolSpec,
+    old: Provider | None,
+) -> Provider:
+    scheme, host, port, base_path = _split_url(spec.url)
+    auth = None
+    if spec.onwards_key is not None:
+        name = (spec.upstream_auth_header_name or "Authorization").strip().lower()
+        prefix = (
+            spec.upstream_auth_header_prefix
+            if spec.upstream_auth_header_prefix is not None
+            else "Bearer "
+        )
+        auth = (name.encode("ascii"), (prefix + spec.onwards_key).encode("latin-1"))
+    response_headers = dict(_headers(pool.response_headers))
+    response_headers.update(_headers(spec.response_headers))  # provider wins
+    limit = spec.concurrency_limit.max_concurrent_requests if spec.concurrency_limit else None
+    concurrency = ConcurrencyLimit(limit, old.concurrency.counter if old else None)
+    adapter_spec = spec.open_responses or pool.open_responses
+    return Provider(
+        index=index,
+        spec=spec,
+        scheme=scheme,
+        host=host,
+        port=port,
+        host_header=host if port is None else host + b":%d" % port,
+        base_path=base_path,
+        prefix=base_path.strip(b"/"),
+        auth_header=auth,
+        response_headers=list(response_headers.items()),
+        weight=spec.weight,
+        rate=_bucket(spec.rate_limit, old.rate if old else None),
+        concurrency=concurrency,
+        timeout=spec.request_timeout_secs,
+        model=spec.onwards_model.encode() if spec.onwards_model is not None else None,
+        sanitize=spec.sanitize_response or pool.sanitize_response,
+        trusted=spec.trusted if spec.trusted is not None else pool.trusted,
+        adapter=bool(adapter_spec and adapter_spec.adapter),
+    )
+
+
+def build_table(
+    config: Config, old: Table | None = None, shared: SharedLimits | None = None
+) -> Table:
+    """Build a table from a config, adopting counters and unchanged buckets from ``old``.
+
+    ``shared`` (else ``old``'s) is carried over as is: the Redis connection belongs to the
+    gateway, so a reload that edits ``shared_limits`` takes effect at the next start.
+    """
+    if shared is None and old is not None:
+        shared = old.shared
+    auth = config.auth
+    global_keys = list(auth.global_keys) if auth else []
+    definitions = dict(auth.key_definitions) if auth else {}
+    every_key: set[str] = set(global_keys) | {d.key for d in definitions.values()}
+    pools: dict[str, Pool] = {}
+    protected = bool(global_keys)
+    for alias, spec in config.targets.items():
+        old_pool = old.pools.get(alias) if old else None
+        old_providers = {p.identity: p for p in old_pool.providers} if old_pool else {}
+        providers = []
+        for i, pspec in enumerate(spec.providers):
+            identity = (pspec.url, pspec.onwards_key, pspec.onwards_model)
+            providers.append(_build_provider(i, pspec, spec, old_providers.get(identity)))
+        keys: KeySet | None = None
+        if spec.keys is not None or global_keys:
+            literal = set(spec.keys or [])
+            # A key_definitions *name* listed in `keys` grants that definition's key (SPEC §2.1).
+            granted = {definitions[k].key for k in literal if k in definitions}
+            pool_keys = literal | granted | set(global_keys)
+            every_key |= pool_keys
+            keys = KeySet(pool_keys)
+            protected = True
+        limit = spec.concurrency_limit.max_concurrent_requests if spec.concurrency_limit else None
+        concurrency = None
+        if spec.concurrency_limit is not None:
+            old_counter = (
+                old_pool.concurrency.counter if old_pool and old_pool.concurrency else None
+            )
+            concurrency = ConcurrencyLimit(limit, old_counter)
+        adapter = any(p.adapter for p in providers[:1]) or bool(
+            spec.open_responses and spec.open_responses.adapter
+        )
+        tools = dict(config.tools)
+        if spec.open_responses:
+            tools.update(spec.open_responses.tools)
+        for p in spec.providers[:1]:
+            if p.open_responses:
+                tools.update(p.open_responses.tools)
+        pools[alias] = Pool(
+            alias=alias,
+            spec=spec,
+            providers=providers,
+            keys=keys,
+            rate=_bucket(spec.rate_limit, old_pool.rate if old_pool else None),
+            concurrency=concurrency,
+            fallback=spec.fallback,
+            strategy=spec.strategy,
+            trusted=spec.trusted,
+            rules=list(spec.routing_rules),
+            adapter=adapter,
+            tools=tools,
+        )
+    key_rate: dict[str, TokenBucket] = {}
+    key_concurrency: dict[str, ConcurrencyLimit] = {}
+    key_labels: dict[str, dict[str, str]] = {}
+    for d in definitions.values():
+        bucket = _bucket(d.rate_limit, old.key_rate.get(d.key) if old else None)
+        if bucket is not None:
+            key_rate[d.key] = bucket
+        if d.concurrency_limit is not None:
+            old_limit = old.key_concurrency.get(d.key) if old else None
+            key_concurrency[d.key] = ConcurrencyLimit(
+                d.concurrency_limit.max_concurrent_requests,
+                old_limit.counter if old_limit else None,
+            )
+        if d.labels:
+            key_labels[d.key] = dict(d.labels)
+    return Table(
+        config=config,
+        pools=pools,
+        key_rate=key_rate,
+        key_concurrency=key_concurrency,
+        key_labels=key_labels,
+        all_keys=KeySet(every_key),
+        protected=protected,
+        shared=shared,
+    )
+
+
+class Targets:
+    """The live routing table. Read :attr:`table` once per request; :meth:`update` swaps it."""
+
+    def __init__(self, config: Config) -> None:
+        self.table = build_table(config)
+
+    @property
+    def config(self) -> Config:
+        return self.table.config
+
+    def update(self, config: Config) -> None:
+        """Swap in a new config as a whole table (one assignment: atomic for Trio tasks)."""
+        self.table = build_table(config, self.table)

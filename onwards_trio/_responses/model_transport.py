@@ -1,0 +1,68 @@
+"""The gateway's proxy pipeline as the loop's model transport: each model call of a response
+loop is a proxied ``/v1/chat/completions`` (routing, auth, limits, failover, filters)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import orjson
+
+from onwards_trio._errors import HTTPError
+from onwards_trio._loop.model import ModelResponse
+from onwards_trio._proxy.pipeline import Proxy, ProxyRequest
+
+__all__ = ["MODEL_CALL_DROP", "ProxyModelTransport"]
+
+# Client headers that describe the client's own request, not the model call made for it.
+MODEL_CALL_DROP = frozenset(
+    {b"content-length", b"content-type", b"accept", b"accept-encoding", b"model-override"}
+)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+class ProxyModelTransport:
+    """A :class:`ModelTransport` through the gateway's proxy pipeline, as the client.
+
+    The payload's ``model`` picks the alias (so a sub-agent on another alias is routed there);
+    the client's headers go along, so its key is checked and forwarded exactly as for a proxied
+    ``/v1/chat/completions``. A gateway error (limits, auth, no upstream) becomes a reply with
+    that status and error body, which the loop records as a failed model step. The first
+    non-2xx reply is remembered so a non-streaming caller can be answered with it.
+    """
+
+    def __init__(self, proxy: Proxy, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        self.proxy = proxy
+        self.headers = [(k, v) for k, v in headers if k not in MODEL_CALL_DROP]
+        self.first_error: tuple[int, bytes] | None = None
+
+    @asynccontextmanager
+    async def open(self, payload: bytes, *, stream: bool) -> AsyncIterator[ModelResponse]:
+        accept = b"text/event-stream" if stream else b"application/json"
+        request = ProxyRequest(
+            method=b"POST",
+            raw_path=b"/v1/chat/completions",
+            query=b"",
+            headers=[*self.headers, (b"content-type", b"application/json"), (b"accept", accept)],
+            body=payload,
+            json=orjson.loads(payload),
+        )
+        async with AsyncExitStack() as stack:
+            try:
+                reply = await stack.enter_async_context(self.proxy.open_upstream(request))
+            except HTTPError as exc:
+                if self.first_error is None:
+                    self.first_error = (exc.status, exc.body)
+                yield ModelResponse(
+                    exc.status, [(b"content-type", b"application/json")], _once(exc.body)
+                )
+                return
+            if not 200 <= reply.status < 300 and self.first_error is None:
+                body = b"".join([chunk async for chunk in reply.body])
+                self.first_error = (reply.status, body)
+                yield ModelResponse(reply.status, reply.headers, _once(body))
+                return
+            yield ModelResponse(reply.status, reply.headers, reply.body)

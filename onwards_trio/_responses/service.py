@@ -1,0 +1,1062 @@
+"""``/v1/responses`` over any Chat Completions upstream: the Open Responses adapter on the loop,
+stored responses and background responses (SPEC §3.1 to §3.5).
+
+Routes (served by :class:`ResponsesService`, which the gateway owns):
+
+* ``POST /v1/responses`` for aliases in adapter mode — validated (:mod:`._oresp_input`),
+  converted to a chat request and driven by :func:`~onwards_trio._loop.run.run_response_loop`. Model
+  calls go through the gateway's proxy pipeline (routing, balancing, failover, limits, upstream
+  auth, sanitisation); server-side tools are tool steps; client-side function calls end the
+  response with their ``function_call`` items. Other aliases pass through to the upstream.
+* ``GET /v1/responses/{id}`` (``?stream=true&starting_after=N`` or ``Last-Event-ID`` replays a
+  background response's events, then follows it live), ``GET …/input_items``,
+  ``DELETE /v1/responses/{id}``, ``POST …/cancel``.
+
+Execution shapes: a *foreground* response runs in the request's task (streamed as SSE or
+answered as one JSON object); a *background* one runs in the gateway's service nursery, its
+events kept in memory for live followers and logged in the :class:`ResponseStore` for resumes.
+On a store shared by several replicas (:class:`SharedResponseStore`), the replica running a
+background response polls its status, so a cancel or ``DELETE`` sent to another replica stops it.
+Whatever ends a loop — completion, failure, cancel, shutdown — the stored response is rewritten
+inside a shielded, bounded scope with what happened (``completed``/``incomplete``/``failed``/
+``cancelled`` plus the output produced so far). A foreground client that disconnects does not
+stop its loop (onwards' policy, :class:`~onwards_trio._loop.run.DisconnectPolicy`): the work
+finishes and the stored response holds the full result for a later ``GET``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import logging
+import re
+import secrets
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import orjson
+import trio
+
+from onwards_trio import _errors as errors
+from onwards_trio._errors import HTTPError, error_body
+from onwards_trio._loop.events import LoopEvent, LoopEventKind
+from onwards_trio._loop.run import DisconnectPolicy, LoopConfig, LoopError, run_response_loop
+from onwards_trio._loop.steps import MultiStepStore, StepKind
+from onwards_trio._loop.tools import RequestContext, ToolError, ToolKind, ToolSchema
+from onwards_trio._proxy.auth import bearer_token
+from onwards_trio._proxy.pipeline import ProxyRequest, extract_model
+from onwards_trio._responses.config_tools import AgentSpec, ConfigToolExecutor
+from onwards_trio._responses.input import (
+    ResponsesRequest,
+    assign_item_ids,
+    parse_request,
+    resolve_server_tools,
+    to_chat_request,
+    tool_schema_to_chat,
+)
+from onwards_trio._responses.model_transport import MODEL_CALL_DROP, ProxyModelTransport
+from onwards_trio._stores import open_backend
+from onwards_trio._stores.base import (
+    TERMINAL_STATUSES,
+    ResponseStore,
+    SharedResponseStore,
+    StoredEvent,
+    StoredResponse,
+)
+from onwards_trio._stores.memory import MemoryStore
+from onwards_trio._transport.asgi import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    send_error,
+    send_json,
+    watch_disconnect,
+)
+from onwards_trio._transport.sse import encode_event
+
+if TYPE_CHECKING:
+    from onwards_trio._app.gateway import Gateway
+
+__all__ = ["ResponsesService", "response_object"]
+
+log = logging.getLogger("onwards_trio.responses")
+
+_STORED_ROUTE = re.compile(r"/v1/responses/([^/]+)(/input_items|/cancel)?/?")
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_FLUSH_EVERY = 32  # background event-log batch size
+_FLUSH_INTERVAL = 0.2  # … or at most this old (seconds)
+_POLL_INTERVAL = 0.25  # following a response another process runs
+_POLL_IDLE_LIMIT = 600.0  # give up following a response that shows no sign of life
+# A replica running a background response on a shared store (PostgreSQL) reads its status this
+# often, to stop the loop once another replica cancelled or deleted it; a read that takes longer
+# than the timeout is abandoned and tried again at the next interval.
+_REMOTE_CANCEL_INTERVAL = 0.5
+_REMOTE_CANCEL_READ_TIMEOUT = 5.0
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def response_object(request: ResponsesRequest, response_id: str, created_at: int) -> dict[str, Any]:
+    """The Response object's echo fields for ``request`` (no ``status``; ``output`` empty)."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": "in_progress",
+        "background": request.background,
+        "completed_at": None,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": request.instructions,
+        "max_output_tokens": request.max_output_tokens,
+        "max_tool_calls": request.max_tool_calls,
+        "model": request.model,
+        "output": [],
+        "parallel_tool_calls": (
+            request.parallel_tool_calls if request.parallel_tool_calls is not None else True
+        ),
+        "previous_response_id": request.previous_response_id,
+        "reasoning": request.reasoning,
+        "service_tier": request.service_tier or "default",
+        "store": request.store,
+        "temperature": request.temperature if request.temperature is not None else 1.0,
+        "text": request.text if request.text is not None else {"format": {"type": "text"}},
+        "tool_choice": request.tool_choice if request.tool_choice is not None else "auto",
+        "tools": request.echoed_tools,
+        "top_logprobs": 0,
+        "top_p": request.top_p if request.top_p is not None else 1.0,
+        "truncation": request.truncation or "disabled",
+        "usage": None,
+        "user": request.user,
+        "metadata": request.metadata if request.metadata is not None else {},
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "safety_identifier": None,
+        "prompt_cache_key": None,
+    }
+
+
+def _not_found(response_id: str) -> HTTPError:
+    return HTTPError(
+        404,
+        error_body(
+            f"Response with id '{response_id}' not found.",
+            "invalid_request_error",
+            "not_found",
+            "response_id",
+        ),
+    )
+
+
+def _owner_of(token: str | None, gateway: Gateway) -> str | None:
+    """A digest of the caller's key when it is one the gateway knows (else no owner)."""
+    if token is None or token not in gateway.targets.table.all_keys:
+        return None
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _sse(event: StoredEvent) -> bytes:
+    return encode_event(event.data, event=event.type, id=event.sequence)
+
+
+def _stored_event(event: LoopEvent) -> StoredEvent:
+    return StoredEvent(event.sequence, event.kind.value, orjson.dumps(event.wire()))
+
+
+# -- tools for one request ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class _AgentDepth:
+    depth: int
+
+
+class _RequestTools:
+    """The tools one response may run: exactly those offered to its model.
+
+    Config ``kind: agent`` tools are presented to the loop as ordinary tools and run here as a
+    separate loop on *their own* alias (with that alias's tools and the tool's instructions);
+    the loop's built-in AGENT recursion would reuse the parent's model. Depth is carried in the
+    context and capped by ``max_response_step_depth``.
+    """
+
+    def __init__(
+        self,
+        service: ResponsesService,
+        offered: Sequence[ToolSchema],
+        headers: Sequence[tuple[bytes, bytes]],
+        steps: MultiStepStore,
+    ) -> None:
+        self.service = service
+        self.offered = {t.name: t for t in offered}
+        self.headers = headers
+        self.steps = steps  # the response's step store: sub-agents keep their steps there too
+
+    async def tools(self, ctx: RequestContext) -> Sequence[ToolSchema]:
+        await trio.lowlevel.checkpoint()
+        return [
+            attrs.evolve(t, kind=ToolKind.HTTP) if t.kind is ToolKind.AGENT else t
+            for t in self.offered.values()
+        ]
+
+    async def execute(self, name: str, tool_call_id: str, args: Any, ctx: RequestContext) -> Any:
+        if name not in self.offered:
+            raise ToolError.not_found(name)
+        executor = self.service.executor
+        agent = executor.agent(name, ctx)
+        if agent is not None:
+            return await self.service.run_agent(agent, args, ctx, self.headers, self.steps)
+        return await executor.execute(name, tool_call_id, args, ctx)
+
+
+# -- event delivery -----------------------------------------------------------------------------
+
+
+class _Live:
+    """The in-memory event log of a running background response, for live followers.
+
+    Sequence numbers start at 0 and grow by one, so an event's index is its sequence. Events
+    are also written to the response store in batches (every ``_FLUSH_EVERY`` events, at most
+    ``_FLUSH_INTERVAL`` old, and at the end) so another process — or this one after the loop
+    ended — can replay them.
+    """
+
+    def __init__(self, response_id: str, store: ResponseStore) -> None:
+        self.response_id = response_id
+        self.store = store
+        self.events: list[StoredEvent] = []
+        self.done = False
+        self.finished = trio.Event()  # set once the final state is persisted
+        self.scope = trio.CancelScope()
+        self._changed = trio.Event()
+        self._pending: list[StoredEvent] = []
+        self._last_flush = trio.current_time()
+        self._flush_lock = trio.Lock()
+
+    def append(self, event: StoredEvent) -> None:
+        self.events.append(event)
+        self._pending.append(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def close(self) -> None:
+        self.done = True
+        self._wake()
+
+    async def wait_beyond(self, known: int) -> None:
+        """Wait until there are more than ``known`` events or the log is closed."""
+        changed = self._changed
+        if len(self.events) > known or self.done:
+            return
+        await changed.wait()
+
+    async def maybe_flush(self, force: bool = False) -> None:
+        """Write the pending events when a batch is due. Never raises (but ``Cancelled``): a
+        batch the store refused (or a cancelled write) stays pending and goes with the next
+        flush, and the loop (whose event sink calls this) is never broken by its event log.
+        Flushes are serialised, so batches reach the store in order."""
+        due = (
+            len(self._pending) >= _FLUSH_EVERY
+            or trio.current_time() - self._last_flush >= _FLUSH_INTERVAL
+        )
+        if not (self._pending and (force or due)):
+            return
+        async with self._flush_lock:
+            batch, self._pending = self._pending, []
+            if not batch:
+                return  # another flush took them while we waited
+            self._last_flush = trio.current_time()
+            try:
+                await self.store.append_events(self.response_id, batch)
+            except BaseException as exc:
+                self._pending = batch + self._pending
+                if not isinstance(exc, Exception):
+                    raise
+                log.exception("response %s: could not store its events", self.response_id)
+
+    async def flush_while_running(self) -> None:
+        """Flush on a timer, so events do not wait in memory while the loop is quiet (a slow
+        model or tool): another process following the response sees them within
+        ``_FLUSH_INTERVAL``."""
+        while True:
+            await trio.sleep(_FLUSH_INTERVAL)
+            await self.maybe_flush()
+
+
+class _ResponseSink:
+    """The loop's :class:`~onwards_trio._loop.events.EventSink` for one response.
+
+    Forwards events to a foreground SSE writer (``channel``) and/or a background log
+    (``live``); remembers the terminal snapshot and every finished output item, so a response
+    that ends without a terminal event (cancelled) can still be stored with its partial output.
+    """
+
+    def __init__(
+        self,
+        job: _Job,
+        channel: trio.MemorySendChannel[LoopEvent] | None = None,
+        live: _Live | None = None,
+    ) -> None:
+        self.job = job
+        self.channel = channel
+        self.live = live
+        self.terminal: dict[str, Any] | None = None
+        self.items: dict[int, dict[str, Any]] = {}
+        self.loop_error: LoopError | None = None
+        self.crashed = False
+
+    async def emit(self, event: LoopEvent) -> None:
+        if event.kind.is_terminal:
+            snapshot = dict(event.data.get("response") or {})
+            if snapshot.get("status") in ("completed", "incomplete"):
+                snapshot["completed_at"] = _now()
+            self.terminal = snapshot
+            event = LoopEvent(event.sequence, event.kind, {**event.data, "response": snapshot})
+        elif event.kind is LoopEventKind.OUTPUT_ITEM_DONE:
+            index = event.data.get("output_index")
+            item = event.data.get("item")
+            if isinstance(index, int) and isinstance(item, Mapping):
+                self.items[index] = dict(item)
+        if self.live is not None:
+            self.live.append(_stored_event(event))
+            await self.live.maybe_flush(force=event.kind.is_terminal)
+        if self.channel is not None:
+            try:
+                await self.channel.send(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.channel = None
+
+    def final_response(self) -> dict[str, Any]:
+        """The Response object to store once the loop has ended, however it ended."""
+        if self.terminal is not None:
+            return self.terminal
+        base = {**self.job.base}
+        base["output"] = [self.items[i] for i in sorted(self.items)]
+        if self.loop_error is not None:
+            base["status"] = "failed"
+            base["error"] = self.loop_error.error_object()
+        elif self.crashed:
+            base["status"] = "failed"
+            base["error"] = {"code": "server_error", "message": errors.INTERNAL_MESSAGE}
+        else:
+            base["status"] = "cancelled"
+        return base
+
+
+@attrs.define(eq=False)
+class _Job:
+    """Everything one response's loop needs (independent of the HTTP request that made it)."""
+
+    response_id: str
+    request: ResponsesRequest
+    base: dict[str, Any]
+    chat: dict[str, Any]
+    ctx: RequestContext
+    tools: _RequestTools
+    transport: ProxyModelTransport
+    steps: MultiStepStore
+    stored: bool
+
+
+# -- the service --------------------------------------------------------------------------------
+
+
+class ResponsesService:
+    """``/v1/responses`` for one gateway: stores, tools, running background responses.
+
+    Stores are opened lazily from ``config.store`` (SQLite file by default, ``memory`` on
+    request); tests and hosts may assign :attr:`response_store` / :attr:`step_store` first.
+    """
+
+    def __init__(self, gateway: Gateway, *, loop_config: LoopConfig | None = None) -> None:
+        self.gateway = gateway
+        self.loop_config = loop_config or LoopConfig()
+        self.response_store: ResponseStore | None = None
+        self.step_store: MultiStepStore | None = None
+        self._executor: ConfigToolExecutor | None = None
+        self._live: dict[str, _Live] = {}
+        self._keeper_started = False
+
+    @property
+    def persist_timeout(self) -> float:
+        """How long a shielded final write may take (the loop config's, kept in step with it)."""
+        return self.loop_config.persist_timeout
+
+    # -- resources -------------------------------------------------------------------------------
+
+    @property
+    def executor(self) -> ConfigToolExecutor:
+        if self._executor is None:
+            self._executor = ConfigToolExecutor.from_targets(self.gateway.targets)
+            self._ensure_keeper()
+        return self._executor
+
+    def _ensure_keeper(self) -> None:
+        """Tie our resources to the gateway's service nursery: when it closes, so do we."""
+        if self._keeper_started:
+            return
+        try:
+            nursery = self.gateway.nursery
+        except RuntimeError:
+            return  # not running (an embedding host calls aclose itself)
+        self._keeper_started = True
+        nursery.start_soon(self._keeper)
+
+    async def _keeper(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._keeper_started = False
+            await self.aclose()
+
+    def _stores(self) -> tuple[ResponseStore, MultiStepStore]:
+        self._ensure_keeper()
+        if self.response_store is None or self.step_store is None:
+            backend = open_backend(self.gateway.config.store)
+            self.response_store = self.response_store or backend.responses
+            self.step_store = self.step_store or backend.steps
+        return self.response_store, self.step_store
+
+    async def aclose(self) -> None:
+        """Cancel background responses (they are stored ``cancelled``) and close the stores."""
+        for live in list(self._live.values()):
+            live.scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout * 2):
+            for live in list(self._live.values()):
+                await live.finished.wait()
+            executor, self._executor = self._executor, None
+            if executor is not None:
+                await executor.aclose()
+            if self.response_store is not None:
+                await self.response_store.aclose()
+            closer = getattr(self.step_store, "aclose", None)
+            if closer is not None:
+                await closer()
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Serve any request under ``/v1/responses`` (what is not ours goes to the proxy)."""
+        path: str = scope["path"]
+        if path.rstrip("/") == "/v1/responses":
+            if scope["method"] != "POST":
+                return await self._passthrough(scope, receive, send)
+            request = await self._read(scope, receive, send)
+            if isinstance(request, int):
+                return request
+            status = await self.create(request, receive, send)
+            if status is None:
+                relayed: int = await self.gateway.relay(request, receive, send)
+                return relayed
+            return status
+        handled = await self.stored(scope, receive, send)
+        if handled is None:
+            return await self._passthrough(scope, receive, send)
+        return handled
+
+    async def _read(self, scope: Scope, receive: Receive, send: Send) -> ProxyRequest | int:
+        """The request, or the status already answered (a bad body) or 499 (client gone)."""
+        try:
+            request: ProxyRequest = await self.gateway.read_request(scope, receive)
+        except HTTPError as exc:
+            await send_error(send, exc)
+            return exc.status
+        except ClientDisconnected:
+            return 499
+        return request
+
+    async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> int:
+        request = await self._read(scope, receive, send)
+        if isinstance(request, int):
+            return request
+        status: int = await self.gateway.relay(request, receive, send)
+        return status
+
+    # -- POST /v1/responses ---------------------------------------------------------------------
+
+    async def create(self, request: ProxyRequest, receive: Receive, send: Send) -> int | None:
+        """Answer ``POST /v1/responses`` for an adapter-mode alias; ``None`` if not ours.
+
+        Usable as strict mode's responses hook: ``request`` is already read (and validated).
+        """
+        gateway = self.gateway
+        table = gateway.targets.table
+        alias = extract_model(request.headers, request.json)
+        if alias is None or alias not in table.pools:
+            return None  # the proxy gives the standard 400/401/404
+        try:
+            _, pool, token = gateway.proxy.resolve(table, request)
+        except HTTPError as exc:
+            await send_error(send, exc)
+            return exc.status
+        if not pool.adapter:
+            return None
+        try:
+            if request.json is None and request.body:
+                raise errors.invalid_request("The request body is not valid JSON.", "body")
+            job = await self._prepare(request, alias, token)
+        except HTTPError as exc:
+            await send_error(send, exc)
+            return exc.status
+        if job.request.background:
+            return await self._start_background(job, receive, send)
+        if job.request.stream:
+            return await self._stream_foreground(job, receive, send)
+        return await self._answer_foreground(job, send)
+
+    async def _prepare(self, request: ProxyRequest, alias: str, token: str | None) -> _Job:
+        req = parse_request(request.json)
+        # The alias the client named (model-override may differ from the body's model).
+        req = attrs.evolve(req, model=alias)
+        response_store, step_store = self._stores()
+        owner = _owner_of(token, self.gateway)
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id is not None:
+            previous = await response_store.get(req.previous_response_id)
+            if previous is None or (previous.owner is not None and previous.owner != owner):
+                raise errors.invalid_request(
+                    f"Previous response with id '{req.previous_response_id}' not found.",
+                    "previous_response_id",
+                )
+            if previous.status not in TERMINAL_STATUSES:
+                raise errors.invalid_request(
+                    f"Previous response with id '{req.previous_response_id}' is still "
+                    f"{previous.status}; wait for it to finish.",
+                    "previous_response_id",
+                )
+            history = previous.conversation()
+        ctx = RequestContext(model=alias)
+        available = list(await self.executor.tools(ctx))
+        chosen = {t.name for t in resolve_server_tools(req, available)}
+        offered = [t for t in available if t.name in chosen]
+        chat = to_chat_request(
+            req,
+            history=history,
+            server_tools=offered,
+            # Background responses stream upstream too: resumed clients get the deltas.
+            stream=req.stream or req.background,
+        )
+        response_id = f"resp_{secrets.token_hex(24)}"
+        base = response_object(req, response_id, _now())
+        headers = [(k, v) for k, v in request.headers if k not in MODEL_CALL_DROP]
+        steps = step_store if req.store else MemoryStore()  # store: false keeps nothing
+        job = _Job(
+            response_id=response_id,
+            request=req,
+            base=base,
+            chat=chat,
+            ctx=ctx,
+            tools=_RequestTools(self, offered, headers, steps),
+            transport=ProxyModelTransport(self.gateway.proxy, headers),
+            steps=steps,
+            stored=req.store,
+        )
+        await job.steps.begin_response(response_id, chat)
+        if req.store:
+            status = "queued" if req.background else "in_progress"
+            await response_store.create(
+                StoredResponse(
+                    id=response_id,
+                    response={**base, "status": status},
+                    input_items=assign_item_ids(req.input_items),
+                    context_items=history,
+                    background=req.background,
+                    owner=owner,
+                )
+            )
+        return job
+
+    async def _execute(self, job: _Job, sink: _ResponseSink) -> dict[str, Any]:
+        """Run the loop to its end and store the outcome (shielded, bounded); return it."""
+        try:
+            try:
+                await run_response_loop(
+                    job.steps,
+                    job.tools,
+                    job.ctx,
+                    job.transport,
+                    request_id=job.response_id,
+                    sink=sink,
+                    config=self.loop_config,
+                    response={k: v for k, v in job.base.items() if k != "status"},
+                )
+            except LoopError as exc:
+                sink.loop_error = exc  # already reported as response.failed when it could be
+        except Exception:
+            log.exception("response %s: the loop crashed", job.response_id)
+            sink.crashed = True
+        finally:
+            final = sink.final_response()
+            with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
+                if job.stored:
+                    try:
+                        await self._stores()[0].update(job.response_id, final)
+                    except Exception:
+                        log.exception("response %s: could not store its outcome", job.response_id)
+                await self._count_steps(job)
+        return final
+
+    async def _count_steps(self, job: _Job) -> None:
+        """Loop steps and tool calls by outcome, for the metrics (one chain read, only when
+        metrics are on)."""
+        metrics = self.gateway.metrics
+        if metrics is None:
+            return
+        alias = job.ctx.model or "unknown"
+        try:
+            steps = await job.steps.list_chain(job.response_id, None)
+        except Exception:
+            return
+        for step in steps:
+            metrics.loop_step(alias, step.kind.value, step.state.value)
+            if step.kind == StepKind.TOOL_CALL:
+                metrics.tool_call(alias, step.state.value)
+
+    async def _answer_foreground(self, job: _Job, send: Send) -> int:
+        final = await self._execute(job, _ResponseSink(job))
+        error = job.transport.first_error
+        if final.get("status") == "failed" and not final.get("output") and error is not None:
+            # Nothing was produced and the model call was refused (limits, auth, upstream
+            # error): answer with that, as a chat completion through the gateway would.
+            status, body = error
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return status
+        await send_json(send, 200, final)
+        return 200
+
+    async def _stream_foreground(self, job: _Job, receive: Receive, send: Send) -> int:
+        out, events = trio.open_memory_channel[LoopEvent](64)
+        sink = _ResponseSink(job, channel=out)
+        gone = False
+        loop_scope = trio.CancelScope()
+
+        async def watch() -> None:
+            nonlocal gone
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone = True
+                    log.info("response %s: client left mid-stream", job.response_id)
+                    if self.loop_config.on_disconnect is DisconnectPolicy.CANCEL:
+                        loop_scope.cancel()
+                    return
+
+        async def run() -> None:
+            try:
+                with loop_scope:
+                    await self._execute(job, sink)
+            finally:
+                out.close()
+
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            nursery.start_soon(run)
+            async with events:
+                async for event in events:
+                    if gone:
+                        continue  # keep draining: the loop goes on and is stored
+                    try:
+                        await send(
+                            {"type": "http.response.body", "body": event.sse(), "more_body": True}
+                        )
+                    except Exception:  # the server refuses sends to a departed client
+                        gone = True
+            nursery.cancel_scope.cancel()
+        if not gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return 200
+
+    # -- background ------------------------------------------------------------------------------
+
+    async def _start_background(self, job: _Job, receive: Receive, send: Send) -> int:
+        store, _ = self._stores()
+        live = _Live(job.response_id, store)
+        self._live[job.response_id] = live
+        self.gateway.nursery.start_soon(self._background, job, live)
+        if job.request.stream:
+            return await self._follow(job.response_id, -1, receive, send)
+        await send_json(send, 200, {**job.base, "status": "queued"})
+        return 200
+
+    async def _background(self, job: _Job, live: _Live) -> None:
+        store, _ = self._stores()
+        try:
+            with live.scope:
+                try:
+                    started = await store.update(
+                        job.response_id, {**job.base, "status": "in_progress"}
+                    )
+                except Exception:  # never into the service nursery: that would stop the gateway
+                    log.exception("response %s: could not mark it in_progress", job.response_id)
+                else:
+                    if not started:
+                        # Cancelled or deleted while queued, through another replica (a local
+                        # cancel has cancelled the scope already): end as a cancelled loop.
+                        live.scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(live.flush_while_running)
+                    if isinstance(store, SharedResponseStore):
+                        nursery.start_soon(_watch_remote_cancel, store, live)
+                    await self._execute(job, _ResponseSink(job, live=live))
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
+                await live.maybe_flush(force=True)
+                # A loop cancelled before it started still gets its final state.
+                try:
+                    record = await store.get(job.response_id)
+                    if record is not None and record.status not in TERMINAL_STATUSES:
+                        await store.update(job.response_id, {**job.base, "status": "cancelled"})
+                except Exception:
+                    log.exception("response %s: could not store its outcome", job.response_id)
+            live.close()
+            self._live.pop(job.response_id, None)
+            live.finished.set()
+
+    # -- stored responses ------------------------------------------------------------------------
+
+    async def stored(self, scope: Scope, receive: Receive, send: Send) -> int | None:
+        """Serve ``/v1/responses/{id}[/input_items|/cancel]``; ``None`` if the id is not ours
+        and the client named a model (``model-override``), so the proxy can pass it on."""
+        match = _STORED_ROUTE.fullmatch(scope["path"])
+        if match is None:
+            return None
+        response_id, sub = match.group(1), match.group(2)
+        method: str = scope["method"]
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        try:
+            record = await self._authorised_record(response_id, headers)
+            if record is None:
+                if any(k == b"model-override" for k, _ in headers):
+                    return None
+                raise _not_found(response_id)
+            query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            if sub == "/cancel":
+                if method != "POST":
+                    raise _method_not_allowed(b"POST")
+                await send_json(send, 200, await self._cancel(record))
+                return 200
+            if sub == "/input_items":
+                if method != "GET":
+                    raise _method_not_allowed(b"GET")
+                await send_json(send, 200, _input_items_page(record, query))
+                return 200
+            if method == "DELETE":
+                await self._delete(record)
+                await send_json(send, 200, {"id": record.id, "object": "response", "deleted": True})
+                return 200
+            if method not in ("GET", "HEAD"):
+                raise _method_not_allowed(b"GET, DELETE")
+            if _flag(query.get("stream")):
+                after = _starting_after(query, headers)
+                if not record.background:
+                    raise errors.invalid_request(
+                        "Only background responses can be streamed after they were created.",
+                        "stream",
+                    )
+                return await self._follow(record.id, after, receive, send)
+            await send_json(send, 200, record.response)
+            return 200
+        except HTTPError as exc:
+            await send_error(send, exc)
+            return exc.status
+
+    async def _authorised_record(
+        self, response_id: str, headers: list[tuple[bytes, bytes]]
+    ) -> StoredResponse | None:
+        table = self.gateway.targets.table
+        token = bearer_token(headers)
+        if table.protected and (token is None or token not in table.all_keys):
+            raise errors.unauthenticated(invalid=token is not None)
+        store, _ = self._stores()
+        record = await store.get(response_id)
+        if record is None:
+            return None
+        if record.owner is not None and record.owner != _owner_of(token, self.gateway):
+            return None  # another key's response: indistinguishable from a missing one
+        return record
+
+    async def _cancel(self, record: StoredResponse) -> dict[str, Any]:
+        if not record.background:
+            raise errors.invalid_request(
+                "Only responses created with background=true can be cancelled.", "response_id"
+            )
+        store, _ = self._stores()
+        live = self._live.get(record.id)
+        if live is not None:
+            live.scope.cancel()
+            with trio.move_on_after(self.persist_timeout * 2):
+                await live.finished.wait()
+        elif record.status not in TERMINAL_STATUSES:
+            # Not running here (another process, or a process that died): settle it.
+            await store.update(record.id, {**record.response, "status": "cancelled"})
+        current = await store.get(record.id)
+        return current.response if current is not None else record.response
+
+    async def _delete(self, record: StoredResponse) -> None:
+        live = self._live.get(record.id)
+        if live is not None:
+            live.scope.cancel()
+            with trio.move_on_after(self.persist_timeout * 2):
+                await live.finished.wait()
+        store, _ = self._stores()
+        await store.delete(record.id)
+
+    async def _follow(self, response_id: str, after: int, receive: Receive, send: Send) -> int:
+        """Stream a background response's events after ``after``, then follow it live."""
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
+            live = self._live.get(response_id)
+            if live is not None:
+                await _follow_live(live, after, send)
+            else:
+                await self._follow_store(response_id, after, send)
+            nursery.cancel_scope.cancel()
+        with contextlib.suppress(Exception):  # a departed client is owed nothing more
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return 200
+
+    async def _follow_store(self, response_id: str, after: int, send: Send) -> None:
+        store, _ = self._stores()
+        idle = 0.0
+        while True:
+            events = await store.events_after(response_id, after)
+            for event in events:
+                await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
+                after = event.sequence
+            if events:
+                idle = 0.0
+                if events[-1].type in _TERMINAL_TYPES:
+                    return
+            record = await store.get(response_id)
+            if record is None or record.status in TERMINAL_STATUSES:
+                if record is not None and not events:
+                    # Terminal with nothing new: drain once more (events land after status).
+                    rest = await store.events_after(response_id, after)
+                    for event in rest:
+                        await send(
+                            {"type": "http.response.body", "body": _sse(event), "more_body": True}
+                        )
+                return
+            live = self._live.get(response_id)
+            if live is not None:  # it started here meanwhile
+                await _follow_live(live, after, send)
+                return
+            if idle >= _POLL_IDLE_LIMIT:
+                return
+            await trio.sleep(_POLL_INTERVAL)
+            idle += _POLL_INTERVAL
+
+    # -- sub-agents ------------------------------------------------------------------------------
+
+    async def run_agent(
+        self,
+        agent: AgentSpec,
+        args: Any,
+        ctx: RequestContext,
+        headers: Sequence[tuple[bytes, bytes]],
+        steps: MultiStepStore,
+    ) -> Any:
+        """Run a ``kind: agent`` tool: a loop of its own on ``agent.model`` → its final text.
+        Its steps go to ``steps``, the calling response's step store."""
+        depth = ctx.extension(_AgentDepth)
+        level = depth.depth + 1 if depth is not None else 1
+        if level > self.loop_config.max_response_step_depth:
+            raise ToolError.execution(
+                f"sub-agent {agent.name!r} would exceed max_response_step_depth"
+            )
+        sub_ctx = RequestContext(model=agent.model).with_extension(_AgentDepth(level))
+        offered = list(await self.executor.tools(sub_ctx))
+        text = (
+            args["input"]
+            if isinstance(args, Mapping) and isinstance(args.get("input"), str)
+            else orjson.dumps(args).decode()
+        )
+        messages: list[dict[str, Any]] = []
+        if agent.instructions:
+            messages.append({"role": "system", "content": agent.instructions})
+        messages.append({"role": "user", "content": text})
+        chat: dict[str, Any] = {"model": agent.model, "messages": messages}
+        if offered:
+            chat["tools"] = [tool_schema_to_chat(t) for t in offered]
+        sub_id = f"agent_{secrets.token_hex(16)}"
+        await steps.begin_response(sub_id, chat)
+        transport = ProxyModelTransport(self.gateway.proxy, headers)
+        try:
+            payload = await run_response_loop(
+                steps,
+                _RequestTools(self, offered, headers, steps),
+                sub_ctx,
+                transport,
+                request_id=sub_id,
+                config=self.loop_config,
+            )
+        except LoopError as exc:
+            raise ToolError.execution(f"sub-agent {agent.name!r} failed: {exc}") from None
+        return _final_text(payload)
+
+
+_TERMINAL_TYPES = frozenset(
+    {
+        LoopEventKind.COMPLETED.value,
+        LoopEventKind.FAILED.value,
+        LoopEventKind.INCOMPLETE.value,
+    }
+)
+
+
+def _final_text(payload: Any) -> Any:
+    """The last assistant text of a completed loop's output (or the payload as is)."""
+    if not isinstance(payload, Mapping):
+        return payload
+    output = payload.get("output")
+    if not isinstance(output, list):
+        return payload
+    for item in reversed(output):
+        if isinstance(item, Mapping) and item.get("type") == "message":
+            parts = item.get("content") or []
+            return "".join(
+                p.get("text", "") for p in parts if isinstance(p, Mapping) and "text" in p
+            )
+    return ""
+
+
+async def _watch_remote_cancel(store: SharedResponseStore, live: _Live) -> None:
+    """Cancel ``live``'s loop once its stored status is ``cancelled`` or the response is gone:
+    a cancel or a ``DELETE`` made through another replica of a shared store. The loop then ends
+    as on a local cancel (open steps ``canceled`` in its shielded clean-up).
+
+    One status read every ``_REMOTE_CANCEL_INTERVAL``. A read that fails or takes longer than
+    ``_REMOTE_CANCEL_READ_TIMEOUT`` is logged (once per run of failures) and tried again at
+    the next interval; it never stops the response. Runs in the response's own nursery, so it
+    ends with the loop."""
+    failing = False
+    while True:
+        await trio.sleep(_REMOTE_CANCEL_INTERVAL)
+        status: str | None = "in_progress"
+        problem: str | None = None
+        with trio.move_on_after(_REMOTE_CANCEL_READ_TIMEOUT) as read:
+            try:
+                status = await store.status(live.response_id)
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+        if read.cancelled_caught:
+            problem = f"no answer within {_REMOTE_CANCEL_READ_TIMEOUT} s"
+        if problem is not None:
+            if not failing:
+                log.warning(
+                    "response %s: could not check for a cancel from another replica (%s)",
+                    live.response_id,
+                    problem,
+                )
+            failing = True
+            continue
+        failing = False
+        # Only a cancel or a DELETE comes from elsewhere: this process writes the other
+        # terminal statuses itself, once its loop has ended.
+        if (status is None or status == "cancelled") and not live.scope.cancel_called:
+            log.info(
+                "response %s: %s through another replica; stopping its loop",
+                live.response_id,
+                "deleted" if status is None else "cancelled",
+            )
+            live.scope.cancel()
+            return
+
+
+async def _follow_live(live: _Live, after: int, send: Send) -> None:
+    index = bisect.bisect_right([e.sequence for e in live.events], after)
+    while True:
+        while index < len(live.events):
+            event = live.events[index]
+            index += 1
+            await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
+        if live.done:
+            return
+        await live.wait_beyond(index)
+
+
+def _method_not_allowed(allow: bytes) -> HTTPError:
+    return HTTPError(
+        405,
+        error_body("Method not allowed.", "invalid_request_error", "method_not_allowed"),
+        [(b"allow", allow)],
+    )
+
+
+def _flag(values: list[str] | None) -> bool:
+    return bool(values) and values is not None and values[-1].lower() in ("true", "1")
+
+
+def _starting_after(query: Mapping[str, list[str]], headers: list[tuple[bytes, bytes]]) -> int:
+    raw: str | None = None
+    if query.get("starting_after"):
+        raw = query["starting_after"][-1]
+        param = "starting_after"
+    else:
+        for k, v in headers:
+            if k == b"last-event-id":
+                raw = v.decode("latin-1").strip()
+        param = "Last-Event-ID"
+    if raw is None or raw == "":
+        return -1
+    try:
+        return int(raw)
+    except ValueError:
+        raise errors.invalid_request(f"'{param}' must be an integer.", param) from None
+
+
+def _input_items_page(record: StoredResponse, query: Mapping[str, list[str]]) -> dict[str, Any]:
+    """``GET …/input_items``: OpenAI's cursor list (``order`` desc by default, ``after``,
+    ``limit`` 1 to 100, default 20)."""
+    order = (query.get("order") or ["desc"])[-1]
+    if order not in ("asc", "desc"):
+        raise errors.invalid_request("'order' must be 'asc' or 'desc'.", "order")
+    try:
+        limit = int((query.get("limit") or ["20"])[-1])
+    except ValueError:
+        raise errors.invalid_request("'limit' must be an integer.", "limit") from None
+    if not 1 <= limit <= 100:
+        raise errors.invalid_request("'limit' must be between 1 and 100.", "limit")
+    items = list(record.input_items)
+    if order == "desc":
+        items.reverse()
+    after = (query.get("after") or [""])[-1]
+    if after:
+        ids = [i.get("id") for i in items]
+        if after in ids:
+            items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0].get("id") if page else None,
+        "last_id": page[-1].get("id") if page else None,
+        "has_more": len(items) > limit,
+    }

@@ -1,0 +1,270 @@
+"""In-memory :class:`~onwards_trio._loop.steps.MultiStepStore` (tests, single-process embedding).
+
+Payloads are copied through JSON on the way in, so the store behaves like a persistent one: a
+caller mutating its dict afterwards changes nothing stored, and an unserialisable payload fails
+at write time with ``StoreError(SERIALIZATION)``. Every method checkpoints *before* it mutates,
+so a cancelled call either happened completely or not at all.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from onwards_trio._loop.steps import (
+    ChainStep,
+    NextAction,
+    RecordedStep,
+    ResponseRecord,
+    ResponseStatus,
+    StepDescriptor,
+    StepKind,
+    StepState,
+    StoreError,
+    StoreErrorKind,
+)
+from onwards_trio._loop.tools import ToolSchema
+from onwards_trio._loop.transition import ScopeView, Transition, open_responses_transition
+from onwards_trio._stores.base import StoreBackend, StoredEvent, StoredResponse, can_transition
+
+__all__ = ["MemoryBackend", "MemoryResponseStore", "MemoryStore", "new_step_id"]
+
+
+def new_step_id() -> str:
+    return "step_" + secrets.token_hex(12)
+
+
+def _copy(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except TypeError as e:
+        raise StoreError(StoreErrorKind.SERIALIZATION, str(e)) from None
+
+
+@attrs.define
+class _Row:
+    id: str
+    request_id: str
+    scope_parent: str | None
+    prev_step_id: str | None
+    kind: StepKind
+    state: StepState
+    sequence: int
+    request_payload: Any
+    response_payload: Any = None
+    error: Any = None
+
+    def chain_step(self) -> ChainStep:
+        return ChainStep(
+            id=self.id,
+            kind=self.kind,
+            state=self.state,
+            sequence=self.sequence,
+            prev_step_id=self.prev_step_id,
+            parent_step_id=self.scope_parent,
+            request_payload=self.request_payload,
+            response_payload=self.response_payload,
+            error=self.error,
+        )
+
+
+class MemoryStore:
+    def __init__(self, transition: Transition | None = None) -> None:
+        self.transition = transition if transition is not None else open_responses_transition
+        self._steps: dict[str, _Row] = {}
+        self._scopes: dict[tuple[str, str | None], list[_Row]] = {}
+        self._next_sequence: dict[str, int] = {}
+        self._responses: dict[str, ResponseRecord] = {}
+
+    def _row(self, step_id: str) -> _Row:
+        row = self._steps.get(step_id)
+        if row is None:
+            raise StoreError(StoreErrorKind.NOT_FOUND, f"step {step_id}")
+        return row
+
+    async def next_action_for(
+        self, request_id: str, scope_parent: str | None, tools: Mapping[str, ToolSchema]
+    ) -> NextAction:
+        await trio.lowlevel.checkpoint()
+        view = ScopeView(
+            request_id=request_id,
+            scope_parent=scope_parent,
+            response=self._responses.get(request_id),
+            parent_step=self._row(scope_parent).chain_step() if scope_parent else None,
+            chain=[r.chain_step() for r in self._scopes.get((request_id, scope_parent), ())],
+            tools=tools,
+        )
+        return self.transition(view)
+
+    async def record_step(
+        self,
+        request_id: str,
+        scope_parent: str | None,
+        prev_step_id: str | None,
+        descriptor: StepDescriptor,
+    ) -> RecordedStep:
+        payload = _copy(descriptor.request_payload)
+        await trio.lowlevel.checkpoint()
+        sequence = self._next_sequence.get(request_id, 1)
+        self._next_sequence[request_id] = sequence + 1
+        row = _Row(
+            id=new_step_id(),
+            request_id=request_id,
+            scope_parent=scope_parent,
+            prev_step_id=prev_step_id,
+            kind=descriptor.kind,
+            state=StepState.PENDING,
+            sequence=sequence,
+            request_payload=payload,
+        )
+        self._steps[row.id] = row
+        self._scopes.setdefault((request_id, scope_parent), []).append(row)
+        return RecordedStep(row.id, sequence)
+
+    async def mark_step_processing(self, step_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        row = self._row(step_id)
+        if row.state is not StepState.PENDING:
+            raise StoreError(StoreErrorKind.CONFLICT, f"step {step_id} is {row.state.value}")
+        row.state = StepState.PROCESSING
+
+    def _finish(self, step_id: str, state: StepState) -> _Row:
+        row = self._row(step_id)
+        if row.state.is_terminal:
+            raise StoreError(StoreErrorKind.CONFLICT, f"step {step_id} is {row.state.value}")
+        row.state = state
+        return row
+
+    async def complete_step(self, step_id: str, payload: Any) -> None:
+        payload = _copy(payload)
+        await trio.lowlevel.checkpoint()
+        self._finish(step_id, StepState.COMPLETED).response_payload = payload
+
+    async def fail_step(self, step_id: str, error: Any) -> None:
+        error = _copy(error)
+        await trio.lowlevel.checkpoint()
+        self._finish(step_id, StepState.FAILED).error = error
+
+    async def cancel_step(self, step_id: str, reason: Any = None) -> bool:
+        reason = _copy(reason)
+        await trio.lowlevel.checkpoint()
+        row = self._row(step_id)
+        if row.state.is_terminal:
+            return False
+        row.state = StepState.CANCELED
+        row.error = reason
+        return True
+
+    async def get_step(self, step_id: str) -> ChainStep:
+        await trio.lowlevel.checkpoint()
+        return self._row(step_id).chain_step()
+
+    async def list_chain(self, request_id: str, scope_parent: str | None) -> Sequence[ChainStep]:
+        await trio.lowlevel.checkpoint()
+        return [r.chain_step() for r in self._scopes.get((request_id, scope_parent), ())]
+
+    async def assemble_response(self, request_id: str) -> Any:
+        await trio.lowlevel.checkpoint()
+        record = self._responses.get(request_id)
+        if record is None:
+            raise StoreError(StoreErrorKind.NOT_FOUND, request_id)
+        return record.output
+
+    async def begin_response(self, request_id: str, request: Any) -> None:
+        request = _copy(request)
+        await trio.lowlevel.checkpoint()
+        old = self._responses.get(request_id)
+        if old is not None and request is None:
+            request = old.request
+        self._responses[request_id] = ResponseRecord(
+            request_id, ResponseStatus.IN_PROGRESS, request, None
+        )
+
+    async def finish_response(
+        self, request_id: str, status: ResponseStatus, output: Any = None
+    ) -> None:
+        output = _copy(output)
+        await trio.lowlevel.checkpoint()
+        old = self._responses.get(request_id)
+        self._responses[request_id] = ResponseRecord(
+            request_id, status, old.request if old is not None else None, output
+        )
+
+    async def get_response(self, request_id: str) -> ResponseRecord | None:
+        await trio.lowlevel.checkpoint()
+        return self._responses.get(request_id)
+
+
+# -- Responses objects ----------------------------------------------------------------------------
+
+
+class MemoryResponseStore:
+    """A process-local store; contents are lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, StoredResponse] = {}
+        self._events: dict[str, list[StoredEvent]] = {}
+
+    async def create(self, record: StoredResponse) -> None:
+        await trio.lowlevel.checkpoint()
+        if record.id in self._records:
+            raise ValueError(f"response {record.id!r} already exists")
+        self._records[record.id] = attrs.evolve(
+            record,
+            response=_copy(record.response),
+            input_items=_copy(record.input_items),
+            context_items=_copy(record.context_items),
+        )
+        self._events[record.id] = []
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        await trio.lowlevel.checkpoint()
+        record = self._records.get(response_id)
+        if record is None:
+            return None
+        return attrs.evolve(
+            record,
+            response=_copy(record.response),
+            input_items=_copy(record.input_items),
+            context_items=_copy(record.context_items),
+        )
+
+    async def update(self, response_id: str, response: dict[str, Any]) -> bool:
+        await trio.lowlevel.checkpoint()
+        record = self._records.get(response_id)
+        if record is None or not can_transition(record.status, str(response.get("status"))):
+            return False
+        self._records[response_id] = attrs.evolve(record, response=_copy(response))
+        return True
+
+    async def delete(self, response_id: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        self._events.pop(response_id, None)
+        return self._records.pop(response_id, None) is not None
+
+    async def append_events(self, response_id: str, events: Sequence[StoredEvent]) -> None:
+        await trio.lowlevel.checkpoint()
+        log = self._events.get(response_id)
+        if log is not None:
+            log.extend(events)
+
+    async def events_after(self, response_id: str, after: int) -> list[StoredEvent]:
+        await trio.lowlevel.checkpoint()
+        return [e for e in self._events.get(response_id, []) if e.sequence > after]
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class MemoryBackend(StoreBackend):
+    """A process-local backend: both stores in memory (tests, single-process embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryStore(), MemoryResponseStore())

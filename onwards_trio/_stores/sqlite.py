@@ -1,0 +1,514 @@
+"""SQLite stores: the embedded default, one file, no set-up.
+
+One connection (``check_same_thread=False``, WAL, ``synchronous=NORMAL``) used only through
+``trio.to_thread.run_sync`` with the store's own ``CapacityLimiter(1)``, so calls are serialised
+and the event loop never blocks on disk. The schema is created on first use. A thread that has
+started is never abandoned on cancellation (trio's default), so a write either commits or
+raises; it is never half done. Sequence allocation happens inside ``BEGIN IMMEDIATE`` so that
+several processes sharing the file still allocate distinct, increasing sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import orjson
+import trio
+
+from onwards_trio._loop.steps import (
+    ChainStep,
+    NextAction,
+    RecordedStep,
+    ResponseRecord,
+    ResponseStatus,
+    StepDescriptor,
+    StepKind,
+    StepState,
+    StepTransitions,
+    StoreError,
+    StoreErrorKind,
+)
+from onwards_trio._loop.tools import ToolSchema
+from onwards_trio._loop.transition import ScopeView, Transition, open_responses_transition
+from onwards_trio._stores.base import ALLOWED_TRANSITIONS, StoreBackend, StoredEvent, StoredResponse
+from onwards_trio._stores.memory import new_step_id
+
+__all__ = ["SqliteBackend", "SqliteFile", "SqliteResponseStore", "SqliteStore", "transaction"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS loop_responses (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    request TEXT,
+    output TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS loop_steps (
+    id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    scope_parent TEXT,
+    prev_step_id TEXT,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    request_payload TEXT,
+    response_payload TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (request_id, sequence)
+);
+CREATE INDEX IF NOT EXISTS loop_steps_scope ON loop_steps (request_id, scope_parent, sequence);
+"""
+
+_STEP_COLUMNS = (
+    "id, kind, state, sequence, prev_step_id, scope_parent, "
+    "request_payload, response_payload, error"
+)
+
+
+def _dump(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError as e:
+        raise StoreError(StoreErrorKind.SERIALIZATION, str(e)) from None
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+def _step(row: tuple[Any, ...]) -> ChainStep:
+    return ChainStep(
+        id=row[0],
+        kind=StepKind(row[1]),
+        state=StepState(row[2]),
+        sequence=row[3],
+        prev_step_id=row[4],
+        parent_step_id=row[5],
+        request_payload=_load(row[6]),
+        response_payload=_load(row[7]),
+        error=_load(row[8]),
+    )
+
+
+def _storage(e: sqlite3.Error) -> StoreError:
+    return StoreError(StoreErrorKind.STORAGE, f"{type(e).__name__}: {e}")
+
+
+class SqliteFile:
+    """One SQLite connection to ``path`` for Trio code; the plumbing both SQLite stores share.
+
+    The connection (``check_same_thread=False``, autocommit, WAL, ``synchronous=NORMAL``,
+    ``schema`` applied) is opened lazily in a worker thread, and every call runs in
+    ``trio.to_thread.run_sync`` behind this file's own ``CapacityLimiter(1)``, so two threads
+    never use it at once. A call that has started is not abandoned on cancellation (Trio's
+    default), so a write either commits or raises. ``on_error`` turns ``sqlite3.Error`` into
+    the store's own exception.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        schema: str,
+        *,
+        busy_timeout: float = 5.0,
+        on_error: Callable[[sqlite3.Error], Exception] | None = None,
+    ) -> None:
+        self.path = path
+        self._schema = schema
+        self._busy_timeout = busy_timeout
+        self._on_error = on_error
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout,
+                isolation_level=None,  # autocommit; multi-statement writes use transaction()
+                check_same_thread=False,
+            )
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(self._schema)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` in a worker thread, one call at a time."""
+
+        def call() -> T:
+            try:
+                return fn(self._connect())
+            except sqlite3.Error as e:
+                if self._on_error is None:
+                    raise
+                raise self._on_error(e) from None
+
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        """Close the connection (shielded: a cancelled close would leak it)."""
+
+        def close() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close, limiter=self._limiter)
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
+    """``begin`` … ``COMMIT``, rolled back if anything (the commit included) fails, so the
+    connection is never left inside a transaction."""
+    db.execute(begin)
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+class SqliteStore(StepTransitions):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        transition: Transition | None = None,
+        *,
+        busy_timeout: float = 5.0,
+        db: SqliteFile | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.transition = transition if transition is not None else open_responses_transition
+        self._db = db or SqliteFile(
+            self.path, _SCHEMA, busy_timeout=busy_timeout, on_error=_storage
+        )
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await self._db.aclose()
+
+    async def __aenter__(self) -> SqliteStore:
+        await self._db.run(lambda db: None)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, step_id: str) -> ChainStep:
+        row = db.execute(
+            f"SELECT {_STEP_COLUMNS} FROM loop_steps WHERE id = ?", (step_id,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(StoreErrorKind.NOT_FOUND, f"step {step_id}")
+        return _step(row)
+
+    @staticmethod
+    def _chain(
+        db: sqlite3.Connection, request_id: str, scope_parent: str | None
+    ) -> list[ChainStep]:
+        rows = db.execute(
+            f"SELECT {_STEP_COLUMNS} FROM loop_steps WHERE request_id = ? AND scope_parent IS ? "
+            "ORDER BY sequence",
+            (request_id, scope_parent),
+        ).fetchall()
+        return [_step(r) for r in rows]
+
+    @staticmethod
+    def _response(db: sqlite3.Connection, request_id: str) -> ResponseRecord | None:
+        row = db.execute(
+            "SELECT status, request, output FROM loop_responses WHERE id = ?", (request_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return ResponseRecord(request_id, ResponseStatus(row[0]), _load(row[1]), _load(row[2]))
+
+    # -- protocol -------------------------------------------------------------------------------
+
+    async def next_action_for(
+        self, request_id: str, scope_parent: str | None, tools: Mapping[str, ToolSchema]
+    ) -> NextAction:
+        def read(db: sqlite3.Connection) -> ScopeView:
+            return ScopeView(
+                request_id=request_id,
+                scope_parent=scope_parent,
+                response=self._response(db, request_id),
+                parent_step=self._get(db, scope_parent) if scope_parent else None,
+                chain=self._chain(db, request_id, scope_parent),
+                tools=tools,
+            )
+
+        return self.transition(await self._db.run(read))
+
+    async def record_step(
+        self,
+        request_id: str,
+        scope_parent: str | None,
+        prev_step_id: str | None,
+        descriptor: StepDescriptor,
+    ) -> RecordedStep:
+        payload = _dump(descriptor.request_payload)
+        step_id = new_step_id()
+
+        def write(db: sqlite3.Connection) -> RecordedStep:
+            now = time.time()
+            with transaction(db, "BEGIN IMMEDIATE"):
+                (sequence,) = db.execute(
+                    "SELECT COALESCE(MAX(sequence), 0) + 1 FROM loop_steps WHERE request_id = ?",
+                    (request_id,),
+                ).fetchone()
+                db.execute(
+                    "INSERT INTO loop_steps (id, request_id, scope_parent, prev_step_id, kind, "
+                    "state, sequence, request_payload, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                    (
+                        step_id,
+                        request_id,
+                        scope_parent,
+                        prev_step_id,
+                        descriptor.kind.value,
+                        sequence,
+                        payload,
+                        now,
+                        now,
+                    ),
+                )
+            return RecordedStep(step_id, sequence)
+
+        return await self._db.run(write)
+
+    async def _transition(
+        self, step_id: str, to: StepState, from_states: Sequence[str], column: str, value: Any
+    ) -> bool:
+        """Move a step from one of ``from_states`` to ``to``; False if it was elsewhere."""
+        text = _dump(value)
+        marks = ", ".join("?" * len(from_states))
+        sql = (
+            f"UPDATE loop_steps SET state = ?, {column} = ?, updated_at = ? "
+            f"WHERE id = ? AND state IN ({marks})"
+        )
+
+        def write(db: sqlite3.Connection) -> bool:
+            cur = db.execute(sql, (to.value, text, time.time(), step_id, *from_states))
+            if cur.rowcount == 1:
+                return True
+            self._get(db, step_id)  # NOT_FOUND if it does not exist
+            return False
+
+        return await self._db.run(write)
+
+    async def get_step(self, step_id: str) -> ChainStep:
+        return await self._db.run(lambda db: self._get(db, step_id))
+
+    async def list_chain(self, request_id: str, scope_parent: str | None) -> Sequence[ChainStep]:
+        return await self._db.run(lambda db: self._chain(db, request_id, scope_parent))
+
+    async def begin_response(self, request_id: str, request: Any) -> None:
+        text = _dump(request)
+
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute(
+                "INSERT INTO loop_responses (id, status, request, output, created_at, updated_at) "
+                "VALUES (?, 'in_progress', ?, NULL, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status = 'in_progress', "
+                "request = COALESCE(excluded.request, request), output = NULL, "
+                "updated_at = excluded.updated_at",
+                (request_id, text, now, now),
+            )
+
+        await self._db.run(write)
+
+    async def finish_response(
+        self, request_id: str, status: ResponseStatus, output: Any = None
+    ) -> None:
+        text = _dump(output)
+
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute(
+                "INSERT INTO loop_responses (id, status, request, output, created_at, updated_at) "
+                "VALUES (?, ?, NULL, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+                "output = excluded.output, updated_at = excluded.updated_at",
+                (request_id, status.value, text, now, now),
+            )
+
+        await self._db.run(write)
+
+    async def get_response(self, request_id: str) -> ResponseRecord | None:
+        return await self._db.run(lambda db: self._response(db, request_id))
+
+
+# -- Responses objects ----------------------------------------------------------------------------
+
+_RESPONSES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS oresp_responses (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    response TEXT NOT NULL,
+    input_items TEXT NOT NULL,
+    context_items TEXT NOT NULL,
+    background INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    owner TEXT
+);
+CREATE TABLE IF NOT EXISTS oresp_events (
+    response_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (response_id, seq)
+);
+"""
+
+
+class SqliteResponseStore:
+    """The embedded default: one SQLite file (WAL), schema created on first use.
+
+    The connection is a :class:`~onwards_trio._stores.sqlite.SqliteFile`: used from one worker
+    thread at a time, and a call that has started is not abandoned when its caller is
+    cancelled, so a write is never left half done.
+    """
+
+    def __init__(
+        self, path: str, *, busy_timeout: float = 5.0, db: SqliteFile | None = None
+    ) -> None:
+        self.path = path
+        self._db = db or SqliteFile(path, _RESPONSES_SCHEMA, busy_timeout=busy_timeout)
+
+    async def create(self, record: StoredResponse) -> None:
+        row = (
+            record.id,
+            record.status,
+            orjson.dumps(record.response).decode(),
+            orjson.dumps(record.input_items).decode(),
+            orjson.dumps(record.context_items).decode(),
+            int(record.background),
+            record.created_at,
+            record.owner,
+        )
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("INSERT INTO oresp_responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            except sqlite3.IntegrityError:
+                raise ValueError(f"response {record.id!r} already exists") from None
+
+        await self._db.run(insert)
+
+    async def get(self, response_id: str) -> StoredResponse | None:
+        def select(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            cur = conn.execute(
+                "SELECT response, input_items, context_items, background, created_at, owner "
+                "FROM oresp_responses WHERE id = ?",
+                (response_id,),
+            )
+            row: tuple[Any, ...] | None = cur.fetchone()
+            return row
+
+        row = await self._db.run(select)
+        if row is None:
+            return None
+        response, input_items, context_items, background, created_at, owner = row
+        return StoredResponse(
+            id=response_id,
+            response=orjson.loads(response),
+            input_items=orjson.loads(input_items),
+            context_items=orjson.loads(context_items),
+            background=bool(background),
+            created_at=float(created_at),
+            owner=owner,
+        )
+
+    async def update(self, response_id: str, response: dict[str, Any]) -> bool:
+        new = str(response.get("status"))
+        allowed = sorted(s for s, targets in ALLOWED_TRANSITIONS.items() if new in targets)
+        if not allowed:
+            return False
+        data = orjson.dumps(response).decode()
+        marks = ", ".join("?" for _ in allowed)
+
+        def write(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                f"UPDATE oresp_responses SET status = ?, response = ? "
+                f"WHERE id = ? AND status IN ({marks})",
+                (new, data, response_id, *allowed),
+            )
+            return cur.rowcount == 1
+
+        return await self._db.run(write)
+
+    async def delete(self, response_id: str) -> bool:
+        def remove(conn: sqlite3.Connection) -> bool:
+            with transaction(conn):
+                conn.execute("DELETE FROM oresp_events WHERE response_id = ?", (response_id,))
+                cur = conn.execute("DELETE FROM oresp_responses WHERE id = ?", (response_id,))
+            return cur.rowcount == 1
+
+        return await self._db.run(remove)
+
+    async def append_events(self, response_id: str, events: Sequence[StoredEvent]) -> None:
+        if not events:
+            return
+        rows = [(response_id, e.sequence, e.type, e.data, response_id) for e in events]
+
+        def insert(conn: sqlite3.Connection) -> None:
+            # Only for a response that exists (as the memory store): a loop still flushing
+            # after a DELETE must not leave its events behind.
+            with transaction(conn):
+                conn.executemany(
+                    "INSERT OR REPLACE INTO oresp_events SELECT ?, ?, ?, ? "
+                    "WHERE EXISTS (SELECT 1 FROM oresp_responses WHERE id = ?)",
+                    rows,
+                )
+
+        await self._db.run(insert)
+
+    async def events_after(self, response_id: str, after: int) -> list[StoredEvent]:
+        def select(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            cur = conn.execute(
+                "SELECT seq, type, data FROM oresp_events WHERE response_id = ? AND seq > ? "
+                "ORDER BY seq",
+                (response_id, after),
+            )
+            return cur.fetchall()
+
+        rows = await self._db.run(select)
+        return [StoredEvent(int(s), str(t), bytes(d)) for s, t, d in rows]
+
+    async def aclose(self) -> None:
+        await self._db.aclose()
+
+
+class SqliteBackend(StoreBackend):
+    """Both stores in one SQLite file over one connection (the embedded default)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+        path = os.fspath(path)
+        db = SqliteFile(
+            path, _SCHEMA + _RESPONSES_SCHEMA, busy_timeout=busy_timeout, on_error=_storage
+        )
+        super().__init__(SqliteStore(path, db=db), SqliteResponseStore(path, db=db))

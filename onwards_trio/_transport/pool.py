@@ -1,0 +1,294 @@
+"""Talking to upstreams: one pooled HTTP client, URL joining, request header filtering.
+
+The hot path uses a lean HTTP/1.1 client of our own (``client.py``): it adds no default headers
+(httpx would add ``accept-encoding`` and so silently ask upstreams for compression the client
+never asked for), does not decompress, and costs a fraction of httpx/httpcore per request.
+Connections are pooled per origin and reused last-in first-out (``http_pool`` sets the
+keep-alive size and expiry); an idle connection the server closed is detected before reuse,
+and a request that met such a connection before any response byte is tried once more.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Protocol
+
+import trio
+
+from onwards_trio._config import HttpPool
+from onwards_trio._transport.client import Connection, NoResponse, Response
+
+__all__ = [
+    "Origin",
+    "UpstreamClient",
+    "UpstreamResponse",
+    "dot_segments",
+    "forward_headers",
+    "upstream_target",
+]
+
+
+class Origin(Protocol):
+    """Where a request goes: what the transport needs of a provider (``_proxy.targets.Provider``
+    has these fields; the transport does not know about routing)."""
+
+    @property
+    def scheme(self) -> bytes: ...
+    @property
+    def host(self) -> bytes: ...
+    @property
+    def port(self) -> int | None: ...
+    @property
+    def host_header(self) -> bytes: ...
+    @property
+    def base_path(self) -> bytes: ...  # always ends with "/"
+    @property
+    def prefix(self) -> bytes: ...  # without slashes ("v1"); b"" for a root base
+    @property
+    def auth_header(self) -> tuple[bytes, bytes] | None: ...
+
+
+# Hop-by-hop, client-credential, browser-context and conditional headers never go upstream
+# (onwards' list), plus the ones the transport computes itself (host, content-length, te).
+_DROP = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"authorization",
+        b"x-api-key",
+        b"api-key",
+        b"sec-fetch-site",
+        b"sec-fetch-mode",
+        b"sec-fetch-dest",
+        b"sec-fetch-user",
+        b"origin",
+        b"referer",
+        b"cookie",
+        b"if-modified-since",
+        b"if-none-match",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"model-override",
+    }
+)
+_FORWARDED_PROTO = (b"x-forwarded-proto", b"https")
+
+
+def forward_headers(
+    headers: list[tuple[bytes, bytes]], provider: Origin, body_length: int | None
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers minus the dropped ones, plus host, content-length, upstream auth
+    and x-forwarded-proto."""
+    auth = provider.auth_header
+    auth_name = auth[0] if auth else None
+    drop = _DROP
+    for k, v in headers:
+        if k == b"connection":  # it names more hop-by-hop headers (RFC 9110 §7.6.1)
+            drop = drop.union(t.strip().lower() for t in v.split(b","))
+    out = [(b"host", provider.host_header)]
+    out.extend(
+        (k, v)
+        for k, v in headers
+        if k not in drop and k != auth_name and not k.startswith(b"sec-ch-ua")
+    )
+    if body_length is not None:
+        out.append((b"content-length", str(body_length).encode()))
+    if auth is not None:
+        out.append(auth)
+    out.append(_FORWARDED_PROTO)
+    return out
+
+
+def dot_segments(path: bytes) -> bool:
+    """True if a request path holds ``.``/``..`` segments (plain or percent-encoded)."""
+    if b"." not in path and b"%" not in path:
+        return False  # the common case (``/v1/chat/completions``): nothing to split
+    lowered = path.lower().replace(b"%2e", b".")
+    return any(seg in (b".", b"..") for seg in lowered.split(b"?", 1)[0].split(b"/"))
+
+
+def upstream_target(provider: Origin, raw_path: bytes, query: bytes) -> bytes:
+    """Join the provider's base path and the request path by string concatenation.
+
+    The request path can only ever extend the base path, never change the host. A leading
+    segment equal to the base path (``/v1`` against ``https://api.openai.com/v1``) is dropped
+    at a segment boundary so it is not doubled.
+    """
+    rel = raw_path[1:] if raw_path.startswith(b"/") else raw_path
+    prefix = provider.prefix
+    if prefix and rel.startswith(prefix):
+        rest = rel[len(prefix) :]
+        if not rest or rest.startswith(b"/"):
+            rel = rest[1:]
+    target = provider.base_path + rel
+    if query:
+        target += b"?" + query
+    return target
+
+
+class UpstreamResponse:
+    """A response on a pooled connection; closing it (idempotent, shielded) hands the
+    connection back to the pool when it can carry another request, or closes it."""
+
+    __slots__ = ("_conn", "_pool", "_response", "headers", "status")
+
+    def __init__(self, response: Response, conn: Connection, pool: _HostPool) -> None:
+        self._response = response
+        self._conn: Connection | None = conn
+        self._pool = pool
+        self.status = response.status
+        self.headers = response.headers
+
+    def aiter_stream(self) -> UpstreamResponse:
+        return self
+
+    def __aiter__(self) -> UpstreamResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._response.__anext__()
+
+    async def aclose(self) -> None:
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        # Shielded: this runs on the way out of cancelled requests too, and a connection that
+        # is neither returned nor closed would leak its socket.
+        with trio.CancelScope(shield=True):
+            try:
+                await self._response.aclose()
+                await self._pool.release(conn)
+            finally:
+                self._pool.done()
+
+
+class _HostPool:
+    """Idle keep-alive connections to one origin, reused last-in first-out. With
+    ``http_pool.max_connections``, at most that many connections (idle or busy) are open at
+    once; a request beyond waits for one to be handed back."""
+
+    __slots__ = ("_client", "_idle", "_slots", "host", "port", "scheme")
+
+    def __init__(self, scheme: bytes, host: bytes, port: int, client: UpstreamClient) -> None:
+        self.scheme = scheme
+        self.host = host.decode("ascii").strip("[]")
+        self.port = port
+        self._client = client
+        self._idle: list[Connection] = []
+        limit = client.max_connections
+        self._slots = trio.Semaphore(limit) if limit is not None else None
+
+    def done(self) -> None:
+        """A request's connection went back to the pool or was closed."""
+        if self._slots is not None:
+            self._slots.release()
+
+    async def _connection(self) -> tuple[Connection, bool]:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.is_healthy():
+                return conn, True
+            await conn.aclose()
+        client = self._client
+        conn = await Connection.connect(
+            self.scheme,
+            self.host,
+            self.port,
+            client.connect_timeout,
+            client.ssl_context() if self.scheme == b"https" else None,
+        )
+        return conn, False
+
+    async def request(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> UpstreamResponse:
+        if self._slots is not None:
+            await self._slots.acquire()
+        try:
+            for _ in range(2):
+                conn, reused = await self._connection()
+                try:
+                    response = await conn.request(method, target, headers, body)
+                except NoResponse:
+                    await conn.aclose()
+                    if reused:
+                        continue  # the server had closed that idle connection: one fresh try
+                    raise
+                except BaseException:
+                    await conn.aclose()
+                    raise
+                return UpstreamResponse(response, conn, self)
+            raise NoResponse("no response on a fresh connection")  # pragma: no cover
+        except BaseException:
+            self.done()
+            raise
+
+    async def release(self, conn: Connection) -> None:
+        now = trio.current_time()
+        idle = self._idle
+        # Idle connections are stacked in expiry order; under steady traffic only the top is
+        # reused, so the expired ones at the bottom are closed here, not left open for good.
+        while idle and idle[0].expires_at <= now:
+            await idle.pop(0).aclose()
+        if conn.reusable and len(idle) < self._client.max_idle:
+            conn.expires_at = now + self._client.keepalive_expiry
+            idle.append(conn)
+        else:
+            await conn.aclose()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.aclose()
+
+
+class UpstreamClient:
+    """Pooled HTTP/1.1 connections to the upstreams. Create once per gateway; close with
+    :meth:`aclose`."""
+
+    def __init__(self, http_pool: HttpPool | None = None) -> None:
+        spec = http_pool or HttpPool()
+        self.max_idle = spec.max_idle_per_host
+        self.keepalive_expiry = spec.idle_timeout_secs
+        self.max_connections = spec.max_connections  # per origin; None: no limit
+        self.connect_timeout = 30.0
+        self._pools: dict[tuple[bytes, bytes, int | None], _HostPool] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            ctx = ssl.create_default_context()
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._ssl = ctx
+        return self._ssl
+
+    async def send(
+        self,
+        provider: Origin,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> UpstreamResponse:
+        """Send a request; returns once the response head arrived (body still streaming)."""
+        key = (provider.scheme, provider.host, provider.port)
+        pool = self._pools.get(key)
+        if pool is None:
+            port = provider.port or (443 if provider.scheme == b"https" else 80)
+            pool = self._pools[key] = _HostPool(provider.scheme, provider.host, port, self)
+        return await pool.request(method, target, headers, body)
+
+    async def aclose(self) -> None:
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            await pool.aclose()

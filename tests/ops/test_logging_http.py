@@ -1,0 +1,160 @@
+"""Logs during real requests over loopback: one access line each, and never a secret."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from onwards_trio import Gateway
+from onwards_trio._ops import logs as _logging
+from onwards_trio._ops.logs import configure_logging
+from onwards_trio._ops.reload import config_secrets
+from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
+
+CHAT = "/v1/chat/completions"
+CLIENT_KEY = "client-key-7f3a9c1e5b"
+UPSTREAM_KEY = "upstream-key-4d8e2b6a0c"
+PROMPT = "the-prompt-text-nobody-may-log"
+COMPLETION = "the-completion-text-nobody-may-log"
+
+# The gateway tells the access log which alias and provider served a request through
+# note_request() (see docs/operations.md, "Wiring").
+
+
+@pytest.fixture
+def handler_output() -> Iterator[io.StringIO]:
+    """The formatted output of the gateway's own handler, at debug level."""
+    root = logging.getLogger("onwards_trio")
+    saved = (list(root.handlers), root.level, root.propagate, _logging._installed, _logging._guard)
+    stream = io.StringIO()
+    configure_logging("debug", stream=stream)
+    root.propagate = True  # let caplog see the raw records as well
+    yield stream
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    root.propagate = saved[2]
+    _logging._installed, _logging._guard = saved[3], saved[4]
+
+
+async def _traffic(nursery: trio.Nursery, up: FakeUpstream, **pool: Any) -> None:
+    config = {
+        "auth": {"global_keys": [CLIENT_KEY]},
+        "targets": {
+            "gpt-4": {"url": await serve_app(nursery, up), "onwards_key": UPSTREAM_KEY, **pool}
+        },
+    }
+    _, url = await start_gateway(nursery, config)
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    messages = [{"role": "user", "content": PROMPT}]
+    async with httpx.AsyncClient(base_url=url, timeout=10, headers=headers) as client:
+        r1 = await client.post(CHAT, json={"model": "gpt-4", "messages": messages})
+        r2 = await client.post(CHAT, json={"model": "gpt-4", "messages": messages, "stream": True})
+        r3 = await client.post(CHAT, json={"model": "nope", "messages": messages})
+        r4 = await client.post(f"{CHAT}?api_key={CLIENT_KEY}", json={"model": "gpt-4"})
+    assert [r1.status_code, r2.status_code, r3.status_code, r4.status_code] == [200, 200, 404, 200]
+    assert COMPLETION in r1.text and COMPLETION in r2.text
+
+
+async def _access_lines(stream: io.StringIO, n: int) -> list[str]:
+    """The access lines, once ``n`` are there (a handler logs after its client got the reply)."""
+    with trio.fail_after(5):
+        while True:
+            lines = [ln for ln in stream.getvalue().splitlines() if "onwards_trio.access" in ln]
+            if len(lines) >= n:
+                return lines
+            await trio.sleep(0.01)
+
+
+def _script(rec: Any) -> Reply:
+    if b'"stream":true' in rec.body:
+        return Reply(
+            headers=[(b"content-type", b"text/event-stream")],
+            chunks=sse({"choices": [{"index": 0, "delta": {"content": COMPLETION}}]}),
+        )
+    return Reply(body=chat_completion(COMPLETION))
+
+
+async def test_no_secret_prompt_or_completion_in_any_log_record(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, handler_output: io.StringIO
+) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, every level: the raw records
+    await _traffic(nursery, FakeUpstream(_script))
+    await _access_lines(handler_output, 4)
+    raw = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert raw.count("onwards_trio.access") >= 4  # the traffic was logged ...
+    for secret in (CLIENT_KEY, UPSTREAM_KEY, PROMPT, COMPLETION):
+        assert secret not in raw  # ... and nothing private was
+        assert secret not in handler_output.getvalue()
+
+
+async def test_one_access_line_per_request(
+    nursery: trio.Nursery, handler_output: io.StringIO
+) -> None:
+    await _traffic(nursery, FakeUpstream(_script))
+    lines = await _access_lines(handler_output, 4)
+    await trio.sleep(0.1)
+    assert len(await _access_lines(handler_output, 4)) == 4
+    assert all("method=POST path=/v1/chat/completions status=" in ln for ln in lines)
+    assert sorted(ln.split("status=")[1].split()[0] for ln in lines) == ["200", "200", "200", "404"]
+    assert not any("api_key" in ln for ln in lines)  # the query string is never logged
+    assert all("duration_ms=" in ln for ln in lines)
+
+
+async def test_access_line_names_alias_provider_and_sizes(
+    nursery: trio.Nursery, handler_output: io.StringIO
+) -> None:
+    await _traffic(nursery, FakeUpstream(_script))
+    lines = await _access_lines(handler_output, 4)
+    served = [ln for ln in lines if "status=200" in ln]
+    assert len(served) == 3
+    assert all("alias=gpt-4 provider=0" in ln for ln in served)
+    assert all("bytes_in=" in ln and "bytes_out=" in ln for ln in served)
+    assert sum("stream=true" in ln.lower() for ln in lines) == 1
+
+
+async def test_strict_mode_access_line_names_alias_provider_and_size(
+    nursery: trio.Nursery, handler_output: io.StringIO
+) -> None:
+    url = await serve_app(nursery, FakeUpstream(_script))
+    _, gateway_url = await start_gateway(
+        nursery, {"strict_mode": True, "targets": {"gpt-4": {"url": url}}}
+    )
+    messages = [{"role": "user", "content": PROMPT}]
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=10) as client:
+        r = await client.post(CHAT, json={"model": "gpt-4", "messages": messages})
+    assert r.status_code == 200
+    (line,) = await _access_lines(handler_output, 1)
+    assert "alias=gpt-4 provider=0" in line and "bytes_in=" in line
+
+
+def test_config_secrets_cover_client_and_upstream_keys() -> None:
+    from onwards_trio import parse_config
+
+    config = parse_config(
+        {
+            "auth": {"global_keys": [CLIENT_KEY], "key_definitions": {"k": {"key": "def-key-123"}}},
+            "targets": {"a": {"url": "https://a", "onwards_key": UPSTREAM_KEY}},
+        }
+    )
+    assert config_secrets(config) == {CLIENT_KEY, UPSTREAM_KEY, "def-key-123"}
+
+
+async def test_responses_access_line_names_the_alias(
+    nursery: trio.Nursery, handler_output: io.StringIO, tmp_path: Any
+) -> None:
+    from onwards_trio._app.demo import demo_config, demo_upstream
+
+    upstream = await serve_app(nursery, demo_upstream(delay=0))
+    gateway = Gateway(demo_config(upstream, store_path=str(tmp_path / "r.sqlite3")))
+    info = await nursery.start(gateway.serve, "127.0.0.1", 0)
+    async with httpx.AsyncClient(base_url=info.url, timeout=10) as client:
+        r = await client.post("/v1/responses", json={"model": "demo", "input": PROMPT})
+    assert r.status_code == 200
+    (line,) = await _access_lines(handler_output, 1)
+    assert "path=/v1/responses" in line and "alias=demo" in line

@@ -1,0 +1,523 @@
+"""Limits shared through Redis (SPEC §3.6): two gateways on one Redis are two replicas.
+
+Tests marked ``needs_redis`` run against a real redis-server named by ONWARDS_TEST_REDIS_URL
+(``.ci/redis.sh`` starts one) and are skipped without it; the failure-policy tests need no
+Redis at all (a closed port, a server that never answers). Each test uses its own key prefix.
+No ``autojump_clock`` here: Redis keeps real time.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import secrets
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import coredis
+import httpx
+import pytest
+import trio
+
+from onwards_trio import parse_config
+from onwards_trio._config import SharedLimitsSpec
+from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket
+from onwards_trio._proxy.shared_limits import SharedLimits, key_scope, pool_scope
+from tests.support import FakeUpstream, Reply, serve_app, sse, start_gateway
+
+REDIS_URL = os.environ.get("ONWARDS_TEST_REDIS_URL")
+needs_redis = pytest.mark.skipif(
+    not REDIS_URL, reason="set ONWARDS_TEST_REDIS_URL (see .ci/redis.sh)"
+)
+CHAT = "/v1/chat/completions"
+
+# coredis 6.9 leaves a connection's anyio memory streams unclosed when the TCP connect itself
+# fails (Redis down); they only warn when collected. Not ours to fix, and harmless.
+_COREDIS_LEAK = "ignore:Unclosed <MemoryObject:ResourceWarning"
+pytestmark = pytest.mark.filterwarnings(_COREDIS_LEAK)
+
+
+@pytest.fixture(autouse=True)
+def _collect_coredis_leaks() -> Iterator[None]:
+    """Collect the leaked streams here, under the filter, not during some later test."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+def body(model: str = "m", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def slow_stream(delay: float = 0.3) -> Reply:
+    return Reply(
+        headers=[(b"content-type", b"text/event-stream")],
+        chunks=sse({"choices": []}, {"choices": []}),
+        chunk_delay=delay,
+    )
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "onwards-test-" + secrets.token_hex(4)
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Any]:
+    """A plain client for looking at what the gateways wrote."""
+    assert REDIS_URL is not None
+    client: Any = coredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    async with client:
+        yield client
+
+
+def shared_config(prefix: str, url: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "redis_url": url or REDIS_URL,
+        "key_prefix": prefix,
+        "timeout_ms": 500,  # a loaded CI machine must not turn into a flaky fallback
+        **extra,
+    }
+
+
+async def replicas(
+    nursery: trio.Nursery, config: dict[str, Any], count: int = 2
+) -> list[httpx.AsyncClient]:
+    clients = []
+    for _ in range(count):
+        _, url = await start_gateway(nursery, config)
+        clients.append(httpx.AsyncClient(base_url=url, timeout=10))
+    return clients
+
+
+@pytest.fixture
+async def limits(nursery: trio.Nursery, prefix: str) -> SharedLimits:
+    """A SharedLimits with an open client (its run task lives in the test's nursery)."""
+    shared = SharedLimits(SharedLimitsSpec(**shared_config(prefix, lease_secs=30)))
+    await nursery.start(shared.run)
+    return shared
+
+
+# -- the Lua scripts -----------------------------------------------------------------------------
+
+
+@needs_redis
+async def test_rate_bucket_starts_full_and_admits_a_burst(limits: SharedLimits) -> None:
+    got = [await limits.acquire_rate("s", 0.01, 3) for _ in range(4)]
+    assert got[:3] == [None, None, None]
+    assert got[3] is not None and 99 <= got[3] <= 100  # one token every 100 s
+
+
+@needs_redis
+async def test_rate_retry_after_is_truthful(limits: SharedLimits) -> None:
+    assert await limits.acquire_rate("s", 10.0, 1) is None
+    wait = await limits.acquire_rate("s", 10.0, 1)
+    assert wait is not None and 0.05 < wait <= 0.1
+    await trio.sleep(wait)
+    assert await limits.acquire_rate("s", 10.0, 1) is None
+
+
+@needs_redis
+async def test_rate_refill_never_exceeds_the_burst(limits: SharedLimits) -> None:
+    assert await limits.acquire_rate("s", 50.0, 2) is None
+    await trio.sleep(0.2)  # 10 tokens' worth of time, but the bucket holds 2
+    got = [await limits.acquire_rate("s", 50.0, 2) for _ in range(3)]
+    assert got[:2] == [None, None] and got[2] is not None
+
+
+@needs_redis
+async def test_slots_admit_up_to_the_limit_and_release_frees_one(limits: SharedLimits) -> None:
+    first = await limits.acquire_slot("s", 2)
+    second = await limits.acquire_slot("s", 2)
+    assert first is not None and second is not None
+    assert await limits.acquire_slot("s", 2) is None
+    await first.release()
+    await first.release()  # idempotent: a second release must not free another slot
+    third = await limits.acquire_slot("s", 2)
+    assert third is not None
+    assert await limits.acquire_slot("s", 2) is None
+
+
+@needs_redis
+async def test_an_admission_is_all_or_nothing_for_slots(limits: SharedLimits) -> None:
+    pool, key = ConcurrencyLimit(5), ConcurrencyLimit(1)
+    assert await limits.acquire_slot("key", 1) is not None  # the key is full elsewhere
+    refused = await limits.admit((), [("pool", pool), ("key", key)])
+    assert (refused.refused, refused.index, refused.permit) == ("concurrency", 1, None)
+    assert pool.active == 0 and key.active == 0  # the local permits were given back
+    # the pool slot taken before the full key slot was given back in Redis too
+    held = [await limits.acquire_slot("pool", 5) for _ in range(5)]
+    assert all(p is not None for p in held)
+
+
+@needs_redis
+async def test_an_admission_names_the_rate_limit_that_refused(limits: SharedLimits) -> None:
+    pool, key = TokenBucket(100.0, 5), TokenBucket(0.01, 1)
+    first = await limits.admit([("pool", pool), ("key", key)], ())
+    second = await limits.admit([("pool", pool), ("key", key)], ())
+    assert first.refused is None
+    assert second.refused == "rate" and second.index == 1
+    assert second.retry_after is not None and 99 <= second.retry_after <= 100
+
+
+@needs_redis
+async def test_a_zero_limit_admits_nothing(limits: SharedLimits) -> None:
+    assert await limits.acquire_slot("s", 0) is None
+
+
+@needs_redis
+async def test_held_leases_are_renewed_past_their_lease_time(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    shared = SharedLimits(SharedLimitsSpec(**shared_config(prefix, lease_secs=0.6)))
+    await nursery.start(shared.run)
+    held = await shared.acquire_slot("s", 1)
+    assert held is not None
+    await trio.sleep(1.5)  # more than two lease times: only renewal keeps it
+    assert await shared.acquire_slot("s", 1) is None
+    await held.release()
+
+
+# -- two replicas over HTTP ----------------------------------------------------------------------
+
+
+@needs_redis
+async def test_pool_rate_limit_is_shared_across_replicas(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    up = FakeUpstream()
+    config = {
+        "shared_limits": shared_config(prefix),
+        "targets": {
+            "m": {
+                "providers": [{"url": await serve_app(nursery, up)}],
+                "rate_limit": {"requests_per_second": 0.01, "burst_size": 3},
+            }
+        },
+    }
+    a, b = await replicas(nursery, config)
+    async with a, b:
+        answers = [await c.post(CHAT, json=body()) for c in (a, b, a, b, a, b)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429, 429, 429]
+    assert all(90 <= int(r.headers["retry-after"]) <= 100 for r in answers[3:])
+    assert len(up.requests) == 3
+
+
+@needs_redis
+async def test_pool_concurrency_is_shared_across_replicas(
+    nursery: trio.Nursery, prefix: str, redis: Any
+) -> None:
+    up = FakeUpstream(slow_stream())
+    config = {
+        "shared_limits": shared_config(prefix),
+        "targets": {
+            "m": {
+                "providers": [{"url": await serve_app(nursery, up)}],
+                "concurrency_limit": {"max_concurrent_requests": 1},
+            }
+        },
+    }
+    a, b = await replicas(nursery, config)
+    async with a, b:
+        async with a.stream("POST", CHAT, json=body(stream=True)) as held:
+            assert held.status_code == 200
+            refused = await b.post(CHAT, json=body())
+            await held.aread()
+        with trio.fail_after(2):  # replica A gives its slot back once its relay has ended
+            while await redis.zcard(f"{prefix}:conc:{pool_scope('m')}"):
+                await trio.sleep(0.01)
+        after = await b.post(CHAT, json=body())
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+    assert after.status_code == 200
+
+
+@needs_redis
+async def test_key_rate_limit_is_shared_across_replicas(nursery: trio.Nursery, prefix: str) -> None:
+    up = FakeUpstream()
+    config = {
+        "shared_limits": shared_config(prefix),
+        "auth": {
+            "key_definitions": {
+                "slow": {"key": "sk-slow", "rate_limit": {"requests_per_second": 0.01}}
+            }
+        },
+        "targets": {"m": {"url": await serve_app(nursery, up)}},
+    }
+    a, b = await replicas(nursery, config)
+    key = {"authorization": "Bearer sk-slow"}
+    async with a, b:
+        first = await a.post(CHAT, json=body(), headers=key)
+        second = await b.post(CHAT, json=body(), headers=key)
+        anonymous = await b.post(CHAT, json=body())
+    assert (first.status_code, second.status_code, anonymous.status_code) == (200, 429, 200)
+
+
+@needs_redis
+async def test_key_concurrency_is_shared_across_replicas(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    up = FakeUpstream(slow_stream())
+    config = {
+        "shared_limits": shared_config(prefix),
+        "auth": {
+            "key_definitions": {
+                "one": {"key": "sk-one", "concurrency_limit": {"max_concurrent_requests": 1}}
+            }
+        },
+        "targets": {"m": {"url": await serve_app(nursery, up)}},
+    }
+    a, b = await replicas(nursery, config)
+    key = {"authorization": "Bearer sk-one"}
+    async with a, b, a.stream("POST", CHAT, json=body(), headers=key) as held:
+        refused = await b.post(CHAT, json=body(), headers=key)
+        await held.aread()
+    assert held.status_code == 200 and refused.status_code == 429
+
+
+@needs_redis
+async def test_provider_rate_limit_is_shared_across_replicas(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    up = FakeUpstream()
+    config = {
+        "shared_limits": shared_config(prefix),
+        "targets": {
+            "m": {"url": await serve_app(nursery, up), "rate_limit": {"requests_per_second": 0.01}}
+        },
+    }
+    a, b = await replicas(nursery, config)
+    async with a, b:
+        first = await a.post(CHAT, json=body())
+        second = await b.post(CHAT, json=body())
+    assert (first.status_code, second.status_code) == (200, 429)
+    assert 90 <= int(second.headers["retry-after"]) <= 100
+    assert len(up.requests) == 1
+
+
+@needs_redis
+async def test_redis_keys_never_hold_a_client_key(
+    nursery: trio.Nursery, prefix: str, redis: Any
+) -> None:
+    up = FakeUpstream()
+    config = {
+        "shared_limits": shared_config(prefix),
+        "auth": {
+            "key_definitions": {
+                "k": {
+                    "key": "sk-secret-value",
+                    "rate_limit": {"requests_per_second": 1},
+                    "concurrency_limit": {"max_concurrent_requests": 5},
+                }
+            }
+        },
+        "targets": {"m": {"url": await serve_app(nursery, up)}},
+    }
+    (a,) = await replicas(nursery, config, count=1)
+    async with a:
+        r = await a.post(CHAT, json=body(), headers={"authorization": "Bearer sk-secret-value"})
+    assert r.status_code == 200
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+    assert f"{prefix}:rate:{key_scope('sk-secret-value')}" in keys
+    assert not any("sk-secret" in k for k in keys)
+
+
+@needs_redis
+async def test_provider_concurrency_is_shared_and_a_full_provider_is_skipped(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    busy, free = FakeUpstream(slow_stream()), FakeUpstream()
+    config = {
+        "shared_limits": shared_config(prefix),
+        "targets": {
+            "m": {
+                "strategy": "priority",
+                "providers": [
+                    {
+                        "url": await serve_app(nursery, busy),
+                        "concurrency_limit": {"max_concurrent_requests": 1},
+                    },
+                    {"url": await serve_app(nursery, free)},
+                ],
+            }
+        },
+    }
+    a, b = await replicas(nursery, config)
+    async with a, b, a.stream("POST", CHAT, json=body()) as held:
+        # replica B's own count for the busy provider is 0: only Redis knows it is full
+        r = await b.post(CHAT, json=body())
+        await held.aread()
+    assert r.status_code == 200
+    assert len(busy.requests) == 1 and len(free.requests) == 1
+
+
+@needs_redis
+async def test_a_full_provider_without_alternatives_answers_429(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    up = FakeUpstream(slow_stream())
+    config = {
+        "shared_limits": shared_config(prefix),
+        "targets": {
+            "m": {
+                "providers": [
+                    {
+                        "url": await serve_app(nursery, up),
+                        "concurrency_limit": {"max_concurrent_requests": 1},
+                    }
+                ],
+            }
+        },
+    }
+    a, b = await replicas(nursery, config)
+    async with a, b, a.stream("POST", CHAT, json=body()) as held:
+        refused = await b.post(CHAT, json=body())
+        await held.aread()
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+    assert len(up.requests) == 1
+
+
+@needs_redis
+async def test_a_crashed_replicas_slot_expires_after_its_lease(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    # The "crashed" replica takes the only slot and stops without releasing it.
+    crashed = SharedLimits(SharedLimitsSpec(**shared_config(prefix, lease_secs=1)))
+    async with trio.open_nursery() as inner:
+        await inner.start(crashed.run)
+        assert await crashed.acquire_slot(pool_scope("m"), 1) is not None
+        inner.cancel_scope.cancel()  # no renewal, no release from now on
+    up = FakeUpstream()
+    config = {
+        "shared_limits": shared_config(prefix, lease_secs=1),
+        "targets": {
+            "m": {
+                "providers": [{"url": await serve_app(nursery, up)}],
+                "concurrency_limit": {"max_concurrent_requests": 1},
+            }
+        },
+    }
+    (b,) = await replicas(nursery, config, count=1)
+    async with b:
+        blocked = await b.post(CHAT, json=body())
+        await trio.sleep(1.2)
+        after = await b.post(CHAT, json=body())
+    assert blocked.status_code == 429
+    assert after.status_code == 200
+
+
+# -- failure policy: fall back to in-process limits, quickly -------------------------------------
+
+
+async def _closed_port() -> int:
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+async def test_redis_down_falls_back_to_local_limits_quickly(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    up = FakeUpstream()
+    url = f"redis://127.0.0.1:{await _closed_port()}/0"
+    config = {
+        "shared_limits": shared_config(prefix, url, timeout_ms=50),
+        "targets": {
+            "m": {
+                "providers": [{"url": await serve_app(nursery, up)}],
+                "rate_limit": {"requests_per_second": 0.01, "burst_size": 2},
+            }
+        },
+    }
+    gateway, base = await start_gateway(nursery, config)
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        started = trio.current_time()
+        codes = [(await client.post(CHAT, json=body())).status_code for _ in range(3)]
+        elapsed = trio.current_time() - started
+    assert codes == [200, 200, 429]  # the local bucket of this replica
+    assert elapsed < 1.0
+    assert gateway.shared_limits is not None and gateway.shared_limits.fallbacks == 3
+
+
+async def test_the_outage_warning_names_no_secret(
+    nursery: trio.Nursery, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    up = FakeUpstream()
+    url = f"redis://:pw-s3cret@127.0.0.1:{await _closed_port()}/0"
+    config = {
+        "shared_limits": shared_config(prefix, url, timeout_ms=50),
+        "auth": {
+            "key_definitions": {"k": {"key": "sk-hidden", "rate_limit": {"requests_per_second": 5}}}
+        },
+        "targets": {"m": {"url": await serve_app(nursery, up)}},
+    }
+    _, base = await start_gateway(nursery, config)
+    caplog.set_level("DEBUG")
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        r = await client.post(CHAT, json=body(), headers={"authorization": "Bearer sk-hidden"})
+    assert r.status_code == 200
+    assert "Redis unavailable" in caplog.text
+    assert "pw-s3cret" not in caplog.text and "sk-hidden" not in caplog.text
+
+
+async def _black_hole(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A TCP server that accepts connections and never answers (a hung Redis)."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+async def test_a_hung_redis_costs_at_most_the_timeout(nursery: trio.Nursery, prefix: str) -> None:
+    port = await nursery.start(_black_hole)
+    spec = SharedLimitsSpec(
+        redis_url=f"redis://127.0.0.1:{port}/0", key_prefix=prefix, timeout_ms=100
+    )
+    shared = SharedLimits(spec)
+    await nursery.start(shared.run)
+    bucket = TokenBucket(0.01, 1)
+    local = ConcurrencyLimit(1)
+    started = trio.current_time()
+    first = await shared.rate(pool_scope("m"), bucket)
+    second = await shared.rate(pool_scope("m"), bucket)
+    admitted = await shared.admit((), [(pool_scope("m"), local)])
+    refused = await shared.admit((), [(pool_scope("m"), local)])
+    elapsed = trio.current_time() - started
+    assert first is None and second is not None  # the local bucket decided
+    assert admitted.permit is not None and refused.refused == "concurrency"  # the local limit
+    # one call waits out the timeout; the others skip Redis while it is paused
+    assert elapsed < 0.4
+    assert shared.fallbacks == 3  # the last one the local limit refused before Redis
+    await admitted.permit.release()
+    assert local.active == 0
+
+
+async def test_without_shared_limits_the_table_has_none(nursery: trio.Nursery) -> None:
+    up = FakeUpstream()
+    gateway, _ = await start_gateway(
+        nursery, {"targets": {"m": {"url": await serve_app(nursery, up)}}}
+    )
+    assert gateway.shared_limits is None and gateway.targets.table.shared is None
+
+
+async def test_a_reload_keeps_the_shared_limits(nursery: trio.Nursery, prefix: str) -> None:
+    up = FakeUpstream()
+    url = await serve_app(nursery, up)
+    gateway, _ = await start_gateway(
+        nursery,
+        {
+            "shared_limits": shared_config(prefix, f"redis://127.0.0.1:{await _closed_port()}/0"),
+            "targets": {"m": {"url": url}},
+        },
+    )
+    shared = gateway.shared_limits
+    gateway.update_config(parse_config({"targets": {"n": {"url": url}}}))
+    assert shared is not None and gateway.targets.table.shared is shared
