@@ -3,7 +3,7 @@ stored responses and background responses (SPEC §3.1 to §3.5).
 
 Routes (served by :class:`ResponsesService`, which the gateway owns):
 
-* ``POST /v1/responses`` for aliases in adapter mode — validated (:mod:`._oresp_input`),
+* ``POST /v1/responses`` for aliases in adapter mode — validated (:mod:`.input`),
   converted to a chat request and driven by :func:`~onwards_trio._loop.run.run_response_loop`. Model
   calls go through the gateway's proxy pipeline (routing, balancing, failover, limits, upstream
   auth, sanitisation); server-side tools are tool steps; client-side function calls end the
