@@ -2,38 +2,54 @@
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import nox
+from packaging.specifiers import SpecifierSet
 
 nox.needs_version = ">=2024.10"
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_venv = "yes"
 nox.options.default_venv_backend = "venv"
+# A session whose interpreter is missing is an error, never a silent skip (a green run that
+# ran no test would hide everything).
+nox.options.error_on_missing_interpreters = True
 
-PYTHON = "3.11"
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 
+# Sessions have no `python=`: they run on the interpreter that runs nox, any version the package
+# supports, so the README command works wherever `python3` is new enough (a pinned version
+# would be skipped, and nox exit 0, on a machine without it). An older one fails loudly here.
+_SUPPORTED = SpecifierSet(PYPROJECT["project"]["requires-python"])
+if platform.python_version() not in _SUPPORTED:
+    sys.exit(
+        f"noxfile: Python {platform.python_version()} ({sys.executable}) is not supported: "
+        f"onwards-trio needs Python {_SUPPORTED}; run nox with a newer interpreter"
+    )
 
-@nox.session(python=PYTHON)
+
+@nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite (real servers on loopback; Postgres/Redis tests skip without one)."""
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
     session.run("pytest", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def bench(session: nox.Session) -> None:
     """Throughput and added latency of the gateway, the loop's per-step overhead, and the cost
     of sanitisation/strict mode per streamed chunk. ``nox -s bench -- proxy`` runs one."""

@@ -185,11 +185,13 @@ def config_secrets(config: Config) -> set[str]:
     """Every key a config holds (client keys and upstream keys), for log redaction."""
     out: set[str] = set()
     auth = config.auth
+    names = auth.key_definitions if auth is not None else {}
     if auth is not None:
         out.update(auth.global_keys or ())
         out.update(d.key for d in auth.key_definitions.values())
     for pool in config.targets.values():
-        out.update(pool.keys or ())
+        # A key definition's name is not a secret (masking it would garble unrelated words).
+        out.update(k for k in pool.keys or () if k not in names)
         out.update(p.onwards_key for p in pool.providers if p.onwards_key)
     for tool in config.tools.values():
         out.update(tool.headers.values())

@@ -209,10 +209,10 @@ def build_table(
             providers.append(_build_provider(i, pspec, spec, old_providers.get(identity)))
         keys: KeySet | None = None
         if spec.keys is not None or global_keys:
-            literal = set(spec.keys or [])
-            # A key_definitions *name* listed in `keys` grants that definition's key (SPEC §2.1).
-            granted = {definitions[k].key for k in literal if k in definitions}
-            pool_keys = literal | granted | set(global_keys)
+            # A key_definitions *name* listed in `keys` grants that definition's key (SPEC §2.1)
+            # and only that: a guessable name must never itself be a credential.
+            pool_keys = {definitions[k].key if k in definitions else k for k in spec.keys or []}
+            pool_keys |= set(global_keys)
             every_key |= pool_keys
             keys = KeySet(pool_keys)
             protected = True

@@ -108,6 +108,19 @@ async def test_literal_global_and_named_definition_keys_grant_access(
     assert "authorization" not in up.requests[-1].headers  # the client key never goes upstream
 
 
+async def test_a_key_definition_name_is_not_a_credential(
+    keyed: tuple[httpx.AsyncClient, FakeUpstream],
+) -> None:
+    client, up = keyed
+    # "private" lists the definition name "premium": that grants sk-premium, not "premium".
+    r = await client.post(CHAT, json=body("private"), headers=bearer("premium"))
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    models = await client.get("/v1/models", headers=bearer("premium"))
+    assert "private" not in [m["id"] for m in models.json()["data"]]
+    assert up.requests == []
+
+
 async def test_a_valid_key_for_another_pool_is_403(
     keyed: tuple[httpx.AsyncClient, FakeUpstream],
 ) -> None:
