@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.trio import serve as hypercorn_serve
@@ -15,6 +17,7 @@ from onwards_trio._app.demo import demo_config, demo_upstream
 from onwards_trio._app.gateway import Gateway, hypercorn_config
 from onwards_trio._config import Config, load_config
 from onwards_trio._errors import ConfigError
+from onwards_trio._loop.steps import StoreError
 from onwards_trio._ops.logs import configure_logging, protect
 from onwards_trio._ops.metrics import Metrics, install_metrics, serve_metrics
 from onwards_trio._ops.reload import (
@@ -29,19 +32,53 @@ __all__ = ["main"]
 log = logging.getLogger("onwards_trio")
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port (0 asks the OS for a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (use 0-65535)")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
+    from onwards_trio import __version__
+
     p = argparse.ArgumentParser(
         prog="onwards-trio",
         description="A Trio-native, OpenAI-compatible LLM gateway.",
-        epilog="`onwards-trio demo` starts the gateway on a built-in offline demo upstream.",
+        epilog="onwards command lines (-f, -p, -w, -m, --metrics-port, --metrics-prefix) work "
+        "unchanged. `onwards-trio demo` starts the gateway on a built-in offline demo upstream.",
+        # Prefix matching would make `--metrics` ambiguous and every new flag a breaking change.
+        allow_abbrev=False,
     )
-    p.add_argument("command", nargs="?", choices=["serve", "demo"], default="serve")
-    p.add_argument("-f", "--targets", "--config", dest="config", help="config JSON file")
-    p.add_argument("-p", "--port", type=int, default=3000, help="listen port (default 3000)")
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "demo"],
+        default="serve",
+        help="serve: serve the config file given with -f (the default); "
+        "demo: serve a built-in offline demo upstream (no config file, no API key)",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument(
+        "-f", "--targets", "--config", dest="config", metavar="FILE", help="config JSON file"
+    )
+    p.add_argument("-p", "--port", type=_port, default=3000, help="listen port (default 3000)")
     p.add_argument("--host", default=None, help="listen address (default 0.0.0.0; demo: 127.0.0.1)")
-    p.add_argument("--metrics-port", type=int, default=9090, help="metrics port (default 9090)")
+    p.add_argument("--metrics-port", type=_port, default=9090, help="metrics port (default 9090)")
     p.add_argument("--metrics-prefix", default="onwards", help="metric name prefix")
+    # onwards' `-w`/`-m` are flags that can only switch on what is already on; accepted so an
+    # onwards systemd unit or Helm values work unchanged. --no-watch/--no-metrics switch off.
+    p.add_argument(
+        "-w", "--watch", action="store_true", help="hot-reload the config file (the default)"
+    )
     p.add_argument("--no-watch", action="store_true", help="do not hot-reload the config file")
+    p.add_argument(
+        "-m", "--metrics", action="store_true", help="serve Prometheus metrics (the default)"
+    )
     p.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
     p.add_argument(
         "--server",
@@ -58,9 +95,68 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level",
         default=None,
-        help="log level (debug, info, warning, error); default from ONWARDS_LOG or info",
+        help="log level (debug, info, warning, error); default from ONWARDS_LOG or info. "
+        "debug adds the routing table at start and every failed upstream attempt",
     )
     return p
+
+
+class ListenError(OSError):
+    """A listener could not bind; the message names what, where, and why."""
+
+
+async def _listen(
+    what: str,
+    nursery: trio.Nursery,
+    start: Callable[..., Awaitable[Any]],
+    host: str,
+    port: int,
+    *args: Any,
+) -> Any:
+    """``nursery.start(start, *args, host, port)``, with a bind failure as one clear error.
+
+    The servers bind inside nurseries of their own, so the ``OSError`` arrives wrapped in
+    exception groups; unwrap it and name the address (9090 is also Prometheus' default).
+    """
+    try:
+        return await nursery.start(start, *args, host, port)
+    except (OSError, BaseExceptionGroup) as exc:
+        leaves = _leaves(exc)
+        if not all(isinstance(e, OSError) for e in leaves):
+            raise
+        reason = "; ".join(str(getattr(e, "strerror", None) or e) for e in leaves)
+        raise ListenError(f"cannot listen on {host}:{port} ({what}): {reason}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _describe(gateway: Gateway) -> None:
+    """At debug level: the routing table as loaded (origins only; never a key)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    for alias, pool in gateway.targets.table.pools.items():
+        origins = ", ".join(
+            f"{p.scheme.decode()}://{p.host.decode()}"
+            + (f":{p.port}" if p.port is not None else "")
+            + f" (weight {p.weight})"
+            for p in pool.providers
+        )
+        log.debug(
+            "alias %r: %s; strategy %s, fallback %s, %s, %s",
+            alias,
+            origins or "no provider",
+            pool.strategy,
+            "on" if pool.fallback is not None and pool.fallback.enabled else "off",
+            "public" if pool.keys is None else f"{len(pool.keys)} key(s)",
+            "Open Responses adapter" if pool.adapter else "passthrough",
+        )
 
 
 async def _run(args: argparse.Namespace) -> None:
@@ -79,20 +175,38 @@ async def _run(args: argparse.Namespace) -> None:
             log.info("demo upstream on %s (model %r, no API key needed)", upstream[0], "demo")
         else:
             config = load_config(args.config)
+            n = len(config.targets)
+            log.info("config %s: %d alias%s", args.config, n, "" if n == 1 else "es")
         for warning in config.warnings:
             log.warning("config: %s", warning)
         protect(config_secrets(config))
         gateway = Gateway(config)
+        _describe(gateway)
         host = args.host or ("127.0.0.1" if args.command == "demo" else "0.0.0.0")
+        open_to_all = not gateway.targets.table.protected and not _is_loopback(host)
+        if args.command == "serve" and open_to_all:
+            # onwards' default (0.0.0.0, no keys) is kept; say what it means, once.
+            log.warning(
+                "no client key is configured: anyone who can reach %s:%d can use the "
+                "upstream keys in %s (set auth.global_keys or a target's keys, "
+                "or listen on --host 127.0.0.1)",
+                host,
+                args.port,
+                args.config,
+            )
+        if any(pool.adapter for pool in gateway.targets.table.pools.values()):
+            await gateway.responses.check_store()
         if not args.no_metrics:
             metrics = install_metrics(gateway, Metrics(args.metrics_prefix))
             try:
-                metrics_url = await nursery.start(serve_metrics, metrics, host, args.metrics_port)
+                metrics_url = await _listen(
+                    "metrics", nursery, serve_metrics, host, args.metrics_port, metrics
+                )
                 log.info("metrics on %s/metrics", metrics_url)
-            except OSError as exc:
+            except ListenError as exc:
                 if args.command != "demo":
                     raise
-                log.warning("demo: no metrics listener (%s)", exc.strerror or exc)
+                log.warning("demo: no metrics listener (%s)", exc)
         if args.command != "demo":
             watcher = ConfigWatcher(
                 args.config, gateway.update_config, current=config, metrics=gateway.metrics
@@ -101,7 +215,7 @@ async def _run(args: argparse.Namespace) -> None:
             if not args.no_watch:
                 await nursery.start(watcher.run)
         serve = partial(gateway.serve, server=args.server)
-        info = await nursery.start(shutdown.serve, serve, host, args.port)
+        info = await _listen("gateway", nursery, shutdown.serve, host, args.port, serve)
         if args.command == "demo":
             print(
                 f"onwards-trio demo ready: try\n"
@@ -121,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.command == "serve" and not args.config:
         parser.error("-f/--targets CONFIG is required (or run `onwards-trio demo`)")
+    if args.command == "demo" and args.config:
+        parser.error("demo serves its own built-in config; use `serve -f FILE` for a config file")
     try:
         trio.run(_run, args)
     except (Exception, KeyboardInterrupt) as exc:
@@ -139,9 +255,10 @@ def _exit_code(exc: BaseException) -> int:
     leaves = _leaves(exc)
     if all(isinstance(e, KeyboardInterrupt) for e in leaves):
         return 130
-    known = [e for e in leaves if isinstance(e, ConfigError | OSError)]
+    known = [e for e in leaves if isinstance(e, ConfigError | OSError | StoreError)]
     if len(known) != len(leaves):
         raise exc
     for e in known:
-        print(f"onwards-trio: {e}", file=sys.stderr)
+        what = "the response store: " if isinstance(e, StoreError) else ""
+        print(f"onwards-trio: {what}{e}", file=sys.stderr)
     return 2 if any(isinstance(e, ConfigError) for e in known) else 1

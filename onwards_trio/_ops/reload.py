@@ -162,7 +162,8 @@ class ConfigWatcher:
         self.reloads_ok += 1
         if self.metrics is not None:
             self.metrics.reload(ok=True)
-        log.info("config reloaded from %s: %d aliases", self.path, len(config.targets))
+        n = len(config.targets)
+        log.info("config reloaded from %s: %d alias%s", self.path, n, "" if n == 1 else "es")
         for warning in config.warnings:
             log.warning("config: %s", redact(warning, secrets))
         if previous is not None and previous.http_pool != config.http_pool:

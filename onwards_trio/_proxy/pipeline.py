@@ -11,6 +11,7 @@ path — error, timeout, cancellation, disconnect — releases them.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -47,6 +48,8 @@ __all__ = [
     "UpstreamReply",
     "extract_model",
 ]
+
+log = logging.getLogger("onwards_trio")
 
 _ERROR_BODY_LIMIT = 64 * 1024
 # Response headers that describe the upstream hop, not the content; the server sets its own.
@@ -495,6 +498,17 @@ class Proxy:
             # SEAM: metrics (fallback attempt for alias/provider)
             if self.metrics is not None:
                 self.metrics.attempt_failed(alias, index, outcome)
+            if log.isEnabledFor(logging.DEBUG):  # off the success path: failures only
+                log.debug(
+                    "%s: attempt %d on provider %d failed (%s); %s",
+                    alias,
+                    request.attempts,
+                    index,
+                    f"no usable answer, {outcome.status}"
+                    if isinstance(outcome, HTTPError)
+                    else f"upstream status {outcome[0]}",
+                    "trying the next" if fallback is not None else "no fallback",
+                )
         if last_upstream is not None:
             # Every attempt failed on status: report the last upstream answer honestly.
             status, headers, body, provider = last_upstream

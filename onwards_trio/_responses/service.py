@@ -431,6 +431,13 @@ class ResponsesService:
             self.step_store = self.step_store or backend.steps
         return self.response_store, self.step_store
 
+    async def check_store(self) -> None:
+        """Open the stores and write to them once (a no-op delete), so that an unusable store
+        (an unwritable SQLite path, an unreachable database) is a clear error at start rather
+        than a 500 on every ``/v1/responses`` request. Raises :class:`StoreError`."""
+        store, _ = self._stores()
+        await store.delete("resp_onwards_trio_start_check")
+
     async def aclose(self) -> None:
         """Cancel background responses (they are stored ``cancelled``) and close the stores."""
         for live in list(self._live.values()):
