@@ -8,6 +8,7 @@ that looks like a misspelling of a known one is reported in ``Config.warnings``.
 """
 
 import difflib
+import logging
 import os
 import typing
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from cattrs.cols import list_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from onwards_trio._errors import ConfigError
+
+_log = logging.getLogger("onwards_trio.config")
 
 __all__ = [
     "Auth",
@@ -117,6 +120,14 @@ class Fallback:
     max_total_backoff_ms: float | None = attrs.field(default=None, validator=_non_negative)
 
 
+def _check_url(_inst: object, _attr: "attrs.Attribute[Any]", value: str) -> None:
+    if not (value.startswith("http://") or value.startswith("https://")):
+        raise ValueError(f"url must start with http:// or https://, got {value!r}")
+    rest = value.split("://", 1)[1]
+    if not rest or rest.startswith("/"):
+        raise ValueError(f"url has no host: {value!r}")
+
+
 @attrs.frozen
 class ToolSpec:
     """A server-side tool declared in the config (SPEC §3.3).
@@ -126,7 +137,7 @@ class ToolSpec:
     """
 
     kind: Literal["http", "agent"] = "http"
-    url: str | None = None
+    url: str | None = attrs.field(default=None, validator=attrs.validators.optional(_check_url))
     model: str | None = None
     description: str = ""
     parameters: dict[str, Any] = attrs.field(factory=lambda: {"type": "object", "properties": {}})
@@ -162,14 +173,6 @@ class RoutingAction:
 class RoutingRule:
     action: RoutingAction
     match_labels: dict[str, str] = attrs.field(factory=dict)
-
-
-def _check_url(_inst: object, _attr: "attrs.Attribute[Any]", value: str) -> None:
-    if not (value.startswith("http://") or value.startswith("https://")):
-        raise ValueError(f"url must start with http:// or https://, got {value!r}")
-    rest = value.split("://", 1)[1]
-    if not rest or rest.startswith("/"):
-        raise ValueError(f"url has no host: {value!r}")
 
 
 @attrs.frozen
@@ -503,11 +506,43 @@ def parse_config(data: bytes | str | Mapping[str, Any]) -> Config:
                     f"redirect target {rule.action.target!r} is not a configured alias "
                     f"@ {_join_key('$.targets', alias)}.routing_rules[{i}]"
                 )
+    for path, name, tool in _every_tool(config.tools, targets, targets_raw):
+        if tool.kind == "agent" and tool.model not in targets:
+            # Not fatal (a call to it fails at request time, as a redirect does), but worth telling.
+            warnings.append(
+                f"agent tool {name!r} runs on {tool.model!r}, which is not a configured alias "
+                f"@ {_join_key(path, name)}.model"
+            )
     return attrs.evolve(config, targets=targets, warnings=tuple(warnings))
 
 
+def _every_tool(
+    tools: Mapping[str, ToolSpec], targets: Mapping[str, PoolSpec], raw: Mapping[str, Any]
+) -> list[tuple[str, str, ToolSpec]]:
+    """Every tool the config declares, with the JSON path of the ``tools`` object holding it."""
+    out = [("$.tools", name, tool) for name, tool in tools.items()]
+    for alias, pool in targets.items():
+        base = _join_key("$.targets", alias)
+        shape = raw[alias]
+        if pool.open_responses is not None:
+            where = f"{base}.open_responses.tools"
+            out += [(where, n, t) for n, t in pool.open_responses.tools.items()]
+        for i, provider in enumerate(pool.providers):
+            if provider.open_responses is not None:
+                if isinstance(shape, list):
+                    where = f"{base}[{i}]"
+                elif "providers" in shape:
+                    where = f"{base}.providers[{i}]"
+                else:
+                    where = base  # the single-target shape: the provider is the target
+                where += ".open_responses.tools"
+                out += [(where, n, t) for n, t in provider.open_responses.tools.items()]
+    return out
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file; :class:`ConfigError` lists every problem found."""
+    """Read and validate a config file; :class:`ConfigError` lists every problem found, and
+    each of ``Config.warnings`` is logged (``onwards_trio.config`` logger, level warning)."""
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -517,4 +552,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             [f"cannot read config file '{os.fspath(path)}': {exc.strerror}"]
         ) from None
-    return parse_config(data)
+    config = parse_config(data)
+    for warning in config.warnings:
+        # Logged here, so an embedding program sees a misspelt key without reading
+        # ``config.warnings`` (parse_config stays silent: it may be a probe, not a load).
+        _log.warning("config %s: %s", os.fspath(path), warning)
+    return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -217,17 +218,41 @@ def test_key_definition_names_in_keys_grant_the_key() -> None:
     ).table
     keys = table.pools["m"].keys
     assert keys is not None and "sk-premium-123" in keys
+    assert "premium" not in keys  # the name is not itself a key
 
 
-def test_cli_rejects_an_invalid_config_with_the_path_and_exit_code_2(tmp_path: Path) -> None:
-    path = tmp_path / "bad.json"
-    path.write_text('{"targets": {"m": {"url": 5}}}')
-    result = subprocess.run(
-        [sys.executable, "-m", "onwards_trio", "-f", str(path), "--no-watch", "--no-metrics"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+@pytest.mark.parametrize("url", ["…", "ftp://tools.local/x", "http://"])
+def test_a_tool_url_must_be_an_absolute_http_url(url: str) -> None:
+    found = problems({"targets": {}, "tools": {"t": {"url": url}}})
+    assert len(found) == 1 and found[0].endswith("@ $.tools.t")
+
+
+def test_an_agent_tool_on_a_missing_alias_is_a_warning() -> None:
+    config = parse_config(
+        {
+            "targets": {"a": {"url": "http://a", "open_responses": {"adapter": True}}},
+            "tools": {"helper": {"kind": "agent", "model": "small-model"}},
+        }
     )
-    assert result.returncode == 2
-    assert "$.targets.m.url" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert config.warnings == (
+        "agent tool 'helper' runs on 'small-model', which is not a configured alias "
+        "@ $.tools.helper.model",
+    )
+
+
+def test_load_config_logs_its_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('{"targets": {"a": {"url": "http://a", "onwards_kye": "sk"}}}')
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("onwards_trio.config")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # whatever another test left on "onwards_trio"
+    try:
+        config = load_config(path)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert config.warnings
+    assert seen == [f"config {path}: {w}" for w in config.warnings]

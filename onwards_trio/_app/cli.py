@@ -177,8 +177,6 @@ async def _run(args: argparse.Namespace) -> None:
             config = load_config(args.config)
             n = len(config.targets)
             log.info("config %s: %d alias%s", args.config, n, "" if n == 1 else "es")
-        for warning in config.warnings:
-            log.warning("config: %s", warning)
         protect(config_secrets(config))
         gateway = Gateway(config)
         _describe(gateway)

@@ -214,9 +214,34 @@ class Gateway:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
-            await serve_lifespan(receive, send)
+            await self._lifespan(receive, send)
         else:  # websockets are not ours; hypercorn-trio needs an exception, not a return
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """ASGI lifespan: under an ASGI server (hypercorn, …) startup opens the service nursery
+        (:meth:`running`) and shutdown closes it, so background responses work with no extra
+        code. Under :meth:`serve` or an explicit ``running()`` it is already open: only answer.
+        """
+        if self._nursery is not None:
+            await serve_lifespan(receive, send)
+            return
+        message = await receive()
+        if message["type"] != "lifespan.startup":
+            return
+        started = False
+        try:
+            async with self.running():
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                while (await receive())["type"] != "lifespan.shutdown":
+                    pass
+        except Exception as exc:  # the server reports it and does not serve (startup)
+            kind = "shutdown" if started else "startup"
+            log.exception("gateway %s failed", kind)
+            await send({"type": f"lifespan.{kind}.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()

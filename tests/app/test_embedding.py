@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import trio
 
 import onwards_trio as ot
+from tests.responses.test_responses_api import text_reply
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, start_gateway
 
 
@@ -77,3 +79,29 @@ async def test_a_loop_without_the_key_fails_at_the_gateway_auth(nursery: trio.Nu
     steps = await store.list_chain("r2", None)
     assert steps and steps[0].state == ot.StepState.FAILED
     assert up.requests == []
+
+
+async def test_under_hypercorn_background_responses_just_work(nursery: trio.Nursery) -> None:
+    # A plain ASGI app under an ASGI server: the lifespan protocol opens the service nursery
+    # that detached (background) responses run in; no `gateway.running()` needed.
+    up = FakeUpstream(lambda rec: text_reply(rec, "done in the background"))
+    config = {
+        "targets": {
+            "m": {"url": await serve_app(nursery, up), "open_responses": {"adapter": True}}
+        },
+        "store": {"kind": "memory"},
+    }
+    gateway = ot.Gateway(ot.parse_config(config))
+    url = await serve_app(nursery, gateway)  # hypercorn, with its lifespan startup
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        body = {"model": "m", "input": "x", "background": True}
+        queued = (await client.post("/v1/responses", json=body)).json()
+        with trio.fail_after(10):
+            while True:
+                got = (await client.get(f"/v1/responses/{queued['id']}")).json()
+                if got["status"] != "queued" and got["status"] != "in_progress":
+                    break
+                await trio.sleep(0.05)
+    assert queued["status"] == "queued"
+    assert got["status"] == "completed"
+    assert got["output"][0]["content"][0]["text"] == "done in the background"
