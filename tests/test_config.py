@@ -256,3 +256,17 @@ def test_load_config_logs_its_warnings(tmp_path: Path) -> None:
         logger.setLevel(logging.NOTSET)
     assert config.warnings
     assert seen == [f"config {path}: {w}" for w in config.warnings]
+
+
+def test_cli_rejects_an_invalid_config_with_the_path_and_exit_code_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"targets": {"m": {"url": 5}}}')
+    result = subprocess.run(
+        [sys.executable, "-m", "onwards_trio", "-f", str(path), "--no-watch", "--no-metrics"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "$.targets.m.url" in result.stderr
+    assert "Traceback" not in result.stderr
