@@ -25,6 +25,8 @@ from onwards_trio._errors import ConfigError
 _log = logging.getLogger("onwards_trio.config")
 
 __all__ = [
+    "REASONING_EFFORTS",
+    "AnthropicSpec",
     "Auth",
     "Backoff",
     "ConcurrencyLimitSpec",
@@ -36,6 +38,7 @@ __all__ = [
     "PoolSpec",
     "ProviderSpec",
     "RateLimitSpec",
+    "ReasoningSpec",
     "RoutingAction",
     "RoutingRule",
     "SharedLimitsSpec",
@@ -160,6 +163,53 @@ class OpenResponsesSpec:
 
 
 @attrs.frozen
+class AnthropicSpec:
+    """``"anthropic": {"adapter": true}``: serve ``/v1/messages`` by translating to Chat
+    Completions (without it, ``/v1/messages`` passes through to the upstream)."""
+
+    adapter: bool = False
+
+
+# Every effort a client may name, in rising order (OpenAI's plus Anthropic's ``max``).
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
+@attrs.frozen
+class ReasoningSpec:
+    """How a provider takes a reasoning effort (docs/config.md, "Reasoning").
+
+    ``style``: ``reasoning_effort`` (the Chat field), ``field`` (a vendor field at the dotted
+    path ``field``) or ``thinking_token_budget`` (an absolute token budget, at ``field`` or
+    ``thinking_token_budget``). ``efforts`` maps each effort to what is sent (a string, or null
+    for nothing; a token count for budgets); an effort it does not list is refused.
+    """
+
+    style: Literal["reasoning_effort", "field", "thinking_token_budget"] = "reasoning_effort"
+    field: str | None = None
+    efforts: dict[str, Any] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.style == "field" and not self.field:
+            raise ValueError(
+                "style 'field' needs a 'field' (a dotted path such as "
+                "'chat_template_kwargs.reasoning_effort')"
+            )
+        if self.field is not None and not all(self.field.split(".")):
+            raise ValueError(f"field must be a dotted path of names, got {self.field!r}")
+        budget = self.style == "thinking_token_budget"
+        for effort, value in (self.efforts or {}).items():
+            if effort not in REASONING_EFFORTS:
+                raise ValueError(
+                    f"unknown effort {effort!r} in efforts "
+                    f"(expected one of {', '.join(REASONING_EFFORTS)})"
+                )
+            if budget and (type(value) is not int or value < 0):
+                raise ValueError(f"efforts.{effort} must be a token budget (an integer >= 0)")
+            if not budget and value is not None and type(value) is not str:
+                raise ValueError(f"efforts.{effort} must be a string, or null to send nothing")
+
+
+@attrs.frozen
 class RoutingAction:
     type: Literal["deny", "redirect"]
     target: str | None = None
@@ -190,6 +240,8 @@ class ProviderSpec:
     open_responses: OpenResponsesSpec | None = None
     request_timeout_secs: float | None = attrs.field(default=None, validator=_positive)
     trusted: bool | None = None
+    anthropic: AnthropicSpec | None = None
+    reasoning: ReasoningSpec | None = None
 
 
 @attrs.frozen
@@ -212,6 +264,8 @@ class PoolSpec:
     open_responses: OpenResponsesSpec | None = None
     trusted: bool = False
     routing_rules: list[RoutingRule] = attrs.field(factory=list)
+    anthropic: AnthropicSpec | None = None
+    reasoning: ReasoningSpec | None = None  # the default of its providers
 
 
 @attrs.frozen

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from onwards_trio._proxy.shared_limits import SharedLimits, SharedPermit
 
 __all__ = [
+    "UPSTREAM_ERRORS",
     "FilterContext",
     "FilterFactory",
     "Proxy",
@@ -65,7 +66,9 @@ _HOP_RESPONSE = frozenset(
     }
 )
 _BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
-_UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
+# What an upstream connection raises when it fails (refused, reset, cut, timed out).
+UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
+_UPSTREAM_ERRORS = UPSTREAM_ERRORS
 
 
 @attrs.define(eq=False)
@@ -82,6 +85,9 @@ class ProxyRequest:
     alias: str | None = None
     provider_index: int | None = None
     attempts: int = 0
+    # An absolute thinking budget the client gave (Anthropic's ``thinking.budget_tokens``),
+    # for providers that take one; the body carries the matching ``reasoning_effort``.
+    reasoning_budget: int | None = None
 
     @property
     def path(self) -> str:
@@ -389,9 +395,19 @@ class Proxy:
     # -- one attempt ----------------------------------------------------------------------
 
     def _body_for(self, request: ProxyRequest, provider: Provider) -> bytes:
-        if provider.model is None or not request.body:
+        """The body this provider is sent: its ``onwards_model`` and its spelling of a
+        reasoning request (``_proxy.reasoning``); untouched when it has neither."""
+        reasoning = provider.reasoning
+        if (provider.model is None and reasoning is None) or not request.body:
             return request.body
         data = request.json
+        if reasoning is not None and isinstance(data, dict):
+            mapped = reasoning.apply(data, request.reasoning_budget)
+            if provider.model is None:
+                return request.body if mapped is data else orjson.dumps(mapped)
+            data = mapped
+        if provider.model is None:
+            return request.body
         if not isinstance(data, dict) or "model" not in data:
             raise errors.missing_model()
         return orjson.dumps({**data, "model": provider.model.decode()})

@@ -26,6 +26,7 @@ from onwards_trio._config import (
 )
 from onwards_trio._proxy.auth import KeySet
 from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket
+from onwards_trio._proxy.reasoning import ReasoningMap
 
 if TYPE_CHECKING:
     from onwards_trio._proxy.shared_limits import SharedLimits
@@ -73,6 +74,8 @@ class Provider:
     sanitize: bool
     trusted: bool
     adapter: bool
+    anthropic: bool  # serves /v1/messages through the Chat translation
+    reasoning: ReasoningMap | None  # how this upstream takes a reasoning effort
 
     @property
     def identity(self) -> tuple[str, str | None, str | None]:
@@ -99,6 +102,7 @@ class Pool:
     trusted: bool
     rules: list[RoutingRule]
     adapter: bool
+    anthropic: bool
     tools: dict[str, ToolSpec]
 
 
@@ -162,6 +166,7 @@ def _build_provider(
     limit = spec.concurrency_limit.max_concurrent_requests if spec.concurrency_limit else None
     concurrency = ConcurrencyLimit(limit, old.concurrency.counter if old else None)
     adapter_spec = spec.open_responses or pool.open_responses
+    reasoning = spec.reasoning or pool.reasoning
     return Provider(
         index=index,
         spec=spec,
@@ -181,6 +186,8 @@ def _build_provider(
         sanitize=spec.sanitize_response or pool.sanitize_response,
         trusted=spec.trusted if spec.trusted is not None else pool.trusted,
         adapter=bool(adapter_spec and adapter_spec.adapter),
+        anthropic=bool(spec.anthropic and spec.anthropic.adapter),
+        reasoning=ReasoningMap(reasoning) if reasoning is not None else None,
     )
 
 
@@ -244,6 +251,8 @@ def build_table(
             trusted=spec.trusted,
             rules=list(spec.routing_rules),
             adapter=adapter,
+            anthropic=any(p.anthropic for p in providers[:1])
+            or bool(spec.anthropic and spec.anthropic.adapter),
             tools=tools,
         )
     key_rate: dict[str, TokenBucket] = {}

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import attrs
 
-from onwards_trio._config import json_type_name
+from onwards_trio._config import REASONING_EFFORTS, json_type_name
 from onwards_trio._errors import HTTPError, invalid_request
 
 __all__ = [
@@ -498,6 +498,10 @@ def parse_request(body: Any) -> ResponsesRequest:
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
         raise _bad(f"'reasoning' must be an object, got {json_type_name(reasoning)}.", "reasoning")
+    effort = (reasoning or {}).get("effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        listing = ", ".join(REASONING_EFFORTS)
+        raise _bad(f"'reasoning.effort' must be one of {listing}.", "reasoning.effort")
     store = _opt_bool(body, "store")
     background = bool(_opt_bool(body, "background"))
     if background and store is False:
@@ -656,7 +660,7 @@ def to_chat_request(
     if response_format is not None:
         chat["response_format"] = response_format
     effort = (request.reasoning or {}).get("effort")
-    if isinstance(effort, str):
+    if isinstance(effort, str):  # each provider's spelling of it: _proxy.reasoning
         chat["reasoning_effort"] = effort
     streaming = request.stream if stream is None else stream
     if streaming:
