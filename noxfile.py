@@ -51,10 +51,11 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Throughput and added latency of the gateway, the loop's per-step overhead, and the cost
-    of sanitisation/strict mode per streamed chunk. ``nox -s bench -- proxy`` runs one."""
+    """Throughput and added latency of the gateway, the loop's per-step overhead, the cost
+    of sanitisation/strict mode per streamed chunk and of the Anthropic Messages translation
+    per streamed event. ``nox -s bench -- proxy`` runs one."""
     session.install("-e", ".")
-    chosen = set(session.posargs) or {"proxy", "loop", "strict"}
-    for name in ("proxy", "loop", "strict"):
+    chosen = set(session.posargs) or {"proxy", "loop", "strict", "anthropic"}
+    for name in ("proxy", "loop", "strict", "anthropic"):
         if name in chosen:
             session.run("python", f"bench/{name}.py")

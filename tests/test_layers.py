@@ -26,6 +26,7 @@ LAYERS: tuple[str, ...] = (
     "_loop",
     "_stores",
     "_responses",
+    "_anthropic",
     "_app",
     "testing",
     "__init__",

@@ -22,6 +22,15 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from onwards_trio import _errors as errors
+from onwards_trio._anthropic.service import (
+    ROUTES as ANTHROPIC_ROUTES,
+)
+from onwards_trio._anthropic.service import (
+    AnthropicService,
+    client_key,
+    models_page,
+    wants_anthropic,
+)
 from onwards_trio._config import Config
 from onwards_trio._errors import HTTPError
 from onwards_trio._ops.logs import begin_exchange, current_status, finish_exchange, note_request
@@ -121,6 +130,8 @@ class Gateway:
         self.metrics: Any = None
         # /v1/responses: stores, tool executor and background loops live here
         self.responses = ResponsesService(self)
+        # /v1/messages for aliases with the Anthropic adapter
+        self.anthropic = AnthropicService(self)
 
     @property
     def config(self) -> Config:
@@ -257,6 +268,8 @@ class Gateway:
                 await send_error(exchange, _TRACE_REFUSED)
             elif path in _MODELS_PATHS and method in ("GET", "HEAD"):
                 status = await self._models(scope, exchange)
+            elif path in ANTHROPIC_ROUTES:
+                status = await self.anthropic.handle(scope, receive, exchange)
             elif self.targets.table.strict_mode and not path.startswith("/v1/responses/"):
                 # typed routes only; POST /v1/responses goes to the adapter first
                 status = await handle_strict(
@@ -277,7 +290,12 @@ class Gateway:
             finish_exchange(self.metrics, method, path, status, time.perf_counter() - started)
 
     async def _models(self, scope: Scope, send: Send) -> int:
-        token = bearer_token(scope["headers"])
+        headers = scope["headers"]
+        if wants_anthropic(headers):  # an Anthropic client: its shape, its key header
+            aliases = self.targets.table.visible_aliases(client_key(headers))
+            await send_json(send, 200, models_page(aliases, time.time()))
+            return 200
+        token = bearer_token(headers)
         created = int(time.time())
         data = [
             {"id": alias, "created": created, "object": "model", "owned_by": "None"}
@@ -313,11 +331,21 @@ class Gateway:
             return 499
         return await self.relay(request, receive, send)
 
-    async def relay(self, request: ProxyRequest, receive: Receive, send: Send) -> int:
+    async def relay(
+        self,
+        request: ProxyRequest,
+        receive: Receive,
+        send: Send,
+        *,
+        answer: Callable[[UpstreamReply, Send], Awaitable[int]] | None = None,
+        error: Callable[[Send, HTTPError], Awaitable[object]] = send_error,
+    ) -> int:
         """Run the pipeline for ``request`` and relay the reply, watching for disconnects.
 
-        Anything unexpected propagates to the handler's safety net (a JSON 500 while no head
-        was sent, an aborted connection after).
+        ``answer`` replaces the verbatim relay (a translating ingress such as
+        ``/v1/messages`` sends its own answer and returns its status); ``error`` sends a
+        gateway error in the route's envelope. Anything unexpected propagates to the
+        handler's safety net (a JSON 500 while no head was sent, an aborted connection after).
         """
         status = 499
         async with trio.open_nursery() as nursery:
@@ -325,10 +353,13 @@ class Gateway:
             try:
                 async with self.proxy.open_upstream(request) as reply:
                     status = reply.status
-                    await _send_reply(reply, send)
+                    if answer is None:
+                        await _send_reply(reply, send)
+                    else:
+                        status = await answer(reply, send)
             except HTTPError as exc:
                 status = exc.status
-                await send_error(send, exc)
+                await error(send, exc)
             nursery.cancel_scope.cancel()
         return status
 

@@ -106,6 +106,7 @@ KNOWN_ENDPOINTS: Final = frozenset(
         "/v1/images/edits",
         "/v1/images/variations",
         "/v1/messages",
+        "/v1/messages/count_tokens",
         "/chat/completions",
         "/completions",
         "/embeddings",
