@@ -137,6 +137,12 @@ class SSEDecoder:
         return [ev] if ev is not None else []
 
     def parse_block(self, block: bytes) -> SSEEvent | None:
+        if block[:6] == b"data: " and block[-2:] == b"\n\n":
+            # What nearly every upstream sends per chunk — one data line, then the blank
+            # line — without the general line walk (it is a third of a translated event).
+            only = block[6:-2]
+            if b"\n" not in only and b"\r" not in only:
+                return SSEEvent(data=only.decode("utf-8", "replace"), id=self._last_id)
         data: list[str] = []
         event = ""
         retry: int | None = None

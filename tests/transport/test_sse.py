@@ -43,6 +43,17 @@ def test_any_fragmentation_gives_the_same_events(cuts: list[int]) -> None:
     assert out == EVENTS  # incl. the UTF-8 character split across chunks
 
 
+@given(st.binary(max_size=60).filter(lambda v: b"\n" not in v and b"\r" not in v))
+def test_a_lone_data_line_parses_as_the_general_walk_does(value: bytes) -> None:
+    """The one-data-line shortcut gives what the full field walk gives (a leading comment
+    line forces the walk): same data, same decoding of invalid UTF-8, same last id."""
+    decoder = SSEDecoder()
+    decoder.feed(b"id: 41\ndata: x\n\n")
+    assert decoder.parse_block(b"data: " + value + b"\n\n") == decoder.parse_block(
+        b":\ndata: " + value + b"\n\n"
+    )
+
+
 def test_framer_returns_raw_blocks_with_their_terminators() -> None:
     assert SSEFramer().feed(b"data: 1\n\ndata: 2\r\n\r\ndata: 3") == [
         b"data: 1\n\n",
