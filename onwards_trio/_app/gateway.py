@@ -33,7 +33,13 @@ from onwards_trio._anthropic.service import (
 )
 from onwards_trio._config import Config
 from onwards_trio._errors import HTTPError
-from onwards_trio._ops.logs import begin_exchange, current_status, finish_exchange, note_request
+from onwards_trio._ops.logs import (
+    access_writer,
+    begin_exchange,
+    current_status,
+    finish_exchange,
+    note_request,
+)
 from onwards_trio._ops.metrics import endpoint_label
 from onwards_trio._proxy.auth import bearer_token
 from onwards_trio._proxy.pipeline import Proxy, ProxyRequest, UpstreamReply, parse_json_body
@@ -164,6 +170,9 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
+                    writer = access_writer()
+                    if writer is not None:  # access lines written in batches, off the hot path
+                        await nursery.start(writer.run)
                     if self.shared_limits is not None:
                         await nursery.start(self.shared_limits.run)
                     yield self

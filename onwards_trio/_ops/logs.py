@@ -36,6 +36,8 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import attrs
 import orjson
 
+from onwards_trio._ops.access import AccessWriter, logfmt
+
 if TYPE_CHECKING:
     from onwards_trio._ops.metrics import Metrics
     from onwards_trio._transport.asgi import Send
@@ -48,12 +50,14 @@ __all__ = [
     "RequestRecord",
     "SecretSet",
     "TextFormatter",
+    "access_writer",
     "begin_exchange",
     "collect_secrets",
     "configure_logging",
     "current_status",
     "finish_exchange",
     "log_request",
+    "logfmt",
     "note_request",
     "protect",
     "redact",
@@ -182,6 +186,10 @@ class RedactionFilter(logging.Filter):
         """Also mask these exact strings (e.g. every key of a config that was just loaded)."""
         self._secrets = self._secrets.union(secrets)
 
+    def clean(self, text: str) -> str:
+        """``text`` as this filter would let it through."""
+        return redact(text, self._secrets)
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         clean = redact(message, self._secrets)
@@ -262,6 +270,13 @@ def parse_level(value: str | None) -> int:
 
 _installed: logging.Handler | None = None
 _guard: RedactionFilter | None = None
+_writer: AccessWriter | None = None
+
+
+def access_writer() -> AccessWriter | None:
+    """The buffered access-log writer of the handler :func:`configure_logging` installed; the
+    gateway runs its task in the service nursery (``None``: access lines go through logging)."""
+    return _writer
 
 
 def configure_logging(
@@ -277,7 +292,7 @@ def configure_logging(
     (``text`` or ``json``). Calling it again replaces the previous handler. Returns the filter
     so the caller can add the config's keys (:meth:`RedactionFilter.add_secrets`).
     """
-    global _installed, _guard
+    global _installed, _guard, _writer
     numeric = parse_level(level if level is not None else os.environ.get("ONWARDS_LOG"))
     kind = (fmt or os.environ.get("ONWARDS_LOG_FORMAT") or "text").strip().lower()
     if kind not in ("text", "json"):
@@ -294,6 +309,7 @@ def configure_logging(
     root.propagate = False
     _installed = handler
     _guard = guard
+    _writer = AccessWriter(handler, json=kind == "json", redact=guard.clean)
     for name in ("hypercorn.error", "hypercorn.access", "httpx", "httpcore"):
         # Their debug output includes request headers (keys); keep them quiet unless asked.
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
@@ -343,14 +359,6 @@ _OPTIONAL_FIELDS: Final = ("alias", "provider", "bytes_in", "bytes_out", "attemp
 request_observers: list[Callable[[RequestRecord], None]] = []
 
 _MAX_PATH: Final = 256
-_SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9._~:/{}\[\]@+-]*$")
-
-
-def _logfmt(value: Any) -> str:
-    text = str(value)
-    if text and _SAFE_VALUE.match(text):
-        return text
-    return orjson.dumps(text).decode()
 
 
 def clean_path(path: str) -> str:
@@ -366,9 +374,13 @@ def log_request(record: RequestRecord) -> None:
     if record.alias is not None and len(record.alias) > 128:
         record.alias = record.alias[:128] + "..."
     if _access.isEnabledFor(logging.INFO):
-        fields = record.fields()
-        message = " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
-        _access.info(message, extra={"fields": fields})
+        writer = _writer
+        if writer is not None and writer.running:
+            writer.push(record)  # formatted there, written in batches by its task
+        else:
+            fields = record.fields()
+            message = " ".join(f"{k}={logfmt(v)}" for k, v in fields.items())
+            _access.info(message, extra={"fields": fields})
     for observer in request_observers:
         try:
             observer(record)

@@ -25,12 +25,12 @@ from onwards_trio._ops.logs import (
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger("onwards_trio")
-    saved = (list(root.handlers), root.level, root.propagate, _logging._installed)
+    saved = (list(root.handlers), root.level, root.propagate, _logging._installed, _logging._writer)
     yield
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])
     root.propagate = saved[2]
-    _logging._installed = saved[3]
+    _logging._installed, _logging._writer = saved[3], saved[4]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,193 @@
+"""The access log off the hot path: pre-formatted lines into a bounded buffer, written in
+batches by a Trio task.
+
+One access line per request through ``logging`` cost about a quarter of the gateway's CPU per
+proxied request (a ``LogRecord``, the filter chain, a formatter and one ``write`` + ``flush``
+system call per line). Here a request pays for one formatted string appended to a list; a
+task in the gateway's service nursery writes whatever has accumulated as one ``write`` in a
+worker thread (``trio.to_thread``: a slow terminal or a full pipe never stalls the event loop),
+under the logging handler's lock so lines from other loggers never interleave mid-line.
+
+A full buffer drops the line and counts it (``dropped``; the next batch says how many were
+lost): a request never waits for the log. While no flush task runs (a host that did not call
+:func:`~onwards_trio.configure_logging`, or a gateway not started with ``running()``/
+``serve()``), access lines go through ``logging`` as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any, Final
+
+import orjson
+import trio
+
+if TYPE_CHECKING:
+    from onwards_trio._ops.logs import RequestRecord
+
+__all__ = ["AccessWriter", "logfmt"]
+
+# RequestRecord's optional fields after ``alias``, in access-line order (numbers and flags).
+_OPTIONAL_NUMBERS: Final = ("provider", "bytes_in", "bytes_out", "attempts", "stream")
+
+_SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9._~:/{}\[\]@+-]*$")
+
+
+def logfmt(value: Any) -> str:
+    """A ``key=value`` value: as is when plain, else JSON-quoted."""
+    text = str(value)
+    if text and _SAFE_VALUE.match(text):
+        return text
+    return orjson.dumps(text).decode()
+
+
+_BATCH_DELAY: Final = 0.02  # seconds a line may wait for others to share its write
+_MAX_LINES: Final = 10_000  # lines held at most; past it new lines are dropped and counted
+
+
+class AccessWriter:
+    """Formats access lines as the configured handler would and writes them in batches."""
+
+    __slots__ = (
+        "_buf",
+        "_handler",
+        "_json",
+        "_prefix",
+        "_redact",
+        "_second",
+        "_stream",
+        "_wake",
+        "dropped",
+        "max_lines",
+        "running",
+    )
+
+    def __init__(
+        self,
+        handler: logging.StreamHandler[IO[str]],
+        *,
+        json: bool,
+        redact: Callable[[str], str],
+        max_lines: int = _MAX_LINES,
+    ) -> None:
+        self._handler = handler
+        self._stream: IO[str] = handler.stream
+        self._json = json
+        self._redact = redact
+        self._buf: list[str] = []
+        self._wake = trio.Event()
+        self._second = -1
+        self._prefix = ""
+        self.max_lines = max_lines
+        self.dropped = 0
+        self.running = False
+
+    def _timestamp(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:  # strftime once per second, not once per line
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+
+    def push(self, record: RequestRecord) -> None:
+        """Queue one access line. Only the client-chosen strings (path, alias) can carry
+        anything secret; they pass the redaction guard, the rest are numbers and tokens."""
+        if len(self._buf) >= self.max_lines:
+            self.dropped += 1
+            return
+        clean = self._redact
+        path = clean(record.path)
+        alias = None if record.alias is None else clean(record.alias)
+        duration_ms = round(record.duration * 1000.0, 3)
+        parts = [
+            "method=",
+            record.method,
+            " path=",
+            logfmt(path),
+            " status=",
+            str(record.status),
+            " duration_ms=",
+            str(duration_ms),
+        ]
+        if alias is not None:
+            parts += (" alias=", logfmt(alias))
+        extra = [(n, v) for n in _OPTIONAL_NUMBERS if (v := getattr(record, n)) is not None]
+        for name, value in extra:
+            parts += (" ", name, "=", str(value))
+        message = "".join(parts)
+        ts = self._timestamp(time.time())
+        if self._json:
+            out: dict[str, Any] = {
+                "ts": ts,
+                "level": "info",
+                "logger": "onwards_trio.access",
+                "msg": message,
+                "method": record.method,
+                "path": path,
+                "status": record.status,
+                "duration_ms": duration_ms,
+            }
+            if alias is not None:
+                out["alias"] = alias
+            out.update(extra)
+            self._buf.append(orjson.dumps(out).decode())
+        else:
+            self._buf.append(f"{ts} INFO onwards_trio.access {message}")
+        if len(self._buf) == 1:
+            self._wake.set()
+
+    def _write(self, lines: list[str], dropped: int) -> None:
+        if dropped:
+            lines.append(
+                f"{self._timestamp(time.time())} WARNING onwards_trio.access "
+                f"{dropped} access lines dropped (the log could not keep up)"
+            )
+        data = "\n".join(lines) + "\n"
+        with self._handler.lock or _NO_LOCK:
+            self._stream.write(data)
+            self._stream.flush()
+
+    def _take(self) -> tuple[list[str], int]:
+        lines, self._buf = self._buf, []
+        dropped, self.dropped = self.dropped, 0
+        return lines, dropped
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write batches until cancelled, then what is left. One writer at a time: a second
+        gateway in the same process shares the first one's task."""
+        if self.running:
+            task_status.started()
+            return
+        self.running = True
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                await trio.sleep(_BATCH_DELAY)
+                self._wake = trio.Event()
+                lines, dropped = self._take()
+                if lines or dropped:
+                    await trio.to_thread.run_sync(self._write, lines, dropped)
+        finally:
+            self.running = False
+            lines, dropped = self._take()
+            if lines or dropped:
+                # The last lines, at shutdown: synchronously. A stream closed at exit: nothing
+                # left to tell.
+                with contextlib.suppress(OSError, ValueError):
+                    self._write(lines, dropped)
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK: Final = _NoLock()

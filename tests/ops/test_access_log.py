@@ -1,0 +1,86 @@
+"""The buffered access-log writer: same lines as the logging path, bounded, redacted, flushed."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import orjson
+import pytest
+import trio
+
+from onwards_trio._ops.access import AccessWriter, logfmt
+from onwards_trio._ops.logs import RedactionFilter, RequestRecord
+
+RECORDS = [
+    RequestRecord("POST", "/v1/chat/completions", 200, 0.0123456, "gpt-4", 0, 120, 800, 1),
+    RequestRecord("GET", "/v1/models", 401, 0.0001),
+    RequestRecord("POST", '/v1/odd path/"x"', 502, 1.5, "a b", 2, 10, None, 3, True),
+]
+
+
+def _writer(
+    json: bool = False, max_lines: int = 100, secrets: tuple[str, ...] = ()
+) -> tuple[AccessWriter, io.StringIO]:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    guard = RedactionFilter(secrets)
+    return AccessWriter(handler, json=json, redact=guard.clean, max_lines=max_lines), out
+
+
+async def _flushed(writer: AccessWriter, out: io.StringIO) -> list[str]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with trio.fail_after(5):
+            while not out.getvalue():
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    return out.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("record", RECORDS)
+async def test_text_line_is_the_logging_paths_message(record: RequestRecord) -> None:
+    writer, out = _writer()
+    writer.push(record)
+    (line,) = await _flushed(writer, out)
+    expected = " ".join(f"{k}={logfmt(v)}" for k, v in record.fields().items())
+    ts, level, logger, message = line.split(" ", 3)
+    assert ts.endswith("Z") and len(ts) == len("2026-11-30T07:00:00.000Z")
+    assert (level, logger, message) == ("INFO", "onwards_trio.access", expected)
+
+
+@pytest.mark.parametrize("record", RECORDS)
+async def test_json_line_has_the_fields_at_top_level(record: RequestRecord) -> None:
+    writer, out = _writer(json=True)
+    writer.push(record)
+    (line,) = await _flushed(writer, out)
+    data = orjson.loads(line)
+    assert {k: data[k] for k in record.fields()} == record.fields()
+    assert data["logger"] == "onwards_trio.access" and data["level"] == "info"
+
+
+async def test_a_full_buffer_drops_and_counts_without_blocking() -> None:
+    writer, out = _writer(max_lines=2)
+    for _ in range(5):
+        writer.push(RECORDS[1])  # returns at once every time
+    lines = await _flushed(writer, out)
+    assert len(lines) == 3
+    assert "3 access lines dropped" in lines[-1]
+
+
+async def test_client_chosen_strings_are_redacted() -> None:
+    writer, out = _writer(secrets=("client-secret-123",))
+    writer.push(RequestRecord("POST", "/v1/client-secret-123/sk-abcdefghij", 200, 0.1, "x"))
+    writer.push(RequestRecord("POST", "/v1/chat", 404, 0.1, "client-secret-123"))
+    text = "\n".join(await _flushed(writer, out))
+    assert "client-secret-123" not in text and "sk-abcdefghij" not in text
+    assert text.count("***") == 3
+
+
+async def test_lines_left_at_cancellation_are_written() -> None:
+    writer, out = _writer()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        writer.push(RECORDS[0])
+        nursery.cancel_scope.cancel()  # before the batch delay has passed
+    assert "path=/v1/chat/completions" in out.getvalue()
