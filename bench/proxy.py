@@ -133,24 +133,31 @@ class Conn:
         return ttfb, time.perf_counter() - t0
 
 
-def build_request(port: int, stream: bool) -> bytes:
-    body = json.dumps(
-        {
+def build_request(port: int, stream: bool, responses: bool | None = None) -> bytes:
+    """A chat completion request, or with ``responses`` set a ``/v1/responses`` request
+    (``responses`` is its ``store`` flag)."""
+    if responses is None:
+        path = b"/v1/chat/completions"
+        payload: dict[str, object] = {
             "model": "bench",
             "stream": stream,
             "messages": [{"role": "user", "content": "hello " * 20}],
-        },
-        separators=(",", ":"),
-    ).encode()
+        }
+    else:
+        path = b"/v1/responses"
+        payload = {"model": "bench", "input": "hello " * 20, "store": responses}
+    body = json.dumps(payload, separators=(",", ":")).encode()
     return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+        b"POST %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
         b"content-type: application/json\r\nauthorization: Bearer bench-key\r\n"
-        b"content-length: %d\r\n\r\n" % (port, len(body))
+        b"content-length: %d\r\n\r\n" % (path, port, len(body))
     ) + body
 
 
-async def load(port: int, concurrency: int, seconds: float, stream: bool) -> dict[str, float]:
-    raw = build_request(port, stream)
+async def load(
+    port: int, concurrency: int, seconds: float, stream: bool, responses: bool | None = None
+) -> dict[str, float]:
+    raw = build_request(port, stream, responses)
     lat: list[float] = []
     ttfbs: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -204,14 +211,26 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def start_gateway(
-    config: dict[str, object], port: int, extra: list[str]
+    config: dict[str, object], port: int, extra: list[str], workdir: str
 ) -> subprocess.Popen[bytes]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(config, fh)
-    cmd = [sys.executable, "-m", "onwards_trio", "-f", fh.name, "--port", str(port)]
-    cmd += ["--host", "127.0.0.1", "--no-watch", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd)
+    """The gateway as operators run it: access log on (info), written to a file."""
+    cfg = Path(workdir) / f"config-{port}.json"
+    cfg.write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "onwards_trio", "-f", str(cfg), "--port", str(port)]
+    cmd += ["--host", "127.0.0.1", "--no-watch", *extra]
+    with open(Path(workdir) / f"gateway-{port}.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stderr=log, stdout=log, cwd=workdir)
     wait_port(port)
     return proc
 
@@ -245,6 +264,9 @@ def traffic_control(upstream: str) -> dict[str, object]:
     }
 
 
+Scenario = tuple[str, int, bool, "bool | None"]  # label, concurrency, stream, responses store
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -253,48 +275,89 @@ def main() -> None:
     up_port = free_port()
     upstream = f"http://127.0.0.1:{up_port}/v1"
     procs = [subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)])]
-    rows: list[tuple[str, dict[str, float], dict[str, float]]] = []
+    rows: list[tuple[str, dict[str, float] | None, dict[str, float], float]] = []
     rss: dict[str, float] = {}
+    workdir = tempfile.mkdtemp(prefix="onwards-bench-")
+    load_before = load_average()
 
-    async def measure(label: str, port: int, scenarios: list[tuple[int, bool]]) -> None:
-        await load(port, 16, 1.0, False)  # warm-up (connections, caches)
-        for conc, stream in scenarios:
-            direct = await load(up_port, conc, args.seconds, stream)
-            via = await load(port, conc, args.seconds, stream)
-            kind = f"streaming ({SSE_EVENTS} events)" if stream else "non-streaming"
-            rows.append((f"{label}{kind} c={conc}", direct, via))
+    async def measure(gateway: subprocess.Popen[bytes], port: int, plan: list[Scenario]) -> None:
+        await load(port, 16, 1.0, False, plan[0][3])  # warm-up (connections, caches)
+        for label, conc, stream, responses in plan:
+            direct = await load(up_port, conc, args.seconds, stream) if responses is None else None
+            cpu0 = cpu_seconds(gateway.pid)
+            via = await load(port, conc, args.seconds, stream, responses)
+            cpu_ms = (cpu_seconds(gateway.pid) - cpu0) * 1000 / max(via["n"], 1)
+            rows.append((label, direct, via, cpu_ms))
+
+    def run(name: str, config: dict[str, object], extra: list[str], plan: list[Scenario]) -> None:
+        port = free_port()
+        gateway = start_gateway(config, port, extra, workdir)
+        procs.append(gateway)
+        trio.run(measure, gateway, port, plan)
+        rss[name] = peak_rss_mb(gateway.pid)
+        gateway.terminate()
+        gateway.wait(timeout=10)
 
     try:
         wait_port(up_port)
-        plain_port = free_port()
-        plain = start_gateway(
-            {"targets": {"bench": {"url": upstream}}}, plain_port, ["--no-metrics"]
+        plain = {"targets": {"bench": {"url": upstream}}}
+        events = f"streaming ({SSE_EVENTS} events)"
+        run(
+            "plain",
+            plain,
+            ["--no-metrics"],
+            [
+                ("non-streaming c=1", 1, False, None),
+                ("non-streaming c=16", 16, False, None),
+                ("non-streaming c=64", 64, False, None),
+                (f"{events} c=16", 16, True, None),
+            ],
         )
-        procs.append(plain)
-        trio.run(measure, "", plain_port, [(1, False), (16, False), (64, False), (16, True)])
-        rss["plain"] = peak_rss_mb(plain.pid)
-        plain.terminate()
-        plain.wait(timeout=10)
-
-        tc_port = free_port()
-        tc = start_gateway(traffic_control(upstream), tc_port, ["--metrics-port", str(free_port())])
-        procs.append(tc)
-        trio.run(measure, "auth+limits+LB+metrics, ", tc_port, [(1, False), (16, False)])
-        rss["traffic control"] = peak_rss_mb(tc.pid)
+        run(
+            "plain, access log off",
+            plain,
+            ["--no-metrics", "--log-level", "warning"],
+            [("non-streaming c=16, access log off", 16, False, None)],
+        )
+        run(
+            "traffic control",
+            traffic_control(upstream),
+            ["--metrics-port", str(free_port())],
+            [
+                ("auth+limits+LB+metrics, non-streaming c=1", 1, False, None),
+                ("auth+limits+LB+metrics, non-streaming c=16", 16, False, None),
+            ],
+        )
+        adapter = {
+            "store": {"kind": "sqlite", "path": str(Path(workdir) / "bench.sqlite3")},
+            "targets": {"bench": {"url": upstream, "open_responses": {"adapter": True}}},
+        }
+        run(
+            "/v1/responses",
+            adapter,
+            ["--no-metrics"],
+            [
+                ("/v1/responses store:false c=16", 16, False, False),
+                ("/v1/responses stored (SQLite) c=16", 16, False, True),
+            ],
+        )
 
         print(
-            f"\nonwards_trio proxy benchmark ({os.cpu_count()} cores, {args.seconds:.0f}s per row)"
+            f"\nonwards_trio proxy benchmark ({os.cpu_count()} cores, {args.seconds:.0f}s per row, "
+            f"load average before {load_before}, after {load_average()})"
         )
         print(
-            f"{'scenario':48} {'gateway req/s':>14} {'direct req/s':>13} "
-            f"{'added p50 ms':>13} {'added p99 ms':>13} {'ttfb p50 ms':>12}"
+            f"{'scenario':44} {'gateway req/s':>13} {'direct req/s':>12} {'ratio':>6} "
+            f"{'CPU ms/req':>10} {'added p50 ms':>12} {'added p99 ms':>12} {'ttfb p50 ms':>11}"
         )
-        for name, d, v in rows:
+        for name, d, v, cpu_ms in rows:
+            base = d or {"rps": float("nan"), "p50_ms": 0.0, "p99_ms": 0.0}
             print(
-                f"{name:48} {v['rps']:14.0f} {d['rps']:13.0f} "
-                f"{v['p50_ms'] - d['p50_ms']:13.2f} {v['p99_ms'] - d['p99_ms']:13.2f} "
-                f"{v['ttfb_p50_ms']:12.2f}"
+                f"{name:44} {v['rps']:13.0f} {base['rps']:12.0f} {v['rps'] / base['rps']:6.2f} "
+                f"{cpu_ms:10.3f} {v['p50_ms'] - base['p50_ms']:12.2f} "
+                f"{v['p99_ms'] - base['p99_ms']:12.2f} {v['ttfb_p50_ms']:11.2f}"
             )
+        print("(/v1/responses rows: latency columns are absolute; there is no direct equivalent)")
         for label, mb in rss.items():
             print(f"gateway peak RSS ({label}): {mb:.1f} MiB")
     finally:

@@ -68,7 +68,7 @@ class AccessWriter:
 
     def __init__(
         self,
-        handler: logging.StreamHandler[IO[str]],
+        handler: logging.StreamHandler[Any],
         *,
         json: bool,
         redact: Callable[[str], str],

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import orjson
+import outcome
 import trio
 
 from onwards_trio._loop.steps import (
@@ -106,15 +107,40 @@ def _storage(e: sqlite3.Error) -> StoreError:
     return StoreError(StoreErrorKind.STORAGE, f"{type(e).__name__}: {e}")
 
 
+class _Call:
+    """One caller's function waiting for (or running in) a batch."""
+
+    __slots__ = ("fn", "lead", "outcome", "taken", "wake")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.wake = trio.Event()  # set when the result is in, or when this caller must lead
+        self.taken = False  # part of a batch that has started: it will run, whatever happens
+        self.lead = False  # handed the lead: this caller runs the next batch
+        self.outcome: outcome.Outcome[Any] | None = None
+
+
 class SqliteFile:
     """One SQLite connection to ``path`` for Trio code; the plumbing both SQLite stores share.
 
     The connection (``check_same_thread=False``, autocommit, WAL, ``synchronous=NORMAL``,
-    ``schema`` applied) is opened lazily in a worker thread, and every call runs in
-    ``trio.to_thread.run_sync`` behind this file's own ``CapacityLimiter(1)``, so two threads
-    never use it at once. A call that has started is not abandoned on cancellation (Trio's
-    default), so a write either commits or raises. ``on_error`` turns ``sqlite3.Error`` into
-    the store's own exception.
+    ``schema`` applied) is opened lazily in a worker thread and only ever used from one thread
+    at a time (this file's own ``CapacityLimiter(1)``). ``on_error`` turns ``sqlite3.Error``
+    into the store's own exception.
+
+    **Group commit.** Calls that arrive while another batch is in the worker thread queue up
+    and then run together: one thread hop and one transaction (``BEGIN IMMEDIATE`` …
+    ``COMMIT``) for all of them, each call inside its own savepoint, so a call that fails
+    rolls back only its own writes. A thread hop costs far more than a small SQLite statement,
+    so with many responses in flight this is what lets stored responses keep up with unstored
+    ones. A lone call runs on its own, in autocommit mode, as before.
+
+    Durability is unchanged by batching: a call returns only after the transaction holding
+    its writes has committed (WAL, ``synchronous=NORMAL``: committed transactions survive a
+    process crash; the last ones may be lost on power loss, SQLite's documented trade-off).
+    A call that has been taken into a batch is not abandoned on cancellation, so a write
+    either commits or raises; a queued call that is cancelled before its batch starts never
+    runs.
     """
 
     def __init__(
@@ -124,6 +150,7 @@ class SqliteFile:
         *,
         busy_timeout: float = 5.0,
         on_error: Callable[[sqlite3.Error], Exception] | None = None,
+        max_batch: int = 128,
     ) -> None:
         self.path = path
         self._schema = schema
@@ -131,6 +158,9 @@ class SqliteFile:
         self._on_error = on_error
         self._conn: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
+        self._queue: list[_Call] = []
+        self._busy = False  # a batch is running (or its leader has been chosen)
+        self.max_batch = max_batch
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -150,18 +180,99 @@ class SqliteFile:
             self._conn = conn
         return self._conn
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn(connection)`` in a worker thread, one call at a time."""
+    def _error(self, e: BaseException) -> BaseException:
+        if isinstance(e, sqlite3.Error) and self._on_error is not None:
+            mapped = self._on_error(e)
+            mapped.__cause__ = None
+            mapped.__suppress_context__ = True
+            return mapped
+        return e
 
-        def call() -> T:
+    def _run_batch(self, batch: list[_Call]) -> None:
+        """In the worker thread: every call of ``batch``, one transaction when more than one."""
+        try:
+            conn = self._connect()
+        except BaseException as e:
+            for call in batch:
+                call.outcome = outcome.Error(self._error(e))
+            return
+        if len(batch) == 1:
+            (call,) = batch
             try:
-                return fn(self._connect())
-            except sqlite3.Error as e:
-                if self._on_error is None:
-                    raise
-                raise self._on_error(e) from None
+                call.outcome = outcome.Value(call.fn(conn))
+            except Exception as e:
+                call.outcome = outcome.Error(self._error(e))
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for call in batch:
+                conn.execute("SAVEPOINT onwards_call")
+                try:
+                    value = call.fn(conn)
+                except Exception as e:
+                    conn.execute("ROLLBACK TO onwards_call")
+                    conn.execute("RELEASE onwards_call")
+                    call.outcome = outcome.Error(self._error(e))
+                else:
+                    conn.execute("RELEASE onwards_call")
+                    call.outcome = outcome.Value(value)
+            conn.execute("COMMIT")
+        except Exception as e:  # the transaction itself failed: nothing of it was written
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for call in batch:
+                call.outcome = outcome.Error(self._error(e))
 
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+    async def _lead(self) -> None:
+        """Run the queued calls as one batch, then hand the lead to the next caller waiting."""
+        self._busy = True
+        try:
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            for call in batch:
+                call.taken = True
+            with trio.CancelScope(shield=True):  # taken calls must run: their callers wait
+                await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+            for call in batch:
+                call.wake.set()
+        finally:
+            self._busy = False
+            if self._queue:
+                nxt = self._queue[0]
+                nxt.lead = True
+                self._busy = True
+                nxt.wake.set()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` in the worker thread, batched with the calls that queue meanwhile."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller starts nothing
+        call = _Call(fn)
+        self._queue.append(call)
+        if self._busy:
+            try:
+                await call.wake.wait()
+            except trio.Cancelled:
+                if not (call.taken or call.lead):  # never started: it may simply go
+                    self._queue.remove(call)
+                    raise
+                # Taken (or leading): it runs to the end, and the caller gets its result, as
+                # with an uncancellable thread call; the cancellation lands at its next
+                # checkpoint.
+                with trio.CancelScope(shield=True):
+                    await self._see_through(call)
+            else:
+                await self._see_through(call)
+        else:
+            await self._lead()
+        assert call.outcome is not None
+        result: T = call.outcome.unwrap()
+        return result
+
+    async def _see_through(self, call: _Call) -> None:
+        if call.outcome is None:
+            if call.lead:
+                await self._lead()
+            else:
+                await call.wake.wait()
 
     async def aclose(self) -> None:
         """Close the connection (shielded: a cancelled close would leak it)."""
@@ -178,7 +289,19 @@ class SqliteFile:
 @contextlib.contextmanager
 def transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
     """``begin`` … ``COMMIT``, rolled back if anything (the commit included) fails, so the
-    connection is never left inside a transaction."""
+    connection is never left inside a transaction. Inside a group commit (already in a
+    transaction, which holds the write lock) it is a savepoint of its own."""
+    nested = db.in_transaction
+    if nested:
+        db.execute("SAVEPOINT onwards_tx")
+        try:
+            yield
+            db.execute("RELEASE onwards_tx")
+        except BaseException:
+            db.execute("ROLLBACK TO onwards_tx")
+            db.execute("RELEASE onwards_tx")
+            raise
+        return
     db.execute(begin)
     try:
         yield
