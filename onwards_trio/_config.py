@@ -34,6 +34,7 @@ __all__ = [
     "Fallback",
     "HttpPool",
     "KeyDefinition",
+    "McpSpec",
     "OpenResponsesSpec",
     "PoolSpec",
     "ProviderSpec",
@@ -136,10 +137,14 @@ class ToolSpec:
     """A server-side tool declared in the config (SPEC §3.3).
 
     ``kind: http`` POSTs the JSON arguments to ``url`` and returns its JSON answer;
-    ``kind: agent`` runs a sub-agent loop on the alias named by ``model``.
+    ``kind: agent`` runs a sub-agent loop on the alias named by ``model``;
+    ``kind: mcp`` offers every tool of the MCP server at ``url`` (streamable HTTP), named
+    ``<name>__<tool>``, limited to ``allowed_tools`` when given; ``protocol`` picks the MCP
+    revision (``auto``: the current one, falling back to the 2025 handshake; ``legacy``: the
+    handshake only).
     """
 
-    kind: Literal["http", "agent"] = "http"
+    kind: Literal["http", "agent", "mcp"] = "http"
     url: str | None = attrs.field(default=None, validator=attrs.validators.optional(_check_url))
     model: str | None = None
     description: str = ""
@@ -148,12 +153,29 @@ class ToolSpec:
     timeout_secs: float = attrs.field(default=30.0, validator=_positive)
     headers: dict[str, str] = attrs.field(factory=dict)
     instructions: str | None = None
+    allowed_tools: list[str] | None = None
+    protocol: Literal["auto", "legacy"] = "auto"
 
     def __attrs_post_init__(self) -> None:
-        if self.kind == "http" and not self.url:
-            raise ValueError("an http tool needs a 'url'")
+        if self.kind in ("http", "mcp") and not self.url:
+            raise ValueError(f"an {self.kind} tool needs a 'url'")
         if self.kind == "agent" and not self.model:
             raise ValueError("an agent tool needs a 'model' (the alias it runs on)")
+
+
+@attrs.frozen
+class McpSpec:
+    """MCP servers named by Responses requests (``tools: [{"type": "mcp", ...}]``).
+
+    ``allowed_server_urls`` lists the URL prefixes a request may name (none by default, so a
+    client cannot make the gateway reach internal hosts); ``timeout_secs`` bounds connecting,
+    listing and each call of those servers; ``tools_ttl_secs`` is how long any server's
+    ``tools/list`` is reused (config servers too) unless it says its list changed.
+    """
+
+    allowed_server_urls: list[str] = attrs.field(factory=list)
+    timeout_secs: float = attrs.field(default=30.0, validator=_positive)
+    tools_ttl_secs: float = attrs.field(default=300.0, validator=_non_negative)
 
 
 @attrs.frozen
@@ -309,6 +331,7 @@ class Config:
     sse_max_event_bytes: int = attrs.field(default=DEFAULT_SSE_EVENT_LIMIT, validator=_positive)
     store: StoreSpec = attrs.field(factory=StoreSpec)
     shared_limits: SharedLimitsSpec | None = None
+    mcp: McpSpec = attrs.field(factory=McpSpec)
     warnings: tuple[str, ...] = attrs.field(default=(), eq=False)
 
 

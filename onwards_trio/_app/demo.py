@@ -48,14 +48,17 @@ def _text_of(content: Any) -> str:
     return ""
 
 
-def _offers_weather(tools: Any) -> bool:
+def _weather_tool(tools: Any) -> str | None:
+    """The name under which ``get_weather`` is offered: itself, or ``<server>__get_weather``
+    when it comes from an MCP server."""
     if not isinstance(tools, list):
-        return False
+        return None
     for tool in tools:
         fn = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(fn, dict) and fn.get("name") == "get_weather":
-            return True
-    return False
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if isinstance(name, str) and (name == "get_weather" or name.endswith("__get_weather")):
+            return name
+    return None
 
 
 def _answer(request: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +74,8 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
             "finish_reason": "stop",
         }
     text = _text_of(last.get("content"))
-    if _offers_weather(request.get("tools")) and _WEATHER.search(text):
+    tool = _weather_tool(request.get("tools"))
+    if tool is not None and _WEATHER.search(text):
         match = _CITY.search(text)
         city = match.group(1).strip() if match else "Paris"
         return {
@@ -83,7 +87,7 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
                         "id": f"call_demo_{next(_ids)}",
                         "type": "function",
                         "function": {
-                            "name": "get_weather",
+                            "name": tool,
                             "arguments": orjson.dumps({"city": city}).decode(),
                         },
                     }

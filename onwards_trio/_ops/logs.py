@@ -310,8 +310,17 @@ def configure_logging(
     _installed = handler
     _guard = guard
     _writer = AccessWriter(handler, json=kind == "json", redact=guard.clean)
-    for name in ("hypercorn.error", "hypercorn.access", "httpx", "httpcore"):
+    for name in (
+        "hypercorn.error",
+        "hypercorn.access",
+        "httpx",
+        "httpcore",
+        "httpx2",
+        "httpcore2",
+        "mcp",
+    ):
         # Their debug output includes request headers (keys); keep them quiet unless asked.
+        # (httpx2/httpcore2/mcp: the MCP SDK, which sends MCP servers' credentials.)
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         logging.getLogger("onwards_trio").info(

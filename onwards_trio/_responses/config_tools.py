@@ -13,10 +13,17 @@ reload changes the tools offered to the next request without restarting anything
   step instead of calling :meth:`ConfigToolExecutor.execute`. :meth:`ConfigToolExecutor.agent`
   tells the sub-loop's transition which alias and instructions to use. A host that does not
   recurse can pass ``run_agent`` to make ``execute`` run the sub-agent itself.
+* ``kind: mcp`` — every tool the MCP server at ``url`` lists (``allowed_tools`` applied), named
+  ``<name>__<tool>``. Listings come from the gateway's :class:`McpToolCache`; a server that
+  cannot list is left out of the offer (logged), not an error. A call goes through the
+  response's MCP session (:class:`McpSessions` in the request context), or a session of its
+  own for hosts that run the loop without one; ``isError`` and failures become
+  :class:`ToolError`, so the model sees the server's text.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -27,8 +34,20 @@ import trio
 
 from onwards_trio._config import ToolSpec
 from onwards_trio._loop.tools import RequestContext, ToolError, ToolKind, ToolSchema
+from onwards_trio._responses.mcp_client import (
+    McpServer,
+    McpSessions,
+    McpTool,
+    McpToolCache,
+    McpUnavailable,
+    qualified_name,
+)
+from onwards_trio._responses.mcp_tools import run_call
+from onwards_trio._responses.mcp_tools import tool_schema as mcp_tool_schema
 
 __all__ = ["AgentSpec", "ConfigToolExecutor", "ToolTable", "tool_schema"]
+
+log = logging.getLogger("onwards_trio.tools")
 
 _ANSWER_LIMIT = 8 * 1024 * 1024
 _ERROR_TEXT_LIMIT = 500
@@ -50,6 +69,19 @@ class AgentSpec:
 
 
 AgentRunner = Callable[[AgentSpec, Any, RequestContext], Awaitable[Any]]
+
+
+def mcp_server(name: str, spec: ToolSpec) -> McpServer:
+    """The MCP server behind a ``kind: mcp`` tool entry."""
+    assert spec.url is not None  # checked when the config was loaded
+    return McpServer(
+        label=name,
+        url=spec.url,
+        headers=tuple(sorted(spec.headers.items())),
+        timeout=spec.timeout_secs,
+        protocol=spec.protocol,
+        allowed_tools=frozenset(spec.allowed_tools) if spec.allowed_tools is not None else None,
+    )
 
 
 def tool_schema(name: str, spec: ToolSpec) -> ToolSchema:
@@ -77,8 +109,10 @@ class ConfigToolExecutor:
         *,
         client: httpx.AsyncClient | None = None,
         run_agent: AgentRunner | None = None,
+        mcp_cache: McpToolCache | None = None,
     ) -> None:
         self._table = table
+        self.mcp_cache = mcp_cache if mcp_cache is not None else McpToolCache()
         self._owns_client = client is None
         # Timeouts are enforced per tool with trio.fail_after; httpx's own must not cut first.
         self._client = client or httpx.AsyncClient(timeout=None, follow_redirects=False)
@@ -101,7 +135,33 @@ class ConfigToolExecutor:
 
     async def tools(self, ctx: RequestContext) -> Sequence[ToolSchema]:
         await trio.lowlevel.checkpoint()
-        return [tool_schema(n, s) for n, s in self._table.tools_for(ctx.model).items()]
+        out: list[ToolSchema] = []
+        for name, spec in self._table.tools_for(ctx.model).items():
+            if spec.kind == "mcp":
+                out.extend(mcp_tool_schema(t) for t in await self._mcp_tools(name, spec, ctx))
+            else:
+                out.append(tool_schema(name, spec))
+        return out
+
+    def has_mcp(self, ctx: RequestContext) -> bool:
+        """Whether this request's alias has MCP servers among its tools."""
+        return any(s.kind == "mcp" for s in self._table.tools_for(ctx.model).values())
+
+    async def _mcp_tools(self, name: str, spec: ToolSpec, ctx: RequestContext) -> list[McpTool]:
+        try:
+            return await self.mcp_cache.tools(mcp_server(name, spec), ctx.extension(McpSessions))
+        except McpUnavailable as exc:
+            log.warning("%s; its tools are not offered", exc)
+            return []
+
+    async def _mcp_tool(self, name: str, ctx: RequestContext) -> McpTool | None:
+        """The MCP tool a qualified ``name`` stands for, if any."""
+        for server, spec in self._table.tools_for(ctx.model).items():
+            if spec.kind == "mcp" and name.startswith(qualified_name(server, "")):
+                for tool in await self._mcp_tools(server, spec, ctx):
+                    if tool.qualified == name:
+                        return tool
+        return None
 
     def agent(self, name: str, ctx: RequestContext) -> AgentSpec | None:
         """The sub-agent behind tool ``name`` for this request, or ``None`` if not an agent."""
@@ -111,12 +171,23 @@ class ConfigToolExecutor:
         return AgentSpec(name=name, model=spec.model, instructions=spec.instructions)
 
     async def execute(self, name: str, tool_call_id: str, args: Any, ctx: RequestContext) -> Any:
-        spec = self._spec(name, ctx)
+        spec = self._table.tools_for(ctx.model).get(name)
+        mcp = await self._mcp_tool(name, ctx) if spec is None or spec.kind == "mcp" else None
+        if mcp is None:
+            spec = self._spec(name, ctx)
+            if spec.kind == "mcp":
+                raise ToolError.not_found(name)  # a server's name is not one of its tools
         if isinstance(args, str):
             try:
                 args = orjson.loads(args) if args.strip() else {}
             except orjson.JSONDecodeError as exc:
                 raise ToolError.invalid_arguments(str(exc)) from None
+        if mcp is not None:
+            if not isinstance(args, Mapping):
+                raise ToolError.invalid_arguments("the arguments must be a JSON object")
+            result = await run_call(ctx.extension(McpSessions), mcp, args)
+            return result.output()
+        assert spec is not None
         if spec.kind == "agent":
             agent = self.agent(name, ctx)
             if self._run_agent is None or agent is None:

@@ -58,6 +58,8 @@ from onwards_trio._responses.input import (
     to_chat_request,
     tool_schema_to_chat,
 )
+from onwards_trio._responses.mcp_client import McpSessions, McpToolCache, open_mcp_sessions
+from onwards_trio._responses.mcp_tools import McpPlan
 from onwards_trio._responses.model_transport import MODEL_CALL_DROP, ProxyModelTransport
 from onwards_trio._stores import open_backend
 from onwards_trio._stores.base import (
@@ -197,11 +199,13 @@ class _RequestTools:
         offered: Sequence[ToolSchema],
         headers: Sequence[tuple[bytes, bytes]],
         steps: MultiStepStore,
+        mcp: McpPlan | None = None,
     ) -> None:
         self.service = service
         self.offered = {t.name: t for t in offered}
         self.headers = headers
         self.steps = steps  # the response's step store: sub-agents keep their steps there too
+        self.mcp = mcp  # the request's own MCP servers
 
     async def tools(self, ctx: RequestContext) -> Sequence[ToolSchema]:
         await trio.lowlevel.checkpoint()
@@ -213,6 +217,8 @@ class _RequestTools:
     async def execute(self, name: str, tool_call_id: str, args: Any, ctx: RequestContext) -> Any:
         if name not in self.offered:
             raise ToolError.not_found(name)
+        if self.mcp is not None and self.mcp.owns(name):
+            return await self.mcp.execute(name, tool_call_id, args, ctx.extension(McpSessions))
         executor = self.service.executor
         agent = executor.agent(name, ctx)
         if agent is not None:
@@ -370,6 +376,8 @@ class _Job:
     transport: ProxyModelTransport
     steps: MultiStepStore
     stored: bool
+    mcp: McpPlan
+    mcp_sessions: bool  # whether the loop may reach an MCP server (config or request)
 
 
 # -- the service --------------------------------------------------------------------------------
@@ -388,6 +396,8 @@ class ResponsesService:
         self.response_store: ResponseStore | None = None
         self.step_store: MultiStepStore | None = None
         self._executor: ConfigToolExecutor | None = None
+        # MCP tool listings, shared by every response (config and request servers alike).
+        self.mcp_cache = McpToolCache(gateway.config.mcp.tools_ttl_secs)
         self._live: dict[str, _Live] = {}
         self._keeper_started = False
 
@@ -401,7 +411,9 @@ class ResponsesService:
     @property
     def executor(self) -> ConfigToolExecutor:
         if self._executor is None:
-            self._executor = ConfigToolExecutor.from_targets(self.gateway.targets)
+            self._executor = ConfigToolExecutor.from_targets(
+                self.gateway.targets, mcp_cache=self.mcp_cache
+            )
             self._ensure_keeper()
         return self._executor
 
@@ -546,14 +558,16 @@ class ResponsesService:
                     "previous_response_id",
                 )
             history = previous.conversation()
+        mcp, echo = await McpPlan.for_request(req.tools, self.gateway.config.mcp, self.mcp_cache)
+        req = attrs.evolve(req, tools=echo)  # MCP credentials are not echoed
         ctx = RequestContext(model=alias)
         available = list(await self.executor.tools(ctx))
         chosen = {t.name for t in resolve_server_tools(req, available)}
         offered = [t for t in available if t.name in chosen]
         chat = to_chat_request(
             req,
-            history=history,
-            server_tools=offered,
+            history=mcp.history(history, req.input_items),
+            server_tools=offered + mcp.offered(),
             # Background responses stream upstream too: resumed clients get the deltas.
             stream=req.stream or req.background,
         )
@@ -567,10 +581,12 @@ class ResponsesService:
             base=base,
             chat=chat,
             ctx=ctx,
-            tools=_RequestTools(self, offered, headers, steps),
+            tools=_RequestTools(self, offered + mcp.runnable(), headers, steps, mcp),
             transport=ProxyModelTransport(self.gateway.proxy, headers),
             steps=steps,
             stored=req.store,
+            mcp=mcp,
+            mcp_sessions=bool(mcp) or self.executor.has_mcp(ctx),
         )
         await job.steps.begin_response(response_id, chat)
         if req.store:
@@ -591,16 +607,24 @@ class ResponsesService:
         """Run the loop to its end and store the outcome (shielded, bounded); return it."""
         try:
             try:
-                await run_response_loop(
-                    job.steps,
-                    job.tools,
-                    job.ctx,
-                    job.transport,
-                    request_id=job.response_id,
-                    sink=sink,
-                    config=self.loop_config,
-                    response={k: v for k, v in job.base.items() if k != "status"},
-                )
+                # One MCP session per server for this response, closed when the loop ends.
+                async with open_mcp_sessions(
+                    self.mcp_cache.invalidate, needed=job.mcp_sessions
+                ) as sessions:
+                    ctx = job.ctx
+                    if sessions is not None:
+                        await job.mcp.run_approved(job.steps, job.response_id, sessions)
+                        ctx = ctx.with_extension(sessions)
+                    await run_response_loop(
+                        job.steps,
+                        job.tools,
+                        ctx,
+                        job.transport,
+                        request_id=job.response_id,
+                        sink=job.mcp.events(sink),
+                        config=self.loop_config,
+                        response={k: v for k, v in job.base.items() if k != "status"},
+                    )
             except LoopError as exc:
                 sink.loop_error = exc  # already reported as response.failed when it could be
         except Exception:
@@ -899,6 +923,9 @@ class ResponsesService:
                 f"sub-agent {agent.name!r} would exceed max_response_step_depth"
             )
         sub_ctx = RequestContext(model=agent.model).with_extension(_AgentDepth(level))
+        sessions = ctx.extension(McpSessions)
+        if sessions is not None:  # the sub-agent's MCP calls use the response's sessions
+            sub_ctx = sub_ctx.with_extension(sessions)
         offered = list(await self.executor.tools(sub_ctx))
         text = (
             args["input"]
