@@ -4,6 +4,9 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# pytester drives the onwards_trio.testing plugin in tests/testing/.
+pytest_plugins = ["pytester"]
+
 settings.register_profile(
     "ci",
     max_examples=60,
