@@ -9,7 +9,7 @@ import nox
 from packaging.specifiers import SpecifierSet
 
 nox.needs_version = ">=2024.10"
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "examples"]
 nox.options.reuse_venv = "yes"
 nox.options.default_venv_backend = "venv"
 # A session whose interpreter is missing is an error, never a silent skip (a green run that
@@ -34,6 +34,14 @@ def tests(session: nox.Session) -> None:
     """The whole test suite (real servers on loopback; Postgres/Redis tests skip without one)."""
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """The example application's own tests (examples/triage), written with the
+    onwards_trio.testing pytest plugin, run as a user project would run them."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "examples"))
+    session.run("pytest", "examples/triage", *session.posargs)
 
 
 @nox.session

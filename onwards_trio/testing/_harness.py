@@ -22,12 +22,13 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from onwards_trio._app.gateway import Gateway
-from onwards_trio._config import parse_config
+from onwards_trio._config import PoolSpec, ProviderSpec, parse_config
 from onwards_trio._loop.steps import RecordedStep, StepDescriptor
 from onwards_trio._stores.memory import MemoryResponseStore, MemoryStore
 from onwards_trio.testing._cassette import Cassette, Matcher, body_matcher
@@ -46,6 +47,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _START_TIMEOUT = 60.0  # generous: a loaded 2-core CI machine
 _STOP_TIMEOUT = 30.0
+# Target keys that belong to the provider (the rest are the pool's: fallback, limits, keys, ...).
+_PROVIDER_KEYS = frozenset(
+    f.name
+    for f in attrs.fields(ProviderSpec)
+    if f.name not in {a.name for a in attrs.fields(PoolSpec)}
+)
 _JSON_TYPES = {
     str: "string",
     int: "integer",
@@ -303,14 +310,17 @@ class Harness:
     def config_dict(self) -> dict[str, Any]:
         """The gateway config the declarations make (before parsing)."""
         assert self._upstream_url is not None
-        targets = {
-            alias: {
-                "url": f"{self._upstream_url}/m/{alias}",
+        targets = {}
+        for alias, extra in self._targets.items():
+            provider = {k: v for k, v in extra.items() if k in _PROVIDER_KEYS}
+            pool = {k: v for k, v in extra.items() if k not in _PROVIDER_KEYS}
+            targets[alias] = {
+                # Every adapter on: /v1/responses runs the loop, /v1/messages is translated.
                 "open_responses": {"adapter": True},
-                **extra,
+                "anthropic": {"adapter": True},
+                **pool,
+                "providers": [{**provider, "url": f"{self._upstream_url}/m/{alias}"}],
             }
-            for alias, extra in self._targets.items()
-        }
         tools = {
             t.name: {
                 "url": f"{self._upstream_url}/tools/{t.name}",
