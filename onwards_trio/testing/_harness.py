@@ -143,8 +143,6 @@ class Harness:
     :meth:`tool_calls` and :meth:`steps`.
     """
 
-    api_key = "sk-onwards-test"  # any key works: the test gateway has no auth unless configured
-
     def __init__(
         self,
         *,

@@ -138,6 +138,14 @@ class UpstreamApp:
         with self.lock:
             self.calls.append(record)
         if isinstance(model, ScriptedModel):
+            if not rest.endswith("chat/completions"):
+                message = (
+                    f"scripted model {alias!r} answers chat completions only, not /{rest} "
+                    "(the gateway turns /v1/responses and /v1/messages into chat completions)"
+                )
+                self.problem(message)
+                await send_json(send, 404, _error(message, "onwards_script_error"))
+                return
             await self._scripted(alias, model, record, send)
         elif self.recording:
             await self._record(alias, model, scope, "/" + rest, body, headers, send)
