@@ -39,4 +39,5 @@ def test_every_example_in_the_testing_guide_passes(pytester: pytest.Pytester) ->
     assert (pytester.path / "cassettes" / "test_recorded" / "test_summary.json").exists()
     result = pytester.runpytest(*examples)
     outcomes = result.parseoutcomes()
-    assert outcomes.get("passed", 0) >= len(examples) and set(outcomes) == {"passed"}, outcomes
+    assert outcomes.get("passed", 0) >= len(examples), outcomes
+    assert not {"failed", "errors", "error"} & set(outcomes), outcomes
