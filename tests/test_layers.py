@@ -157,7 +157,8 @@ def test_no_import_circle_at_module_level() -> None:
 
 def test_top_level_stays_small_and_every_subpackage_says_what_it_holds() -> None:
     top = [p for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()]
-    assert len(top) <= 12, sorted(p.name for p in top)
+    # 13: the eleven of the layout, the _anthropic ingress and the public testing package.
+    assert len(top) <= 13, sorted(p.name for p in top)
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc) > 40, f"{init} needs a docstring naming its responsibility"

@@ -238,6 +238,56 @@ def test_misuse_fails_the_test_with_a_clear_message(pytester: pytest.Pytester) -
     )
 
 
+ANTHROPIC = """
+import anthropic
+from onwards_trio.testing import Usage, call, text, tool_calls
+
+def test_messages(onwards):
+    onwards.model("claude", [
+        text("Bonjour !", usage=Usage(7, 2)),
+        text("Salut tout le monde", chunks=["Salut", " tout", " le monde"]),
+        tool_calls(call("lookup", {"city": "Paris"})),
+    ])
+    lookup = {
+        "name": "lookup",
+        "description": "Look a city up.",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+    with anthropic.Anthropic(base_url=onwards.url, api_key="k", max_retries=0) as client:
+        message = client.messages.create(
+            model="claude", max_tokens=64, system="Be brief.",
+            messages=[{"role": "user", "content": "Say hi in French"}],
+        )
+        with client.messages.stream(
+            model="claude", max_tokens=64, messages=[{"role": "user", "content": "Again"}]
+        ) as stream:
+            pieces = list(stream.text_stream)
+        used = client.messages.create(
+            model="claude", max_tokens=64, tools=[lookup],
+            messages=[{"role": "user", "content": "Find Paris"}],
+        )
+    assert message.content[0].text == "Bonjour !" and message.stop_reason == "end_turn"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (7, 2)
+    assert pieces == ["Salut", " tout", " le monde"]
+    assert used.stop_reason == "tool_use"
+    assert (used.content[0].name, used.content[0].input) == ("lookup", {"city": "Paris"})
+    first, streamed, tooled = onwards.calls("claude")
+    first.assert_body({
+        "max_tokens": 64,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Say hi in French"},
+        ],
+    })
+    assert streamed.stream and tooled.tool_names == ["lookup"]
+"""
+
+
+def test_anthropic_sdk_through_v1_messages(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(ANTHROPIC)
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
 REPLAYED = """
 import openai
 import pytest
