@@ -23,7 +23,6 @@ import orjson
 
 from onwards_trio._errors import HTTPError
 from onwards_trio._loop.items import ChatChunkAssembler
-from onwards_trio._ops.logs import note_request
 from onwards_trio._proxy.auth import bearer_token
 from onwards_trio._proxy.pipeline import UPSTREAM_ERRORS, ProxyRequest, UpstreamReply
 from onwards_trio._proxy.strict import check_content_type
@@ -186,9 +185,13 @@ class AnthropicService:
             json=call.body,
             reasoning_budget=call.budget,
         )
-        note_request(chat)  # the access line names the alias, provider and attempts
         answer = _Answer(call, alias, gateway.config.sse_max_event_bytes)
-        return await gateway.relay(chat, receive, send, answer=answer, error=_send_error)
+        try:
+            return await gateway.relay(chat, receive, send, answer=answer, error=_send_error)
+        finally:  # the access line: the client's request, with where its Chat call went
+            request.alias = chat.alias
+            request.provider_index = chat.provider_index
+            request.attempts = chat.attempts
 
 
 class _Answer:

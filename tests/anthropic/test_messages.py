@@ -341,6 +341,49 @@ async def test_tool_use_round_trip_with_tool_result(nursery: trio.Nursery) -> No
     assert second.content[0].text == "It is sunny."
 
 
+async def test_tool_results_come_first_with_their_images_in_a_user_message(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = FakeUpstream(text_reply())
+    _, client, _ = await start(nursery, upstream)
+    png = {"type": "base64", "media_type": "image/png", "data": "iVBO"}
+    calls = [
+        {"type": "tool_use", "id": "a", "name": "get_weather", "input": {}},
+        {"type": "tool_use", "id": "b", "name": "get_weather", "input": {}},
+    ]
+    results = [
+        {"type": "text", "text": "Both done"},
+        {"type": "tool_result", "tool_use_id": "a", "content": "plain"},
+        {
+            "type": "tool_result",
+            "tool_use_id": "b",
+            "content": [{"type": "text", "text": "chart:"}, {"type": "image", "source": png}],
+        },
+    ]
+    await sdk(
+        create(
+            client,
+            tools=[WEATHER],
+            messages=[
+                {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": calls},
+                {"role": "user", "content": results},
+            ],
+        )
+    )
+    assert upstream.requests[0].json()["messages"][2:] == [
+        {"role": "tool", "tool_call_id": "a", "content": "plain"},
+        {"role": "tool", "tool_call_id": "b", "content": "chart:"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+                {"type": "text", "text": "Both done"},
+            ],
+        },
+    ]
+
+
 @pytest.mark.parametrize(
     ("choice", "expected"),
     [
@@ -445,6 +488,46 @@ async def test_cut_stream_raises_in_the_sdk(nursery: trio.Nursery) -> None:
     assert "ended unexpectedly" in str(info.value)
 
 
+async def test_error_object_inside_a_stream_raises_with_its_message(
+    nursery: trio.Nursery,
+) -> None:
+    error = {"error": {"message": "model overloaded", "type": "server_error"}}
+    upstream = FakeUpstream(
+        Reply(headers=SSE_HEADERS, chunks=sse(chunk({"content": "par"}), error, done=False))
+    )
+    _, client, _ = await start(nursery, upstream)
+    with pytest.raises(anthropic.APIStatusError) as info:
+        await sdk(final_message(client))
+    assert "model overloaded" in str(info.value)
+
+
+async def test_streamed_request_refused_upstream_raises_the_status(nursery: trio.Nursery) -> None:
+    body = b'{"error": {"message": "upstream exploded"}}'
+    _, client, _ = await start(nursery, FakeUpstream(Reply(status=500, body=body)))
+    with pytest.raises(anthropic.InternalServerError) as info:
+        await sdk(final_message(client))
+    assert body_of(info.value)["error"] == {"type": "api_error", "message": "upstream exploded"}
+
+
+async def test_client_leaving_mid_stream_closes_the_upstream_stream(
+    nursery: trio.Nursery,
+) -> None:
+    pieces = [chunk({"content": "tok "})] * 50
+    upstream = FakeUpstream(Reply(headers=SSE_HEADERS, chunks=sse(*pieces), chunk_delay=0.05))
+    _, _, gw_url = await start(nursery, upstream)
+    async with (
+        httpx.AsyncClient(timeout=SDK_TIMEOUT) as http,
+        http.stream("POST", gw_url + "/v1/messages", json=RAW_STREAM) as r,
+    ):
+        async for line in r.aiter_lines():
+            if line.startswith("event: content_block_delta"):
+                break  # leave once text flows
+    with trio.fail_after(10):
+        while upstream.active:
+            await trio.sleep(0.01)
+    assert (upstream.finished, upstream.disconnected) == (0, 1)
+
+
 async def test_stream_without_a_finish_reason_is_reported_cut(nursery: trio.Nursery) -> None:
     upstream = FakeUpstream(
         Reply(headers=SSE_HEADERS, chunks=sse(chunk({"content": "partial"}), done=False))
@@ -517,6 +600,21 @@ async def test_stop_sequences_are_sent_and_the_matched_one_reported(nursery: tri
     msg = await sdk(create(client, stop_sequences=["END", "STOP"]))
     assert upstream.requests[0].json()["stop"] == ["END", "STOP"]
     assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "END")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+        {"role": "assistant", "content": "I can't help with that."},
+    ],
+)
+async def test_refusals_stop_with_refusal(nursery: trio.Nursery, message: dict[str, Any]) -> None:
+    finish = "stop" if "refusal" in message else "content_filter"
+    _, client, _ = await start(nursery, FakeUpstream(completion(message, finish)))
+    msg = await sdk(create(client))
+    assert msg.stop_reason == "refusal"
+    assert msg.content[0].text == "I can't help with that."
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -720,6 +818,21 @@ async def test_native_alias_passes_messages_through_untouched(nursery: trio.Nurs
     assert req.json()["messages"] == [{"role": "user", "content": "Hi"}]
     assert req.headers["anthropic-version"]
     assert (msg.id, msg.content[0].text) == ("msg_native", "from upstream")
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+async def test_native_alias_gets_the_request_bytes_verbatim(
+    nursery: trio.Nursery, path: str
+) -> None:
+    raw = b'{"model": "native",  "max_tokens": 5, "messages": [], "anything": {"kept": true}}'
+    upstream = FakeUpstream(Reply(body=b'{"input_tokens": 3}'))
+    _, _, gw_url = await start(nursery, upstream)
+    headers = {"content-type": "application/json", "anthropic-version": "2099-01-01"}
+    async with httpx.AsyncClient(timeout=SDK_TIMEOUT) as http:
+        r = await http.post(gw_url + path, content=raw, headers=headers)
+    assert (r.status_code, r.content) == (200, b'{"input_tokens": 3}')
+    (req,) = upstream.requests
+    assert (req.path, req.body, req.headers["anthropic-version"]) == (path, raw, "2099-01-01")
 
 
 async def test_strict_mode_serves_adapter_aliases_only(nursery: trio.Nursery) -> None:

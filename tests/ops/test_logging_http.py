@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import trio
 
@@ -165,3 +166,26 @@ async def test_responses_access_line_names_the_alias(
     assert r.status_code == 200
     (line,) = await _access_lines(handler_output, 1)
     assert "path=/v1/responses" in line and "alias=demo" in line
+
+
+async def test_messages_access_line_names_alias_provider_and_client_size(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, handler_output: io.StringIO
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = await serve_app(nursery, FakeUpstream(_script))
+    config = {
+        "auth": {"global_keys": [CLIENT_KEY]},
+        "targets": {"claude": {"url": url, "anthropic": {"adapter": True}}},
+    }
+    _, gateway_url = await start_gateway(nursery, config)
+    body = {"model": "claude", "max_tokens": 9, "messages": [{"role": "user", "content": PROMPT}]}
+    raw = orjson.dumps(body)
+    headers = {"x-api-key": CLIENT_KEY, "content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=10) as client:
+        r = await client.post("/v1/messages", content=raw, headers=headers)
+    assert r.status_code == 200
+    (line,) = await _access_lines(handler_output, 1)
+    assert "path=/v1/messages" in line and "alias=claude provider=0" in line
+    assert f"bytes_in={len(raw)}" in line
+    logged = "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records)
+    assert CLIENT_KEY not in logged and PROMPT not in logged
