@@ -103,14 +103,12 @@ def models_page(aliases: Sequence[str], created: float) -> dict[str, Any]:
 def _as_bearer(request: ProxyRequest) -> None:
     """Let ``x-api-key`` authenticate like ``Authorization: Bearer`` (the pipeline checks
     the bearer token). Neither header ever reaches an upstream."""
-    headers = request.headers
-    if bearer_token(headers) is not None:
+    if bearer_token(request.headers) is not None:
         return
-    for name, value in headers:
-        if name == b"x-api-key" and value:
-            request.headers = [(k, v) for k, v in headers if k != b"authorization"]
-            request.headers.append((b"authorization", b"Bearer " + value))
-            return
+    key = client_key(request.headers)
+    if key is not None:
+        request.headers = [(k, v) for k, v in request.headers if k != b"authorization"]
+        request.headers.append((b"authorization", b"Bearer " + key.encode("latin-1")))
 
 
 async def _send_error(send: Send, exc: HTTPError) -> None:

@@ -16,7 +16,7 @@ import trio
 from onwards_trio import Gateway
 from onwards_trio._ops.metrics import Metrics, install_metrics
 
-from ..support import FakeUpstream, Recorded, Reply, serve_app, sse, start_gateway
+from ..support import FakeUpstream, Reply, serve_app, sse, start_gateway
 
 SDK_TIMEOUT = 20.0
 SSE_HEADERS = [(b"content-type", b"text/event-stream")]
@@ -844,7 +844,3 @@ async def test_strict_mode_serves_adapter_aliases_only(nursery: trio.Nursery) ->
         await sdk(create(client, model="native"))
     with pytest.raises(anthropic.BadRequestError):
         await sdk(create(client, messages=[{"role": "system", "content": "x"}]))
-
-
-def _recorded(upstream: FakeUpstream) -> Recorded:
-    return upstream.requests[-1]
