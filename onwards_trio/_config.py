@@ -28,11 +28,13 @@ __all__ = [
     "REASONING_EFFORTS",
     "AnthropicSpec",
     "Auth",
+    "BackgroundSpec",
     "Backoff",
     "ConcurrencyLimitSpec",
     "Config",
     "Fallback",
     "HttpPool",
+    "IdempotencySpec",
     "KeyDefinition",
     "McpSpec",
     "OpenResponsesSpec",
@@ -155,6 +157,9 @@ class ToolSpec:
     instructions: str | None = None
     allowed_tools: list[str] | None = None
     protocol: Literal["auto", "legacy"] = "auto"
+    # Safe to call twice with the same arguments: a background response resumed after a crash
+    # re-runs a call of this tool that was in flight; otherwise that call is recorded failed.
+    idempotent: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.kind in ("http", "mcp") and not self.url:
@@ -321,6 +326,33 @@ class SharedLimitsSpec:
 
 
 @attrs.frozen
+class BackgroundSpec:
+    """Durable background responses (docs/responses.md): each running one is owned by a
+    process holding a lease of ``lease_secs`` (renewed every third of it); every
+    ``recovery_interval_secs`` a gateway claims responses whose lease expired and resumes them,
+    at most ``max_recovery_attempts`` times each before it is ``failed``. ``on_shutdown``:
+    ``handover`` releases the responses still running when the gateway stops (another replica
+    or the restarted process finishes them), ``cancel`` stores them ``cancelled``. ``recover:
+    false`` turns leases and recovery off (a ``memory`` store never recovers)."""
+
+    recover: bool = True
+    lease_secs: float = attrs.field(default=15.0, validator=_positive)
+    recovery_interval_secs: float = attrs.field(default=1.0, validator=_positive)
+    max_recovery_attempts: int = attrs.field(default=3, validator=_non_negative)
+    on_shutdown: Literal["handover", "cancel"] = "handover"
+
+
+@attrs.frozen
+class IdempotencySpec:
+    """``Idempotency-Key`` on POST /v1/responses, /v1/chat/completions and /v1/messages: a
+    result is replayed for ``ttl_secs``; a request still in flight after
+    ``in_flight_timeout_secs`` (its process died) no longer blocks a retry."""
+
+    ttl_secs: float = attrs.field(default=86400.0, validator=_positive)
+    in_flight_timeout_secs: float = attrs.field(default=600.0, validator=_positive)
+
+
+@attrs.frozen
 class Config:
     targets: dict[str, PoolSpec]
     auth: Auth | None = None
@@ -332,6 +364,8 @@ class Config:
     store: StoreSpec = attrs.field(factory=StoreSpec)
     shared_limits: SharedLimitsSpec | None = None
     mcp: McpSpec = attrs.field(factory=McpSpec)
+    background: BackgroundSpec = attrs.field(factory=BackgroundSpec)
+    idempotency: IdempotencySpec = attrs.field(factory=IdempotencySpec)
     warnings: tuple[str, ...] = attrs.field(default=(), eq=False)
 
 

@@ -175,6 +175,8 @@ class Gateway:
                         await nursery.start(writer.run)
                     if self.shared_limits is not None:
                         await nursery.start(self.shared_limits.run)
+                    # Background responses a dead process left: resumed from the start.
+                    nursery.start_soon(self.responses.recover_at_start)
                     yield self
                 finally:
                     nursery.cancel_scope.cancel()

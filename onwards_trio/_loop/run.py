@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -44,11 +44,13 @@ from onwards_trio._loop.items import (
     ChatStreamTranslator,
     Event,
     OutputIndexer,
+    completion_items,
     function_call_output_item,
 )
 from onwards_trio._loop.model import ModelResponse, ModelTransport
 from onwards_trio._loop.steps import (
     AppendSteps,
+    ChainStep,
     Complete,
     Fail,
     MultiStepStore,
@@ -56,6 +58,7 @@ from onwards_trio._loop.steps import (
     ResponseStatus,
     StepDescriptor,
     StepKind,
+    StepState,
     StoreError,
 )
 from onwards_trio._loop.tools import RequestContext, ToolError, ToolExecutor, ToolKind, ToolSchema
@@ -256,14 +259,21 @@ async def run_response_loop(
     depth: int = 0,
     response: Mapping[str, Any] | None = None,
     first_sequence: int = 0,
+    handed_over: Callable[[], bool] | None = None,
 ) -> Any:
     """Drive ``request_id`` (in scope ``scope_parent``) to a terminal state; return the
     transition's ``Complete`` payload or raise :class:`LoopError`.
 
     ``response`` holds extra fields for the response snapshots in ``response.created`` /
     ``response.completed`` (model, instructions, tools echo, ...); ``first_sequence`` lets a
-    resumed loop continue an event sequence. Top-level loops write the response's final state
-    with ``store.finish_response``.
+    resumed loop continue an event sequence (a resumed stream gets no second
+    ``response.created``). Top-level loops write the response's final state with
+    ``store.finish_response``.
+
+    Resuming (the chain already has steps): steps left open by a run that ended without closing
+    them are settled first — see :meth:`_Run._resume`. ``handed_over``: when the loop is
+    cancelled and it returns True, the loop writes nothing more (open steps stay open, the
+    response unfinished), so another process can resume it.
     """
     cfg = config if config is not None else LoopConfig()
     if depth > cfg.max_response_step_depth:
@@ -271,6 +281,7 @@ async def run_response_loop(
     top = depth == 0 and scope_parent is None
     emitter = _Emitter(sink, first_sequence) if top and sink is not None else None
     run = _Run(store, executor, ctx, model, request_id, scope_parent, cfg, depth, emitter)
+    run.handed_over = handed_over
     return await run.run(response)
 
 
@@ -301,6 +312,8 @@ class _Run:
         self.open_steps: dict[str, None] = {}  # recorded, not yet terminal in the store
         self.tool_slots: dict[str, tuple[int, str]] = {}  # step id -> (output_index, call_id)
         self.created_at = 0
+        self.handed_over: Callable[[], bool] | None = None
+        self.processing: set[str] = set()  # found processing on resume, to be re-run
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -351,15 +364,13 @@ class _Run:
             self.tools = {t.name: t for t in schemas}
             chain = await self._s(self.store.list_chain(self.request_id, self.scope_parent))
             prev = chain[-1].id if chain else None
-            for stale in chain:
-                # Open steps found on resume belong to a run that died (a crash, a killed
-                # process): nobody will ever finish them, so close them before going on.
-                if not stale.state.is_terminal:
-                    await self._s(self.store.cancel_step(stale.id, {"type": "interrupted"}))
-            if self.emitter is not None:
+            if self.emitter is not None and self.emitter.sequence == 0:
                 start = {"response": self._snapshot(base, "in_progress")}
                 await self._emit(LoopEventKind.CREATED, start)
                 await self._emit(LoopEventKind.IN_PROGRESS, start)
+            rerun = await self._resume(chain)
+            if rerun:
+                await self._run_steps(rerun)
             payload = await self._iterate(prev)
             if self.top:
                 snap = self._snapshot(base, "completed")
@@ -379,6 +390,8 @@ class _Run:
                 await self._emit(LoopEventKind.FAILED, {"response": snap})
             raise
         except BaseException as e:
+            if _all_cancelled(e) and self.handed_over is not None and self.handed_over():
+                raise  # another process resumes it from the store as it is
             if _all_cancelled(e):
                 await self._clean_up(True, (ResponseStatus.CANCELLED, None))
             else:
@@ -409,6 +422,59 @@ class _Run:
                     await self.store.finish_response(self.request_id, *final)
                 except Exception:
                     log.warning("could not finish response %s", self.request_id, exc_info=True)
+
+    async def _resume(
+        self, chain: Sequence[ChainStep]
+    ) -> list[tuple[RecordedStep, StepDescriptor]]:
+        """Settle the steps a previous run left open (it died, or handed the response over);
+        return those to run again, in chain order.
+
+        Completed steps never run again. A ``pending`` step never started, so it runs now. A
+        ``processing`` step may or may not have had its effect: a model call is asked again
+        (it only costs tokens), as is a tool whose schema is ``idempotent``; any other tool
+        call is recorded failed with an ``interrupted`` error, which the transition hands to
+        the model as the tool's output. On a resumed stream, output indexes continue where
+        the stored chain's output items end.
+        """
+        if self.emitter is not None and chain:
+            index = 0
+            for step in chain:
+                if step.kind is StepKind.TOOL_CALL:
+                    rec = RecordedStep(step.id, step.sequence)
+                    self.tool_slots[step.id] = (index, self._call_id(rec, step.request_payload))
+                    index += 1
+                elif step.state is StepState.COMPLETED:
+                    index += len(completion_items(step.response_payload, step.id))
+            self.emitter.indexer.next_index = index
+        rerun: list[tuple[RecordedStep, StepDescriptor]] = []
+        for step in chain:
+            if step.state.is_terminal:
+                self.tool_slots.pop(step.id, None)
+                continue
+            desc = StepDescriptor(step.kind, step.request_payload)
+            rec = RecordedStep(step.id, step.sequence)
+            payload = step.request_payload
+            name = payload.get("name") if isinstance(payload, Mapping) else None
+            schema = self.tools.get(name) if isinstance(name, str) else None
+            if (
+                step.state is StepState.PENDING
+                or step.kind is StepKind.MODEL_CALL
+                or (schema is not None and schema.idempotent)
+            ):
+                self.open_steps[step.id] = None
+                if step.state is StepState.PROCESSING:
+                    self.processing.add(step.id)
+                rerun.append((rec, desc))
+                continue
+            message = (
+                f"The call of tool {name!r} was interrupted (the process running it stopped) "
+                "and was not retried because the tool is not declared idempotent; it may or "
+                "may not have taken effect."
+            )
+            error = {"type": "interrupted", "code": "interrupted", "message": message}
+            await self._s(self.store.fail_step(step.id, error))
+            await self._tool_done(rec, f"Error: {message}", "incomplete")
+        return rerun
 
     async def _iterate(self, prev: str | None) -> Any:
         iterations = 0
@@ -443,16 +509,20 @@ class _Run:
             for rec, desc in records:
                 if desc.kind is StepKind.TOOL_CALL:
                     await self._announce_tool(rec, desc)
+        await self._run_steps(records)
+        return prev
+
+    async def _run_steps(self, records: list[tuple[RecordedStep, StepDescriptor]]) -> None:
+        """Run recorded steps: one serially, several as a fan-out."""
         if len(records) == 1:
             await self._step(*records[0])
-            return prev
+            return
         failure: list[LoopError] = []
         async with trio.open_nursery() as nursery:
             for rec, desc in records:
                 nursery.start_soon(self._sibling, rec, desc, nursery.cancel_scope, failure)
         if failure:
             raise failure[0]
-        return prev
 
     async def _sibling(
         self,
@@ -468,7 +538,10 @@ class _Run:
             scope.cancel()
 
     async def _step(self, rec: RecordedStep, desc: StepDescriptor) -> None:
-        await self._s(self.store.mark_step_processing(rec.id))
+        if rec.id in self.processing:
+            self.processing.discard(rec.id)  # re-run after a resume: it is processing already
+        else:
+            await self._s(self.store.mark_step_processing(rec.id))
         try:
             if desc.kind is StepKind.MODEL_CALL:
                 result = await self._model_step(rec, desc.request_payload)
@@ -555,6 +628,7 @@ class _Run:
             self.depth + 1,
             None,
         )
+        sub.handed_over = self.handed_over
         try:
             return await sub.run(None)
         except LoopError as e:

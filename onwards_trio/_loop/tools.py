@@ -40,6 +40,9 @@ class ToolSchema:
     parameters: Mapping[str, Any] = attrs.field(factory=lambda: {"type": "object"})
     strict: bool = True
     kind: ToolKind = ToolKind.HTTP
+    # A call may safely run twice: a loop resumed after its process died re-runs a call of
+    # this tool that was in flight (otherwise the call is recorded failed for the model).
+    idempotent: bool = False
 
 
 class ToolErrorKind(enum.StrEnum):

@@ -92,6 +92,7 @@ def tool_schema(name: str, spec: ToolSpec) -> ToolSchema:
         parameters=dict(spec.parameters),
         strict=spec.strict,
         kind=ToolKind.AGENT if spec.kind == "agent" else ToolKind.HTTP,
+        idempotent=spec.idempotent,
     )
 
 

@@ -15,8 +15,17 @@ from onwards_trio._proxy.pipeline import Proxy, ProxyRequest
 __all__ = ["MODEL_CALL_DROP", "ProxyModelTransport"]
 
 # Client headers that describe the client's own request, not the model call made for it.
+# idempotency-key: the client's key names its whole request, not each model call of its loop
+# (an upstream honouring it would answer every later call with the first one's result).
 MODEL_CALL_DROP = frozenset(
-    {b"content-length", b"content-type", b"accept", b"accept-encoding", b"model-override"}
+    {
+        b"content-length",
+        b"content-type",
+        b"accept",
+        b"accept-encoding",
+        b"model-override",
+        b"idempotency-key",
+    }
 )
 
 

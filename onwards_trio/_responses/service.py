@@ -45,11 +45,13 @@ from onwards_trio import _errors as errors
 from onwards_trio._errors import HTTPError, error_body
 from onwards_trio._loop.events import LoopEvent, LoopEventKind
 from onwards_trio._loop.run import DisconnectPolicy, LoopConfig, LoopError, run_response_loop
-from onwards_trio._loop.steps import MultiStepStore, StepKind
+from onwards_trio._loop.steps import MultiStepStore, ResponseStatus, StepKind
 from onwards_trio._loop.tools import RequestContext, ToolError, ToolKind, ToolSchema
+from onwards_trio._ops.reload import config_secrets
 from onwards_trio._proxy.auth import bearer_token
 from onwards_trio._proxy.pipeline import ProxyRequest, extract_model
 from onwards_trio._responses.config_tools import AgentSpec, ConfigToolExecutor
+from onwards_trio._responses.durable import Durability, api_key_for, resume_headers
 from onwards_trio._responses.input import (
     ResponsesRequest,
     assign_item_ids,
@@ -64,6 +66,8 @@ from onwards_trio._responses.model_transport import MODEL_CALL_DROP, ProxyModelT
 from onwards_trio._stores import open_backend
 from onwards_trio._stores.base import (
     TERMINAL_STATUSES,
+    Claim,
+    DurableStore,
     ResponseStore,
     SharedResponseStore,
     StoredEvent,
@@ -238,9 +242,22 @@ class _Live:
     ended — can replay them.
     """
 
-    def __init__(self, response_id: str, store: ResponseStore) -> None:
+    def __init__(
+        self,
+        response_id: str,
+        store: ResponseStore,
+        *,
+        leased: bool = False,
+        handover: bool = False,
+    ) -> None:
         self.response_id = response_id
         self.store = store
+        # Durable responses (docs/responses.md): ``leased`` while this process holds its lease;
+        # ``release`` says why the loop stops without writing its end: "lost" (another process
+        # owns it now) or "handover" (shutting down; another process resumes it).
+        self.leased = leased
+        self.handover = handover
+        self.release: str | None = None
         self.events: list[StoredEvent] = []
         self.done = False
         self.finished = trio.Event()  # set once the final state is persisted
@@ -249,6 +266,14 @@ class _Live:
         self._pending: list[StoredEvent] = []
         self._last_flush = trio.current_time()
         self._flush_lock = trio.Lock()
+
+    def handed_over(self) -> bool:
+        """Whether the loop, now cancelled, is left for another process: its lease was lost,
+        or the gateway is stopping (a cancel from outside, not from ``scope``) with
+        ``on_shutdown: handover``."""
+        if self.release is None and self.handover and not self.scope.cancel_called:
+            self.release = "handover"
+        return self.release is not None
 
     def append(self, event: StoredEvent) -> None:
         self.events.append(event)
@@ -339,7 +364,13 @@ class _ResponseSink:
                 self.items[index] = dict(item)
         if self.live is not None:
             self.live.append(_stored_event(event))
-            await self.live.maybe_flush(force=event.kind.is_terminal)
+            # At each step boundary (an item done, a tool about to run) the log is written,
+            # so a process that dies loses at most the deltas of the step it was in.
+            boundary = event.kind is LoopEventKind.OUTPUT_ITEM_DONE or (
+                event.kind is LoopEventKind.OUTPUT_ITEM_ADDED
+                and event.data.get("item", {}).get("type") == "function_call_output"
+            )
+            await self.live.maybe_flush(force=event.kind.is_terminal or boundary)
         if self.channel is not None:
             try:
                 await self.channel.send(event)
@@ -378,6 +409,8 @@ class _Job:
     stored: bool
     mcp: McpPlan
     mcp_sessions: bool  # whether the loop may reach an MCP server (config or request)
+    body: Any = None  # the request as sent (a background response keeps it for resuming)
+    first_sequence: int = 0  # a resumed response's event stream continues here
 
 
 # -- the service --------------------------------------------------------------------------------
@@ -395,11 +428,18 @@ class ResponsesService:
         self.loop_config = loop_config or LoopConfig()
         self.response_store: ResponseStore | None = None
         self.step_store: MultiStepStore | None = None
+        self.durable_store: DurableStore | None = None
         self._executor: ConfigToolExecutor | None = None
         # MCP tool listings, shared by every response (config and request servers alike).
         self.mcp_cache = McpToolCache(gateway.config.mcp.tools_ttl_secs)
         self._live: dict[str, _Live] = {}
         self._keeper_started = False
+        self.durability = Durability(self)
+
+    @property
+    def running(self) -> Mapping[str, _Live]:
+        """The background responses this process runs, by id."""
+        return self._live
 
     @property
     def persist_timeout(self) -> float:
@@ -441,6 +481,8 @@ class ResponsesService:
             backend = open_backend(self.gateway.config.store)
             self.response_store = self.response_store or backend.responses
             self.step_store = self.step_store or backend.steps
+            self.durable_store = self.durable_store or backend.durable
+        self.durability.ensure_running()
         return self.response_store, self.step_store
 
     async def check_store(self) -> None:
@@ -450,9 +492,22 @@ class ResponsesService:
         store, _ = self._stores()
         await store.delete("resp_onwards_trio_start_check")
 
+    async def recover_at_start(self) -> None:
+        """Resume what a dead process left, as soon as the gateway runs (when there may be
+        any: an SQLite file that does not exist yet holds nothing)."""
+        spec = self.gateway.config.store
+        if not self.durability.enabled:
+            return
+        if spec.kind == "sqlite" and not await trio.Path(spec.path).exists():
+            return
+        self._stores()
+
     async def aclose(self) -> None:
-        """Cancel background responses (they are stored ``cancelled``) and close the stores."""
+        """Stop background responses — handed over (``on_shutdown: handover``, leases released
+        for another process) or stored ``cancelled`` — and close the stores."""
         for live in list(self._live.values()):
+            if live.handover and live.release is None:
+                live.release = "handover"
             live.scope.cancel()
         with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout * 2):
             for live in list(self._live.values()):
@@ -587,6 +642,7 @@ class ResponsesService:
             stored=req.store,
             mcp=mcp,
             mcp_sessions=bool(mcp) or self.executor.has_mcp(ctx),
+            body=request.json,
         )
         await job.steps.begin_response(response_id, chat)
         if req.store:
@@ -624,6 +680,8 @@ class ResponsesService:
                         sink=job.mcp.events(sink),
                         config=self.loop_config,
                         response={k: v for k, v in job.base.items() if k != "status"},
+                        first_sequence=job.first_sequence,
+                        handed_over=sink.live.handed_over if sink.live is not None else None,
                     )
             except LoopError as exc:
                 sink.loop_error = exc  # already reported as response.failed when it could be
@@ -633,7 +691,7 @@ class ResponsesService:
         finally:
             final = sink.final_response()
             with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
-                if job.stored:
+                if job.stored and not (sink.live is not None and sink.live.release is not None):
                     try:
                         await self._stores()[0].update(job.response_id, final)
                     except Exception:
@@ -725,14 +783,96 @@ class ResponsesService:
     # -- background ------------------------------------------------------------------------------
 
     async def _start_background(self, job: _Job, receive: Receive, send: Send) -> int:
-        store, _ = self._stores()
-        live = _Live(job.response_id, store)
-        self._live[job.response_id] = live
-        self.gateway.nursery.start_soon(self._background, job, live)
+        resume = {
+            "alias": job.ctx.model,
+            "request": job.body,
+            "tools": sorted(job.tools.offered),
+            "headers": resume_headers(job.tools.headers),
+        }
+        leased = await self.durability.acquire(job.response_id, resume)
+        self._start(job, leased)
         if job.request.stream:
             return await self._follow(job.response_id, -1, receive, send)
         await send_json(send, 200, {**job.base, "status": "queued"})
         return 200
+
+    def _start(self, job: _Job, leased: bool) -> None:
+        store, _ = self._stores()
+        handover = leased and self.durability.spec.on_shutdown == "handover"
+        live = _Live(job.response_id, store, leased=leased, handover=handover)
+        self._live[job.response_id] = live
+        self.gateway.nursery.start_soon(self._background, job, live)
+
+    async def resume(self, claim: Claim, max_attempts: int) -> None:
+        """Run a claimed background response again from its stored steps (its lease is ours),
+        or fail it once it was interrupted more than ``max_attempts`` times."""
+        store, steps = self._stores()
+        durable = self.durable_store
+        assert durable is not None
+        record = await store.get(claim.response_id)
+        if record is None or record.status in TERMINAL_STATUSES or claim.response_id in self._live:
+            if claim.response_id not in self._live:
+                await durable.drop_lease(claim.response_id)
+            return
+        info = claim.resume if isinstance(claim.resume, Mapping) else {}
+        logged = await store.events_after(claim.response_id, -1)
+        first_sequence = logged[-1].sequence + 1 if logged else 0
+        if claim.attempts > max_attempts:
+            await self._give_up(record, first_sequence, claim.attempts)
+            await durable.drop_lease(claim.response_id)
+            return
+        alias = str(info.get("alias") or record.response.get("model") or "")
+        req = attrs.evolve(parse_request(info.get("request")), model=alias)
+        mcp, echo = await McpPlan.for_request(req.tools, self.gateway.config.mcp, self.mcp_cache)
+        req = attrs.evolve(req, tools=echo)
+        ctx = RequestContext(model=alias)
+        names = set(info.get("tools") or ())
+        offered = [t for t in await self.executor.tools(ctx) if t.name in names]
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in info.get("headers", [])]
+        key = api_key_for(record.owner, config_secrets(self.gateway.config))
+        if key is not None:
+            headers.append((b"authorization", b"Bearer " + key.encode()))
+        base = {**record.response, "status": "in_progress"}
+        job = _Job(
+            response_id=record.id,
+            request=req,
+            base=base,
+            chat={},
+            ctx=ctx,
+            tools=_RequestTools(self, offered + mcp.runnable(), headers, steps, mcp),
+            transport=ProxyModelTransport(self.gateway.proxy, headers),
+            steps=steps,
+            stored=True,
+            mcp=mcp,
+            mcp_sessions=bool(mcp) or self.executor.has_mcp(ctx),
+            body=info.get("request"),
+            first_sequence=first_sequence,
+        )
+        log.info(
+            "response %s: resuming it (attempt %d, events from %d)",
+            record.id,
+            claim.attempts,
+            first_sequence,
+        )
+        self._start(job, leased=True)
+
+    async def _give_up(self, record: StoredResponse, sequence: int, attempts: int) -> None:
+        """Store a response that keeps losing its process as ``failed`` (with a terminal event
+        for its followers), so it cannot crash-loop the fleet."""
+        store, steps = self._stores()
+        error = {
+            "code": "recovery_failed",
+            "message": (
+                f"The response was interrupted {attempts} times (the gateway running it "
+                "stopped) and is not resumed again."
+            ),
+        }
+        final = {**record.response, "status": "failed", "error": error}
+        log.error("response %s: %s", record.id, error["message"])
+        if await store.update(record.id, final):
+            event = LoopEvent(sequence, LoopEventKind.FAILED, {"response": final})
+            await store.append_events(record.id, [_stored_event(event)])
+            await steps.finish_response(record.id, ResponseStatus.FAILED, final)
 
     async def _background(self, job: _Job, live: _Live) -> None:
         store, _ = self._stores()
@@ -755,19 +895,40 @@ class ResponsesService:
                         nursery.start_soon(_watch_remote_cancel, store, live)
                     await self._execute(job, _ResponseSink(job, live=live))
                     nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            if _all_cancelled(exc):
+                live.handed_over()  # decides: a stop from outside may hand the response over
+            raise
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
-                await live.maybe_flush(force=True)
-                # A loop cancelled before it started still gets its final state.
-                try:
-                    record = await store.get(job.response_id)
-                    if record is not None and record.status not in TERMINAL_STATUSES:
-                        await store.update(job.response_id, {**job.base, "status": "cancelled"})
-                except Exception:
-                    log.exception("response %s: could not store its outcome", job.response_id)
+                await self._settle(job, live)
             live.close()
             self._live.pop(job.response_id, None)
             live.finished.set()
+
+    async def _settle(self, job: _Job, live: _Live) -> None:
+        """A background loop has ended: store its events and its end, and settle its lease.
+        A loop that lost its lease writes nothing (the new owner's stream continues from the
+        stored events); one handed over stores its events and frees its lease at once."""
+        store, _ = self._stores()
+        durable = self.durable_store if live.leased else None
+        try:
+            if live.release == "lost":
+                return
+            await live.maybe_flush(force=True)
+            if live.release == "handover":
+                if durable is not None:
+                    await durable.release_lease(job.response_id, self.durability.owner)
+                log.info("response %s: handed over for another process", job.response_id)
+                return
+            # A loop cancelled before it started still gets its final state.
+            record = await store.get(job.response_id)
+            if record is not None and record.status not in TERMINAL_STATUSES:
+                await store.update(job.response_id, {**job.base, "status": "cancelled"})
+            if durable is not None:
+                await durable.drop_lease(job.response_id)
+        except Exception:
+            log.exception("response %s: could not store its outcome", job.response_id)
 
     # -- stored responses ------------------------------------------------------------------------
 
@@ -963,6 +1124,12 @@ _TERMINAL_TYPES = frozenset(
         LoopEventKind.INCOMPLETE.value,
     }
 )
+
+
+def _all_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_all_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 def _final_text(payload: Any) -> Any:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import attrs
+import orjson
 import trio
 
 from onwards_trio._loop.steps import MultiStepStore
@@ -30,6 +31,9 @@ from onwards_trio._loop.steps import MultiStepStore
 __all__ = [
     "STATUSES",
     "TERMINAL_STATUSES",
+    "Claim",
+    "DurableStore",
+    "IdempotencyRecord",
     "ResponseStore",
     "SharedResponseStore",
     "StoreBackend",
@@ -134,13 +138,111 @@ class SharedResponseStore(Protocol):
         """The stored status alone, or ``None`` when the response is unknown (or deleted)."""
 
 
+@attrs.frozen
+class Claim:
+    """A background response whose lease this process now holds. ``attempts`` counts the
+    owners it lost without a handover (this claim included); ``resume`` is what
+    :meth:`DurableStore.acquire_lease` stored for resuming it."""
+
+    response_id: str
+    attempts: int
+    resume: Any
+
+
+@attrs.frozen
+class IdempotencyRecord:
+    """A request seen under an ``Idempotency-Key``: ``in_flight`` until its response is
+    stored (``done``: ``status``, ``headers``, ``body`` as first sent)."""
+
+    fingerprint: str
+    state: str
+    status: int | None = None
+    headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
+    body: bytes = b""
+
+
+class DurableStore(Protocol):
+    """Leases on running background responses and ``Idempotency-Key`` records.
+
+    A lease row exists from a background response's creation until its end: the owning
+    process renews it in one batched write per interval; when it expires (the owner died), any
+    gateway on the same store claims it atomically and resumes the response. Times are the
+    store's clock (PostgreSQL: the server's), so replicas need no synchronised clocks.
+    """
+
+    async def acquire_lease(
+        self, response_id: str, owner: str, lease_secs: float, resume: Any
+    ) -> None:
+        """Create the lease of a new background response, held by ``owner``."""
+
+    async def renew_leases(self, owner: str, lease_secs: float) -> set[str]:
+        """Extend every lease ``owner`` holds (one write); return their response ids."""
+
+    async def release_lease(self, response_id: str, owner: str) -> None:
+        """Hand the response over: its lease expires now, and the next claim is not counted
+        as a failed attempt."""
+
+    async def drop_lease(self, response_id: str) -> None:
+        """The response ended (or is gone): forget its lease."""
+
+    async def claim_expired(self, owner: str, lease_secs: float, limit: int) -> list[Claim]:
+        """Atomically take up to ``limit`` expired leases for ``owner`` (each claimed by
+        exactly one caller, whichever replica asks at the same time)."""
+
+    async def idempotency_begin(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        owner: str,
+        ttl_secs: float,
+        stale_after: float,
+    ) -> IdempotencyRecord | None:
+        """Record a new request under ``(scope, key)`` as ``in_flight`` for ``owner`` and
+        return ``None``; or, when the key is taken (not expired, not a stale in-flight one),
+        change nothing and return what is stored."""
+
+    async def idempotency_finish(
+        self,
+        scope: str,
+        key: str,
+        owner: str,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        """Store the response of ``owner``'s in-flight request."""
+
+    async def idempotency_abandon(self, scope: str, key: str, owner: str) -> None:
+        """Forget ``owner``'s in-flight request (it produced nothing worth replaying)."""
+
+    async def idempotency_get(self, scope: str, key: str) -> IdempotencyRecord | None:
+        """The record under ``(scope, key)``, expired ones excluded."""
+
+    async def purge_expired(self) -> None:
+        """Delete expired idempotency records."""
+
+
+def encode_headers(headers: Sequence[tuple[bytes, bytes]]) -> str:
+    """Headers as JSON text (latin-1 round-trips every byte), for the SQL stores."""
+    return orjson.dumps([[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]).decode()
+
+
+def decode_headers(text: str | bytes | None) -> list[tuple[bytes, bytes]]:
+    if not text:
+        return []
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in orjson.loads(text)]
+
+
 @attrs.define(eq=False)
 class StoreBackend:
     """One storage backend: the loop's step store and the Responses store over one connection
-    (or pool), opened from one ``store`` config entry and closed together."""
+    (or pool), opened from one ``store`` config entry and closed together, plus the leases and
+    idempotency records on the same connection (``durable``)."""
 
     steps: MultiStepStore
     responses: ResponseStore
+    durable: DurableStore | None = None
 
     async def aclose(self) -> None:
         """Close both (they may share a connection; closing is idempotent)."""

@@ -9,6 +9,7 @@ so a cancelled call either happened completely or not at all.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,9 +31,22 @@ from onwards_trio._loop.steps import (
 )
 from onwards_trio._loop.tools import ToolSchema
 from onwards_trio._loop.transition import ScopeView, Transition, open_responses_transition
-from onwards_trio._stores.base import StoreBackend, StoredEvent, StoredResponse, can_transition
+from onwards_trio._stores.base import (
+    Claim,
+    IdempotencyRecord,
+    StoreBackend,
+    StoredEvent,
+    StoredResponse,
+    can_transition,
+)
 
-__all__ = ["MemoryBackend", "MemoryResponseStore", "MemoryStore", "new_step_id"]
+__all__ = [
+    "MemoryBackend",
+    "MemoryDurableStore",
+    "MemoryResponseStore",
+    "MemoryStore",
+    "new_step_id",
+]
 
 
 def new_step_id() -> str:
@@ -263,8 +277,124 @@ class MemoryResponseStore:
         await trio.lowlevel.checkpoint()
 
 
+@attrs.define
+class _Lease:
+    owner: str | None
+    expires_at: float
+    attempts: int
+    resume: Any
+
+
+@attrs.define
+class _Idem:
+    record: IdempotencyRecord
+    owner: str
+    started_at: float
+    expires_at: float
+
+
+class MemoryDurableStore:
+    """Leases and idempotency records of one process (a memory store never outlives its
+    process, so nothing is ever recovered from it; the leases keep the protocol whole)."""
+
+    def __init__(self) -> None:
+        self._leases: dict[str, _Lease] = {}
+        self._idem: dict[tuple[str, str], _Idem] = {}
+
+    async def acquire_lease(
+        self, response_id: str, owner: str, lease_secs: float, resume: Any
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        self._leases[response_id] = _Lease(owner, time.time() + lease_secs, 0, _copy(resume))
+
+    async def renew_leases(self, owner: str, lease_secs: float) -> set[str]:
+        await trio.lowlevel.checkpoint()
+        mine = {rid for rid, lease in self._leases.items() if lease.owner == owner}
+        for rid in mine:
+            self._leases[rid].expires_at = time.time() + lease_secs
+        return mine
+
+    async def release_lease(self, response_id: str, owner: str) -> None:
+        await trio.lowlevel.checkpoint()
+        lease = self._leases.get(response_id)
+        if lease is not None and lease.owner == owner:
+            lease.owner, lease.expires_at = None, 0.0
+
+    async def drop_lease(self, response_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._leases.pop(response_id, None)
+
+    async def claim_expired(self, owner: str, lease_secs: float, limit: int) -> list[Claim]:
+        await trio.lowlevel.checkpoint()
+        now = time.time()
+        claims: list[Claim] = []
+        for rid, lease in sorted(self._leases.items(), key=lambda kv: kv[1].expires_at):
+            if len(claims) >= limit or lease.expires_at >= now:
+                break
+            lease.attempts += lease.owner is not None
+            lease.owner, lease.expires_at = owner, now + lease_secs
+            claims.append(Claim(rid, lease.attempts, _copy(lease.resume)))
+        return claims
+
+    async def idempotency_begin(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        owner: str,
+        ttl_secs: float,
+        stale_after: float,
+    ) -> IdempotencyRecord | None:
+        await trio.lowlevel.checkpoint()
+        now = time.time()
+        entry = self._idem.get((scope, key))
+        if entry is not None and not (
+            entry.expires_at < now
+            or (entry.record.state == "in_flight" and entry.started_at < now - stale_after)
+        ):
+            return entry.record
+        record = IdempotencyRecord(fingerprint, "in_flight")
+        self._idem[(scope, key)] = _Idem(record, owner, now, now + ttl_secs)
+        return None
+
+    async def idempotency_finish(
+        self,
+        scope: str,
+        key: str,
+        owner: str,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        entry = self._idem.get((scope, key))
+        if entry is not None and entry.owner == owner and entry.record.state == "in_flight":
+            entry.record = attrs.evolve(
+                entry.record, state="done", status=status, headers=list(headers), body=body
+            )
+
+    async def idempotency_abandon(self, scope: str, key: str, owner: str) -> None:
+        await trio.lowlevel.checkpoint()
+        entry = self._idem.get((scope, key))
+        if entry is not None and entry.owner == owner and entry.record.state == "in_flight":
+            del self._idem[(scope, key)]
+
+    async def idempotency_get(self, scope: str, key: str) -> IdempotencyRecord | None:
+        await trio.lowlevel.checkpoint()
+        entry = self._idem.get((scope, key))
+        if entry is None or entry.expires_at < time.time():
+            return None
+        return entry.record
+
+    async def purge_expired(self) -> None:
+        await trio.lowlevel.checkpoint()
+        now = time.time()
+        for k in [k for k, e in self._idem.items() if e.expires_at < now]:
+            del self._idem[k]
+
+
 class MemoryBackend(StoreBackend):
     """A process-local backend: both stores in memory (tests, single-process embedding)."""
 
     def __init__(self) -> None:
-        super().__init__(MemoryStore(), MemoryResponseStore())
+        super().__init__(MemoryStore(), MemoryResponseStore(), MemoryDurableStore())

@@ -56,7 +56,16 @@ from onwards_trio._loop.steps import (
 )
 from onwards_trio._loop.tools import ToolSchema
 from onwards_trio._loop.transition import ScopeView, Transition, open_responses_transition
-from onwards_trio._stores.base import ALLOWED_TRANSITIONS, StoreBackend, StoredEvent, StoredResponse
+from onwards_trio._stores.base import (
+    ALLOWED_TRANSITIONS,
+    Claim,
+    IdempotencyRecord,
+    StoreBackend,
+    StoredEvent,
+    StoredResponse,
+    decode_headers,
+    encode_headers,
+)
 from onwards_trio._stores.memory import new_step_id
 
 __all__ = ["PostgresBackend", "PostgresDatabase", "PostgresResponseStore", "PostgresStore"]
@@ -112,6 +121,28 @@ CREATE TABLE IF NOT EXISTS oresp_events (
     type text NOT NULL,
     data bytea NOT NULL,
     PRIMARY KEY (response_id, seq)
+);
+CREATE TABLE IF NOT EXISTS oresp_leases (
+    response_id text PRIMARY KEY,
+    owner text,
+    expires_at double precision NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    resume jsonb
+);
+CREATE INDEX IF NOT EXISTS oresp_leases_owner ON oresp_leases (owner);
+CREATE INDEX IF NOT EXISTS oresp_leases_expiry ON oresp_leases (expires_at);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    scope text NOT NULL,
+    key text NOT NULL,
+    fingerprint text NOT NULL,
+    state text NOT NULL,
+    owner text NOT NULL,
+    started_at double precision NOT NULL,
+    expires_at double precision NOT NULL,
+    status integer,
+    headers text,
+    body bytea,
+    PRIMARY KEY (scope, key)
 );
 """
 
@@ -563,6 +594,173 @@ class PostgresResponseStore:
         await self.database.aclose()
 
 
+# The database's clock, in epoch seconds: every replica measures leases by the same clock.
+_NOW = "extract(epoch from clock_timestamp())"
+
+
+def _idem_record(row: TupleRow) -> IdempotencyRecord:
+    fingerprint, state, status, headers, body = row[:5]
+    return IdempotencyRecord(
+        fingerprint, state, status, decode_headers(headers), bytes(body or b"")
+    )
+
+
+class PostgresDurableStore:
+    """:class:`~onwards_trio._stores.base.DurableStore` on PostgreSQL, shared by replicas.
+
+    A claim is one ``UPDATE`` of the rows a ``FOR UPDATE SKIP LOCKED`` sub-select picked, so
+    replicas claiming at the same moment each get different responses (never the same one
+    twice); renewals are one ``UPDATE … WHERE owner = …`` for all of a replica's leases.
+    """
+
+    def __init__(self, database: PostgresDatabase | str) -> None:
+        self.database = _database(database)
+
+    async def acquire_lease(
+        self, response_id: str, owner: str, lease_secs: float, resume: Any
+    ) -> None:
+        row = (response_id, owner, lease_secs, _dump(resume))
+        await self.database.run(
+            lambda conn: conn.execute(
+                "INSERT INTO oresp_leases (response_id, owner, expires_at, attempts, resume) "
+                f"VALUES (%s, %s, {_NOW} + %s, 0, %s::jsonb) ON CONFLICT (response_id) DO "
+                "UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at, "
+                "attempts = 0, resume = excluded.resume",
+                row,
+            )
+        )
+
+    async def renew_leases(self, owner: str, lease_secs: float) -> set[str]:
+        def write(conn: Conn) -> set[str]:
+            rows = conn.execute(
+                f"UPDATE oresp_leases SET expires_at = {_NOW} + %s WHERE owner = %s "
+                "RETURNING response_id",
+                (lease_secs, owner),
+            ).fetchall()
+            return {str(r[0]) for r in rows}
+
+        return await self.database.run(write)
+
+    async def release_lease(self, response_id: str, owner: str) -> None:
+        await self.database.run(
+            lambda conn: conn.execute(
+                "UPDATE oresp_leases SET owner = NULL, expires_at = 0 "
+                "WHERE response_id = %s AND owner = %s",
+                (response_id, owner),
+            )
+        )
+
+    async def drop_lease(self, response_id: str) -> None:
+        await self.database.run(
+            lambda conn: conn.execute(
+                "DELETE FROM oresp_leases WHERE response_id = %s", (response_id,)
+            )
+        )
+
+    async def claim_expired(self, owner: str, lease_secs: float, limit: int) -> list[Claim]:
+        def claim(conn: Conn) -> list[Claim]:
+            # The common case (nothing expired) is one index read and writes nothing.
+            found = conn.execute(
+                f"SELECT 1 FROM oresp_leases WHERE expires_at < {_NOW} LIMIT 1"
+            ).fetchone()
+            if found is None:
+                return []
+            rows = conn.execute(
+                f"UPDATE oresp_leases SET owner = %s, expires_at = {_NOW} + %s, "
+                "attempts = oresp_leases.attempts + "
+                "CASE WHEN oresp_leases.owner IS NULL THEN 0 ELSE 1 END "
+                "WHERE response_id IN (SELECT response_id FROM oresp_leases "
+                f"WHERE expires_at < {_NOW} ORDER BY expires_at LIMIT %s "
+                "FOR UPDATE SKIP LOCKED) RETURNING response_id, attempts, resume",
+                (owner, lease_secs, limit),
+            ).fetchall()
+            return [Claim(str(r[0]), int(r[1]), r[2]) for r in rows]
+
+        return await self.database.run(claim)
+
+    async def idempotency_begin(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        owner: str,
+        ttl_secs: float,
+        stale_after: float,
+    ) -> IdempotencyRecord | None:
+        def begin(conn: Conn) -> IdempotencyRecord | None:
+            for _ in range(3):  # the row may vanish between the upsert and the read
+                won = conn.execute(
+                    "INSERT INTO idempotency_keys (scope, key, fingerprint, state, owner, "
+                    f"started_at, expires_at) VALUES (%s, %s, %s, 'in_flight', %s, {_NOW}, "
+                    f"{_NOW} + %s) ON CONFLICT (scope, key) DO UPDATE SET "
+                    "fingerprint = excluded.fingerprint, state = 'in_flight', "
+                    "owner = excluded.owner, started_at = excluded.started_at, "
+                    "expires_at = excluded.expires_at, status = NULL, headers = NULL, "
+                    f"body = NULL WHERE idempotency_keys.expires_at < {_NOW} OR "
+                    "(idempotency_keys.state = 'in_flight' AND "
+                    f"idempotency_keys.started_at < {_NOW} - %s) RETURNING owner",
+                    (scope, key, fingerprint, owner, ttl_secs, stale_after),
+                ).fetchone()
+                if won is not None:
+                    return None
+                row = conn.execute(
+                    "SELECT fingerprint, state, status, headers, body FROM idempotency_keys "
+                    "WHERE scope = %s AND key = %s",
+                    (scope, key),
+                ).fetchone()
+                if row is not None:
+                    return _idem_record(row)
+            raise StoreError(StoreErrorKind.CONFLICT, "idempotency key keeps changing")
+
+        return await self.database.run(begin)
+
+    async def idempotency_finish(
+        self,
+        scope: str,
+        key: str,
+        owner: str,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        row = (status, encode_headers(headers), body, scope, key, owner)
+        await self.database.run(
+            lambda conn: conn.execute(
+                "UPDATE idempotency_keys SET state = 'done', status = %s, headers = %s, "
+                "body = %s WHERE scope = %s AND key = %s AND owner = %s AND state = 'in_flight'",
+                row,
+            )
+        )
+
+    async def idempotency_abandon(self, scope: str, key: str, owner: str) -> None:
+        await self.database.run(
+            lambda conn: conn.execute(
+                "DELETE FROM idempotency_keys "
+                "WHERE scope = %s AND key = %s AND owner = %s AND state = 'in_flight'",
+                (scope, key, owner),
+            )
+        )
+
+    async def idempotency_get(self, scope: str, key: str) -> IdempotencyRecord | None:
+        def read(conn: Conn) -> IdempotencyRecord | None:
+            row = conn.execute(
+                "SELECT fingerprint, state, status, headers, body FROM idempotency_keys "
+                f"WHERE scope = %s AND key = %s AND expires_at >= {_NOW}",
+                (scope, key),
+            ).fetchone()
+            return None if row is None else _idem_record(row)
+
+        return await self.database.run(read)
+
+    async def purge_expired(self) -> None:
+        await self.database.run(
+            lambda conn: conn.execute(f"DELETE FROM idempotency_keys WHERE expires_at < {_NOW}")
+        )
+
+    async def aclose(self) -> None:
+        await self.database.aclose()
+
+
 class PostgresBackend(StoreBackend):
     """Both stores over one connection pool; replicas on one database share responses."""
 
@@ -572,4 +770,4 @@ class PostgresBackend(StoreBackend):
             if isinstance(database, str)
             else database
         )
-        super().__init__(PostgresStore(db), PostgresResponseStore(db))
+        super().__init__(PostgresStore(db), PostgresResponseStore(db), PostgresDurableStore(db))

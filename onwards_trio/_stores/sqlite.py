@@ -36,10 +36,26 @@ from onwards_trio._loop.steps import (
 )
 from onwards_trio._loop.tools import ToolSchema
 from onwards_trio._loop.transition import ScopeView, Transition, open_responses_transition
-from onwards_trio._stores.base import ALLOWED_TRANSITIONS, StoreBackend, StoredEvent, StoredResponse
+from onwards_trio._stores.base import (
+    ALLOWED_TRANSITIONS,
+    Claim,
+    IdempotencyRecord,
+    StoreBackend,
+    StoredEvent,
+    StoredResponse,
+    decode_headers,
+    encode_headers,
+)
 from onwards_trio._stores.memory import new_step_id
 
-__all__ = ["SqliteBackend", "SqliteFile", "SqliteResponseStore", "SqliteStore", "transaction"]
+__all__ = [
+    "SqliteBackend",
+    "SqliteDurableStore",
+    "SqliteFile",
+    "SqliteResponseStore",
+    "SqliteStore",
+    "transaction",
+]
 
 T = TypeVar("T")
 
@@ -626,12 +642,200 @@ class SqliteResponseStore:
         await self._db.aclose()
 
 
+# -- leases and idempotency records ---------------------------------------------------------------
+
+_DURABLE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS oresp_leases (
+    response_id TEXT PRIMARY KEY,
+    owner TEXT,
+    expires_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    resume TEXT
+);
+CREATE INDEX IF NOT EXISTS oresp_leases_owner ON oresp_leases (owner);
+CREATE INDEX IF NOT EXISTS oresp_leases_expiry ON oresp_leases (expires_at);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    status INTEGER,
+    headers TEXT,
+    body BLOB,
+    PRIMARY KEY (scope, key)
+);
+"""
+
+
+def _idem_record(row: tuple[Any, ...]) -> IdempotencyRecord:
+    fingerprint, state, status, headers, body = row
+    return IdempotencyRecord(
+        fingerprint, state, status, decode_headers(headers), bytes(body or b"")
+    )
+
+
+class SqliteDurableStore:
+    """:class:`~onwards_trio._stores.base.DurableStore` in the SQLite file: leases between
+    processes on one host (a restarted gateway claims what the dead one held), and
+    ``Idempotency-Key`` records. Claims run inside ``BEGIN IMMEDIATE``, so two processes on
+    the file never claim the same lease."""
+
+    def __init__(
+        self, path: str, *, busy_timeout: float = 5.0, db: SqliteFile | None = None
+    ) -> None:
+        self.path = path
+        self._db = db or SqliteFile(path, _DURABLE_SCHEMA, busy_timeout=busy_timeout)
+
+    async def acquire_lease(
+        self, response_id: str, owner: str, lease_secs: float, resume: Any
+    ) -> None:
+        row = (response_id, owner, time.time() + lease_secs, _dump(resume))
+        await self._db.run(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO oresp_leases (response_id, owner, expires_at, attempts, "
+                "resume) VALUES (?, ?, ?, 0, ?)",
+                row,
+            )
+        )
+
+    async def renew_leases(self, owner: str, lease_secs: float) -> set[str]:
+        def write(db: sqlite3.Connection) -> set[str]:
+            rows = db.execute(
+                "UPDATE oresp_leases SET expires_at = ? WHERE owner = ? RETURNING response_id",
+                (time.time() + lease_secs, owner),
+            ).fetchall()
+            return {r[0] for r in rows}
+
+        return await self._db.run(write)
+
+    async def release_lease(self, response_id: str, owner: str) -> None:
+        await self._db.run(
+            lambda db: db.execute(
+                "UPDATE oresp_leases SET owner = NULL, expires_at = 0 "
+                "WHERE response_id = ? AND owner = ?",
+                (response_id, owner),
+            )
+        )
+
+    async def drop_lease(self, response_id: str) -> None:
+        await self._db.run(
+            lambda db: db.execute("DELETE FROM oresp_leases WHERE response_id = ?", (response_id,))
+        )
+
+    async def claim_expired(self, owner: str, lease_secs: float, limit: int) -> list[Claim]:
+        def claim(db: sqlite3.Connection) -> list[Claim]:
+            now = time.time()
+            expired = "SELECT response_id FROM oresp_leases WHERE expires_at < ? "
+            # The common case (nothing expired) is one read and takes no write lock.
+            if db.execute(expired + "LIMIT 1", (now,)).fetchone() is None:
+                return []
+            with transaction(db, "BEGIN IMMEDIATE"):
+                rows = db.execute(
+                    "UPDATE oresp_leases SET owner = ?, expires_at = ?, "
+                    "attempts = attempts + (owner IS NOT NULL) "
+                    f"WHERE response_id IN ({expired}ORDER BY expires_at LIMIT ?) "
+                    "RETURNING response_id, attempts, resume",
+                    (owner, now + lease_secs, now, limit),
+                ).fetchall()
+            return [Claim(r[0], int(r[1]), _load(r[2])) for r in rows]
+
+        return await self._db.run(claim)
+
+    async def idempotency_begin(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        owner: str,
+        ttl_secs: float,
+        stale_after: float,
+    ) -> IdempotencyRecord | None:
+        def begin(db: sqlite3.Connection) -> IdempotencyRecord | None:
+            now = time.time()
+            with transaction(db, "BEGIN IMMEDIATE"):
+                row = db.execute(
+                    "SELECT fingerprint, state, status, headers, body, started_at, expires_at "
+                    "FROM idempotency_keys WHERE scope = ? AND key = ?",
+                    (scope, key),
+                ).fetchone()
+                if row is not None and not (
+                    row[6] < now or (row[1] == "in_flight" and row[5] < now - stale_after)
+                ):
+                    return _idem_record(row[:5])
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency_keys (scope, key, fingerprint, state, "
+                    "owner, started_at, expires_at) VALUES (?, ?, ?, 'in_flight', ?, ?, ?)",
+                    (scope, key, fingerprint, owner, now, now + ttl_secs),
+                )
+            return None
+
+        return await self._db.run(begin)
+
+    async def idempotency_finish(
+        self,
+        scope: str,
+        key: str,
+        owner: str,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        row = (status, encode_headers(headers), body, scope, key, owner)
+        await self._db.run(
+            lambda db: db.execute(
+                "UPDATE idempotency_keys SET state = 'done', status = ?, headers = ?, body = ? "
+                "WHERE scope = ? AND key = ? AND owner = ? AND state = 'in_flight'",
+                row,
+            )
+        )
+
+    async def idempotency_abandon(self, scope: str, key: str, owner: str) -> None:
+        await self._db.run(
+            lambda db: db.execute(
+                "DELETE FROM idempotency_keys "
+                "WHERE scope = ? AND key = ? AND owner = ? AND state = 'in_flight'",
+                (scope, key, owner),
+            )
+        )
+
+    async def idempotency_get(self, scope: str, key: str) -> IdempotencyRecord | None:
+        def read(db: sqlite3.Connection) -> IdempotencyRecord | None:
+            row = db.execute(
+                "SELECT fingerprint, state, status, headers, body FROM idempotency_keys "
+                "WHERE scope = ? AND key = ? AND expires_at >= ?",
+                (scope, key, time.time()),
+            ).fetchone()
+            return None if row is None else _idem_record(row)
+
+        return await self._db.run(read)
+
+    async def purge_expired(self) -> None:
+        await self._db.run(
+            lambda db: db.execute(
+                "DELETE FROM idempotency_keys WHERE expires_at < ?", (time.time(),)
+            )
+        )
+
+    async def aclose(self) -> None:
+        await self._db.aclose()
+
+
 class SqliteBackend(StoreBackend):
     """Both stores in one SQLite file over one connection (the embedded default)."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         path = os.fspath(path)
         db = SqliteFile(
-            path, _SCHEMA + _RESPONSES_SCHEMA, busy_timeout=busy_timeout, on_error=_storage
+            path,
+            _SCHEMA + _RESPONSES_SCHEMA + _DURABLE_SCHEMA,
+            busy_timeout=busy_timeout,
+            on_error=_storage,
         )
-        super().__init__(SqliteStore(path, db=db), SqliteResponseStore(path, db=db))
+        super().__init__(
+            SqliteStore(path, db=db),
+            SqliteResponseStore(path, db=db),
+            SqliteDurableStore(path, db=db),
+        )

@@ -485,13 +485,76 @@ async def test_executor_tools_failure_is_an_executor_error_reported_once() -> No
     assert rec is not None and rec.status is ResponseStatus.FAILED
 
 
-async def test_resume_closes_steps_a_dead_run_left_open() -> None:
+async def test_resume_fails_a_tool_call_a_dead_run_left_processing() -> None:
     store = MemoryStore(scripted([Complete({"ok": 1})]))
     stale = await store.record_step("r", None, None, StepDescriptor.tool_call("t"))
     await store.mark_step_processing(stale.id)
-    assert await run(store) == {"ok": 1}
+    executor = FakeExecutor({"t": 1})
+    assert await run(store, executor) == {"ok": 1}
     step = await store.get_step(stale.id)
-    assert step.state is StepState.CANCELED and step.error == {"type": "interrupted"}
+    assert executor.calls == []  # it may have had its effect: never run twice
+    assert step.state is StepState.FAILED and step.error["type"] == "interrupted"
+    assert "not declared idempotent" in step.error["message"]
+
+
+async def test_resume_reruns_an_idempotent_tool_call_left_processing() -> None:
+    store = MemoryStore(scripted([Complete({"ok": 1})]))
+    stale = await store.record_step("r", None, None, StepDescriptor.tool_call("t", call_id="c"))
+    await store.mark_step_processing(stale.id)
+    executor = FakeExecutor({"t": 7}, idempotent=frozenset({"t"}))
+    assert await run(store, executor) == {"ok": 1}
+    step = await store.get_step(stale.id)
+    assert executor.calls == [("t", "c", {})]
+    assert step.state is StepState.COMPLETED and step.response_payload == 7
+
+
+async def test_resume_runs_a_step_that_never_started() -> None:
+    store = MemoryStore(scripted([Complete({"ok": 1})]))
+    pending = await store.record_step("r", None, None, StepDescriptor.tool_call("t"))
+    executor = FakeExecutor({"t": 1})
+    assert await run(store, executor) == {"ok": 1}
+    assert len(executor.calls) == 1
+    assert (await store.get_step(pending.id)).state is StepState.COMPLETED
+
+
+async def test_resume_asks_the_model_again_for_a_call_left_processing() -> None:
+    request = {"model": "m", "messages": []}
+    store = MemoryStore(scripted([Complete({"ok": 1})]))
+    stale = await store.record_step("r", None, None, StepDescriptor.model_call(request))
+    await store.mark_step_processing(stale.id)
+    model = FakeModel(Reply(body={"answer": 1}))
+    assert await run(store, model=model) == {"ok": 1}
+    assert model.requests == [request]
+    step = await store.get_step(stale.id)
+    assert step.state is StepState.COMPLETED and step.response_payload == {"answer": 1}
+
+
+async def test_resume_leaves_completed_steps_alone_and_continues_the_sequence() -> None:
+    store = MemoryStore(tools_then_complete(StepDescriptor.tool_call("t")))
+    done = await store.record_step("r", None, None, StepDescriptor.tool_call("t"))
+    await store.mark_step_processing(done.id)
+    await store.complete_step(done.id, 1)
+    executor = FakeExecutor({"t": 1})
+    sink = ListSink()
+    assert await run(store, executor, sink=sink, first_sequence=5) == {"done": ["completed"]}
+    assert executor.calls == []
+    assert [e.sequence for e in sink.events] == [5]  # no second response.created
+    assert sink.kinds() == [LoopEventKind.COMPLETED]
+
+
+async def test_a_handed_over_loop_leaves_its_steps_for_another_process(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async def slow(args: Any) -> int:
+        await trio.sleep(10)
+        return 1
+
+    store = MemoryStore(tools_then_complete(StepDescriptor.tool_call("t")))
+    with trio.move_on_after(1):
+        await run(store, FakeExecutor({"t": slow}), handed_over=lambda: True)
+    (step,) = await store.list_chain("r", None)
+    assert step.state is StepState.PROCESSING
+    assert await store.get_response("r") is None  # not finished: resumable
 
 
 class StallOnFirstDone(ListSink):

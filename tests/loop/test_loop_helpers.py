@@ -197,9 +197,11 @@ class FakeExecutor:
         *,
         kinds: Mapping[str, ToolKind] | None = None,
         delay: float = 0.0,
+        idempotent: frozenset[str] = frozenset(),
     ) -> None:
         self.handlers = dict(handlers or {})
         self.kinds = dict(kinds or {})
+        self.idempotent = idempotent
         self.delay = delay
         self.calls: list[tuple[str, str, Any]] = []
         self.active = 0
@@ -209,7 +211,12 @@ class FakeExecutor:
     async def tools(self, ctx: RequestContext) -> Sequence[ToolSchema]:
         names = set(self.handlers) | set(self.kinds)
         return [
-            ToolSchema(n, description=f"the {n} tool", kind=self.kinds.get(n, ToolKind.HTTP))
+            ToolSchema(
+                n,
+                description=f"the {n} tool",
+                kind=self.kinds.get(n, ToolKind.HTTP),
+                idempotent=n in self.idempotent,
+            )
             for n in sorted(names)
         ]
 

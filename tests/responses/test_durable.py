@@ -1,0 +1,165 @@
+"""Durable background responses with real processes: a gateway (the CLI) is killed in the middle
+of an agent loop and a new one on the same SQLite file finishes the response — every completed
+step ran exactly once (the fake model and tool count their calls) and the event log has no gap.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from tests.responses.gateway_process import (
+    GatewayProcess,
+    ToolServer,
+    agent_upstream,
+    events_of,
+    model_calls,
+    wait_until,
+    write_config,
+)
+from tests.support import FakeUpstream, serve_app
+
+BODY = {"model": "m", "input": "what is it?", "background": True}
+
+
+async def servers(
+    nursery: trio.Nursery, tmp_path: Path, upstream: FakeUpstream, tool: ToolServer, **extra: Any
+) -> Path:
+    up_url = await serve_app(nursery, upstream)
+    tool_url = await serve_app(nursery, tool)
+    store = {"kind": "sqlite", "path": str(tmp_path / "store.sqlite3")}
+    return write_config(tmp_path / "config.json", up_url, tool_url, store, **extra)
+
+
+async def start_background(gateway: GatewayProcess) -> str:
+    created = await gateway.post("/v1/responses", BODY)
+    assert created.status_code == 200, created.text
+    return str(created.json()["id"])
+
+
+async def assert_gapless_events(gateway: GatewayProcess, response_id: str) -> list[str]:
+    """The whole stored stream: sequence numbers 0, 1, 2, … and exactly one start and end."""
+    replay = await gateway.get(f"/v1/responses/{response_id}?stream=true&starting_after=-1")
+    events = events_of(replay.text)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    kinds = [e["type"] for e in events]
+    assert kinds.count("response.created") == 1 and kinds[0] == "response.created"
+    assert kinds[-1] == "response.completed" and kinds.count("response.completed") == 1
+    return kinds
+
+
+async def test_killed_in_a_model_call_the_restarted_gateway_finishes_it(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    upstream, tool = agent_upstream(slow_answers=1), ToolServer()
+    config = await servers(nursery, tmp_path, upstream, tool)
+    first = await GatewayProcess(config).start(nursery)
+    rid = await start_background(first)
+    # The answer is streaming (slowly) when the process dies.
+    await wait_until(lambda: model_calls(upstream) == (1, 1) and upstream.active == 1)
+    await first.stop(signal.SIGKILL)
+
+    second = await GatewayProcess(config).start(nursery)
+    final = await second.wait_finished(rid)
+    assert final["status"] == "completed", second.log()
+    assert final["output"][-1]["content"][0]["text"] == "the answer is 42 indeed"
+    # The tool call and the first model call completed before the kill: never again. The
+    # interrupted answer was asked again, once.
+    assert tool.calls == 1
+    assert model_calls(upstream) == (1, 2)
+    await assert_gapless_events(second, rid)
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+async def test_killed_in_a_tool_call_it_is_rerun_only_when_idempotent(
+    nursery: trio.Nursery, tmp_path: Path, idempotent: bool
+) -> None:
+    upstream, tool = agent_upstream(), ToolServer()
+    config = await servers(nursery, tmp_path, upstream, tool, idempotent=idempotent)
+    tool.hold = True
+    first = await GatewayProcess(config).start(nursery)
+    rid = await start_background(first)
+    with trio.fail_after(30):
+        await tool.called.wait()
+    await first.stop(signal.SIGKILL)
+    tool.hold = False
+
+    second = await GatewayProcess(config).start(nursery)
+    final = await second.wait_finished(rid)
+    assert final["status"] == "completed", second.log()
+    assert model_calls(upstream) == (1, 1)
+    tool_output = next(i for i in final["output"] if i["type"] == "function_call_output")
+    sent_to_model = upstream.requests[-1].json()["messages"][-1]
+    if idempotent:
+        assert tool.calls == 2
+        assert orjson.loads(tool_output["output"]) == {"answer": 42}
+    else:
+        # Not safe to repeat: recorded failed, and the model is told so.
+        assert tool.calls == 1
+        assert tool_output["status"] == "incomplete"
+        assert "interrupted" in sent_to_model["content"]
+        assert "not declared idempotent" in sent_to_model["content"]
+    await assert_gapless_events(second, rid)
+
+
+async def test_killed_between_steps_no_completed_step_runs_again(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    upstream, tool = agent_upstream(), ToolServer()
+    config = await servers(nursery, tmp_path, upstream, tool)
+    first = await GatewayProcess(config).start(nursery)
+    rid = await start_background(first)
+    with trio.fail_after(30):
+        await tool.answered.wait()  # the tool step is done (or being recorded as done)
+    await first.stop(signal.SIGKILL)
+
+    second = await GatewayProcess(config).start(nursery)
+    final = await second.wait_finished(rid)
+    assert final["status"] == "completed", second.log()
+    assert tool.calls == 1
+    assert model_calls(upstream)[0] == 1
+    await assert_gapless_events(second, rid)
+
+
+async def test_sigterm_hands_the_response_over_to_the_restarted_gateway(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    upstream, tool = agent_upstream(), ToolServer()
+    config = await servers(nursery, tmp_path, upstream, tool, idempotent=True)
+    tool.hold = True
+    first = await GatewayProcess(config).start(nursery)
+    rid = await start_background(first)
+    with trio.fail_after(30):
+        await tool.called.wait()
+    assert await first.stop(signal.SIGTERM) == 0
+    assert "handed over" in first.log()
+    tool.hold = False
+
+    second = await GatewayProcess(config).start(nursery)
+    final = await second.wait_finished(rid)
+    assert final["status"] == "completed", second.log()
+    assert model_calls(upstream) == (1, 1)
+    await assert_gapless_events(second, rid)
+
+
+async def test_on_shutdown_cancel_stores_the_response_cancelled(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    upstream, tool = agent_upstream(), ToolServer()
+    config = await servers(nursery, tmp_path, upstream, tool, on_shutdown="cancel")
+    tool.hold = True
+    first = await GatewayProcess(config).start(nursery)
+    rid = await start_background(first)
+    with trio.fail_after(30):
+        await tool.called.wait()
+    assert await first.stop(signal.SIGTERM) == 0
+
+    second = await GatewayProcess(config).start(nursery)
+    final = await second.wait_finished(rid)
+    assert final["status"] == "cancelled"
+    assert tool.calls == 1
