@@ -60,10 +60,11 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Throughput and added latency of the gateway, the loop's per-step overhead, the cost
-    of sanitisation/strict mode per streamed chunk and of the Anthropic Messages translation
-    per streamed event. ``nox -s bench -- proxy`` runs one."""
+    of sanitisation/strict mode per streamed chunk, of the Anthropic Messages translation
+    per streamed event, and of lease renewal of background responses. ``nox -s bench --
+    proxy`` runs one."""
     session.install("-e", ".")
-    chosen = set(session.posargs) or {"proxy", "loop", "strict", "anthropic"}
-    for name in ("proxy", "loop", "strict", "anthropic"):
+    chosen = set(session.posargs) or {"proxy", "loop", "strict", "anthropic", "durable"}
+    for name in ("proxy", "loop", "strict", "anthropic", "durable"):
         if name in chosen:
             session.run("python", f"bench/{name}.py")

@@ -222,6 +222,9 @@ class DurableStore(Protocol):
     async def purge_expired(self) -> None:
         """Delete expired idempotency records."""
 
+    async def aclose(self) -> None:
+        """Release resources (connections)."""
+
 
 def encode_headers(headers: Sequence[tuple[bytes, bytes]]) -> str:
     """Headers as JSON text (latin-1 round-trips every byte), for the SQL stores."""

@@ -392,6 +392,9 @@ class MemoryDurableStore:
         for k in [k for k, e in self._idem.items() if e.expires_at < now]:
             del self._idem[k]
 
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
 
 class MemoryBackend(StoreBackend):
     """A process-local backend: both stores in memory (tests, single-process embedding)."""

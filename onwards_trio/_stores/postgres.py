@@ -594,8 +594,9 @@ class PostgresResponseStore:
         await self.database.aclose()
 
 
-# The database's clock, in epoch seconds: every replica measures leases by the same clock.
-_NOW = "extract(epoch from clock_timestamp())"
+# The database's clock in epoch seconds (the statement's start: stable, so indexes serve it):
+# every replica measures leases by the same clock.
+_NOW = "extract(epoch from now())"
 
 
 def _idem_record(row: TupleRow) -> IdempotencyRecord:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 import trio
 
@@ -22,6 +23,7 @@ from tests.responses.gateway_process import (
     wait_until,
     write_config,
 )
+from tests.stores.test_store_postgres import fresh_schema, needs_postgres
 from tests.support import FakeUpstream, serve_app
 
 BODY = {"model": "m", "input": "what is it?", "background": True}
@@ -163,3 +165,79 @@ async def test_on_shutdown_cancel_stores_the_response_cancelled(
     final = await second.wait_finished(rid)
     assert final["status"] == "cancelled"
     assert tool.calls == 1
+
+
+async def test_a_response_interrupted_too_often_is_failed_with_a_clear_error(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    upstream, tool = agent_upstream(), ToolServer()
+    config = await servers(nursery, tmp_path, upstream, tool, max_recovery_attempts=0)
+    tool.hold = True
+    first = await GatewayProcess(config).start(nursery)
+    rid = await start_background(first)
+    with trio.fail_after(30):
+        await tool.called.wait()
+    await first.stop(signal.SIGKILL)
+
+    second = await GatewayProcess(config).start(nursery)
+    final = await second.wait_finished(rid)
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "recovery_failed"
+    assert "interrupted 1 times" in final["error"]["message"]
+    replay = await second.get(f"/v1/responses/{rid}?stream=true&starting_after=-1")
+    events = events_of(replay.text)
+    assert events[-1]["type"] == "response.failed"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert tool.calls == 1
+
+
+# -- two gateways on one PostgreSQL database ------------------------------------------------------
+
+
+def _owners(dsn: str) -> dict[str, str | None]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT response_id, owner FROM oresp_leases").fetchall()
+    return {str(r[0]): r[1] for r in rows}
+
+
+@needs_postgres
+async def test_two_gateways_on_postgres_the_survivor_claims_and_finishes(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    upstream, tool = agent_upstream(), ToolServer()
+    async with fresh_schema() as dsn:
+        up_url = await serve_app(nursery, upstream)
+        tool_url = await serve_app(nursery, tool)
+        config = write_config(
+            tmp_path / "config.json",
+            up_url,
+            tool_url,
+            {"kind": "postgres", "dsn": dsn},
+            idempotent=True,
+        )
+        tool.hold = True
+        a = await GatewayProcess(config).start(nursery)
+        b = await GatewayProcess(config).start(nursery)
+        on_a = [await start_background(a) for _ in range(3)]
+        on_b = [await start_background(b) for _ in range(2)]
+        await wait_until(lambda: tool.calls == 5)  # every response is in its tool call
+        owners = await trio.to_thread.run_sync(_owners, dsn)
+        owner_a = owners[on_a[0]]
+        assert {owners[r] for r in on_a} == {owner_a} and owner_a not in {owners[r] for r in on_b}
+        tool.hold = False
+        await a.stop(signal.SIGKILL)
+        killed = trio.current_time()
+        with trio.fail_after(30):
+            while any(o == owner_a for o in (await trio.to_thread.run_sync(_owners, dsn)).values()):
+                await trio.sleep(0.05)
+        claimed_after = trio.current_time() - killed
+        assert claimed_after <= 2.0 + 1.0  # lease_secs + 1 s
+        for rid in on_a + on_b:
+            final = await b.wait_finished(rid)
+            assert final["status"] == "completed", b.log()
+        # Never both: each response made its first model call once, its final one once, and
+        # its (idempotent) tool call once more only if its owner died in it.
+        assert model_calls(upstream) == (5, 5)
+        assert tool.calls == 5 + len(on_a)
+        for rid in on_a:
+            await assert_gapless_events(b, rid)

@@ -28,6 +28,8 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
             one = MemoryDurableStore()
             yield one, one
             return
+        a: DurableStore
+        b: DurableStore
         if request.param == "sqlite":
             path = str(tmp_path / "d.sqlite3")
             a, b = SqliteDurableStore(path), SqliteDurableStore(path)
@@ -40,8 +42,8 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         try:
             yield a, b
         finally:
-            await a.aclose()  # type: ignore[attr-defined]
-            await b.aclose()  # type: ignore[attr-defined]
+            await a.aclose()
+            await b.aclose()
 
 
 async def expire(store: DurableStore, response_id: str, owner: str) -> None:
