@@ -31,6 +31,7 @@ from onwards_trio._anthropic.service import (
     models_page,
     wants_anthropic,
 )
+from onwards_trio._app.idempotency import IDEMPOTENT_PATHS, Idempotency, idempotency_key
 from onwards_trio._config import Config
 from onwards_trio._errors import HTTPError
 from onwards_trio._ops.logs import (
@@ -138,6 +139,8 @@ class Gateway:
         self.responses = ResponsesService(self)
         # /v1/messages for aliases with the Anthropic adapter
         self.anthropic = AnthropicService(self)
+        # Idempotency-Key on the POST routes that cost money (records in the responses' store)
+        self.idempotency = Idempotency(self)
 
     @property
     def config(self) -> Config:
@@ -279,17 +282,14 @@ class Gateway:
                 await send_error(exchange, _TRACE_REFUSED)
             elif path in _MODELS_PATHS and method in ("GET", "HEAD"):
                 status = await self._models(scope, exchange)
-            elif path in ANTHROPIC_ROUTES:
-                status = await self.anthropic.handle(scope, receive, exchange)
-            elif self.targets.table.strict_mode and not path.startswith("/v1/responses/"):
-                # typed routes only; POST /v1/responses goes to the adapter first
-                status = await handle_strict(
-                    self, scope, receive, exchange, responses=self.responses.create
-                )
-            elif path == "/v1/responses" or path.startswith("/v1/responses/"):
-                status = await self.responses.handle(scope, receive, exchange)
+            elif (
+                method == "POST"
+                and path in IDEMPOTENT_PATHS
+                and idempotency_key(scope["headers"]) is not None
+            ):
+                status = await self.idempotency.handle(scope, receive, exchange, self._route)
             else:
-                status = await self._proxy_http(scope, receive, exchange)
+                status = await self._route(scope, receive, exchange)
         except Exception:
             # A bug must still end as a JSON error, never a traceback or a hung client.
             log.exception("unhandled error in %s %s", method, endpoint_label(path))
@@ -299,6 +299,19 @@ class Gateway:
             await send_error(exchange, errors.internal_error())
         finally:
             finish_exchange(self.metrics, method, path, status, time.perf_counter() - started)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Serve a request by its path: ``/v1/messages``, strict routes, ``/v1/responses``, or
+        the proxy."""
+        path: str = scope["path"]
+        if path in ANTHROPIC_ROUTES:
+            return await self.anthropic.handle(scope, receive, send)
+        if self.targets.table.strict_mode and not path.startswith("/v1/responses/"):
+            # typed routes only; POST /v1/responses goes to the adapter first
+            return await handle_strict(self, scope, receive, send, responses=self.responses.create)
+        if path == "/v1/responses" or path.startswith("/v1/responses/"):
+            return await self.responses.handle(scope, receive, send)
+        return await self._proxy_http(scope, receive, send)
 
     async def _models(self, scope: Scope, send: Send) -> int:
         headers = scope["headers"]

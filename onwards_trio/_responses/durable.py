@@ -168,9 +168,10 @@ class Durability:
     async def _resume(self, store: DurableStore, claim: Claim) -> None:
         try:
             await self.service.resume(claim, self.spec.max_recovery_attempts)
-        except Exception:
+        except Exception as exc:
+            # Not released for another try: what cannot be resumed now never will be.
             log.exception("response %s: could not be resumed", claim.response_id)
-            await store.release_lease(claim.response_id, self.owner)
+            await self.service.fail_unresumable(claim, f"{type(exc).__name__}: {exc}")
 
     async def acquire(self, response_id: str, resume: Any) -> bool:
         """Take the lease of a new background response; False when leases are off."""

@@ -485,6 +485,11 @@ class ResponsesService:
         self.durability.ensure_running()
         return self.response_store, self.step_store
 
+    def durable(self) -> DurableStore | None:
+        """The store of leases and ``Idempotency-Key`` records (opened on first use)."""
+        self._stores()
+        return self.durable_store
+
     async def check_store(self) -> None:
         """Open the stores and write to them once (a no-op delete), so that an unusable store
         (an unwritable SQLite path, an unreachable database) is a clear error at start rather
@@ -818,7 +823,11 @@ class ResponsesService:
         logged = await store.events_after(claim.response_id, -1)
         first_sequence = logged[-1].sequence + 1 if logged else 0
         if claim.attempts > max_attempts:
-            await self._give_up(record, first_sequence, claim.attempts)
+            message = (
+                f"The response was interrupted {claim.attempts} times (the gateway running it "
+                "stopped) and is not resumed again."
+            )
+            await self._give_up(record, first_sequence, message)
             await durable.drop_lease(claim.response_id)
             return
         alias = str(info.get("alias") or record.response.get("model") or "")
@@ -856,17 +865,23 @@ class ResponsesService:
         )
         self._start(job, leased=True)
 
-    async def _give_up(self, record: StoredResponse, sequence: int, attempts: int) -> None:
+    async def fail_unresumable(self, claim: Claim, reason: str) -> None:
+        """A claimed response that cannot be resumed (its stored state is unusable) is failed
+        rather than released, so no process tries it again and again."""
+        store, _ = self._stores()
+        record = await store.get(claim.response_id)
+        if record is not None and record.status not in TERMINAL_STATUSES:
+            logged = await store.events_after(claim.response_id, -1)
+            sequence = logged[-1].sequence + 1 if logged else 0
+            await self._give_up(record, sequence, f"The response could not be resumed ({reason}).")
+        if self.durable_store is not None:
+            await self.durable_store.drop_lease(claim.response_id)
+
+    async def _give_up(self, record: StoredResponse, sequence: int, message: str) -> None:
         """Store a response that keeps losing its process as ``failed`` (with a terminal event
         for its followers), so it cannot crash-loop the fleet."""
         store, steps = self._stores()
-        error = {
-            "code": "recovery_failed",
-            "message": (
-                f"The response was interrupted {attempts} times (the gateway running it "
-                "stopped) and is not resumed again."
-            ),
-        }
+        error = {"code": "recovery_failed", "message": message}
         final = {**record.response, "status": "failed", "error": error}
         log.error("response %s: %s", record.id, error["message"])
         if await store.update(record.id, final):
