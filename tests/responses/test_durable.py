@@ -241,3 +241,22 @@ async def test_two_gateways_on_postgres_the_survivor_claims_and_finishes(
         assert tool.calls == 5 + len(on_a)
         for rid in on_a:
             await assert_gapless_events(b, rid)
+
+
+async def test_a_recovered_response_is_cancelled_like_a_fresh_one(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    upstream, tool = agent_upstream(), ToolServer()
+    config = await servers(nursery, tmp_path, upstream, tool, idempotent=True)
+    tool.hold = True
+    first = await GatewayProcess(config).start(nursery)
+    rid = await start_background(first)
+    await wait_until(lambda: tool.calls == 1)
+    await first.stop(signal.SIGKILL)
+
+    second = await GatewayProcess(config).start(nursery)
+    await wait_until(lambda: tool.calls == 2)  # resumed: the idempotent call is made again
+    cancelled = await second.post(f"/v1/responses/{rid}/cancel", {})
+    assert cancelled.json()["status"] == "cancelled"
+    assert (await second.wait_finished(rid))["status"] == "cancelled"
+    assert model_calls(upstream) == (1, 0)
