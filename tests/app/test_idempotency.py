@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -205,3 +206,40 @@ async def test_duplicates_sent_to_two_replicas_make_one_upstream_call(
                 group.start_soon(one, replicas[i % 2])
         assert len(upstream.requests) == 1
         assert len({a.http_response.content for a in answers}) == 1
+
+
+async def test_messages_duplicates_make_one_call_and_errors_keep_the_anthropic_envelope(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = FakeUpstream(Reply(body=chat_completion("hi from claude"), delay=0.3))
+    up_url = await serve_app(nursery, upstream)
+    targets = {"claude": {"url": up_url + "/v1", "keys": ["sk-a"], "anthropic": {"adapter": True}}}
+    _, url = await start_gateway(nursery, {"targets": targets, "store": {"kind": "memory"}})
+    client = anthropic.Anthropic(base_url=url, api_key="sk-a", timeout=15, max_retries=0)
+
+    def create(text: str) -> Any:
+        return client.messages.with_raw_response.create(
+            model="claude",
+            max_tokens=10,
+            messages=[{"role": "user", "content": text}],
+            extra_headers={"Idempotency-Key": "msg-1"},
+        )
+
+    try:
+        answers: list[Any] = []
+
+        async def one() -> None:
+            answers.append(await sdk(lambda: create("hello")))
+
+        async with trio.open_nursery() as group:
+            for _ in range(3):
+                group.start_soon(one)
+        assert len(upstream.requests) == 1
+        assert len({a.http_response.content for a in answers}) == 1
+        assert answers[0].parse().content[0].text == "hi from claude"
+        with pytest.raises(anthropic.UnprocessableEntityError) as info:
+            await sdk(lambda: create("something else"))
+        error = info.value.body
+        assert isinstance(error, dict) and error["type"] == "error"  # Anthropic's envelope
+    finally:
+        client.close()
