@@ -46,6 +46,7 @@ __all__ = [
     "RoutingRule",
     "SharedLimitsSpec",
     "StoreSpec",
+    "TelemetrySpec",
     "ToolSpec",
     "load_config",
     "parse_config",
@@ -269,6 +270,8 @@ class ProviderSpec:
     trusted: bool | None = None
     anthropic: AnthropicSpec | None = None
     reasoning: ReasoningSpec | None = None
+    # Send this provider the W3C trace context of the upstream attempt (tracing on only).
+    propagate_trace_context: bool = False
 
 
 @attrs.frozen
@@ -325,6 +328,34 @@ class SharedLimitsSpec:
     lease_secs: float = attrs.field(default=300.0, validator=_positive)
 
 
+def _ratio(_inst: object, attr: "attrs.Attribute[Any]", value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attr.name} must be between 0 and 1, got {value}")
+
+
+@attrs.frozen
+class TelemetrySpec:
+    """OpenTelemetry traces and token usage (docs/operations.md, "Telemetry").
+
+    ``enabled`` unset: traces are on when an OTLP endpoint is configured (``endpoint`` or the
+    ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` variables). ``endpoint`` is a base URL, as the
+    variable is (``/v1/traces`` is added). Fields left unset fall back to the standard
+    ``OTEL_*`` variables. ``record_content`` puts prompts, completions and tool arguments and
+    results on spans (off: never). ``stream_usage`` asks upstreams for the usage chunk of chat
+    streams the client did not ask it for (the client's stream stays as it would have been).
+    Read at start-up: a reload does not change tracing.
+    """
+
+    enabled: bool | None = None
+    endpoint: str | None = None
+    service_name: str | None = None
+    sample_ratio: float | None = attrs.field(default=None, validator=_ratio)
+    record_content: bool = False
+    export_timeout_secs: float | None = attrs.field(default=None, validator=_positive)
+    max_queue_size: int = attrs.field(default=2048, validator=_positive)
+    stream_usage: bool = False
+
+
 @attrs.frozen
 class BackgroundSpec:
     """Durable background responses (docs/responses.md): each running one is owned by a
@@ -366,6 +397,7 @@ class Config:
     mcp: McpSpec = attrs.field(factory=McpSpec)
     background: BackgroundSpec = attrs.field(factory=BackgroundSpec)
     idempotency: IdempotencySpec = attrs.field(factory=IdempotencySpec)
+    telemetry: TelemetrySpec = attrs.field(factory=TelemetrySpec)
     warnings: tuple[str, ...] = attrs.field(default=(), eq=False)
 
 

@@ -35,13 +35,17 @@ from onwards_trio._app.idempotency import IDEMPOTENT_PATHS, Idempotency, idempot
 from onwards_trio._config import Config
 from onwards_trio._errors import HTTPError
 from onwards_trio._ops.logs import (
+    Exchange,
     access_writer,
+    add_usage,
     begin_exchange,
+    clean_path,
     current_status,
     finish_exchange,
     note_request,
 )
 from onwards_trio._ops.metrics import endpoint_label
+from onwards_trio._ops.telemetry import activate, create_telemetry
 from onwards_trio._proxy.auth import bearer_token
 from onwards_trio._proxy.pipeline import Proxy, ProxyRequest, UpstreamReply, parse_json_body
 from onwards_trio._proxy.strict import handle_strict, response_filter
@@ -63,7 +67,10 @@ from onwards_trio._transport.pool import UpstreamClient, dot_segments
 from onwards_trio._transport.server import serve as serve_http
 
 if TYPE_CHECKING:
+    from onwards_trio._ops.tracing import SpanScope, Telemetry
     from onwards_trio._proxy.shared_limits import SharedLimits
+    from onwards_trio._proxy.targets import Provider
+    from onwards_trio._proxy.usage import Usage
 
 __all__ = ["Gateway", "ServeInfo"]
 
@@ -135,6 +142,10 @@ class Gateway:
         self._nursery: trio.Nursery | None = None
         # SEAM: metrics (gateway-level Metrics object)
         self.metrics: Any = None
+        # OpenTelemetry traces (None: off, and the SDK is never imported); token usage
+        self.telemetry: Telemetry | None = create_telemetry(config.telemetry)
+        self.proxy.telemetry = self.telemetry
+        self.proxy.usage_observer = self._usage
         # /v1/responses: stores, tool executor and background loops live here
         self.responses = ResponsesService(self)
         # /v1/messages for aliases with the Anthropic adapter
@@ -180,6 +191,8 @@ class Gateway:
                         await nursery.start(self.shared_limits.run)
                     # Background responses a dead process left: resumed from the start.
                     nursery.start_soon(self.responses.recover_at_start)
+                    if self.telemetry is not None:
+                        await nursery.start(self.telemetry.run)
                     yield self
                 finally:
                     nursery.cancel_scope.cancel()
@@ -274,6 +287,12 @@ class Gateway:
         method: str = scope["method"]
         # metrics (pending, in flight, bytes, time to first byte) and the access line
         exchange = begin_exchange(self.metrics, method, path, started, send)
+        tel = self.telemetry
+        span: SpanScope | None = None
+        if tel is not None:
+            activate(tel)  # the loop's spans find it here
+            route = endpoint_label(path)
+            span = tel.start_request(method, route, clean_path(path), scope["headers"])
         status = 500
         try:
             if method == "TRACE":
@@ -298,7 +317,34 @@ class Gateway:
             status = 500
             await send_error(exchange, errors.internal_error())
         finally:
-            finish_exchange(self.metrics, method, path, status, time.perf_counter() - started)
+            done = finish_exchange(
+                self.metrics, method, path, status, time.perf_counter() - started
+            )
+            if span is not None and tel is not None:
+                self._end_span(tel, span, done, status, scope)
+
+    def _end_span(
+        self, tel: Telemetry, span: SpanScope, done: Exchange, status: int, scope: Scope
+    ) -> None:
+        request = done.request
+        tel.end_request(
+            span,
+            done.sent_status if done.sent_status is not None else status,
+            alias=request.alias if request is not None else None,
+            key_label=self.targets.table.key_label(bearer_token(scope["headers"])),
+            provider=request.provider_index if request is not None else None,
+            attempts=request.attempts if request is not None else None,
+            usage=done.usage,
+        )
+
+    def _usage(self, request: ProxyRequest, alias: str, provider: Provider, usage: Usage) -> None:
+        """A relayed upstream body's token usage: counters, the access line (and the spans,
+        which the pipeline tags itself)."""
+        metrics = self.metrics
+        if metrics is not None:
+            label = self.targets.table.key_label(bearer_token(request.headers))
+            metrics.tokens(alias, provider.index, label, usage)
+        add_usage(usage)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Serve a request by its path: ``/v1/messages``, strict routes, ``/v1/responses``, or

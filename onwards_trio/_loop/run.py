@@ -62,6 +62,8 @@ from onwards_trio._loop.steps import (
     StoreError,
 )
 from onwards_trio._loop.tools import RequestContext, ToolError, ToolExecutor, ToolKind, ToolSchema
+from onwards_trio._ops.telemetry import current_telemetry
+from onwards_trio._proxy.usage import Usage, usage_from_object
 from onwards_trio._transport.sse import SSEDecoder, SSEEventTooLarge
 
 __all__ = [
@@ -308,6 +310,8 @@ class _Run:
         self.depth = depth
         self.emitter = emitter
         self.top = depth == 0 and scope_parent is None
+        self.telemetry = current_telemetry()  # None: no spans, nothing to pay
+        self.usage: Usage | None = None  # this run's model calls (spans only)
         self.tools: dict[str, ToolSchema] = {}
         self.open_steps: dict[str, None] = {}  # recorded, not yet terminal in the store
         self.tool_slots: dict[str, tuple[int, str]] = {}  # step id -> (output_index, call_id)
@@ -354,6 +358,28 @@ class _Run:
     # -- the loop -------------------------------------------------------------------------------
 
     async def run(self, response: Mapping[str, Any] | None) -> Any:
+        """:meth:`_run`, in a span of its own when tracing is on."""
+        tel = self.telemetry
+        if tel is None:
+            return await self._run(response)
+        span = tel.start_response(self.request_id, self.ctx.model, self.depth)
+        status, error = "failed", None
+        try:
+            payload = await self._run(response)
+            given = payload.get("status") if isinstance(payload, Mapping) else None
+            status = given if isinstance(given, str) else "completed"
+            return payload
+        except LoopError as e:
+            error = e.kind.value
+            raise
+        except BaseException as e:
+            status = "cancelled" if _all_cancelled(e) else "failed"
+            error = status if status == "cancelled" else type(e).__name__
+            raise
+        finally:
+            tel.end_response(span, status, self.usage, error)
+
+    async def _run(self, response: Mapping[str, Any] | None) -> Any:
         base = dict(response or {})
         self.created_at = int(time.time())
         try:
@@ -538,6 +564,28 @@ class _Run:
             scope.cancel()
 
     async def _step(self, rec: RecordedStep, desc: StepDescriptor) -> None:
+        """:meth:`_run_step`, in a span of its own when tracing is on."""
+        tel = self.telemetry
+        if tel is None:
+            await self._run_step(rec, desc)
+            return
+        span = tel.start_step(rec.id, desc.kind.value, desc.request_payload)
+        outcome, result = "canceled", None
+        try:
+            outcome, result = await self._run_step(rec, desc)
+        except LoopError:
+            outcome = "failed"
+            raise
+        finally:
+            usage = None
+            if desc.kind is StepKind.MODEL_CALL and isinstance(result, Mapping):
+                usage = usage_from_object(result.get("usage"))
+                if usage is not None:
+                    self.usage = usage if self.usage is None else self.usage + usage
+            tel.end_step(span, desc.kind.value, outcome, result, usage)
+
+    async def _run_step(self, rec: RecordedStep, desc: StepDescriptor) -> tuple[str, Any]:
+        """Run one step to its terminal state; return that state and the step's result."""
         if rec.id in self.processing:
             self.processing.discard(rec.id)  # re-run after a resume: it is processing already
         else:
@@ -552,12 +600,13 @@ class _Run:
             self.open_steps.pop(rec.id, None)
             if desc.kind is StepKind.TOOL_CALL:
                 await self._tool_done(rec, f.tool_output, "incomplete")
-            return
+            return "failed", None
         await self._s(self.store.complete_step(rec.id, result))
         self.open_steps.pop(rec.id, None)
         if desc.kind is StepKind.TOOL_CALL:
             out = result if isinstance(result, str) else orjson.dumps(result).decode()
             await self._tool_done(rec, out, "completed")
+        return "completed", result
 
     # -- tool steps -----------------------------------------------------------------------------
 

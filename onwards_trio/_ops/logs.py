@@ -2,7 +2,7 @@
 
 What is logged (SPEC §2.8): never a key, a prompt or a completion -- lengths only. The access
 line carries method, path (without the query string, which may hold credentials), alias,
-provider index, status, duration and byte counts. Two layers keep it that way:
+provider index, status, duration, byte counts and token usage. Two layers keep it that way:
 
 1. The gateway only ever passes lengths and labels to the logger (:func:`log_request`).
 2. :class:`RedactionFilter`, installed on the handler by :func:`configure_logging`, masks
@@ -14,12 +14,9 @@ Formats: ``text`` (``ts level logger message``, where the access line is ``key=v
 ``json`` (one object per line, the access fields as top-level keys). Level and format come from
 the arguments, else ``ONWARDS_LOG`` / ``ONWARDS_LOG_FORMAT``, else ``info`` / ``text``.
 
-OpenTelemetry seam: every finished request is a :class:`RequestRecord` handed to
-:func:`log_request`, which logs it and then calls each function in :data:`request_observers`.
-A tracing exporter (``OTEL_EXPORTER_OTLP_ENDPOINT``) plugs in there -- or as a
-``logging.Handler`` on the ``onwards_trio`` logger, since records carry their fields in
-``record.fields`` -- without touching the proxy. Until then :func:`configure_logging` says once
-that the variable is set but not used.
+Observer seam: every finished request is a :class:`RequestRecord` handed to
+:func:`log_request`, which logs it and then calls each function in :data:`request_observers`
+(traces have their own, richer hooks: ``_ops/telemetry.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ from onwards_trio._ops.access import AccessWriter, logfmt
 
 if TYPE_CHECKING:
     from onwards_trio._ops.metrics import Metrics
+    from onwards_trio._proxy.usage import Usage
     from onwards_trio._transport.asgi import Send
 
 __all__ = [
@@ -50,7 +48,9 @@ __all__ = [
     "RequestRecord",
     "SecretSet",
     "TextFormatter",
+    "access_logged",
     "access_writer",
+    "add_usage",
     "begin_exchange",
     "collect_secrets",
     "configure_logging",
@@ -322,11 +322,6 @@ def configure_logging(
         # Their debug output includes request headers (keys); keep them quiet unless asked.
         # (httpx2/httpcore2/mcp: the MCP SDK, which sends MCP servers' credentials.)
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        logging.getLogger("onwards_trio").info(
-            "OTEL_EXPORTER_OTLP_ENDPOINT is set but tracing export is not built in yet; "
-            "register an observer in onwards_trio._ops.logs.request_observers"
-        )
     return guard
 
 
@@ -344,6 +339,9 @@ class RequestRecord:
     bytes_out: int | None = None
     attempts: int | None = None
     stream: bool | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_tokens: int | None = None
 
     def fields(self) -> dict[str, Any]:
         """The access-line fields in order; the optional ones only when known."""
@@ -360,7 +358,17 @@ class RequestRecord:
         return out
 
 
-_OPTIONAL_FIELDS: Final = ("alias", "provider", "bytes_in", "bytes_out", "attempts", "stream")
+_OPTIONAL_FIELDS: Final = (
+    "alias",
+    "provider",
+    "bytes_in",
+    "bytes_out",
+    "attempts",
+    "stream",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+)
 
 
 #: Called with every finished :class:`RequestRecord` (the OpenTelemetry seam). An observer
@@ -374,6 +382,11 @@ def clean_path(path: str) -> str:
     """The path part only (a query string may hold credentials), bounded in length."""
     path = path.split("?", 1)[0]
     return path if len(path) <= _MAX_PATH else path[:_MAX_PATH] + "..."
+
+
+def access_logged() -> bool:
+    """Whether access lines are written (the token usage on them is worth reading then)."""
+    return _access.isEnabledFor(logging.INFO)
 
 
 def log_request(record: RequestRecord) -> None:
@@ -424,6 +437,7 @@ class Exchange:
         "started",
         "stream",
         "token",
+        "usage",
     )
 
     def __init__(self, metrics: Metrics | None, method: str, path: str, started: float) -> None:
@@ -437,6 +451,7 @@ class Exchange:
         self.stream = False
         self.sent_status: int | None = None
         self.request: Any = None
+        self.usage: Usage | None = None  # summed over every upstream body relayed for it
         self._reset: Any = None
 
     def wrap_send(self, send: Send) -> Send:
@@ -488,6 +503,9 @@ class Exchange:
                 bytes_out=self.bytes_out if self._reset is not None else None,
                 attempts=attempts,
                 stream=self.stream or None,
+                input_tokens=self.usage.input_tokens if self.usage is not None else None,
+                output_tokens=self.usage.output_tokens if self.usage is not None else None,
+                cached_tokens=self.usage.cached_tokens if self.usage is not None else None,
             )
         )
 
@@ -508,6 +526,14 @@ def note_request(request: Any) -> None:
         exchange.request = request
 
 
+def add_usage(usage: Usage) -> None:
+    """Add an upstream body's token usage to the current request's access line (a
+    ``/v1/responses`` request sums the usage of every model call it made)."""
+    exchange = _exchange.get()
+    if exchange is not None:
+        exchange.usage = usage if exchange.usage is None else exchange.usage + usage
+
+
 def current_status() -> int | None:
     """The status already sent for the current request (``None``: no response head yet)."""
     exchange = _exchange.get()
@@ -516,8 +542,8 @@ def current_status() -> int | None:
 
 def finish_exchange(
     metrics: Metrics | None, method: str, path: str, status: int, seconds: float
-) -> None:
-    """Record and log the current request (works whether or not it was begun)."""
+) -> Exchange:
+    """Record and log the current request (works whether or not it was begun); return it."""
     exchange = _exchange.get()
     if exchange is None:
         exchange = Exchange(None, method, path, time.perf_counter() - seconds)
@@ -526,6 +552,7 @@ def finish_exchange(
         if exchange._reset is not None:
             _exchange.reset(exchange._reset)
     exchange.finish(status, seconds)
+    return exchange
 
 
 def protect(secrets: Iterable[str]) -> None:

@@ -31,6 +31,13 @@ Names (``<p>`` is the configurable prefix, ``onwards`` by default)::
     <p>_config_last_reload_success_timestamp_seconds            gauge
     <p>_loop_steps_total{alias,kind,outcome}                    counter
     <p>_tool_calls_total{alias,outcome}                         counter
+    <p>_input_tokens_total{alias,provider,key}                  counter   (all input tokens)
+    <p>_output_tokens_total{alias,provider,key}                 counter
+    <p>_cached_input_tokens_total{alias,provider,key}           counter   (input tokens served
+                                                                           from a prompt cache)
+
+``key`` is the name of the caller's key in ``auth.key_definitions`` (``"none"`` without a key,
+``"other"`` for a key that has no definition): never the key itself.
 
 The methods the core calls (all synchronous and cheap: label children are bound once and cached,
 so the hot path is a dict lookup plus the child's own update)::
@@ -43,10 +50,10 @@ so the hot path is a dict lookup plus the child's own update)::
     metrics.first_byte(alias, provider, seconds)
     metrics.rejected(alias, "rate" | "concurrency", "pool" | "key" | "provider")
     metrics.fallback(alias, provider, reason)
-    metrics.attempt_failed(alias, provider, outcome)  # fallback() with the reason worked out
     metrics.reload(ok=True | False)
     metrics.loop_step(alias, kind, outcome)
     metrics.tool_call(alias, outcome)
+    metrics.tokens(alias, provider, key, usage)     # a relayed body's usage (_proxy.usage)
 
 In-flight counts per alias and provider cost nothing on the hot path: they are read at scrape
 time from the live routing table (the concurrency counters the proxy keeps anyway), once
@@ -83,6 +90,7 @@ __all__ = [
     "HttpToken",
     "Metrics",
     "endpoint_label",
+    "fallback_reason",
     "install_metrics",
     "metrics_app",
     "serve_metrics",
@@ -157,6 +165,19 @@ def endpoint_label(path: str) -> str:
         if template is not None:
             return template
     return OTHER_ENDPOINT
+
+
+def fallback_reason(outcome: Any) -> str:
+    """Why the pipeline moved on from an attempt: its ``HTTPError`` (429 ``rate_limited``, 504
+    ``timeout``, else ``network_error``), or an upstream answer that matched ``on_status``."""
+    status = getattr(outcome, "status", None)
+    if status == 429:
+        return "rate_limited"
+    if status == 504:
+        return "timeout"
+    if status is not None:
+        return "network_error"
+    return "status"
 
 
 def _bounded(value: str, allowed: frozenset[str], fallback: str = "other") -> str:
@@ -299,6 +320,18 @@ class Metrics:
         self._tools = counter(
             "tool_calls_total", "Server-side tool calls by alias and outcome.", "alias", "outcome"
         )
+        tokens = ("alias", "provider", "key")
+        self._input_tokens = counter(
+            "input_tokens_total", "Input tokens of relayed upstream responses.", *tokens
+        )
+        self._output_tokens = counter(
+            "output_tokens_total", "Output tokens of relayed upstream responses.", *tokens
+        )
+        self._cached_tokens = counter(
+            "cached_input_tokens_total",
+            "Input tokens served from a prompt cache (part of the input tokens).",
+            *tokens,
+        )
         r.register(_TableCollector(self))
         # Label children, bound once per metric and distinct label values.
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -389,20 +422,6 @@ class Metrics:
             _bounded(reason, _FALLBACK_REASONS),
         ).inc()
 
-    def attempt_failed(self, alias: str, provider: int, outcome: Any) -> None:
-        """Classify a failed attempt the pipeline moves on from (an ``HTTPError`` it would have
-        answered, or an upstream ``(status, headers, body)`` that matched ``on_status``)."""
-        status = getattr(outcome, "status", None)
-        if status == 429:
-            reason = "rate_limited"
-        elif status == 504:
-            reason = "timeout"
-        elif status is not None:
-            reason = "network_error"
-        else:
-            reason = "status"
-        self.fallback(alias, provider, reason)
-
     # -- operations and the loop ----------------------------------------------------------
 
     def reload(self, ok: bool) -> None:
@@ -425,6 +444,16 @@ class Metrics:
     def tool_call(self, alias: str, outcome: str) -> None:
         """A server-side tool call ended with ``outcome`` (completed, failed, ...)."""
         self._child(self._tools, self.alias_label(alias), _bounded(outcome, _OUTCOMES)).inc()
+
+    def tokens(self, alias: str, provider: int, key: str, usage: Any) -> None:
+        """The token usage (a :class:`~onwards_trio._proxy.usage.Usage`) of one relayed body."""
+        labels = (self.alias_label(alias), str(provider), key)
+        if usage.input_tokens:
+            self._child(self._input_tokens, *labels).inc(usage.input_tokens)
+        if usage.output_tokens:
+            self._child(self._output_tokens, *labels).inc(usage.output_tokens)
+        if usage.cached_tokens:
+            self._child(self._cached_tokens, *labels).inc(usage.cached_tokens)
 
     # -- exposition -----------------------------------------------------------------------
 

@@ -25,10 +25,20 @@ import trio
 from onwards_trio import _errors as errors
 from onwards_trio._config import DEFAULT_SSE_EVENT_LIMIT
 from onwards_trio._errors import HTTPError
+from onwards_trio._ops.logs import access_logged
+from onwards_trio._ops.metrics import fallback_reason
 from onwards_trio._proxy.auth import bearer_token, evaluate_rules
 from onwards_trio._proxy.balance import backoff_delays, plan_attempts, select, status_matches
 from onwards_trio._proxy.limits import Permit
 from onwards_trio._proxy.targets import Pool, Provider, Table, Targets
+from onwards_trio._proxy.usage import (
+    StreamUsageStripper,
+    Usage,
+    UsageScanner,
+    UsageTap,
+    stream_usage_requested,
+    with_stream_usage,
+)
 from onwards_trio._transport.pool import (
     UpstreamClient,
     UpstreamResponse,
@@ -37,6 +47,7 @@ from onwards_trio._transport.pool import (
 )
 
 if TYPE_CHECKING:
+    from onwards_trio._ops.tracing import AttemptSpan, Telemetry
     from onwards_trio._proxy.shared_limits import SharedLimits, SharedPermit
 
 __all__ = [
@@ -88,6 +99,8 @@ class ProxyRequest:
     # An absolute thinking budget the client gave (Anthropic's ``thinking.budget_tokens``),
     # for providers that take one; the body carries the matching ``reasoning_effort``.
     reasoning_budget: int | None = None
+    # the pipeline asked the upstream for a stream's usage chunk the client did not ask for
+    strip_usage: bool = False
 
     @property
     def path(self) -> str:
@@ -103,20 +116,25 @@ class _Body:
 
     When the upstream body ends, ``on_end`` runs at once (it hands the connection back to the
     pool) — before the caller sends the client its last bytes, so a client's next request can
-    reuse that connection.
+    reuse that connection. With a usage ``tap``, every chunk passes through it and the usage
+    found is handed to ``on_usage`` when the body ends.
     """
 
-    __slots__ = ("_first", "_it", "_on_end")
+    __slots__ = ("_first", "_it", "_on_end", "_on_usage", "_tap")
 
     def __init__(
         self,
         first: bytes | None,
         it: AsyncIterator[bytes] | None,
         on_end: Callable[[], Awaitable[None]] | None = None,
+        tap: UsageTap | None = None,
+        on_usage: Callable[[Usage], None] | None = None,
     ) -> None:
         self._first = first
         self._it = it
         self._on_end = on_end
+        self._tap = tap
+        self._on_usage = on_usage
 
     def __aiter__(self) -> _Body:
         return self
@@ -124,12 +142,22 @@ class _Body:
     async def __anext__(self) -> bytes:
         if self._first is not None:
             first, self._first = self._first, None
-            return first
+            return first if self._tap is None else self._tap.feed(first)
         if self._it is not None:
             try:
-                return await self._it.__anext__()
+                chunk = await self._it.__anext__()
             except StopAsyncIteration:
                 self._it = None
+            else:
+                return chunk if self._tap is None else self._tap.feed(chunk)
+        if self._tap is not None:
+            tap, self._tap = self._tap, None
+            rest = tap.close()
+            usage = tap.usage
+            if usage is not None and self._on_usage is not None:
+                self._on_usage(usage)
+            if rest:
+                return rest  # the next call ends the body
         if self._on_end is not None:
             on_end, self._on_end = self._on_end, None
             await on_end()
@@ -242,6 +270,11 @@ class Proxy:
         self.sleep: Callable[[float], Awaitable[None]] = trio.sleep
         # SEAM: metrics (upstream/provider metrics object, set by the gateway)
         self.metrics: Any = None
+        # Tracing (client spans per attempt, trace context to opted-in providers); None: off.
+        self.telemetry: Telemetry | None = None
+        # Called with the usage of every relayed 2xx upstream body (token counters, the
+        # access line), while metrics, tracing or the access log want it.
+        self.usage_observer: Callable[[ProxyRequest, str, Provider, Usage], None] | None = None
 
     # -- routing --------------------------------------------------------------------------
 
@@ -395,28 +428,38 @@ class Proxy:
     # -- one attempt ----------------------------------------------------------------------
 
     def _body_for(self, request: ProxyRequest, provider: Provider) -> bytes:
-        """The body this provider is sent: its ``onwards_model`` and its spelling of a
-        reasoning request (``_proxy.reasoning``); untouched when it has neither."""
+        """The body this provider is sent: its ``onwards_model``, its spelling of a
+        reasoning request (``_proxy.reasoning``), and ``stream_options.include_usage`` when the
+        pipeline asks for a stream's usage; untouched when none applies."""
         reasoning = provider.reasoning
-        if (provider.model is None and reasoning is None) or not request.body:
+        strip = request.strip_usage
+        if (provider.model is None and reasoning is None and not strip) or not request.body:
             return request.body
         data = request.json
         if reasoning is not None and isinstance(data, dict):
             mapped = reasoning.apply(data, request.reasoning_budget)
-            if provider.model is None:
+            if provider.model is None and not strip:
                 return request.body if mapped is data else orjson.dumps(mapped)
             data = mapped
-        if provider.model is None:
+        if provider.model is not None:
+            if not isinstance(data, dict) or "model" not in data:
+                raise errors.missing_model()
+            data = {**data, "model": provider.model.decode()}
+        elif not strip:
             return request.body
-        if not isinstance(data, dict) or "model" not in data:
-            raise errors.missing_model()
-        return orjson.dumps({**data, "model": provider.model.decode()})
+        if strip:
+            data = with_stream_usage(data)
+        return orjson.dumps(data)
 
-    async def _send(self, request: ProxyRequest, provider: Provider) -> UpstreamResponse:
+    async def _send(
+        self, request: ProxyRequest, provider: Provider, span: AttemptSpan | None = None
+    ) -> UpstreamResponse:
         body = self._body_for(request, provider)
         target = upstream_target(provider, request.raw_path, request.query)
         length = None if not body and request.method in _BODYLESS else len(body)
         headers = forward_headers(request.headers, provider, length)
+        if span is not None:
+            headers = span.trace_headers(headers, provider.spec.propagate_trace_context)
         if provider.timeout is None:
             return await self.client.send(provider, request.method, target, headers, body)
         with trio.fail_after(provider.timeout):
@@ -432,6 +475,13 @@ class Proxy:
         """
         table = self.targets.table  # one snapshot for the whole request
         alias, pool, token = self.resolve(table, request)
+        if (
+            table.config.telemetry.stream_usage
+            and request.wants_stream
+            and request.raw_path.endswith(b"completions")
+            and not stream_usage_requested(request.json)
+        ):
+            request.strip_usage = True
         async with AsyncExitStack() as stack:
             await self._admit(table, pool, token, stack)
             reply = await self._attempts(request, alias, pool, stack)
@@ -468,6 +518,7 @@ class Proxy:
         )
         last_error: HTTPError | None = None
         last_upstream: tuple[int, list[tuple[bytes, bytes]], bytes, Provider] | None = None
+        retry_reason: str | None = None  # why the attempt before failed
         shared = self.targets.table.shared
         full: set[int] = set()  # providers at capacity across replicas
         for index, permit in plan_attempts(pool.providers, pool.strategy, fallback, self.rng):
@@ -493,7 +544,9 @@ class Proxy:
             request.attempts += 1
             request.provider_index = index
             try:
-                outcome = await self._attempt(request, alias, pool, provider, permit, stack)
+                outcome = await self._attempt(
+                    request, alias, pool, provider, permit, stack, retry_reason
+                )
             except BaseException:
                 if shared_permit is not None:
                     await shared_permit.release()
@@ -511,9 +564,10 @@ class Proxy:
                 last_error, last_upstream = outcome, None
             else:
                 last_error, last_upstream = None, (*outcome, provider)
+            retry_reason = fallback_reason(outcome)
             # SEAM: metrics (fallback attempt for alias/provider)
             if self.metrics is not None:
-                self.metrics.attempt_failed(alias, index, outcome)
+                self.metrics.fallback(alias, index, retry_reason)
             if log.isEnabledFor(logging.DEBUG):  # off the success path: failures only
                 log.debug(
                     "%s: attempt %d on provider %d failed (%s); %s",
@@ -543,10 +597,14 @@ class Proxy:
         provider: Provider,
         permit: Permit,
         stack: AsyncExitStack,
+        retry_reason: str | None = None,
     ) -> UpstreamReply | HTTPError | tuple[int, list[tuple[bytes, bytes]], bytes]:
         """One try at one provider. Returns the reply to relay, or why to try the next one."""
         fallback = pool.fallback if pool.fallback is not None and pool.fallback.enabled else None
         keep = False
+        tel = self.telemetry
+        span: AttemptSpan | None = None
+        failure: str | None = None  # why this attempt failed, for its span
         try:
             if provider.rate is not None:
                 shared = self.targets.table.shared
@@ -565,20 +623,37 @@ class Proxy:
                         return err
                     raise err
             m = self.metrics
+            if tel is not None:
+                span = tel.start_attempt(
+                    request.raw_path,
+                    provider.spec.onwards_model or alias,
+                    provider,
+                    request.attempts,
+                    retry_reason,
+                )
             t0 = trio.current_time()
+            failure = "cancelled"
             try:
-                response = await self._send(request, provider)
+                response = await self._send(request, provider, span)
             except trio.TooSlowError:
+                failure = "timeout"
                 if m is not None:
                     m.upstream_failure(alias, provider.index, "timeout")
                 return errors.gateway_timeout()
             except _UPSTREAM_ERRORS:
+                failure = "network_error"
                 if m is not None:
                     m.upstream_failure(alias, provider.index, "error")
                 return errors.bad_gateway()
+            except HTTPError:
+                failure = "rejected"
+                raise
+            failure = None
             if m is not None:
                 elapsed = trio.current_time() - t0
                 m.upstream_response(alias, provider.index, response.status, elapsed)
+            if span is not None:
+                span.answered(response.status)
             try:
                 headers = self._response_headers(response, provider)
                 if fallback is not None and status_matches(fallback.on_status, response.status):
@@ -586,6 +661,7 @@ class Proxy:
                     try:
                         body = await _read_limited(response, _ERROR_BODY_LIMIT)
                     except _UPSTREAM_ERRORS:
+                        failure = "network_error"
                         return errors.bad_gateway()
                     headers = [(k, v) for k, v in headers if k != b"content-length"]
                     headers.append((b"content-length", str(len(body)).encode()))
@@ -598,11 +674,19 @@ class Proxy:
                 except StopAsyncIteration:
                     first = None
                 except _UPSTREAM_ERRORS:
+                    failure = "network_error"
                     await _aclose_shielded(stream)
                     return errors.bad_gateway()
                 except BaseException:
+                    failure = "cancelled"
                     await _aclose_shielded(stream)
                     raise
+                tap: UsageTap | None = None
+                on_usage: Callable[[Usage], None] | None = None
+                if 200 <= response.status < 300:
+                    if span is not None:
+                        span.first_byte(trio.current_time() - t0)
+                    tap, on_usage = self._usage_tap(request, alias, provider, span, headers)
                 reply = UpstreamReply(
                     response.status,
                     headers,
@@ -610,6 +694,8 @@ class Proxy:
                         first,
                         stream if first is not None else None,
                         response.aclose,
+                        tap,
+                        on_usage,
                     ),
                     request,
                     alias,
@@ -622,6 +708,8 @@ class Proxy:
                 if stream is not response:
                     stack.push_async_callback(_aclose_shielded, stream)
                 stack.callback(permit.release)
+                if span is not None:
+                    stack.callback(span.end)
                 keep = True
                 return reply
             finally:
@@ -630,6 +718,36 @@ class Proxy:
         finally:
             if not keep:
                 permit.release()
+                if span is not None:
+                    span.end(failure)
+
+    def _usage_tap(
+        self,
+        request: ProxyRequest,
+        alias: str,
+        provider: Provider,
+        span: AttemptSpan | None,
+        headers: list[tuple[bytes, bytes]],
+    ) -> tuple[UsageTap | None, Callable[[Usage], None] | None]:
+        """What reads the usage of a 2xx body, and whom it tells (``None``: nobody wants it,
+        and the body is relayed untouched)."""
+        observer = self.usage_observer
+        if observer is not None and not (
+            self.metrics is not None or self.telemetry is not None or access_logged()
+        ):
+            observer = None
+        sse = any(k == b"content-type" and b"text/event-stream" in v for k, v in headers)
+        strip = request.strip_usage and sse
+        if observer is None and span is None and not strip:
+            return None, None
+
+        def report(usage: Usage) -> None:
+            if span is not None:
+                span.usage(usage)
+            if observer is not None:
+                observer(request, alias, provider, usage)
+
+        return (StreamUsageStripper() if strip else UsageScanner()), report
 
     @staticmethod
     def _response_headers(

@@ -120,10 +120,18 @@ class Table:
     # Limits shared with other replicas through Redis (None: in-process limits only). One
     # object for the gateway's lifetime, carried from table to table across reloads.
     shared: SharedLimits | None = None
+    key_names: dict[str, str] = attrs.field(factory=dict)  # key -> its key_definitions name
 
     @property
     def strict_mode(self) -> bool:
         return self.config.strict_mode
+
+    def key_label(self, token: str | None) -> str:
+        """How metrics and spans name a caller's key: its ``key_definitions`` name, ``"none"``
+        without a key, ``"other"`` for a key with no definition. Never the key itself."""
+        if token is None:
+            return "none"
+        return self.key_names.get(token, "other")
 
     def visible_aliases(self, token: str | None) -> list[str]:
         """Aliases a caller may see in ``/v1/models``: public ones plus those its key opens."""
@@ -270,6 +278,7 @@ def build_table(
             )
         if d.labels:
             key_labels[d.key] = dict(d.labels)
+    key_names = {d.key: name for name, d in definitions.items()}
     return Table(
         config=config,
         pools=pools,
@@ -279,6 +288,7 @@ def build_table(
         all_keys=KeySet(every_key),
         protected=protected,
         shared=shared,
+        key_names=key_names,
     )
 
 

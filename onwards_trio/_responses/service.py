@@ -48,6 +48,7 @@ from onwards_trio._loop.run import DisconnectPolicy, LoopConfig, LoopError, run_
 from onwards_trio._loop.steps import MultiStepStore, ResponseStatus, StepKind
 from onwards_trio._loop.tools import RequestContext, ToolError, ToolKind, ToolSchema
 from onwards_trio._ops.reload import config_secrets
+from onwards_trio._ops.telemetry import current_telemetry
 from onwards_trio._proxy.auth import bearer_token
 from onwards_trio._proxy.pipeline import ProxyRequest, extract_model
 from onwards_trio._responses.config_tools import AgentSpec, ConfigToolExecutor
@@ -890,6 +891,11 @@ class ResponsesService:
             await steps.finish_response(record.id, ResponseStatus.FAILED, final)
 
     async def _background(self, job: _Job, live: _Live) -> None:
+        tel = current_telemetry()
+        if tel is not None:
+            # This task outlives the request that started it (and inherited its context):
+            # its spans go to a trace of their own, linked to that request.
+            tel.detach()
         store, _ = self._stores()
         try:
             with live.scope:

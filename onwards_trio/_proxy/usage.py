@@ -1,0 +1,325 @@
+"""Token usage of an LLM response, read from the bytes the upstream sends.
+
+Pure (no I/O, no gateway state): the proxy taps upstream bodies with it for the token counters,
+the access line and spans; quota and budget code can reuse it as is.
+
+Where usage lives:
+
+* a non-streamed body carries one ``usage`` object (chat completions, completions, embeddings,
+  Open Responses, Anthropic messages);
+* a stream carries it in its last events: the chat-completions usage chunk (``choices: []``,
+  sent when the request had ``stream_options.include_usage``), Open Responses'
+  ``response.completed``, Anthropic's ``message_start`` (input) and ``message_delta`` (output).
+  Later objects override earlier ones field by field, so every shape comes out whole.
+
+Reading is cheap on purpose: bytes are searched for ``"usage"`` (a C-speed ``find``) and only
+the small ``usage`` object itself is parsed, never the whole body or every event. A ``"usage"``
+inside a JSON string is always escaped (``\\"usage\\"``), so the search only meets keys (or a
+string value that is exactly ``usage``, which is skipped because no object follows it).
+
+Field mapping (every figure is a count of tokens; absent figures are 0):
+
+* ``input_tokens``: ``prompt_tokens`` / ``input_tokens``; Anthropic's cache reads and writes
+  are added, so it always means *all* input (as OpenAI counts it);
+* ``output_tokens``: ``completion_tokens`` / ``output_tokens``;
+* ``cached_tokens``: input served from a prompt cache (``prompt_tokens_details.cached_tokens``,
+  ``input_tokens_details.cached_tokens``, Anthropic ``cache_read_input_tokens``);
+* ``reasoning_tokens``: the part of the output spent on reasoning, where reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final, Protocol
+
+import attrs
+import orjson
+
+__all__ = [
+    "StreamUsageStripper",
+    "Usage",
+    "UsageScanner",
+    "UsageTap",
+    "find_usage",
+    "stream_usage_requested",
+    "usage_from_object",
+    "with_stream_usage",
+]
+
+_KEY: Final = b'"usage"'
+_WS: Final = b" \t\r\n"
+# A usage object larger than this is not a usage object (bounds what a scanner keeps).
+_MAX_OBJECT: Final = 16 * 1024
+# What a stream scanner keeps of a chunk with no usage in it: enough to find a key split
+# across two chunks.
+_OVERLAP: Final = len(_KEY) - 1
+
+
+@attrs.frozen
+class Usage:
+    """Token counts of one response (or a sum of several, with ``+``)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
+        )
+
+
+def _int(value: Any) -> int:
+    # bool is an int subclass; a usage figure never is one
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _detail(raw: Mapping[str, Any], name: str, field: str) -> int:
+    details = raw.get(name)
+    return _int(details.get(field)) if isinstance(details, Mapping) else 0
+
+
+def usage_from_object(raw: Any) -> Usage | None:
+    """A parsed ``usage`` object (any of the shapes above) as :class:`Usage`; ``None`` if it
+    is not one (not a mapping, or no token figure in it)."""
+    if not isinstance(raw, Mapping):
+        return None
+    if "prompt_tokens" in raw or "completion_tokens" in raw:
+        return Usage(
+            _int(raw.get("prompt_tokens")),
+            _int(raw.get("completion_tokens")),
+            _detail(raw, "prompt_tokens_details", "cached_tokens"),
+            _detail(raw, "completion_tokens_details", "reasoning_tokens"),
+        )
+    if "input_tokens" in raw or "output_tokens" in raw:
+        cache_read = _int(raw.get("cache_read_input_tokens"))
+        cache_write = _int(raw.get("cache_creation_input_tokens"))
+        return Usage(
+            _int(raw.get("input_tokens")) + cache_read + cache_write,
+            _int(raw.get("output_tokens")),
+            _detail(raw, "input_tokens_details", "cached_tokens") + cache_read,
+            _detail(raw, "output_tokens_details", "reasoning_tokens"),
+        )
+    return None
+
+
+def _object_end(data: bytes, start: int) -> int:
+    """Index just past the ``}`` closing the object that opens at ``data[start]`` (``-1``:
+    not complete in ``data``). Usage objects hold numbers and nested objects, no strings with
+    braces, so counting braces is exact for them."""
+    depth = 0
+    i = start
+    while True:
+        close = data.find(b"}", i)
+        if close < 0:
+            return -1
+        opens = data.count(b"{", i, close)
+        depth += opens - 1
+        if depth <= 0:
+            return close + 1
+        i = close + 1
+
+
+def _objects(data: bytes, start: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Every complete ``"usage": {...}`` object in ``data`` from ``start``, in order, and where
+    an incomplete one starts (``-1``: none)."""
+    found: list[dict[str, Any]] = []
+    pos = data.find(_KEY, start)
+    while pos >= 0:
+        i = pos + len(_KEY)
+        n = len(data)
+        while i < n and data[i] in _WS:
+            i += 1
+        if i < n and data[i] == 0x3A:  # ':'
+            i += 1
+            while i < n and data[i] in _WS:
+                i += 1
+            if i >= n:
+                return found, pos
+            if data[i] == 0x7B:  # '{'
+                end = _object_end(data, i)
+                if end < 0:
+                    return found, pos if n - pos <= _MAX_OBJECT else -1
+                try:
+                    obj = orjson.loads(data[i:end])
+                except orjson.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict):
+                    found.append(obj)
+                pos = data.find(_KEY, end)
+                continue
+        elif i >= n:
+            return found, pos
+        pos = data.find(_KEY, pos + 1)
+    return found, -1
+
+
+def _merged(objs: list[dict[str, Any]], into: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = into if into is not None else {}
+    for obj in objs:
+        out.update(obj)
+    return out
+
+
+def find_usage(body: bytes) -> Usage | None:
+    """The usage in a whole body (JSON or a complete SSE stream); ``None`` if there is none."""
+    objs, _ = _objects(body)
+    return usage_from_object(_merged(objs)) if objs else None
+
+
+class UsageScanner:
+    """Finds the usage in a body fed to it chunk by chunk, without holding the body.
+
+    ``feed`` each chunk as it passes (it is returned unchanged), ``close`` at the end, then read
+    :attr:`usage`. A chunk with
+    no ``"usage"`` in it costs one ``find``; only an object cut by a chunk boundary is kept
+    (bounded) until its end arrives.
+    """
+
+    __slots__ = ("_raw", "_tail")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._raw: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Look at ``chunk``; return it unchanged (the same protocol as the stripper)."""
+        data = self._tail + chunk if self._tail else chunk
+        if data.find(_KEY) < 0:
+            self._tail = data[-_OVERLAP:]
+            return chunk
+        objs, partial = _objects(data)
+        if objs:
+            self._raw = _merged(objs, self._raw)
+        self._tail = data[partial:] if partial >= 0 else data[-_OVERLAP:]
+        return chunk
+
+    def close(self) -> bytes:
+        """The body ended (nothing is held back, so nothing is left to pass on)."""
+        self._tail = b""
+        return b""
+
+    @property
+    def usage(self) -> Usage | None:
+        return usage_from_object(self._raw) if self._raw is not None else None
+
+
+class UsageTap(Protocol):
+    """What the proxy threads an upstream body through: :class:`UsageScanner` (bytes pass
+    unchanged) or :class:`StreamUsageStripper` (the usage the client did not ask for is cut)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+    @property
+    def usage(self) -> Usage | None: ...
+
+
+# -- asking a streaming upstream for usage ---------------------------------------------------------
+
+
+def stream_usage_requested(body: Any) -> bool:
+    """Whether a parsed chat/completions request asked for the usage chunk itself."""
+    options = body.get("stream_options") if isinstance(body, Mapping) else None
+    return isinstance(options, Mapping) and options.get("include_usage") is True
+
+
+def with_stream_usage(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The request body with ``stream_options.include_usage`` turned on (other options kept)."""
+    options = body.get("stream_options")
+    merged = {**options, "include_usage": True} if isinstance(options, Mapping) else {}
+    merged["include_usage"] = True
+    return {**body, "stream_options": merged}
+
+
+_NULL_USAGE: Final = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
+
+
+class StreamUsageStripper:
+    """Undoes ``stream_options.include_usage`` that the client did not ask for.
+
+    With it, an upstream adds ``"usage": null`` to every chunk and one last chunk with
+    ``choices: []`` and the usage. This passes the stream on event by event without either, and
+    keeps the usage for :attr:`usage`. ``feed`` returns the bytes to pass on now (complete
+    events; a partial event waits for its end), ``close`` what is left at the end.
+    """
+
+    __slots__ = ("_buf", "_raw")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._raw: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buf + chunk if self._buf else chunk
+        end = _last_boundary(data)
+        if end < 0:
+            self._buf = data
+            return b""
+        self._buf = data[end:]
+        return self._events(data[:end])
+
+    def close(self) -> bytes:
+        rest, self._buf = self._buf, b""
+        return self._events(rest) if rest else b""
+
+    @property
+    def usage(self) -> Usage | None:
+        return usage_from_object(self._raw) if self._raw is not None else None
+
+    def _events(self, data: bytes) -> bytes:
+        if data.find(_KEY) < 0:
+            return data
+        out: list[bytes] = []
+        for event in _split_events(data):
+            if event.find(_KEY) < 0:
+                out.append(event)
+                continue
+            objs, _ = _objects(event)
+            if objs:
+                self._raw = _merged(objs, self._raw)
+                if b'"choices":[]' in event or b'"choices": []' in event:
+                    continue  # the usage-only chunk the client did not ask for
+            for pattern in _NULL_USAGE:
+                event = event.replace(pattern, b"")
+            out.append(event)
+        return b"".join(out)
+
+
+def _last_boundary(data: bytes) -> int:
+    """Index just past the last blank line (event end) in ``data``; ``-1`` if none."""
+    best = -1
+    for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        i = data.rfind(sep)
+        if i >= 0:
+            best = max(best, i + len(sep))
+    return best
+
+
+def _split_events(data: bytes) -> list[bytes]:
+    """Complete events, each with its terminating blank line (bytes kept as they came)."""
+    events: list[bytes] = []
+    start = 0
+    n = len(data)
+    while start < n:
+        ends = [
+            i + len(sep)
+            for sep in (b"\n\n", b"\r\n\r\n", b"\r\r")
+            if (i := data.find(sep, start)) >= 0
+        ]
+        if not ends:
+            events.append(data[start:])
+            break
+        end = min(ends)
+        events.append(data[start:end])
+        start = end
+    return events

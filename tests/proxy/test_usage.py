@@ -1,0 +1,135 @@
+"""Token usage read from upstream bodies and streams (``_proxy/usage.py``, a pure module)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from onwards_trio._proxy.usage import (
+    StreamUsageStripper,
+    Usage,
+    UsageScanner,
+    find_usage,
+    stream_usage_requested,
+    usage_from_object,
+    with_stream_usage,
+)
+
+
+def _event(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+CHAT_BODY = orjson.dumps(
+    {
+        "id": "c",
+        "choices": [{"index": 0, "message": {"content": 'a "usage": {"prompt_tokens": 99}'}}],
+        "usage": {
+            "prompt_tokens": 12,
+            "completion_tokens": 7,
+            "total_tokens": 19,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 2},
+        },
+    }
+)
+# A chat stream after include_usage: "usage": null on every chunk, then the usage-only chunk.
+CHAT_STREAM = (
+    _event({"id": "c", "choices": [{"index": 0, "delta": {"content": "usage"}}], "usage": None})
+    + _event({"id": "c", "choices": [{"index": 0, "delta": {"content": "!"}}], "usage": None})
+    + _event({"id": "c", "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": 3}})
+    + b"data: [DONE]\n\n"
+)
+
+
+def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+def test_chat_completion_usage_maps_cached_and_reasoning_tokens() -> None:
+    assert find_usage(CHAT_BODY) == Usage(12, 7, 4, 2)
+
+
+def test_open_responses_usage_shape() -> None:
+    raw = {
+        "input_tokens": 20,
+        "output_tokens": 5,
+        "input_tokens_details": {"cached_tokens": 10},
+        "output_tokens_details": {"reasoning_tokens": 1},
+    }
+    assert usage_from_object(raw) == Usage(20, 5, 10, 1)
+
+
+def test_anthropic_cache_reads_and_writes_count_as_input() -> None:
+    raw = {
+        "input_tokens": 3,
+        "cache_read_input_tokens": 100,
+        "cache_creation_input_tokens": 7,
+        "output_tokens": 9,
+    }
+    assert usage_from_object(raw) == Usage(110, 9, 100, 0)
+
+
+def test_anthropic_stream_merges_start_and_delta() -> None:
+    stream = (
+        b"event: message_start\n"
+        + _event({"type": "message_start", "message": {"usage": {"input_tokens": 25}}})
+        + b"event: message_delta\n"
+        + _event({"type": "message_delta", "usage": {"output_tokens": 15}})
+    )
+    assert find_usage(stream) == Usage(25, 15)
+
+
+def test_body_without_usage_has_none() -> None:
+    assert find_usage(b'{"usage": null, "data": [1, 2]}') is None
+    assert find_usage(b"not json at all") is None
+
+
+def test_junk_figures_count_as_zero() -> None:
+    assert usage_from_object({"prompt_tokens": "12", "completion_tokens": True}) == Usage()
+
+
+def test_usage_adds_up() -> None:
+    assert Usage(1, 2, 3, 4) + Usage(10, 20, 30, 40) == Usage(11, 22, 33, 44)
+    assert Usage(5, 6).total_tokens == 11
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_scanner_finds_the_same_usage_however_the_body_is_cut(cuts: list[int]) -> None:
+    for body, expected in ((CHAT_BODY, Usage(12, 7, 4, 2)), (CHAT_STREAM, Usage(8, 3))):
+        scanner = UsageScanner()
+        passed = b"".join(scanner.feed(chunk) for chunk in _chunks(body, cuts)) + scanner.close()
+        assert passed == body
+        assert scanner.usage == expected
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_stripper_removes_what_include_usage_added(cuts: list[int]) -> None:
+    stripper = StreamUsageStripper()
+    out = b"".join(stripper.feed(c) for c in _chunks(CHAT_STREAM, cuts)) + stripper.close()
+    assert out == (
+        _event({"id": "c", "choices": [{"index": 0, "delta": {"content": "usage"}}]})
+        + _event({"id": "c", "choices": [{"index": 0, "delta": {"content": "!"}}]})
+        + b"data: [DONE]\n\n"
+    )
+    assert stripper.usage == Usage(8, 3)
+
+
+def test_stripper_keeps_a_stream_without_usage_byte_for_byte() -> None:
+    stream = b'data: {"a": 1}\r\n\r\ndata: [DONE]\r\n\r\n'
+    stripper = StreamUsageStripper()
+    assert stripper.feed(stream[:7]) + stripper.feed(stream[7:]) + stripper.close() == stream
+    assert stripper.usage is None
+
+
+def test_stream_usage_request_keeps_other_options() -> None:
+    body = {"model": "m", "stream": True, "stream_options": {"include_obfuscation": False}}
+    assert not stream_usage_requested(body)
+    asked = with_stream_usage(body)
+    assert asked["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+    assert stream_usage_requested(asked)
