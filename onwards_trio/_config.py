@@ -352,7 +352,7 @@ class TelemetrySpec:
     sample_ratio: float | None = attrs.field(default=None, validator=_ratio)
     record_content: bool = False
     export_timeout_secs: float | None = attrs.field(default=None, validator=_positive)
-    max_queue_size: int = attrs.field(default=2048, validator=_positive)
+    max_queue_size: int | None = attrs.field(default=None, validator=_positive)
     stream_usage: bool = False
 
 

@@ -9,7 +9,9 @@ path pays one ``is None`` test per hook: the gateway, proxy and loop hold ``None
 
 The standard variables keep their meaning: ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
 ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_EXPORTER_OTLP_HEADERS``,
-``OTEL_EXPORTER_OTLP_TIMEOUT``, ... ; the config section's fields override them.
+``OTEL_EXPORTER_OTLP_TIMEOUT``, and the batch settings ``OTEL_BSP_SCHEDULE_DELAY``,
+``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``; the config section's fields
+override them.
 
 :func:`current_telemetry` is how code below the gateway (the loop, which is also a library
 function) finds the tracer of the request it runs for: the gateway sets it per request in a
@@ -111,14 +113,26 @@ def create_telemetry(
         endpoint=traces_endpoint(endpoint) if endpoint else None, timeout=timeout
     )
     ratio = spec.sample_ratio if spec is not None else None
+    max_queue = spec.max_queue_size if spec is not None else None
     return Telemetry(
         exporter,
         service_name=spec.service_name if spec is not None else None,
         sampler=ParentBased(TraceIdRatioBased(ratio)) if ratio is not None else None,
         record_content=spec.record_content if spec is not None else False,
-        max_queue=spec.max_queue_size if spec is not None else 2048,
+        max_queue=max_queue or int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)),
+        batch=int(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
+        interval=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000.0,
         export_timeout=exporter_timeout(timeout, env),
     )
+
+
+def _number(environ: Mapping[str, str], name: str, default: float) -> float:
+    """A positive number from the environment (anything else: ``default``)."""
+    try:
+        value = float(environ[name])
+    except (KeyError, ValueError):
+        return default
+    return value if value > 0 else default
 
 
 def exporter_timeout(timeout: float | None, environ: Mapping[str, str]) -> float:

@@ -59,6 +59,7 @@ __all__ = ["AttemptSpan", "SpanScope", "Telemetry", "operation_for"]
 log = logging.getLogger("onwards_trio.telemetry")
 
 _CONTENT_LIMIT: Final = 16 * 1024
+_FLUSH_ON_EXIT: Final = 5.0  # seconds spent exporting the last spans when the gateway stops
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})
 # The request path names the GenAI operation of an upstream call.
@@ -198,7 +199,7 @@ class Telemetry:
         record_content: bool = False,
         max_queue: int = 2048,
         batch: int = 512,
-        interval: float = 1.0,
+        interval: float = 5.0,
         export_timeout: float = 10.0,
     ) -> None:
         attributes = {"service.name": service_name} if service_name else {}
@@ -233,7 +234,9 @@ class Telemetry:
                 while queue.spans:
                     await self._export(queue.take())
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(self.export_timeout):
+            # What is left goes out now, within a bound: shutting down must not hang on a
+            # collector that is down (the SDK's own shutdown can block for 30 s).
+            with trio.CancelScope(shield=True), trio.move_on_after(_FLUSH_ON_EXIT):
                 while queue.spans:
                     await self._export(queue.take())
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):

@@ -42,6 +42,7 @@ class ReceivedSpan:
     links: list[tuple[str, str]]  # (trace id, span id)
     error: bool
     service: str
+    start: int  # nanoseconds since the epoch
 
     def children(self, spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
         return [s for s in spans if s.parent_span_id == self.span_id]
@@ -86,6 +87,7 @@ class OTLPReceiver:
                             links=[(x.trace_id.hex(), x.span_id.hex()) for x in s.links],
                             error=s.status.code == 2,
                             service=service,
+                            start=s.start_time_unix_nano,
                         )
                     )
         self._arrived.set()

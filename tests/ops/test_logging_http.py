@@ -189,3 +189,22 @@ async def test_messages_access_line_names_alias_provider_and_client_size(
     assert f"bytes_in={len(raw)}" in line
     logged = "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records)
     assert CLIENT_KEY not in logged and PROMPT not in logged
+
+
+async def test_access_line_carries_the_token_usage(
+    nursery: trio.Nursery, handler_output: io.StringIO
+) -> None:
+    usage = {
+        "prompt_tokens": 12,
+        "completion_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }
+    upstream = FakeUpstream(Reply(body=chat_completion(COMPLETION, usage=usage)))
+    _, url = await start_gateway(
+        nursery, {"targets": {"gpt-4": {"url": await serve_app(nursery, upstream)}}}
+    )
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        r = await client.post(CHAT, json={"model": "gpt-4", "messages": []})
+    assert r.status_code == 200
+    (line,) = await _access_lines(handler_output, 1)
+    assert "input_tokens=12 output_tokens=7 cached_tokens=4" in line
