@@ -61,9 +61,9 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Throughput and added latency of the gateway, the loop's per-step overhead, the cost
     of sanitisation/strict mode per streamed chunk, of the Anthropic Messages translation
-    per streamed event, and of lease renewal of background responses. ``nox -s bench --
-    proxy`` runs one."""
-    session.install("-e", ".")
+    per streamed event, of lease renewal of background responses, and of tracing.
+    ``nox -s bench -- proxy`` runs one."""
+    session.install("-e", ".[otel]")  # the tracing rows need the SDK
     chosen = set(session.posargs) or {"proxy", "loop", "strict", "anthropic", "durable"}
     for name in ("proxy", "loop", "strict", "anthropic", "durable"):
         if name in chosen:

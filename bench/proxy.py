@@ -222,7 +222,11 @@ def load_average() -> str:
 
 
 def start_gateway(
-    config: dict[str, object], port: int, extra: list[str], workdir: str
+    config: dict[str, object],
+    port: int,
+    extra: list[str],
+    workdir: str,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """The gateway as operators run it: access log on (info), written to a file."""
     cfg = Path(workdir) / f"config-{port}.json"
@@ -230,7 +234,9 @@ def start_gateway(
     cmd = [sys.executable, "-m", "onwards_trio", "-f", str(cfg), "--port", str(port)]
     cmd += ["--host", "127.0.0.1", "--no-watch", *extra]
     with open(Path(workdir) / f"gateway-{port}.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stderr=log, stdout=log, cwd=workdir)
+        proc = subprocess.Popen(
+            cmd, stderr=log, stdout=log, cwd=workdir, env={**os.environ, **(env or {})}
+        )
     wait_port(port)
     return proc
 
@@ -289,9 +295,15 @@ def main() -> None:
             cpu_ms = (cpu_seconds(gateway.pid) - cpu0) * 1000 / max(via["n"], 1)
             rows.append((label, direct, via, cpu_ms))
 
-    def run(name: str, config: dict[str, object], extra: list[str], plan: list[Scenario]) -> None:
+    def run(
+        name: str,
+        config: dict[str, object],
+        extra: list[str],
+        plan: list[Scenario],
+        env: dict[str, str] | None = None,
+    ) -> None:
         port = free_port()
-        gateway = start_gateway(config, port, extra, workdir)
+        gateway = start_gateway(config, port, extra, workdir, env)
         procs.append(gateway)
         trio.run(measure, gateway, port, plan)
         rss[name] = peak_rss_mb(gateway.pid)
@@ -340,6 +352,30 @@ def main() -> None:
                 ("/v1/responses store:false c=16", 16, False, False),
                 ("/v1/responses stored (SQLite) c=16", 16, False, True),
             ],
+        )
+        # Every request traced, exported over OTLP/HTTP; the fake upstream doubles as the
+        # collector (it answers the export POSTs with 200). Compare with the plain rows.
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{up_port}"}
+        run(
+            "tracing on",
+            plain,
+            ["--no-metrics"],
+            [
+                ("tracing on (100%), non-streaming c=16", 16, False, None),
+                (f"tracing on (100%), {events} c=16", 16, True, None),
+            ],
+            {**otel, "OTEL_TRACES_SAMPLER": "always_on"},
+        )
+        run(
+            "tracing 10%",
+            plain,
+            ["--no-metrics"],
+            [("tracing on (10% sampled), non-streaming c=16", 16, False, None)],
+            {
+                **otel,
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            },
         )
 
         print(
