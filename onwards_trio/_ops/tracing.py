@@ -85,12 +85,15 @@ class SpanScope:
 
 
 class AttemptSpan:
-    """The client span of one upstream attempt, as the pipeline drives it."""
+    """The client span of one upstream attempt, as the pipeline drives it. What it learns on
+    the way is set on the span in one call when it ends (each call takes the span's lock)."""
 
-    __slots__ = ("span",)
+    __slots__ = ("attributes", "error", "span")
 
     def __init__(self, span: Span) -> None:
         self.span = span
+        self.attributes: dict[str, Any] = {}
+        self.error = False
 
     def trace_headers(
         self, headers: list[tuple[bytes, bytes]], propagate: bool
@@ -107,24 +110,29 @@ class AttemptSpan:
 
     def answered(self, status: int) -> None:
         """The response head arrived."""
-        self.span.set_attribute("http.response.status_code", status)
+        self.attributes["http.response.status_code"] = status
         if status >= 500:
-            self.span.set_attribute("error.type", str(status))
-            self.span.set_status(Status(StatusCode.ERROR))
+            self.attributes["error.type"] = str(status)
+            self.error = True
 
     def first_byte(self, seconds: float) -> None:
-        self.span.set_attribute("gen_ai.response.time_to_first_chunk", seconds)
+        self.attributes["gen_ai.response.time_to_first_chunk"] = seconds
 
     def usage(self, usage: Any) -> None:
-        self.span.set_attributes(_usage_attributes(usage))
+        self.attributes.update(_usage_attributes(usage))
 
     def end(self, failure: str | None = None) -> None:
         """End the span; ``failure`` says why the attempt failed (``timeout``,
         ``network_error``, ``cancelled``, ``rejected``)."""
+        span = self.span
         if failure is not None:
-            self.span.set_attribute("error.type", failure)
-            self.span.set_status(Status(StatusCode.ERROR))
-        self.span.end()
+            self.attributes["error.type"] = failure
+            self.error = True
+        if span.is_recording():
+            span.set_attributes(self.attributes)
+            if self.error:
+                span.set_status(Status(StatusCode.ERROR))
+        span.end()
 
 
 class _SpanQueue(SpanProcessor):

@@ -736,8 +736,9 @@ class Proxy:
             self.metrics is not None or self.telemetry is not None or access_logged()
         ):
             observer = None
-        sse = any(k == b"content-type" and b"text/event-stream" in v for k, v in headers)
-        strip = request.strip_usage and sse
+        strip = request.strip_usage and any(
+            k == b"content-type" and b"text/event-stream" in v for k, v in headers
+        )
         if observer is None and span is None and not strip:
             return None, None
 
