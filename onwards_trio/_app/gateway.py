@@ -39,7 +39,6 @@ from onwards_trio._ops.logs import (
     access_writer,
     add_usage,
     begin_exchange,
-    clean_path,
     current_status,
     finish_exchange,
     note_request,
@@ -291,8 +290,7 @@ class Gateway:
         span: SpanScope | None = None
         if tel is not None:
             activate(tel)  # the loop's spans find it here
-            route = endpoint_label(path)
-            span = tel.start_request(method, route, clean_path(path), scope["headers"])
+            span = tel.start_request(method, endpoint_label(path), scope["headers"])
         status = 500
         try:
             if method == "TRACE":

@@ -4,7 +4,7 @@ Imported only when tracing is on (:func:`~onwards_trio._ops.telemetry.create_tel
 gateway without it never loads the SDK. Spans and their attributes:
 
 * ``{method} {route}`` (server): every HTTP request. ``http.request.method``, ``http.route``
-  (a bounded route template), ``url.path``, ``http.response.status_code``, ``onwards.alias`` and
+  (a bounded route template), ``http.response.status_code``, ``onwards.alias`` and
   ``gen_ai.request.model`` (the alias asked for), ``onwards.key_label`` (the name of the key's
   definition: never the key), ``onwards.provider`` and ``onwards.attempts``, the token usage.
   An incoming ``traceparent``/``tracestate`` makes it a child of the caller's span.
@@ -59,6 +59,7 @@ __all__ = ["AttemptSpan", "SpanScope", "Telemetry", "operation_for"]
 log = logging.getLogger("onwards_trio.telemetry")
 
 _CONTENT_LIMIT: Final = 16 * 1024
+_ALIAS_LIMIT: Final = 128
 _FLUSH_ON_EXIT: Final = 5.0  # seconds spent exporting the last spans when the gateway stops
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})
@@ -266,7 +267,7 @@ class Telemetry:
     # -- the HTTP request (server span) ---------------------------------------------------------
 
     def start_request(
-        self, method: str, route: str, path: str, headers: Iterable[tuple[bytes, bytes]]
+        self, method: str, route: str, headers: Iterable[tuple[bytes, bytes]]
     ) -> SpanScope:
         """Start the request's server span (a child of the caller's ``traceparent``, if any) and
         make it current."""
@@ -282,7 +283,7 @@ class Telemetry:
             name,
             context=parent,
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "http.route": route, "url.path": path},
+            attributes={"http.request.method": method, "http.route": route},
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return SpanScope(span, token)
@@ -302,6 +303,8 @@ class Telemetry:
         if span.is_recording():
             attributes: dict[str, Any] = {"http.response.status_code": status}
             if alias is not None:
+                if len(alias) > _ALIAS_LIMIT:  # what the client sent, configured or not
+                    alias = alias[:_ALIAS_LIMIT] + "..."
                 attributes["onwards.alias"] = alias
                 attributes["gen_ai.request.model"] = alias
             if key_label is not None:
