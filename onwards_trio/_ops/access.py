@@ -32,7 +32,16 @@ if TYPE_CHECKING:
 __all__ = ["AccessWriter", "logfmt"]
 
 # RequestRecord's optional fields after ``alias``, in access-line order (numbers and flags).
-_OPTIONAL_NUMBERS: Final = ("provider", "bytes_in", "bytes_out", "attempts", "stream")
+_OPTIONAL_NUMBERS: Final = (
+    "provider",
+    "bytes_in",
+    "bytes_out",
+    "attempts",
+    "stream",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+)
 
 _SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9._~:/{}\[\]@+-]*$")
 
