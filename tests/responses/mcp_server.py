@@ -3,7 +3,7 @@
 Run as ``python tests/responses/mcp_server.py``: it binds 127.0.0.1 port 0, prints
 ``PORT <n>`` and serves ``/mcp`` until killed. Its tools cover what the gateway must handle:
 a structured result, a tool error (``isError``), a slow call, a call that kills the server,
-and a call that adds a tool and says ``tools/list_changed``.
+the headers a call came with, and a call that adds a tool and says ``tools/list_changed``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ def whoami(ctx: Context) -> str:
     """The Authorization header the call came with."""
     headers = ctx.headers or {}
     return headers.get("authorization", "anonymous")
+
+
+@server.tool()
+def session(ctx: Context) -> str:
+    """The Mcp-Session-Id the call came with (2025-era sessions only)."""
+    headers = ctx.headers or {}
+    return headers.get("mcp-session-id", "none")
 
 
 @server.tool()

@@ -130,6 +130,48 @@ async def test_config_server_tools_are_offered_called_and_fed_back(
     assert [o.status for o in outputs] == ["completed"]
 
 
+async def test_config_server_headers_reach_the_server(
+    nursery: trio.Nursery, shared_server: McpProcess
+) -> None:
+    upstream = FakeUpstream(calls_then_answers("calc__whoami", "{}"))
+    spec = {"kind": "mcp", "url": shared_server.url, "headers": {"Authorization": "Bearer k1"}}
+    _, client = await gateway_with(nursery, upstream, tools={"calc": spec})
+    await sdk(lambda: client.responses.create(model="m", input="who?"))
+    (message,) = tool_messages(upstream.requests[1])
+    assert message["content"] == "Bearer k1"
+
+
+async def test_one_session_per_server_per_response(
+    nursery: trio.Nursery, shared_server: McpProcess
+) -> None:
+    def script(rec: Recorded) -> Reply:
+        if len(tool_messages(rec)) == 2:
+            return text_reply(rec, "done")
+        return tool_reply(rec, "calc__session", "{}", call_id=f"call_{len(tool_messages(rec))}")
+
+    upstream = FakeUpstream(script)
+    spec = {"kind": "mcp", "url": shared_server.url, "protocol": "legacy"}
+    _, client = await gateway_with(nursery, upstream, tools={"calc": spec})
+    await sdk(lambda: client.responses.create(model="m", input="twice"))
+    await sdk(lambda: client.responses.create(model="m", input="again"))
+    first = [m["content"] for m in tool_messages(upstream.requests[2])]
+    second = [m["content"] for m in tool_messages(upstream.requests[5])]
+    assert first[0] == first[1] != "none"  # both calls of a response share its session
+    assert second[0] == second[1] != first[0]  # the next response has a session of its own
+    # Each session was ended (DELETE) when its response finished: the server no longer knows it.
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await http.post(
+            shared_server.url,
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+            headers={
+                "accept": "application/json, text/event-stream",
+                "mcp-session-id": first[0],
+                "mcp-protocol-version": "2025-11-25",
+            },
+        )
+    assert answer.status_code == 404
+
+
 async def test_config_tool_error_is_a_failed_step_the_model_sees(
     nursery: trio.Nursery, shared_server: McpProcess
 ) -> None:
