@@ -20,6 +20,7 @@ from openai.types.responses import (
     ResponseMcpCallArgumentsDeltaEvent,
     ResponseMcpCallArgumentsDoneEvent,
     ResponseMcpCallCompletedEvent,
+    ResponseMcpCallFailedEvent,
     ResponseMcpCallInProgressEvent,
     ResponseMcpListToolsCompletedEvent,
     ResponseMcpListToolsInProgressEvent,
@@ -299,8 +300,14 @@ async def test_request_tool_error_is_recorded_on_the_call_item(
     upstream = FakeUpstream(calls_then_answers("calc__boom", '{"reason": "x"}'))
     _, client = await gateway_with(nursery, upstream, mcp=allowing(shared_server))
     tool = mcp_tool(shared_server, require_approval="never")
-    resp = await sdk(lambda: client.responses.create(model="m", input="go", tools=[tool]))
-    call = next(i for i in resp.output if isinstance(i, McpCall))
+
+    def run() -> list[Any]:
+        with client.responses.create(model="m", input="go", tools=[tool], stream=True) as s:
+            return list(s)
+
+    events = await sdk(run)
+    assert ResponseMcpCallFailedEvent in {type(e) for e in events}
+    call = next(i for i in events[-1].response.output if isinstance(i, McpCall))
     assert call.status == "failed" and call.output is None
     assert call.error is not None and call.error.type == "mcp_tool_execution_error"
     assert "boom" in tool_messages(upstream.requests[1])[0]["content"]
@@ -336,7 +343,16 @@ async def test_approval_request_ends_the_response_and_approval_continues_it(
     upstream = FakeUpstream(calls_then_answers("calc__add", '{"a": 1, "b": 2}', "three"))
     _, client = await gateway_with(nursery, upstream, mcp=allowing(shared_server))
     tool = mcp_tool(shared_server)  # require_approval defaults to "always"
-    first = await sdk(lambda: client.responses.create(model="m", input="1+2?", tools=[tool]))
+
+    def run() -> list[Any]:
+        with client.responses.create(model="m", input="1+2?", tools=[tool], stream=True) as s:
+            return list(s)
+
+    events = await sdk(run)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [type(i) for i in done] == [McpListTools, McpApprovalRequest]
+    first = events[-1].response
     assert first.status == "completed"
     assert [i.type for i in first.output] == ["mcp_list_tools", "mcp_approval_request"]
     request = first.output[1]
