@@ -211,10 +211,21 @@ class Gateway:
         task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled, or until ``shutdown_trigger`` returns and in-flight requests
-        had ``grace`` seconds to finish. ``task_status.started`` receives a
-        :class:`ServeInfo`. ``server="hypercorn"`` uses hypercorn (HTTP/2, h2c) instead of
-        the lean built-in HTTP/1.1 server."""
+        had ``grace`` seconds to finish. Background responses get the same grace; those still
+        running after it are handed over or cancelled (``background.on_shutdown``).
+        ``task_status.started`` receives a :class:`ServeInfo`. ``server="hypercorn"`` uses
+        hypercorn (HTTP/2, h2c) instead of the lean built-in HTTP/1.1 server."""
         done = trio.Event()
+        drain_started: float | None = None
+        if shutdown_trigger is not None:
+            trigger = shutdown_trigger
+
+            async def noted_trigger() -> None:
+                nonlocal drain_started
+                await trigger()
+                drain_started = trio.current_time()
+
+            shutdown_trigger = noted_trigger
 
         async def listener(task_status: trio.TaskStatus[Sequence[str]]) -> None:
             try:
@@ -243,6 +254,9 @@ class Gateway:
             log.info("onwards-trio listening on %s", url)
             task_status.started(ServeInfo(url=url))
             await done.wait()
+            if drain_started is not None:
+                with trio.move_on_at(drain_started + grace):
+                    await self.responses.drain()
 
     # -- ASGI -----------------------------------------------------------------------------
 

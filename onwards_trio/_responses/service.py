@@ -508,6 +508,12 @@ class ResponsesService:
             return
         self._stores()
 
+    async def drain(self) -> None:
+        """Wait until no background response runs here (the caller bounds the wait: a
+        graceful shutdown lets them finish within its grace)."""
+        while self._live:
+            await next(iter(self._live.values())).finished.wait()
+
     async def aclose(self) -> None:
         """Stop background responses — handed over (``on_shutdown: handover``, leases released
         for another process) or stored ``cancelled`` — and close the stores."""

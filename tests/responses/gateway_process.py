@@ -45,8 +45,9 @@ async def wait_until(check: Callable[[], bool]) -> None:
 class GatewayProcess:
     """``python -m onwards_trio -f config --port 0`` with its output drained into ``output``."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, *, grace: float = 1.0) -> None:
         self.config = config
+        self.grace = grace
         self.output: list[str] = []
         self.url = ""
         self.process: trio.Process | None = None
@@ -67,7 +68,7 @@ class GatewayProcess:
                 "--no-metrics",
                 "--no-watch",
                 "--shutdown-grace",
-                "1",
+                str(self.grace),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -108,8 +109,15 @@ class GatewayProcess:
                     listening.set()
 
     async def stop(self, sig: int = signal.SIGKILL) -> int:
+        self.signal(sig)
+        return await self.exited()
+
+    def signal(self, sig: int) -> None:
         assert self.process is not None
         self.process.send_signal(sig)
+
+    async def exited(self) -> int:
+        assert self.process is not None
         with trio.fail_after(30):
             return await self.process.wait()
 
@@ -149,6 +157,12 @@ class ToolServer:
         self.hold = False
         self.called = trio.Event()
         self.answered = trio.Event()
+        self._released = trio.Event()
+
+    def release(self) -> None:
+        """Let held calls answer (and stop holding new ones)."""
+        self.hold = False
+        self._released.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -159,7 +173,7 @@ class ToolServer:
         self.calls += 1
         self.called.set()
         if self.hold:
-            await trio.sleep_forever()
+            await self._released.wait()
         body = orjson.dumps({"answer": 42})
         await send(
             {

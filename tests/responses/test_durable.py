@@ -260,3 +260,25 @@ async def test_a_recovered_response_is_cancelled_like_a_fresh_one(
     assert cancelled.json()["status"] == "cancelled"
     assert (await second.wait_finished(rid))["status"] == "cancelled"
     assert model_calls(upstream) == (1, 0)
+
+
+async def test_sigterm_lets_a_response_finish_within_the_grace(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    upstream, tool = agent_upstream(), ToolServer()
+    config = await servers(nursery, tmp_path, upstream, tool)
+    tool.hold = True
+    first = await GatewayProcess(config, grace=30).start(nursery)
+    rid = await start_background(first)
+    with trio.fail_after(30):
+        await tool.called.wait()
+    first.signal(signal.SIGTERM)
+    await wait_until(lambda: "draining" in first.log())
+    tool.release()  # the response finishes during the drain
+    assert await first.exited() == 0
+    assert "handed over" not in first.log()
+
+    second = await GatewayProcess(config).start(nursery)
+    final = await second.wait_finished(rid)
+    assert final["status"] == "completed"
+    assert (tool.calls, model_calls(upstream)) == (1, (1, 1))
