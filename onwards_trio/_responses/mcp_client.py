@@ -287,7 +287,9 @@ class _Connection:
                                 description=tool.description or "",
                                 input_schema=tool.input_schema,
                                 annotations=(
-                                    annotations.model_dump(mode="json", exclude_none=True)
+                                    annotations.model_dump(
+                                        mode="json", by_alias=True, exclude_none=True
+                                    )
                                     if annotations is not None
                                     else None
                                 ),

@@ -88,6 +88,7 @@ class RequestMcpTool:
     server: McpServer
     always: frozenset[str] | None  # tool names that need approval (None: all but ``never``)
     never: frozenset[str]  # tool names that run without approval
+    read_only: bool = False  # offer only tools the server marks ``readOnlyHint``
 
     def needs_approval(self, tool: str) -> bool:
         if tool in self.never:
@@ -172,14 +173,16 @@ def parse_request_tools(
                 )
             headers = {**headers, "Authorization": f"Bearer {authorization}"}
         always, never = _approval(tool.get("require_approval"), f"{where}.require_approval")
+        allowed = tool.get("allowed_tools")
         server = McpServer(
             label=label,
             url=url,
             headers=tuple(sorted(headers.items())),
             timeout=timeout,
-            allowed_tools=_names(tool.get("allowed_tools"), f"{where}.allowed_tools"),
+            allowed_tools=_names(allowed, f"{where}.allowed_tools"),
         )
-        found.append(RequestMcpTool(server=server, always=always, never=never))
+        read_only = isinstance(allowed, dict) and allowed.get("read_only") is True
+        found.append(RequestMcpTool(server, always=always, never=never, read_only=read_only))
         shown = {k: v for k, v in tool.items() if k not in ("headers", "authorization")}
         echo.append({**shown, "headers": None})
     return found, echo
@@ -252,11 +255,20 @@ class McpPlan:
         cls, tools: Sequence[Mapping[str, Any]], spec: McpSpec, cache: McpToolCache
     ) -> tuple[McpPlan, list[dict[str, Any]]]:
         """The plan for a request's ``tools`` (servers checked against ``spec``'s allow-list
-        and listed), and ``tools`` as the Response echoes them."""
+        and listed), and ``tools`` as the Response echoes them. A listed tool whose name the
+        model would see twice (a client function of that name) is a 400."""
         requested, echo = parse_request_tools(tools, spec.allowed_server_urls, spec.timeout_secs)
         plan = cls(requested)
         if requested:
             await plan.list_tools(cache)
+            functions = {t.get("name") for t in tools if t.get("type") == "function"}
+            clash = sorted(n for n in plan.tools if n in functions)
+            if clash:
+                raise invalid_request(
+                    "Tool name collision: the following tools are provided by both the client "
+                    f"and an MCP server: {', '.join(clash)}",
+                    "tools",
+                )
         return plan, echo
 
     # -- before the response -----------------------------------------------------------------
@@ -269,6 +281,8 @@ class McpPlan:
                 tools = await cache.tools(entry.server)
             except Exception as exc:
                 raise _failed_dependency(entry.server.label, str(exc)) from None
+            if entry.read_only:
+                tools = [t for t in tools if (t.annotations or {}).get("readOnlyHint") is True]
             for tool in tools:
                 self.tools[tool.qualified] = tool
                 self.approval[tool.qualified] = entry.needs_approval(tool.name)
@@ -586,13 +600,14 @@ class _McpEvents:
     def __init__(self, plan: McpPlan, inner: EventSink) -> None:
         self.plan = plan
         self.inner = inner
-        self.sequence = 0
+        self.sequence: int | None = None  # the loop's first (a resumed response goes on)
         self.visible = 0  # next output_index the client sees
         self.index: dict[int, int] = {}  # the loop's output_index → the client's
         self.by_item: dict[str, _Call] = {}  # function_call item id → call
         self.by_call: dict[str, _Call] = {}  # call_id → call (runnable ones)
 
     async def _send(self, kind: LoopEventKind, data: Mapping[str, Any]) -> None:
+        assert self.sequence is not None
         await self.inner.emit(LoopEvent(self.sequence, kind, data))
         self.sequence += 1
 
@@ -615,6 +630,8 @@ class _McpEvents:
         await self._send(_K.OUTPUT_ITEM_DONE, {"output_index": index, "item": item})
 
     async def emit(self, event: LoopEvent) -> None:
+        if self.sequence is None:
+            self.sequence = event.sequence
         kind, data = event.kind, event.data
         if kind.is_terminal:
             await self._close_open_calls()

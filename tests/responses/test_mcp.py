@@ -27,9 +27,11 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_output_item import McpApprovalRequest, McpCall, McpListTools
 
+from onwards_trio._loop.events import LoopEvent, LoopEventKind
 from onwards_trio._loop.run import DisconnectPolicy, LoopConfig
 from onwards_trio._loop.steps import StepState
-from onwards_trio._responses.mcp_tools import url_allowed
+from onwards_trio._responses.mcp_client import McpServer
+from onwards_trio._responses.mcp_tools import McpPlan, RequestMcpTool, url_allowed
 from tests.responses.test_responses_api import (
     gateway_config,
     has_tool_result,
@@ -326,6 +328,36 @@ async def test_request_server_url_outside_the_allow_list_is_refused(
     assert upstream.requests == []
 
 
+async def test_request_allowed_tools_filter_limits_the_offer(
+    nursery: trio.Nursery, shared_server: McpProcess
+) -> None:
+    upstream = FakeUpstream(lambda rec: text_reply(rec))
+    _, client = await gateway_with(nursery, upstream, mcp=allowing(shared_server))
+    by_name = mcp_tool(shared_server, allowed_tools=["boom", "slow"])
+    await sdk(lambda: client.responses.create(model="m", input="x", tools=[by_name]))
+    assert set(offered(upstream.requests[-1])) == {"calc__boom", "calc__slow"}
+    read_only = mcp_tool(shared_server, allowed_tools={"read_only": True})
+    resp = await sdk(lambda: client.responses.create(model="m", input="x", tools=[read_only]))
+    assert set(offered(upstream.requests[-1])) == {"calc__add"}  # the one marked readOnlyHint
+    listing = resp.output[0]
+    assert isinstance(listing, McpListTools) and [t.name for t in listing.tools] == ["add"]
+
+
+async def test_request_tool_named_like_a_client_function_is_400(
+    nursery: trio.Nursery, shared_server: McpProcess
+) -> None:
+    upstream = FakeUpstream(lambda rec: text_reply(rec))
+    _, client = await gateway_with(nursery, upstream, mcp=allowing(shared_server))
+    function: Any = {"type": "function", "name": "calc__add", "parameters": {"type": "object"}}
+    with pytest.raises(openai.BadRequestError):
+        await sdk(
+            lambda: client.responses.create(
+                model="m", input="x", tools=[mcp_tool(shared_server), function]
+            )
+        )
+    assert upstream.requests == []
+
+
 async def test_request_server_that_cannot_list_is_424(nursery: trio.Nursery) -> None:
     upstream = FakeUpstream(lambda rec: text_reply(rec))
     spec = {"allowed_server_urls": ["http://127.0.0.1:9/"], "timeout_secs": 5}
@@ -474,6 +506,20 @@ async def test_approval_for_an_unknown_request_is_400(
             )
         )
     assert len(upstream.requests) == 1
+
+
+async def test_mcp_events_continue_a_resumed_sequence() -> None:
+    got: list[LoopEvent] = []
+
+    class Sink:
+        async def emit(self, event: LoopEvent) -> None:
+            got.append(event)
+
+    plan = McpPlan([RequestMcpTool(McpServer("calc", "http://127.0.0.1:9/mcp"), None, frozenset())])
+    sink = plan.events(Sink())
+    await sink.emit(LoopEvent(7, LoopEventKind.CREATED, {"response": {}}))
+    await sink.emit(LoopEvent(8, LoopEventKind.IN_PROGRESS, {"response": {}}))
+    assert [e.sequence for e in got] == [7, 8]
 
 
 # -- the allow-list ------------------------------------------------------------------------------
