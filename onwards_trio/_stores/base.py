@@ -36,6 +36,7 @@ __all__ = [
     "IdempotencyRecord",
     "ResponseStore",
     "SharedResponseStore",
+    "SqlDurableStore",
     "StoreBackend",
     "StoredEvent",
     "StoredResponse",
@@ -224,6 +225,93 @@ class DurableStore(Protocol):
 
     async def aclose(self) -> None:
         """Release resources (connections)."""
+
+
+class SqlDurableStore:
+    """The :class:`DurableStore` statements the SQL backends share, written once with ``%s``
+    placeholders and ``{now}`` (the store's clock in epoch seconds, an SQL expression) that a
+    backend adapts in :meth:`_execute`. The two operations that must be atomic across
+    processes — claiming leases, taking a key — need each database's own locking and are the
+    backends' own."""
+
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement and return its rows (none for a statement without a result)."""
+        raise NotImplementedError
+
+    async def acquire_lease(
+        self, response_id: str, owner: str, lease_secs: float, resume: Any
+    ) -> None:
+        await self._execute(
+            "INSERT INTO oresp_leases (response_id, owner, expires_at, attempts, resume) "
+            "VALUES (%s, %s, {now} + %s, 0, %s) ON CONFLICT (response_id) DO UPDATE SET "
+            "owner = excluded.owner, expires_at = excluded.expires_at, attempts = 0, "
+            "resume = excluded.resume",
+            (response_id, owner, lease_secs, orjson.dumps(resume).decode()),
+        )
+
+    async def renew_leases(self, owner: str, lease_secs: float) -> set[str]:
+        rows = await self._execute(
+            "UPDATE oresp_leases SET expires_at = {now} + %s WHERE owner = %s "
+            "RETURNING response_id",
+            (lease_secs, owner),
+        )
+        return {str(r[0]) for r in rows}
+
+    async def release_lease(self, response_id: str, owner: str) -> None:
+        await self._execute(
+            "UPDATE oresp_leases SET owner = NULL, expires_at = 0 "
+            "WHERE response_id = %s AND owner = %s",
+            (response_id, owner),
+        )
+
+    async def drop_lease(self, response_id: str) -> None:
+        await self._execute("DELETE FROM oresp_leases WHERE response_id = %s", (response_id,))
+
+    async def idempotency_finish(
+        self,
+        scope: str,
+        key: str,
+        owner: str,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        await self._execute(
+            "UPDATE idempotency_keys SET state = 'done', status = %s, headers = %s, body = %s "
+            "WHERE scope = %s AND key = %s AND owner = %s AND state = 'in_flight'",
+            (status, encode_headers(headers), body, scope, key, owner),
+        )
+
+    async def idempotency_abandon(self, scope: str, key: str, owner: str) -> None:
+        await self._execute(
+            "DELETE FROM idempotency_keys "
+            "WHERE scope = %s AND key = %s AND owner = %s AND state = 'in_flight'",
+            (scope, key, owner),
+        )
+
+    async def idempotency_get(self, scope: str, key: str) -> IdempotencyRecord | None:
+        rows = await self._execute(
+            "SELECT fingerprint, state, status, headers, body FROM idempotency_keys "
+            "WHERE scope = %s AND key = %s AND expires_at >= {now}",
+            (scope, key),
+        )
+        return idempotency_record(rows[0]) if rows else None
+
+    async def purge_expired(self) -> None:
+        await self._execute("DELETE FROM idempotency_keys WHERE expires_at < {now}")
+
+
+def claim_of(row: Sequence[Any]) -> Claim:
+    """A claimed lease row: ``response_id, attempts, resume`` (JSON text)."""
+    return Claim(str(row[0]), int(row[1]), None if row[2] is None else orjson.loads(row[2]))
+
+
+def idempotency_record(row: Sequence[Any]) -> IdempotencyRecord:
+    """A record row: ``fingerprint, state, status, headers, body``."""
+    fingerprint, state, status, headers, body = row[:5]
+    return IdempotencyRecord(
+        fingerprint, state, status, decode_headers(headers), bytes(body or b"")
+    )
 
 
 def encode_headers(headers: Sequence[tuple[bytes, bytes]]) -> str:

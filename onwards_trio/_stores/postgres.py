@@ -60,11 +60,12 @@ from onwards_trio._stores.base import (
     ALLOWED_TRANSITIONS,
     Claim,
     IdempotencyRecord,
+    SqlDurableStore,
     StoreBackend,
     StoredEvent,
     StoredResponse,
-    decode_headers,
-    encode_headers,
+    claim_of,
+    idempotency_record,
 )
 from onwards_trio._stores.memory import new_step_id
 
@@ -127,7 +128,7 @@ CREATE TABLE IF NOT EXISTS oresp_leases (
     owner text,
     expires_at double precision NOT NULL,
     attempts integer NOT NULL DEFAULT 0,
-    resume jsonb
+    resume text
 );
 CREATE INDEX IF NOT EXISTS oresp_leases_owner ON oresp_leases (owner);
 CREATE INDEX IF NOT EXISTS oresp_leases_expiry ON oresp_leases (expires_at);
@@ -599,14 +600,7 @@ class PostgresResponseStore:
 _NOW = "extract(epoch from now())"
 
 
-def _idem_record(row: TupleRow) -> IdempotencyRecord:
-    fingerprint, state, status, headers, body = row[:5]
-    return IdempotencyRecord(
-        fingerprint, state, status, decode_headers(headers), bytes(body or b"")
-    )
-
-
-class PostgresDurableStore:
+class PostgresDurableStore(SqlDurableStore):
     """:class:`~onwards_trio._stores.base.DurableStore` on PostgreSQL, shared by replicas.
 
     A claim is one ``UPDATE`` of the rows a ``FOR UPDATE SKIP LOCKED`` sub-select picked, so
@@ -617,46 +611,14 @@ class PostgresDurableStore:
     def __init__(self, database: PostgresDatabase | str) -> None:
         self.database = _database(database)
 
-    async def acquire_lease(
-        self, response_id: str, owner: str, lease_secs: float, resume: Any
-    ) -> None:
-        row = (response_id, owner, lease_secs, _dump(resume))
-        await self.database.run(
-            lambda conn: conn.execute(
-                "INSERT INTO oresp_leases (response_id, owner, expires_at, attempts, resume) "
-                f"VALUES (%s, %s, {_NOW} + %s, 0, %s::jsonb) ON CONFLICT (response_id) DO "
-                "UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at, "
-                "attempts = 0, resume = excluded.resume",
-                row,
-            )
-        )
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        text = sql.replace("{now}", _NOW)
 
-    async def renew_leases(self, owner: str, lease_secs: float) -> set[str]:
-        def write(conn: Conn) -> set[str]:
-            rows = conn.execute(
-                f"UPDATE oresp_leases SET expires_at = {_NOW} + %s WHERE owner = %s "
-                "RETURNING response_id",
-                (lease_secs, owner),
-            ).fetchall()
-            return {str(r[0]) for r in rows}
+        def run(conn: Conn) -> list[tuple[Any, ...]]:
+            cur = conn.execute(text, tuple(params))
+            return list(cur.fetchall()) if cur.description is not None else []
 
-        return await self.database.run(write)
-
-    async def release_lease(self, response_id: str, owner: str) -> None:
-        await self.database.run(
-            lambda conn: conn.execute(
-                "UPDATE oresp_leases SET owner = NULL, expires_at = 0 "
-                "WHERE response_id = %s AND owner = %s",
-                (response_id, owner),
-            )
-        )
-
-    async def drop_lease(self, response_id: str) -> None:
-        await self.database.run(
-            lambda conn: conn.execute(
-                "DELETE FROM oresp_leases WHERE response_id = %s", (response_id,)
-            )
-        )
+        return await self.database.run(run)
 
     async def claim_expired(self, owner: str, lease_secs: float, limit: int) -> list[Claim]:
         def claim(conn: Conn) -> list[Claim]:
@@ -675,7 +637,7 @@ class PostgresDurableStore:
                 "FOR UPDATE SKIP LOCKED) RETURNING response_id, attempts, resume",
                 (owner, lease_secs, limit),
             ).fetchall()
-            return [Claim(str(r[0]), int(r[1]), r[2]) for r in rows]
+            return [claim_of(r) for r in rows]
 
         return await self.database.run(claim)
 
@@ -710,53 +672,10 @@ class PostgresDurableStore:
                     (scope, key),
                 ).fetchone()
                 if row is not None:
-                    return _idem_record(row)
+                    return idempotency_record(row)
             raise StoreError(StoreErrorKind.CONFLICT, "idempotency key keeps changing")
 
         return await self.database.run(begin)
-
-    async def idempotency_finish(
-        self,
-        scope: str,
-        key: str,
-        owner: str,
-        status: int,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: bytes,
-    ) -> None:
-        row = (status, encode_headers(headers), body, scope, key, owner)
-        await self.database.run(
-            lambda conn: conn.execute(
-                "UPDATE idempotency_keys SET state = 'done', status = %s, headers = %s, "
-                "body = %s WHERE scope = %s AND key = %s AND owner = %s AND state = 'in_flight'",
-                row,
-            )
-        )
-
-    async def idempotency_abandon(self, scope: str, key: str, owner: str) -> None:
-        await self.database.run(
-            lambda conn: conn.execute(
-                "DELETE FROM idempotency_keys "
-                "WHERE scope = %s AND key = %s AND owner = %s AND state = 'in_flight'",
-                (scope, key, owner),
-            )
-        )
-
-    async def idempotency_get(self, scope: str, key: str) -> IdempotencyRecord | None:
-        def read(conn: Conn) -> IdempotencyRecord | None:
-            row = conn.execute(
-                "SELECT fingerprint, state, status, headers, body FROM idempotency_keys "
-                f"WHERE scope = %s AND key = %s AND expires_at >= {_NOW}",
-                (scope, key),
-            ).fetchone()
-            return None if row is None else _idem_record(row)
-
-        return await self.database.run(read)
-
-    async def purge_expired(self) -> None:
-        await self.database.run(
-            lambda conn: conn.execute(f"DELETE FROM idempotency_keys WHERE expires_at < {_NOW}")
-        )
 
     async def aclose(self) -> None:
         await self.database.aclose()

@@ -40,11 +40,12 @@ from onwards_trio._stores.base import (
     ALLOWED_TRANSITIONS,
     Claim,
     IdempotencyRecord,
+    SqlDurableStore,
     StoreBackend,
     StoredEvent,
     StoredResponse,
-    decode_headers,
-    encode_headers,
+    claim_of,
+    idempotency_record,
 )
 from onwards_trio._stores.memory import new_step_id
 
@@ -670,18 +671,14 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 """
 
 
-def _idem_record(row: tuple[Any, ...]) -> IdempotencyRecord:
-    fingerprint, state, status, headers, body = row
-    return IdempotencyRecord(
-        fingerprint, state, status, decode_headers(headers), bytes(body or b"")
-    )
-
-
-class SqliteDurableStore:
+class SqliteDurableStore(SqlDurableStore):
     """:class:`~onwards_trio._stores.base.DurableStore` in the SQLite file: leases between
     processes on one host (a restarted gateway claims what the dead one held), and
-    ``Idempotency-Key`` records. Claims run inside ``BEGIN IMMEDIATE``, so two processes on
-    the file never claim the same lease."""
+    ``Idempotency-Key`` records. Claims and new keys are taken inside ``BEGIN IMMEDIATE``, so
+    two processes on the file never take the same one."""
+
+    # The system clock in epoch seconds (julianday counts days from 4714 BC, in ms).
+    _NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(
         self, path: str, *, busy_timeout: float = 5.0, db: SqliteFile | None = None
@@ -689,58 +686,26 @@ class SqliteDurableStore:
         self.path = path
         self._db = db or SqliteFile(path, _DURABLE_SCHEMA, busy_timeout=busy_timeout)
 
-    async def acquire_lease(
-        self, response_id: str, owner: str, lease_secs: float, resume: Any
-    ) -> None:
-        row = (response_id, owner, time.time() + lease_secs, _dump(resume))
-        await self._db.run(
-            lambda db: db.execute(
-                "INSERT OR REPLACE INTO oresp_leases (response_id, owner, expires_at, attempts, "
-                "resume) VALUES (?, ?, ?, 0, ?)",
-                row,
-            )
-        )
-
-    async def renew_leases(self, owner: str, lease_secs: float) -> set[str]:
-        def write(db: sqlite3.Connection) -> set[str]:
-            rows = db.execute(
-                "UPDATE oresp_leases SET expires_at = ? WHERE owner = ? RETURNING response_id",
-                (time.time() + lease_secs, owner),
-            ).fetchall()
-            return {r[0] for r in rows}
-
-        return await self._db.run(write)
-
-    async def release_lease(self, response_id: str, owner: str) -> None:
-        await self._db.run(
-            lambda db: db.execute(
-                "UPDATE oresp_leases SET owner = NULL, expires_at = 0 "
-                "WHERE response_id = ? AND owner = ?",
-                (response_id, owner),
-            )
-        )
-
-    async def drop_lease(self, response_id: str) -> None:
-        await self._db.run(
-            lambda db: db.execute("DELETE FROM oresp_leases WHERE response_id = ?", (response_id,))
-        )
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        text = sql.replace("%s", "?").replace("{now}", self._NOW)
+        return await self._db.run(lambda db: db.execute(text, tuple(params)).fetchall())
 
     async def claim_expired(self, owner: str, lease_secs: float, limit: int) -> list[Claim]:
+        expired = f"SELECT response_id FROM oresp_leases WHERE expires_at < {self._NOW} "
+
         def claim(db: sqlite3.Connection) -> list[Claim]:
-            now = time.time()
-            expired = "SELECT response_id FROM oresp_leases WHERE expires_at < ? "
             # The common case (nothing expired) is one read and takes no write lock.
-            if db.execute(expired + "LIMIT 1", (now,)).fetchone() is None:
+            if db.execute(expired + "LIMIT 1").fetchone() is None:
                 return []
             with transaction(db, "BEGIN IMMEDIATE"):
                 rows = db.execute(
-                    "UPDATE oresp_leases SET owner = ?, expires_at = ?, "
+                    f"UPDATE oresp_leases SET owner = ?, expires_at = {self._NOW} + ?, "
                     "attempts = attempts + (owner IS NOT NULL) "
                     f"WHERE response_id IN ({expired}ORDER BY expires_at LIMIT ?) "
                     "RETURNING response_id, attempts, resume",
-                    (owner, now + lease_secs, now, limit),
+                    (owner, lease_secs, limit),
                 ).fetchall()
-            return [Claim(r[0], int(r[1]), _load(r[2])) for r in rows]
+            return [claim_of(r) for r in rows]
 
         return await self._db.run(claim)
 
@@ -764,7 +729,7 @@ class SqliteDurableStore:
                 if row is not None and not (
                     row[6] < now or (row[1] == "in_flight" and row[5] < now - stale_after)
                 ):
-                    return _idem_record(row[:5])
+                    return idempotency_record(row)
                 db.execute(
                     "INSERT OR REPLACE INTO idempotency_keys (scope, key, fingerprint, state, "
                     "owner, started_at, expires_at) VALUES (?, ?, ?, 'in_flight', ?, ?, ?)",
@@ -773,51 +738,6 @@ class SqliteDurableStore:
             return None
 
         return await self._db.run(begin)
-
-    async def idempotency_finish(
-        self,
-        scope: str,
-        key: str,
-        owner: str,
-        status: int,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: bytes,
-    ) -> None:
-        row = (status, encode_headers(headers), body, scope, key, owner)
-        await self._db.run(
-            lambda db: db.execute(
-                "UPDATE idempotency_keys SET state = 'done', status = ?, headers = ?, body = ? "
-                "WHERE scope = ? AND key = ? AND owner = ? AND state = 'in_flight'",
-                row,
-            )
-        )
-
-    async def idempotency_abandon(self, scope: str, key: str, owner: str) -> None:
-        await self._db.run(
-            lambda db: db.execute(
-                "DELETE FROM idempotency_keys "
-                "WHERE scope = ? AND key = ? AND owner = ? AND state = 'in_flight'",
-                (scope, key, owner),
-            )
-        )
-
-    async def idempotency_get(self, scope: str, key: str) -> IdempotencyRecord | None:
-        def read(db: sqlite3.Connection) -> IdempotencyRecord | None:
-            row = db.execute(
-                "SELECT fingerprint, state, status, headers, body FROM idempotency_keys "
-                "WHERE scope = ? AND key = ? AND expires_at >= ?",
-                (scope, key, time.time()),
-            ).fetchone()
-            return None if row is None else _idem_record(row)
-
-        return await self._db.run(read)
-
-    async def purge_expired(self) -> None:
-        await self._db.run(
-            lambda db: db.execute(
-                "DELETE FROM idempotency_keys WHERE expires_at < ?", (time.time(),)
-            )
-        )
 
     async def aclose(self) -> None:
         await self._db.aclose()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psycopg
@@ -42,6 +42,29 @@ async def start_background(gateway: GatewayProcess) -> str:
     created = await gateway.post("/v1/responses", BODY)
     assert created.status_code == 200, created.text
     return str(created.json()["id"])
+
+
+class InAToolCall(NamedTuple):
+    """A gateway process whose background response ``rid`` is inside a (held) tool call."""
+
+    upstream: FakeUpstream
+    tool: ToolServer
+    config: Path
+    first: GatewayProcess
+    rid: str
+
+
+async def in_a_tool_call(
+    nursery: trio.Nursery, tmp_path: Path, *, grace: float = 1.0, **extra: Any
+) -> InAToolCall:
+    upstream, tool = agent_upstream(), ToolServer()
+    config = await servers(nursery, tmp_path, upstream, tool, **extra)
+    tool.hold = True
+    first = await GatewayProcess(config, grace=grace).start(nursery)
+    rid = await start_background(first)
+    with trio.fail_after(30):
+        await tool.called.wait()
+    return InAToolCall(upstream, tool, config, first, rid)
 
 
 async def assert_gapless_events(gateway: GatewayProcess, response_id: str) -> list[str]:
@@ -81,13 +104,9 @@ async def test_killed_in_a_model_call_the_restarted_gateway_finishes_it(
 async def test_killed_in_a_tool_call_it_is_rerun_only_when_idempotent(
     nursery: trio.Nursery, tmp_path: Path, idempotent: bool
 ) -> None:
-    upstream, tool = agent_upstream(), ToolServer()
-    config = await servers(nursery, tmp_path, upstream, tool, idempotent=idempotent)
-    tool.hold = True
-    first = await GatewayProcess(config).start(nursery)
-    rid = await start_background(first)
-    with trio.fail_after(30):
-        await tool.called.wait()
+    upstream, tool, config, first, rid = await in_a_tool_call(
+        nursery, tmp_path, idempotent=idempotent
+    )
     await first.stop(signal.SIGKILL)
     tool.hold = False
 
@@ -131,13 +150,7 @@ async def test_killed_between_steps_no_completed_step_runs_again(
 async def test_sigterm_hands_the_response_over_to_the_restarted_gateway(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    upstream, tool = agent_upstream(), ToolServer()
-    config = await servers(nursery, tmp_path, upstream, tool, idempotent=True)
-    tool.hold = True
-    first = await GatewayProcess(config).start(nursery)
-    rid = await start_background(first)
-    with trio.fail_after(30):
-        await tool.called.wait()
+    upstream, tool, config, first, rid = await in_a_tool_call(nursery, tmp_path, idempotent=True)
     assert await first.stop(signal.SIGTERM) == 0
     assert "handed over" in first.log()
     tool.hold = False
@@ -152,13 +165,7 @@ async def test_sigterm_hands_the_response_over_to_the_restarted_gateway(
 async def test_on_shutdown_cancel_stores_the_response_cancelled(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    upstream, tool = agent_upstream(), ToolServer()
-    config = await servers(nursery, tmp_path, upstream, tool, on_shutdown="cancel")
-    tool.hold = True
-    first = await GatewayProcess(config).start(nursery)
-    rid = await start_background(first)
-    with trio.fail_after(30):
-        await tool.called.wait()
+    _, tool, config, first, rid = await in_a_tool_call(nursery, tmp_path, on_shutdown="cancel")
     assert await first.stop(signal.SIGTERM) == 0
 
     second = await GatewayProcess(config).start(nursery)
@@ -170,13 +177,7 @@ async def test_on_shutdown_cancel_stores_the_response_cancelled(
 async def test_a_response_interrupted_too_often_is_failed_with_a_clear_error(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    upstream, tool = agent_upstream(), ToolServer()
-    config = await servers(nursery, tmp_path, upstream, tool, max_recovery_attempts=0)
-    tool.hold = True
-    first = await GatewayProcess(config).start(nursery)
-    rid = await start_background(first)
-    with trio.fail_after(30):
-        await tool.called.wait()
+    _, tool, config, first, rid = await in_a_tool_call(nursery, tmp_path, max_recovery_attempts=0)
     await first.stop(signal.SIGKILL)
 
     second = await GatewayProcess(config).start(nursery)
@@ -246,12 +247,7 @@ async def test_two_gateways_on_postgres_the_survivor_claims_and_finishes(
 async def test_a_recovered_response_is_cancelled_like_a_fresh_one(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    upstream, tool = agent_upstream(), ToolServer()
-    config = await servers(nursery, tmp_path, upstream, tool, idempotent=True)
-    tool.hold = True
-    first = await GatewayProcess(config).start(nursery)
-    rid = await start_background(first)
-    await wait_until(lambda: tool.calls == 1)
+    upstream, tool, config, first, rid = await in_a_tool_call(nursery, tmp_path, idempotent=True)
     await first.stop(signal.SIGKILL)
 
     second = await GatewayProcess(config).start(nursery)
@@ -265,13 +261,7 @@ async def test_a_recovered_response_is_cancelled_like_a_fresh_one(
 async def test_sigterm_lets_a_response_finish_within_the_grace(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    upstream, tool = agent_upstream(), ToolServer()
-    config = await servers(nursery, tmp_path, upstream, tool)
-    tool.hold = True
-    first = await GatewayProcess(config, grace=30).start(nursery)
-    rid = await start_background(first)
-    with trio.fail_after(30):
-        await tool.called.wait()
+    upstream, tool, config, first, rid = await in_a_tool_call(nursery, tmp_path, grace=30)
     first.signal(signal.SIGTERM)
     await wait_until(lambda: "draining" in first.log())
     tool.release()  # the response finishes during the drain
