@@ -20,7 +20,7 @@ import trio
 from onwards_trio._config import Config, parse_config
 from onwards_trio._transport.asgi import Receive, Scope, Send, read_body, send_json, serve_lifespan
 
-__all__ = ["demo_config", "demo_upstream"]
+__all__ = ["chat_chunk", "demo_config", "demo_upstream"]
 
 DEMO_MODEL = "demo"
 _CREATED = 1_700_000_000
@@ -115,14 +115,25 @@ def _usage(request: dict[str, Any], answer: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def _chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
-    payload = {
+def chat_chunk(
+    cid: str,
+    model: str,
+    delta: dict[str, Any] | None,
+    finish: str | None = None,
+    *,
+    usage: dict[str, int] | None = None,
+) -> bytes:
+    """One streamed ``chat.completion.chunk`` as an SSE event; ``delta=None`` with ``usage``
+    is the final usage chunk (no choices). Shared with ``onwards_trio.testing``'s scripts."""
+    payload: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": _CREATED,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
+    if usage is not None:
+        payload["usage"] = usage
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
@@ -162,13 +173,13 @@ async def _chat(request: dict[str, Any], send: Send, delay: float) -> None:
     async def emit(data: bytes) -> None:
         await send({"type": "http.response.body", "body": data, "more_body": True})
 
-    await emit(_chunk(cid, model, {"role": "assistant", "content": ""}))
+    await emit(chat_chunk(cid, model, {"role": "assistant", "content": ""}))
     message = answer["message"]
     if message.get("tool_calls"):
         for i, call in enumerate(message["tool_calls"]):
             fn = call["function"]
             await emit(
-                _chunk(
+                chat_chunk(
                     cid,
                     model,
                     {
@@ -184,7 +195,7 @@ async def _chat(request: dict[str, Any], send: Send, delay: float) -> None:
                 )
             )
             await emit(
-                _chunk(
+                chat_chunk(
                     cid,
                     model,
                     {"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]},
@@ -195,19 +206,11 @@ async def _chat(request: dict[str, Any], send: Send, delay: float) -> None:
         for i, word in enumerate(words):
             if delay:
                 await trio.sleep(delay)
-            await emit(_chunk(cid, model, {"content": word if i == 0 else " " + word}))
-    await emit(_chunk(cid, model, {}, answer["finish_reason"]))
+            await emit(chat_chunk(cid, model, {"content": word if i == 0 else " " + word}))
+    await emit(chat_chunk(cid, model, {}, answer["finish_reason"]))
     options = request.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage"):
-        payload = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": _CREATED,
-            "model": model,
-            "choices": [],
-            "usage": usage,
-        }
-        await emit(b"data: " + orjson.dumps(payload) + b"\n\n")
+        await emit(chat_chunk(cid, model, None, usage=usage))
     await emit(b"data: [DONE]\n\n")
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 

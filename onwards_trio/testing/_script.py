@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import attrs
 import orjson
 
+from onwards_trio._app.demo import chat_chunk
+
 if TYPE_CHECKING:
     from onwards_trio.testing._records import ModelCall
 
@@ -291,16 +293,8 @@ def render_chunks(reply: Reply, request: Mapping[str, Any]) -> list[bytes]:
     cid = f"chatcmpl-onwards-{next(_ids)}"
     model = str(request.get("model") or "scripted")
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        payload = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": _CREATED,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            **extra,
-        }
-        return b"data: " + orjson.dumps(payload) + b"\n\n"
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return chat_chunk(cid, model, delta, finish)
 
     out = [chunk({"role": "assistant", "content": ""})]
     if reply.content:
@@ -320,14 +314,6 @@ def render_chunks(reply: Reply, request: Mapping[str, Any]) -> list[bytes]:
     out.append(chunk({}, reply.finish_reason or "stop"))
     options = request.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage"):
-        usage = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": _CREATED,
-            "model": model,
-            "choices": [],
-            "usage": _usage(reply, request),
-        }
-        out.append(b"data: " + orjson.dumps(usage) + b"\n\n")
+        out.append(chat_chunk(cid, model, None, usage=_usage(reply, request)))
     out.append(b"data: [DONE]\n\n")
     return out

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from onwards_trio.testing import Harness, serve_in_thread
+from tests.testing.test_plugin import run
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "testing.md"
 _BLOCK = re.compile(r"```python\n(# (test_\w+\.py)\n.*?)```", re.DOTALL)
@@ -32,12 +33,12 @@ def test_every_example_in_the_testing_guide_passes(pytester: pytest.Pytester) ->
         provider.model("gpt-4o", "The sky is blue.")
         upstreams = {"gpt-4o": {"url": provider.base_url, "key": "sk-docs-provider"}}
         pytester.path.joinpath("upstreams.json").write_bytes(orjson.dumps(upstreams))
-        recorded = pytester.runpytest(
-            "--onwards-record", "--onwards-upstreams=upstreams.json", "test_recorded.py"
+        recorded = run(
+            pytester, "--onwards-record", "--onwards-upstreams=upstreams.json", "test_recorded.py"
         )
         recorded.assert_outcomes(passed=1)
     assert (pytester.path / "cassettes" / "test_recorded" / "test_summary.json").exists()
-    result = pytester.runpytest(*examples)
+    result = run(pytester, *examples)
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) >= len(examples), outcomes
     assert not {"failed", "errors", "error"} & set(outcomes), outcomes

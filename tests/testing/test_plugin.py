@@ -1,6 +1,6 @@
-"""The pytest plugin, driven the way its users run it: pytester writes a test file and runs
-pytest on it (inline; record/replay and the import-cost check in a subprocess), and these tests
-read the outcome. The inner tests use the official SDKs against the served gateway."""
+"""The pytest plugin, driven the way its users run it: pytester writes a test file, pytest runs
+it in a child process, and these tests read the outcome. The inner tests use the official SDKs
+against the served gateway."""
 
 from __future__ import annotations
 
@@ -14,6 +14,19 @@ import trio
 
 from onwards_trio._transport.asgi import Receive, Scope, Send
 from tests.support import serve_app
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """pytest in a child process, as users run it (and no module state shared with ours)."""
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=180)
+
+
+def assert_shown(result: pytest.RunResult, headline: str, *, removed: str, added: str) -> None:
+    """The output names the problem, then a diff line by line: ``removed`` → ``added``."""
+    result.stdout.fnmatch_lines(
+        [headline, f'*-*"content": "{removed}",', f'*+*"content": "{added}",']
+    )
+
 
 SYNC_OPENAI = """
 import openai
@@ -47,7 +60,7 @@ def test_chat(onwards):
 
 def test_sync_openai_client_gets_the_scripted_answer(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(SYNC_OPENAI)
-    pytester.runpytest().assert_outcomes(passed=1)
+    run(pytester).assert_outcomes(passed=1)
 
 
 ASYNC_OPENAI = """
@@ -75,7 +88,7 @@ async def test_async_chat(onwards):
 
 def test_async_openai_client_under_asyncio(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(ASYNC_OPENAI)
-    pytester.runpytest().assert_outcomes(passed=1)
+    run(pytester).assert_outcomes(passed=1)
 
 
 TRIO_LOOP = """
@@ -113,7 +126,7 @@ async def test_loop_runs_a_python_tool(onwards_trio):
 
 def test_trio_test_runs_the_loop_with_a_python_tool(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(TRIO_LOOP)
-    pytester.runpytest().assert_outcomes(passed=1)
+    run(pytester).assert_outcomes(passed=1)
 
 
 RETRY = """
@@ -146,7 +159,7 @@ def test_429_reaches_the_client(onwards):
 
 def test_client_retries_after_one_429(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(RETRY)
-    pytester.runpytest().assert_outcomes(passed=2)
+    run(pytester).assert_outcomes(passed=2)
 
 
 FAILURES = """
@@ -197,7 +210,7 @@ def test_slow_first_byte_times_the_client_out(onwards, client):
 
 def test_scripted_failures_reach_the_client(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(FAILURES)
-    pytester.runpytest().assert_outcomes(passed=5)
+    run(pytester).assert_outcomes(passed=5)
 
 
 MISUSE = """
@@ -227,14 +240,13 @@ def test_body_mismatch_shows_a_diff(onwards):
 
 def test_misuse_fails_the_test_with_a_clear_message(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(MISUSE)
-    result = pytester.runpytest()
+    result = run(pytester)
     result.assert_outcomes(failed=2)
-    result.stdout.fnmatch_lines(
-        [
-            "*model 'gpt' was called 2 times but its script has 1 replies*",
-            '*-*"content": "what was meant",',
-            '*+*"content": "what was sent",',
-        ]
+    assert_shown(
+        result,
+        "*model 'gpt' was called 2 times but its script has 1 replies*",
+        removed="what was meant",
+        added="what was sent",
     )
 
 
@@ -285,7 +297,7 @@ def test_messages(onwards):
 
 def test_anthropic_sdk_through_v1_messages(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(ANTHROPIC)
-    pytester.runpytest().assert_outcomes(passed=1)
+    run(pytester).assert_outcomes(passed=1)
 
 
 REPLAYED = """
@@ -326,14 +338,13 @@ def test_unmatched_request_fails_showing_the_closest_recorded_one(
     }
     pytester.path.joinpath("recorded.json").write_bytes(orjson.dumps(recorded))
     pytester.makepyfile(REPLAYED)
-    result = pytester.runpytest()
+    result = run(pytester)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(
-        [
-            "*no recorded interaction in cassette*recorded.json matches this request to 'gpt'*",
-            '*-*"content": "How are you??",',
-            '*+*"content": "How are you?",',
-        ]
+    assert_shown(
+        result,
+        "*no recorded interaction in cassette*recorded.json matches this request to 'gpt'*",
+        removed="How are you??",
+        added="How are you?",
     )
 
 
@@ -427,4 +438,4 @@ def test_a_session_that_uses_no_fixture_never_imports_the_gateway(
             """
         )
     )
-    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    run(pytester).assert_outcomes(passed=1)
