@@ -199,15 +199,18 @@ class Harness:
         upstream: RealUpstream | Mapping[str, Any] | None = None,
         ignore: Sequence[str] = (),
         match: Matcher | None = None,
+        realtime: bool = False,
         target: Mapping[str, Any] | None = None,
     ) -> None:
         """Serve ``alias`` from the test's cassette (or, with ``--onwards-record``, from the real
         provider ``upstream``, writing the cassette). Requests match by alias and JSON body
-        without the ``ignore`` keys, unless ``match(alias, body)`` gives the key."""
+        without the ``ignore`` keys, unless ``match(alias, body)`` gives the key. ``realtime``
+        replays stream events at their recorded offsets instead of at once."""
         if isinstance(upstream, Mapping):
             upstream = RealUpstream(**upstream)
         real = upstream or self._upstreams.get(alias)
-        self._declare(alias, RecordedModel(match or body_matcher(ignore), real), target)
+        matcher = match or body_matcher(ignore)
+        self._declare(alias, RecordedModel(matcher, real, realtime), target)
 
     def _declare(
         self, alias: str, model: ScriptedModel | RecordedModel, target: Mapping[str, Any] | None

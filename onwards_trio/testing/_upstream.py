@@ -75,6 +75,7 @@ class ScriptedModel:
 class RecordedModel:
     matcher: Matcher
     upstream: RealUpstream | None = None
+    realtime: bool = False  # replay stream events at their recorded offsets
 
 
 @attrs.frozen
@@ -233,7 +234,10 @@ class UpstreamApp:
         await send(
             {"type": "http.response.start", "status": response["status"], "headers": headers}
         )
+        started = trio.current_time()
         for event in events:
+            if model.realtime:
+                await trio.sleep_until(started + float(event.get("at_ms", 0)) / 1000)
             data = str(event["data"]).encode()
             await send({"type": "http.response.body", "body": data, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

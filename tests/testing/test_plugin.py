@@ -348,6 +348,66 @@ def test_unmatched_request_fails_showing_the_closest_recorded_one(
     )
 
 
+REPLAY_OPTIONS = """
+import time
+import openai
+import pytest
+
+def ask(onwards, **extra):
+    with openai.OpenAI(base_url=onwards.base_url, api_key="k", max_retries=0) as client:
+        stream = client.chat.completions.create(
+            model="gpt", messages=[{"role": "user", "content": "Hi"}], stream=True, **extra
+        )
+        return [(time.monotonic(), c.choices[0].delta.content) for c in stream if c.choices]
+
+@pytest.mark.onwards_cassette("stream.json")
+def test_ignored_keys_do_not_take_part_in_matching(onwards):
+    onwards.recorded("gpt", ignore=["user"])
+    assert [text for _, text in ask(onwards, user="someone-else")] == ["Hel", "lo"]
+
+@pytest.mark.onwards_cassette("stream.json")
+def test_realtime_replay_keeps_the_recorded_gaps(onwards):
+    onwards.recorded("gpt", realtime=True)
+    (first, _), (last, _) = ask(onwards, user="someone")
+    assert last - first >= 0.35
+"""
+
+
+def _event(at_ms: float, content: str) -> dict[str, object]:
+    chunk = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": content}}],
+    }
+    return {"at_ms": at_ms, "data": "data: " + orjson.dumps(chunk).decode() + "\n\n"}
+
+
+def test_replay_options_ignore_keys_and_keep_timing(pytester: pytest.Pytester) -> None:
+    body = {"model": "gpt", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    events = [_event(5.0, "Hel"), _event(405.0, "lo"), {"at_ms": 406.0, "data": "data: [DONE]\n\n"}]
+    cassette = {
+        "version": 1,
+        "interactions": [
+            {
+                "alias": "gpt",
+                "request": {
+                    "method": "POST",
+                    "path": "/v1/chat/completions",
+                    "headers": {},
+                    "body": {**body, "user": "someone"},
+                },
+                "response": {
+                    "status": 200,
+                    "headers": {"content-type": "text/event-stream"},
+                    "events": events,
+                },
+            }
+        ],
+    }
+    pytester.path.joinpath("stream.json").write_bytes(orjson.dumps(cassette))
+    pytester.makepyfile(REPLAY_OPTIONS)
+    run(pytester).assert_outcomes(passed=2)
+
+
 RECORDED = """
 import openai
 
