@@ -34,6 +34,7 @@ class LoopEventKind(enum.StrEnum):
     """Event kinds; the value is the wire name (``event:`` line / ``type`` field)."""
 
     CREATED = "response.created"
+    QUEUED = "response.queued"
     IN_PROGRESS = "response.in_progress"
     OUTPUT_ITEM_ADDED = "response.output_item.added"
     OUTPUT_ITEM_DONE = "response.output_item.done"
@@ -41,6 +42,9 @@ class LoopEventKind(enum.StrEnum):
     CONTENT_PART_DONE = "response.content_part.done"
     OUTPUT_TEXT_DELTA = "response.output_text.delta"
     OUTPUT_TEXT_DONE = "response.output_text.done"
+    OUTPUT_TEXT_ANNOTATION_ADDED = "response.output_text.annotation.added"
+    REFUSAL_DELTA = "response.refusal.delta"
+    REFUSAL_DONE = "response.refusal.done"
     FUNCTION_CALL_ARGUMENTS_DELTA = "response.function_call_arguments.delta"
     FUNCTION_CALL_ARGUMENTS_DONE = "response.function_call_arguments.done"
     REASONING_SUMMARY_PART_ADDED = "response.reasoning_summary_part.added"
@@ -58,6 +62,8 @@ class LoopEventKind(enum.StrEnum):
     MCP_CALL_ARGUMENTS_DONE = "response.mcp_call_arguments.done"
     MCP_CALL_COMPLETED = "response.mcp_call.completed"
     MCP_CALL_FAILED = "response.mcp_call.failed"
+    REASONING_DELTA = "response.reasoning.delta"  # the spec's name for raw reasoning deltas
+    REASONING_DONE = "response.reasoning.done"
     COMPLETED = "response.completed"
     FAILED = "response.failed"
     INCOMPLETE = "response.incomplete"

@@ -118,23 +118,68 @@ def _output_text_part(text: str) -> dict[str, Any]:
 
 
 def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """Raw reasoning is the item's ``content``: ``summary`` is meant to be safe to show, and a
+    Chat upstream gives no summary, so it stays empty."""
     return {
         "type": "reasoning",
         "id": item_id,
-        "summary": [{"type": "summary_text", "text": text}],
+        "summary": [],
         "content": [{"type": "reasoning_text", "text": text}],
         "status": status,
     }
 
 
-def _message_item(item_id: str, role: str, text: str, status: str) -> dict[str, Any]:
+def _annotation(raw: Any) -> dict[str, Any] | None:
+    """A Chat annotation (``{type: url_citation, url_citation: {...}}``) as a Responses one."""
+    if not isinstance(raw, Mapping) or raw.get("type") != "url_citation":
+        return None
+    cite = raw.get("url_citation")
+    cite = cite if isinstance(cite, Mapping) else raw
     return {
+        "type": "url_citation",
+        "url": str(cite.get("url") or ""),
+        "start_index": _int(cite.get("start_index")),
+        "end_index": _int(cite.get("end_index")),
+        "title": str(cite.get("title") or ""),
+    }
+
+
+def _annotations(raw: Any) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        return []
+    return [a for a in (_annotation(r) for r in raw) if a is not None]
+
+
+def _message_item(
+    item_id: str,
+    role: str,
+    text: str | None,
+    status: str,
+    *,
+    refusal: str | None = None,
+    annotations: list[dict[str, Any]] | None = None,
+    phase: str | None = None,
+) -> dict[str, Any]:
+    """An assistant message: an ``output_text`` part (when there is text, or nothing else) and a
+    ``refusal`` part when the model refused. ``phase`` says whether tool calls follow it
+    (``commentary``) or it is the answer (``final_answer``)."""
+    parts: list[dict[str, Any]] = []
+    if text or refusal is None:
+        part = _output_text_part(text or "")
+        part["annotations"] = list(annotations or [])
+        parts.append(part)
+    if refusal is not None:
+        parts.append({"type": "refusal", "refusal": refusal})
+    item: dict[str, Any] = {
         "type": "message",
         "id": item_id,
         "role": role,
-        "content": [_output_text_part(text)],
+        "content": parts,
         "status": status,
     }
+    if phase is not None:
+        item["phase"] = phase
+    return item
 
 
 def _function_call_item(
@@ -173,10 +218,24 @@ def message_items(
     if reasoning:
         items.append(_reasoning_item(reasoning_item_id(step_id, choice), reasoning, status))
     text = _content_text(message.get("content"))
-    if text:
-        role = message.get("role") or "assistant"
-        items.append(_message_item(message_item_id(step_id, choice), role, text, status))
+    refusal = message.get("refusal")
+    refusal = refusal if isinstance(refusal, str) and refusal else None
     tool_calls = message.get("tool_calls")
+    if text or refusal is not None:
+        role = message.get("role") or "assistant"
+        items.append(
+            _message_item(
+                message_item_id(step_id, choice),
+                role,
+                text,
+                status,
+                refusal=refusal,
+                annotations=_annotations(message.get("annotations")),
+                phase="commentary"
+                if isinstance(tool_calls, list) and tool_calls
+                else "final_answer",
+            )
+        )
     if isinstance(tool_calls, list):
         for n, tc in enumerate(tool_calls):
             if not isinstance(tc, Mapping):
@@ -306,8 +365,10 @@ class _ToolAcc:
 class _ChoiceAcc:
     role: str = ""
     content: list[str] = attrs.field(factory=list)
+    refusal: list[str] = attrs.field(factory=list)
     reasoning_content: list[str] = attrs.field(factory=list)
     reasoning: list[str] = attrs.field(factory=list)
+    annotations: list[Any] = attrs.field(factory=list)
     tools: dict[int, _ToolAcc] = attrs.field(factory=dict)
     finish_reason: Any = None
 
@@ -344,8 +405,11 @@ class ChatChunkAssembler:
             if isinstance(delta, Mapping):
                 if isinstance(delta.get("role"), str) and not acc.role:
                     acc.role = delta["role"]
+                if isinstance(delta.get("annotations"), list):
+                    acc.annotations.extend(delta["annotations"])
                 for key, parts in (
                     ("content", acc.content),
+                    ("refusal", acc.refusal),
                     ("reasoning_content", acc.reasoning_content),
                     ("reasoning", acc.reasoning),
                 ):
@@ -385,6 +449,10 @@ class ChatChunkAssembler:
                 "role": acc.role or "assistant",
                 "content": "".join(acc.content) if acc.content else None,
             }
+            if acc.refusal:
+                message["refusal"] = "".join(acc.refusal)
+            if acc.annotations:
+                message["annotations"] = list(acc.annotations)
             if acc.reasoning_content:
                 message["reasoning_content"] = "".join(acc.reasoning_content)
             if acc.reasoning:
@@ -423,38 +491,21 @@ class _Item:
     kind: str  # "reasoning" | "message" | "function_call"
     item_id: str
     output_index: int
-    text: list[str] = attrs.field(factory=list)
+    choice: int = 0
+    text: list[str] = attrs.field(factory=list)  # message text, reasoning text, arguments
+    refusal: list[str] | None = None  # a message's refusal part, once one was opened
+    parts: list[str] = attrs.field(factory=list)  # a message's part kinds, in content order
+    annotations: list[dict[str, Any]] = attrs.field(factory=list)
     role: str = "assistant"
     call_id: str = ""
     name: str = ""
     done: bool = False
 
+    def base(self) -> dict[str, Any]:
+        return {"item_id": self.item_id, "output_index": self.output_index}
 
-def _part_added(item: _Item) -> Event:
-    """The empty part that opens a message (``content_part.added``) or a reasoning item
-    (``reasoning_summary_part.added``)."""
-    base = {"item_id": item.item_id, "output_index": item.output_index}
-    if item.kind == "message":
-        return (
-            "response.content_part.added",
-            {**base, "content_index": 0, "part": _output_text_part("")},
-        )
-    return (
-        "response.reasoning_summary_part.added",
-        {**base, "summary_index": 0, "part": {"type": "summary_text", "text": ""}},
-    )
-
-
-def _text_delta(item: _Item, delta: str) -> Event:
-    """A piece of a message's text (``output_text.delta``) or of a reasoning summary
-    (``reasoning_summary_text.delta``)."""
-    base = {"item_id": item.item_id, "output_index": item.output_index}
-    if item.kind == "message":
-        return (
-            "response.output_text.delta",
-            {**base, "content_index": 0, "delta": delta, "logprobs": []},
-        )
-    return ("response.reasoning_summary_text.delta", {**base, "summary_index": 0, "delta": delta})
+    def part_index(self, kind: str) -> int:
+        return self.parts.index(kind)
 
 
 class OutputIndexer:
@@ -472,6 +523,19 @@ class OutputIndexer:
         return n
 
 
+def _as_delta(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A whole completion message as one chunk delta (tool calls numbered), so a non-streamed
+    completion goes through the same event machine as a streamed one."""
+    delta = dict(message)
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        delta["tool_calls"] = [
+            {**c, "index": c.get("index", n)} if isinstance(c, Mapping) else c
+            for n, c in enumerate(calls)
+        ]
+    return delta
+
+
 class ChatStreamTranslator:
     """Chat completion chunks → Open Responses streaming events.
 
@@ -480,6 +544,10 @@ class ChatStreamTranslator:
     chunk (or :meth:`message` for a non-streamed completion), and :meth:`end_call` when the
     call's stream ends; it closes any item the upstream left open. :meth:`reserve_index` hands
     out an ``output_index`` for items the loop adds itself (tool outputs).
+
+    Raw reasoning streams as ``response.reasoning.delta``/``.done`` (the item's ``content``);
+    a refusal as its own ``refusal`` content part with ``response.refusal.delta``/``.done``;
+    ``url_citation`` annotations as ``response.output_text.annotation.added``.
     """
 
     def __init__(self, indexer: OutputIndexer | None = None) -> None:
@@ -497,7 +565,9 @@ class ChatStreamTranslator:
         self._order = []
 
     def _open(self, events: list[Event], key: tuple[int, str, int], item: dict[str, Any]) -> _Item:
-        state = _Item(kind=key[1], item_id=item["id"], output_index=self.reserve_index())
+        state = _Item(
+            kind=key[1], item_id=item["id"], output_index=self.reserve_index(), choice=key[0]
+        )
         self._items[key] = state
         self._order.append(state)
         events.append(
@@ -522,6 +592,42 @@ class ChatStreamTranslator:
                 self._close_choice(events, ci, _item_status(ch["finish_reason"]))
         return events
 
+    def _message(self, events: list[Event], ci: int, delta: Mapping[str, Any]) -> _Item:
+        m = self._items.get((ci, "message", 0))
+        if m is None:
+            m = self._open(
+                events,
+                (ci, "message", 0),
+                {
+                    "type": "message",
+                    "id": message_item_id(self._step_id, ci),
+                    "role": "assistant",
+                    "content": [],
+                    "status": "in_progress",
+                },
+            )
+            if isinstance(delta.get("role"), str):
+                m.role = delta["role"]
+        return m
+
+    def _part(self, events: list[Event], m: _Item, kind: str) -> int:
+        """The content index of ``m``'s ``kind`` part, opening it (``content_part.added``)
+        the first time."""
+        if kind not in m.parts:
+            m.parts.append(kind)
+            part = (
+                _output_text_part("")
+                if kind == "output_text"
+                else {"type": "refusal", "refusal": ""}
+            )
+            events.append(
+                (
+                    "response.content_part.added",
+                    {**m.base(), "content_index": len(m.parts) - 1, "part": part},
+                )
+            )
+        return m.part_index(kind)
+
     def _delta(self, events: list[Event], ci: int, delta: Mapping[str, Any]) -> None:
         step = self._step_id
         reasoning = reasoning_text(delta)
@@ -535,35 +641,64 @@ class ChatStreamTranslator:
                         "type": "reasoning",
                         "id": reasoning_item_id(step, ci),
                         "summary": [],
-                        "status": "in_progress",
-                    },
-                )
-                events.append(_part_added(r))
-            if not r.done:
-                r.text.append(reasoning)
-                events.append(_text_delta(r, reasoning))
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            self._close_reasoning(events, ci)
-            m = self._items.get((ci, "message", 0))
-            if m is None:
-                m = self._open(
-                    events,
-                    (ci, "message", 0),
-                    {
-                        "type": "message",
-                        "id": message_item_id(step, ci),
-                        "role": "assistant",
                         "content": [],
                         "status": "in_progress",
                     },
                 )
-                if isinstance(delta.get("role"), str):
-                    m.role = delta["role"]
-                events.append(_part_added(m))
+            if not r.done:
+                r.text.append(reasoning)
+                events.append(
+                    (
+                        "response.reasoning.delta",
+                        {**r.base(), "content_index": 0, "delta": reasoning},
+                    )
+                )
+        content = delta.get("content")
+        if isinstance(content, list):
+            content = _content_text(content)
+        if isinstance(content, str) and content:
+            self._close_reasoning(events, ci)
+            m = self._message(events, ci, delta)
             if not m.done:
+                index = self._part(events, m, "output_text")
                 m.text.append(content)
-                events.append(_text_delta(m, content))
+                events.append(
+                    (
+                        "response.output_text.delta",
+                        {**m.base(), "content_index": index, "delta": content, "logprobs": []},
+                    )
+                )
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            self._close_reasoning(events, ci)
+            m = self._message(events, ci, delta)
+            if not m.done:
+                index = self._part(events, m, "refusal")
+                m.refusal = [*(m.refusal or []), refusal]
+                events.append(
+                    (
+                        "response.refusal.delta",
+                        {**m.base(), "content_index": index, "delta": refusal},
+                    )
+                )
+        annotations = _annotations(delta.get("annotations"))
+        if annotations:
+            m = self._message(events, ci, delta)
+            if not m.done:
+                index = self._part(events, m, "output_text")
+                for annotation in annotations:
+                    m.annotations.append(annotation)
+                    events.append(
+                        (
+                            "response.output_text.annotation.added",
+                            {
+                                **m.base(),
+                                "content_index": index,
+                                "annotation_index": len(m.annotations) - 1,
+                                "annotation": annotation,
+                            },
+                        )
+                    )
         tcs = delta.get("tool_calls")
         if isinstance(tcs, list):
             self._close_reasoning(events, ci)
@@ -595,12 +730,7 @@ class ChatStreamTranslator:
                     events.append(
                         (
                             "response.function_call_arguments.delta",
-                            {
-                                "item_id": f.item_id,
-                                "output_index": f.output_index,
-                                "call_id": f.call_id,
-                                "delta": args,
-                            },
+                            {**f.base(), "call_id": f.call_id, "delta": args},
                         )
                     )
 
@@ -614,34 +744,46 @@ class ChatStreamTranslator:
             if c == ci and not item.done:
                 self._close(events, item, status)
 
+    def _calls_tools(self, ci: int) -> bool:
+        return any(c == ci and kind == "function_call" for c, kind, _ in self._items)
+
     def _close(self, events: list[Event], item: _Item, status: str) -> None:
         item.done = True
         text = "".join(item.text)
-        base = {"item_id": item.item_id, "output_index": item.output_index}
+        base = item.base()
         if item.kind == "message":
-            events.append(
-                (
-                    "response.output_text.done",
-                    {**base, "content_index": 0, "text": text, "logprobs": []},
+            refusal = None if item.refusal is None else "".join(item.refusal)
+            for index, kind in enumerate(item.parts):
+                if kind == "output_text":
+                    part = {**_output_text_part(text), "annotations": list(item.annotations)}
+                    events.append(
+                        (
+                            "response.output_text.done",
+                            {**base, "content_index": index, "text": text, "logprobs": []},
+                        )
+                    )
+                else:
+                    part = {"type": "refusal", "refusal": refusal or ""}
+                    events.append(
+                        (
+                            "response.refusal.done",
+                            {**base, "content_index": index, "refusal": refusal or ""},
+                        )
+                    )
+                events.append(
+                    ("response.content_part.done", {**base, "content_index": index, "part": part})
                 )
+            done = _message_item(
+                item.item_id,
+                item.role,
+                text,
+                status,
+                refusal=refusal,
+                annotations=item.annotations,
+                phase="commentary" if self._calls_tools(item.choice) else "final_answer",
             )
-            events.append(
-                (
-                    "response.content_part.done",
-                    {**base, "content_index": 0, "part": _output_text_part(text)},
-                )
-            )
-            done = _message_item(item.item_id, item.role, text, status)
         elif item.kind == "reasoning":
-            events.append(
-                ("response.reasoning_summary_text.done", {**base, "summary_index": 0, "text": text})
-            )
-            events.append(
-                (
-                    "response.reasoning_summary_part.done",
-                    {**base, "summary_index": 0, "part": {"type": "summary_text", "text": text}},
-                )
-            )
+            events.append(("response.reasoning.done", {**base, "content_index": 0, "text": text}))
             done = _reasoning_item(item.item_id, text, status)
         else:
             events.append(
@@ -664,35 +806,24 @@ class ChatStreamTranslator:
         return events
 
     def message(self, completion: Any) -> list[Event]:
-        """Events for a whole non-streamed completion: each item added and done, no deltas."""
+        """Events for a whole non-streamed completion: each choice's message is fed as one
+        delta, so every item is added, gets its content in one delta, and is done."""
         events: list[Event] = []
-        step = self._step_id
-        for item in completion_items(completion, step):
-            kind = item["type"]
-            state = _Item(kind=kind, item_id=item["id"], output_index=self.reserve_index())
-            if kind == "message":
-                skeleton = {**item, "content": [], "status": "in_progress"}
-                state.role = item["role"]
-                state.text = [item["content"][0]["text"]]
-            elif kind == "reasoning":
-                skeleton = {
-                    "type": "reasoning",
-                    "id": item["id"],
-                    "summary": [],
-                    "status": "in_progress",
-                }
-                state.text = [item["summary"][0]["text"]]
-            else:
-                skeleton = {**item, "arguments": "", "status": "in_progress"}
-                state.call_id, state.name = item["call_id"], item["name"]
-                state.text = [item["arguments"]]
-            events.append(
-                (
-                    "response.output_item.added",
-                    {"output_index": state.output_index, "item": skeleton},
-                )
-            )
-            if kind != "function_call":
-                events.append(_part_added(state))
-            self._close(events, state, item["status"])
+        choices = completion.get("choices") if isinstance(completion, Mapping) else None
+        if not isinstance(choices, list):
+            return events
+        for n, choice in enumerate(choices):
+            if not isinstance(choice, Mapping) or not isinstance(choice.get("message"), Mapping):
+                continue
+            index = choice.get("index", n)
+            chunk = {
+                "choices": [
+                    {
+                        "index": index if isinstance(index, int) else n,
+                        "delta": _as_delta(choice["message"]),
+                        "finish_reason": choice.get("finish_reason") or "stop",
+                    }
+                ]
+            }
+            events.extend(self.feed(chunk))
         return events

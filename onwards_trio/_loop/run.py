@@ -62,6 +62,7 @@ from onwards_trio._loop.steps import (
     StoreError,
 )
 from onwards_trio._loop.tools import RequestContext, ToolError, ToolExecutor, ToolKind, ToolSchema
+from onwards_trio._loop.transition import capped_result
 from onwards_trio._ops.telemetry import current_telemetry
 from onwards_trio._proxy.usage import Usage, usage_from_object
 from onwards_trio._transport.sse import SSEDecoder, SSEEventTooLarge
@@ -139,16 +140,23 @@ class LoopError(OnwardsError):
         return {"type": self.kind.value, "message": str(self)}
 
     def error_object(self) -> dict[str, Any]:
-        """The Open Responses ``error`` object (``code``, ``message``)."""
+        """The Open Responses ``error`` object (``code``, ``message``). A code outside the set
+        the official SDKs declare becomes ``server_error``, the specific one leading the
+        message (clients switch on ``code``; a code they do not know breaks them)."""
         p = self.payload
         if self.kind is LoopErrorKind.FAILED and isinstance(p, Mapping):
-            code = p.get("code") or p.get("type") or "failed"
+            code = str(p.get("code") or p.get("type") or "failed")
             message = p.get("message")
-            return {
-                "code": str(code),
-                "message": message if isinstance(message, str) else orjson.dumps(p).decode(),
-            }
-        return {"code": self.kind.value, "message": str(self)}
+            text = message if isinstance(message, str) else orjson.dumps(p).decode()
+        else:
+            code, text = self.kind.value, str(self)
+        if code in RESPONSE_ERROR_CODES:
+            return {"code": code, "message": text}
+        return {"code": "server_error", "message": f"{code}: {text}"}
+
+
+# The ``error.code`` values of a Response the official SDKs declare and the loop can produce.
+RESPONSE_ERROR_CODES = frozenset({"server_error", "rate_limit_exceeded", "invalid_prompt"})
 
 
 _TERMINAL_EVENT = {
@@ -262,6 +270,7 @@ async def run_response_loop(
     response: Mapping[str, Any] | None = None,
     first_sequence: int = 0,
     handed_over: Callable[[], bool] | None = None,
+    queued: bool = False,
 ) -> Any:
     """Drive ``request_id`` (in scope ``scope_parent``) to a terminal state; return the
     transition's ``Complete`` payload or raise :class:`LoopError`.
@@ -269,8 +278,10 @@ async def run_response_loop(
     ``response`` holds extra fields for the response snapshots in ``response.created`` /
     ``response.completed`` (model, instructions, tools echo, ...); ``first_sequence`` lets a
     resumed loop continue an event sequence (a resumed stream gets no second
-    ``response.created``). Top-level loops write the response's final state with
-    ``store.finish_response``.
+    ``response.created``); ``queued`` (a background response) starts the events with
+    ``response.created``/``response.queued`` in status ``queued``. Top-level loops write the
+    response's final state with ``store.finish_response``; when the iteration cap stops a
+    top-level loop, the response ends ``incomplete`` with its output so far.
 
     Resuming (the chain already has steps): steps left open by a run that ended without closing
     them are settled first — see :meth:`_Run._resume`. ``handed_over``: when the loop is
@@ -284,7 +295,7 @@ async def run_response_loop(
     emitter = _Emitter(sink, first_sequence) if top and sink is not None else None
     run = _Run(store, executor, ctx, model, request_id, scope_parent, cfg, depth, emitter)
     run.handed_over = handed_over
-    return await run.run(response)
+    return await run.run(response, queued)
 
 
 class _Run:
@@ -357,15 +368,15 @@ class _Run:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    async def run(self, response: Mapping[str, Any] | None) -> Any:
+    async def run(self, response: Mapping[str, Any] | None, queued: bool = False) -> Any:
         """:meth:`_run`, in a span of its own when tracing is on."""
         tel = self.telemetry
         if tel is None:
-            return await self._run(response)
+            return await self._run(response, queued)
         span = tel.start_response(self.request_id, self.ctx.model, self.depth)
         status, error = "failed", None
         try:
-            payload = await self._run(response)
+            payload = await self._run(response, queued)
             given = payload.get("status") if isinstance(payload, Mapping) else None
             status = given if isinstance(given, str) else "completed"
             return payload
@@ -379,7 +390,7 @@ class _Run:
         finally:
             tel.end_response(span, status, self.usage, error)
 
-    async def _run(self, response: Mapping[str, Any] | None) -> Any:
+    async def _run(self, response: Mapping[str, Any] | None, queued: bool) -> Any:
         base = dict(response or {})
         self.created_at = int(time.time())
         try:
@@ -392,7 +403,12 @@ class _Run:
             prev = chain[-1].id if chain else None
             if self.emitter is not None and self.emitter.sequence == 0:
                 start = {"response": self._snapshot(base, "in_progress")}
-                await self._emit(LoopEventKind.CREATED, start)
+                if queued:
+                    waiting = {"response": self._snapshot(base, "queued")}
+                    await self._emit(LoopEventKind.CREATED, waiting)
+                    await self._emit(LoopEventKind.QUEUED, waiting)
+                else:
+                    await self._emit(LoopEventKind.CREATED, start)
                 await self._emit(LoopEventKind.IN_PROGRESS, start)
             rerun = await self._resume(chain)
             if rerun:
@@ -506,6 +522,10 @@ class _Run:
         iterations = 0
         while True:
             if iterations >= self.config.max_response_iterations:
+                if self.top:
+                    # Keep what was produced: the response ends incomplete, not failed.
+                    chain = await self._s(self.store.list_chain(self.request_id, None))
+                    return capped_result(chain)
                 raise LoopError(LoopErrorKind.MAX_ITERATIONS_EXCEEDED)
             iterations += 1
             action = await self._s(

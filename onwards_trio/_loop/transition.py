@@ -53,7 +53,23 @@ from onwards_trio._loop.steps import (
 )
 from onwards_trio._loop.tools import ToolSchema
 
-__all__ = ["ScopeView", "Transition", "open_responses_transition", "step_error_text"]
+__all__ = [
+    "LOOP_CONTROL",
+    "ScopeView",
+    "Transition",
+    "capped_result",
+    "open_responses_transition",
+    "step_error_text",
+]
+
+# The key of the recorded request that carries the loop's own limits (never sent upstream):
+# ``allowed_tools`` (names the model may call; any other call is suppressed) and
+# ``max_tool_calls`` (server-side tool calls per response; once reached the model is offered
+# no tools, and further calls are suppressed).
+LOOP_CONTROL = "onwards_loop_control"
+# ``incomplete_details.reason`` of a response the loop's iteration cap ended: the closest
+# reason the official SDK declares (the cap bounds the model turns of one response).
+CAPPED_REASON = "max_messages"
 
 
 @attrs.frozen
@@ -114,12 +130,20 @@ def _tool_output(step: ChainStep) -> tuple[str, str]:
     return "Error: the tool call did not finish", "incomplete"
 
 
+def _control(view: ScopeView) -> Mapping[str, Any]:
+    top = view.response.request if view.response is not None else None
+    control = top.get(LOOP_CONTROL) if isinstance(top, Mapping) else None
+    return control if isinstance(control, Mapping) and view.scope_parent is None else {}
+
+
 def _base_request(view: ScopeView) -> dict[str, Any] | None:
     top = view.response.request if view.response is not None else None
     if not isinstance(top, Mapping) or not isinstance(top.get("messages"), list):
         return None
     if view.scope_parent is None:
-        return dict(top)
+        base = dict(top)
+        base.pop(LOOP_CONTROL, None)
+        return base
     parent = view.parent_step
     payload = parent.request_payload if parent is not None else None
     if not isinstance(payload, Mapping):
@@ -142,7 +166,7 @@ def _base_request(view: ScopeView) -> dict[str, Any] | None:
     if schema is not None and schema.description:
         messages.append({"role": "system", "content": schema.description})
     messages.append({"role": "user", "content": text})
-    sub: dict[str, Any] = {"model": top.get("model"), "messages": messages}
+    sub: dict[str, Any] = {"model": top.get("model"), "messages": messages}  # no control key
     if top.get("tools"):
         sub["tools"] = top["tools"]
     return sub
@@ -188,12 +212,35 @@ def _messages(base: Mapping[str, Any], chain: Sequence[ChainStep]) -> list[Any]:
     return messages
 
 
-def _final(view: ScopeView) -> Any:
+def _final(view: ScopeView, suppressed: bool = False) -> Any:
     chain = view.chain
     last_message, _ = _first_message(chain[-1].response_payload)
     if view.scope_parent is not None:
         content = last_message.get("content")
         return content if isinstance(content, str) else ""
+    result = _chain_result(chain)
+    if suppressed:
+        # The last model step's calls were not run: they stay in the output, marked so.
+        for item in result["output"]:
+            if item["type"] == "function_call" and item["id"].startswith(f"fc_{chain[-1].id}"):
+                item["status"] = "incomplete"
+    return result
+
+
+def capped_result(chain: Sequence[ChainStep]) -> dict[str, Any]:
+    """What a response the iteration cap stopped produced: ``incomplete`` with all its
+    output so far (function calls it did not get to run marked ``incomplete``)."""
+    result = _chain_result(chain)
+    answered = {i["call_id"] for i in result["output"] if i["type"] == "function_call_output"}
+    for item in result["output"]:
+        if item["type"] == "function_call" and item["call_id"] not in answered:
+            item["status"] = "incomplete"
+    result["status"] = "incomplete"
+    result["incomplete_details"] = {"reason": CAPPED_REASON}
+    return result
+
+
+def _chain_result(chain: Sequence[ChainStep]) -> dict[str, Any]:
     items: list[dict[str, Any]] = []
     usages = []
     for step in chain:
@@ -206,13 +253,18 @@ def _final(view: ScopeView) -> Any:
         else:
             output, status = _tool_output(step)
             items.append(function_call_output_item(step.id, _call_id(step), output, status))
-    status, details = completion_status(chain[-1].response_payload)
+    status, details = (
+        completion_status(chain[-1].response_payload) if chain else ("completed", None)
+    )
     return {
         "status": status,
         "incomplete_details": details,
         "output": items,
         "usage": sum_usage(usages),
     }
+
+
+_TOOL_KEYS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
 
 
 def open_responses_transition(view: ScopeView) -> NextAction:
@@ -225,6 +277,13 @@ def open_responses_transition(view: ScopeView) -> NextAction:
             }
         )
     chain = view.chain
+    control = _control(view)
+    cap = control.get("max_tool_calls")
+    used = sum(1 for step in chain if step.kind is StepKind.TOOL_CALL)
+    budget = cap - used if isinstance(cap, int) else None
+    if budget is not None and budget <= 0:
+        # max_tool_calls reached: the model is offered no more tools.
+        base = {k: v for k, v in base.items() if k not in _TOOL_KEYS}
     if not chain:
         return AppendSteps(
             [StepDescriptor.model_call(_model_request(base, list(base["messages"])))]
@@ -245,13 +304,21 @@ def open_responses_transition(view: ScopeView) -> NextAction:
             if last.state is StepState.FAILED
             else f"model step ended {last.state.value}"
         )
-        return Fail({"code": "model_error", "message": message})
+        # A refused model call: rate limited (the gateway's or the upstream's 429) or not.
+        code = "rate_limit_exceeded" if "HTTP 429" in message else "server_error"
+        return Fail({"code": code, "message": message})
     last_message, _ = _first_message(last.response_payload)
     calls = last_message.get("tool_calls")
     if isinstance(calls, list) and calls:
         names = [
             (c.get("function") or {}).get("name") if isinstance(c, Mapping) else None for c in calls
         ]
+        allowed = control.get("allowed_tools")
+        if (isinstance(allowed, list) and any(n not in allowed for n in names)) or (
+            budget is not None and all(n in view.tools for n in names) and budget < len(names)
+        ):
+            # A call outside allowed_tools, or past max_tool_calls: suppressed, not run.
+            return Complete(_final(view, suppressed=True))
         if all(isinstance(n, str) and n in view.tools for n in names):
             steps = []
             for n, c in enumerate(calls):

@@ -14,25 +14,34 @@ same shape the client would get back from OpenAI.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import attrs
+import orjson
 
 from onwards_trio._config import REASONING_EFFORTS, json_type_name
-from onwards_trio._errors import HTTPError, invalid_request
+from onwards_trio._errors import HTTPError, error_body, invalid_request
+from onwards_trio._loop.transition import LOOP_CONTROL
 
 __all__ = [
+    "INCLUDE_VALUES",
     "ResponsesRequest",
     "ToolLike",
     "assign_item_ids",
+    "check_call_ids",
+    "compaction_item",
     "convert_tool_choice",
     "convert_tools",
     "items_to_messages",
     "new_item_id",
     "normalize_input",
     "parse_request",
+    "previous_response_not_found",
+    "resolve_references",
     "resolve_server_tools",
     "text_format_to_response_format",
     "to_chat_request",
@@ -42,6 +51,10 @@ __all__ = [
 _ROLES = frozenset({"user", "assistant", "system", "developer"})
 _PART_TYPES = frozenset({"input_text", "output_text", "refusal", "input_image", "input_file"})
 _TOOL_CHOICE_STRINGS = frozenset({"none", "auto", "required"})
+# ``include`` values: logprobs are asked upstream and returned; encrypted reasoning does not
+# exist over Chat Completions, so it is accepted and the field stays absent.
+INCLUDE_VALUES = frozenset({"message.output_text.logprobs", "reasoning.encrypted_content"})
+_COMPACTION_PREFIX = "onwards.compaction.v1."
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 # Item id prefixes as OpenAI uses them, so ids look familiar in logs and SDK objects.
 _ID_PREFIX = {
@@ -49,6 +62,7 @@ _ID_PREFIX = {
     "function_call": "fc",
     "function_call_output": "fco",
     "reasoning": "rs",
+    "compaction": "cmp",
 }
 
 
@@ -92,11 +106,30 @@ class ResponsesRequest:
     metadata: dict[str, Any] | None = None
     truncation: str | None = None
     service_tier: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_logprobs: int | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    include: tuple[str, ...] = ()
+    allowed_tools: tuple[str, ...] | None = None  # tool_choice {type: allowed_tools}
 
     @property
     def echoed_tools(self) -> list[dict[str, Any]]:
-        """The tools a Response object reports: the client's, hosted entries removed."""
-        return list(self.tools)
+        """The client's tools as a Response object reports them (hosted entries removed):
+        function tools with every field the schema requires, ``strict`` as honoured."""
+        return [_echo_tool(t) for t in self.tools]
+
+
+def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        return dict(tool)
+    return {
+        **tool,
+        "description": tool.get("description"),
+        "parameters": tool.get("parameters"),
+        "strict": tool.get("strict") if tool.get("strict") is not None else True,
+    }
 
 
 T = TypeVar("T")
@@ -219,6 +252,19 @@ def _normalize_item(item: Any, where: str) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise _bad(f"'{where}' must be an object, got {json_type_name(item)}.", where)
     kind = item.get("type", "message")  # SPEC fix §5.3.17: no type means a message
+    if kind is None and "role" not in item:
+        kind = "item_reference"  # the schema lets an item reference's type be null
+    if kind == "item_reference":
+        if not isinstance(item.get("id"), str) or not item["id"]:
+            raise _bad(f"'{where}.id' must be a non-empty string.", f"{where}.id")
+        return {"type": "item_reference", "id": item["id"]}
+    if kind == "compaction":
+        if not isinstance(item.get("encrypted_content"), str):
+            raise _bad(
+                f"'{where}.encrypted_content' must be a string.", f"{where}.encrypted_content"
+            )
+        compaction_summary(item["encrypted_content"], f"{where}.encrypted_content")
+        return dict(item)
     if not isinstance(kind, str):
         raise _bad(f"'{where}.type' must be a string.", f"{where}.type")
     if kind == "message":
@@ -388,12 +434,28 @@ def resolve_server_tools(
     return [t for t in available if t.name not in client_names]
 
 
+def _allowed_names(choice: dict[str, Any]) -> tuple[str, ...]:
+    tools = choice.get("tools")
+    if not isinstance(tools, list) or not tools:
+        raise _bad("'tool_choice.tools' must be a non-empty array.", "tool_choice.tools")
+    names = []
+    for i, tool in enumerate(tools):
+        name = tool.get("name") if isinstance(tool, dict) else None
+        if not isinstance(name, str) or not name:
+            where = f"tool_choice.tools[{i}].name"
+            raise _bad(f"'{where}' must be a non-empty string.", where)
+        names.append(name)
+    return tuple(names)
+
+
 def convert_tool_choice(choice: Any) -> Any:
     """``"auto"`` stays; ``{type, name}`` → ``{type:"function", function:{name}}``; a typed
     choice without a name (e.g. a hosted tool type) → ``"auto"``."""
     if choice is None or isinstance(choice, str):
         return choice
     if isinstance(choice, dict):
+        if choice.get("type") == "allowed_tools":
+            return choice.get("mode", "auto")  # only the allowed tools are sent upstream
         name = choice.get("name")
         if isinstance(name, str) and name:
             return {"type": "function", "function": {"name": name}}
@@ -415,6 +477,14 @@ def _parse_tool_choice(body: dict[str, Any]) -> Any:
     if isinstance(choice, dict):
         if not isinstance(choice.get("type"), str):
             raise _bad("'tool_choice.type' must be a string.", "tool_choice.type")
+        if choice["type"] == "allowed_tools":
+            _allowed_names(choice)
+            mode = choice.get("mode", "auto")
+            if mode not in _TOOL_CHOICE_STRINGS:
+                raise _bad(
+                    f"'tool_choice.mode' must be one of auto, none, required, got {mode!r}.",
+                    "tool_choice.mode",
+                )
         return choice
     raise _bad(
         f"'tool_choice' must be a string or an object, got {json_type_name(choice)}.", "tool_choice"
@@ -444,6 +514,12 @@ def _parse_text(body: dict[str, Any]) -> dict[str, Any] | None:
     text = _opt_object(body, "text")
     if text is None:
         return None
+    verbosity = text.get("verbosity")
+    if verbosity is not None and verbosity not in ("low", "medium", "high"):
+        raise _bad(
+            f"'text.verbosity' must be one of low, medium, high, got {verbosity!r}.",
+            "text.verbosity",
+        )
     fmt = text.get("format")
     if fmt is None:
         return text
@@ -462,6 +538,31 @@ def _parse_text(body: dict[str, Any]) -> dict[str, Any] | None:
         if name is not None and not isinstance(name, str):
             raise _bad("'text.format.name' must be a string.", "text.format.name")
     return text
+
+
+def _parse_include(body: dict[str, Any]) -> tuple[str, ...]:
+    include = body.get("include")
+    if include is None:
+        return ()
+    if not isinstance(include, list):
+        raise _bad(f"'include' must be an array, got {json_type_name(include)}.", "include")
+    for i, value in enumerate(include):
+        if value not in INCLUDE_VALUES:
+            raise _bad(
+                f"'include[{i}]' must be one of {', '.join(sorted(INCLUDE_VALUES))}, "
+                f"got {value!r}.",
+                f"include[{i}]",
+            )
+    return tuple(include)
+
+
+def _opt_int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _bad(f"'{key}' must be an integer between {lo} and {hi}, got {value!r}.", key)
+    return value
 
 
 # -- the request ------------------------------------------------------------------------------
@@ -502,6 +603,12 @@ def parse_request(body: Any) -> ResponsesRequest:
     if effort is not None and effort not in REASONING_EFFORTS:
         listing = ", ".join(REASONING_EFFORTS)
         raise _bad(f"'reasoning.effort' must be one of {listing}.", "reasoning.effort")
+    choice = _parse_tool_choice(body)
+    allowed = (
+        _allowed_names(choice)
+        if isinstance(choice, dict) and choice.get("type") == "allowed_tools"
+        else None
+    )
     store = _opt_bool(body, "store")
     background = bool(_opt_bool(body, "background"))
     if background and store is False:
@@ -517,7 +624,7 @@ def parse_request(body: Any) -> ResponsesRequest:
         stream=bool(_opt_bool(body, "stream")),
         tools=tools,
         hosted_tools=hosted,
-        tool_choice=_parse_tool_choice(body),
+        tool_choice=choice,
         parallel_tool_calls=_opt_bool(body, "parallel_tool_calls"),
         temperature=_opt_number(body, "temperature", 0.0, 2.0),
         top_p=_opt_number(body, "top_p", 0.0, 1.0),
@@ -530,7 +637,94 @@ def parse_request(body: Any) -> ResponsesRequest:
         metadata=metadata,
         truncation=truncation,
         service_tier=_opt_str(body, "service_tier"),
+        presence_penalty=_opt_number(body, "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_opt_number(body, "frequency_penalty", -2.0, 2.0),
+        top_logprobs=_opt_int(body, "top_logprobs", 0, 20),
+        prompt_cache_key=_opt_str(body, "prompt_cache_key"),
+        safety_identifier=_opt_str(body, "safety_identifier"),
+        include=_parse_include(body),
+        allowed_tools=allowed,
     )
+
+
+# -- item references, call ids, compaction -----------------------------------------------------
+
+
+def previous_response_not_found(response_id: str) -> HTTPError:
+    """The error the spec (and the SDKs) name for an unknown ``previous_response_id``."""
+    return HTTPError(
+        400,
+        error_body(
+            f"Previous response with id '{response_id}' not found.",
+            "invalid_request_error",
+            "previous_response_not_found",
+            "previous_response_id",
+        ),
+    )
+
+
+def resolve_references(
+    items: Sequence[dict[str, Any]], history: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """``item_reference`` items replaced by the items they name: an item of the replayed
+    conversation (``previous_response_id``) or an earlier input item with that ``id``. An id
+    that names nothing is a 400 (never a silently dropped turn)."""
+    if not any(i.get("type") == "item_reference" for i in items):
+        return list(items)
+    known: dict[str, Mapping[str, Any]] = {
+        i["id"]: i for i in history if isinstance(i.get("id"), str)
+    }
+    out: list[dict[str, Any]] = []
+    for n, item in enumerate(items):
+        if item.get("type") == "item_reference":
+            target = known.get(item["id"])
+            if target is None:
+                raise _bad(f"Item with id '{item['id']}' not found.", f"input[{n}].id")
+            out.append(dict(target))
+            continue
+        if isinstance(item.get("id"), str):
+            known[item["id"]] = item
+        out.append(item)
+    return out
+
+
+def check_call_ids(
+    items: Sequence[Mapping[str, Any]], history: Sequence[Mapping[str, Any]]
+) -> None:
+    """Every ``function_call_output`` must answer a ``function_call`` of the conversation
+    (a 400 naming the item otherwise): the upstream would refuse the orphan tool message."""
+    calls = {i.get("call_id") for i in [*history, *items] if i.get("type") == "function_call"}
+    for n, item in enumerate(items):
+        if item.get("type") == "function_call_output" and item.get("call_id") not in calls:
+            raise _bad(
+                f"No tool call found for function call output with call_id "
+                f"'{item.get('call_id')}'.",
+                f"input[{n}].call_id",
+            )
+
+
+def compaction_item(summary: str) -> dict[str, Any]:
+    """A ``compaction`` item carrying ``summary``. A Chat upstream has no encrypted context,
+    so ``encrypted_content`` is an opaque, versioned encoding of the summary (not a secret:
+    it is the client's own conversation) that :func:`compaction_summary` reads back."""
+    raw = base64.urlsafe_b64encode(orjson.dumps({"summary": summary})).decode()
+    return {
+        "type": "compaction",
+        "id": new_item_id("compaction"),
+        "encrypted_content": _COMPACTION_PREFIX + raw,
+    }
+
+
+def compaction_summary(encrypted: str, param: str) -> str:
+    """The summary inside a :func:`compaction_item`'s ``encrypted_content`` (400 otherwise)."""
+    if encrypted.startswith(_COMPACTION_PREFIX):
+        try:
+            data = orjson.loads(base64.urlsafe_b64decode(encrypted[len(_COMPACTION_PREFIX) :]))
+        except (binascii.Error, ValueError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("summary"), str):
+            return data["summary"]
+    raise _bad("The compaction item was not made by this gateway.", param)
 
 
 # -- items → chat messages -------------------------------------------------------------------
@@ -598,6 +792,13 @@ def items_to_messages(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if kind == "message":
             role = item.get("role", "user")
             messages.append({"role": role, "content": _message_content(item.get("content"), role)})
+        elif kind == "compaction":
+            summary = compaction_summary(str(item.get("encrypted_content", "")), "input")
+            messages.append(
+                {"role": "user", "content": f"Summary of the conversation so far:\n{summary}"}
+            )
+        elif kind == "function_call" and item.get("status") == "incomplete":
+            continue  # a call the gateway suppressed (allowed_tools, max_tool_calls): never run
         elif kind == "function_call":
             call = {
                 "id": item["call_id"],
@@ -644,18 +845,48 @@ def to_chat_request(
     messages.extend(items_to_messages([*history, *request.input_items]))
     chat: dict[str, Any] = {"model": request.model, "messages": messages}
     tools = convert_tools(request.tools) + [tool_schema_to_chat(t) for t in server_tools]
+    allowed = request.allowed_tools
+    if allowed is not None:
+        # The model only sees what it may call (portable to every Chat server); the loop
+        # also suppresses any other call (spec: allowed_tools is a hard constraint).
+        tools = [t for t in tools if t["function"]["name"] in allowed]
     if tools:
         chat["tools"] = tools
         if request.tool_choice is not None:
             chat["tool_choice"] = convert_tool_choice(request.tool_choice)
         if request.parallel_tool_calls is not None:
             chat["parallel_tool_calls"] = request.parallel_tool_calls
-    for key in ("temperature", "top_p", "stop", "user"):
+    for key in (
+        "temperature",
+        "top_p",
+        "stop",
+        "user",
+        "presence_penalty",
+        "frequency_penalty",
+        "prompt_cache_key",
+        "safety_identifier",
+        "service_tier",
+    ):
         value = getattr(request, key)
         if value is not None:
             chat[key] = value
+    if request.top_logprobs:
+        chat["logprobs"] = True
+        chat["top_logprobs"] = request.top_logprobs
+    if "message.output_text.logprobs" in request.include:
+        chat["logprobs"] = True
+    verbosity = (request.text or {}).get("verbosity")
+    if isinstance(verbosity, str):
+        chat["verbosity"] = verbosity
     if request.max_output_tokens is not None:
         chat["max_tokens"] = request.max_output_tokens
+    control: dict[str, Any] = {}
+    if allowed is not None:
+        control["allowed_tools"] = list(allowed)
+    if request.max_tool_calls is not None:
+        control["max_tool_calls"] = request.max_tool_calls
+    if control:
+        chat[LOOP_CONTROL] = control
     response_format = text_format_to_response_format(request.text)
     if response_format is not None:
         chat["response_format"] = response_format

@@ -34,8 +34,8 @@ import re
 import secrets
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
 import orjson
@@ -51,12 +51,16 @@ from onwards_trio._ops.reload import config_secrets
 from onwards_trio._ops.telemetry import current_telemetry
 from onwards_trio._proxy.auth import bearer_token
 from onwards_trio._proxy.pipeline import ProxyRequest, extract_model
+from onwards_trio._responses.compact import compact_conversation, compaction_request
 from onwards_trio._responses.config_tools import AgentSpec, ConfigToolExecutor
 from onwards_trio._responses.durable import Durability, api_key_for, resume_headers
 from onwards_trio._responses.input import (
     ResponsesRequest,
     assign_item_ids,
+    check_call_ids,
     parse_request,
+    previous_response_not_found,
+    resolve_references,
     resolve_server_tools,
     to_chat_request,
     tool_schema_to_chat,
@@ -110,12 +114,54 @@ _REMOTE_CANCEL_INTERVAL = 0.5
 _REMOTE_CANCEL_READ_TIMEOUT = 5.0
 
 
+_Deliver: TypeAlias = Callable[[StoredEvent], Awaitable[None]]
+# The spec's end of an SSE stream, after the terminal event. (Events also carry ``id:``, which
+# the spec advises against: it is the Last-Event-ID cursor that resumes a background stream.)
+DONE_LINE = b"data: [DONE]\n\n"
+
+
 def _now() -> int:
     return int(time.time())
 
 
-def response_object(request: ResponsesRequest, response_id: str, created_at: int) -> dict[str, Any]:
-    """The Response object's echo fields for ``request`` (no ``status``; ``output`` empty)."""
+def _echo_text(text: dict[str, Any] | None) -> dict[str, Any]:
+    """``text`` as the Response reports it: a ``json_schema`` format with every field the
+    schema requires (``description``, ``strict`` nullable)."""
+    if text is None:
+        return {"format": {"type": "text"}}
+    fmt = text.get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        fmt = {
+            "name": "response",
+            **fmt,
+            "description": fmt.get("description"),
+            "strict": fmt.get("strict"),
+        }
+        return {**text, "format": fmt}
+    return {"format": {"type": "text"}, **text}
+
+
+def _echo_server_tool(tool: ToolSchema) -> dict[str, Any]:
+    """A server-side tool the model was offered, as the Response's ``tools`` lists it."""
+    chat = tool_schema_to_chat(tool)["function"]
+    return {
+        "type": "function",
+        "name": chat["name"],
+        "description": chat.get("description"),
+        "parameters": chat.get("parameters"),
+        "strict": chat.get("strict"),
+    }
+
+
+def response_object(
+    request: ResponsesRequest,
+    response_id: str,
+    created_at: int,
+    server_tools: Sequence[ToolSchema] = (),
+) -> dict[str, Any]:
+    """The Response object's echo fields for ``request`` (no ``status``; ``output`` empty).
+    ``tools`` lists every tool the model was offered: the client's and the server's."""
+    reasoning = request.reasoning
     return {
         "id": response_id,
         "object": "response",
@@ -134,23 +180,27 @@ def response_object(request: ResponsesRequest, response_id: str, created_at: int
             request.parallel_tool_calls if request.parallel_tool_calls is not None else True
         ),
         "previous_response_id": request.previous_response_id,
-        "reasoning": request.reasoning,
+        "reasoning": (
+            {"effort": reasoning.get("effort"), "summary": reasoning.get("summary"), **reasoning}
+            if reasoning is not None
+            else {"effort": None, "summary": None}
+        ),
         "service_tier": request.service_tier or "default",
         "store": request.store,
         "temperature": request.temperature if request.temperature is not None else 1.0,
-        "text": request.text if request.text is not None else {"format": {"type": "text"}},
+        "text": _echo_text(request.text),
         "tool_choice": request.tool_choice if request.tool_choice is not None else "auto",
-        "tools": request.echoed_tools,
-        "top_logprobs": 0,
+        "tools": request.echoed_tools + [_echo_server_tool(t) for t in server_tools],
+        "top_logprobs": request.top_logprobs or 0,
         "top_p": request.top_p if request.top_p is not None else 1.0,
         "truncation": request.truncation or "disabled",
         "usage": None,
         "user": request.user,
         "metadata": request.metadata if request.metadata is not None else {},
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
-        "safety_identifier": None,
-        "prompt_cache_key": None,
+        "presence_penalty": request.presence_penalty or 0.0,
+        "frequency_penalty": request.frequency_penalty or 0.0,
+        "safety_identifier": request.safety_identifier,
+        "prompt_cache_key": request.prompt_cache_key,
     }
 
 
@@ -350,8 +400,10 @@ class _ResponseSink:
         self.items: dict[int, dict[str, Any]] = {}
         self.loop_error: LoopError | None = None
         self.crashed = False
+        self.sequence = -1  # of the last event seen
 
     async def emit(self, event: LoopEvent) -> None:
+        self.sequence = event.sequence
         if event.kind.is_terminal:
             snapshot = dict(event.data.get("response") or {})
             if snapshot.get("status") in ("completed", "incomplete"):
@@ -377,6 +429,20 @@ class _ResponseSink:
                 await self.channel.send(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.channel = None
+
+    async def close_stream(self) -> None:
+        """End the event stream with a terminal event when the loop sent none (cancelled,
+        crashed): followers of a stream must always see one. A cancelled response ends with
+        ``response.incomplete`` in status ``cancelled`` (Open Responses has no
+        ``response.cancelled``), a crash with ``response.failed``."""
+        if self.terminal is not None or (self.live is None and self.channel is None):
+            return
+        if self.live is not None and self.live.handed_over():
+            return  # another process continues the response, and its stream
+
+        final = self.final_response()
+        kind = LoopEventKind.INCOMPLETE if final["status"] == "cancelled" else LoopEventKind.FAILED
+        await self.emit(LoopEvent(self.sequence + 1, kind, {"response": final}))
 
     def final_response(self) -> dict[str, Any]:
         """The Response object to store once the loop has ended, however it ended."""
@@ -549,6 +615,15 @@ class ResponsesService:
                 relayed: int = await self.gateway.relay(request, receive, send)
                 return relayed
             return status
+        if path.rstrip("/") == "/v1/responses/compact" and scope["method"] == "POST":
+            request = await self._read(scope, receive, send)
+            if isinstance(request, int):
+                return request
+            status = await self.compact(request, send)
+            if status is None:
+                relayed = await self.gateway.relay(request, receive, send)
+                return relayed
+            return status
         handled = await self.stored(scope, receive, send)
         if handled is None:
             return await self._passthrough(scope, receive, send)
@@ -579,22 +654,11 @@ class ResponsesService:
 
         Usable as strict mode's responses hook: ``request`` is already read (and validated).
         """
-        gateway = self.gateway
-        table = gateway.targets.table
-        alias = extract_model(request.headers, request.json)
-        if alias is None or alias not in table.pools:
-            return None  # the proxy gives the standard 400/401/404
         try:
-            _, pool, token = gateway.proxy.resolve(table, request)
-        except HTTPError as exc:
-            await send_error(send, exc)
-            return exc.status
-        if not pool.adapter:
-            return None
-        try:
-            if request.json is None and request.body:
-                raise errors.invalid_request("The request body is not valid JSON.", "body")
-            job = await self._prepare(request, alias, token)
+            adapted = self.adapter_alias(request)
+            if adapted is None:
+                return None
+            job = await self._prepare(request, *adapted)
         except HTTPError as exc:
             await send_error(send, exc)
             return exc.status
@@ -604,20 +668,75 @@ class ResponsesService:
             return await self._stream_foreground(job, receive, send)
         return await self._answer_foreground(job, send)
 
-    async def _prepare(self, request: ProxyRequest, alias: str, token: str | None) -> _Job:
+    def adapter_alias(self, request: ProxyRequest) -> tuple[str, str | None] | None:
+        """``(alias, client key)`` when the request's alias is served in adapter mode, ``None``
+        when it is not ours (the proxy gives the standard 400/401/404 or passes it on).
+        Raises :class:`HTTPError` for a caller the alias refuses or a body that is not JSON."""
+        table = self.gateway.targets.table
+        alias = extract_model(request.headers, request.json)
+        if alias is None or alias not in table.pools:
+            return None
+        _, pool, token = self.gateway.proxy.resolve(table, request)
+        if not pool.adapter:
+            return None
+        if request.json is None and request.body:
+            raise errors.invalid_request("The request body is not valid JSON.", "body")
+        return alias, token
+
+    async def compact(self, request: ProxyRequest, send: Send) -> int | None:
+        """Answer ``POST /v1/responses/compact`` for an adapter-mode alias (``None`` if the
+        alias is not ours); a body without ``model`` is a 400 here, whoever serves it."""
+        try:
+            if extract_model(request.headers, request.json) is None:
+                compaction_request(request.json)  # raises the 400 naming the field
+            adapted = self.adapter_alias(request)
+            if adapted is None:
+                return None
+            alias, token = adapted
+            _, items, previous_id = compaction_request(request.json)
+            history: list[dict[str, Any]] = []
+            if previous_id is not None:
+                previous = await self._stores()[0].get(previous_id)
+                owner = _owner_of(token, self.gateway)
+                if previous is None or (previous.owner is not None and previous.owner != owner):
+                    raise previous_response_not_found(previous_id)
+                history = previous.conversation()
+            assert isinstance(request.json, dict)  # compaction_request checked it
+            result = await compact_conversation(
+                ProxyModelTransport(self.gateway.proxy, request.headers),
+                {**request.json, "model": alias},
+                [*history, *items],
+                self.loop_config.max_model_body,
+            )
+        except HTTPError as exc:
+            await send_error(send, exc)
+            return exc.status
+        await send_json(send, 200, result)
+        return 200
+
+    async def _prepare(
+        self,
+        request: ProxyRequest,
+        alias: str,
+        token: str | None,
+        recent: Mapping[str, list[dict[str, Any]]] | None = None,
+    ) -> _Job:
+        """Validate and convert the request, load what ``previous_response_id`` names (from
+        ``recent``, a WebSocket's connection-local conversations, then the store) and
+        record the new response. Raises :class:`HTTPError` for a request it refuses."""
         req = parse_request(request.json)
         # The alias the client named (model-override may differ from the body's model).
         req = attrs.evolve(req, model=alias)
         response_store, step_store = self._stores()
         owner = _owner_of(token, self.gateway)
         history: list[dict[str, Any]] = []
-        if req.previous_response_id is not None:
-            previous = await response_store.get(req.previous_response_id)
+        previous_id = req.previous_response_id
+        if previous_id is not None and recent is not None and previous_id in recent:
+            history = list(recent[previous_id])
+        elif previous_id is not None:
+            previous = await response_store.get(previous_id)
             if previous is None or (previous.owner is not None and previous.owner != owner):
-                raise errors.invalid_request(
-                    f"Previous response with id '{req.previous_response_id}' not found.",
-                    "previous_response_id",
-                )
+                raise previous_response_not_found(previous_id)
             if previous.status not in TERMINAL_STATUSES:
                 raise errors.invalid_request(
                     f"Previous response with id '{req.previous_response_id}' is still "
@@ -627,6 +746,9 @@ class ResponsesService:
             history = previous.conversation()
         mcp, echo = await McpPlan.for_request(req.tools, self.gateway.config.mcp, self.mcp_cache)
         req = attrs.evolve(req, tools=echo)  # MCP credentials are not echoed
+        if any(i.get("type") == "item_reference" for i in req.input_items):
+            req = attrs.evolve(req, input_items=resolve_references(req.input_items, history))
+        check_call_ids(req.input_items, history)
         ctx = RequestContext(model=alias)
         available = list(await self.executor.tools(ctx))
         chosen = {t.name for t in resolve_server_tools(req, available)}
@@ -639,7 +761,7 @@ class ResponsesService:
             stream=req.stream or req.background,
         )
         response_id = f"resp_{secrets.token_hex(24)}"
-        base = response_object(req, response_id, _now())
+        base = response_object(req, response_id, _now(), offered)
         headers = [(k, v) for k, v in request.headers if k not in MODEL_CALL_DROP]
         steps = step_store if req.store else MemoryStore()  # store: false keeps nothing
         job = _Job(
@@ -694,6 +816,7 @@ class ResponsesService:
                         response={k: v for k, v in job.base.items() if k != "status"},
                         first_sequence=job.first_sequence,
                         handed_over=sink.live.handed_over if sink.live is not None else None,
+                        queued=job.request.background and job.first_sequence == 0,
                     )
             except LoopError as exc:
                 sink.loop_error = exc  # already reported as response.failed when it could be
@@ -701,6 +824,8 @@ class ResponsesService:
             log.exception("response %s: the loop crashed", job.response_id)
             sink.crashed = True
         finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
+                await sink.close_stream()
             final = sink.final_response()
             with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
                 if job.stored and not (sink.live is not None and sink.live.release is not None):
@@ -789,6 +914,7 @@ class ResponsesService:
                         gone = True
             nursery.cancel_scope.cancel()
         if not gone:
+            await send({"type": "http.response.body", "body": DONE_LINE, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 200
 
@@ -1049,25 +1175,34 @@ class ResponsesService:
     async def _follow(self, response_id: str, after: int, receive: Receive, send: Send) -> int:
         """Stream a background response's events after ``after``, then follow it live."""
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        ended = False
+
+        async def deliver(event: StoredEvent) -> None:
+            nonlocal ended
+            await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
+            ended = event.type in _TERMINAL_TYPES
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
             live = self._live.get(response_id)
             if live is not None:
-                await _follow_live(live, after, send)
+                await _follow_live(live, after, deliver)
             else:
-                await self._follow_store(response_id, after, send)
+                await self._follow_store(response_id, after, deliver)
             nursery.cancel_scope.cancel()
         with contextlib.suppress(Exception):  # a departed client is owed nothing more
+            if ended:
+                await send({"type": "http.response.body", "body": DONE_LINE, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 200
 
-    async def _follow_store(self, response_id: str, after: int, send: Send) -> None:
+    async def _follow_store(self, response_id: str, after: int, deliver: _Deliver) -> None:
         store, _ = self._stores()
         idle = 0.0
         while True:
             events = await store.events_after(response_id, after)
             for event in events:
-                await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
+                await deliver(event)
                 after = event.sequence
             if events:
                 idle = 0.0
@@ -1079,13 +1214,11 @@ class ResponsesService:
                     # Terminal with nothing new: drain once more (events land after status).
                     rest = await store.events_after(response_id, after)
                     for event in rest:
-                        await send(
-                            {"type": "http.response.body", "body": _sse(event), "more_body": True}
-                        )
+                        await deliver(event)
                 return
             live = self._live.get(response_id)
             if live is not None:  # it started here meanwhile
-                await _follow_live(live, after, send)
+                await _follow_live(live, after, deliver)
                 return
             if idle >= _POLL_IDLE_LIMIT:
                 return
@@ -1218,13 +1351,14 @@ async def _watch_remote_cancel(store: SharedResponseStore, live: _Live) -> None:
             return
 
 
-async def _follow_live(live: _Live, after: int, send: Send) -> None:
+async def _follow_live(live: _Live, after: int, deliver: _Deliver) -> None:
     index = bisect.bisect_right([e.sequence for e in live.events], after)
     while True:
         while index < len(live.events):
             event = live.events[index]
             index += 1
-            await send({"type": "http.response.body", "body": _sse(event), "more_body": True})
+            if event.sequence > after:  # a cursor ahead of the loop skips events still to come
+                await deliver(event)
         if live.done:
             return
         await live.wait_beyond(index)

@@ -29,7 +29,8 @@ def test_completion_items_order_ids_and_statuses() -> None:
     items = completion_items(completion, "step_x")
     assert [i["type"] for i in items] == ["reasoning", "message", "function_call"]
     assert [i["id"] for i in items] == ["rs_step_x", "msg_step_x", "fc_step_x_0"]
-    assert items[0]["summary"] == [{"type": "summary_text", "text": "think"}]
+    assert items[0]["summary"] == []
+    assert items[0]["content"] == [{"type": "reasoning_text", "text": "think"}]
     assert items[0]["content"] == [{"type": "reasoning_text", "text": "think"}]
     assert items[1]["content"] == [
         {"type": "output_text", "text": "answer", "annotations": [], "logprobs": []}
@@ -189,10 +190,8 @@ def test_translator_reasoning_closes_before_the_message() -> None:
     events += tr.feed(chunk({"content": "ok"}, "stop"))
     assert kinds(events) == [
         "output_item.added",
-        "reasoning_summary_part.added",
-        "reasoning_summary_text.delta",
-        "reasoning_summary_text.done",
-        "reasoning_summary_part.done",
+        "reasoning.delta",
+        "reasoning.done",
         "output_item.done",
         "output_item.added",
         "content_part.added",
@@ -217,12 +216,12 @@ def test_output_index_continues_across_calls_and_external_items() -> None:
     assert events[0][1]["item"]["id"] == "msg_b"
 
 
-def test_translator_whole_completion_has_no_deltas() -> None:
+def test_translator_whole_completion_is_one_delta_per_item() -> None:
     tr = ChatStreamTranslator()
     tr.begin_call("s")
     events = tr.message(chat("all", tool_calls=[tool_call("call_1", "f")]))
     names = kinds(events)
-    assert "output_text.delta" not in names and "function_call_arguments.delta" not in names
+    assert names.count("output_text.delta") == 1
     done_items = [e[1]["item"] for e in events if e[0] == "response.output_item.done"]
     assert done_items == completion_items(chat("all", tool_calls=[tool_call("call_1", "f")]), "s")
 

@@ -144,11 +144,13 @@ async def test_max_iterations_cap_fires_after_exactly_that_many_transitions() ->
         return AppendSteps([StepDescriptor.tool_call("t")])
 
     store = MemoryStore(endless)
-    with pytest.raises(LoopError) as info:
-        await run(store, FakeExecutor({"t": 1}), config=LoopConfig(max_response_iterations=3))
-    assert info.value.kind is LoopErrorKind.MAX_ITERATIONS_EXCEEDED
+    result = await run(store, FakeExecutor({"t": 1}), config=LoopConfig(max_response_iterations=3))
+    assert result["status"] == "incomplete"
+    assert result["incomplete_details"] == {"reason": "max_messages"}
     assert len(calls) == 3
     assert len(await store.list_chain("r", None)) == 3
+    # everything produced is kept
+    assert [i["type"] for i in result["output"]] == ["function_call_output"] * 3
 
 
 async def test_agent_tool_runs_a_sub_loop_under_its_step() -> None:
@@ -231,12 +233,13 @@ async def test_tool_call_emits_its_output_item() -> None:
     assert sink.kinds().count(LoopEventKind.COMPLETED) == 1
 
 
-async def test_non_streaming_model_call_emits_items_without_deltas() -> None:
+async def test_non_streaming_model_call_emits_each_item_in_one_delta() -> None:
     store = MemoryStore(model_then_complete({"model": "m", "messages": []}))
     sink = ListSink()
     await run(store, model=FakeModel(Reply(body=chat("whole answer"))), sink=sink)
     kinds = sink.kinds()
-    assert LoopEventKind.OUTPUT_TEXT_DELTA not in kinds
+    deltas = [e for e in sink.events if e.kind is LoopEventKind.OUTPUT_TEXT_DELTA]
+    assert [e.data["delta"] for e in deltas] == ["whole answer"]
     done = [e for e in sink.events if e.kind is LoopEventKind.OUTPUT_TEXT_DONE]
     assert [e.data["text"] for e in done] == ["whole answer"]
     assert kinds.count(LoopEventKind.OUTPUT_ITEM_ADDED) == 1
@@ -371,7 +374,8 @@ async def test_store_failure_ends_the_loop_with_a_store_error() -> None:
     assert info.value.kind is LoopErrorKind.STORE
     assert "disk on fire" in str(info.value)
     assert sink.kinds()[-1] is LoopEventKind.FAILED
-    assert sink.events[-1].data["response"]["error"]["code"] == "store_error"
+    error = sink.events[-1].data["response"]["error"]
+    assert error["code"] == "server_error" and error["message"].startswith("store_error: ")
     (step,) = await store.list_chain("r", None)
     assert step.state is StepState.CANCELED  # not left processing
 
@@ -411,7 +415,8 @@ async def test_failed_response_final_state_is_written() -> None:
         await run(store)
     rec = await store.get_response("r")
     assert rec is not None and rec.status is ResponseStatus.FAILED
-    assert rec.output["error"] == {"code": "nope", "message": "it broke"}
+    # a code outside the SDK's declared set is server_error, the specific code leading
+    assert rec.output["error"] == {"code": "server_error", "message": "nope: it broke"}
 
 
 async def test_events_are_numbered_contiguously_with_one_terminal() -> None:
@@ -427,16 +432,32 @@ async def test_events_are_numbered_contiguously_with_one_terminal() -> None:
     assert added == [0, 1, 2, 3, 4]
 
 
-async def test_max_iterations_emits_one_failed_terminal() -> None:
+async def test_max_iterations_emits_one_incomplete_terminal_with_the_output() -> None:
     store = MemoryStore(scripted([AppendSteps([StepDescriptor.tool_call("t")])]))
     sink = ListSink()
-    with pytest.raises(LoopError):
-        await run(
-            store, FakeExecutor({"t": 1}), sink=sink, config=LoopConfig(max_response_iterations=2)
-        )
+    await run(
+        store, FakeExecutor({"t": 1}), sink=sink, config=LoopConfig(max_response_iterations=2)
+    )
     terminals = [e for e in sink.events if e.kind.is_terminal]
-    assert [e.kind for e in terminals] == [LoopEventKind.FAILED]
-    assert terminals[0].data["response"]["error"]["code"] == "max_iterations_exceeded"
+    assert [e.kind for e in terminals] == [LoopEventKind.INCOMPLETE]
+    response = terminals[0].data["response"]
+    assert response["status"] == "incomplete" and response["error"] is None
+    assert len(response["output"]) == 2
+
+
+async def test_sub_loop_iteration_cap_is_still_an_error() -> None:
+    def transition(view: ScopeView) -> NextAction:
+        if view.scope_parent is not None:
+            return AppendSteps([StepDescriptor.tool_call("t")])
+        if not view.chain:
+            return AppendSteps([StepDescriptor.tool_call("agent", {})])
+        return Complete({"agent": view.chain[-1].state.value})
+
+    store = MemoryStore(transition)
+    executor = FakeExecutor({"t": 1}, kinds={"agent": ToolKind.AGENT})
+    assert await run(store, executor, config=LoopConfig(max_response_iterations=2)) == {
+        "agent": "failed"
+    }
 
 
 async def test_sub_loop_events_are_not_forwarded() -> None:

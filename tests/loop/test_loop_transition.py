@@ -145,7 +145,7 @@ async def test_failed_model_step_fails_the_response() -> None:
         events = [e async for e in recv]
     assert events[-1].kind is LoopEventKind.FAILED
     error = events[-1].data["response"]["error"]
-    assert error["code"] == "model_error" and "HTTP 502" in error["message"]
+    assert error["code"] == "server_error" and "HTTP 502" in error["message"]
     rec = await store.get_response("r")
     assert rec is not None and rec.status is ResponseStatus.FAILED
 

@@ -11,12 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onwards_trio._errors import HTTPError
+from onwards_trio._loop.transition import LOOP_CONTROL
 from onwards_trio._responses.input import (
     assign_item_ids,
+    check_call_ids,
+    compaction_item,
     convert_tool_choice,
     items_to_messages,
     normalize_input,
     parse_request,
+    resolve_references,
     resolve_server_tools,
     text_format_to_response_format,
     to_chat_request,
@@ -141,11 +145,88 @@ def test_not_forwarded_fields() -> None:
             "store": True,
             "truncation": "auto",
             "background": False,
-            "service_tier": "auto",
             "extra_field": 1,
         }
     )
     assert set(out) == {"model", "messages"}
+
+
+def test_sampling_and_caching_fields_are_forwarded() -> None:
+    out = chat(
+        {
+            "model": "m",
+            "input": "hi",
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+            "top_logprobs": 3,
+            "prompt_cache_key": "k",
+            "safety_identifier": "u1",
+            "service_tier": "flex",
+            "text": {"verbosity": "low"},
+        }
+    )
+    assert out["presence_penalty"] == 0.5 and out["frequency_penalty"] == -0.5
+    assert out["logprobs"] is True and out["top_logprobs"] == 3
+    assert out["prompt_cache_key"] == "k" and out["safety_identifier"] == "u1"
+    assert out["service_tier"] == "flex" and out["verbosity"] == "low"
+
+
+def test_allowed_tools_sends_only_the_allowed_tools_and_their_mode() -> None:
+    def fn(name: str) -> dict[str, Any]:
+        return {"type": "function", "name": name, "parameters": {"type": "object"}}
+
+    out = chat(
+        {
+            "model": "m",
+            "input": "hi",
+            "tools": [fn("a"), fn("b")],
+            "tool_choice": {
+                "type": "allowed_tools",
+                "mode": "required",
+                "tools": [{"type": "function", "name": "b"}],
+            },
+        }
+    )
+    assert [t["function"]["name"] for t in out["tools"]] == ["b"]
+    assert out["tool_choice"] == "required"
+    assert out[LOOP_CONTROL] == {"allowed_tools": ["b"]}
+
+
+def test_item_reference_is_replaced_by_the_item_it_names() -> None:
+    history = [
+        {"type": "message", "id": "msg_1", "role": "user", "content": "first"},
+        {"type": "message", "id": "msg_2", "role": "assistant", "content": "second"},
+    ]
+    request = parse_request({"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]})
+    items = resolve_references(request.input_items, history)
+    assert items == [history[0]]
+    with pytest.raises(HTTPError) as info:
+        resolve_references(
+            parse_request(
+                {"model": "m", "input": [{"type": "item_reference", "id": "nope"}]}
+            ).input_items,
+            history,
+        )
+    assert info.value.status == 400 and b"input[0].id" in info.value.body
+
+
+def test_an_orphan_function_call_output_is_refused() -> None:
+    items = [{"type": "function_call_output", "call_id": "call_x", "output": "o"}]
+    with pytest.raises(HTTPError) as info:
+        check_call_ids(items, [])
+    assert b"input[0].call_id" in info.value.body
+    check_call_ids(items, [{"type": "function_call", "call_id": "call_x"}])
+
+
+def test_a_compaction_item_round_trips_as_a_summary_message() -> None:
+    item = compaction_item("we chose Tuesday")
+    request = parse_request({"model": "m", "input": [item]})
+    (message,) = to_chat_request(request)["messages"]
+    assert message["role"] == "user" and "we chose Tuesday" in message["content"]
+    with pytest.raises(HTTPError):
+        parse_request(
+            {"model": "m", "input": [{"type": "compaction", "encrypted_content": "forged"}]}
+        )
 
 
 def test_image_parts_convert_and_file_id_images_drop() -> None:

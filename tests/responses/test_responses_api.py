@@ -268,7 +268,7 @@ async def test_upstream_error_is_answered_and_stored_as_failed(nursery: trio.Nur
     records = store._records  # type: ignore[attr-defined]
     (record,) = records.values()
     assert record.status == "failed"
-    assert record.response["error"]["code"] == "model_error"
+    assert record.response["error"]["code"] == "server_error"
 
 
 # -- streaming ------------------------------------------------------------------------------------
@@ -285,6 +285,8 @@ TEXT_EVENTS = [
     "response.output_item.done",
     "response.completed",
 ]
+# A background response shows its queued state first.
+BACKGROUND_EVENTS = ["response.created", "response.queued", *TEXT_EVENTS[1:]]
 
 
 async def test_streaming_events_in_spec_order(nursery: trio.Nursery) -> None:
@@ -543,8 +545,8 @@ async def test_background_then_retrieve_then_resumed_stream(nursery: trio.Nurser
             return list(stream)
 
     events = await sdk(resume)
-    assert [e.type for e in events] == TEXT_EVENTS[4:]
-    assert [e.sequence_number for e in events] == list(range(4, len(TEXT_EVENTS)))
+    assert [e.type for e in events] == BACKGROUND_EVENTS[4:]
+    assert [e.sequence_number for e in events] == list(range(4, len(BACKGROUND_EVENTS)))
     assert upstream.requests[0].json()["stream"] is True
 
 
@@ -573,7 +575,7 @@ async def test_background_with_stream_true_streams_the_events(nursery: trio.Nurs
             return list(stream)
 
     events = await sdk(run)
-    assert [e.type for e in events] == TEXT_EVENTS
+    assert [e.type for e in events] == BACKGROUND_EVENTS
 
 
 async def test_cancel_a_running_background_response(nursery: trio.Nursery) -> None:
@@ -706,7 +708,7 @@ async def test_sqlite_store_keeps_responses_and_event_logs(
         with client.responses.retrieve(queued.id, stream=True, starting_after=7) as stream:
             return list(stream)
 
-    assert [e.type for e in await sdk(resume)] == TEXT_EVENTS[8:]
+    assert [e.type for e in await sdk(resume)] == BACKGROUND_EVENTS[8:]
     follow_up = await sdk(
         lambda: client.responses.create(model="m", input="y", previous_response_id=queued.id)
     )
@@ -776,8 +778,8 @@ async def test_a_failed_event_log_write_neither_breaks_the_loop_nor_loses_events
     done = await wait_status(client, queued.id, {"completed", "failed"})
     assert done.status == "completed"
     events = await store.events_after(queued.id, -1)
-    assert [e.type for e in events] == TEXT_EVENTS
-    assert [e.sequence for e in events] == list(range(len(TEXT_EVENTS)))
+    assert [e.type for e in events] == BACKGROUND_EVENTS
+    assert [e.sequence for e in events] == list(range(len(BACKGROUND_EVENTS)))
 
 
 async def test_a_store_error_in_a_background_response_does_not_stop_the_gateway(
@@ -840,7 +842,7 @@ async def test_background_events_reach_the_store_while_the_loop_waits(
     record = await store.get(queued.id)
     assert record is not None and record.status == "in_progress"
     types = [e.type for e in await store.events_after(queued.id, -1)]
-    assert types == ["response.created", "response.in_progress"]
+    assert types == ["response.created", "response.queued", "response.in_progress"]
 
 
 # -- replicas sharing a store: a cancel made through another replica ------------------------------
