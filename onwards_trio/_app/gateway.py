@@ -264,9 +264,11 @@ class Gateway:
         kind = scope["type"]
         if kind == "http":
             await self._http(scope, receive, send)
+        elif kind == "websocket":  # Open Responses' WebSocket mode (any other path: refused)
+            await self.responses.websocket(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
-        else:  # websockets are not ours; hypercorn-trio needs an exception, not a return
+        else:  # hypercorn-trio needs an exception, not a return
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -55,7 +55,7 @@ def _text(content: Any) -> str:
     return ""
 
 
-def transcript(items: Sequence[Mapping[str, Any]]) -> str:
+def transcript(items: Sequence[dict[str, Any]]) -> str:
     """The conversation as ``role: text`` lines (tool calls and outputs included)."""
     lines = []
     for message in items_to_messages(items):

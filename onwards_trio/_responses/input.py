@@ -722,8 +722,9 @@ def compaction_summary(encrypted: str, param: str) -> str:
             data = orjson.loads(base64.urlsafe_b64decode(encrypted[len(_COMPACTION_PREFIX) :]))
         except (binascii.Error, ValueError):
             data = None
-        if isinstance(data, dict) and isinstance(data.get("summary"), str):
-            return data["summary"]
+        summary = data.get("summary") if isinstance(data, dict) else None
+        if isinstance(summary, str):
+            return summary
     raise _bad("The compaction item was not made by this gateway.", param)
 
 

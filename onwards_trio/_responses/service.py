@@ -68,6 +68,7 @@ from onwards_trio._responses.input import (
 from onwards_trio._responses.mcp_client import McpSessions, McpToolCache, open_mcp_sessions
 from onwards_trio._responses.mcp_tools import McpPlan
 from onwards_trio._responses.model_transport import MODEL_CALL_DROP, ProxyModelTransport
+from onwards_trio._responses.socket import serve_socket
 from onwards_trio._stores import open_backend
 from onwards_trio._stores.base import (
     TERMINAL_STATUSES,
@@ -478,6 +479,7 @@ class _Job:
     mcp_sessions: bool  # whether the loop may reach an MCP server (config or request)
     body: Any = None  # the request as sent (a background response keeps it for resuming)
     first_sequence: int = 0  # a resumed response's event stream continues here
+    history: list[dict[str, Any]] = attrs.field(factory=list)  # previous_response_id's
 
 
 # -- the service --------------------------------------------------------------------------------
@@ -658,7 +660,7 @@ class ResponsesService:
             adapted = self.adapter_alias(request)
             if adapted is None:
                 return None
-            job = await self._prepare(request, *adapted)
+            job = await self.prepare(request, *adapted)
         except HTTPError as exc:
             await send_error(send, exc)
             return exc.status
@@ -714,7 +716,7 @@ class ResponsesService:
         await send_json(send, 200, result)
         return 200
 
-    async def _prepare(
+    async def prepare(
         self,
         request: ProxyRequest,
         alias: str,
@@ -777,6 +779,7 @@ class ResponsesService:
             mcp=mcp,
             mcp_sessions=bool(mcp) or self.executor.has_mcp(ctx),
             body=request.json,
+            history=history,
         )
         await job.steps.begin_response(response_id, chat)
         if req.store:
@@ -873,6 +876,33 @@ class ResponsesService:
             return status
         await send_json(send, 200, final)
         return 200
+
+    async def stream_job(
+        self, job: _Job, deliver: Callable[[LoopEvent], Awaitable[None]]
+    ) -> dict[str, Any]:
+        """Run ``job`` and hand each event to ``deliver`` (a WebSocket turn); the final
+        Response. Cancelling the caller cancels the loop (stored ``cancelled``)."""
+        out, events = trio.open_memory_channel[LoopEvent](64)
+        sink = _ResponseSink(job, channel=out)
+        final: dict[str, Any] = {}
+
+        async def run() -> None:
+            nonlocal final
+            try:
+                final = await self._execute(job, sink)
+            finally:
+                out.close()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            async with events:
+                async for event in events:
+                    await deliver(event)
+        return final
+
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve a WebSocket on ``/v1/responses`` (:mod:`.socket`)."""
+        await serve_socket(self, scope, receive, send)
 
     async def _stream_foreground(self, job: _Job, receive: Receive, send: Send) -> int:
         out, events = trio.open_memory_channel[LoopEvent](64)

@@ -13,7 +13,8 @@ keeps the ASGI semantics the gateway relies on:
 
 Scope, deliberately: HTTP/1.1 and 1.0, keep-alive, content-length and chunked request bodies,
 ``Expect: 100-continue``, no pipelining concurrency (pipelined requests are served in order),
-no HTTP/2 or upgrades (hypercorn remains available for those: ``Gateway.serve(server=...)``).
+no HTTP/2 (hypercorn remains available for it: ``Gateway.serve(server=...)``); a WebSocket
+upgrade is handed to :mod:`.websocket` (an ASGI ``websocket`` scope), no other upgrade.
 Requests with both ``content-length`` and ``transfer-encoding`` are refused (smuggling), as are
 a repeated or non-``chunked`` transfer-encoding, transfer-encoding in HTTP/1.0, chunk sizes that
 are not plain hex, HTTP/1.1 requests without exactly one ``host``, and CONNECT. Chunk lines,
@@ -34,6 +35,7 @@ from typing import Any
 import trio
 
 from onwards_trio._transport.asgi import ASGIApp, Message
+from onwards_trio._transport.websocket import is_websocket_upgrade, serve_websocket
 
 __all__ = ["serve"]
 
@@ -295,6 +297,10 @@ class _Connection:
             "client": self._client,
             "server": self._server_addr,
         }
+        if is_websocket_upgrade(method, headers):  # the connection is the socket's from here
+            await serve_websocket(self.server.app, self.stream, scope, self.buf)
+            self._disconnected = True
+            return False
         response = _Response(self, method == "HEAD", http11, keep_alive)
         try:
             await self.server.app(scope, self._receive, response.send)
