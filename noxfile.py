@@ -58,6 +58,16 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def compliance(session: nox.Session) -> None:
+    """The official Open Responses compliance suite against the gateway, on both servers.
+    Needs npm (it installs the suite's runtime, bun and zod, into a temporary directory) and
+    the suite in ``$ONWARDS_OPENRESPONSES_DIR`` (default ``../shared/openresponses``), so it
+    is not a default session; ``.ci/run`` runs it."""
+    session.install("-e", ".")
+    session.run("python", "compliance/openresponses.py")
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Throughput and added latency of the gateway, the loop's per-step overhead, the cost
     of sanitisation/strict mode per streamed chunk, of the Anthropic Messages translation
