@@ -1,10 +1,13 @@
 """A built-in demo upstream, so the gateway works offline with no API key.
 
-The ``demo`` model is a deterministic echo: it answers ``You said: <last user text>``, streams
-that answer word by word, and knows one tool: when the client (or the gateway, for server-side
-tools) offers ``get_weather`` and the last user message mentions the weather, it asks for that
-tool; once it sees the tool's output it reports it. The same app serves the tool itself at
-``POST /tools/get_weather``, so ``/v1/responses`` shows a full server-side tool loop.
+The ``demo`` model is deterministic and behaves like a (very simple) model, never like a test
+fixture: it calls an offered tool when the prompt is about it (the tool the client forces, or
+the first whose name or description shares a word with the last user message; any tool when
+one is required), with arguments built from the tool's parameter schema; once it sees a tool's
+output it reports it; asked "what is my/the X?" it answers from an earlier turn that said "X is
+Y" or "X: Y"; anything else it echoes (``You said: <last user text>``), streamed word by word.
+The same app serves a ``get_weather`` tool at ``POST /tools/get_weather``, so ``/v1/responses``
+shows a full server-side tool loop.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ __all__ = ["chat_chunk", "demo_config", "demo_upstream"]
 DEMO_MODEL = "demo"
 _CREATED = 1_700_000_000
 _ids = itertools.count(1)
-_WEATHER = re.compile(r"\bweather\b", re.IGNORECASE)
-_CITY = re.compile(r"\bin ([A-Z][\w\- ]+)")
+_CITY = re.compile(r"\bin ([A-Z][\w\-]*(?: [A-Z][\w\-]*)*)")
+_WORD = re.compile(r"[a-z]+")
+_QUESTION = re.compile(r"\bwhat(?:'s| is) (?:my|the|our|your) ([a-z][a-z ]*?)\?", re.IGNORECASE)
 
 WEATHER_TOOL = {
     "description": "Current weather for a city (demo data).",
@@ -48,16 +52,69 @@ def _text_of(content: Any) -> str:
     return ""
 
 
-def _weather_tool(tools: Any) -> str | None:
-    """The name under which ``get_weather`` is offered: itself, or ``<server>__get_weather``
-    when it comes from an MCP server."""
-    if not isinstance(tools, list):
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if len(w) > 3}
+
+
+def _offered(request: dict[str, Any]) -> list[dict[str, Any]]:
+    tools = request.get("tools")
+    if not isinstance(tools, list) or request.get("tool_choice") == "none":
+        return []
+    return [
+        t["function"]
+        for t in tools
+        if isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("name")
+    ]
+
+
+def _pick_tool(request: dict[str, Any], text: str) -> dict[str, Any] | None:
+    """The tool a model would call: the one the client forces, else the first whose name or
+    description shares a word with the prompt (any tool when one is required)."""
+    offered = _offered(request)
+    choice = request.get("tool_choice")
+    if isinstance(choice, dict):
+        forced = (choice.get("function") or {}).get("name")
+        return next((f for f in offered if f["name"] == forced), None)
+    asked = _words(text)
+    for fn in offered:
+        about = _words(f"{fn['name'].replace('_', ' ')} {fn.get('description') or ''}")
+        if asked & about:
+            return fn
+    return offered[0] if offered and choice == "required" else None
+
+
+def _arguments(fn: dict[str, Any], text: str) -> dict[str, Any]:
+    """Arguments for ``fn`` from its parameter schema: every required property, strings
+    filled with the place the prompt names ("… in Oslo") or else the prompt itself."""
+    params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
+    props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
+    required = params.get("required") if isinstance(params.get("required"), list) else []
+    place = _CITY.search(text)
+    fill = {"integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+    args: dict[str, Any] = {}
+    for name in required:
+        schema = props.get(name) if isinstance(props.get(name), dict) else {}
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            args[name] = schema["enum"][0]
+        elif schema.get("type", "string") == "string":
+            args[name] = place.group(1) if place else text
+        else:
+            args[name] = fill.get(str(schema.get("type")))
+    return args
+
+
+def _recall(messages: list[Any], text: str) -> str | None:
+    """Answer "what is my/the X?" from an earlier turn that said "X is Y" or "X: Y"."""
+    question = _QUESTION.search(text)
+    if question is None:
         return None
-    for tool in tools:
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if isinstance(name, str) and (name == "get_weather" or name.endswith("__get_weather")):
-            return name
+    noun = re.escape(question.group(1).strip())
+    said = re.compile(rf"\b{noun}(?: is|:)\s*([\w\-]+)", re.IGNORECASE)
+    for message in reversed(messages[:-1]):
+        if isinstance(message, dict):
+            found = said.search(_text_of(message.get("content")))
+            if found:
+                return found.group(1)
     return None
 
 
@@ -74,10 +131,8 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
             "finish_reason": "stop",
         }
     text = _text_of(last.get("content"))
-    tool = _weather_tool(request.get("tools"))
-    if tool is not None and _WEATHER.search(text):
-        match = _CITY.search(text)
-        city = match.group(1).strip() if match else "Paris"
+    tool = _pick_tool(request, text)
+    if tool is not None:
         return {
             "message": {
                 "role": "assistant",
@@ -87,16 +142,20 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
                         "id": f"call_demo_{next(_ids)}",
                         "type": "function",
                         "function": {
-                            "name": tool,
-                            "arguments": orjson.dumps({"city": city}).decode(),
+                            "name": tool["name"],
+                            "arguments": orjson.dumps(_arguments(tool, text)).decode(),
                         },
                     }
                 ],
             },
             "finish_reason": "tool_calls",
         }
+    recalled = _recall(messages, text)
     return {
-        "message": {"role": "assistant", "content": f"You said: {text}"},
+        "message": {
+            "role": "assistant",
+            "content": f"{recalled}." if recalled else f"You said: {text}",
+        },
         "finish_reason": "stop",
     }
 
