@@ -829,6 +829,8 @@ class ResponsesService:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
                 await sink.close_stream()
+                if sink.live is not None:  # a retried batch lands before the final status
+                    await sink.live.maybe_flush(force=True)
             final = sink.final_response()
             with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
                 if job.stored and not (sink.live is not None and sink.live.release is not None):
