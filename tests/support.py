@@ -12,6 +12,8 @@ from typing import Any
 import attrs
 import orjson
 import trio
+import wsproto
+import wsproto.events as ws_events
 from hypercorn.trio import serve
 
 from onwards_trio import Gateway, parse_config
@@ -22,6 +24,7 @@ __all__ = [
     "FakeUpstream",
     "Recorded",
     "Reply",
+    "WebSocketClient",
     "chat_completion",
     "serve_app",
     "sse",
@@ -199,3 +202,86 @@ class FakeUpstream:
             raise
         finally:
             self.active -= 1
+
+
+class WebSocketClient:
+    """A minimal WebSocket client on wsproto for the tests (one real loopback socket)."""
+
+    def __init__(self, stream: trio.SocketStream, ws: wsproto.WSConnection) -> None:
+        self.stream = stream
+        self.ws = ws
+        self.pending: list[ws_events.Event] = []
+        self.closed: ws_events.CloseConnection | None = None
+        self.parts: list[str] = []
+
+    @classmethod
+    async def connect(
+        cls, url: str, path: str = "/v1/responses", headers: Sequence[tuple[str, str]] = ()
+    ) -> WebSocketClient:
+        """Open ``path`` on ``http://host:port``; raises ``ConnectionRefusedError`` with the
+        status when the server refuses the upgrade."""
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        request = ws_events.Request(host=host, target=path, extra_headers=list(headers))
+        await stream.send_all(ws.send(request))
+        client = cls(stream, ws)
+        while True:
+            event = await client._event()
+            if isinstance(event, ws_events.AcceptConnection):
+                return client
+            if isinstance(event, ws_events.RejectConnection):
+                await stream.aclose()
+                raise ConnectionRefusedError(event.status_code)
+
+    async def _event(self) -> ws_events.Event:
+        while not self.pending:
+            data = await self.stream.receive_some(65536)
+            self.ws.receive_data(bytes(data) if data else None)
+            self.pending.extend(self.ws.events())
+        return self.pending.pop(0)
+
+    async def send_json(self, message: Any) -> None:
+        await self.send_text(orjson.dumps(message).decode())
+
+    async def send_text(self, text: str) -> None:
+        await self.stream.send_all(self.ws.send(ws_events.TextMessage(data=text)))
+
+    async def receive_text(self) -> str | None:
+        """The next whole text message, or ``None`` once the server closed (see ``closed``)."""
+        while True:
+            event = await self._event()
+            if isinstance(event, ws_events.TextMessage):
+                self.parts.append(event.data)
+                if event.message_finished:
+                    text, self.parts = "".join(self.parts), []
+                    return text
+            elif isinstance(event, ws_events.CloseConnection):
+                self.closed = event
+                return None
+            elif isinstance(event, ws_events.Ping):
+                await self.stream.send_all(self.ws.send(event.response()))
+
+    async def receive_json(self) -> Any:
+        text = await self.receive_text()
+        return None if text is None else orjson.loads(text)
+
+    async def turn(self, message: Mapping[str, Any]) -> list[Any]:
+        """Send one ``response.create``; every message until the terminal event or an error."""
+        await self.send_json(message)
+        received = []
+        while True:
+            event = await self.receive_json()
+            if event is None:
+                return received
+            received.append(event)
+            if event["type"] in ("response.completed", "response.failed", "response.incomplete"):
+                return received
+            if event["type"] == "error":
+                return received
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(5):
+            if self.ws.state is wsproto.connection.ConnectionState.OPEN:
+                await self.stream.send_all(self.ws.send(ws_events.CloseConnection(code=1000)))
+        await self.stream.aclose()
