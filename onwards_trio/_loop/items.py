@@ -150,6 +150,31 @@ def _annotations(raw: Any) -> list[dict[str, Any]]:
     return [a for a in (_annotation(r) for r in raw) if a is not None]
 
 
+def _logprobs(raw: Any) -> list[dict[str, Any]]:
+    """A Chat choice's ``logprobs.content`` as Responses ``output_text.logprobs``."""
+    content = raw.get("content") if isinstance(raw, Mapping) else None
+    if not isinstance(content, list):
+        return []
+
+    def one(entry: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "token": str(entry.get("token", "")),
+            "logprob": entry.get("logprob", 0.0),
+            "bytes": entry.get("bytes") or [],
+        }
+
+    return [
+        {
+            **one(entry),
+            "top_logprobs": [
+                one(t) for t in entry.get("top_logprobs") or [] if isinstance(t, Mapping)
+            ],
+        }
+        for entry in content
+        if isinstance(entry, Mapping)
+    ]
+
+
 def _message_item(
     item_id: str,
     role: str,
@@ -159,6 +184,7 @@ def _message_item(
     refusal: str | None = None,
     annotations: list[dict[str, Any]] | None = None,
     phase: str | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """An assistant message: an ``output_text`` part (when there is text, or nothing else) and a
     ``refusal`` part when the model refused. ``phase`` says whether tool calls follow it
@@ -167,6 +193,7 @@ def _message_item(
     if text or refusal is None:
         part = _output_text_part(text or "")
         part["annotations"] = list(annotations or [])
+        part["logprobs"] = list(logprobs or [])
         parts.append(part)
     if refusal is not None:
         parts.append({"type": "refusal", "refusal": refusal})
@@ -208,7 +235,12 @@ def function_call_output_item(
 
 
 def message_items(
-    message: Mapping[str, Any], step_id: str, *, choice: int = 0, finish_reason: Any = None
+    message: Mapping[str, Any],
+    step_id: str,
+    *,
+    choice: int = 0,
+    finish_reason: Any = None,
+    logprobs: Any = None,
 ) -> list[dict[str, Any]]:
     """Output items for one assistant message: reasoning, then text, then one function_call
     per tool call (reference §1.20.2 order)."""
@@ -231,6 +263,7 @@ def message_items(
                 status,
                 refusal=refusal,
                 annotations=_annotations(message.get("annotations")),
+                logprobs=_logprobs(logprobs),
                 phase="commentary"
                 if isinstance(tool_calls, list) and tool_calls
                 else "final_answer",
@@ -274,6 +307,7 @@ def completion_items(completion: Any, step_id: str) -> list[dict[str, Any]]:
                     step_id,
                     choice=index if isinstance(index, int) else n,
                     finish_reason=choice.get("finish_reason"),
+                    logprobs=choice.get("logprobs"),
                 )
             )
     return items
@@ -369,6 +403,7 @@ class _ChoiceAcc:
     reasoning_content: list[str] = attrs.field(factory=list)
     reasoning: list[str] = attrs.field(factory=list)
     annotations: list[Any] = attrs.field(factory=list)
+    logprobs: list[Any] = attrs.field(factory=list)
     tools: dict[int, _ToolAcc] = attrs.field(factory=dict)
     finish_reason: Any = None
 
@@ -436,6 +471,9 @@ class ChatChunkAssembler:
                                 t.name = fn["name"]
                             if isinstance(fn.get("arguments"), str):
                                 t.arguments.append(fn["arguments"])
+            logprobs = ch.get("logprobs")
+            if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
+                acc.logprobs.extend(logprobs["content"])
             if ch.get("finish_reason") is not None:
                 acc.finish_reason = ch["finish_reason"]
 
@@ -467,7 +505,14 @@ class ChatChunkAssembler:
                     }
                     for ti, t in sorted(acc.tools.items())
                 ]
-            choices.append({"index": index, "message": message, "finish_reason": acc.finish_reason})
+            choice: dict[str, Any] = {
+                "index": index,
+                "message": message,
+                "finish_reason": acc.finish_reason,
+            }
+            if acc.logprobs:
+                choice["logprobs"] = {"content": list(acc.logprobs)}
+            choices.append(choice)
         out: dict[str, Any] = {
             "id": self._head.get("id", ""),
             "object": "chat.completion",
@@ -496,6 +541,7 @@ class _Item:
     refusal: list[str] | None = None  # a message's refusal part, once one was opened
     parts: list[str] = attrs.field(factory=list)  # a message's part kinds, in content order
     annotations: list[dict[str, Any]] = attrs.field(factory=list)
+    logprobs: list[dict[str, Any]] = attrs.field(factory=list)
     role: str = "assistant"
     call_id: str = ""
     name: str = ""
@@ -587,7 +633,7 @@ class ChatStreamTranslator:
             ci = ci if isinstance(ci, int) else n
             delta = ch.get("delta")
             if isinstance(delta, Mapping):
-                self._delta(events, ci, delta)
+                self._delta(events, ci, delta, _logprobs(ch.get("logprobs")))
             if ch.get("finish_reason") is not None:
                 self._close_choice(events, ci, _item_status(ch["finish_reason"]))
         return events
@@ -628,7 +674,13 @@ class ChatStreamTranslator:
             )
         return m.part_index(kind)
 
-    def _delta(self, events: list[Event], ci: int, delta: Mapping[str, Any]) -> None:
+    def _delta(
+        self,
+        events: list[Event],
+        ci: int,
+        delta: Mapping[str, Any],
+        logprobs: list[dict[str, Any]],
+    ) -> None:
         step = self._step_id
         reasoning = reasoning_text(delta)
         if reasoning:
@@ -662,10 +714,16 @@ class ChatStreamTranslator:
             if not m.done:
                 index = self._part(events, m, "output_text")
                 m.text.append(content)
+                m.logprobs.extend(logprobs)
                 events.append(
                     (
                         "response.output_text.delta",
-                        {**m.base(), "content_index": index, "delta": content, "logprobs": []},
+                        {
+                            **m.base(),
+                            "content_index": index,
+                            "delta": content,
+                            "logprobs": logprobs,
+                        },
                     )
                 )
         refusal = delta.get("refusal")
@@ -755,11 +813,20 @@ class ChatStreamTranslator:
             refusal = None if item.refusal is None else "".join(item.refusal)
             for index, kind in enumerate(item.parts):
                 if kind == "output_text":
-                    part = {**_output_text_part(text), "annotations": list(item.annotations)}
+                    part = {
+                        **_output_text_part(text),
+                        "annotations": list(item.annotations),
+                        "logprobs": list(item.logprobs),
+                    }
                     events.append(
                         (
                             "response.output_text.done",
-                            {**base, "content_index": index, "text": text, "logprobs": []},
+                            {
+                                **base,
+                                "content_index": index,
+                                "text": text,
+                                "logprobs": list(item.logprobs),
+                            },
                         )
                     )
                 else:
@@ -781,6 +848,7 @@ class ChatStreamTranslator:
                 refusal=refusal,
                 annotations=item.annotations,
                 phase="commentary" if self._calls_tools(item.choice) else "final_answer",
+                logprobs=item.logprobs,
             )
         elif item.kind == "reasoning":
             events.append(("response.reasoning.done", {**base, "content_index": 0, "text": text}))
@@ -821,6 +889,7 @@ class ChatStreamTranslator:
                     {
                         "index": index if isinstance(index, int) else n,
                         "delta": _as_delta(choice["message"]),
+                        "logprobs": choice.get("logprobs"),
                         "finish_reason": choice.get("finish_reason") or "stop",
                     }
                 ]

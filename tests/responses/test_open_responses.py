@@ -454,3 +454,49 @@ async def test_compact_returns_a_window_a_new_response_continues_from(
     assert "Summary: launch Tuesday" in sent[1]["content"]
     bad = await post(url, {"input": "x"}, "/v1/responses/compact")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+
+
+async def test_logprobs_are_asked_for_and_returned_when_included(nursery: trio.Nursery) -> None:
+    entry = {"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}
+
+    def model(rec: Recorded) -> Reply:
+        if rec.json().get("stream"):
+            chunk = {
+                "id": "c",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": "Hi"},
+                        "logprobs": {"content": [entry]},
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
+            return Reply(chunks=sse(chunk), headers=[(b"content-type", b"text/event-stream")])
+        body = {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "up",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hi"},
+                    "logprobs": {"content": [entry]},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        return Reply(body=orjson.dumps(body))
+
+    upstream = FakeUpstream(model)
+    _, _, url = await start(nursery, upstream)
+    body = {"model": "m", "input": "q", "include": ["message.output_text.logprobs"]}
+    response = (await post(url, body)).json()
+    assert upstream.requests[0].json()["logprobs"] is True
+    assert response["output"][0]["content"][0]["logprobs"] == [entry]
+    events, _ = await stream_post(url, body)
+    (delta,) = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert delta["logprobs"] == [entry]
+    bad = await post(url, {**body, "include": ["file_search_call.results"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "include[0]"
