@@ -216,7 +216,7 @@ class WebSocketClient:
 
     @classmethod
     async def connect(
-        cls, url: str, path: str = "/v1/responses", headers: Sequence[tuple[str, str]] = ()
+        cls, url: str, path: str = "/v1/responses", headers: Sequence[tuple[bytes, bytes]] = ()
     ) -> WebSocketClient:
         """Open ``path`` on ``http://host:port``; raises ``ConnectionRefusedError`` with the
         status when the server refuses the upgrade."""
@@ -269,7 +269,7 @@ class WebSocketClient:
     async def turn(self, message: Mapping[str, Any]) -> list[Any]:
         """Send one ``response.create``; every message until the terminal event or an error."""
         await self.send_json(message)
-        received = []
+        received: list[Any] = []
         while True:
             event = await self.receive_json()
             if event is None:

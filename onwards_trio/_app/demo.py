@@ -21,6 +21,7 @@ import orjson
 import trio
 
 from onwards_trio._config import Config, parse_config
+from onwards_trio._responses.input import chat_content_text
 from onwards_trio._transport.asgi import Receive, Scope, Send, read_body, send_json, serve_lifespan
 
 __all__ = ["chat_chunk", "demo_config", "demo_upstream"]
@@ -42,14 +43,7 @@ WEATHER_TOOL = {
 }
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
-        )
-    return ""
+_text_of = chat_content_text
 
 
 def _words(text: str) -> set[str]:
@@ -83,17 +77,21 @@ def _pick_tool(request: dict[str, Any], text: str) -> dict[str, Any] | None:
     return offered[0] if offered and choice == "required" else None
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _arguments(fn: dict[str, Any], text: str) -> dict[str, Any]:
     """Arguments for ``fn`` from its parameter schema: every required property, strings
     filled with the place the prompt names ("… in Oslo") or else the prompt itself."""
-    params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
-    props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
-    required = params.get("required") if isinstance(params.get("required"), list) else []
+    params: dict[str, Any] = _dict(fn.get("parameters"))
+    props = _dict(params.get("properties"))
+    required: list[Any] = params["required"] if isinstance(params.get("required"), list) else []
     place = _CITY.search(text)
     fill = {"integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
     args: dict[str, Any] = {}
     for name in required:
-        schema = props.get(name) if isinstance(props.get(name), dict) else {}
+        schema = _dict(props.get(name))
         if isinstance(schema.get("enum"), list) and schema["enum"]:
             args[name] = schema["enum"][0]
         elif schema.get("type", "string") == "string":

@@ -246,14 +246,23 @@ def message_items(
     per tool call (reference §1.20.2 order)."""
     status = _item_status(finish_reason)
     items: list[dict[str, Any]] = []
-    reasoning = reasoning_text(message)
-    if reasoning:
-        items.append(_reasoning_item(reasoning_item_id(step_id, choice), reasoning, status))
     text = _content_text(message.get("content"))
     refusal = message.get("refusal")
     refusal = refusal if isinstance(refusal, str) and refusal else None
     tool_calls = message.get("tool_calls")
-    if text or refusal is not None:
+    annotations = _annotations(message.get("annotations"))
+    reasoning = reasoning_text(message)
+    if reasoning:
+        # Reasoning that something followed was finished, whatever cut the turn short.
+        followed = bool(text or refusal or annotations or tool_calls)
+        items.append(
+            _reasoning_item(
+                reasoning_item_id(step_id, choice),
+                reasoning,
+                "completed" if followed else status,
+            )
+        )
+    if text or refusal is not None or annotations:
         role = message.get("role") or "assistant"
         items.append(
             _message_item(
@@ -262,7 +271,7 @@ def message_items(
                 text,
                 status,
                 refusal=refusal,
-                annotations=_annotations(message.get("annotations")),
+                annotations=annotations,
                 logprobs=_logprobs(logprobs),
                 phase="commentary"
                 if isinstance(tool_calls, list) and tool_calls
@@ -352,8 +361,13 @@ def responses_usage(usage: Any) -> dict[str, Any] | None:
         "input_tokens": inp,
         "output_tokens": out,
         "total_tokens": _int(total) if total is not None else inp + out,
+        # cache_write_tokens: newer SDKs require it; Chat upstreams that report cache writes
+        # (prompt_tokens_details.cache_write_tokens) give it, others 0.
         "input_tokens_details": {
-            "cached_tokens": _int(ptd.get("cached_tokens")) if isinstance(ptd, Mapping) else 0
+            "cached_tokens": _int(ptd.get("cached_tokens")) if isinstance(ptd, Mapping) else 0,
+            "cache_write_tokens": (
+                _int(ptd.get("cache_write_tokens")) if isinstance(ptd, Mapping) else 0
+            ),
         },
         "output_tokens_details": {
             "reasoning_tokens": (
@@ -741,6 +755,7 @@ class ChatStreamTranslator:
                 )
         annotations = _annotations(delta.get("annotations"))
         if annotations:
+            self._close_reasoning(events, ci)
             m = self._message(events, ci, delta)
             if not m.done:
                 index = self._part(events, m, "output_text")

@@ -5,16 +5,17 @@ The model summarises: the conversation (``previous_response_id``'s replayed item
 ``input``) is rendered as a plain transcript inside one user message that asks for a summary.
 A transcript rather than the original message list because a summary is a request *about* the
 conversation, not its next turn: any chat model, even one that only answers the last message,
-sees all of it. The answer becomes a ``compaction`` item (:func:`.input.compaction_item`);
-the window is the conversation's user messages, kept verbatim as OpenAI keeps them, then
-that item. Nothing is stored: a compacted window is not a response and has no id to continue.
+sees all of it. The answer becomes a ``compaction`` item (:func:`.input.compaction_item`),
+the whole window: OpenAI also keeps the user messages verbatim before it, but the SDK's
+``CompactedResponse`` cannot represent a user message in ``output``, and the summary holds
+them. Nothing is stored: a compacted window is not a response and has no id to continue.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -23,7 +24,7 @@ from onwards_trio import _errors as errors
 from onwards_trio._errors import HTTPError
 from onwards_trio._loop.items import responses_usage
 from onwards_trio._responses.input import (
-    assign_item_ids,
+    chat_content_text,
     compaction_item,
     items_to_messages,
     normalize_input,
@@ -40,19 +41,9 @@ _EMPTY_USAGE = {
     "input_tokens": 0,
     "output_tokens": 0,
     "total_tokens": 0,
-    "input_tokens_details": {"cached_tokens": 0},
+    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
     "output_tokens_details": {"reasoning_tokens": 0},
 }
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            str(p.get("text", "")) for p in content if isinstance(p, Mapping) and "text" in p
-        )
-    return ""
 
 
 def transcript(items: Sequence[dict[str, Any]]) -> str:
@@ -60,7 +51,7 @@ def transcript(items: Sequence[dict[str, Any]]) -> str:
     lines = []
     for message in items_to_messages(items):
         role = message.get("role", "user")
-        text = _text(message.get("content"))
+        text = chat_content_text(message.get("content"))
         if text:
             lines.append(f"{role}: {text}")
         for call in message.get("tool_calls") or []:
@@ -133,11 +124,10 @@ async def compact_conversation(
                 "server_error",
             ),
         )
-    kept = [i for i in items if i.get("type") == "message" and i.get("role") == "user"]
     return {
         "id": f"resp_{secrets.token_hex(24)}",
         "object": "response.compaction",
         "created_at": int(time.time()),
-        "output": [*assign_item_ids(kept), compaction_item(summary)],
+        "output": [compaction_item(summary)],
         "usage": responses_usage(completion.get("usage")) or dict(_EMPTY_USAGE),
     }

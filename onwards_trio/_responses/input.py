@@ -32,6 +32,7 @@ __all__ = [
     "ResponsesRequest",
     "ToolLike",
     "assign_item_ids",
+    "chat_content_text",
     "check_call_ids",
     "compaction_item",
     "convert_tool_choice",
@@ -766,6 +767,18 @@ def _message_content(content: Any, role: str) -> Any:
         # Chat allows only text for these roles; many servers want a plain string there.
         return "".join(p["text"] for p in parts)
     return parts
+
+
+def chat_content_text(content: Any) -> str:
+    """The text of a Chat message's ``content`` (a string, or parts: their texts joined by
+    spaces, images and files left out)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            str(p.get("text", "")) for p in content if isinstance(p, Mapping) and "text" in p
+        )
+    return ""
 
 
 def _tool_output_text(output: Any) -> str:

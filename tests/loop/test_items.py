@@ -88,13 +88,13 @@ def test_usage_conversion_and_sum() -> None:
         "input_tokens": 10,
         "output_tokens": 4,
         "total_tokens": 14,
-        "input_tokens_details": {"cached_tokens": 2},
+        "input_tokens_details": {"cached_tokens": 2, "cache_write_tokens": 0},
         "output_tokens_details": {"reasoning_tokens": 1},
     }
     total = sum_usage([u, None, u])
     assert total is not None
     assert total["total_tokens"] == 28
-    assert total["input_tokens_details"] == {"cached_tokens": 4}
+    assert total["input_tokens_details"] == {"cached_tokens": 4, "cache_write_tokens": 0}
     assert sum_usage([None]) is None
     assert responses_usage(None) is None
 

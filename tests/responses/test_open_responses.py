@@ -15,6 +15,7 @@ from onwards_trio._loop.run import LoopConfig
 from tests.responses.test_responses_api import (
     _close_clients,
     _usage,
+    completion,
     has_tool_result,
     start,
     text_reply,
@@ -27,31 +28,28 @@ __all__ = ["_close_clients", "chat_reply", "post", "sse_events", "stream_post"]
 TERMINAL = ("response.completed", "response.failed", "response.incomplete")
 
 
-def chat_reply(rec: Recorded, message: dict[str, Any], finish: str = "stop") -> Reply:
+def chat_reply(
+    rec: Recorded, message: dict[str, Any], finish: str = "stop", logprobs: Any = None
+) -> Reply:
     """The assistant ``message`` as a completion, or (when the request streams) as chunks:
-    one delta per field (content in two pieces), then the finish and usage chunks."""
+    one delta per field (content in two pieces unless it has ``logprobs``, which go with
+    it), then the finish and usage chunks."""
+    extra = {} if logprobs is None else {"logprobs": logprobs}
     if not rec.json().get("stream"):
-        body = {
-            "id": "c",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "up",
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}
-            ],
-            "usage": _usage(),
-        }
-        return Reply(body=orjson.dumps(body))
+        return completion(message, finish, **extra)
     deltas: list[dict[str, Any]] = [{"role": "assistant"}]
     for key, value in message.items():
-        if key == "content" and isinstance(value, str) and len(value) > 1:
+        if key == "content" and isinstance(value, str) and len(value) > 1 and not extra:
             half = len(value) // 2
             deltas += [{"content": value[:half]}, {"content": value[half:]}]
         elif key == "tool_calls":
             deltas.append({"tool_calls": [{**c, "index": n} for n, c in enumerate(value)]})
         else:
             deltas.append({key: value})
-    chunks: list[Any] = [{"id": "c", "choices": [{"index": 0, "delta": d}]} for d in deltas]
+    chunks: list[Any] = [
+        {"id": "c", "choices": [{"index": 0, "delta": d, **(extra if "content" in d else {})}]}
+        for d in deltas
+    ]
     chunks.append({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
     chunks.append({"id": "c", "choices": [], "usage": _usage()})
     return Reply(chunks=sse(*chunks), headers=[(b"content-type", b"text/event-stream")])
@@ -152,18 +150,27 @@ async def _tool_server(nursery: trio.Nursery) -> tuple[FakeUpstream, str]:
     return tool, await serve_app(nursery, tool)
 
 
+async def _lookup_gateway(
+    nursery: trio.Nursery, answer_without_tools: bool
+) -> tuple[Any, FakeUpstream, FakeUpstream, str]:
+    """A gateway with a server tool ``lookup`` and a model that calls it whenever it is
+    offered (and, unless ``answer_without_tools``, even when it is not)."""
+    tool, tool_url = await _tool_server(nursery)
+
+    def model(rec: Recorded) -> Reply:
+        if answer_without_tools and not rec.json().get("tools"):
+            return text_reply(rec, "done looking")
+        return tool_reply(rec, "lookup", "{}", call_id=f"call_{len(upstream.requests)}")
+
+    upstream = FakeUpstream(model)
+    gateway, _, url = await start(nursery, upstream, tools={"lookup": {"url": tool_url + "/t"}})
+    return gateway, tool, upstream, url
+
+
 async def test_max_tool_calls_stops_offering_tools_and_keeps_the_output(
     nursery: trio.Nursery,
 ) -> None:
-    tool, tool_url = await _tool_server(nursery)
-
-    def model(rec: Recorded) -> Reply:  # calls the tool whenever it is offered
-        if rec.json().get("tools"):
-            return tool_reply(rec, "lookup", "{}", call_id=f"call_{len(upstream.requests)}")
-        return text_reply(rec, "done looking")
-
-    upstream = FakeUpstream(model)
-    _, _, url = await start(nursery, upstream, tools={"lookup": {"url": tool_url + "/t"}})
+    _, tool, upstream, url = await _lookup_gateway(nursery, answer_without_tools=True)
     response = (await post(url, {"model": "m", "input": "look", "max_tool_calls": 1})).json()
     assert len(tool.requests) == 1
     assert "tools" in upstream.requests[0].json()
@@ -180,11 +187,7 @@ async def test_max_tool_calls_stops_offering_tools_and_keeps_the_output(
 async def test_a_model_that_keeps_calling_past_max_tool_calls_is_not_run_again(
     nursery: trio.Nursery,
 ) -> None:
-    tool, tool_url = await _tool_server(nursery)
-    upstream = FakeUpstream(
-        lambda rec: tool_reply(rec, "lookup", "{}", call_id=f"call_{len(upstream.requests)}")
-    )
-    _, _, url = await start(nursery, upstream, tools={"lookup": {"url": tool_url + "/t"}})
+    _, tool, _, url = await _lookup_gateway(nursery, answer_without_tools=False)
     response = (await post(url, {"model": "m", "input": "look", "max_tool_calls": 1})).json()
     assert len(tool.requests) == 1
     assert response["status"] == "completed"
@@ -199,11 +202,7 @@ async def test_a_model_that_keeps_calling_past_max_tool_calls_is_not_run_again(
 async def test_the_iteration_cap_ends_incomplete_with_the_output_so_far(
     nursery: trio.Nursery,
 ) -> None:
-    _, tool_url = await _tool_server(nursery)
-    upstream = FakeUpstream(
-        lambda rec: tool_reply(rec, "lookup", "{}", call_id=f"call_{len(upstream.requests)}")
-    )
-    gateway, _, url = await start(nursery, upstream, tools={"lookup": {"url": tool_url + "/t"}})
+    gateway, _, _, url = await _lookup_gateway(nursery, answer_without_tools=False)
     gateway.responses.loop_config = LoopConfig(max_response_iterations=3)
     events, lines = await stream_post(url, {"model": "m", "input": "look"})
     final = events[-1]
@@ -413,7 +412,8 @@ async def test_a_cancelled_background_stream_ends_with_a_terminal_event(
 
         async def follow() -> None:
             async with http.stream("GET", f"{url}/v1/responses/{rid}?stream=true") as r:
-                got.append(await r.aread() and r.text)
+                await r.aread()
+                got.append(r.text)
 
         async with trio.open_nursery() as inner:
             inner.start_soon(follow)
@@ -443,7 +443,7 @@ async def test_compact_returns_a_window_a_new_response_continues_from(
     r = await post(url, {"model": "m", "input": history}, "/v1/responses/compact")
     window = r.json()
     assert window["object"] == "response.compaction"
-    assert [i["type"] for i in window["output"]] == ["message", "compaction"]
+    assert [i["type"] for i in window["output"]] == ["compaction"]
     transcript = upstream.requests[0].json()["messages"][-1]["content"]
     assert "user: We launch on Tuesday." in transcript and "assistant: Noted." in transcript
     follow_up = await post(
@@ -451,7 +451,7 @@ async def test_compact_returns_a_window_a_new_response_continues_from(
     )
     assert follow_up.status_code == 200, follow_up.text
     sent = upstream.requests[1].json()["messages"]
-    assert "Summary: launch Tuesday" in sent[1]["content"]
+    assert "Summary: launch Tuesday" in sent[0]["content"]
     bad = await post(url, {"input": "x"}, "/v1/responses/compact")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
 
@@ -460,34 +460,7 @@ async def test_logprobs_are_asked_for_and_returned_when_included(nursery: trio.N
     entry = {"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}
 
     def model(rec: Recorded) -> Reply:
-        if rec.json().get("stream"):
-            chunk = {
-                "id": "c",
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"content": "Hi"},
-                        "logprobs": {"content": [entry]},
-                        "finish_reason": "stop",
-                    }
-                ],
-            }
-            return Reply(chunks=sse(chunk), headers=[(b"content-type", b"text/event-stream")])
-        body = {
-            "id": "c",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "up",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "Hi"},
-                    "logprobs": {"content": [entry]},
-                    "finish_reason": "stop",
-                }
-            ],
-        }
-        return Reply(body=orjson.dumps(body))
+        return chat_reply(rec, {"content": "Hi"}, logprobs={"content": [entry]})
 
     upstream = FakeUpstream(model)
     _, _, url = await start(nursery, upstream)

@@ -29,6 +29,31 @@ def _usage(p: int = 3, c: int = 2) -> dict[str, Any]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def completion(
+    message: dict[str, Any],
+    finish: str = "stop",
+    usage: dict[str, Any] | None = None,
+    **choice: Any,
+) -> Reply:
+    """A non-streamed chat completion with one assistant ``message``."""
+    body = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "up",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", **message},
+                "finish_reason": finish,
+                **choice,
+            }
+        ],
+        "usage": usage or _usage(),
+    }
+    return Reply(body=orjson.dumps(body))
+
+
 def text_reply(rec: Recorded, text: str = "Hello world", *, chunk_delay: float = 0.0) -> Reply:
     """A plain assistant answer, streamed when the request asks for it."""
     if rec.json().get("stream"):
@@ -45,17 +70,7 @@ def text_reply(rec: Recorded, text: str = "Hello world", *, chunk_delay: float =
             headers=[(b"content-type", b"text/event-stream")],
             chunk_delay=chunk_delay,
         )
-    body = {
-        "id": "c",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "up",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        ],
-        "usage": _usage(),
-    }
-    return Reply(body=orjson.dumps(body))
+    return completion({"content": text})
 
 
 def tool_reply(rec: Recorded, name: str, args: str, call_id: str = "call_abc") -> Reply:
@@ -94,31 +109,8 @@ def tool_reply(rec: Recorded, name: str, args: str, call_id: str = "call_abc") -
             {"id": "c", "choices": [], "usage": _usage(5, 1)},
         ]
         return Reply(chunks=sse(*chunks), headers=[(b"content-type", b"text/event-stream")])
-    body = {
-        "id": "c",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "up",
-        "choices": [
-            {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {
-                            "id": call_id,
-                            "type": "function",
-                            "function": {"name": name, "arguments": args},
-                        }
-                    ],
-                },
-                "finish_reason": "tool_calls",
-            }
-        ],
-        "usage": _usage(5, 1),
-    }
-    return Reply(body=orjson.dumps(body))
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+    return completion({"content": None, "tool_calls": [call]}, "tool_calls", _usage(5, 1))
 
 
 def has_tool_result(rec: Recorded) -> bool:

@@ -28,7 +28,7 @@ def remembering(rec: Recorded) -> Reply:
 
 async def test_a_turn_streams_the_same_events_as_sse(nursery: trio.Nursery) -> None:
     _, _, url = await start(nursery, FakeUpstream(lambda rec: text_reply(rec)))
-    client = await WebSocketClient.connect(url, headers=[("authorization", "Bearer k")])
+    client = await WebSocketClient.connect(url, headers=[(b"authorization", b"Bearer k")])
     with trio.fail_after(15):
         events = await client.turn({**CREATE, "input": "hi"})
     sse_events, _ = await stream_post(url, {"model": "m", "input": "hi"})
@@ -45,7 +45,7 @@ async def test_turns_on_one_socket_run_in_order(nursery: trio.Nursery) -> None:
         # both sent at once: the second waits for the first to finish
         await client.send_json({**CREATE, "store": False, "input": "first"})
         await client.send_json({**CREATE, "store": False, "input": "second"})
-        finals = []
+        finals: list[Any] = []
         while len(finals) < 2:
             event = await client.receive_json()
             if event["type"] == "response.completed":

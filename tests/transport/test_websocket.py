@@ -42,7 +42,7 @@ def echo_app(seen: list[Any]) -> Any:
 async def test_text_messages_round_trip_on_a_websocket_scope(nursery: trio.Nursery) -> None:
     seen: list[Any] = []
     url = await start(nursery, echo_app(seen))
-    client = await WebSocketClient.connect(url, "/chat?x=1", [("authorization", "Bearer k")])
+    client = await WebSocketClient.connect(url, "/chat?x=1", [(b"authorization", b"Bearer k")])
     with trio.fail_after(10):
         await client.send_text("hello")
         assert await client.receive_text() == "HELLO"
