@@ -144,8 +144,12 @@ class GatewayProcess:
 
 
 def events_of(sse: str) -> list[dict[str, Any]]:
-    """The ``data:`` objects of an SSE body, in order."""
-    return [orjson.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: ")]
+    """The ``data:`` objects of an SSE body, in order (the closing ``[DONE]`` is not one)."""
+    return [
+        orjson.loads(line[6:])
+        for line in sse.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
 
 
 class ToolServer:
