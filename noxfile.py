@@ -69,12 +69,22 @@ def compliance(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Throughput and added latency of the gateway, the loop's per-step overhead, the cost
-    of sanitisation/strict mode per streamed chunk, of the Anthropic Messages translation
-    per streamed event, of lease renewal of background responses, and of tracing.
-    ``nox -s bench -- proxy`` runs one."""
+    """Throughput, CPU per request and added latency of the gateway (plain, traffic control,
+    access log on/off, 1 vs 2 workers, stored vs unstored /v1/responses), many long streams,
+    the loop's per-step overhead, the cost of sanitisation/strict mode per streamed chunk, of
+    the Anthropic Messages translation per streamed event, of lease renewal of background
+    responses, and of tracing. The machine's load average is printed before and after: figures
+    from a loaded machine are not comparable. ``nox -s bench -- proxy`` runs one."""
     session.install("-e", ".[otel]")  # the tracing rows need the SDK
-    chosen = set(session.posargs) or {"proxy", "loop", "strict", "anthropic", "durable"}
-    for name in ("proxy", "loop", "strict", "anthropic", "durable"):
+    names = ("proxy", "streams", "loop", "strict", "anthropic", "durable")
+    chosen = set(session.posargs) or set(names)
+    session.log(f"load average before: {_load_average()}")
+    for name in names:
         if name in chosen:
             session.run("python", f"bench/{name}.py")
+    session.log(f"load average after: {_load_average()}")
+
+
+def _load_average() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])

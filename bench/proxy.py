@@ -212,9 +212,18 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time the process and its children (workers) have used so far."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def load_average() -> str:
@@ -306,7 +315,8 @@ def main() -> None:
         gateway = start_gateway(config, port, extra, workdir, env)
         procs.append(gateway)
         trio.run(measure, gateway, port, plan)
-        rss[name] = peak_rss_mb(gateway.pid)
+        if "--workers" not in extra:
+            rss[name] = peak_rss_mb(gateway.pid)
         gateway.terminate()
         gateway.wait(timeout=10)
 
@@ -324,6 +334,12 @@ def main() -> None:
                 ("non-streaming c=64", 64, False, None),
                 (f"{events} c=16", 16, True, None),
             ],
+        )
+        run(
+            "2 workers",
+            plain,
+            ["--no-metrics", "--workers", "2"],
+            [("non-streaming c=64, 2 workers", 64, False, None)],
         )
         run(
             "plain, access log off",

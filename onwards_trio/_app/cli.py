@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -15,6 +16,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from onwards_trio._app.demo import demo_config, demo_upstream
 from onwards_trio._app.gateway import Gateway, hypercorn_config
+from onwards_trio._app.workers import METRICS_FILE_ENV, share_limits, supervise, worker_count
 from onwards_trio._config import Config, load_config
 from onwards_trio._errors import ConfigError
 from onwards_trio._loop.steps import StoreError
@@ -41,6 +43,31 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (use 0-65535)")
     return port
+
+
+def _workers(text: str) -> int:
+    """An argparse type: a worker count (1 to 64)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"{n} workers: use 1 to 64")
+    return n
+
+
+def _without_workers(argv: Sequence[str]) -> list[str]:
+    """The command line a worker runs: the parent's, less ``--workers``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds in-flight requests get to finish after SIGTERM (default 30)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="run N gateway processes on one port under a supervising parent (default 1; "
+        "docs/operations.md says what limits mean across workers)",
     )
     p.add_argument(
         "--log-level",
@@ -178,6 +213,9 @@ async def _run(args: argparse.Namespace) -> None:
             n = len(config.targets)
             log.info("config %s: %d alias%s", args.config, n, "" if n == 1 else "es")
         protect(config_secrets(config))
+        workers = worker_count()
+        if workers is not None:  # one of N workers: enforce this worker's share of each limit
+            config = share_limits(config, workers)
         gateway = Gateway(config)
         _describe(gateway)
         host = args.host or ("127.0.0.1" if args.command == "demo" else "0.0.0.0")
@@ -194,7 +232,12 @@ async def _run(args: argparse.Namespace) -> None:
             )
         if any(pool.adapter for pool in gateway.targets.table.pools.values()):
             await gateway.responses.check_store()
-        if not args.no_metrics:
+        if not args.no_metrics and workers is not None:
+            # A worker's metrics go to its parent, which serves them merged on the port.
+            metrics = install_metrics(gateway, Metrics(args.metrics_prefix))
+            url = await nursery.start(serve_metrics, metrics, "127.0.0.1", 0)
+            await trio.Path(os.environ[METRICS_FILE_ENV]).write_text(url)
+        elif not args.no_metrics:
             metrics = install_metrics(gateway, Metrics(args.metrics_prefix))
             try:
                 metrics_url = await _listen(
@@ -206,13 +249,16 @@ async def _run(args: argparse.Namespace) -> None:
                     raise
                 log.warning("demo: no metrics listener (%s)", exc)
         if args.command != "demo":
-            watcher = ConfigWatcher(
-                args.config, gateway.update_config, current=config, metrics=gateway.metrics
-            )
+            share = workers or 1
+
+            def update(new: Config) -> None:
+                gateway.update_config(share_limits(new, share))
+
+            watcher = ConfigWatcher(args.config, update, current=config, metrics=gateway.metrics)
             await nursery.start(reload_on_sighup, watcher)
             if not args.no_watch:
                 await nursery.start(watcher.run)
-        serve = partial(gateway.serve, server=args.server)
+        serve = partial(gateway.serve, server=args.server, reuse_port=workers is not None)
         info = await _listen("gateway", nursery, shutdown.serve, host, args.port, serve)
         if args.command == "demo":
             print(
@@ -235,6 +281,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("-f/--targets CONFIG is required (or run `onwards-trio demo`)")
     if args.command == "demo" and args.config:
         parser.error("demo serves its own built-in config; use `serve -f FILE` for a config file")
+    if args.workers > 1 and worker_count() is None:
+        if args.command == "demo":
+            parser.error("--workers serves a config file (`serve -f FILE --workers N`)")
+        if args.server == "hypercorn":
+            parser.error("--workers needs the built-in server (not --server hypercorn)")
+        host = args.host or "0.0.0.0"
+        metrics_port = None if args.no_metrics else args.metrics_port
+        run = partial(
+            supervise,
+            _without_workers(sys.argv[1:] if argv is None else argv),
+            args.workers,
+            host,
+            args.port,
+            host,
+            metrics_port,
+            args.shutdown_grace,
+        )
+        try:
+            trio.run(run)
+        except (Exception, KeyboardInterrupt) as exc:
+            return _exit_code(exc)
+        return 0
     try:
         trio.run(_run, args)
     except (Exception, KeyboardInterrupt) as exc:

@@ -208,13 +208,17 @@ class Gateway:
         shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
         grace: float = 30.0,
         server: Literal["onwards", "hypercorn"] = "onwards",
+        reuse_port: bool = False,
         task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled, or until ``shutdown_trigger`` returns and in-flight requests
         had ``grace`` seconds to finish. Background responses get the same grace; those still
         running after it are handed over or cancelled (``background.on_shutdown``).
         ``task_status.started`` receives a :class:`ServeInfo`. ``server="hypercorn"`` uses
-        hypercorn (HTTP/2, h2c) instead of the lean built-in HTTP/1.1 server."""
+        hypercorn (HTTP/2, h2c) instead of the lean built-in HTTP/1.1 server. ``reuse_port``
+        (built-in server only) lets several processes serve one port (``--workers``)."""
+        if reuse_port and server == "hypercorn":
+            raise ValueError("reuse_port needs the built-in server")
         done = trio.Event()
         drain_started: float | None = None
         if shutdown_trigger is not None:
@@ -243,6 +247,7 @@ class Gateway:
                         port,
                         shutdown_trigger=shutdown_trigger,
                         grace=grace,
+                        reuse_port=reuse_port,
                         task_status=task_status,
                     )
             finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -580,6 +581,28 @@ def _address(stream: trio.SocketStream, *, peer: bool) -> tuple[str, int] | None
     return (str(addr[0]), int(addr[1]))
 
 
+async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    socks = []
+    try:
+        for family, kind, proto, _, addr in infos:
+            sock = trio.socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(addr)
+            sock.listen(1024)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return [trio.SocketListener(sock) for sock in socks]
+
+
 async def serve(
     app: ASGIApp,
     host: str,
@@ -588,11 +611,17 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     grace: float = 30.0,
     keep_alive_timeout: float = 75.0,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[Sequence[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until cancelled, or until ``shutdown_trigger`` returns
-    and the drain is over. ``task_status.started`` receives the bound URLs."""
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+    and the drain is over. ``task_status.started`` receives the bound URLs. ``reuse_port``
+    lets several processes listen on one port (``SO_REUSEPORT``: the kernel spreads the
+    connections), as ``--workers`` does."""
+    if reuse_port:
+        listeners = await _reuse_port_listeners(host, port)
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
     urls = []
     for listener in listeners:
         bound = listener.socket.getsockname()
