@@ -76,14 +76,16 @@ def upstream_main(port: int, interval: float, seconds: float) -> None:
     trio.run(main)
 
 
-async def clients(port: int, n: int, seconds: float) -> list[float]:
-    """Open ``n`` streams, read them for ``seconds``; return every event's delay (seconds)."""
+async def clients(port: int, n: int, seconds: float) -> tuple[list[float], int]:
+    """Open ``n`` streams, read them for ``seconds``; return every event's delay (seconds) and
+    how many streams broke (reset or refused) before their time was up."""
     body = json.dumps({"model": "bench", "stream": True, "messages": []}).encode()
     raw = (
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\n\r\n%s" % (len(body), body)
     )
     delays: list[float] = []
+    broken = 0
     opened = 0
     start_reading = trio.Event()
 
@@ -117,14 +119,21 @@ async def clients(port: int, n: int, seconds: float) -> list[float]:
     limiter = trio.CapacityLimiter(500)  # pace the connects (the listen backlog is finite)
 
     async def paced() -> None:
+        nonlocal broken, opened
         async with limiter:
             await trio.lowlevel.checkpoint()
-        await one()
+        try:
+            await one()
+        except (OSError, trio.BrokenResourceError):
+            broken += 1
+            opened += 1
+            if opened == n:
+                start_reading.set()
 
     async with trio.open_nursery() as nursery:
         for _ in range(n):
             nursery.start_soon(paced)
-    return delays
+    return delays, broken
 
 
 def rss_kib(pid: int) -> int:
@@ -178,12 +187,12 @@ def main() -> None:
                 peak = max(peak, rss_kib(gateway.pid))
                 await trio.sleep(0.5)
 
-        async def via_gateway() -> list[float]:
+        async def via_gateway() -> tuple[list[float], int]:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sample)
-                delays = await clients(port, args.streams, args.seconds)
+                result = await clients(port, args.streams, args.seconds)
                 nursery.cancel_scope.cancel()
-            return delays
+            return result
 
         through = trio.run(via_gateway)
     finally:
@@ -200,11 +209,11 @@ def main() -> None:
         f"\n{args.streams} streams, one event per {args.interval * 1000:.0f} ms each, "
         f"{args.seconds:.0f} s; load average before {before}, after {load_average()}"
     )
-    print(f"{'':22} {'events':>9} {'delay p50 ms':>13} {'delay p99 ms':>13}")
-    for name, d in (("direct", direct), ("through the gateway", through)):
+    print(f"{'':22} {'events':>9} {'delay p50 ms':>13} {'delay p99 ms':>13} {'broken':>7}")
+    for name, (d, broken) in (("direct", direct), ("through the gateway", through)):
         p50 = statistics.median(d) * 1000 if d else float("nan")
-        print(f"{name:22} {len(d):9d} {p50:13.2f} {q(d, 0.99):13.2f}")
-    print(f"added delay p99: {q(through, 0.99) - q(direct, 0.99):.2f} ms")
+        print(f"{name:22} {len(d):9d} {p50:13.2f} {q(d, 0.99):13.2f} {broken:7d}")
+    print(f"added delay p99: {q(through[0], 0.99) - q(direct[0], 0.99):.2f} ms")
     print(
         f"gateway RSS: idle {idle / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, "
         f"{(peak - idle) / max(args.streams, 1):.1f} KiB per stream"

@@ -595,7 +595,7 @@ async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListene
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             await sock.bind(addr)
-            sock.listen(1024)
+            sock.listen(socket.SOMAXCONN)
     except BaseException:
         for sock in socks:
             sock.close()
@@ -621,7 +621,7 @@ async def serve(
     if reuse_port:
         listeners = await _reuse_port_listeners(host, port)
     else:
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+        listeners = await trio.open_tcp_listeners(port, host=host)  # backlog: the OS maximum
     urls = []
     for listener in listeners:
         bound = listener.socket.getsockname()
