@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -356,6 +357,33 @@ async def test_body_over_the_limit_is_413(nursery: trio.Nursery) -> None:
     )
     async with client:
         r = await client.post(CHAT, json=body("m", pad="x" * 2000))
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "payload_too_large"
+    assert up.requests == []
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+async def test_a_body_over_the_limit_that_arrives_in_pieces_is_413(
+    nursery: trio.Nursery, framing: str
+) -> None:
+    """Each piece is under the limit; only their sum is over it (the size check must hold for
+    every body message, not only the first)."""
+    up = FakeUpstream()
+    _, client = await gateway_with(
+        nursery, {"m": {"url": await serve_app(nursery, up)}}, body_limit_bytes=1000
+    )
+    payload = orjson.dumps(body("m", pad="x" * 3000))
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 300):
+            yield payload[i : i + 300]
+            await trio.sleep(0.02)  # separate writes: separate body messages at the gateway
+
+    headers = {"content-type": "application/json"}
+    if framing == "content-length":
+        headers["content-length"] = str(len(payload))
+    async with client:
+        r = await client.post(CHAT, content=pieces(), headers=headers)
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "payload_too_large"
     assert up.requests == []
