@@ -56,7 +56,6 @@ class LoopEventKind(enum.StrEnum):
     # MCP tools of a Responses request (``_responses.mcp_tools`` turns function calls into these).
     MCP_LIST_TOOLS_IN_PROGRESS = "response.mcp_list_tools.in_progress"
     MCP_LIST_TOOLS_COMPLETED = "response.mcp_list_tools.completed"
-    MCP_LIST_TOOLS_FAILED = "response.mcp_list_tools.failed"
     MCP_CALL_IN_PROGRESS = "response.mcp_call.in_progress"
     MCP_CALL_ARGUMENTS_DELTA = "response.mcp_call_arguments.delta"
     MCP_CALL_ARGUMENTS_DONE = "response.mcp_call_arguments.done"
