@@ -10,6 +10,11 @@ and the difference divided by the event count is the CPU the translation adds pe
 second figure feeds the same stream in 1 KiB network reads (events cut anywhere), the shape
 the translator sees from a busy upstream.
 
+End to end (one process, loopback sockets): bench/strict.py's fake upstream streams
+``--events`` chat chunks through the gateway to an httpx client, once as a Chat Completions
+stream relayed verbatim and once as ``/v1/messages`` translated; the difference per chunk is
+what a client of the adapter pays (upstream, gateway and client share the CPU).
+
 Run: ``python bench/anthropic.py [--events 5000] [--rounds 5]`` (also part of
 ``nox -s bench``).
 """
@@ -17,12 +22,19 @@ Run: ``python bench/anthropic.py [--events 5000] [--rounds 5]`` (also part of
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
+import httpx
 import orjson
+import trio
+from hypercorn.trio import serve
+from strict import stream_once, upstream_app  # bench/strict.py: the same upstream and reader
 
+from onwards_trio import Gateway, parse_config
 from onwards_trio._anthropic.stream import StreamTranslator
+from onwards_trio._app.gateway import hypercorn_config
 
 
 def chunk(delta: dict[str, object]) -> bytes:
@@ -43,6 +55,34 @@ def best_us(feed_all: Callable[[], None], n: int, rounds: int) -> float:
         feed_all()
         best = min(best, time.perf_counter() - start)
     return best / n * 1e6
+
+
+async def end_to_end(n: int, rounds: int) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    messages = {**chat, "max_tokens": 10}
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, upstream_app(n), hypercorn_config("127.0.0.1", 0))
+        config = {"targets": {"m": {"url": binds[0], "anthropic": {"adapter": True}}}}
+        info = await nursery.start(Gateway(parse_config(config)).serve, "127.0.0.1", 0)
+        cases = {
+            "chat pass-through": ("/v1/chat/completions", chat),
+            "/v1/messages": ("/v1/messages", messages),
+        }
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        async with httpx.AsyncClient(base_url=info.url, timeout=60) as client:
+            for path, body in cases.values():
+                await stream_once(client, path, body)  # warm the connections
+            for _ in range(rounds):  # interleaved, so drifting load hits both alike
+                for name, (path, body) in cases.items():
+                    times[name].append((await stream_once(client, path, body))[0])
+        results = {name: statistics.median(values) for name, values in times.items()}
+        nursery.cancel_scope.cancel()
+    base = results["chat pass-through"]
+    print(f"end to end over loopback, {n} chunks per stream, median of {rounds}:")
+    for name, seconds in results.items():
+        extra = "" if seconds is base else f"  (+{(seconds - base) / n * 1e6:.2f})"
+        per = seconds / n * 1e6
+        print(f"  {name:<18} {seconds * 1000:8.1f} ms/stream  {per:6.2f} us/chunk{extra}")
 
 
 def main() -> None:
@@ -78,6 +118,8 @@ def main() -> None:
     print(f"  translator, one event per chunk      {per_event:7.2f} us/event")
     print(f"  translator, 1 KiB reads              {per_read:7.2f} us/event")
     print(f"  added per streamed event             {per_event - base:7.2f} us")
+    print()
+    trio.run(end_to_end, min(n, 2000), rounds)
 
 
 if __name__ == "__main__":

@@ -153,11 +153,17 @@ def upstream_app(n: int) -> Any:
     return app
 
 
-async def stream_once(client: httpx.AsyncClient) -> tuple[float, int]:
-    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+async def stream_once(
+    client: httpx.AsyncClient,
+    path: str = "/v1/chat/completions",
+    body: dict[str, Any] | None = None,
+) -> tuple[float, int]:
+    """One streamed request read to its end: (seconds, bytes). Also used by bench/anthropic.py."""
+    if body is None:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
     start = time.perf_counter()
     size = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+    async with client.stream("POST", path, json=body) as r:
         async for data in r.aiter_raw():
             size += len(data)
     return time.perf_counter() - start, size
