@@ -769,6 +769,22 @@ async def test_requests_and_upstream_calls_are_counted(nursery: trio.Nursery) ->
     )
 
 
+async def test_effort_the_provider_refuses_is_a_400_before_any_call(nursery: trio.Nursery) -> None:
+    upstream = FakeUpstream(text_reply())
+    url = await serve_app(nursery, upstream)
+    provider = {"url": url + "/v1", "reasoning": {"efforts": {"low": "low"}}}
+    cfg = {"targets": {"claude": {"providers": [provider], "anthropic": {"adapter": True}}}}
+    _, gw_url = await start_gateway(nursery, cfg)
+    thinking = {"type": "enabled", "budget_tokens": 20000}
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await sdk(create(make_client(gw_url), max_tokens=30000, thinking=thinking))
+    assert body_of(info.value)["error"] == {
+        "type": "invalid_request_error",
+        "message": "The reasoning effort 'high' is not supported by this model.",
+    }
+    assert upstream.requests == []
+
+
 # -- count_tokens, models, passthrough ------------------------------------------------------------
 
 
@@ -844,3 +860,11 @@ async def test_strict_mode_serves_adapter_aliases_only(nursery: trio.Nursery) ->
         await sdk(create(client, model="native"))
     with pytest.raises(anthropic.BadRequestError):
         await sdk(create(client, messages=[{"role": "system", "content": "x"}]))
+
+
+async def test_strict_mode_streams_through_the_closed_chat_schema(nursery: trio.Nursery) -> None:
+    upstream = FakeUpstream(text_stream("typed ", "stream"))
+    _, client, _ = await start(nursery, upstream, strict_mode=True)
+    msg = await sdk(final_message(client))
+    assert msg.content[0].text == "typed stream"
+    assert (msg.stop_reason, msg.usage.output_tokens) == ("end_turn", 3)
