@@ -2,13 +2,20 @@
 
 Why our own: a proxied request is one request line, a few headers and a body out, then a head
 and body bytes back. httpcore (h11 underneath) spends about 250 µs of CPU per request on
-events, state machines, locks and tracing around that; this module does the same work with
-``bytes.find`` and one ``send_all`` — the upstream side was half of the gateway's CPU.
+events, state machines, locks and tracing around that; this module writes the request with one
+``send_all`` and tokenises the response with llhttp (``httptools``, as the server does), which
+refuses what a lenient parser would relay: bare CR/LF or control characters in headers, names
+with spaces, content-length with transfer-encoding, overflowing lengths, malformed chunks.
 
-Scope, deliberately small: requests are written whole (the gateway has read the body already);
-responses are framed by ``content-length``, ``transfer-encoding: chunked`` or end of
-connection; 1xx interim answers are skipped; no pipelining, no upgrades. Errors are raised as
-httpcore's exception types, so callers handle one family whichever client is underneath.
+Our policy on top: a final status of 200 to 599 only (it is relayed as our status line; no 101,
+we never ask for an upgrade); a head over 64 KiB or 200 fields is an error; 1xx interim answers
+are skipped; a response to HEAD has no body (a fresh parser takes over, as llhttp would wait
+for the body the headers describe); bytes arriving after a response ended mean the connection
+is broken (an upstream answering twice would hand the stray answer to the next request), so
+it is not reused. Requests are written whole (the
+gateway has read the body already) and refused if their head holds a control character. No
+pipelining, no upgrades. Errors are raised as httpcore's exception types, so callers handle one
+family whichever client is underneath.
 """
 
 from __future__ import annotations
@@ -17,15 +24,18 @@ import re
 import ssl
 
 import httpcore
+import httptools
 import trio
 
 __all__ = ["Connection", "NoResponse", "Response"]
 
 _MAX_HEAD = 64 * 1024
+_MAX_HEADERS = 200
 _READ = 64 * 1024
-_NO_BODY_STATUS = frozenset({204, 304})
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# In a request head we write: control characters other than HTAB, and CR or LF that are not a
+# CRLF line end; and any line end inside a name or value (counted: one per line we
+# write), so a configured or forwarded value cannot split the request.
+_UNSAFE_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 
 
 class NoResponse(httpcore.RemoteProtocolError):
@@ -34,15 +44,111 @@ class NoResponse(httpcore.RemoteProtocolError):
     fresh connection."""
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _Parser:
+    """llhttp's callbacks for one connection's responses (one at a time: no pipelining)."""
+
+    __slots__ = (
+        "_llhttp",
+        "body",
+        "complete",
+        "head_done",
+        "headers",
+        "keep_alive",
+        "size",
+        "stray",
+        "waiting",
+    )
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.size = 0
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.waiting = False  # a request is out and its final response not yet complete
+        self.stray = False  # a message began while none was expected
+        self._llhttp = httptools.HttpResponseParser(self)
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._llhttp.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise httpcore.RemoteProtocolError("unexpected upgrade response") from None
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                raise httpcore.RemoteProtocolError("response head too large") from None
+            if not self.waiting:
+                self.stray = True  # garbage after a complete response: never reuse
+                return
+            raise httpcore.RemoteProtocolError(f"malformed response: {exc}") from None
+
+    @property
+    def status(self) -> int:
+        return int(self._llhttp.get_status_code())
+
+    def on_message_begin(self) -> None:
+        if not self.waiting:
+            self.stray = True  # an answer nobody asked for: ignored, and the link not reused
+            return
+        self.headers = []
+        self.size = 0
+        self.head_done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.stray:
+            return
+        self.size += len(name) + len(value) + 4
+        if self.size > _MAX_HEAD or len(self.headers) >= _MAX_HEADERS:
+            raise _HeadTooLarge
+        if not self.head_done:  # trailers are checked by llhttp, bounded here, dropped
+            self.headers.append((name, value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        if self.stray:
+            return
+        self.head_done = True
+        self.size = 0
+        self.keep_alive = self._llhttp.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.stray:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.stray:
+            return
+        status = self._llhttp.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        self.complete = True
+        self.waiting = False
+
+
+def _runs_to_close(headers: list[tuple[bytes, bytes]]) -> bool:
+    """True when neither content-length nor a final ``chunked`` coding frames the body."""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            return False
+        if lname == b"transfer-encoding":
+            return not value.lower().endswith(b"chunked")
+    return True
+
+
 class Connection:
     """One keep-alive connection to an origin. Not safe for concurrent requests (the pool
     hands a connection to one request at a time)."""
 
-    __slots__ = ("_buf", "_stream", "expires_at", "reusable")
+    __slots__ = ("_parser", "_stream", "expires_at", "reusable")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
-        self._buf = b""
+        self._parser = _Parser()
         self.reusable = False  # set when a response was read to its end on a kept-alive link
         self.expires_at = 0.0
 
@@ -76,7 +182,7 @@ class Connection:
     def is_healthy(self) -> bool:
         """An idle connection is reusable only if nothing arrived on it (a FIN or stray bytes
         mean the server closed or broke it) and it has not expired."""
-        if trio.current_time() >= self.expires_at or self._buf:
+        if trio.current_time() >= self.expires_at or self._parser.stray:
             return False
         sock = getattr(self._stream, "socket", None)
         if sock is None:
@@ -106,146 +212,73 @@ class Connection:
         ``headers`` must already hold ``host`` and, when there is a body, ``content-length``.
         """
         self.reusable = False
+        if method == b"CONNECT":
+            raise httpcore.UnsupportedProtocol("CONNECT is not proxied")
         out = [method, b" ", target, b" HTTP/1.1\r\n"]
         for name, value in headers:
             out += (name, b": ", value, b"\r\n")
         out.append(b"\r\n")
-        out.append(body)
+        head = b"".join(out)
+        if head.count(b"\n") != len(headers) + 2 or _UNSAFE_HEAD.search(head):
+            raise httpcore.LocalProtocolError("a control character in the request head")
+        parser = self._parser
+        parser.waiting = True
+        parser.complete = False
+        parser.head_done = False
         try:
-            await self._stream.send_all(b"".join(out))
+            await self._stream.send_all(head + body if len(body) < _READ else head)
+            if len(body) >= _READ:
+                await self._stream.send_all(body)  # no copy of a large body
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise NoResponse(f"connection broken while sending: {exc}") from None
-        status, response_headers, keep_alive = await self._read_head(first=True)
-        while 100 <= status < 200 and status != 101:
-            # 1xx answers (100 Continue, 103 Early Hints) precede the real one
-            status, response_headers, keep_alive = await self._read_head(first=False)
-        if status == 101:
-            keep_alive = False  # no longer HTTP on this connection
-        return Response(self, method, status, response_headers, keep_alive)
-
-    async def _read_head(self, first: bool) -> tuple[int, list[tuple[bytes, bytes]], bool]:
-        """The next response head. Only when ``first`` and not a byte of it arrived is a
-        failure :class:`NoResponse` (safe to retry): once the server answered anything, the
-        request may have been acted on."""
-        buf = self._buf
-        start = 0
-        while True:
-            end = buf.find(b"\r\n\r\n", max(0, start - 3))
-            if end >= 0:
-                break
-            if len(buf) > _MAX_HEAD:
-                raise httpcore.RemoteProtocolError("response head too large")
-            start = len(buf)
+        first = True
+        while not parser.head_done or (100 <= parser.status < 200 and parser.status != 101):
             try:
                 data = await self._receive()
             except httpcore.ReadError as exc:
-                if first and not buf:
+                if first:
                     raise NoResponse(str(exc)) from None
                 raise
             if not data:
-                if first and not buf:
+                if first:
                     raise NoResponse("server disconnected without sending a response")
                 raise httpcore.RemoteProtocolError("server disconnected in the response head")
-            buf += data
-        self._buf = buf[end + 4 :]
-        lines = buf[:end].split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code = rest[:3]
-        if (
-            version not in (b"HTTP/1.1", b"HTTP/1.0")
-            or not code.isdigit()
-            or not b"100" <= code <= b"599"  # relayed to the client as the status line
-            or rest[3:4] not in (b"", b" ")
-        ):
-            raise httpcore.RemoteProtocolError("malformed response status line")
-        headers: list[tuple[bytes, bytes]] = []
-        keep_alive = version == b"HTTP/1.1"
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip() or _BAD_VALUE.search(line):
-                # a bare CR/LF or NUL would be relayed to the client: response splitting
-                raise httpcore.RemoteProtocolError("malformed response header")
-            value = value.strip()
-            headers.append((name, value))
-            if name.lower() == b"connection":
-                tokens = value.lower()
-                if b"close" in tokens:
-                    keep_alive = False
-                elif b"keep-alive" in tokens:
-                    keep_alive = True
-        return int(code), headers, keep_alive
+            first = False
+            parser.feed(data)
+        if not 200 <= parser.status <= 599:  # relayed as our status line; 101: not asked for
+            raise httpcore.RemoteProtocolError("unexpected response status")
+        return Response(self, method == b"HEAD", parser.status, parser.headers)
 
 
 class Response:
     """A response whose body is read on demand by :meth:`aiter_stream` (once)."""
 
-    __slots__ = (
-        "_chunk_left",
-        "_conn",
-        "_done",
-        "_keep_alive",
-        "_mode",
-        "_remaining",
-        "headers",
-        "status",
-    )
+    __slots__ = ("_conn", "_done", "_until_close", "headers", "status")
 
     def __init__(
-        self,
-        conn: Connection,
-        method: bytes,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        keep_alive: bool,
+        self, conn: Connection, head_only: bool, status: int, headers: list[tuple[bytes, bytes]]
     ) -> None:
         self._conn = conn
         self.status = status
         self.headers = headers
-        self._keep_alive = keep_alive
-        self._remaining = 0
-        self._chunk_left = -1  # chunked: bytes left in the current chunk; -1 = read a size line
         self._done = False
-        length: int | None = None
-        codings: list[bytes] = []
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"transfer-encoding":
-                codings += (c.strip() for c in value.lower().split(b","))
-            elif lname == b"content-length":
-                # digits only (int() would take "-1", "+1", " 1", "1_0"); repeats must agree
-                if not value.isdigit() or (length is not None and int(value) != length):
-                    raise httpcore.RemoteProtocolError("malformed content-length")
-                length = int(value)
-        chunked = False
-        if codings:
-            # RFC 9112 §6.3: transfer-encoding overrides content-length, which is dropped so it
-            # is never relayed beside a body of another length; such a message is suspect, so
-            # the connection is not reused. Unless chunked is the final coding, the body runs
-            # to the end of the connection.
-            chunked = codings[-1] == b"chunked"
-            if length is not None:
-                length = None
-                self._keep_alive = False
-                self.headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
-        if method == b"CONNECT" and 200 <= status < 300:
-            self._mode = "close"  # a tunnel now (RFC 9112 §6.3): never reused
-            self._keep_alive = False
-        elif method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
-            self._mode = "none"
-        elif chunked:
-            self._mode = "chunked"
-        elif length is not None:
-            self._mode = "length"
-            self._remaining = length
-        else:
-            self._mode = "close"  # the body runs to the end of the connection
-            self._keep_alive = False
-        if self._mode == "none" or (self._mode == "length" and length == 0):
+        parser = conn._parser
+        # Without content-length or chunked framing the body runs to the end of the
+        # connection (llhttp cannot tell that end from a cut: we do, and never reuse it).
+        self._until_close = not parser.complete and _runs_to_close(headers)
+        if head_only:
+            # llhttp would wait for the body the headers describe: a fresh parser takes over,
+            # unless body bytes came anyway (then the link is not reused).
+            self._done = True
+            conn.reusable = parser.keep_alive and not parser.body and not parser.stray
+            conn._parser = _Parser()
+        elif parser.complete and not parser.body:
             self._finish()
 
     def _finish(self) -> None:
         self._done = True
-        self._conn.reusable = self._keep_alive
+        parser = self._conn._parser
+        self._conn.reusable = parser.keep_alive and not parser.stray and not self._until_close
 
     def aiter_stream(self) -> Response:
         return self
@@ -254,78 +287,26 @@ class Response:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._done:
-            raise StopAsyncIteration
-        conn = self._conn
-        mode = self._mode
-        if mode == "length":
-            data = conn._buf
-            if data:
-                conn._buf = b""
-            else:
-                data = await conn._receive()
-                if not data:
-                    raise httpcore.RemoteProtocolError("server disconnected mid-body")
-            if len(data) >= self._remaining:
-                data, conn._buf = data[: self._remaining], data[self._remaining :]
-                self._remaining = 0
-                self._finish()
-            else:
-                self._remaining -= len(data)
-            return data
-        if mode == "chunked":
-            return await self._next_chunk()
-        data = conn._buf or await conn._receive()  # mode "close"
-        conn._buf = b""
-        if not data:
-            self._done = True
-            raise StopAsyncIteration
-        return data
-
-    async def _next_chunk(self) -> bytes:
-        conn = self._conn
+        parser = self._conn._parser
         while True:
-            if self._chunk_left > 0:
-                data = conn._buf or await conn._receive()
-                if not data:
-                    raise httpcore.RemoteProtocolError("server disconnected mid-chunk")
-                take = min(len(data), self._chunk_left)
-                conn._buf = data[take:]
-                self._chunk_left -= take
-                if self._chunk_left == 0:
-                    self._chunk_left = -2  # the CRLF after the chunk data is next
-                return data[:take]
-            line = await self._line()
-            if self._chunk_left == -2:  # the CRLF closing a chunk
-                if line:
-                    raise httpcore.RemoteProtocolError("malformed chunk terminator")
-                self._chunk_left = -1
-                continue
-            if self._chunk_left == -3:  # trailers until the empty line
-                if not line:
+            pieces = parser.body
+            if pieces:
+                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces.clear()
+                if parser.complete:
                     self._finish()
-                    raise StopAsyncIteration
-                continue
-            size = line.split(b";", 1)[0].rstrip(b" \t")
-            if not _CHUNK_SIZE.fullmatch(size):  # int() would take "-1", "0x5", "+5", "1_0"
-                raise httpcore.RemoteProtocolError("malformed chunk size")
-            self._chunk_left = int(size, 16)
-            if self._chunk_left == 0:
-                self._chunk_left = -3
-
-    async def _line(self) -> bytes:
-        conn = self._conn
-        while True:
-            end = conn._buf.find(b"\r\n")
-            if end >= 0:
-                line, conn._buf = conn._buf[:end], conn._buf[end + 2 :]
-                return line
-            if len(conn._buf) > _MAX_HEAD:
-                raise httpcore.RemoteProtocolError("chunk header too large")
-            data = await conn._receive()
+                return data
+            if self._done or parser.complete:
+                if not self._done:
+                    self._finish()
+                raise StopAsyncIteration
+            data = await self._conn._receive()
             if not data:
-                raise httpcore.RemoteProtocolError("server disconnected mid-chunk")
-            conn._buf += data
+                if self._until_close:
+                    self._done = True
+                    raise StopAsyncIteration
+                raise httpcore.RemoteProtocolError("server disconnected mid-body")
+            parser.feed(data)
 
     async def aclose(self) -> None:
         """Stop reading. A body left unread makes the connection unusable: it is closed."""

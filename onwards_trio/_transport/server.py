@@ -1,26 +1,33 @@
 """A lean HTTP/1.1 server for ASGI apps on Trio: the gateway's default listener.
 
-Why our own: with the upstream side made cheap, hypercorn's Trio worker (h11 events, a task
-and several shielded, locked writes per request) was most of the gateway's CPU. This server
-parses with ``bytes.find``, writes a response head together with its first body chunk, and
-keeps the ASGI semantics the gateway relies on:
+Why our own: hypercorn's Trio worker (h11 events, a task and several shielded, locked writes per
+request) was most of the gateway's CPU. This server tokenises with llhttp (``httptools``: the
+parser behind Node and uvicorn, strict by default and faster than any parser written in
+Python), writes a response head together with its first body chunk, and keeps the ASGI
+semantics the gateway relies on:
 
 * ``receive()`` streams the request body, then blocks until the client disconnects (or the
   response is complete) and returns ``http.disconnect`` — so disconnects are seen at once;
-* sends after a disconnect are dropped silently (the app is told through ``receive``);
+* sends after a disconnect are dropped silently (the app is told through ``receive``); a client
+  that stops reading for ``write_timeout`` seconds counts as gone;
 * graceful shutdown: when ``shutdown_trigger`` returns, stop accepting, close idle keep-alive
   connections, give requests in flight ``grace`` seconds, then cancel them.
 
-Scope, deliberately: HTTP/1.1 and 1.0, keep-alive, content-length and chunked request bodies,
-``Expect: 100-continue``, no pipelining concurrency (pipelined requests are served in order),
-no HTTP/2 (hypercorn remains available for it: ``Gateway.serve(server=...)``); a WebSocket
-upgrade is handed to :mod:`.websocket` (an ASGI ``websocket`` scope), no other upgrade.
-Requests with both ``content-length`` and ``transfer-encoding`` are refused (smuggling), as are
-a repeated or non-``chunked`` transfer-encoding, transfer-encoding in HTTP/1.0, chunk sizes that
-are not plain hex, HTTP/1.1 requests without exactly one ``host``, and CONNECT. Chunk lines,
-extensions, trailers and bytes read ahead of a pipelined request are bounded. A response is held
-to the content-length the app declared; a request body the app left unread ends the connection
-with a lingering close (FIN, then discard for a moment) so the client still reads the answer.
+llhttp refuses bare CR/LF, obs-fold, control characters, spaces around header names, malformed
+chunk sizes, extensions and trailers, repeated or overflowing content-lengths and
+content-length with transfer-encoding. Our policy on top, because whatever passes is forwarded
+upstream: HTTP/1.0 and 1.1 only; exactly one ``host`` in 1.1; transfer-encoding only a lone
+``chunked``, never in 1.0; no CONNECT or authority-form targets; no upgrade carrying a body. A
+malformed request gets a JSON 400 and the connection closes; a head over 64 KiB or 200 fields
+gets a 431. Trailers are bounded and dropped; bytes read ahead of a pipelined request are
+bounded (then TCP backpressure). A response is held to the content-length the app declared; a
+request body the app left unread ends the connection with a lingering close (FIN, then discard
+for a moment) so the client still reads the answer.
+
+Scope, deliberately: keep-alive, ``Expect: 100-continue``, pipelined requests served in order,
+no HTTP/2 (hypercorn remains available for that: ``Gateway.serve(server=...)``). A WebSocket
+upgrade is handed to :mod:`.websocket` (an ASGI ``websocket`` scope); any other upgrade
+request is served as plain HTTP and the connection closes after it.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ import logging
 import re
 import socket
 import urllib.parse
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
+import httptools
 import trio
 
 from onwards_trio._transport.asgi import ASGIApp, Message
@@ -43,14 +52,12 @@ __all__ = ["serve"]
 log = logging.getLogger("onwards_trio.server")
 
 _READ = 64 * 1024
-_MAX_HEAD = 64 * 1024
+_MAX_HEAD = 64 * 1024  # request line + header fields (and, separately, trailer fields)
 _MAX_HEADERS = 200
 _HEAD_TIMEOUT = 30.0  # from the first byte of a request to the end of its head
 _BODY_READ_TIMEOUT = 60.0  # between pieces of a request body
-_MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
 _MAX_PIPELINED = 64 * 1024  # bytes read ahead while a request is served; then backpressure
 _LINGER = 2.0  # after a response, how long to discard an unread request body before closing
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _NO_BODY = frozenset({204, 304})
 _REASONS = {
     200: b"OK",
@@ -62,6 +69,7 @@ _REASONS = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
     413: b"Payload Too Large",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
@@ -70,21 +78,43 @@ _REASONS = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
-_BAD_REQUEST_BODY = (
-    b'{"error":{"message":"Malformed HTTP request.","type":"invalid_request_error",'
-    b'"param":null,"code":"bad_request"}}'
-)
-_BAD_REQUEST = (
-    b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b"content-length: %d\r\n\r\n" % len(_BAD_REQUEST_BODY) + _BAD_REQUEST_BODY
+
+
+def _refusal(status: bytes, message: bytes, code: bytes) -> bytes:
+    body = b'{"error":{"message":"%s","type":"invalid_request_error","param":null,"code":"%s"}}' % (
+        message,
+        code,
+    )
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (status, len(body), body)
+    )
+
+
+_BAD_REQUEST = _refusal(b"400 Bad Request", b"Malformed HTTP request.", b"bad_request")
+_HEAD_TOO_LARGE = _refusal(
+    b"431 Request Header Fields Too Large",
+    b"The request head is too large.",
+    b"request_header_fields_too_large",
 )
 _SERVER_ERROR_BODY = (
     b'{"error":{"message":"An internal error occurred. Please try again later.",'
     b'"type":"internal_error","param":null,"code":"internal_error"}}'
 )
+# In a response head we write: control characters other than HTAB, and CR or LF that are not
+# a CRLF line end; and any line end inside a name or value (counted: one per line we
+# write), so an app relaying a hostile value cannot split the response.
+_UNSAFE_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 
 
-class _BadRequest(Exception):
+class _Refused(Exception):
+    """The request breaks our policy; ``answer`` is the bytes to reply with before closing."""
+
+    def __init__(self, answer: bytes = _BAD_REQUEST) -> None:
+        self.answer = answer
+
+
+class _HeadTooLarge(Exception):
     pass
 
 
@@ -92,10 +122,108 @@ class _Closed(Exception):
     """The client went away."""
 
 
+class _Request:
+    """One request as llhttp reports it: the head, then body pieces as they are parsed."""
+
+    __slots__ = (
+        "body",
+        "complete",
+        "head_done",
+        "headers",
+        "keep_alive",
+        "method",
+        "size",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.size = 0  # bytes of the head so far; after it, of the trailers
+        self.method = ""
+        self.version = ""
+        self.keep_alive = False
+        self.upgrade = False
+        self.head_done = False
+        self.body: list[bytes] = []  # pieces parsed but not yet handed to the app
+        self.complete = False
+
+
+class _Parser:
+    """llhttp's callbacks: queue the requests found in the bytes fed, in order.
+
+    ``error`` is the answer owed for the first malformed request: it belongs to the last queued
+    request when that one is incomplete, else to one that never got a head.
+    """
+
+    __slots__ = ("_llhttp", "current", "error", "requests", "rest", "stopped")
+
+    def __init__(self) -> None:
+        self.requests: deque[_Request] = deque()
+        self.current = _Request()
+        self.error: bytes | None = None
+        self.stopped = False  # after an error or an upgrade: nothing more is HTTP
+        self.rest = b""  # the bytes after an upgrade request's head
+        self._llhttp = httptools.HttpRequestParser(self)
+
+    def feed(self, data: bytes) -> None:
+        if self.stopped:
+            return
+        try:
+            self._llhttp.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.stopped = True
+            self.rest = data[exc.args[0] :]
+        except httptools.HttpParserError as exc:
+            self.stopped = True
+            too_large = isinstance(exc.__context__, _HeadTooLarge)
+            self.error = (
+                _HEAD_TOO_LARGE if too_large and not self.current.head_done else (_BAD_REQUEST)
+            )
+
+    def on_message_begin(self) -> None:
+        self.current = _Request()
+        self.requests.append(self.current)
+
+    def on_url(self, url: bytes) -> None:
+        req = self.current
+        req.target += url
+        req.size += len(url)
+        if req.size > _MAX_HEAD:
+            raise _HeadTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.current
+        req.size += len(name) + len(value) + 4
+        if req.size > _MAX_HEAD or len(req.headers) >= _MAX_HEADERS:
+            raise _HeadTooLarge
+        if not req.head_done:  # trailers are checked by llhttp, bounded here, dropped
+            req.headers.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        req = self.current
+        llhttp = self._llhttp
+        req.method = llhttp.get_method().decode("ascii")
+        req.version = llhttp.get_http_version()
+        req.keep_alive = llhttp.should_keep_alive()
+        req.upgrade = llhttp.should_upgrade()
+        req.head_done = True
+        req.size = 0
+
+    def on_body(self, body: bytes) -> None:
+        self.current.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.current.complete = True
+
+
 class _Server:
-    def __init__(self, app: ASGIApp, keep_alive_timeout: float) -> None:
+    def __init__(self, app: ASGIApp, keep_alive_timeout: float, write_timeout: float) -> None:
         self.app = app
         self.keep_alive_timeout = keep_alive_timeout
+        self.write_timeout = write_timeout
         self.draining = False
         self.connections: set[_Connection] = set()
         self.idle_done = trio.Event()
@@ -123,19 +251,18 @@ class _Server:
 
 class _Connection:
     __slots__ = (
+        "_ahead",
         "_body_delivered",
-        "_body_left",
-        "_chunked",
         "_client",
         "_continue",
         "_disconnected",
         "_idle_scope",
-        "_overhead",
         "_receive_scope",
-        "_request_done",
+        "_req",
+        "_response",
         "_response_done",
         "_server_addr",
-        "buf",
+        "parser",
         "server",
         "stream",
     )
@@ -143,19 +270,18 @@ class _Connection:
     def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
         self.server = server
         self.stream = stream
-        self.buf = b""
+        self.parser = _Parser()
         self._idle_scope: trio.CancelScope | None = None
         self._receive_scope: trio.CancelScope | None = None
         self._disconnected = False
         self._client = _address(stream, peer=True)
         self._server_addr = _address(stream, peer=False)
-        self._body_left = 0
-        self._chunked = False
+        self._req = _Request()
         self._continue = False
-        self._request_done = False
         self._body_delivered = False
         self._response_done = False
-        self._overhead = 0
+        self._response: _Response | None = None
+        self._ahead = 0
 
     def wake_if_idle(self) -> None:
         if self._idle_scope is not None:
@@ -174,17 +300,16 @@ class _Connection:
     async def run(self) -> None:
         try:
             while not self.server.draining:
-                try:
-                    head = await self._next_head()
-                    if head is None:
-                        return
-                    method, raw_target, version, headers = _parse_head(head)
-                    keep = await self._serve(method, raw_target, version, headers)
-                except _BadRequest:
-                    await self._write(_BAD_REQUEST)
+                req = await self._next_request()
+                if req is None:
                     return
+                try:
+                    keep = await self._serve(req)
+                except _Refused as exc:
+                    await self._write(exc.answer)
+                    keep = False
                 if not keep:
-                    if not self._request_done and not self._disconnected:
+                    if not req.complete and not self._disconnected:
                         await self._linger()
                     return
         except _Closed:
@@ -194,7 +319,6 @@ class _Connection:
         """Close without losing the response: closing a socket with unread request bytes
         makes the kernel answer with a reset, which can destroy the response (say a 413) in
         the client before it was read. Send our FIN, discard what still arrives for a moment."""
-        self._request_done = True
         try:
             await self.stream.send_eof()
             with trio.move_on_after(_LINGER):
@@ -203,106 +327,102 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
-    async def _next_head(self) -> bytes | None:
-        """The next request head, or None when the connection should close (idle timeout,
-        client gone, server draining)."""
-        if not self.buf:
+    async def _next_request(self) -> _Request | None:
+        """The next request whose head is complete, or None when the connection should close
+        (idle timeout, client gone, server draining, a malformed head answered)."""
+        parser = self.parser
+        requests = parser.requests
+        fed = 0
+        if not requests and not parser.stopped:
             with trio.move_on_after(self.server.keep_alive_timeout) as idle:
                 self._idle_scope = idle
                 try:
-                    self.buf = await self._read()
+                    data = await self._read()
                 finally:
                     self._idle_scope = None
             if idle.cancelled_caught:
                 return None
-        with trio.move_on_after(_HEAD_TIMEOUT) as timer:
-            start = 0
+            parser.feed(data)
+            fed = len(data)
+        with trio.move_on_after(_HEAD_TIMEOUT):
             while True:
-                end = self.buf.find(b"\r\n\r\n", max(0, start - 3))
-                if end >= 0:
-                    head, self.buf = self.buf[:end], self.buf[end + 4 :]
-                    return head
-                if len(self.buf) > _MAX_HEAD:
-                    raise _BadRequest
-                start = len(self.buf)
-                self.buf += await self._read()
-        if timer.cancelled_caught:
-            return None
-        return None  # pragma: no cover
+                if requests and requests[0].head_done:
+                    return requests.popleft()
+                if parser.stopped:
+                    if parser.error is not None:
+                        await self._write(parser.error)
+                    return None
+                if fed > _MAX_HEAD:  # a field still unfinished: llhttp would keep growing it
+                    await self._write(_HEAD_TOO_LARGE)
+                    return None
+                data = await self._read()
+                parser.feed(data)
+                fed += len(data)
+        return None
 
-    async def _serve(
-        self,
-        method: str,
-        raw_target: bytes,
-        version: bytes,
-        headers: list[tuple[bytes, bytes]],
-    ) -> bool:
-        length: int | None = None
+    async def _serve(self, req: _Request) -> bool:
+        method = req.method
+        http11 = req.version == "1.1"
+        if not http11 and req.version != "1.0":
+            raise _Refused  # llhttp also reads 0.9 and 2.0 heads
+        if method == "CONNECT":
+            raise _Refused  # no tunnels: a 2xx would turn the upstream link into one
+        length = 0
         chunked = False
-        http11 = version == b"HTTP/1.1"
-        keep_alive = http11
         expect_continue = False
         hosts = 0
-        for name, value in headers:
-            if name == b"content-length":
-                if length is not None or not value.isdigit():
-                    raise _BadRequest
-                length = int(value)
+        for name, value in req.headers:
+            if name == b"host":
+                hosts += 1
+            elif name == b"content-length":
+                length = int(value)  # llhttp allows digits only, once, below 2**64
             elif name == b"transfer-encoding":
                 # only a lone "chunked" once, and never in HTTP/1.0 (RFC 9112 §6.1)
                 if chunked or value.lower() != b"chunked" or not http11:
-                    raise _BadRequest
+                    raise _Refused
                 chunked = True
-            elif name == b"host":
-                hosts += 1
-            elif name == b"connection":
-                tokens = value.lower()
-                if b"close" in tokens:
-                    keep_alive = False
-                elif b"keep-alive" in tokens:
-                    keep_alive = True
-            elif name == b"expect" and value.lower() == b"100-continue":
-                expect_continue = http11
-        if chunked and length is not None:
-            raise _BadRequest  # both framings: the classic request-smuggling shape
+            elif name == b"expect" and http11:
+                expect_continue = value.lower() == b"100-continue"
         if hosts > 1 or (http11 and not hosts):
-            raise _BadRequest  # RFC 9112 §3.2: exactly one host in HTTP/1.1
-        self._chunked = chunked
-        self._body_left = length or 0
-        self._request_done = not chunked and not length
-        self._body_delivered = False
-        self._continue = expect_continue and not self._request_done
-        self._response_done = False
-        self._overhead = 0
-        raw_path, _, query = raw_target.partition(b"?")
+            raise _Refused  # RFC 9112 §3.2: exactly one host in HTTP/1.1
+        if req.upgrade and (chunked or length):
+            raise _Refused  # llhttp does not frame an upgrade's body: it would go unread
+        if self.parser.error is not None and not req.complete:
+            raise _Refused(self.parser.error)  # its body is malformed: answer before the app
+        raw_path, _, query = req.target.partition(b"?")
         if raw_path[:1] != b"/":
             lowered = raw_path[:8].lower()
             if lowered.startswith((b"http://", b"https://")):  # absolute-form: keep the path
                 parts = raw_path.split(b"/", 3)
                 raw_path = b"/" + parts[3] if len(parts) == 4 else b"/"
             elif raw_path != b"*" or method != "OPTIONS":
-                raise _BadRequest  # no authority-form (CONNECT) or other shapes
-        if method == "CONNECT":
-            raise _BadRequest  # no tunnels: a 2xx would turn the upstream link into one
+                raise _Refused  # no authority-form or other shapes
         scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": version[5:].decode(),
+            "http_version": req.version,
             "method": method,
             "scheme": "http",
             "path": urllib.parse.unquote(raw_path.decode("latin-1")),
             "raw_path": raw_path,
             "query_string": query,
             "root_path": "",
-            "headers": headers,
+            "headers": req.headers,
             "client": self._client,
             "server": self._server_addr,
         }
-        if is_websocket_upgrade(method, headers):  # the connection is the socket's from here
-            await serve_websocket(self.server.app, self.stream, scope, self.buf)
+        if req.upgrade and is_websocket_upgrade(method, req.headers):
+            # The connection is the socket's from here; llhttp stopped at the head and left
+            # the bytes after it (early frames) unparsed.
+            await serve_websocket(self.server.app, self.stream, scope, self.parser.rest)
             self._disconnected = True
             return False
-        response = _Response(self, method == "HEAD", http11, keep_alive)
+        self._req = req
+        self._body_delivered = False
+        self._continue = expect_continue and not req.complete
+        self._response_done = False
+        self._ahead = 0
+        response = self._response = _Response(self, method == "HEAD", http11, req.keep_alive)
         try:
             await self.server.app(scope, self._receive, response.send)
         except Exception:
@@ -314,38 +434,51 @@ class _Connection:
             if not response.committed:
                 await response.send_error()
             return False
-        if self._disconnected or response.close or not self._request_done:
+        if self._disconnected or response.close or not req.complete or req.upgrade:
             return False  # an unread request body leaves the stream unusable
-        return keep_alive and not self.server.draining
+        return req.keep_alive and not self.server.draining
 
     async def _receive(self) -> Message:
         if self._response_done:
             return {"type": "http.disconnect"}  # the exchange is over (ASGI)
+        req = self._req
         if not self._body_delivered and not self._disconnected:
-            body = b""
-            if not self._request_done:
+            if not req.body and not req.complete:
                 if self._continue:
                     self._continue = False
                     await self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                parser = self.parser
                 try:
                     with trio.fail_after(_BODY_READ_TIMEOUT):
-                        piece = self._chunk_piece() if self._chunked else self._length_piece()
-                        body = await piece
-                except (_Closed, trio.TooSlowError, _BadRequest):
+                        while not req.body and not req.complete and not parser.stopped:
+                            parser.feed(await self._read())
+                except (_Closed, trio.TooSlowError):
                     self._disconnected = True  # a broken or stalled body: the request is over
                     return {"type": "http.disconnect"}
-            self._body_delivered = self._request_done
-            return {"type": "http.request", "body": body, "more_body": not self._request_done}
+                if not req.body and not req.complete:
+                    # Malformed (llhttp stopped): answer 400 unless the app began its answer,
+                    # then drop whatever the app still sends, as for a client gone.
+                    if self._response is None or not self._response.started:
+                        await self._write(parser.error or _BAD_REQUEST)
+                    self._gone()
+                    return {"type": "http.disconnect"}
+            pieces = req.body
+            body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces.clear()
+            self._body_delivered = req.complete
+            return {"type": "http.request", "body": body, "more_body": not req.complete}
         # The body is read: wait for the client to leave (or the response to finish).
         while not self._disconnected and not self._response_done:
             with trio.CancelScope() as scope:
                 self._receive_scope = scope
                 try:
-                    if len(self.buf) >= _MAX_PIPELINED:
-                        # Enough read ahead: stop reading (TCP backpressure) until the
-                        # response is done; a disconnect goes unseen until then.
+                    if self._ahead >= _MAX_PIPELINED or self.parser.stopped:
+                        # Enough read ahead (or nothing more to parse): stop reading (TCP
+                        # backpressure) until the response is done; a disconnect goes unseen.
                         await trio.sleep_forever()
-                    self.buf += await self._read()  # pipelined bytes wait for their turn
+                    data = await self._read()
+                    self._ahead += len(data)
+                    self.parser.feed(data)  # pipelined requests wait for their turn
                 except _Closed:
                     pass
                 finally:
@@ -357,63 +490,23 @@ class _Connection:
         if self._receive_scope is not None:
             self._receive_scope.cancel()
 
-    async def _length_piece(self) -> bytes:
-        data = self.buf or await self._read()
-        take = min(len(data), self._body_left)
-        piece, self.buf = data[:take], data[take:]
-        self._body_left -= take
-        if self._body_left == 0:
-            self._request_done = True
-        return piece
-
-    async def _chunk_piece(self) -> bytes:
-        while True:
-            if self._body_left > 0:
-                data = self.buf or await self._read()
-                take = min(len(data), self._body_left)
-                piece, self.buf = data[:take], data[take:]
-                self._body_left -= take
-                if self._body_left == 0 and await self._line() != b"":
-                    raise _BadRequest  # chunk data must end with CRLF
-                return piece
-            line = await self._line()
-            size, _, extensions = line.partition(b";")
-            size = size.rstrip(b" \t")
-            if not _CHUNK_SIZE.fullmatch(size):  # no sign, 0x, _, or spaces int() would take
-                raise _BadRequest
-            self._count_overhead(len(extensions))
-            self._body_left = int(size, 16)
-            if self._body_left == 0:
-                while trailer := await self._line():
-                    self._count_overhead(len(trailer))
-                self._request_done = True
-                return b""
-
-    def _count_overhead(self, n: int) -> None:
-        """Chunk extensions and trailers are read and dropped; bound them per request."""
-        self._overhead += n
-        if self._overhead > _MAX_HEAD:
-            raise _BadRequest
-
-    async def _line(self) -> bytes:
-        while True:
-            end = self.buf.find(b"\r\n")
-            if end >= 0:
-                if end > _MAX_CHUNK_LINE:
-                    raise _BadRequest
-                line, self.buf = self.buf[:end], self.buf[end + 2 :]
-                return line
-            if len(self.buf) > _MAX_CHUNK_LINE:
-                raise _BadRequest
-            self.buf += await self._read()
-
     async def _write(self, data: bytes) -> None:
         if self._disconnected:
+            await trio.lowlevel.checkpoint()  # an app that streams on regardless still yields
             return
         try:
-            await self.stream.send_all(data)
+            with trio.move_on_after(self.server.write_timeout) as timer:
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self._disconnected = True  # later sends are dropped; receive() reports it
+            self._gone()  # later sends are dropped; receive() reports it
+            return
+        if timer.cancelled_caught:
+            self._gone()  # a client that stops reading must not hold the request forever
+
+    def _gone(self) -> None:
+        self._disconnected = True
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
 
 
 class _Response:
@@ -461,12 +554,17 @@ class _Response:
                 raise RuntimeError("http.response.start sent twice")
             status = int(message["status"])
             head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+            lines = 1
             length = -1
             for name, value in message.get("headers", ()):
                 lname = bytes(name).lower()
                 value = bytes(value)
                 if lname == b"content-length":
-                    if not value.isdigit() or (length >= 0 and int(value) != length):
+                    if (
+                        not value.isdigit()
+                        or len(value) > 19  # int() of thousands of digits is slow, then refuses
+                        or (length >= 0 and int(value) != length)
+                    ):
                         raise RuntimeError("invalid content-length from the ASGI app")
                     length = int(value)
                     continue  # written once, below
@@ -477,10 +575,15 @@ class _Response:
                 elif lname == b"transfer-encoding":
                     continue  # framing is ours
                 head += (lname, b": ", value, b"\r\n")
-            if length >= 0:
+                lines += 1
+            if length >= 0 and status >= 200 and status != 204:  # RFC 9110 §8.6
                 head.append(b"content-length: %d\r\n" % length)
+                lines += 1
+            joined = b"".join(head)
+            if joined.count(b"\n") != lines or _UNSAFE_HEAD.search(joined):
+                raise RuntimeError("a control character in a header from the ASGI app")
             self.started = True
-            self._head = head
+            self._head = [joined]
             self._no_body = self._head_only or status in _NO_BODY or status < 200
             self._left = length
             return
@@ -547,32 +650,6 @@ class _Response:
         )
 
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
-_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
-
-
-def _parse_head(head: bytes) -> tuple[str, bytes, bytes, list[tuple[bytes, bytes]]]:
-    """Parse a request head strictly: whatever passes here is forwarded upstream, so a bare CR
-    or LF, a NUL, a control byte in the target or a malformed name must not get through."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
-        raise _BadRequest
-    method, target, version = parts
-    if version not in (b"HTTP/1.1", b"HTTP/1.0") or not method.isalpha() or not target:
-        raise _BadRequest
-    if _BAD_TARGET.search(target) or len(lines) - 1 > _MAX_HEADERS:
-        raise _BadRequest
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-            raise _BadRequest  # no obs-fold, no whitespace before the colon, no bare CR/LF
-        headers.append((name.lower(), value.strip(b" \t")))
-    return method.decode("ascii"), target, version, headers
-
-
 def _address(stream: trio.SocketStream, *, peer: bool) -> tuple[str, int] | None:
     try:
         addr = stream.socket.getpeername() if peer else stream.socket.getsockname()
@@ -611,13 +688,15 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     grace: float = 30.0,
     keep_alive_timeout: float = 75.0,
+    write_timeout: float = 60.0,
     reuse_port: bool = False,
     task_status: trio.TaskStatus[Sequence[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until cancelled, or until ``shutdown_trigger`` returns
-    and the drain is over. ``task_status.started`` receives the bound URLs. ``reuse_port``
-    lets several processes listen on one port (``SO_REUSEPORT``: the kernel spreads the
-    connections), as ``--workers`` does."""
+    and the drain is over. ``task_status.started`` receives the bound URLs. A client that
+    accepts no response bytes for ``write_timeout`` seconds is treated as disconnected.
+    ``reuse_port`` lets several processes listen on one port (``SO_REUSEPORT``: the kernel
+    spreads the connections), as ``--workers`` does."""
     if reuse_port:
         listeners = await _reuse_port_listeners(host, port)
     else:
@@ -627,7 +706,7 @@ async def serve(
         bound = listener.socket.getsockname()
         shown = f"[{bound[0]}]" if ":" in str(bound[0]) else str(bound[0])
         urls.append(f"http://{shown}:{bound[1]}")
-    server = _Server(app, keep_alive_timeout)
+    server = _Server(app, keep_alive_timeout, write_timeout)
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as acceptor:
             await acceptor.start(

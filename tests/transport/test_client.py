@@ -3,6 +3,8 @@ and the pool's retry of a request that met a closed idle connection (over real s
 
 from __future__ import annotations
 
+import contextlib
+from functools import partial
 from typing import Any
 
 import httpcore
@@ -274,14 +276,13 @@ async def test_content_length_is_digits_and_repeats_must_agree(length: bytes) ->
         await exchange(b"HTTP/1.1 200 OK\r\n%s\r\n\r\nokk" % length)
 
 
-async def test_transfer_encoding_overrides_content_length_which_is_not_relayed() -> None:
-    _, headers, body, reusable, _ = await exchange(
-        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n"
-        b"5\r\nhello\r\n0\r\n\r\n"
-    )
-    assert body == b"hello"
-    assert [k for k, _ in headers if k.lower() == b"content-length"] == []
-    assert not reusable  # a message framed both ways is suspect
+async def test_content_length_beside_transfer_encoding_is_a_protocol_error() -> None:
+    """A message framed both ways is how responses get desynchronised: llhttp refuses it."""
+    with pytest.RaisesGroup(httpcore.RemoteProtocolError):
+        await exchange(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
 
 
 async def test_a_final_coding_other_than_chunked_reads_to_the_end_of_the_connection() -> None:
@@ -290,9 +291,7 @@ async def test_a_final_coding_other_than_chunked_reads_to_the_end_of_the_connect
 
     async def server() -> None:
         await server_end.receive_some()
-        await server_end.send_all(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: xchunked\r\ncontent-length: 2\r\n\r\nabcd"
-        )
+        await server_end.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nabcd")
         await server_end.aclose()
 
     async with trio.open_nursery() as nursery:
@@ -341,11 +340,17 @@ async def test_a_reset_before_any_byte_is_retryable() -> None:
         await conn.request(b"POST", b"/", HEADERS, b"{}")
 
 
-async def test_101_switching_protocols_is_not_reused() -> None:
-    _, _, body, reusable, _ = await exchange(
-        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n"
-    )
-    assert body == b"" and not reusable
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    ],
+)
+async def test_101_switching_protocols_is_a_protocol_error(answer: bytes) -> None:
+    """The gateway never asks for an upgrade: a 101 is not relayed as if it were an answer."""
+    with pytest.RaisesGroup(httpcore.RemoteProtocolError):
+        await exchange(answer)
 
 
 class _Origin:
@@ -445,17 +450,99 @@ async def test_expired_idle_connections_are_closed_under_steady_traffic() -> Non
     assert opened == 3 and closed == 2
 
 
-async def test_a_2xx_to_connect_is_a_tunnel_never_reused() -> None:
-    client_end, server_end = trio.testing.memory_stream_pair()
-    conn = Connection(client_end)
+async def test_connect_is_never_sent() -> None:
+    """A 2xx to CONNECT would turn a pooled upstream link into a tunnel."""
+    conn = Connection(_CutAfter(b""))
+    with pytest.raises(httpcore.UnsupportedProtocol):
+        await conn.request(b"CONNECT", b"h:443", [(b"host", b"h:443")], b"")
 
-    async def server() -> None:
-        await server_end.receive_some()
-        await server_end.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\ntunnel")
-        await server_end.aclose()
+
+async def test_an_unsolicited_second_answer_never_reaches_the_next_request() -> None:
+    """An upstream that answers once more while the connection idles in the pool: that
+    connection is discarded, and the next request gets its own answer on a fresh one."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        data = b""
+        with contextlib.suppress(trio.BrokenResourceError):  # the client dropped the link
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = await stream.receive_some()
+                    if not chunk:
+                        return
+                    data += chunk
+                data = data[data.index(b"\r\n\r\n") + 4 :]
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nreal")
+                await trio.sleep(0.02)
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(server)
-        response = await conn.request(b"CONNECT", b"h:443", [(b"host", b"h:443")], b"")
-        assert b"".join([c async for c in response]) == b"tunnel"
-    assert not conn.reusable
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        provider = (
+            Targets(parse_config({"targets": {"m": {"url": f"http://127.0.0.1:{port}"}}}))
+            .table.pools["m"]
+            .providers[0]
+        )
+        client = UpstreamClient()
+        bodies = []
+        for _ in range(5):
+            response = await client.send(provider, b"GET", b"/", [(b"host", b"x")], b"")
+            bodies.append(b"".join([c async for c in response]))
+            await response.aclose()
+            await trio.sleep(0.2)  # the stray answer arrives while the connection idles
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert bodies == [b"real"] * 5
+
+
+async def test_an_answer_in_the_same_read_as_a_stray_one_is_kept_but_not_reused() -> None:
+    _, _, body, reusable, _ = await exchange(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+    )
+    assert body == b"ok" and not reusable
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 100_000 + b"\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"x: y\r\n" * 201 + b"content-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: " + b"9" * 5000 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad name: 1\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx\x01y: 1\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx: a\x01b\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx: a\rb\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 099 Low\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 600 High\r\ncontent-length: 0\r\n\r\n",
+    ],
+)
+async def test_hostile_heads_are_protocol_errors(answer: bytes) -> None:
+    """Oversized heads, unframeable lengths, names with spaces or controls, control characters
+    in values, statuses we could not relay: never passed on to the client."""
+    with pytest.RaisesGroup(httpcore.RemoteProtocolError):
+        await exchange(answer)
+
+
+async def test_a_204_has_no_body_whatever_its_content_length_says() -> None:
+    _, _, body, reusable, _ = await exchange(
+        b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"
+    )
+    assert body == b"" and reusable
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"host", b"u"), (b"x", b"a\r\nInjected: 1")],
+        [(b"host", b"u"), (b"x", b"a\nb")],
+        [(b"host", b"u"), (b"x", b"a\x00b")],
+        [(b"host", b"u"), (b"x\r\ny", b"1")],
+    ],
+)
+async def test_control_characters_are_never_written_upstream(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    conn = Connection(_CutAfter(b""))
+    with pytest.raises(httpcore.LocalProtocolError):
+        await conn.request(b"GET", b"/", headers, b"")
