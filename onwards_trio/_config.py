@@ -391,6 +391,12 @@ class Config:
     http_pool: HttpPool | None = None
     tools: dict[str, ToolSpec] = attrs.field(factory=dict)
     body_limit_bytes: int = attrs.field(default=DEFAULT_BODY_LIMIT, validator=_positive)
+    # The wait for an upstream's response head when a provider sets no request_timeout_secs
+    # (a silent upstream must not hold a client and its permits forever); null: no limit.
+    default_request_timeout_secs: float | None = attrs.field(default=300.0, validator=_positive)
+    # Pass the client's Forwarded / X-Forwarded-For / X-Real-IP headers upstream: only behind
+    # a reverse proxy that sets them (else any client could claim any address).
+    trust_forwarded_headers: bool = False
     sse_max_event_bytes: int = attrs.field(default=DEFAULT_SSE_EVENT_LIMIT, validator=_positive)
     store: StoreSpec = attrs.field(factory=StoreSpec)
     shared_limits: SharedLimitsSpec | None = None

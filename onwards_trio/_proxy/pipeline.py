@@ -69,6 +69,7 @@ _HOP_RESPONSE = frozenset(
     {
         b"connection",
         b"keep-alive",
+        b"proxy-authenticate",  # challenges for the proxy hop: the client never reached it
         b"proxy-connection",
         b"te",
         b"trailer",
@@ -457,12 +458,15 @@ class Proxy:
         body = self._body_for(request, provider)
         target = upstream_target(provider, request.raw_path, request.query)
         length = None if not body and request.method in _BODYLESS else len(body)
-        headers = forward_headers(request.headers, provider, length)
+        config = self.targets.config
+        trusted = config.trust_forwarded_headers
+        headers = forward_headers(request.headers, provider, length, trust_forwarded=trusted)
         if span is not None:
             headers = span.trace_headers(headers, provider.spec.propagate_trace_context)
-        if provider.timeout is None:
+        timeout = provider.timeout or config.default_request_timeout_secs
+        if timeout is None:
             return await self.client.send(provider, request.method, target, headers, body)
-        with trio.fail_after(provider.timeout):
+        with trio.fail_after(timeout):
             return await self.client.send(provider, request.method, target, headers, body)
 
     # -- the pipeline ---------------------------------------------------------------------

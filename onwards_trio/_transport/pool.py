@@ -81,17 +81,29 @@ _DROP = frozenset(
         b"model-override",
     }
 )
+# What the client claims about the path it came by: only a proxy in front of us that the
+# operator trusts (``trust_forwarded_headers``) may pass it on; our own x-forwarded-proto wins.
+_CLIENT_FORWARDING = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip"}
+)
+_DROP_UNTRUSTED = _DROP | _CLIENT_FORWARDING | {b"x-forwarded-proto"}
+_DROP = _DROP | {b"x-forwarded-proto"}
 _FORWARDED_PROTO = (b"x-forwarded-proto", b"https")
 
 
 def forward_headers(
-    headers: list[tuple[bytes, bytes]], provider: Origin, body_length: int | None
+    headers: list[tuple[bytes, bytes]],
+    provider: Origin,
+    body_length: int | None,
+    *,
+    trust_forwarded: bool = False,
 ) -> list[tuple[bytes, bytes]]:
     """The client's headers minus the dropped ones, plus host, content-length, upstream auth
-    and x-forwarded-proto."""
+    and x-forwarded-proto. Names with an underscore are dropped too: some servers read
+    ``transfer_encoding`` as ``transfer-encoding`` (nginx and others refuse them by default)."""
     auth = provider.auth_header
     auth_name = auth[0] if auth else None
-    drop = _DROP
+    drop = _DROP if trust_forwarded else _DROP_UNTRUSTED
     for k, v in headers:
         if k == b"connection":  # it names more hop-by-hop headers (RFC 9110 §7.6.1)
             drop = drop.union(t.strip().lower() for t in v.split(b","))
@@ -99,7 +111,7 @@ def forward_headers(
     out.extend(
         (k, v)
         for k, v in headers
-        if k not in drop and k != auth_name and not k.startswith(b"sec-ch-ua")
+        if k not in drop and k != auth_name and b"_" not in k and not k.startswith(b"sec-ch-ua")
     )
     if body_length is not None:
         out.append((b"content-length", str(body_length).encode()))
@@ -110,11 +122,16 @@ def forward_headers(
 
 
 def dot_segments(path: bytes) -> bool:
-    """True if a request path holds ``.``/``..`` segments (plain or percent-encoded)."""
+    """True if a request path holds ``.``/``..`` segments: plain, percent-encoded (also more
+    than once, ``%252e``, for upstreams that decode twice), or delimited by a backslash (which
+    some servers read as ``/``)."""
     if b"." not in path and b"%" not in path:
         return False  # the common case (``/v1/chat/completions``): nothing to split
-    lowered = path.lower().replace(b"%2e", b".")
-    return any(seg in (b".", b"..") for seg in lowered.split(b"?", 1)[0].split(b"/"))
+    lowered = path.split(b"?", 1)[0].lower()
+    while b"%25" in lowered:
+        lowered = lowered.replace(b"%25", b"%")
+    lowered = lowered.replace(b"%2e", b".").replace(b"%5c", b"/").replace(b"\\", b"/")
+    return any(seg in (b".", b"..") for seg in lowered.split(b"/"))
 
 
 def upstream_target(provider: Origin, raw_path: bytes, query: bytes) -> bytes:

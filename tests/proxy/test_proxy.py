@@ -185,7 +185,18 @@ async def test_request_path_cannot_change_the_upstream_host(nursery: trio.Nurser
     assert up.requests[0].headers["host"] == upstream.removeprefix("http://")
 
 
-@pytest.mark.parametrize("path", ["/v1/../admin", "/v1/%2e%2e/admin", "/v1/./x"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/../admin",
+        "/v1/%2e%2e/admin",
+        "/v1/./x",
+        "/v1/%252e%252e/admin",  # for an upstream that decodes twice
+        "/v1/%25252E./admin",
+        "/v1/..\\admin",  # for an upstream that reads a backslash as a slash
+        "/v1/..%5cadmin",
+    ],
+)
 async def test_dot_segments_are_refused(nursery: trio.Nursery, path: str) -> None:
     up = FakeUpstream()
     _, url = await start_gateway(nursery, {"targets": {"m": {"url": await serve_app(nursery, up)}}})
@@ -243,6 +254,14 @@ async def test_hop_by_hop_browser_and_credential_headers_are_stripped(
         "referer": "https://x/",
         "cookie": "a=b",
         "if-none-match": "x",
+        # what the client claims about its route: only a trusted front proxy may say that
+        "forwarded": "for=1.2.3.4",
+        "x-forwarded-for": "1.2.3.4",
+        "x-forwarded-host": "evil.example",
+        "x-real-ip": "1.2.3.4",
+        # some servers read underscores as dashes
+        "transfer_encoding": "chunked",
+        "content_length": "5",
     }
     kept = {
         "accept": "application/json",
@@ -257,6 +276,19 @@ async def test_hop_by_hop_browser_and_credential_headers_are_stripped(
     assert not set(dropped) & set(got)
     assert all(got[k] == v for k, v in kept.items())
     assert got["x-forwarded-proto"] == "https"
+
+
+async def test_forwarding_headers_pass_only_behind_a_trusted_proxy(nursery: trio.Nursery) -> None:
+    up = FakeUpstream()
+    _, client = await gateway_with(
+        nursery, {"m": {"url": await serve_app(nursery, up)}}, trust_forwarded_headers=True
+    )
+    sent = {"x-forwarded-for": "1.2.3.4", "forwarded": "for=1.2.3.4", "x-forwarded-proto": "http"}
+    async with client:
+        await client.post(CHAT, json=body("m"), headers=sent)
+    got = up.requests[0].header_list
+    assert ("x-forwarded-for", "1.2.3.4") in got and ("forwarded", "for=1.2.3.4") in got
+    assert [v for k, v in got if k == "x-forwarded-proto"] == ["https"]  # ours, once
 
 
 async def test_headers_the_client_names_in_connection_are_not_forwarded(
@@ -528,6 +560,7 @@ async def test_hop_by_hop_response_headers_are_not_relayed(nursery: trio.Nursery
         (b"connection", b"x-hop"),
         (b"x-hop", b"1"),
         (b"trailer", b"x-t"),
+        (b"proxy-authenticate", b"Basic realm=upstream"),
         (b"x-kept", b"2"),
     ]
     up = FakeUpstream(Reply(body=chat_completion(), headers=headers))
@@ -536,3 +569,4 @@ async def test_hop_by_hop_response_headers_are_not_relayed(nursery: trio.Nursery
         r = await client.post(CHAT, json=body("m"))
     assert r.headers["x-kept"] == "2"
     assert "x-hop" not in r.headers and "trailer" not in r.headers
+    assert "proxy-authenticate" not in r.headers
