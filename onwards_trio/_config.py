@@ -391,6 +391,13 @@ class Config:
     http_pool: HttpPool | None = None
     tools: dict[str, ToolSpec] = attrs.field(factory=dict)
     body_limit_bytes: int = attrs.field(default=DEFAULT_BODY_LIMIT, validator=_positive)
+    # All request bodies being read at once, together (a crowd of slow uploads must not fill
+    # memory); past it a body gets a 503 to retry.
+    body_buffer_limit_bytes: int = attrs.field(default=8 * DEFAULT_BODY_LIMIT, validator=_positive)
+    # The whole read of one request body (a body trickled in slower gets a 408); null: none.
+    body_timeout_secs: float | None = attrs.field(default=120.0, validator=_positive)
+    # The built-in server treats a client that takes no response bytes this long as gone.
+    client_write_timeout_secs: float = attrs.field(default=60.0, validator=_positive)
     # The wait for an upstream's response head when a provider sets no request_timeout_secs
     # (a silent upstream must not hold a client and its permits forever); null: no limit.
     default_request_timeout_secs: float | None = attrs.field(default=300.0, validator=_positive)

@@ -20,6 +20,7 @@ __all__ = [
     "HTTPError",
     "OnwardsError",
     "bad_gateway",
+    "bodies_over_budget",
     "concurrency_limited",
     "error_body",
     "forbidden",
@@ -31,7 +32,10 @@ __all__ = [
     "not_found",
     "payload_too_large",
     "rate_limited",
+    "request_timeout",
     "service_unavailable",
+    "too_deeply_nested",
+    "too_many_json_values",
     "unauthenticated",
 ]
 
@@ -183,3 +187,33 @@ def service_unavailable() -> HTTPError:
 
 def gateway_timeout() -> HTTPError:
     return HTTPError(504, _TIMEOUT)
+
+
+def request_timeout() -> HTTPError:
+    return HTTPError(
+        408,
+        error_body(
+            "The request body took too long to arrive.", "invalid_request_error", "request_timeout"
+        ),
+    )
+
+
+def bodies_over_budget() -> HTTPError:
+    """503: the gateway is buffering as many request bodies as it allows; retry shortly."""
+    return HTTPError(
+        503,
+        error_body(
+            "The gateway is receiving too many request bodies at once. Please retry shortly.",
+            "internal_error",
+            "service_unavailable",
+        ),
+        [(b"retry-after", b"1")],
+    )
+
+
+def too_deeply_nested(limit: int) -> HTTPError:
+    return invalid_request(f"The JSON body is nested too deeply: at most {limit} levels.")
+
+
+def too_many_json_values(limit: int) -> HTTPError:
+    return invalid_request(f"The JSON body has too many objects and arrays: at most {limit}.")

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -52,6 +53,8 @@ from onwards_trio._proxy.targets import Targets, build_table
 from onwards_trio._responses.model_transport import ProxyModelTransport
 from onwards_trio._responses.service import ResponsesService
 from onwards_trio._transport.asgi import (
+    ASGIApp,
+    BodyBudget,
     ClientDisconnected,
     Receive,
     Scope,
@@ -76,10 +79,27 @@ __all__ = ["Gateway", "ServeInfo"]
 log = logging.getLogger("onwards_trio")
 
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
-_TRACE_REFUSED = HTTPError(
-    405,
-    errors.error_body("TRACE is not supported.", "invalid_request_error", "method_not_allowed"),
-    [(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")],
+# An upstream that echoes TRACE/TRACK would hand the client our upstream key; CONNECT would
+# make a tunnel of a pooled upstream connection. Methods are case-sensitive in HTTP, but
+# upstreams differ in what they accept: refused in any case.
+_REFUSED_METHODS = {
+    name: HTTPError(
+        405,
+        errors.error_body(
+            f"{name} is not supported.", "invalid_request_error", "method_not_allowed"
+        ),
+        [(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")],
+    )
+    for name in ("TRACE", "TRACK", "CONNECT")
+}
+_AMBIGUOUS_FRAMING = HTTPError(
+    400,
+    errors.error_body(
+        "A request must not carry both content-length and transfer-encoding.",
+        "invalid_request_error",
+        "bad_request",
+    ),
+    [(b"connection", b"close")],
 )
 _STREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 _STREAM_BROKEN = (
@@ -134,6 +154,7 @@ class Gateway:
             self.shared_limits = SharedLimits(config.shared_limits)
             self.targets.table = build_table(config, shared=self.shared_limits)
         self.client = UpstreamClient(config.http_pool)
+        self.body_budget = BodyBudget(config.body_buffer_limit_bytes)
         self.proxy = Proxy(self.targets, self.client)
         # Sanitisation and strict mode: one factory that answers None (zero cost per chunk)
         # for targets that need neither.
@@ -173,6 +194,7 @@ class Gateway:
     def update_config(self, config: Config) -> None:
         """Swap in a new config (whole table, atomically); in-flight requests are unaffected."""
         self.targets.update(config)
+        self.body_budget.limit = config.body_buffer_limit_bytes
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -236,7 +258,8 @@ class Gateway:
                 if server == "hypercorn":
                     cfg = hypercorn_config(host, port)
                     cfg.graceful_timeout = grace
-                    app: Any = self  # hypercorn's app type is narrower than raw ASGI typing
+                    # hypercorn's app type is narrower than raw ASGI typing
+                    app: Any = partial(_framing_guard, self)
                     await hypercorn_serve(
                         app, cfg, shutdown_trigger=shutdown_trigger, task_status=task_status
                     )
@@ -247,6 +270,7 @@ class Gateway:
                         port,
                         shutdown_trigger=shutdown_trigger,
                         grace=grace,
+                        write_timeout=self.config.client_write_timeout_secs,
                         reuse_port=reuse_port,
                         task_status=task_status,
                     )
@@ -314,10 +338,10 @@ class Gateway:
             span = tel.start_request(method, endpoint_label(path), scope["headers"])
         status = 500
         try:
-            if method == "TRACE":
-                # An upstream that echoes TRACE would hand the client our upstream key.
+            refused = _REFUSED_METHODS.get(method.upper())
+            if refused is not None:
                 status = 405
-                await send_error(exchange, _TRACE_REFUSED)
+                await send_error(exchange, refused)
             elif path in _MODELS_PATHS and method in ("GET", "HEAD"):
                 status = await self._models(scope, exchange)
             elif (
@@ -395,7 +419,14 @@ class Gateway:
 
     async def read_request(self, scope: Scope, receive: Receive) -> ProxyRequest:
         """Read and frame one request for the pipeline (413 past the body limit)."""
-        body = await read_body(receive, self.config.body_limit_bytes)
+        config = self.config
+        body = await read_body(
+            receive,
+            config.body_limit_bytes,
+            headers=scope["headers"],
+            budget=self.body_budget,
+            deadline=config.body_timeout_secs,
+        )
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if dot_segments(raw_path):
             raise errors.invalid_request("The request path must not contain '.' or '..' segments.")
@@ -470,9 +501,12 @@ async def _send_reply(reply: UpstreamReply, send: Send) -> None:
                     held = chunk
                     continue
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except _STREAM_ERRORS:
+    except _STREAM_ERRORS as exc:
         if not reply.is_sse:
-            raise  # the server aborts the connection: a truncated body is the honest signal
+            # Left unfinished, the response ends with the connection: a truncated body is the
+            # honest signal. One line, not a traceback: the upstream's fault, not ours.
+            log.warning("upstream body for %r cut short (%s); response truncated", reply.alias, exc)
+            return
         # SPEC §2.5: a stream the upstream breaks ends with an error event the client can see.
         await send({"type": "http.response.body", "body": _STREAM_BROKEN, "more_body": True})
     await send({"type": "http.response.body", "body": held, "more_body": False})
@@ -486,3 +520,15 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+async def _framing_guard(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """hypercorn (h11) accepts a request with both content-length and transfer-encoding and
+    passes it on: behind a front end that frames by the other header, that is request
+    smuggling. The built-in server refuses such requests itself; under hypercorn, this does."""
+    if scope["type"] == "http":
+        names = [name for name, _ in scope["headers"]]
+        if b"content-length" in names and b"transfer-encoding" in names:
+            await send_error(send, _AMBIGUOUS_FRAMING)
+            return
+    await app(scope, receive, send)

@@ -118,10 +118,12 @@ class _Body:
     When the upstream body ends, ``on_end`` runs at once (it hands the connection back to the
     pool) — before the caller sends the client its last bytes, so a client's next request can
     reuse that connection. With a usage ``tap``, every chunk passes through it and the usage
-    found is handed to ``on_usage`` when the body ends.
+    found is handed to ``on_usage`` when the body ends. ``secret`` (the provider's key) is
+    masked wherever a chunk quotes it (an upstream error message or an echo would otherwise
+    hand it to the client); the mask has its length, so a content-length stays true.
     """
 
-    __slots__ = ("_first", "_it", "_on_end", "_on_usage", "_tap")
+    __slots__ = ("_first", "_it", "_on_end", "_on_usage", "_secret", "_tap")
 
     def __init__(
         self,
@@ -130,17 +132,26 @@ class _Body:
         on_end: Callable[[], Awaitable[None]] | None = None,
         tap: UsageTap | None = None,
         on_usage: Callable[[Usage], None] | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self._first = first
         self._it = it
         self._on_end = on_end
         self._tap = tap
         self._on_usage = on_usage
+        self._secret = secret
 
     def __aiter__(self) -> _Body:
         return self
 
     async def __anext__(self) -> bytes:
+        chunk = await self._next()
+        secret = self._secret
+        if secret is not None and secret in chunk:
+            chunk = chunk.replace(secret, b"*" * len(secret))
+        return chunk
+
+    async def _next(self) -> bytes:
         if self._first is not None:
             first, self._first = self._first, None
             return first if self._tap is None else self._tap.feed(first)
@@ -234,13 +245,48 @@ def extract_model(headers: list[tuple[bytes, bytes]], body_json: Any) -> str | N
     return None
 
 
+# Bounds on a JSON request body (400 past either). Containers: counted in the raw bytes before
+# parsing (C speed), so a body of 900,000 input items is refused without building 900,000
+# dicts on the event loop. Depth: orjson reads 1024 levels but writes only 254, so a deeper
+# value would fail later, as a 500, wherever it is re-serialised or stored; 128 leaves room
+# for the levels the gateway wraps around a request (store records, chat conversions).
+MAX_JSON_CONTAINERS = 100_000
+MAX_JSON_DEPTH = 128
+_ORJSON_WRITE_DEPTH = 254
+
+
 def parse_json_body(body: bytes) -> Any:
+    """The body as JSON, or None when it is not JSON (such bodies are proxied untouched).
+    Raises a 400 :class:`HTTPError` for a JSON body over the bounds above."""
     if not body:
         return None
+    openers = 0
+    start = body[:1]
+    if start.isspace():
+        start = body.lstrip()[:1]
+    if start == b"{" or start == b"[":  # an upload of other bytes is not counted
+        openers = body.count(b"{") + body.count(b"[")
+        if openers > MAX_JSON_CONTAINERS:
+            raise errors.too_many_json_values(MAX_JSON_CONTAINERS)
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
+    if openers > MAX_JSON_DEPTH and _nests_deeper(value, MAX_JSON_DEPTH):
+        raise errors.too_deeply_nested(MAX_JSON_DEPTH)
+    return value
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Inside ``254 - limit`` lists, ``value`` can be written by orjson only if it nests at most
+    ``limit`` levels deep: the check runs at C speed, with no walk of the value in Python."""
+    for _ in range(_ORJSON_WRITE_DEPTH - limit):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return True
+    return False
 
 
 async def _read_limited(response: UpstreamResponse, limit: int) -> bytes:
@@ -586,7 +632,8 @@ class Proxy:
         if last_upstream is not None:
             # Every attempt failed on status: report the last upstream answer honestly.
             status, headers, body, provider = last_upstream
-            return UpstreamReply(status, headers, _Body(body, None), request, alias, pool, provider)
+            reply_body = _Body(body, None, secret=provider.secret)
+            return UpstreamReply(status, headers, reply_body, request, alias, pool, provider)
         if last_error is not None:
             raise last_error
         if self.metrics is not None:
@@ -700,6 +747,7 @@ class Proxy:
                         response.aclose,
                         tap,
                         on_usage,
+                        provider.secret,
                     ),
                     request,
                     alias,

@@ -65,6 +65,8 @@ class Provider:
     base_path: bytes  # always ends with "/"
     prefix: bytes  # base path without slashes ("v1"), b"" for a root base
     auth_header: tuple[bytes, bytes] | None
+    secret: bytes | None  # the upstream key, masked in relayed bodies (if 8+ bytes: shorter
+    # ones would mask innocent text, and are no secret worth the name)
     response_headers: list[tuple[bytes, bytes]]
     weight: int
     rate: TokenBucket | None
@@ -185,6 +187,11 @@ def _build_provider(
         base_path=base_path,
         prefix=base_path.strip(b"/"),
         auth_header=auth,
+        secret=(
+            spec.onwards_key.encode("latin-1")
+            if spec.onwards_key is not None and len(spec.onwards_key) >= 8
+            else None
+        ),
         response_headers=list(response_headers.items()),
         weight=spec.weight,
         rate=_bucket(spec.rate_limit, old.rate if old else None),

@@ -35,6 +35,7 @@ import secrets
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
@@ -55,6 +56,7 @@ from onwards_trio._responses.compact import compact_conversation, compaction_req
 from onwards_trio._responses.config_tools import AgentSpec, ConfigToolExecutor
 from onwards_trio._responses.durable import Durability, api_key_for, resume_headers
 from onwards_trio._responses.input import (
+    OFF_LOOP_ITEMS,
     ResponsesRequest,
     assign_item_ids,
     check_call_ids,
@@ -726,7 +728,13 @@ class ResponsesService:
         """Validate and convert the request, load what ``previous_response_id`` names (from
         ``recent``, a WebSocket's connection-local conversations, then the store) and
         record the new response. Raises :class:`HTTPError` for a request it refuses."""
-        req = parse_request(request.json)
+        body = request.json
+        big = isinstance(body, dict) and _long(body.get("input"))
+        # A long input is converted in a worker thread: the event loop keeps serving others.
+        if big:
+            req = await trio.to_thread.run_sync(parse_request, body)
+        else:
+            req = parse_request(body)
         # The alias the client named (model-override may differ from the body's model).
         req = attrs.evolve(req, model=alias)
         response_store, step_store = self._stores()
@@ -755,13 +763,18 @@ class ResponsesService:
         available = list(await self.executor.tools(ctx))
         chosen = {t.name for t in resolve_server_tools(req, available)}
         offered = [t for t in available if t.name in chosen]
-        chat = to_chat_request(
+        convert = partial(
+            to_chat_request,
             req,
             history=mcp.history(history, req.input_items),
             server_tools=offered + mcp.offered(),
             # Background responses stream upstream too: resumed clients get the deltas.
             stream=req.stream or req.background,
         )
+        if big or _long(history):
+            chat = await trio.to_thread.run_sync(convert)
+        else:
+            chat = convert()
         response_id = f"resp_{secrets.token_hex(24)}"
         base = response_object(req, response_id, _now(), offered)
         headers = [(k, v) for k, v in request.headers if k not in MODEL_CALL_DROP]
@@ -1424,6 +1437,10 @@ def _starting_after(query: Mapping[str, list[str]], headers: list[tuple[bytes, b
         return int(raw)
     except ValueError:
         raise errors.invalid_request(f"'{param}' must be an integer.", param) from None
+
+
+def _long(items: Any) -> bool:
+    return isinstance(items, list) and len(items) > OFF_LOOP_ITEMS
 
 
 def _input_items_page(record: StoredResponse, query: Mapping[str, list[str]]) -> dict[str, Any]:

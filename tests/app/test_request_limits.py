@@ -1,0 +1,246 @@
+"""Request limits and leak guards of the gateway, over raw loopback sockets: buffered bodies
+(global budget, total deadline, early 413), JSON bounds, refused methods, upstream keys in
+relayed bodies, cut-short upstream bodies, and hypercorn's framing guard."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from onwards_trio import Gateway, parse_config
+from tests.support import FakeUpstream, Recorded, Reply, chat_completion, serve_app, start_gateway
+
+CHAT = b"/v1/chat/completions"
+
+
+async def gateway(
+    nursery: trio.Nursery, upstream: FakeUpstream | None = None, **config: Any
+) -> tuple[int, FakeUpstream]:
+    up = upstream or FakeUpstream()
+    targets = {"m": {"url": await serve_app(nursery, up), "onwards_key": "sk-upstream-secret"}}
+    _, url = await start_gateway(nursery, {"targets": targets, **config})
+    return int(url.rsplit(":", 1)[1]), up
+
+
+def post(
+    body: bytes, *, path: bytes = CHAT, extra: bytes = b"", length: int | None = None
+) -> bytes:
+    n = len(body) if length is None else length
+    return (
+        b"POST " + path + b" HTTP/1.1\r\nhost: x\r\nmodel-override: m\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n" % n + extra + b"\r\n" + body
+    )
+
+
+async def answer(stream: trio.SocketStream) -> tuple[int, dict[str, str], bytes]:
+    """One content-length framed response."""
+    data = b""
+    with trio.fail_after(30):
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some()
+            assert chunk, f"closed before a response: {data!r}"
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        length = int(headers["content-length"])
+        while len(rest) < length:
+            chunk = await stream.receive_some()
+            assert chunk, "closed mid-body"
+            rest += chunk
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+async def exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+        await s.send_all(data)
+        return await answer(s)
+
+
+def chat(content: Any = "hi") -> bytes:
+    return orjson.dumps({"model": "m", "messages": [{"role": "user", "content": content}]})
+
+
+# -- buffered bodies ----------------------------------------------------------------------------
+
+
+async def test_bodies_read_at_once_share_one_budget(nursery: trio.Nursery) -> None:
+    """Two slow uploads that each fit the per-request limit but not the budget together: the
+    second is refused (503, retry) while the first still completes."""
+    port, up = await gateway(nursery, body_buffer_limit_bytes=150_000)
+    body = b'{"model":"m","pad":"' + b"x" * 99_980 + b'"}'
+    async with (
+        await trio.open_tcp_stream("127.0.0.1", port) as first,
+        await trio.open_tcp_stream("127.0.0.1", port) as second,
+    ):
+        await first.send_all(post(body)[:-20_000])
+        await trio.sleep(0.2)  # let the gateway take those bytes
+        await second.send_all(post(body)[:-20_000])
+        status, headers, refused = await answer(second)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert orjson.loads(refused)["error"]["code"] == "service_unavailable"
+        await first.send_all(post(body)[-20_000:])
+        assert (await answer(first))[0] == 200
+    assert len(up.requests) == 1
+
+
+async def test_a_body_trickled_past_the_deadline_is_a_408(nursery: trio.Nursery) -> None:
+    port, up = await gateway(nursery, body_timeout_secs=0.5)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+        await s.send_all(post(chat())[:-5])
+        status, _, body = await answer(s)
+    assert status == 408 and orjson.loads(body)["error"]["code"] == "request_timeout"
+    assert up.requests == []
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_any_continue(
+    nursery: trio.Nursery,
+) -> None:
+    port, up = await gateway(nursery, body_limit_bytes=1000)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+        await s.send_all(post(b"", length=1_000_000_000, extra=b"expect: 100-continue\r\n"))
+        with trio.fail_after(10):
+            data = await s.receive_some()
+    assert data.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in data
+    assert up.requests == []
+
+
+# -- JSON bounds ------------------------------------------------------------------------------
+
+
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth - 1):
+        value = [value]
+    return [value]
+
+
+@pytest.mark.parametrize("depth", [128, 129, 253, 254, 255, 1000])
+async def test_json_nested_past_the_limit_is_a_400_never_a_500(
+    nursery: trio.Nursery, depth: int
+) -> None:
+    """orjson reads 1024 levels but writes 254: without a bound, a deep body failed later
+    (re-serialised for an onwards_model, or stored) as a 500."""
+    up = FakeUpstream()
+    targets = {"m": {"url": await serve_app(nursery, up), "onwards_model": "upstream-m"}}
+    _, url = await start_gateway(nursery, {"targets": targets})
+    port = int(url.rsplit(":", 1)[1])
+    body = b'{"model":"m","messages":[],"deep":' + b"[" * (depth - 1) + b"1" + b"]" * (depth - 1)
+    body += b"}"  # depth - 1 arrays inside the top-level object: ``depth`` levels in all
+    status, _, answer_body = await exchange(port, post(body))
+    if depth <= 128:
+        assert status == 200 and len(up.requests) == 1
+    else:
+        assert status == 400 and b"nested too deeply" in answer_body
+        assert up.requests == []
+
+
+async def test_a_body_of_too_many_json_values_is_refused_unparsed(nursery: trio.Nursery) -> None:
+    port, up = await gateway(nursery)
+    body = b'{"model":"m","input":[' + b",".join([b'{"role":"user","content":"a"}'] * 100_001)
+    status, _, answer_body = await exchange(port, post(body + b"]}", path=b"/v1/responses"))
+    assert status == 400 and b"too many objects and arrays" in answer_body
+    assert up.requests == []
+
+
+def adapter_reply(rec: Recorded) -> Reply:
+    return Reply(body=chat_completion(f"saw {len(rec.json()['messages'])} messages"))
+
+
+@pytest.mark.parametrize(("items", "status"), [(600, 200), (10_001, 400)])
+async def test_responses_input_is_bounded_and_long_inputs_still_convert(
+    nursery: trio.Nursery, items: int, status: int
+) -> None:
+    """600 items take the worker-thread path and come out whole; past 10,000: a 400."""
+    up = FakeUpstream(adapter_reply)
+    url = await serve_app(nursery, up)
+    targets = {"m": {"url": url + "/v1", "open_responses": {"adapter": True}}}
+    _, gw = await start_gateway(nursery, {"targets": targets})
+    port = int(gw.rsplit(":", 1)[1])
+    body = orjson.dumps(
+        {"model": "m", "store": False, "input": [{"role": "user", "content": "a"}] * items}
+    )
+    got, _, answer_body = await exchange(port, post(body, path=b"/v1/responses"))
+    assert got == status
+    if status == 200:
+        assert orjson.loads(answer_body)["output"][0]["content"][0]["text"] == "saw 600 messages"
+    else:
+        assert orjson.loads(answer_body)["error"]["param"] == "input"
+        assert up.requests == []
+
+
+# -- methods ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [b"TRACE", b"trace", b"TRACK", b"Track", b"CONNECT"])
+async def test_echoing_and_tunnelling_methods_never_reach_an_upstream(
+    nursery: trio.Nursery, method: bytes
+) -> None:
+    """405 from the gateway, or 400 from the built-in server (llhttp reads methods in upper
+    case only); either way the upstream, and its key, are never involved."""
+    port, up = await gateway(nursery)
+    request = method + b" /v1/chat/completions HTTP/1.1\r\nhost: x\r\nmodel-override: m\r\n\r\n"
+    status, _, _ = await exchange(port, request)
+    assert status in (400, 405) and up.requests == []
+
+
+# -- what comes back --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 401])
+async def test_the_upstream_key_is_masked_in_relayed_bodies(
+    nursery: trio.Nursery, status: int
+) -> None:
+    def echo(rec: Recorded) -> Reply:
+        quoted = f"Incorrect API key provided: {rec.headers['authorization']}"
+        return Reply(status=status, body=orjson.dumps({"error": {"message": quoted}}))
+
+    port, up = await gateway(nursery, FakeUpstream(echo))
+    got, headers, body = await exchange(port, post(chat()))
+    assert got == status and b"sk-upstream-secret" not in body
+    assert b"Bearer " + b"*" * len("sk-upstream-secret") in body
+    assert int(headers["content-length"]) == len(body)
+    assert up.requests[0].headers["authorization"] == "Bearer sk-upstream-secret"
+
+
+async def test_a_cut_short_upstream_body_logs_one_line_and_no_traceback(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    reply = Reply(chunks=[b'{"partial": ', b"more"], fail_after=1)
+    port, _ = await gateway(nursery, FakeUpstream(reply))
+    with caplog.at_level(logging.WARNING):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+            await s.send_all(post(chat()))
+            data = b""
+            with trio.fail_after(30):
+                while chunk := await s.receive_some():
+                    data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ") and not data.endswith(b"0\r\n\r\n")
+    cut = [r for r in caplog.records if "cut short" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- hypercorn ----------------------------------------------------------------------------------
+
+
+async def test_under_hypercorn_content_length_with_transfer_encoding_is_refused(
+    nursery: trio.Nursery,
+) -> None:
+    """h11 reads such a request as chunked and passes both headers on; behind a front end
+    that frames by content-length that is request smuggling, so the gateway refuses it."""
+    up = FakeUpstream()
+    config: Mapping[str, Any] = {"targets": {"m": {"url": await serve_app(nursery, up)}}}
+    gw = Gateway(parse_config(config))
+    info = await nursery.start(partial(gw.serve, "127.0.0.1", 0, server="hypercorn"))
+    port = int(info.url.rsplit(":", 1)[1])
+    te = b"transfer-encoding: chunked\r\n"
+    status, _, body = await exchange(port, post(b"0\r\n\r\n", extra=te))
+    assert status == 400 and b"content-length and transfer-encoding" in body
+    assert up.requests == []
