@@ -244,3 +244,30 @@ async def test_under_hypercorn_content_length_with_transfer_encoding_is_refused(
     status, _, body = await exchange(port, post(b"0\r\n\r\n", extra=te))
     assert status == 400 and b"content-length and transfer-encoding" in body
     assert up.requests == []
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+async def test_a_silent_upstream_gets_the_default_head_timeout(nursery: trio.Nursery) -> None:
+    port, _ = await gateway(
+        nursery,
+        FakeUpstream(Reply(body=chat_completion(), delay=60)),
+        default_request_timeout_secs=0.5,
+    )
+    status, _, body = await exchange(port, post(chat()))
+    assert status == 504 and orjson.loads(body)["error"]["code"] == "gateway_timeout"
+
+
+async def test_a_client_that_never_reads_releases_the_upstream(nursery: trio.Nursery) -> None:
+    """Without a write timeout such a client held its permits and the upstream stream for
+    ever; with it, the stream is cancelled once the socket buffers stay full that long."""
+    endless = Reply(chunks=[b"x" * 65536] * 100_000, headers=[(b"content-type", b"text/plain")])
+    up = FakeUpstream(endless)
+    port, _ = await gateway(nursery, up, client_write_timeout_secs=0.5)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+        await s.send_all(post(chat()))
+        with trio.fail_after(60):
+            while not up.disconnected:
+                await trio.sleep(0.1)
+    assert up.active == 0
