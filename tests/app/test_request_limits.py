@@ -4,6 +4,7 @@ relayed bodies, cut-short upstream bodies, and hypercorn's framing guard."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from functools import partial
@@ -271,3 +272,56 @@ async def test_a_client_that_never_reads_releases_the_upstream(nursery: trio.Nur
             while not up.disconnected:
                 await trio.sleep(0.1)
     assert up.active == 0
+
+
+# -- hostile upstream heads -------------------------------------------------------------------
+
+
+async def raw_upstream(nursery: trio.Nursery, answer: bytes) -> str:
+    """An upstream that answers every request with ``answer`` verbatim."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        data = b""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                data += chunk
+            await stream.send_all(answer)
+            await stream.send_eof()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-length: " + b"9" * 5000 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 100_000 + b"\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad name: 1\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx: a\x01b\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 600 Nope\r\ncontent-length: 0\r\n\r\n",
+    ],
+)
+async def test_hostile_upstream_heads_are_a_502_never_relayed(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, answer: bytes
+) -> None:
+    _, url = await start_gateway(
+        nursery, {"targets": {"m": {"url": await raw_upstream(nursery, answer)}}}
+    )
+    status, _, body = await exchange(int(url.rsplit(":", 1)[1]), post(chat()))
+    assert status == 502 and orjson.loads(body)["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_an_upstream_204_loses_its_content_length(nursery: trio.Nursery) -> None:
+    upstream = await raw_upstream(nursery, b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n")
+    _, url = await start_gateway(nursery, {"targets": {"m": {"url": upstream}}})
+    async with await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1])) as s:
+        await s.send_all(post(chat()))
+        with trio.fail_after(30):
+            data = await s.receive_some()
+    assert data.startswith(b"HTTP/1.1 204 ") and b"content-length" not in data.lower()
