@@ -93,16 +93,7 @@ async def read_body(
                 if value.isdigit() and (len(value) > 20 or int(value) > limit):
                     raise payload_too_large(limit)
                 break
-    if deadline is None:
-        return await _read_body(receive, limit, budget)
-    try:
-        with trio.fail_after(deadline):
-            return await _read_body(receive, limit, budget)
-    except trio.TooSlowError:
-        raise request_timeout() from None
-
-
-async def _read_body(receive: Receive, limit: int, budget: BodyBudget | None) -> bytes:
+    started = trio.current_time()
     first = await receive()
     if first["type"] == "http.disconnect":
         raise ClientDisconnected
@@ -110,9 +101,21 @@ async def _read_body(receive: Receive, limit: int, budget: BodyBudget | None) ->
     if len(body) > limit:
         raise payload_too_large(limit)
     if not first.get("more_body", False):
-        return body  # one piece (at most one socket read): the common case
-    parts = [body]
-    size = len(body)
+        return body  # one piece (at most one socket read): the common case, no timer needed
+    if deadline is None:
+        return await _read_rest(receive, limit, budget, body)
+    try:
+        with trio.fail_at(started + deadline):
+            return await _read_rest(receive, limit, budget, body)
+    except trio.TooSlowError:
+        raise request_timeout() from None
+
+
+async def _read_rest(
+    receive: Receive, limit: int, budget: BodyBudget | None, first: bytes
+) -> bytes:
+    parts = [first]
+    size = len(first)
     held = 0
     try:
         while True:

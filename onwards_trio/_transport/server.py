@@ -243,6 +243,19 @@ class _Server:
                 self.idle_done.set()
             await trio.aclose_forcefully(stream)
 
+    async def watch_writes(self) -> None:
+        """Enforce ``write_timeout`` for every connection from one task: a cancel scope around
+        each write would cost more than most writes (it is a few per request, dozens for a
+        stream)."""
+        period = min(1.0, self.write_timeout / 4)
+        while True:
+            await trio.sleep(period)
+            late = trio.current_time() - self.write_timeout
+            for conn in list(self.connections):
+                since = conn.writing_since
+                if since is not None and since < late:
+                    conn.abort_write()
+
     def drain(self) -> None:
         self.draining = True
         for conn in list(self.connections):
@@ -265,6 +278,7 @@ class _Connection:
         "parser",
         "server",
         "stream",
+        "writing_since",
     )
 
     def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
@@ -282,6 +296,7 @@ class _Connection:
         self._response_done = False
         self._response: _Response | None = None
         self._ahead = 0
+        self.writing_since: float | None = None  # when a blocked write began
 
     def wake_if_idle(self) -> None:
         if self._idle_scope is not None:
@@ -494,14 +509,19 @@ class _Connection:
         if self._disconnected:
             await trio.lowlevel.checkpoint()  # an app that streams on regardless still yields
             return
+        self.writing_since = trio.current_time()  # for the server's write watchdog
         try:
-            with trio.move_on_after(self.server.write_timeout) as timer:
-                await self.stream.send_all(data)
+            await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._gone()  # later sends are dropped; receive() reports it
-            return
-        if timer.cancelled_caught:
-            self._gone()  # a client that stops reading must not hold the request forever
+        finally:
+            self.writing_since = None
+
+    def abort_write(self) -> None:
+        """The client took no bytes for the write timeout: it counts as gone. Closing the
+        socket wakes the blocked ``send_all`` with an error."""
+        self._gone()
+        self.stream.socket.close()
 
     def _gone(self) -> None:
         self._disconnected = True
@@ -708,6 +728,7 @@ async def serve(
         urls.append(f"http://{shown}:{bound[1]}")
     server = _Server(app, keep_alive_timeout, write_timeout)
     async with trio.open_nursery() as connections:
+        connections.start_soon(server.watch_writes)
         async with trio.open_nursery() as acceptor:
             await acceptor.start(
                 partial(trio.serve_listeners, server.handle, listeners, handler_nursery=connections)
