@@ -564,14 +564,14 @@ async def test_an_upgrade_with_a_body_is_refused(nursery: trio.Nursery) -> None:
     assert data.startswith(b"HTTP/1.1 400 ") and seen == []
 
 
-async def test_an_upgrade_without_a_body_is_served_as_http_then_closed(
+async def test_a_non_websocket_upgrade_is_served_as_http_then_closed(
     nursery: trio.Nursery,
 ) -> None:
     seen: Seen = []
     port = await start(nursery, echo_app(seen))
     async with await connect(port) as s:
         await s.send_all(
-            b"GET / HTTP/1.1\r\nhost: h\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+            b"GET / HTTP/1.1\r\nhost: h\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
             + SMUGGLED
         )
         data = await drain_until_closed(s)
