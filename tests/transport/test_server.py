@@ -571,8 +571,7 @@ async def test_a_non_websocket_upgrade_is_served_as_http_then_closed(
     port = await start(nursery, echo_app(seen))
     async with await connect(port) as s:
         await s.send_all(
-            b"GET / HTTP/1.1\r\nhost: h\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
-            + SMUGGLED
+            b"GET / HTTP/1.1\r\nhost: h\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n" + SMUGGLED
         )
         data = await drain_until_closed(s)
     assert data.startswith(b"HTTP/1.1 200 ") and data.count(b"HTTP/1.1") == 1
