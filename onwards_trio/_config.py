@@ -10,6 +10,7 @@ that looks like a misspelling of a known one is reported in ``Config.warnings``.
 import difflib
 import logging
 import os
+import re
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from onwards_trio._errors import ConfigError
 _log = logging.getLogger("onwards_trio.config")
 
 __all__ = [
+    "HASHED_KEY",
     "REASONING_EFFORTS",
     "AnthropicSpec",
     "Auth",
@@ -652,6 +654,7 @@ def parse_config(data: bytes | str | Mapping[str, Any]) -> Config:
     except ConfigError as exc:
         problems.extend(exc.problems)
         raise ConfigError(problems) from None
+    problems += _malformed_hashes(config, targets)
     if problems:
         raise ConfigError(problems)
     for alias, pool in targets.items():
@@ -670,6 +673,31 @@ def parse_config(data: bytes | str | Mapping[str, Any]) -> Config:
                 f"@ {_join_key(path, name)}.model"
             )
     return attrs.evolve(config, targets=targets, warnings=tuple(warnings))
+
+
+# A client key may be configured as its hash (``sha256:`` + 64 hex digits, see _proxy/auth).
+HASHED_KEY = re.compile(r"sha256:[0-9a-fA-F]{64}")
+
+
+def _malformed_hashes(config: Config, targets: Mapping[str, PoolSpec]) -> list[str]:
+    """Keys that start like a hash but are not one: a typo there would otherwise turn a hash
+    into a plain-text key nobody holds, and lock every client out without a word."""
+    found: list[tuple[str, str]] = []
+    if config.auth is not None:
+        found += [(k, f"$.auth.global_keys[{i}]") for i, k in enumerate(config.auth.global_keys)]
+        found += [
+            (d.key, f"{_join_key('$.auth.key_definitions', name)}.key")
+            for name, d in config.auth.key_definitions.items()
+        ]
+    for alias, pool in targets.items():
+        found += [
+            (k, f"{_join_key('$.targets', alias)}.keys[{i}]") for i, k in enumerate(pool.keys or ())
+        ]
+    return [
+        f"a hashed key is 'sha256:' and 64 hex digits (`onwards-trio hash-key` prints one) @ {path}"
+        for key, path in found
+        if key.lower().startswith("sha256:") and HASHED_KEY.fullmatch(key) is None
+    ]
 
 
 def _every_tool(

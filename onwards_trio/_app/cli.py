@@ -84,10 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "command",
         nargs="?",
-        choices=["serve", "demo"],
+        choices=["serve", "demo", "hash-key"],
         default="serve",
         help="serve: serve the config file given with -f (the default); "
-        "demo: serve a built-in offline demo upstream (no config file, no API key)",
+        "demo: serve a built-in offline demo upstream (no config file, no API key); "
+        "hash-key: print the sha256:<hex> form of each client key read from stdin (one a line), "
+        "to put in the config instead of the key",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
@@ -269,9 +271,25 @@ async def _run(args: argparse.Namespace) -> None:
             )
 
 
+def _hash_keys(parser: argparse.ArgumentParser) -> int:
+    """Print each stdin line's key hash. Read from stdin, not argv, so the key never lands in
+    shell history or a process listing."""
+    from onwards_trio._proxy.auth import key_id
+
+    keys = [line.rstrip("\r\n") for line in sys.stdin]
+    keys = [k for k in keys if k]
+    if not keys:
+        parser.error("hash-key reads the key(s) from stdin, one a line; got none")
+    for key in keys:
+        print(key_id(key))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "hash-key":
+        return _hash_keys(parser)
     try:
         configure_logging(args.log_level)
         Metrics(args.metrics_prefix)  # a bad prefix is a usage error, not a crash later

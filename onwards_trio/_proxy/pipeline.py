@@ -27,7 +27,7 @@ from onwards_trio._config import DEFAULT_SSE_EVENT_LIMIT
 from onwards_trio._errors import HTTPError
 from onwards_trio._ops.logs import access_logged
 from onwards_trio._ops.metrics import fallback_reason
-from onwards_trio._proxy.auth import bearer_token, evaluate_rules
+from onwards_trio._proxy.auth import bearer_token, evaluate_rules, key_id
 from onwards_trio._proxy.balance import backoff_delays, plan_attempts, select, status_matches
 from onwards_trio._proxy.limits import Permit
 from onwards_trio._proxy.targets import Pool, Provider, Table, Targets
@@ -102,6 +102,8 @@ class ProxyRequest:
     reasoning_budget: int | None = None
     # the pipeline asked the upstream for a stream's usage chunk the client did not ask for
     strip_usage: bool = False
+    # the identity of the client's key (auth.key_id), hashed once by resolve for every lookup
+    key_id: str | None = None
 
     @property
     def path(self) -> str:
@@ -332,21 +334,22 @@ class Proxy:
             raise errors.missing_model()
         request.alias = alias
         token = bearer_token(request.headers)
+        ident = request.key_id = key_id(token) if token is not None else None
         pool = table.pools.get(alias)
         if pool is None:
             # With keys in play, a stranger must not learn which aliases exist (SPEC §2.2).
-            if table.protected and (token is None or token not in table.all_keys):
+            if table.protected and (ident is None or not table.all_keys.has_id(ident)):
                 raise errors.unauthenticated(invalid=token is not None)
             raise errors.model_not_found(alias)
         if pool.keys is not None:
-            if token is None:
+            if ident is None:
                 raise errors.unauthenticated()
-            if token not in pool.keys:
-                if token in table.all_keys:
+            if not pool.keys.has_id(ident):
+                if table.all_keys.has_id(ident):
                     raise errors.forbidden()
                 raise errors.unauthenticated(invalid=True)
-        if pool.rules and token is not None:
-            action = evaluate_rules(pool.rules, table.key_labels.get(token, {}))
+        if pool.rules and ident is not None:
+            action = evaluate_rules(pool.rules, table.key_labels.get(ident, {}))
             if action is not None:
                 if action.type == "deny":
                     raise errors.forbidden()
@@ -359,11 +362,12 @@ class Proxy:
         return alias, pool, token
 
     async def _admit(
-        self, table: Table, pool: Pool, token: str | None, stack: AsyncExitStack
+        self, table: Table, pool: Pool, ident: str | None, stack: AsyncExitStack
     ) -> None:
-        """Pool then key rate limits, then pool then key concurrency permits."""
+        """Pool then key rate limits, then pool then key concurrency permits (``ident``: the
+        client key's identity)."""
         if table.shared is not None:
-            await self._admit_shared(table.shared, table, pool, token, stack)
+            await self._admit_shared(table.shared, table, pool, ident, stack)
             return
         m = self.metrics
         if pool.rate is not None:
@@ -372,7 +376,7 @@ class Proxy:
                 if m is not None:
                     m.rejected(pool.alias, "rate", "pool")
                 raise errors.rate_limited(wait)
-        key_rate = table.key_rate.get(token) if token is not None else None
+        key_rate = table.key_rate.get(ident) if ident is not None else None
         if key_rate is not None:
             wait = key_rate.try_acquire()
             if wait is not None:
@@ -386,7 +390,7 @@ class Proxy:
                     m.rejected(pool.alias, "concurrency", "pool")
                 raise errors.concurrency_limited()
             stack.callback(permit.release)
-        key_conc = table.key_concurrency.get(token) if token is not None else None
+        key_conc = table.key_concurrency.get(ident) if ident is not None else None
         if key_conc is not None:
             permit = key_conc.try_acquire()
             if permit is None:
@@ -400,7 +404,7 @@ class Proxy:
         shared: SharedLimits,
         table: Table,
         pool: Pool,
-        token: str | None,
+        ident: str | None,
         stack: AsyncExitStack,
     ) -> None:
         """:meth:`_admit` with the limits shared across replicas (each falls back to its
@@ -412,17 +416,17 @@ class Proxy:
         if pool.rate is not None:
             rates.append((pool_scope(pool.alias), pool.rate))
             scopes.append("pool")
-        key_rate = table.key_rate.get(token) if token is not None else None
-        if key_rate is not None and token is not None:
-            rates.append((key_scope(token), key_rate))
+        key_rate = table.key_rate.get(ident) if ident is not None else None
+        if key_rate is not None and ident is not None:
+            rates.append((key_scope(ident), key_rate))
             scopes.append("key")
         slots = []
         if pool.concurrency is not None:
             slots.append((pool_scope(pool.alias), pool.concurrency))
             scopes.append("pool")
-        key_conc = table.key_concurrency.get(token) if token is not None else None
-        if key_conc is not None and token is not None:
-            slots.append((key_scope(token), key_conc))
+        key_conc = table.key_concurrency.get(ident) if ident is not None else None
+        if key_conc is not None and ident is not None:
+            slots.append((key_scope(ident), key_conc))
             scopes.append("key")
         if not scopes:
             return
@@ -524,7 +528,7 @@ class Proxy:
         Leaving the context closes the upstream response and releases every permit.
         """
         table = self.targets.table  # one snapshot for the whole request
-        alias, pool, token = self.resolve(table, request)
+        alias, pool, _ = self.resolve(table, request)
         if (
             table.config.telemetry.stream_usage
             and request.wants_stream
@@ -533,7 +537,7 @@ class Proxy:
         ):
             request.strip_usage = True
         async with AsyncExitStack() as stack:
-            await self._admit(table, pool, token, stack)
+            await self._admit(table, pool, request.key_id, stack)
             reply = await self._attempts(request, alias, pool, stack)
             filters = self.filters
             if filters:

@@ -18,7 +18,6 @@ password) is never logged.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import secrets
 from collections.abc import Sequence
@@ -146,9 +145,10 @@ def pool_scope(alias: str) -> str:
     return f"pool:{alias}"
 
 
-def key_scope(token: str) -> str:
-    """A client key's scope: a hash prefix, so the key itself never reaches Redis."""
-    return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+def key_scope(ident: str) -> str:
+    """A client key's scope from its identity (``sha256:<hex>``, see auth.key_id): a hash
+    prefix, so the key itself never reaches Redis."""
+    return "key:" + ident[7:23]
 
 
 def provider_scope(alias: str, index: int) -> str:

@@ -24,7 +24,7 @@ from onwards_trio._config import (
     RoutingRule,
     ToolSpec,
 )
-from onwards_trio._proxy.auth import KeySet
+from onwards_trio._proxy.auth import KeySet, configured_key_id, key_id
 from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket
 from onwards_trio._proxy.reasoning import ReasoningMap
 
@@ -114,6 +114,7 @@ class Table:
 
     config: Config
     pools: dict[str, Pool]
+    # Per-key state is keyed by the key's identity (auth.key_id: its sha256), never the key.
     key_rate: dict[str, TokenBucket]
     key_concurrency: dict[str, ConcurrencyLimit]
     key_labels: dict[str, dict[str, str]]
@@ -122,7 +123,7 @@ class Table:
     # Limits shared with other replicas through Redis (None: in-process limits only). One
     # object for the gateway's lifetime, carried from table to table across reloads.
     shared: SharedLimits | None = None
-    key_names: dict[str, str] = attrs.field(factory=dict)  # key -> its key_definitions name
+    key_names: dict[str, str] = attrs.field(factory=dict)  # key id -> its definition's name
 
     @property
     def strict_mode(self) -> bool:
@@ -133,7 +134,7 @@ class Table:
         without a key, ``"other"`` for a key with no definition. Never the key itself."""
         if token is None:
             return "none"
-        return self.key_names.get(token, "other")
+        return self.key_names.get(key_id(token), "other")
 
     def visible_aliases(self, token: str | None) -> list[str]:
         """Aliases a caller may see in ``/v1/models``: public ones plus those its key opens."""
@@ -219,7 +220,9 @@ def build_table(
     auth = config.auth
     global_keys = list(auth.global_keys) if auth else []
     definitions = dict(auth.key_definitions) if auth else {}
-    every_key: set[str] = set(global_keys) | {d.key for d in definitions.values()}
+    global_ids = {configured_key_id(k) for k in global_keys}
+    def_ids = {name: configured_key_id(d.key) for name, d in definitions.items()}
+    every_key: set[str] = global_ids | set(def_ids.values())
     pools: dict[str, Pool] = {}
     protected = bool(global_keys)
     for alias, spec in config.targets.items():
@@ -233,8 +236,10 @@ def build_table(
         if spec.keys is not None or global_keys:
             # A key_definitions *name* listed in `keys` grants that definition's key (SPEC §2.1)
             # and only that: a guessable name must never itself be a credential.
-            pool_keys = {definitions[k].key if k in definitions else k for k in spec.keys or []}
-            pool_keys |= set(global_keys)
+            pool_keys = {
+                def_ids[k] if k in def_ids else configured_key_id(k) for k in spec.keys or []
+            }
+            pool_keys |= global_ids
             every_key |= pool_keys
             keys = KeySet(pool_keys)
             protected = True
@@ -273,19 +278,20 @@ def build_table(
     key_rate: dict[str, TokenBucket] = {}
     key_concurrency: dict[str, ConcurrencyLimit] = {}
     key_labels: dict[str, dict[str, str]] = {}
-    for d in definitions.values():
-        bucket = _bucket(d.rate_limit, old.key_rate.get(d.key) if old else None)
+    for name, d in definitions.items():
+        ident = def_ids[name]
+        bucket = _bucket(d.rate_limit, old.key_rate.get(ident) if old else None)
         if bucket is not None:
-            key_rate[d.key] = bucket
+            key_rate[ident] = bucket
         if d.concurrency_limit is not None:
-            old_limit = old.key_concurrency.get(d.key) if old else None
-            key_concurrency[d.key] = ConcurrencyLimit(
+            old_limit = old.key_concurrency.get(ident) if old else None
+            key_concurrency[ident] = ConcurrencyLimit(
                 d.concurrency_limit.max_concurrent_requests,
                 old_limit.counter if old_limit else None,
             )
         if d.labels:
-            key_labels[d.key] = dict(d.labels)
-    key_names = {d.key: name for name, d in definitions.items()}
+            key_labels[ident] = dict(d.labels)
+    key_names = {def_ids[name]: name for name in definitions}
     return Table(
         config=config,
         pools=pools,

@@ -22,6 +22,7 @@ import trio
 
 from onwards_trio import parse_config
 from onwards_trio._config import SharedLimitsSpec
+from onwards_trio._proxy.auth import key_id
 from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket
 from onwards_trio._proxy.shared_limits import SharedLimits, key_scope, pool_scope
 from tests.support import FakeUpstream, Reply, serve_app, sse, start_gateway
@@ -320,7 +321,7 @@ async def test_redis_keys_never_hold_a_client_key(
         r = await a.post(CHAT, json=body(), headers={"authorization": "Bearer sk-secret-value"})
     assert r.status_code == 200
     keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
-    assert f"{prefix}:rate:{key_scope('sk-secret-value')}" in keys
+    assert f"{prefix}:rate:{key_scope(key_id('sk-secret-value'))}" in keys
     assert not any("sk-secret" in k for k in keys)
 
 

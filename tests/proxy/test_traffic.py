@@ -15,6 +15,7 @@ import trio.testing
 
 from onwards_trio import parse_config
 from onwards_trio._errors import HTTPError
+from onwards_trio._proxy.auth import key_id
 from onwards_trio._proxy.pipeline import Proxy, ProxyRequest
 from onwards_trio._proxy.targets import Provider, Targets
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
@@ -392,7 +393,7 @@ async def test_random_disconnects_leak_no_permit(nursery: trio.Nursery) -> None:
             await trio.sleep(0.01)
     assert pool.concurrency is not None and pool.concurrency.active == 0
     assert pool.providers[0].concurrency.active == 0
-    assert table.key_concurrency["sk-k"].active == 0
+    assert table.key_concurrency[key_id("sk-k")].active == 0
     with trio.fail_after(5):  # the upstream notices the closed connections a moment later
         while up.active:
             await trio.sleep(0.01)
