@@ -49,6 +49,7 @@ __all__ = [
     "SharedLimitsSpec",
     "StoreSpec",
     "TelemetrySpec",
+    "TokenLimitSpec",
     "ToolSpec",
     "load_config",
     "parse_config",
@@ -83,6 +84,17 @@ class RateLimitSpec:
 
 
 @attrs.frozen
+class TokenLimitSpec:
+    """At most ``tokens`` LLM tokens (input + output) per ``window_secs``, refilled
+    continuously. ``default_output_tokens`` is what admission reserves for the answer of a
+    request that names no ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens``."""
+
+    tokens: int = attrs.field(validator=_positive)
+    window_secs: float = attrs.field(default=60.0, validator=_positive)
+    default_output_tokens: int = attrs.field(default=1024, validator=_non_negative)
+
+
+@attrs.frozen
 class ConcurrencyLimitSpec:
     max_concurrent_requests: int = attrs.field(validator=_non_negative)
 
@@ -93,6 +105,7 @@ class KeyDefinition:
     rate_limit: RateLimitSpec | None = None
     concurrency_limit: ConcurrencyLimitSpec | None = None
     labels: dict[str, str] = attrs.field(factory=dict)
+    token_limit: TokenLimitSpec | None = None
 
 
 @attrs.frozen
@@ -298,6 +311,7 @@ class PoolSpec:
     routing_rules: list[RoutingRule] = attrs.field(factory=list)
     anthropic: AnthropicSpec | None = None
     reasoning: ReasoningSpec | None = None  # the default of its providers
+    token_limit: TokenLimitSpec | None = None
 
 
 @attrs.frozen

@@ -160,8 +160,10 @@ def payload_too_large(limit: int) -> HTTPError:
     )
 
 
-def rate_limited(retry_after: float | None = None) -> HTTPError:
-    headers = []
+def rate_limited(
+    retry_after: float | None = None, extra: list[tuple[bytes, bytes]] | None = None
+) -> HTTPError:
+    headers = list(extra or ())
     if retry_after is not None:
         # Retry-After takes whole seconds; round up so a client that obeys it is let in.
         secs = max(1, int(-(-retry_after // 1)))

@@ -136,7 +136,7 @@ UNKNOWN_ALIAS: Final = "unknown"
 _METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
 )
-_LIMITS: Final = frozenset({"rate", "concurrency"})
+_LIMITS: Final = frozenset({"rate", "concurrency", "tokens"})
 _SCOPES: Final = frozenset({"pool", "key", "provider"})
 _FALLBACK_REASONS: Final = frozenset({"rate_limited", "timeout", "network_error", "status"})
 _UPSTREAM_FAILURES: Final = frozenset({"timeout", "error"})
@@ -405,7 +405,8 @@ class Metrics:
         self._child(self._ttfb, self.alias_label(alias), str(provider)).observe(seconds)
 
     def rejected(self, alias: str | None, limit: str, scope: str) -> None:
-        """A limit refused a request: ``limit`` rate|concurrency, ``scope`` pool|key|provider."""
+        """A limit refused a request: ``limit`` rate|concurrency|tokens, ``scope``
+        pool|key|provider."""
         self._child(
             self._rejections,
             self.alias_label(alias),

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import trio
 
-__all__ = ["ConcurrencyLimit", "Counter", "Permit", "TokenBucket"]
+__all__ = [
+    "ConcurrencyLimit",
+    "Counter",
+    "Permit",
+    "TokenBucket",
+    "TokenLimit",
+    "TokenReservation",
+    "estimate_tokens",
+]
 
 
 class TokenBucket:
@@ -97,3 +105,101 @@ class ConcurrencyLimit:
         if self.at_capacity:
             return None
         return Permit(self.counter)
+
+
+def estimate_tokens(body: bytes, json: object, default_output: int) -> int:
+    """What admission reserves for a request: its prompt guessed from the body size (4 bytes a
+    token, a cheap over-estimate for JSON-wrapped text) plus the most output it may ask for.
+
+    The guess only has to be close: settlement replaces it with the usage the upstream reports.
+    """
+    output = default_output
+    if isinstance(json, dict):
+        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            value = json.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                output = value
+                break
+    return len(body) // 4 + output
+
+
+class TokenLimit:
+    """``limit`` LLM tokens per ``window`` seconds: a bucket of ``limit`` refilled at
+    ``limit / window`` a second, drawn on by estimates and corrected by actual usage.
+
+    A continuous refill instead of fixed windows: no double burst at a window's edge, and the
+    wait for a given amount is exact, so ``Retry-After`` is truthful. The bucket may go below
+    zero when usage exceeds its estimate (the debt is real tokens spent upstream); callers then
+    wait until it is paid back.
+    """
+
+    __slots__ = ("_last", "_tokens", "limit", "window")
+
+    def __init__(self, limit: int, window: float) -> None:
+        if limit <= 0 or window <= 0:
+            raise ValueError("limit and window must be > 0")
+        self.limit = int(limit)
+        self.window = float(window)
+        self._tokens = float(limit)
+        self._last: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.limit / self.window
+
+    def _refill(self) -> None:
+        now = trio.current_time()
+        if self._last is not None and now > self._last:
+            self._tokens = min(float(self.limit), self._tokens + (now - self._last) * self.rate)
+        self._last = now
+
+    def reserve(self, estimate: int) -> TokenReservation | float:
+        """Take ``estimate`` tokens: a reservation, or the seconds until they will be there.
+
+        An estimate above the whole limit is capped at it, so a big request is admitted once
+        the bucket is full instead of never.
+        """
+        self._refill()
+        need = float(min(max(estimate, 0), self.limit))
+        if self._tokens >= need - 1e-9:
+            self._tokens -= need
+            return TokenReservation(self, need)
+        return (need - self._tokens) / self.rate
+
+    def _give_back(self, amount: float) -> None:
+        self._refill()
+        self._tokens = min(float(self.limit), self._tokens + amount)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens available now (never negative: a debt shows as 0)."""
+        self._refill()
+        return max(0, int(self._tokens))
+
+    @property
+    def reset(self) -> float:
+        """Seconds until the bucket is full again."""
+        self._refill()
+        return (self.limit - self._tokens) / self.rate
+
+
+class TokenReservation:
+    """Tokens taken from a :class:`TokenLimit` on admission; settled or refunded exactly once."""
+
+    __slots__ = ("_limit", "amount")
+
+    def __init__(self, limit: TokenLimit, amount: float) -> None:
+        self._limit: TokenLimit | None = limit
+        self.amount = amount
+
+    def settle(self, used: int) -> None:
+        """The upstream reported ``used`` tokens: return the over-estimate, or charge the rest."""
+        if self._limit is not None:
+            self._limit._give_back(self.amount - used)
+            self._limit = None
+
+    def refund(self) -> None:
+        """Nothing was spent upstream (refused, failed, never answered): give it all back."""
+        if self._limit is not None:
+            self._limit._give_back(self.amount)
+            self._limit = None

@@ -29,7 +29,7 @@ from onwards_trio._ops.logs import access_logged
 from onwards_trio._ops.metrics import fallback_reason
 from onwards_trio._proxy.auth import bearer_token, evaluate_rules, key_id
 from onwards_trio._proxy.balance import backoff_delays, plan_attempts, select, status_matches
-from onwards_trio._proxy.limits import Permit
+from onwards_trio._proxy.limits import Permit, TokenLimit, TokenReservation, estimate_tokens
 from onwards_trio._proxy.targets import Pool, Provider, Table, Targets
 from onwards_trio._proxy.usage import (
     StreamUsageStripper,
@@ -57,6 +57,7 @@ __all__ = [
     "Proxy",
     "ProxyRequest",
     "ResponseFilter",
+    "TokenHold",
     "UpstreamReply",
     "extract_model",
 ]
@@ -104,6 +105,8 @@ class ProxyRequest:
     strip_usage: bool = False
     # the identity of the client's key (auth.key_id), hashed once by resolve for every lookup
     key_id: str | None = None
+    # tokens reserved under token limits, settled with the usage the upstream reports
+    tokens: TokenHold | None = None
 
     @property
     def path(self) -> str:
@@ -112,6 +115,45 @@ class ProxyRequest:
     @property
     def wants_stream(self) -> bool:
         return isinstance(self.json, dict) and self.json.get("stream") is True
+
+
+class TokenHold:
+    """A request's reservations under its token limits (pool, key).
+
+    Settled with the reported usage when the body ends; refunded when no 2xx answer was
+    relayed (nothing was spent). A 2xx whose usage never shows (a cut stream, an upstream that
+    does not report it) keeps its estimate: the conservative reading.
+    """
+
+    __slots__ = ("answered", "limits", "reservations")
+
+    def __init__(self) -> None:
+        self.limits: list[TokenLimit] = []
+        self.reservations: list[TokenReservation] = []
+        self.answered = False
+
+    def settle(self, usage: Usage) -> None:
+        used = usage.total_tokens
+        for r in self.reservations:
+            r.settle(used)
+
+    def close(self) -> None:
+        if not self.answered:
+            for r in self.reservations:
+                r.refund()
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """``x-ratelimit-*-tokens`` of the tightest limit (OpenAI's names; reset in seconds)."""
+        tightest = min(self.limits, key=lambda lim: lim.remaining)
+        return _token_headers(tightest)
+
+
+def _token_headers(limit: TokenLimit) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-ratelimit-limit-tokens", str(limit.limit).encode()),
+        (b"x-ratelimit-remaining-tokens", str(limit.remaining).encode()),
+        (b"x-ratelimit-reset-tokens", f"{limit.reset:.3f}s".encode()),
+    ]
 
 
 class _Body:
@@ -399,6 +441,34 @@ class Proxy:
                 raise errors.concurrency_limited()
             stack.callback(permit.release)
 
+    def _reserve_tokens(
+        self, table: Table, pool: Pool, request: ProxyRequest, stack: AsyncExitStack
+    ) -> TokenHold | None:
+        """Reserve the request's estimated tokens under the pool's, then the key's token limit
+        (all or none: a refusal gives back what was taken)."""
+        limits = []
+        if pool.tokens is not None and pool.spec.token_limit is not None:
+            limits.append((pool.tokens, pool.spec.token_limit, "pool"))
+        key = table.key_tokens.get(request.key_id) if request.key_id is not None else None
+        if key is not None:
+            limits.append((key[0], key[1], "key"))
+        if not limits:
+            return None
+        hold = request.tokens = TokenHold()
+        for limit, spec, scope in limits:
+            estimate = estimate_tokens(request.body, request.json, spec.default_output_tokens)
+            got = limit.reserve(estimate)
+            if not isinstance(got, TokenReservation):
+                for r in hold.reservations:
+                    r.refund()
+                if self.metrics is not None:
+                    self.metrics.rejected(pool.alias, "tokens", scope)
+                raise errors.rate_limited(got, _token_headers(limit))
+            hold.limits.append(limit)
+            hold.reservations.append(got)
+        stack.callback(hold.close)
+        return hold
+
     async def _admit_shared(
         self,
         shared: SharedLimits,
@@ -529,16 +599,20 @@ class Proxy:
         """
         table = self.targets.table  # one snapshot for the whole request
         alias, pool, _ = self.resolve(table, request)
-        if (
-            table.config.telemetry.stream_usage
-            and request.wants_stream
-            and request.raw_path.endswith(b"completions")
-            and not stream_usage_requested(request.json)
-        ):
-            request.strip_usage = True
         async with AsyncExitStack() as stack:
             await self._admit(table, pool, request.key_id, stack)
+            hold = self._reserve_tokens(table, pool, request, stack)
+            if (
+                (hold is not None or table.config.telemetry.stream_usage)
+                and request.wants_stream
+                and request.raw_path.endswith(b"completions")
+                and not stream_usage_requested(request.json)
+            ):
+                request.strip_usage = True
             reply = await self._attempts(request, alias, pool, stack)
+            if hold is not None:
+                hold.answered = 200 <= reply.status < 300
+                reply.headers.extend(hold.headers())
             filters = self.filters
             if filters:
                 ctx = FilterContext(
@@ -795,10 +869,13 @@ class Proxy:
         strip = request.strip_usage and any(
             k == b"content-type" and b"text/event-stream" in v for k, v in headers
         )
-        if observer is None and span is None and not strip:
+        hold = request.tokens
+        if observer is None and span is None and not strip and hold is None:
             return None, None
 
         def report(usage: Usage) -> None:
+            if hold is not None:
+                hold.settle(usage)
             if span is not None:
                 span.usage(usage)
             if observer is not None:

@@ -22,10 +22,11 @@ from onwards_trio._config import (
     ProviderSpec,
     RateLimitSpec,
     RoutingRule,
+    TokenLimitSpec,
     ToolSpec,
 )
 from onwards_trio._proxy.auth import KeySet, configured_key_id, key_id
-from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket
+from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket, TokenLimit
 from onwards_trio._proxy.reasoning import ReasoningMap
 
 if TYPE_CHECKING:
@@ -40,6 +41,15 @@ def _bucket(spec: RateLimitSpec | None, old: TokenBucket | None) -> TokenBucket 
     if old is not None and old.rate == spec.requests_per_second and old.burst == spec.capacity:
         return old
     return TokenBucket(spec.requests_per_second, spec.capacity)
+
+
+def _token_limit(spec: TokenLimitSpec | None, old: TokenLimit | None) -> TokenLimit | None:
+    """A token limit, adopted from the old table while unchanged (a reload is no way out)."""
+    if spec is None:
+        return None
+    if old is not None and old.limit == spec.tokens and old.window == spec.window_secs:
+        return old
+    return TokenLimit(spec.tokens, spec.window_secs)
 
 
 def _headers(mapping: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
@@ -98,6 +108,7 @@ class Pool:
     providers: list[Provider]
     keys: KeySet | None  # None: public
     rate: TokenBucket | None
+    tokens: TokenLimit | None
     concurrency: ConcurrencyLimit | None
     fallback: Fallback | None
     strategy: str
@@ -118,6 +129,7 @@ class Table:
     key_rate: dict[str, TokenBucket]
     key_concurrency: dict[str, ConcurrencyLimit]
     key_labels: dict[str, dict[str, str]]
+    key_tokens: dict[str, tuple[TokenLimit, TokenLimitSpec]]
     all_keys: KeySet
     protected: bool  # some key protects some pool: unknown aliases answer 401 to strangers
     # Limits shared with other replicas through Redis (None: in-process limits only). One
@@ -265,6 +277,7 @@ def build_table(
             providers=providers,
             keys=keys,
             rate=_bucket(spec.rate_limit, old_pool.rate if old_pool else None),
+            tokens=_token_limit(spec.token_limit, old_pool.tokens if old_pool else None),
             concurrency=concurrency,
             fallback=spec.fallback,
             strategy=spec.strategy,
@@ -278,6 +291,7 @@ def build_table(
     key_rate: dict[str, TokenBucket] = {}
     key_concurrency: dict[str, ConcurrencyLimit] = {}
     key_labels: dict[str, dict[str, str]] = {}
+    key_tokens: dict[str, tuple[TokenLimit, TokenLimitSpec]] = {}
     for name, d in definitions.items():
         ident = def_ids[name]
         bucket = _bucket(d.rate_limit, old.key_rate.get(ident) if old else None)
@@ -291,6 +305,11 @@ def build_table(
             )
         if d.labels:
             key_labels[ident] = dict(d.labels)
+        if d.token_limit is not None:
+            old_tokens = old.key_tokens.get(ident) if old else None
+            tokens = _token_limit(d.token_limit, old_tokens[0] if old_tokens else None)
+            assert tokens is not None
+            key_tokens[ident] = (tokens, d.token_limit)
     key_names = {def_ids[name]: name for name in definitions}
     return Table(
         config=config,
@@ -298,6 +317,7 @@ def build_table(
         key_rate=key_rate,
         key_concurrency=key_concurrency,
         key_labels=key_labels,
+        key_tokens=key_tokens,
         all_keys=KeySet(every_key),
         protected=protected,
         shared=shared,
