@@ -250,10 +250,14 @@ def start_gateway(
     return proc
 
 
-def traffic_control(upstream: str) -> dict[str, object]:
+def traffic_control(
+    upstream: str, token_limit: dict[str, object] | None = None
+) -> dict[str, object]:
     """Auth (global and defined keys), key and pool limits, two weighted providers, fallback:
-    every check on the hot path is exercised, none of them refuses (limits are generous)."""
+    every check on the hot path is exercised, none of them refuses (limits are generous).
+    ``token_limit``: also a token limit on the pool and the key."""
     provider = {"url": upstream, "rate_limit": {"requests_per_second": 1e6, "burst_size": 10**6}}
+    tokens = {"token_limit": token_limit} if token_limit is not None else {}
     return {
         "auth": {
             "global_keys": ["admin-key"],
@@ -263,6 +267,7 @@ def traffic_control(upstream: str) -> dict[str, object]:
                     "rate_limit": {"requests_per_second": 1e6, "burst_size": 10**6},
                     "concurrency_limit": {"max_concurrent_requests": 10_000},
                     "labels": {"team": "bench"},
+                    **tokens,
                 }
             },
         },
@@ -274,6 +279,7 @@ def traffic_control(upstream: str) -> dict[str, object]:
                 "fallback": {"enabled": True, "on_status": [5]},
                 "routing_rules": [{"match_labels": {"team": "x"}, "action": {"type": "deny"}}],
                 "providers": [{**provider, "weight": 3}, {**provider, "weight": 1}],
+                **tokens,
             }
         },
     }
@@ -355,6 +361,14 @@ def main() -> None:
                 ("auth+limits+LB+metrics, non-streaming c=1", 1, False, None),
                 ("auth+limits+LB+metrics, non-streaming c=16", 16, False, None),
             ],
+        )
+        # The same with token limits on the pool and the key (generous: none refuses), so the
+        # reservation, the usage scan and the settlement are what the two rows differ by.
+        run(
+            "token limits",
+            traffic_control(upstream, {"tokens": 10**12, "window_secs": 60}),
+            ["--metrics-port", str(free_port())],
+            [("auth+limits+LB+metrics+token limits, c=16", 16, False, None)],
         )
         adapter = {
             "store": {"kind": "sqlite", "path": str(Path(workdir) / "bench.sqlite3")},

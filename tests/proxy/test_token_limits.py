@@ -192,3 +192,18 @@ async def test_a_key_token_limit_holds_for_that_key_only(nursery: trio.Nursery) 
         ]
         other = await client.post(CHAT, json=chat(max_tokens=100))
     assert small == [200, 200, 429] and other.status_code == 200
+
+
+async def test_each_model_call_of_a_responses_loop_is_settled(nursery: trio.Nursery) -> None:
+    up = FakeUpstream(usage_reply(400, 200))
+    pool = {
+        "providers": [{"url": await serve_app(nursery, up)}],
+        "open_responses": {"adapter": True},
+        "token_limit": {"tokens": 10_000, "window_secs": 10**6},
+    }
+    gw, url = await start_gateway(nursery, {"targets": {"m": pool}, "store": {"kind": "memory"}})
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        r = await client.post("/v1/responses", json={"model": "m", "input": "hi", "store": False})
+    assert r.status_code == 200 and r.json()["status"] == "completed"
+    limit = gw.targets.table.pools["m"].tokens
+    assert limit is not None and limit.remaining == 10_000 - 600
