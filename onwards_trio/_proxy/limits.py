@@ -5,12 +5,15 @@ Both read time from :func:`trio.current_time`, so tests drive them with ``MockCl
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import trio
 
 __all__ = [
     "ConcurrencyLimit",
     "Counter",
     "Permit",
+    "Reservation",
     "TokenBucket",
     "TokenLimit",
     "TokenReservation",
@@ -181,6 +184,14 @@ class TokenLimit:
         """Seconds until the bucket is full again."""
         self._refill()
         return (self.limit - self._tokens) / self.rate
+
+
+class Reservation(Protocol):
+    """Tokens held under a limit, local (:class:`TokenReservation`) or shared in Redis."""
+
+    def settle(self, used: int) -> None: ...
+
+    def refund(self) -> None: ...
 
 
 class TokenReservation:

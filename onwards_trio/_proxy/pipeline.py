@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import attrs
 import httpcore
@@ -29,7 +29,13 @@ from onwards_trio._ops.logs import access_logged
 from onwards_trio._ops.metrics import fallback_reason
 from onwards_trio._proxy.auth import bearer_token, evaluate_rules, key_id
 from onwards_trio._proxy.balance import backoff_delays, plan_attempts, select, status_matches
-from onwards_trio._proxy.limits import Permit, TokenLimit, TokenReservation, estimate_tokens
+from onwards_trio._proxy.limits import (
+    Permit,
+    Reservation,
+    TokenLimit,
+    TokenReservation,
+    estimate_tokens,
+)
 from onwards_trio._proxy.targets import Pool, Provider, Table, Targets
 from onwards_trio._proxy.usage import (
     StreamUsageStripper,
@@ -125,11 +131,12 @@ class TokenHold:
     does not report it) keeps its estimate: the conservative reading.
     """
 
-    __slots__ = ("answered", "limits", "reservations")
+    __slots__ = ("answered", "reservations", "windows")
 
     def __init__(self) -> None:
-        self.limits: list[TokenLimit] = []
-        self.reservations: list[TokenReservation] = []
+        self.reservations: list[Reservation] = []
+        # (limit, refill per second, tokens left after the reservation) of each limit
+        self.windows: list[tuple[int, float, float]] = []
         self.answered = False
 
     def settle(self, usage: Usage) -> None:
@@ -144,15 +151,14 @@ class TokenHold:
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """``x-ratelimit-*-tokens`` of the tightest limit (OpenAI's names; reset in seconds)."""
-        tightest = min(self.limits, key=lambda lim: lim.remaining)
-        return _token_headers(tightest)
+        return _token_headers(*min(self.windows, key=lambda w: w[2]))
 
 
-def _token_headers(limit: TokenLimit) -> list[tuple[bytes, bytes]]:
+def _token_headers(limit: int, rate: float, remaining: float) -> list[tuple[bytes, bytes]]:
     return [
-        (b"x-ratelimit-limit-tokens", str(limit.limit).encode()),
-        (b"x-ratelimit-remaining-tokens", str(limit.remaining).encode()),
-        (b"x-ratelimit-reset-tokens", f"{limit.reset:.3f}s".encode()),
+        (b"x-ratelimit-limit-tokens", str(limit).encode()),
+        (b"x-ratelimit-remaining-tokens", str(max(0, int(remaining))).encode()),
+        (b"x-ratelimit-reset-tokens", f"{max(0.0, limit - remaining) / rate:.3f}s".encode()),
     ]
 
 
@@ -441,33 +447,61 @@ class Proxy:
                 raise errors.concurrency_limited()
             stack.callback(permit.release)
 
-    def _reserve_tokens(
+    async def _reserve_tokens(
         self, table: Table, pool: Pool, request: ProxyRequest, stack: AsyncExitStack
     ) -> TokenHold | None:
         """Reserve the request's estimated tokens under the pool's, then the key's token limit
-        (all or none: a refusal gives back what was taken)."""
+        (all or none: a refusal gives back what was taken); in Redis with ``shared_limits``."""
         limits = []
+        ident = request.key_id
         if pool.tokens is not None and pool.spec.token_limit is not None:
             limits.append((pool.tokens, pool.spec.token_limit, "pool"))
-        key = table.key_tokens.get(request.key_id) if request.key_id is not None else None
-        if key is not None:
+        key = table.key_tokens.get(ident) if ident is not None else None
+        if key is not None and ident is not None:
             limits.append((key[0], key[1], "key"))
         if not limits:
             return None
         hold = request.tokens = TokenHold()
-        for limit, spec, scope in limits:
-            estimate = estimate_tokens(request.body, request.json, spec.default_output_tokens)
-            got = limit.reserve(estimate)
-            if not isinstance(got, TokenReservation):
-                for r in hold.reservations:
-                    r.refund()
-                if self.metrics is not None:
-                    self.metrics.rejected(pool.alias, "tokens", scope)
-                raise errors.rate_limited(got, _token_headers(limit))
-            hold.limits.append(limit)
-            hold.reservations.append(got)
+        estimates = [
+            estimate_tokens(request.body, request.json, spec.default_output_tokens)
+            for _, spec, _ in limits
+        ]
+        if table.shared is not None:
+            from onwards_trio._proxy.shared_limits import key_scope, pool_scope
+
+            scopes = [
+                pool_scope(pool.alias) if label == "pool" else key_scope(ident or "")
+                for _, _, label in limits
+            ]
+            outcome = await table.shared.reserve_tokens(
+                [(s, lim, e) for s, (lim, _, _), e in zip(scopes, limits, estimates, strict=True)]
+            )
+            if isinstance(outcome[0], int):
+                index, wait = outcome
+                self._refuse_tokens(pool, limits[index][2], limits[index][0], float(wait), 0.0)
+            reservations, remaining = outcome
+            assert isinstance(reservations, list) and isinstance(remaining, list)
+            hold.reservations.extend(reservations)
+            for (limit, _, _), left in zip(limits, remaining, strict=True):
+                hold.windows.append((limit.limit, limit.rate, left))
+        else:
+            for (limit, _, label), estimate in zip(limits, estimates, strict=True):
+                got = limit.reserve(estimate)
+                if not isinstance(got, TokenReservation):
+                    for r in hold.reservations:
+                        r.refund()
+                    self._refuse_tokens(pool, label, limit, got, float(limit.remaining))
+                hold.reservations.append(got)
+                hold.windows.append((limit.limit, limit.rate, float(limit.remaining)))
         stack.callback(hold.close)
         return hold
+
+    def _refuse_tokens(
+        self, pool: Pool, scope: str, limit: TokenLimit, wait: float, remaining: float
+    ) -> NoReturn:
+        if self.metrics is not None:
+            self.metrics.rejected(pool.alias, "tokens", scope)
+        raise errors.rate_limited(wait, _token_headers(limit.limit, limit.rate, remaining))
 
     async def _admit_shared(
         self,
@@ -601,7 +635,7 @@ class Proxy:
         alias, pool, _ = self.resolve(table, request)
         async with AsyncExitStack() as stack:
             await self._admit(table, pool, request.key_id, stack)
-            hold = self._reserve_tokens(table, pool, request, stack)
+            hold = await self._reserve_tokens(table, pool, request, stack)
             if (
                 (hold is not None or table.config.telemetry.stream_usage)
                 and request.wants_stream

@@ -30,13 +30,20 @@ import coredis.retry
 import trio
 
 from onwards_trio._config import SharedLimitsSpec
-from onwards_trio._proxy.limits import ConcurrencyLimit, Permit, TokenBucket
+from onwards_trio._proxy.limits import (
+    ConcurrencyLimit,
+    Permit,
+    TokenBucket,
+    TokenLimit,
+    TokenReservation,
+)
 
 __all__ = [
     "Admission",
     "SharedLimits",
     "SharedLimitsUnavailable",
     "SharedPermit",
+    "SharedTokenReservation",
     "key_scope",
     "pool_scope",
     "provider_scope",
@@ -134,6 +141,53 @@ end
 return #KEYS
 """
 
+# Token limits (TokenLimit's rule, in Redis): a hash {t: tokens, ts: seconds} per bucket,
+# refilled at ARGV rate up to its limit; a missing key is a full bucket. ARGV[1] is the mode,
+# then (limit, rate, amount) per bucket.
+#   reserve: take ``amount`` (capped at the limit) from every bucket, or from none: {1, i, wait}
+#            when bucket i has too little; else {0, remaining...} (strings: Lua numbers
+#            become integers in a reply).
+#   adjust:  add ``amount`` (negative: charge) to every bucket, at most up to its limit.
+_TOKENS_LUA = """
+local reserve = ARGV[1] == 'reserve'
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = {}
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[i * 3 - 1])
+  local rate = tonumber(ARGV[i * 3])
+  local amount = tonumber(ARGV[i * 3 + 1])
+  local got = redis.call('HMGET', KEYS[i], 't', 'ts')
+  local tokens = tonumber(got[1])
+  local ts = tonumber(got[2])
+  if tokens == nil or ts == nil then
+    tokens = limit
+    ts = now
+  end
+  if now > ts then
+    tokens = math.min(limit, tokens + (now - ts) * rate)
+  end
+  if reserve then
+    amount = math.min(amount, limit)
+    if tokens < amount - 1e-9 then
+      return {1, i, tostring((amount - tokens) / rate)}
+    end
+    tokens = tokens - amount
+  else
+    tokens = math.min(limit, tokens + amount)
+  end
+  state[i] = {limit, rate, tokens}
+end
+local out = {0}
+for i = 1, #KEYS do
+  local limit, rate, tokens = state[i][1], state[i][2], state[i][3]
+  redis.call('HSET', KEYS[i], 't', tostring(tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[i], math.ceil((limit - tokens) / rate * 1000) + 1000)
+  out[i + 1] = tostring(tokens)
+end
+return out
+"""
+
 _REDIS_ERRORS = (coredis.exceptions.RedisError, OSError)
 
 
@@ -186,6 +240,30 @@ class SharedPermit:
             await owner._release(self._leases)
 
 
+class SharedTokenReservation:
+    """Tokens reserved in a shared bucket; settled or refunded exactly once, in the background
+    (the adjustment is queued, and a task sends the queued ones in one Redis call)."""
+
+    __slots__ = ("_owner", "amount", "key", "limit", "rate")
+
+    def __init__(self, owner: SharedLimits, key: str, limit: TokenLimit, amount: float) -> None:
+        self._owner: SharedLimits | None = owner
+        self.key = key
+        self.limit = limit.limit
+        self.rate = limit.rate
+        self.amount = amount
+
+    def settle(self, used: int) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner._adjust(self, self.amount - used)
+
+    def refund(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner._adjust(self, self.amount)
+
+
 @attrs.frozen
 class Admission:
     """The outcome of :meth:`SharedLimits.admit`: admitted with ``permit`` (``None`` when no
@@ -214,6 +292,11 @@ class SharedLimits:
         # Leases whose acquire was cut short (timeout, cancellation): Redis may have taken
         # them anyway, so they are removed in the background instead of waiting to expire.
         self._orphans, self._orphans_in = trio.open_memory_channel[list[_Lease]](1024)
+        # Token settlements waiting to be sent (key, limit, rate, amount), batched by a task.
+        self._adjustments, self._adjustments_in = trio.open_memory_channel[
+            tuple[str, int, float, float]
+        ](65536)
+        self.unsent_adjustments = 0  # queued, not yet answered by Redis (tests wait for 0)
         self._last_warning: float | None = None
         self._paused_until = 0.0
         self.fallbacks = 0  # requests that fell back to local limits (for tests and metrics)
@@ -246,12 +329,14 @@ class SharedLimits:
                         "admit": client.register_script(_ADMIT_LUA),
                         "release": client.register_script(_RELEASE_LUA),
                         "renew": client.register_script(_RENEW_LUA),
+                        "tokens": client.register_script(_TOKENS_LUA),
                     }
                     if not started:
                         started = True
                         task_status.started()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._reap_forever)
+                        nursery.start_soon(self._adjust_forever)
                         await self._renew_forever()
             except Exception as exc:  # the gateway must outlive Redis
                 self._warn(exc)
@@ -281,6 +366,67 @@ class SharedLimits:
     async def _reap_forever(self) -> None:
         async for leases in self._orphans_in:
             await self._give_back(leases)
+
+    def _adjust(self, reservation: SharedTokenReservation, amount: float) -> None:
+        if not amount:
+            return
+        item = (reservation.key, reservation.limit, reservation.rate, amount)
+        try:
+            self._adjustments.send_nowait(item)
+            self.unsent_adjustments += 1
+        except trio.WouldBlock:  # Redis far behind: the estimate stands (conservative)
+            pass
+
+    async def _adjust_forever(self) -> None:
+        """Send queued token settlements, all that are waiting in one call (off the hot path:
+        a settlement never delays the answer it settles)."""
+        async for first in self._adjustments_in:
+            batch = [first]
+            while len(batch) < 512:
+                try:
+                    batch.append(self._adjustments_in.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            args: list[Any] = ["adjust"]
+            for _, limit, rate, amount in batch:
+                args += (limit, repr(rate), repr(amount))
+            # A failed send loses these corrections (logged); the buckets refill regardless.
+            with contextlib.suppress(SharedLimitsUnavailable):
+                await self._call(
+                    "tokens", [key for key, *_ in batch], args, budget=max(self.timeout, 1.0)
+                )
+            self.unsent_adjustments -= len(batch)
+
+    async def reserve_tokens(
+        self, buckets: Sequence[tuple[str, TokenLimit, int]]
+    ) -> tuple[list[TokenReservation | SharedTokenReservation], list[float]] | tuple[int, float]:
+        """Reserve ``(scope, limit, estimate)`` in every bucket or none, in one Redis call:
+        (reservations, remaining per bucket), or (index refused, seconds to wait). While
+        Redis is unavailable, the in-process twins decide."""
+        keys = [self._key("tokens", scope) for scope, _, _ in buckets]
+        args: list[Any] = ["reserve"]
+        for _, limit, estimate in buckets:
+            args += (limit.limit, repr(limit.rate), max(estimate, 0))
+        try:
+            reply = await self._call("tokens", keys, args)
+        except SharedLimitsUnavailable:
+            self.fallbacks += 1
+            taken: list[TokenReservation | SharedTokenReservation] = []
+            for i, (_, limit, estimate) in enumerate(buckets):
+                got = limit.reserve(estimate)
+                if not isinstance(got, TokenReservation):
+                    for r in taken:
+                        r.refund()
+                    return i, got
+                taken.append(got)
+            return taken, [float(limit.remaining) for _, limit, _ in buckets]
+        if int(reply[0]) == 1:
+            return int(reply[1]) - 1, float(reply[2])
+        reservations: list[TokenReservation | SharedTokenReservation] = [
+            SharedTokenReservation(self, key, limit, float(min(max(estimate, 0), limit.limit)))
+            for key, (_, limit, estimate) in zip(keys, buckets, strict=True)
+        ]
+        return reservations, [float(x) for x in reply[1:]]
 
     def _orphan(self, leases: list[_Lease]) -> None:
         with contextlib.suppress(trio.WouldBlock):  # else the leases expire on their own

@@ -23,9 +23,9 @@ import trio
 from onwards_trio import parse_config
 from onwards_trio._config import SharedLimitsSpec
 from onwards_trio._proxy.auth import key_id
-from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket
+from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket, TokenLimit
 from onwards_trio._proxy.shared_limits import SharedLimits, key_scope, pool_scope
-from tests.support import FakeUpstream, Reply, serve_app, sse, start_gateway
+from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
 
 REDIS_URL = os.environ.get("ONWARDS_TEST_REDIS_URL")
 needs_redis = pytest.mark.skipif(
@@ -522,3 +522,55 @@ async def test_a_reload_keeps_the_shared_limits(nursery: trio.Nursery, prefix: s
     shared = gateway.shared_limits
     gateway.update_config(parse_config({"targets": {"n": {"url": url}}}))
     assert shared is not None and gateway.targets.table.shared is shared
+
+
+@needs_redis
+async def test_two_gateways_never_exceed_a_shared_token_limit(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    # Each answer uses 100 tokens; each estimate is body/4 + max_tokens 100, never less than
+    # that, so the two replicas together must stay within the limit to the token.
+    usage = {"prompt_tokens": 0, "completion_tokens": 100, "total_tokens": 100}
+    up = FakeUpstream(Reply(body=chat_completion(usage=usage)))
+    limit = {"tokens": 2000, "window_secs": 10**6}
+    pool = {"providers": [{"url": await serve_app(nursery, up)}], "token_limit": limit}
+    a, b = await replicas(nursery, {"shared_limits": shared_config(prefix), "targets": {"m": pool}})
+    statuses: list[int] = []
+
+    async def caller(client: httpx.AsyncClient) -> None:
+        for _ in range(15):
+            r = await client.post(CHAT, json=body(max_tokens=100))
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert r.headers["x-ratelimit-limit-tokens"] == "2000"
+
+    async with a, b, trio.open_nursery() as callers:
+        for client in (a, b, a, b):  # four concurrent callers, two on each replica
+            callers.start_soon(caller, client)
+    used = 100 * len(up.requests)
+    assert statuses.count(200) == len(up.requests)
+    assert used <= 2000  # one replica alone would have allowed 2000, together 4000
+    assert used >= 1700  # settlement gave the over-estimates back (estimates alone: 16)
+
+
+async def settled(limits: SharedLimits) -> None:
+    with trio.fail_after(10):
+        while limits.unsent_adjustments:
+            await trio.sleep(0.01)
+
+
+@needs_redis
+async def test_shared_token_reserve_settle_refund_and_retry_after(limits: SharedLimits) -> None:
+    window = TokenLimit(1000, 10**6)  # refills 0.001 tokens a second: nothing, here
+    first = await limits.reserve_tokens([("t", window, 600)])
+    assert isinstance(first[0], list) and first[1] == [pytest.approx(400, abs=1)]
+    first[0][0].settle(100)  # 500 of the 600 come back
+    await settled(limits)
+    second = await limits.reserve_tokens([("t", window, 900)])
+    assert isinstance(second[0], list) and second[1] == [pytest.approx(0, abs=1)]
+    second[0][0].refund()
+    await settled(limits)
+    third = await limits.reserve_tokens([("t", window, 850)])
+    assert isinstance(third[0], list)
+    refused = await limits.reserve_tokens([("t", window, 100)])
+    assert refused[0] == 0 and refused[1] == pytest.approx((100 - 50) / 0.001, rel=0.01)
