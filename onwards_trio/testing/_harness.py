@@ -375,8 +375,12 @@ class Harness:
             self._token = None
 
     def save_cassette(self) -> None:
-        """Write the cassette when recording produced one (never an empty file)."""
+        """Write the cassette when recording produced one (never an empty file), once the
+        recordings still in flight have ended (called from the test's thread)."""
         cassette = self.upstream.cassette
+        running = self._token is not None and threading.get_ident() != self._trio_thread
+        if self.upstream.recording and running:
+            self.upstream.wait_for_recordings(timeout=30)
         if self.upstream.recording and cassette is not None and cassette.interactions:
             cassette.save()
 

@@ -106,6 +106,8 @@ class UpstreamApp:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # the test thread reads while the Trio thread writes
+        self._recordings = 0  # recordings in flight (a client may stop reading before they end)
+        self._recorded = threading.Condition(self.lock)
         self.models: dict[str, ScriptedModel | RecordedModel] = {}
         self.tools: dict[str, PythonTool] = {}
         self.calls: list[ModelCall] = []
@@ -114,6 +116,13 @@ class UpstreamApp:
         self.cassette: Cassette | None = None
         self.recording = False
         self.client: httpx.AsyncClient | None = None
+
+    def wait_for_recordings(self, timeout: float) -> bool:
+        """Block (the test's thread) until no recording is in flight: a streaming client stops
+        at ``[DONE]``, before the recorder has seen the upstream's end and kept the interaction.
+        ``False`` if some are still running after ``timeout`` seconds."""
+        with self._recorded:
+            return self._recorded.wait_for(lambda: self._recordings == 0, timeout)
 
     def problem(self, message: str) -> None:
         with self.lock:
@@ -149,7 +158,14 @@ class UpstreamApp:
                 return
             await self._scripted(alias, model, record, send)
         elif self.recording:
-            await self._record(alias, model, scope, "/" + rest, body, headers, send)
+            with self.lock:
+                self._recordings += 1
+            try:
+                await self._record(alias, model, scope, "/" + rest, body, headers, send)
+            finally:
+                with self._recorded:
+                    self._recordings -= 1
+                    self._recorded.notify_all()
         else:
             await self._replay(alias, model, parsed, send)
 
