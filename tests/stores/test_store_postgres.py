@@ -31,7 +31,7 @@ from onwards_trio._stores.postgres import (
     PostgresResponseStore,
     PostgresStore,
 )
-from tests.responses.test_responses_api import TEXT_EVENTS, sdk, text_reply
+from tests.responses.test_responses_api import BACKGROUND_EVENTS, sdk, text_reply
 from tests.support import FakeUpstream, serve_app, start_gateway
 
 POSTGRES_DSN = os.environ.get("ONWARDS_TEST_POSTGRES_DSN", "")
@@ -295,8 +295,8 @@ async def test_a_background_response_is_resumed_on_another_gateway(
                 return list(stream)
 
         events = await sdk(resume)
-    assert [e.sequence_number for e in events] == list(range(4, len(TEXT_EVENTS)))
-    assert [e.type for e in events] == TEXT_EVENTS[4:]
+    assert [e.sequence_number for e in events] == list(range(4, len(BACKGROUND_EVENTS)))
+    assert [e.type for e in events] == BACKGROUND_EVENTS[4:]
 
 
 @needs_postgres
