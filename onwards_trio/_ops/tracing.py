@@ -26,10 +26,19 @@ Prompts, completions, tool arguments and results are recorded only with
 ``telemetry.record_content`` (as ``gen_ai.input.messages``, ``gen_ai.output.messages``,
 ``gen_ai.tool.call.arguments``, ``gen_ai.tool.call.result``, each cut at 16 KiB).
 
+Recording is lean: the SDK's ``Tracer``/``Span`` cost tens of microseconds per span on the
+request's own path (sampler call, locked attribute maps, processor hooks). Here a span is a
+small object that gathers its attributes in a plain dict and becomes the SDK's
+``ReadableSpan`` when it ends; the sampler (the SDK's, from ``OTEL_TRACES_SAMPLER``) decides
+once per trace, at its root, and children follow. A span that is not sampled still has a
+:class:`~opentelemetry.trace.SpanContext` (for ``traceparent``), and nothing else. The current
+span is kept in OpenTelemetry's context (as a ``NonRecordingSpan``), so code that uses the
+OpenTelemetry API in the same task sees it.
+
 Export is Trio-correct: a finished span is appended to a bounded queue (full: the span is
 dropped and counted); :meth:`Telemetry.run`, a task in the gateway's service nursery, hands
-batches to the OTLP/HTTP exporter in a worker thread (``trio.to_thread``, one at a time, each
-bounded by the export timeout). A collector that is down or slow therefore costs requests
+batches to the SDK's OTLP/HTTP exporter in a worker thread (``trio.to_thread``, one at a time,
+each bounded by the export timeout). A collector that is down or slow therefore costs requests
 nothing beyond the span bookkeeping: spans queue, then drop.
 """
 
@@ -38,6 +47,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from typing import Any, Final
@@ -48,10 +58,20 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.sdk.trace.sampling import Sampler
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision, Sampler
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 __all__ = ["AttemptSpan", "SpanScope", "Telemetry", "operation_for"]
@@ -63,6 +83,10 @@ _ALIAS_LIMIT: Final = 128
 _FLUSH_ON_EXIT: Final = 5.0  # seconds spent exporting the last spans when the gateway stops
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
+_ERROR: Final = Status(StatusCode.ERROR)
+_SCOPE: Final = InstrumentationScope("onwards_trio")
 # The request path names the GenAI operation of an upstream call.
 _OPERATIONS: Final = {
     "chat/completions": "chat",
@@ -75,26 +99,80 @@ _OPERATIONS: Final = {
 _origin: ContextVar[SpanContext | None] = ContextVar("onwards_trio_trace_origin", default=None)
 
 
+class _Span:
+    """A span being recorded: what ``ReadableSpan`` needs, gathered cheaply. Attributes set
+    while it runs go to a plain dict; it becomes a ``ReadableSpan`` (sampled) when it ends."""
+
+    __slots__ = (
+        "attributes",
+        "context",
+        "error",
+        "kind",
+        "links",
+        "name",
+        "parent",
+        "sampled",
+        "start",
+        "telemetry",
+    )
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        name: str,
+        kind: SpanKind,
+        context: SpanContext,
+        parent: SpanContext | None,
+        attributes: dict[str, Any],
+        links: Sequence[Link] = (),
+    ) -> None:
+        self.telemetry = telemetry
+        self.name = name
+        self.kind = kind
+        self.context = context
+        self.parent = parent
+        self.attributes = attributes
+        self.links = links
+        self.sampled = context.trace_flags.sampled
+        self.error = False
+        self.start = time.time_ns()
+
+    def end(self) -> None:
+        if self.sampled:
+            self.telemetry.queue.put(
+                ReadableSpan(
+                    name=self.name,
+                    context=self.context,
+                    parent=self.parent,
+                    resource=self.telemetry.resource,
+                    attributes=self.attributes,
+                    links=self.links,
+                    kind=self.kind,
+                    status=_ERROR if self.error else Status(),
+                    start_time=self.start,
+                    end_time=time.time_ns(),
+                    instrumentation_scope=_SCOPE,
+                )
+            )
+
+
 class SpanScope:
-    """A started span and, when it was made current, the token that restores the context."""
+    """A started span and the token that restores the context it was made current in."""
 
     __slots__ = ("span", "token")
 
-    def __init__(self, span: Span, token: Token[Context] | None) -> None:
+    def __init__(self, span: _Span, token: Token[Context] | None) -> None:
         self.span = span
         self.token = token
 
 
 class AttemptSpan:
-    """The client span of one upstream attempt, as the pipeline drives it. What it learns on
-    the way is set on the span in one call when it ends (each call takes the span's lock)."""
+    """The client span of one upstream attempt, as the pipeline drives it."""
 
-    __slots__ = ("attributes", "error", "span")
+    __slots__ = ("span",)
 
-    def __init__(self, span: Span) -> None:
+    def __init__(self, span: _Span) -> None:
         self.span = span
-        self.attributes: dict[str, Any] = {}
-        self.error = False
 
     def trace_headers(
         self, headers: list[tuple[bytes, bytes]], propagate: bool
@@ -105,44 +183,53 @@ class AttemptSpan:
         out = [(k, v) for k, v in headers if k not in _TRACE_HEADERS]
         if propagate:
             carrier: dict[str, str] = {}
-            _PROPAGATOR.inject(carrier, trace.set_span_in_context(self.span))
+            span = NonRecordingSpan(self.span.context)
+            _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
             out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in carrier.items())
         return out
 
     def answered(self, status: int) -> None:
         """The response head arrived."""
-        self.attributes["http.response.status_code"] = status
+        span = self.span
+        span.attributes["http.response.status_code"] = status
         if status >= 500:
-            self.attributes["error.type"] = str(status)
-            self.error = True
+            span.attributes["error.type"] = str(status)
+            span.error = True
 
     def first_byte(self, seconds: float) -> None:
-        self.attributes["gen_ai.response.time_to_first_chunk"] = seconds
+        self.span.attributes["gen_ai.response.time_to_first_chunk"] = seconds
 
     def usage(self, usage: Any) -> None:
-        self.attributes.update(_usage_attributes(usage))
+        self.span.attributes.update(_usage_attributes(usage))
 
     def end(self, failure: str | None = None) -> None:
         """End the span; ``failure`` says why the attempt failed (``timeout``,
         ``network_error``, ``cancelled``, ``rejected``)."""
         span = self.span
         if failure is not None:
-            self.attributes["error.type"] = failure
-            self.error = True
-        if span.is_recording():
-            span.set_attributes(self.attributes)
-            if self.error:
-                span.set_status(Status(StatusCode.ERROR))
+            span.attributes["error.type"] = failure
+            span.error = True
         span.end()
 
 
-class _SpanQueue(SpanProcessor):
-    """A bounded queue of finished spans: ``on_end`` is a deque append on the caller's thread.
+class _Resource(Resource):
+    """A ``Resource`` that hashes once: the OTLP encoder groups spans by resource and hashes it
+    for every span, which for the SDK's class is a JSON dump of all its attributes."""
 
-    The SDK's batch processor costs tens of microseconds per span on the caller's thread and
-    blocks in ``force_flush``/``shutdown``; this one does nothing but queue, and the Trio task
-    in :meth:`Telemetry.run` does the exporting.
-    """
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other)
+
+
+class _SpanQueue:
+    """A bounded queue of finished spans: ``put`` is a deque append on the caller's thread;
+    the Trio task in :meth:`Telemetry.run` does the exporting."""
 
     def __init__(self, max_queue: int, batch: int) -> None:
         self.spans: collections.deque[ReadableSpan] = collections.deque()
@@ -152,7 +239,7 @@ class _SpanQueue(SpanProcessor):
         self.ready = trio.Event()
         self._trio_thread: int | None = None
 
-    def on_end(self, span: ReadableSpan) -> None:
+    def put(self, span: ReadableSpan) -> None:
         spans = self.spans
         if len(spans) >= self.max_queue:
             self.dropped += 1
@@ -192,6 +279,12 @@ def operation_for(path: bytes) -> str:
     return _OPERATIONS.get(text, "chat" if text.endswith("chat/completions") else "other")
 
 
+def _current() -> SpanContext | None:
+    """The span context current in this task (``None``: no valid one)."""
+    context = trace.get_current_span().get_span_context()
+    return context if context.is_valid else None
+
+
 class Telemetry:
     """Live tracing for one gateway: the span hooks the request path calls, and the export task.
 
@@ -217,18 +310,62 @@ class Telemetry:
         resource = Resource.create(attributes)
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "onwards-trio"}))
-        self.provider = TracerProvider(resource=resource, sampler=sampler)
+        self.resource = _Resource(resource)
+        # The provider resolves the sampler as the SDK does (OTEL_TRACES_SAMPLER[_ARG]).
+        self.sampler: Sampler = TracerProvider(resource=resource, sampler=sampler).sampler
+        self._ids = RandomIdGenerator()
         self.queue = _SpanQueue(max_queue, batch)
-        self.provider.add_span_processor(self.queue)
-        self.tracer = self.provider.get_tracer("onwards_trio")
         self.exporter = exporter
         self.record_content = record_content
         self.interval = interval
         self.export_timeout = export_timeout
         self._limiter = trio.CapacityLimiter(1)
 
-    # -- export ---------------------------------------------------------------------------------
+    def _span(
+        self,
+        name: str,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        parent: SpanContext | None,
+        links: Sequence[Link] = (),
+    ) -> _Span:
+        """A new span under ``parent``. The sampler decides at a trace's root (or under a
+        remote parent, whose decision a parent-based sampler follows); children follow."""
+        if parent is None or parent.is_remote:
+            trace_id = parent.trace_id if parent is not None else self._ids.generate_trace_id()
+            context = (
+                trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+            )
+            result = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+            sampled = result.decision is Decision.RECORD_AND_SAMPLE
+            state = result.trace_state
+        else:
+            trace_id, sampled, state = (
+                parent.trace_id,
+                parent.trace_flags.sampled,
+                parent.trace_state,
+            )
+        span_context = SpanContext(
+            trace_id,
+            self._ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
+            trace_state=state,
+        )
+        return _Span(self, name, kind, span_context, parent, attributes, links)
 
+    @staticmethod
+    def _enter(span: _Span) -> SpanScope:
+        token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(span.context)))
+        return SpanScope(span, token)
+
+    @staticmethod
+    def _exit(scope: SpanScope) -> None:
+        scope.span.end()
+        if scope.token is not None:
+            otel_context.detach(scope.token)
+
+    # -- export ---------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Export queued spans until cancelled, then flush what is left (bounded) and shut the
         exporter down. Each export runs in a worker thread, so the event loop never waits."""
@@ -277,16 +414,13 @@ class Telemetry:
                 if carrier is None:
                     carrier = {}
                 carrier[k.decode("latin-1")] = v.decode("latin-1")
-        parent = _PROPAGATOR.extract(carrier) if carrier is not None else Context()
+        parent = None
+        if carrier is not None:
+            remote = trace.get_current_span(_PROPAGATOR.extract(carrier)).get_span_context()
+            parent = remote if remote.is_valid else None
         name = f"{method} {route}" if route != "other" else method
-        span = self.tracer.start_span(
-            name,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "http.route": route},
-        )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return SpanScope(span, token)
+        attributes = {"http.request.method": method, "http.route": route}
+        return self._enter(self._span(name, SpanKind.SERVER, attributes, parent))
 
     def end_request(
         self,
@@ -300,8 +434,9 @@ class Telemetry:
         usage: Any = None,
     ) -> None:
         span = scope.span
-        if span.is_recording():
-            attributes: dict[str, Any] = {"http.response.status_code": status}
+        if span.sampled:
+            attributes = span.attributes
+            attributes["http.response.status_code"] = status
             if alias is not None:
                 if len(alias) > _ALIAS_LIMIT:  # what the client sent, configured or not
                     alias = alias[:_ALIAS_LIMIT] + "..."
@@ -317,11 +452,8 @@ class Telemetry:
                 attributes.update(_usage_attributes(usage))
             if status >= 500:
                 attributes["error.type"] = str(status)
-                span.set_status(Status(StatusCode.ERROR))
-            span.set_attributes(attributes)
-        span.end()
-        if scope.token is not None:
-            otel_context.detach(scope.token)
+                span.error = True
+        self._exit(scope)
 
     # -- upstream attempts (client spans) -------------------------------------------------------
 
@@ -346,10 +478,8 @@ class Telemetry:
         }
         if retry_reason is not None:
             attributes["onwards.retry_reason"] = retry_reason
-        span = self.tracer.start_span(
-            f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes
-        )
-        return AttemptSpan(span)
+        name = f"{operation} {model}"
+        return AttemptSpan(self._span(name, SpanKind.CLIENT, attributes, _current()))
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -358,9 +488,9 @@ class Telemetry:
     ) -> SpanScope:
         """A loop run: a child of the current span, or — for a background response, whose
         context was detached — a new trace linked to the request that created it."""
-        current = trace.get_current_span().get_span_context()
+        parent = _current()
         links: list[Link] = []
-        if not current.is_valid:
+        if parent is None:
             origin = _origin.get()
             if origin is not None:
                 links.append(Link(origin, {"onwards.link": "created_by"}))
@@ -373,25 +503,20 @@ class Telemetry:
             attributes["gen_ai.request.model"] = model
         if agent:
             attributes["gen_ai.agent.name"] = agent
-        span = self.tracer.start_span(
-            f"invoke_agent {agent or model or ''}".rstrip(), attributes=attributes, links=links
-        )
-        return SpanScope(span, otel_context.attach(trace.set_span_in_context(span)))
+        name = f"invoke_agent {agent or model or ''}".rstrip()
+        return self._enter(self._span(name, SpanKind.INTERNAL, attributes, parent, links))
 
     def end_response(
         self, scope: SpanScope, status: str, usage: Any = None, error: str | None = None
     ) -> None:
         span = scope.span
-        if span.is_recording():
-            span.set_attribute("onwards.response.status", status)
-            if usage is not None:
-                span.set_attributes(_usage_attributes(usage))
-            if error is not None:
-                span.set_attribute("error.type", error)
-                span.set_status(Status(StatusCode.ERROR))
-        span.end()
-        if scope.token is not None:
-            otel_context.detach(scope.token)
+        span.attributes["onwards.response.status"] = status
+        if usage is not None:
+            span.attributes.update(_usage_attributes(usage))
+        if error is not None:
+            span.attributes["error.type"] = error
+            span.error = True
+        self._exit(scope)
 
     def start_step(self, step_id: str, kind: str, payload: Any) -> SpanScope:
         """A loop step (model call or tool call), child of its loop run's span."""
@@ -418,30 +543,27 @@ class Telemetry:
             if record and "messages" in payload:
                 attributes["gen_ai.input.messages"] = _content(payload["messages"])
             title = f"chat {model}" if isinstance(model, str) else "chat"
-        span = self.tracer.start_span(title, attributes=attributes)
-        return SpanScope(span, otel_context.attach(trace.set_span_in_context(span)))
+        return self._enter(self._span(title, SpanKind.INTERNAL, attributes, _current()))
 
     def end_step(
         self, scope: SpanScope, kind: str, outcome: str, result: Any = None, usage: Any = None
     ) -> None:
         span = scope.span
-        if span.is_recording():
-            span.set_attribute("onwards.step.outcome", outcome)
-            if usage is not None:
-                span.set_attributes(_usage_attributes(usage))
-            if isinstance(result, Mapping):
-                model = result.get("model")
-                if isinstance(model, str):
-                    span.set_attribute("gen_ai.response.model", model)
-            if self.record_content and result is not None:
-                key = "gen_ai.tool.call.result" if kind == "tool_call" else "gen_ai.output.messages"
-                span.set_attribute(key, _content(result))
-            if outcome != "completed":
-                span.set_attribute("error.type", outcome)
-                span.set_status(Status(StatusCode.ERROR))
-        span.end()
-        if scope.token is not None:
-            otel_context.detach(scope.token)
+        attributes = span.attributes
+        attributes["onwards.step.outcome"] = outcome
+        if usage is not None:
+            attributes.update(_usage_attributes(usage))
+        if isinstance(result, Mapping):
+            model = result.get("model")
+            if isinstance(model, str):
+                attributes["gen_ai.response.model"] = model
+        if self.record_content and result is not None:
+            key = "gen_ai.tool.call.result" if kind == "tool_call" else "gen_ai.output.messages"
+            attributes[key] = _content(result)
+        if outcome != "completed":
+            attributes["error.type"] = outcome
+            span.error = True
+        self._exit(scope)
 
     # -- background responses -------------------------------------------------------------------
 
@@ -449,6 +571,5 @@ class Telemetry:
     def detach() -> None:
         """Leave the current trace, for the rest of this task (one that outlives the request
         that started it): the next loop run starts a new trace linked to the current span."""
-        current = trace.get_current_span().get_span_context()
-        _origin.set(current if current.is_valid else None)
+        _origin.set(_current())
         otel_context.attach(Context())
