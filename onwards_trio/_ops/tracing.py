@@ -385,10 +385,10 @@ class Telemetry:
             with trio.CancelScope(shield=True), trio.move_on_after(_FLUSH_ON_EXIT):
                 while queue.spans:
                     await self._export(queue.take())
+            # Not behind the export limiter: an export still stuck in its retries is what
+            # shutdown() interrupts (it wakes the exporter's backoff wait and closes its session).
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await trio.to_thread.run_sync(
-                    self.exporter.shutdown, abandon_on_cancel=True, limiter=self._limiter
-                )
+                await trio.to_thread.run_sync(self.exporter.shutdown, abandon_on_cancel=True)
 
     async def _export(self, batch: Sequence[ReadableSpan]) -> None:
         # The exporter bounds its own request (and retries) by its timeout; the margin covers
