@@ -55,12 +55,14 @@ from onwards_trio._loop.transition import open_responses_transition as open_resp
 from onwards_trio._ops.logs import RedactionFilter as RedactionFilter
 from onwards_trio._ops.logs import RequestRecord as RequestRecord
 from onwards_trio._ops.logs import configure_logging as configure_logging
+from onwards_trio._ops.logs import protect as protect
 from onwards_trio._ops.metrics import Metrics as Metrics
 from onwards_trio._ops.metrics import install_metrics as install_metrics
 from onwards_trio._ops.metrics import metrics_app as metrics_app
 from onwards_trio._ops.metrics import serve_metrics as serve_metrics
 from onwards_trio._ops.reload import ConfigWatcher as ConfigWatcher
 from onwards_trio._ops.reload import GracefulShutdown as GracefulShutdown
+from onwards_trio._ops.reload import config_secrets as config_secrets
 from onwards_trio._proxy.pipeline import FilterContext as FilterContext
 from onwards_trio._proxy.pipeline import FilterFactory as FilterFactory
 from onwards_trio._proxy.pipeline import ProxyRequest as ProxyRequest
@@ -189,6 +191,7 @@ __all__ = [
     "ToolSchema",
     "Transition",
     "UpstreamReply",
+    "config_secrets",
     "configure_logging",
     "install_metrics",
     "load_config",
@@ -196,6 +199,7 @@ __all__ = [
     "open_response_stream",
     "open_responses_transition",
     "parse_config",
+    "protect",
     "response_filter",
     "run_response_loop",
     "serve_metrics",

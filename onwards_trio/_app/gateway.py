@@ -44,7 +44,7 @@ from onwards_trio._ops.logs import (
     finish_exchange,
     note_request,
 )
-from onwards_trio._ops.metrics import endpoint_label
+from onwards_trio._ops.metrics import Metrics, endpoint_label, install_metrics, serve_metrics
 from onwards_trio._ops.telemetry import activate, create_telemetry
 from onwards_trio._proxy.auth import bearer_token
 from onwards_trio._proxy.pipeline import Proxy, ProxyRequest, UpstreamReply, parse_json_body
@@ -120,7 +120,9 @@ _STREAM_BROKEN = (
 
 @attrs.frozen
 class ServeInfo:
-    """Where a served gateway listens (``url`` is ``http://host:port``)."""
+    """Where a served gateway listens: ``url`` is ``http://host:port``; ``metrics_url`` the
+    Prometheus scrape URL (``http://host:port/metrics``) when ``serve`` was given a
+    ``metrics_port``, else ``None``."""
 
     url: str
     metrics_url: str | None = None
@@ -231,6 +233,8 @@ class Gateway:
         grace: float = 30.0,
         server: Literal["onwards", "hypercorn"] = "onwards",
         reuse_port: bool = False,
+        metrics_port: int | None = None,
+        metrics: Metrics | None = None,
         task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled, or until ``shutdown_trigger`` returns and in-flight requests
@@ -238,9 +242,15 @@ class Gateway:
         running after it are handed over or cancelled (``background.on_shutdown``).
         ``task_status.started`` receives a :class:`ServeInfo`. ``server="hypercorn"`` uses
         hypercorn (HTTP/2, h2c) instead of the lean built-in HTTP/1.1 server. ``reuse_port``
-        (built-in server only) lets several processes serve one port (``--workers``)."""
+        (built-in server only) lets several processes serve one port (``--workers``).
+
+        With ``metrics_port``, Prometheus metrics (``metrics``, else the gateway's installed
+        ones, else a fresh ``Metrics()``) are served on ``host:metrics_port`` in the service
+        nursery and ``ServeInfo.metrics_url`` is their scrape URL."""
         if reuse_port and server == "hypercorn":
             raise ValueError("reuse_port needs the built-in server")
+        if metrics_port is not None and (metrics is not None or self.metrics is None):
+            install_metrics(self, metrics if metrics is not None else Metrics())
         done = trio.Event()
         drain_started: float | None = None
         if shutdown_trigger is not None:
@@ -281,7 +291,11 @@ class Gateway:
             binds: Sequence[str] = await self.nursery.start(listener)
             url = binds[0] if binds else f"http://{host}:{port}"
             log.info("onwards-trio listening on %s", url)
-            task_status.started(ServeInfo(url=url))
+            metrics_url = None
+            if metrics_port is not None:
+                base = await self.nursery.start(serve_metrics, self.metrics, host, metrics_port)
+                metrics_url = f"{base}/metrics"
+            task_status.started(ServeInfo(url=url, metrics_url=metrics_url))
             await done.wait()
             if drain_started is not None:
                 with trio.move_on_at(drain_started + grace):

@@ -277,6 +277,7 @@ def access_writer() -> AccessWriter | None:
     """The buffered access-log writer of the handler :func:`configure_logging` installed; the
     gateway runs its task in the service nursery (``None``: access lines go through logging)."""
     return _writer
+_protected: set[str] = set()  # every string protect() was given, for the next guard too
 
 
 def configure_logging(
@@ -299,7 +300,7 @@ def configure_logging(
         raise ValueError(f"unknown log format {kind!r} (use text or json)")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if kind == "json" else TextFormatter())
-    guard = RedactionFilter(secrets)
+    guard = RedactionFilter([*_protected, *secrets])
     handler.addFilter(guard)
     root = logging.getLogger("onwards_trio")
     if _installed is not None:
@@ -556,6 +557,10 @@ def finish_exchange(
 
 
 def protect(secrets: Iterable[str]) -> None:
-    """Mask these exact strings in every log line from now on (e.g. a config's keys)."""
+    """Mask these exact strings in every log line from now on (e.g. a config's keys,
+    :func:`~onwards_trio.config_secrets`), also in a handler :func:`configure_logging` installs
+    later: the order of the two calls must not decide whether a key leaks."""
+    secrets = [s for s in secrets if s]
+    _protected.update(secrets)
     if _guard is not None:
         _guard.add_secrets(secrets)

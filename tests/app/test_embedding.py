@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import httpx
 import pytest
 import trio
@@ -105,3 +107,16 @@ async def test_under_hypercorn_background_responses_just_work(nursery: trio.Nurs
     assert queued["status"] == "queued"
     assert got["status"] == "completed"
     assert got["output"][0]["content"][0]["text"] == "done in the background"
+
+
+async def test_serve_with_a_metrics_port_reports_a_scrape_url(nursery: trio.Nursery) -> None:
+    gateway = ot.Gateway(ot.parse_config({"targets": {"m": {"url": "http://127.0.0.1:9"}}}))
+    serve = partial(gateway.serve, "127.0.0.1", 0, metrics_port=0, metrics=ot.Metrics("embed"))
+    info: ot.ServeInfo = await nursery.start(serve)
+    assert info.metrics_url is not None
+    async with httpx.AsyncClient(timeout=10) as client:
+        await client.get(f"{info.url}/v1/models")
+        scrape = await client.get(info.metrics_url)
+    assert 'embed_http_requests_total{endpoint="/v1/models",method="GET",status="200"} 1.0' in (
+        scrape.text
+    )

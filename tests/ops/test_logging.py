@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+import onwards_trio
 from onwards_trio._ops import logs as _logging
 from onwards_trio._ops.logs import (
     RedactionFilter,
@@ -209,6 +210,15 @@ def test_a_failing_observer_does_not_break_the_request(
     configure_logging("info", stream=stream)
     log_request(RequestRecord("GET", "/v1/models", 200, 0.001))
     assert "a request observer failed" in stream.getvalue()
+
+
+def test_protect_before_configure_logging_still_masks(restore_logging: None) -> None:
+    onwards_trio.protect(["early-secret-41c9"])  # an embedding program may protect first
+    out = io.StringIO()
+    onwards_trio.configure_logging("info", stream=out)
+    logging.getLogger("onwards_trio").warning("the key is early-secret-41c9")
+    assert "early-secret-41c9" not in out.getvalue()
+    assert "the key is" in out.getvalue()
 
 
 def test_configuring_twice_keeps_one_handler(restore_logging: None) -> None:
