@@ -151,10 +151,10 @@ async def _run_then_interrupt(argv: list[str], cwd: Path) -> tuple[int, str, str
                 proc.send_signal(signal.SIGINT)
                 async for chunk in proc.stdout:
                     out += chunk
-                await proc.wait()
+                code = await proc.wait()
     finally:
         if proc.returncode is None:
             proc.kill()
             with trio.move_on_after(10):
                 await proc.wait()
-    return proc.returncode, out.decode(), err.decode()
+    return code, out.decode(), err.decode()
