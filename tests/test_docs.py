@@ -15,6 +15,8 @@ How to write a block that this test accepts (the convention for everyone writing
   example is one the docs test keeps true.
 * ``<!-- interrupt -->`` marks a ``python`` block that serves until Ctrl-C: the test waits for
   its first line on stdout, sends SIGINT, and expects exit 0 and no traceback.
+* A ``python`` block whose first line is ``# test_<name>.py`` is a pytest file: the test of
+  its own page runs it (``tests/testing/test_docs_testing.py`` for docs/testing.md), not this.
 * Blocks in other languages (``sh``, ``text``, ``promql``, ...) are not checked.
 """
 
@@ -83,7 +85,12 @@ def blocks(path: Path) -> Iterator[Block]:
 
 
 ALL = [b for path in DOCS for b in blocks(path)]
-PYTHON = [b for b in ALL if b.lang == "python" and b.mark != "fragment"]
+_PYTEST_FILE = re.compile(r"# test_\w+\.py\n")
+PYTHON = [
+    b
+    for b in ALL
+    if b.lang == "python" and b.mark != "fragment" and not _PYTEST_FILE.match(b.code + "\n")
+]
 CONFIGS = [b for b in ALL if b.lang == "json" and b.mark != "fragment"]
 
 

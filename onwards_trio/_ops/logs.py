@@ -277,6 +277,8 @@ def access_writer() -> AccessWriter | None:
     """The buffered access-log writer of the handler :func:`configure_logging` installed; the
     gateway runs its task in the service nursery (``None``: access lines go through logging)."""
     return _writer
+
+
 _protected: set[str] = set()  # every string protect() was given, for the next guard too
 
 
