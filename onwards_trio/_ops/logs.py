@@ -270,6 +270,7 @@ def parse_level(value: str | None) -> int:
 
 _installed: logging.Handler | None = None
 _guard: RedactionFilter | None = None
+_protected: set[str] = set()  # every string protect() was given, for the next guard too
 _writer: AccessWriter | None = None
 
 
@@ -277,9 +278,6 @@ def access_writer() -> AccessWriter | None:
     """The buffered access-log writer of the handler :func:`configure_logging` installed; the
     gateway runs its task in the service nursery (``None``: access lines go through logging)."""
     return _writer
-
-
-_protected: set[str] = set()  # every string protect() was given, for the next guard too
 
 
 def configure_logging(
