@@ -16,7 +16,13 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from onwards_trio._app.demo import demo_config, demo_upstream
 from onwards_trio._app.gateway import Gateway, hypercorn_config
-from onwards_trio._app.workers import METRICS_FILE_ENV, share_limits, supervise, worker_count
+from onwards_trio._app.workers import (
+    METRICS_FILE_ENV,
+    share_limits,
+    supervise,
+    watch_parent,
+    worker_count,
+)
 from onwards_trio._config import Config, load_config
 from onwards_trio._errors import ConfigError
 from onwards_trio._loop.steps import StoreError
@@ -218,6 +224,7 @@ async def _run(args: argparse.Namespace) -> None:
         workers = worker_count()
         if workers is not None:  # one of N workers: enforce this worker's share of each limit
             config = share_limits(config, workers)
+            await nursery.start(watch_parent, nursery.cancel_scope)
         gateway = Gateway(config)
         _describe(gateway)
         host = args.host or ("127.0.0.1" if args.command == "demo" else "0.0.0.0")

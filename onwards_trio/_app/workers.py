@@ -49,6 +49,7 @@ __all__ = [
     "merge_metrics",
     "share_limits",
     "supervise",
+    "watch_parent",
     "worker_count",
 ]
 
@@ -67,6 +68,21 @@ def worker_count() -> int | None:
     if not value:
         return None
     return int(value.partition("/")[2])
+
+
+async def watch_parent(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """In a worker: stop (cancel ``scope``) once the supervising parent is gone, so a parent
+    killed without a chance to stop its workers leaves none behind."""
+    parent = os.getppid()
+    task_status.started()
+    while True:  # polled: a parent's death is no event a child can wait for
+        await trio.sleep(1.0)
+        if os.getppid() != parent:
+            break
+    log.warning("the supervising process is gone: this worker stops")
+    scope.cancel()
 
 
 # -- limits --------------------------------------------------------------------------------------

@@ -84,10 +84,11 @@ async def _fleet(tmp_path: Path, workers: int = 2) -> AsyncIterator[tuple[trio.P
         assert port, lines
         yield proc, f"http://127.0.0.1:{port.group(1)}", f"http://127.0.0.1:{metrics_port}"
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGKILL)
+        # Workers first: once the parent is gone they are no longer its children to find.
         for child in _children(proc.pid):
             os.kill(child, signal.SIGKILL)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
         with trio.move_on_after(10):
             await proc.wait()
 
@@ -142,6 +143,15 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
                 except (OSError, StopIteration):
                     await trio.sleep(0.1)
         assert await _get_models(url, 10) == [200] * 10
+
+
+async def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    async with _fleet(tmp_path) as (proc, _, _):
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)  # no chance to stop them itself
+        with trio.fail_after(15):
+            while any(_alive(w) for w in workers):
+                await trio.sleep(0.1)
 
 
 async def test_sigterm_drains_every_worker_and_exits_cleanly(tmp_path: Path) -> None:
