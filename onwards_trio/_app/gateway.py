@@ -16,7 +16,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
-import httpcore
 import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -47,7 +46,13 @@ from onwards_trio._ops.logs import (
 from onwards_trio._ops.metrics import Metrics, endpoint_label, install_metrics, serve_metrics
 from onwards_trio._ops.telemetry import activate, create_telemetry
 from onwards_trio._proxy.auth import bearer_token
-from onwards_trio._proxy.pipeline import Proxy, ProxyRequest, UpstreamReply, parse_json_body
+from onwards_trio._proxy.pipeline import (
+    UPSTREAM_ERRORS,
+    Proxy,
+    ProxyRequest,
+    UpstreamReply,
+    parse_json_body,
+)
 from onwards_trio._proxy.strict import handle_strict, response_filter
 from onwards_trio._proxy.targets import Targets, build_table
 from onwards_trio._responses.model_transport import ProxyModelTransport
@@ -101,7 +106,6 @@ _AMBIGUOUS_FRAMING = HTTPError(
     ),
     [(b"connection", b"close")],
 )
-_STREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 _STREAM_BROKEN = (
     b"data: "
     + orjson.dumps(
@@ -515,7 +519,7 @@ async def _send_reply(reply: UpstreamReply, send: Send) -> None:
                     held = chunk
                     continue
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except _STREAM_ERRORS as exc:
+    except UPSTREAM_ERRORS as exc:
         if not reply.is_sse:
             # Left unfinished, the response ends with the connection: a truncated body is the
             # honest signal. One line, not a traceback: the upstream's fault, not ours.

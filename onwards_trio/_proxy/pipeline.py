@@ -87,7 +87,6 @@ _HOP_RESPONSE = frozenset(
 _BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 # What an upstream connection raises when it fails (refused, reset, cut, timed out).
 UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
-_UPSTREAM_ERRORS = UPSTREAM_ERRORS
 
 
 @attrs.define(eq=False)
@@ -803,7 +802,7 @@ class Proxy:
                 if m is not None:
                     m.upstream_failure(alias, provider.index, "timeout")
                 return errors.gateway_timeout()
-            except _UPSTREAM_ERRORS:
+            except UPSTREAM_ERRORS:
                 failure = "network_error"
                 if m is not None:
                     m.upstream_failure(alias, provider.index, "error")
@@ -823,7 +822,7 @@ class Proxy:
                     # Kept (bounded) in case this turns out to be the last answer to report.
                     try:
                         body = await _read_limited(response, _ERROR_BODY_LIMIT)
-                    except _UPSTREAM_ERRORS:
+                    except UPSTREAM_ERRORS:
                         failure = "network_error"
                         return errors.bad_gateway()
                     headers = [(k, v) for k, v in headers if k != b"content-length"]
@@ -836,7 +835,7 @@ class Proxy:
                     first: bytes | None = await stream.__anext__()
                 except StopAsyncIteration:
                     first = None
-                except _UPSTREAM_ERRORS:
+                except UPSTREAM_ERRORS:
                     failure = "network_error"
                     await _aclose_shielded(stream)
                     return errors.bad_gateway()

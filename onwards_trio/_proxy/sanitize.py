@@ -30,13 +30,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
-import httpcore
 import orjson
 import trio
 
 from onwards_trio import _errors as errors
 from onwards_trio._errors import HTTPError, error_body
-from onwards_trio._proxy.pipeline import FilterContext, ResponseFilter, UpstreamReply
+from onwards_trio._proxy.pipeline import (
+    UPSTREAM_ERRORS,
+    FilterContext,
+    ResponseFilter,
+    UpstreamReply,
+)
 from onwards_trio._proxy.strict_schemas import SchemaError
 from onwards_trio._transport.sse import DEFAULT_MAX_EVENT_SIZE, SSEFramer
 
@@ -74,7 +78,6 @@ UPSTREAM_REJECTED = error_body(
 _INTERNAL = error_body(errors.INTERNAL_MESSAGE, "internal_error", "internal_error")
 _JSON_CT = (b"content-type", b"application/json")
 # What reading an upstream body can raise when the upstream breaks off (as in the proxy).
-_UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 
 
 def _event(payload: bytes) -> bytes:
@@ -552,7 +555,7 @@ async def replace_error(
                 size += len(chunk)
                 if size >= _ERROR_PEEK:
                     break
-        except _UPSTREAM_ERRORS:
+        except UPSTREAM_ERRORS:
             pass  # only its length was wanted: a broken error body is still replaced
     log.warning(
         "upstream error replaced: alias=%s status=%d body_bytes=%d%s",
@@ -583,7 +586,7 @@ async def json_reply(
         raise failure() from None
     try:
         raw = await read_body(reply.body)
-    except _UPSTREAM_ERRORS as exc:
+    except UPSTREAM_ERRORS as exc:
         log.warning("upstream body broke off (%s); cannot sanitise", type(exc).__name__)
         raise failure() from None
     if raw is None:
