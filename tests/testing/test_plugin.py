@@ -129,6 +129,46 @@ def test_trio_test_runs_the_loop_with_a_python_tool(pytester: pytest.Pytester) -
     run(pytester).assert_outcomes(passed=1)
 
 
+BAD_TOOL_CALLS = """
+import openai
+import pytest
+from onwards_trio.testing import call, tool_calls
+
+@pytest.mark.trio
+async def test_bad_arguments_and_a_failing_tool_reach_the_model(onwards_trio):
+    @onwards_trio.tool
+    def get_weather(city: str) -> dict:
+        raise LookupError(f"no station in {city}")
+
+    onwards_trio.model("gpt", [
+        tool_calls(call("get_weather", '{"city": "Par')),  # truncated JSON
+        tool_calls(call("get_weather", {"city": "Atlantis"})),
+        "Sorry, no weather today.",
+    ])
+    async with openai.AsyncOpenAI(base_url=onwards_trio.base_url, api_key="k") as client:
+        response = await client.responses.create(model="gpt", input="Weather?")
+    assert response.output_text == "Sorry, no weather today."
+    steps = onwards_trio.steps(response.id)
+    assert [(s.kind, s.state) for s in steps] == [
+        ("model_call", "completed"), ("tool_call", "failed"),
+        ("model_call", "completed"), ("tool_call", "failed"),
+        ("model_call", "completed"),
+    ]
+    [failed_run] = onwards_trio.tool_calls("get_weather")  # the bad JSON never reached it
+    assert failed_run.error == "LookupError: no station in Atlantis"
+    second, third = onwards_trio.calls("gpt")[1:]
+    assert "Invalid arguments" in second.messages[-1]["content"]
+    assert "no station in Atlantis" in third.messages[-1]["content"]
+"""
+
+
+def test_bad_tool_arguments_and_tool_errors_go_back_to_the_model(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(BAD_TOOL_CALLS)
+    run(pytester).assert_outcomes(passed=1)
+
+
 RETRY = """
 import openai
 import pytest
