@@ -7,6 +7,7 @@ rest of the gateway only ever sees pools. Unknown keys are ignored, as onwards d
 that looks like a misspelling of a known one is reported in ``Config.warnings``.
 """
 
+import decimal
 import difflib
 import logging
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "McpSpec",
     "OpenResponsesSpec",
     "PoolSpec",
+    "PriceSpec",
     "ProviderSpec",
     "RateLimitSpec",
     "ReasoningSpec",
@@ -92,6 +94,29 @@ class TokenLimitSpec:
     tokens: int = attrs.field(validator=_positive)
     window_secs: float = attrs.field(default=60.0, validator=_positive)
     default_output_tokens: int = attrs.field(default=1024, validator=_non_negative)
+
+
+def _price(_inst: object, attr: "attrs.Attribute[Any]", value: float | None) -> None:
+    if value is None:
+        return
+    if not value >= 0:
+        raise ValueError(f"{attr.name} must be >= 0, got {value}")
+    # Costs are counted in integer micro-units (_proxy/pricing.py): a price finer than a
+    # micro-unit per million tokens would be silently rounded, so it is refused instead.
+    micros = decimal.Decimal(repr(value)).scaleb(6)
+    if micros != micros.to_integral_value():
+        raise ValueError(f"{attr.name} has more than 6 decimal places, got {value}")
+
+
+@attrs.frozen
+class PriceSpec:
+    """What a million tokens cost, in the operator's currency (docs/governance.md, "Pricing"):
+    ``input`` (uncached prompt), ``output`` (answer, reasoning included) and ``cached_input``
+    (prompt served from a cache; default: ``input``). At most 6 decimal places each."""
+
+    input: float = attrs.field(validator=_price)
+    output: float = attrs.field(validator=_price)
+    cached_input: float | None = attrs.field(default=None, validator=_price)
 
 
 @attrs.frozen
@@ -287,6 +312,7 @@ class ProviderSpec:
     reasoning: ReasoningSpec | None = None
     # Send this provider the W3C trace context of the upstream attempt (tracing on only).
     propagate_trace_context: bool = False
+    pricing: PriceSpec | None = None  # overrides the pool's
 
 
 @attrs.frozen
@@ -312,6 +338,7 @@ class PoolSpec:
     anthropic: AnthropicSpec | None = None
     reasoning: ReasoningSpec | None = None  # the default of its providers
     token_limit: TokenLimitSpec | None = None
+    pricing: PriceSpec | None = None  # the default of its providers
 
 
 @attrs.frozen

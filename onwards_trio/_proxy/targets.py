@@ -27,6 +27,7 @@ from onwards_trio._config import (
 )
 from onwards_trio._proxy.auth import KeySet, configured_key_id, key_id
 from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket, TokenLimit
+from onwards_trio._proxy.pricing import Price, highest_price, price_for
 from onwards_trio._proxy.reasoning import ReasoningMap
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class Provider:
     adapter: bool
     anthropic: bool  # serves /v1/messages through the Chat translation
     reasoning: ReasoningMap | None  # how this upstream takes a reasoning effort
+    price: Price | None = None  # what its responses cost (pricing.price_for); None: unknown
 
     @property
     def identity(self) -> tuple[str, str | None, str | None]:
@@ -117,6 +119,8 @@ class Pool:
     adapter: bool
     anthropic: bool
     tools: dict[str, ToolSpec]
+    # The dearest price any provider may charge (what a budget reserves before one is chosen).
+    price: Price | None = None
 
 
 @attrs.define(eq=False)
@@ -216,6 +220,7 @@ def _build_provider(
         adapter=bool(adapter_spec and adapter_spec.adapter),
         anthropic=bool(spec.anthropic and spec.anthropic.adapter),
         reasoning=ReasoningMap(reasoning) if reasoning is not None else None,
+        price=price_for(pool, spec),
     )
 
 
@@ -287,6 +292,7 @@ def build_table(
             anthropic=any(p.anthropic for p in providers[:1])
             or bool(spec.anthropic and spec.anthropic.adapter),
             tools=tools,
+            price=highest_price(p.price for p in providers),
         )
     key_rate: dict[str, TokenBucket] = {}
     key_concurrency: dict[str, ConcurrencyLimit] = {}
