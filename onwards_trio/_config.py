@@ -53,6 +53,7 @@ __all__ = [
     "TelemetrySpec",
     "TokenLimitSpec",
     "ToolSpec",
+    "UsageSpec",
     "load_config",
     "parse_config",
 ]
@@ -427,6 +428,21 @@ class IdempotencySpec:
 
 
 @attrs.frozen
+class UsageSpec:
+    """The usage ledger (docs/governance.md, "Usage ledger"). With ``ledger`` on, every
+    proxied request and every model call of a loop leaves one row in the ``store``: rows wait
+    in a buffer of ``buffer_rows`` (full: dropped and counted, never waited for) and are
+    written by a background task every ``flush_interval_secs``, at most ``batch_rows`` per
+    transaction. Rows older than ``retention_days`` are deleted (null: kept for ever)."""
+
+    ledger: bool = False
+    retention_days: float | None = attrs.field(default=90.0, validator=_positive)
+    buffer_rows: int = attrs.field(default=10_000, validator=_positive)
+    batch_rows: int = attrs.field(default=1_000, validator=_positive)
+    flush_interval_secs: float = attrs.field(default=1.0, validator=_positive)
+
+
+@attrs.frozen
 class Config:
     targets: dict[str, PoolSpec]
     auth: Auth | None = None
@@ -454,6 +470,7 @@ class Config:
     background: BackgroundSpec = attrs.field(factory=BackgroundSpec)
     idempotency: IdempotencySpec = attrs.field(factory=IdempotencySpec)
     telemetry: TelemetrySpec = attrs.field(factory=TelemetrySpec)
+    usage: UsageSpec = attrs.field(factory=UsageSpec)
     warnings: tuple[str, ...] = attrs.field(default=(), eq=False)
 
 

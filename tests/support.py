@@ -6,7 +6,13 @@ hypercorn on 127.0.0.1:0 and the fake upstreams are ASGI apps served the same wa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -26,6 +32,7 @@ __all__ = [
     "Reply",
     "WebSocketClient",
     "chat_completion",
+    "cli_gateway",
     "serve_app",
     "sse",
     "start_gateway",
@@ -43,6 +50,43 @@ async def start_gateway(nursery: trio.Nursery, config: Mapping[str, Any]) -> tup
     gateway = Gateway(parse_config(config))
     info = await nursery.start(gateway.serve, "127.0.0.1", 0)
     return gateway, info.url
+
+
+@attrs.define
+class CliGateway:
+    """An ``onwards-trio`` process: ``url`` where it listens, ``lines`` of its stderr so far."""
+
+    process: trio.Process
+    url: str
+    lines: list[str]
+
+
+@contextlib.asynccontextmanager
+async def cli_gateway(config: Path) -> AsyncIterator[CliGateway]:
+    """Run ``onwards-trio -f config`` on 127.0.0.1 port 0 (no metrics) until it says where it
+    listens; kill it on the way out if it is still running."""
+    argv = [
+        sys.executable, "-m", "onwards_trio", "-f", str(config), "--host", "127.0.0.1",
+        "--port", "0", "--no-metrics",
+    ]  # fmt: skip
+    proc = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE, env=dict(os.environ))
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        with trio.fail_after(20):
+            async for chunk in proc.stderr:
+                lines.extend(chunk.decode(errors="replace").splitlines())
+                found = re.search(r"listening on (http://\S+)", "\n".join(lines))
+                if found:
+                    break
+        if not found:
+            raise AssertionError("the gateway never said where it listens")
+        yield CliGateway(proc, found.group(1), lines)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.move_on_after(10):
+                await proc.wait()
 
 
 @attrs.define

@@ -182,6 +182,7 @@ class AnthropicService:
             body=orjson.dumps(call.body),
             json=call.body,
             reasoning_budget=call.budget,
+            route="/v1/messages",
         )
         answer = _Answer(call, alias, gateway.config.sse_max_event_bytes)
         try:

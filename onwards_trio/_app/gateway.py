@@ -32,6 +32,7 @@ from onwards_trio._anthropic.service import (
     wants_anthropic,
 )
 from onwards_trio._app.idempotency import IDEMPOTENT_PATHS, Idempotency, idempotency_key
+from onwards_trio._app.usage import USAGE_PATH, UsageAPI
 from onwards_trio._config import Config
 from onwards_trio._errors import HTTPError
 from onwards_trio._ops.logs import (
@@ -46,6 +47,7 @@ from onwards_trio._ops.logs import (
 from onwards_trio._ops.metrics import Metrics, endpoint_label, install_metrics, serve_metrics
 from onwards_trio._ops.telemetry import activate, create_telemetry
 from onwards_trio._proxy.auth import bearer_token
+from onwards_trio._proxy.ledger import UsageLedger
 from onwards_trio._proxy.pipeline import (
     UPSTREAM_ERRORS,
     Proxy,
@@ -57,6 +59,7 @@ from onwards_trio._proxy.strict import handle_strict, response_filter
 from onwards_trio._proxy.targets import Targets, build_table
 from onwards_trio._responses.model_transport import ProxyModelTransport
 from onwards_trio._responses.service import ResponsesService
+from onwards_trio._stores import open_usage_store
 from onwards_trio._transport.asgi import (
     ASGIApp,
     BodyBudget,
@@ -178,6 +181,15 @@ class Gateway:
         self.anthropic = AnthropicService(self)
         # Idempotency-Key on the POST routes that cost money (records in the responses' store)
         self.idempotency = Idempotency(self)
+        # The usage ledger (config.usage, read at start): rows noted by the proxy, written to
+        # the store by a task in the service nursery; GET /v1/usage reads them.
+        self.ledger: UsageLedger | None = None
+        if config.usage.ledger:
+            self.ledger = UsageLedger(
+                config.usage, open_usage_store(config.store), on_drop=self._ledger_dropped
+            )
+            self.proxy.ledger = self.ledger
+        self.usage_api = UsageAPI(self.ledger)
 
     @property
     def config(self) -> Config:
@@ -220,12 +232,17 @@ class Gateway:
                     nursery.start_soon(self.responses.recover_at_start)
                     if self.telemetry is not None:
                         await nursery.start(self.telemetry.run)
+                    if self.ledger is not None:
+                        await nursery.start(self.ledger.run)
                     yield self
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
+                if self.ledger is not None:
+                    # Every request has ended (the nursery is closed): all their rows are in.
+                    await self.ledger.aclose()
                 await self.client.aclose()
 
     async def serve(
@@ -362,6 +379,10 @@ class Gateway:
                 await send_error(exchange, refused)
             elif path in _MODELS_PATHS and method in ("GET", "HEAD"):
                 status = await self._models(scope, exchange)
+            elif path == USAGE_PATH:
+                status = await self.usage_api.handle(
+                    scope, exchange, self.targets.table, time.time()
+                )
             elif (
                 method == "POST"
                 and path in IDEMPOTENT_PATHS
@@ -403,9 +424,15 @@ class Gateway:
         which the pipeline tags itself)."""
         metrics = self.metrics
         if metrics is not None:
-            label = self.targets.table.key_label(bearer_token(request.headers))
+            label = self.targets.table.key_label_of(request.key_id)
             metrics.tokens(alias, provider.index, label, usage)
+            if request.cost:
+                metrics.cost(alias, provider.index, label, request.cost)
         add_usage(usage)
+
+    def _ledger_dropped(self, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.ledger_dropped(count)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Serve a request by its path: ``/v1/messages``, strict routes, ``/v1/responses``, or

@@ -35,6 +35,12 @@ Names (``<p>`` is the configurable prefix, ``onwards`` by default)::
     <p>_output_tokens_total{alias,provider,key}                 counter
     <p>_cached_input_tokens_total{alias,provider,key}           counter   (input tokens served
                                                                            from a prompt cache)
+    <p>_cost_total{alias,provider,key}                          counter   (what relayed responses
+                                                                           cost at the price table,
+                                                                           in its currency)
+    <p>_usage_ledger_dropped_total                              counter   (ledger rows dropped:
+                                                                           buffer full, or not
+                                                                           written at shutdown)
 
 ``key`` is the name of the caller's key in ``auth.key_definitions`` (``"none"`` without a key,
 ``"other"`` for a key that has no definition): never the key itself.
@@ -54,6 +60,8 @@ so the hot path is a dict lookup plus the child's own update)::
     metrics.loop_step(alias, kind, outcome)
     metrics.tool_call(alias, outcome)
     metrics.tokens(alias, provider, key, usage)     # a relayed body's usage (_proxy.usage)
+    metrics.cost(alias, provider, key, micros)      # what it cost (micro-units, _proxy.pricing)
+    metrics.ledger_dropped(count)                   # usage ledger rows lost
 
 In-flight counts per alias and provider cost nothing on the hot path: they are read at scrape
 time from the live routing table (the concurrency counters the proxy keeps anyway), once
@@ -115,6 +123,7 @@ KNOWN_ENDPOINTS: Final = frozenset(
         "/v1/images/variations",
         "/v1/messages",
         "/v1/messages/count_tokens",
+        "/v1/usage",
         "/chat/completions",
         "/completions",
         "/embeddings",
@@ -332,6 +341,16 @@ class Metrics:
             "Input tokens served from a prompt cache (part of the input tokens).",
             *tokens,
         )
+        self._cost = counter(
+            "cost_total",
+            "What relayed upstream responses cost at the configured prices (currency units).",
+            *tokens,
+        )
+        self._ledger_dropped = counter(
+            "usage_ledger_dropped_total",
+            "Usage ledger rows dropped (its buffer was full, or they could not be written at "
+            "shutdown).",
+        )
         r.register(_TableCollector(self))
         # Label children, bound once per metric and distinct label values.
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -455,6 +474,16 @@ class Metrics:
             self._child(self._output_tokens, *labels).inc(usage.output_tokens)
         if usage.cached_tokens:
             self._child(self._cached_tokens, *labels).inc(usage.cached_tokens)
+
+    def cost(self, alias: str, provider: int, key: str, micros: int) -> None:
+        """What one relayed body cost, in micro-units of the price table's currency."""
+        if micros:
+            labels = (self.alias_label(alias), str(provider), key)
+            self._child(self._cost, *labels).inc(micros / 1_000_000)
+
+    def ledger_dropped(self, count: int) -> None:
+        """``count`` usage ledger rows were lost."""
+        self._ledger_dropped.inc(count)
 
     # -- exposition -----------------------------------------------------------------------
 

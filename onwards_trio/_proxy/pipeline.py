@@ -29,6 +29,7 @@ from onwards_trio._ops.logs import access_logged
 from onwards_trio._ops.metrics import fallback_reason
 from onwards_trio._proxy.auth import bearer_token, evaluate_rules, key_id
 from onwards_trio._proxy.balance import backoff_delays, plan_attempts, select, status_matches
+from onwards_trio._proxy.ledger import LedgerNote, cost_of
 from onwards_trio._proxy.limits import (
     Permit,
     Reservation,
@@ -54,6 +55,7 @@ from onwards_trio._transport.pool import (
 
 if TYPE_CHECKING:
     from onwards_trio._ops.tracing import AttemptSpan, Telemetry
+    from onwards_trio._proxy.ledger import UsageLedger
     from onwards_trio._proxy.shared_limits import SharedLimits, SharedPermit
 
 __all__ = [
@@ -112,6 +114,12 @@ class ProxyRequest:
     key_id: str | None = None
     # tokens reserved under token limits, settled with the usage the upstream reports
     tokens: TokenHold | None = None
+    # For the usage ledger: the usage of the relayed body, the id its row is filed under
+    # (a loop's response id; None: one is made up) and the client's route (None: the path).
+    usage: Usage | None = None
+    cost: int | None = None  # of ``usage``, in micro-units (_proxy.ledger.cost_of)
+    request_id: str | None = None
+    route: str | None = None
 
     @property
     def path(self) -> str:
@@ -223,6 +231,16 @@ class _Body:
             on_end, self._on_end = self._on_end, None
             await on_end()
         raise StopAsyncIteration
+
+    def report_seen(self) -> None:
+        """The relay ended before the body did (typically a client that left as soon as it had
+        the last event, before the upstream's end of body was read): report the usage the tap
+        has seen, if any, as the end of the body would have."""
+        tap, self._tap = self._tap, None
+        if tap is not None:
+            usage = tap.usage
+            if usage is not None and self._on_usage is not None:
+                self._on_usage(usage)
 
 
 @attrs.define(eq=False)
@@ -371,6 +389,8 @@ class Proxy:
         # Called with the usage of every relayed 2xx upstream body (token counters, the
         # access line), while metrics, tracing or the access log want it.
         self.usage_observer: Callable[[ProxyRequest, str, Provider, Usage], None] | None = None
+        # The usage ledger: a row per pipeline run that got past routing and auth; None: off.
+        self.ledger: UsageLedger | None = None
 
     # -- routing --------------------------------------------------------------------------
 
@@ -633,10 +653,13 @@ class Proxy:
         table = self.targets.table  # one snapshot for the whole request
         alias, pool, _ = self.resolve(table, request)
         async with AsyncExitStack() as stack:
+            note: LedgerNote | None = None
+            if self.ledger is not None:  # its row is noted last, with the outcome
+                note = stack.push(LedgerNote(self.ledger, table, pool, request))
             await self._admit(table, pool, request.key_id, stack)
             hold = await self._reserve_tokens(table, pool, request, stack)
             if (
-                (hold is not None or table.config.telemetry.stream_usage)
+                (hold is not None or table.config.telemetry.stream_usage or note is not None)
                 and request.wants_stream
                 and request.raw_path.endswith(b"completions")
                 and not stream_usage_requested(request.json)
@@ -661,6 +684,8 @@ class Proxy:
                     if flt is not None:
                         reply = await flt(reply)
                         break
+            if note is not None:
+                note.reply = reply
             yield reply
 
     async def _attempts(
@@ -848,18 +873,19 @@ class Proxy:
                 if 200 <= response.status < 300:
                     if span is not None:
                         span.first_byte(trio.current_time() - t0)
-                    tap, on_usage = self._usage_tap(request, alias, provider, span, headers)
+                    tap, on_usage = self._usage_tap(request, alias, pool, provider, span, headers)
+                reply_body = _Body(
+                    first,
+                    stream if first is not None else None,
+                    response.aclose,
+                    tap,
+                    on_usage,
+                    provider.secret,
+                )
                 reply = UpstreamReply(
                     response.status,
                     headers,
-                    _Body(
-                        first,
-                        stream if first is not None else None,
-                        response.aclose,
-                        tap,
-                        on_usage,
-                        provider.secret,
-                    ),
+                    reply_body,
                     request,
                     alias,
                     pool,
@@ -873,6 +899,8 @@ class Proxy:
                 stack.callback(permit.release)
                 if span is not None:
                     stack.callback(span.end)
+                if tap is not None:  # runs first: the span and the ledger still see the usage
+                    stack.callback(reply_body.report_seen)
                 keep = True
                 return reply
             finally:
@@ -888,6 +916,7 @@ class Proxy:
         self,
         request: ProxyRequest,
         alias: str,
+        pool: Pool,
         provider: Provider,
         span: AttemptSpan | None,
         headers: list[tuple[bytes, bytes]],
@@ -903,10 +932,16 @@ class Proxy:
             k == b"content-type" and b"text/event-stream" in v for k, v in headers
         )
         hold = request.tokens
-        if observer is None and span is None and not strip and hold is None:
+        ledger = self.ledger
+        if observer is None and span is None and not strip and hold is None and ledger is None:
             return None, None
 
+        priced = ledger is not None or self.metrics is not None
+
         def report(usage: Usage) -> None:
+            request.usage = usage
+            if priced:
+                request.cost = cost_of(pool, provider, usage)
             if hold is not None:
                 hold.settle(usage)
             if span is not None:

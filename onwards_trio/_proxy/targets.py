@@ -148,9 +148,13 @@ class Table:
     def key_label(self, token: str | None) -> str:
         """How metrics and spans name a caller's key: its ``key_definitions`` name, ``"none"``
         without a key, ``"other"`` for a key with no definition. Never the key itself."""
-        if token is None:
+        return self.key_label_of(key_id(token) if token is not None else None)
+
+    def key_label_of(self, ident: str | None) -> str:
+        """:meth:`key_label` of a key identity (:func:`~onwards_trio._proxy.auth.key_id`)."""
+        if ident is None:
             return "none"
-        return self.key_names.get(key_id(token), "other")
+        return self.key_names.get(ident, "other")
 
     def visible_aliases(self, token: str | None) -> list[str]:
         """Aliases a caller may see in ``/v1/models``: public ones plus those its key opens."""

@@ -43,9 +43,19 @@ class ProxyModelTransport:
     non-2xx reply is remembered so a non-streaming caller can be answered with it.
     """
 
-    def __init__(self, proxy: Proxy, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    def __init__(
+        self,
+        proxy: Proxy,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        *,
+        request_id: str | None = None,
+        route: str | None = None,
+    ) -> None:
         self.proxy = proxy
         self.headers = [(k, v) for k, v in headers if k not in MODEL_CALL_DROP]
+        # what the usage ledger files each model call under (the response id, its route)
+        self.request_id = request_id
+        self.route = route
         self.first_error: tuple[int, bytes] | None = None
 
     @asynccontextmanager
@@ -58,6 +68,8 @@ class ProxyModelTransport:
             headers=[*self.headers, (b"content-type", b"application/json"), (b"accept", accept)],
             body=payload,
             json=orjson.loads(payload),
+            request_id=self.request_id,
+            route=self.route,
         )
         async with AsyncExitStack() as stack:
             try:

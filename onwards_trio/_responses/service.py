@@ -786,7 +786,9 @@ class ResponsesService:
             chat=chat,
             ctx=ctx,
             tools=_RequestTools(self, offered + mcp.runnable(), headers, steps, mcp),
-            transport=ProxyModelTransport(self.gateway.proxy, headers),
+            transport=ProxyModelTransport(
+                self.gateway.proxy, headers, request_id=response_id, route="/v1/responses"
+            ),
             steps=steps,
             stored=req.store,
             mcp=mcp,
@@ -1027,7 +1029,9 @@ class ResponsesService:
             chat={},
             ctx=ctx,
             tools=_RequestTools(self, offered + mcp.runnable(), headers, steps, mcp),
-            transport=ProxyModelTransport(self.gateway.proxy, headers),
+            transport=ProxyModelTransport(
+                self.gateway.proxy, headers, request_id=record.id, route="/v1/responses"
+            ),
             steps=steps,
             stored=True,
             mcp=mcp,

@@ -14,9 +14,9 @@ Layer: above ``_loop`` (it implements the loop's protocols); imported by ``_resp
 from __future__ import annotations
 
 from onwards_trio._config import StoreSpec
-from onwards_trio._stores.base import StoreBackend
+from onwards_trio._stores.base import StoreBackend, UsageStore
 
-__all__ = ["open_backend"]
+__all__ = ["open_backend", "open_usage_store"]
 
 
 def open_backend(spec: StoreSpec) -> StoreBackend:
@@ -34,3 +34,20 @@ def open_backend(spec: StoreSpec) -> StoreBackend:
     from onwards_trio._stores.sqlite import SqliteBackend
 
     return SqliteBackend(spec.path)
+
+
+def open_usage_store(spec: StoreSpec) -> UsageStore:
+    """The usage ledger's store in the backend a ``store`` config entry names, over a
+    connection of its own (PostgreSQL: a pool of at most two)."""
+    if spec.kind == "memory":
+        from onwards_trio._stores.memory import MemoryUsageStore
+
+        return MemoryUsageStore()
+    if spec.kind == "postgres":
+        from onwards_trio._stores.postgres import PostgresDatabase, PostgresUsageStore
+
+        assert spec.dsn is not None
+        return PostgresUsageStore(PostgresDatabase(spec.dsn, pool_size=min(2, spec.pool_size)))
+    from onwards_trio._stores.sqlite import SqliteUsageStore
+
+    return SqliteUsageStore(spec.path)

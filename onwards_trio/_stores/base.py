@@ -27,6 +27,7 @@ import orjson
 import trio
 
 from onwards_trio._loop.steps import MultiStepStore
+from onwards_trio._proxy.ledger import BUCKET_SECONDS, COLUMNS, UsageQuery, UsageRow
 
 __all__ = [
     "STATUSES",
@@ -40,6 +41,7 @@ __all__ = [
     "StoreBackend",
     "StoredEvent",
     "StoredResponse",
+    "UsageStore",
     "can_transition",
 ]
 
@@ -342,3 +344,139 @@ class StoreBackend:
             aclose = getattr(self.steps, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+# -- the usage ledger ---------------------------------------------------------------------------
+
+
+class UsageStore(Protocol):
+    """Where the usage ledger (``_proxy.ledger``) keeps its rows: one table per backend,
+    indexed by time and by key label and time. Every read is of a time range.
+
+    A summary is a list of dicts: the ``group_by`` keys of the query (``hour``/``day``: the
+    bucket's start, epoch seconds) plus ``requests``, ``input_tokens``, ``output_tokens``,
+    ``cached_tokens`` and ``cost_micros`` (``None`` when no row of the group had a price).
+    Without ``group_by`` it is one total, also over no rows. Raw rows are dicts of the
+    columns plus ``id`` (increasing in insertion order: the pagination cursor).
+    """
+
+    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Insert ``rows`` in one transaction (all or none)."""
+
+    async def delete_usage_before(self, cutoff: float) -> int:
+        """Delete rows with ``time < cutoff``; return how many."""
+
+    async def summarize_usage(self, query: UsageQuery, max_groups: int) -> list[dict[str, Any]]:
+        """Sums per group (at most ``max_groups`` groups; which ones, past it, is unspecified)."""
+
+    async def usage_rows(self, query: UsageQuery, after: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` rows with ``id > after``, in ``id`` order."""
+
+    async def aclose(self) -> None:
+        """Release resources (connections)."""
+
+
+SUM_KEYS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "cost_micros")
+
+
+def usage_group(keys: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+    """A summary row (group values then the sums, as a store read them) as a dict: sums of
+    no rows are 0 (cost: ``None``), ``streamed`` a bool, buckets and sums ints (PostgreSQL
+    sums bigints as numerics)."""
+    out: dict[str, Any] = {}
+    for key, value in zip(keys, values, strict=False):
+        if key == "streamed":
+            value = bool(value)
+        elif key in BUCKET_SECONDS:
+            value = int(value)
+        out[key] = value
+    sums = values[len(keys) :]
+    for key, value in zip(SUM_KEYS, sums, strict=True):
+        out[key] = None if value is None and key == "cost_micros" else int(value or 0)
+    return out
+
+
+def usage_row(values: Sequence[Any]) -> dict[str, Any]:
+    """A stored row (``id`` then the columns) as a dict."""
+    out = dict(zip(("id", *COLUMNS), values, strict=True))
+    out["streamed"] = bool(out["streamed"])
+    return out
+
+
+_INSERT_USAGE = (
+    f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('%s' for _ in COLUMNS)})"
+)
+_DELETE_CHUNK = 10_000
+_USAGE_SUMS = (
+    "count(*), sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(cost_micros)"
+)
+
+
+class SqlUsageStore:
+    """The :class:`UsageStore` statements both SQL backends share, with ``%s`` placeholders;
+    a backend runs them (:meth:`_execute`, :meth:`_insert`) and says how it floors a time
+    to a bucket (``_FLOOR``, formatted with the bucket's seconds)."""
+
+    _FLOOR = "CAST(time / {n} AS INTEGER) * {n}"
+
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement and return its rows (none for a statement without a result)."""
+        raise NotImplementedError
+
+    async def _insert(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run ``sql`` once per row, all in one transaction."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _where(query: UsageQuery) -> tuple[str, list[Any]]:
+        sql = "time >= %s AND time < %s"
+        params: list[Any] = [query.start, query.end]
+        if query.alias is not None:
+            sql += " AND alias = %s"
+            params.append(query.alias)
+        if query.key_label is not None:
+            sql += " AND key_label = %s"
+            params.append(query.key_label)
+        return sql, params
+
+    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        if rows:
+            await self._insert(_INSERT_USAGE, rows)
+
+    async def delete_usage_before(self, cutoff: float) -> int:
+        # In chunks: a month of rows in one statement would hold the write lock (SQLite) or
+        # bloat one transaction (PostgreSQL) for as long as it takes.
+        total = 0
+        while True:
+            gone = len(
+                await self._execute(
+                    "DELETE FROM usage_ledger WHERE id IN (SELECT id FROM usage_ledger "
+                    "WHERE time < %s LIMIT %s) RETURNING 1",
+                    (cutoff, _DELETE_CHUNK),
+                )
+            )
+            total += gone
+            if gone < _DELETE_CHUNK:
+                return total
+
+    async def summarize_usage(self, query: UsageQuery, max_groups: int) -> list[dict[str, Any]]:
+        where, params = self._where(query)
+        keys = query.group_by
+        columns = [
+            self._FLOOR.format(n=BUCKET_SECONDS[k]) if k in BUCKET_SECONDS else k for k in keys
+        ]
+        select = ", ".join([*columns, _USAGE_SUMS])
+        sql = f"SELECT {select} FROM usage_ledger WHERE {where}"
+        if columns:
+            sql += f" GROUP BY {', '.join(columns)} LIMIT %s"
+            params.append(max_groups)
+        return [usage_group(keys, row) for row in await self._execute(sql, params)]
+
+    async def usage_rows(self, query: UsageQuery, after: int, limit: int) -> list[dict[str, Any]]:
+        where, params = self._where(query)
+        rows = await self._execute(
+            f"SELECT id, {', '.join(COLUMNS)} FROM usage_ledger "
+            f"WHERE {where} AND id > %s ORDER BY id LIMIT %s",
+            [*params, after, limit],
+        )
+        return [usage_row(row) for row in rows]

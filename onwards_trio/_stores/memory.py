@@ -31,6 +31,7 @@ from onwards_trio._loop.steps import (
 )
 from onwards_trio._loop.tools import ToolSchema
 from onwards_trio._loop.transition import ScopeView, Transition, open_responses_transition
+from onwards_trio._proxy.ledger import BUCKET_SECONDS, COLUMNS, UsageQuery, UsageRow
 from onwards_trio._stores.base import (
     Claim,
     IdempotencyRecord,
@@ -38,6 +39,8 @@ from onwards_trio._stores.base import (
     StoredEvent,
     StoredResponse,
     can_transition,
+    usage_group,
+    usage_row,
 )
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "MemoryDurableStore",
     "MemoryResponseStore",
     "MemoryStore",
+    "MemoryUsageStore",
     "new_step_id",
 ]
 
@@ -401,3 +405,68 @@ class MemoryBackend(StoreBackend):
 
     def __init__(self) -> None:
         super().__init__(MemoryStore(), MemoryResponseStore(), MemoryDurableStore())
+
+
+_COLUMN = {name: i for i, name in enumerate(COLUMNS)}
+
+
+class MemoryUsageStore:
+    """The usage ledger in a list (tests, single process): what the SQL stores compute, in
+    Python."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, UsageRow]] = []
+        self._next_id = 1
+
+    async def add_usage(self, rows: Sequence[UsageRow]) -> None:
+        await trio.lowlevel.checkpoint()
+        for row in rows:
+            self.rows.append((self._next_id, row))
+            self._next_id += 1
+
+    async def delete_usage_before(self, cutoff: float) -> int:
+        await trio.lowlevel.checkpoint()
+        kept = [(i, row) for i, row in self.rows if row.time >= cutoff]
+        gone, self.rows = len(self.rows) - len(kept), kept
+        return gone
+
+    async def summarize_usage(self, query: UsageQuery, max_groups: int) -> list[dict[str, Any]]:
+        await trio.lowlevel.checkpoint()
+        keys = query.group_by
+        groups: dict[tuple[Any, ...], list[Any]] = {}
+        for _, row in self.rows:
+            if not query.matches(row):
+                continue
+            group = tuple(
+                int(row.time // BUCKET_SECONDS[k]) * BUCKET_SECONDS[k]
+                if k in BUCKET_SECONDS
+                else row[_COLUMN[k]]
+                for k in keys
+            )
+            sums = groups.get(group)
+            if sums is None:
+                if len(groups) >= max_groups:
+                    continue
+                sums = groups[group] = [0, 0, 0, 0, None]
+            sums[0] += 1
+            sums[1] += row.input_tokens
+            sums[2] += row.output_tokens
+            sums[3] += row.cached_tokens
+            if row.cost_micros is not None:
+                sums[4] = (sums[4] or 0) + row.cost_micros
+        if not keys and not groups:
+            groups[()] = [0, 0, 0, 0, None]
+        return [usage_group(keys, (*group, *sums)) for group, sums in groups.items()]
+
+    async def usage_rows(self, query: UsageQuery, after: int, limit: int) -> list[dict[str, Any]]:
+        await trio.lowlevel.checkpoint()
+        out: list[dict[str, Any]] = []
+        for i, row in self.rows:
+            if i > after and query.matches(row):
+                out.append(usage_row((i, *row)))
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()

@@ -61,6 +61,7 @@ from onwards_trio._stores.base import (
     Claim,
     IdempotencyRecord,
     SqlDurableStore,
+    SqlUsageStore,
     StoreBackend,
     StoredEvent,
     StoredResponse,
@@ -69,7 +70,13 @@ from onwards_trio._stores.base import (
 )
 from onwards_trio._stores.memory import new_step_id
 
-__all__ = ["PostgresBackend", "PostgresDatabase", "PostgresResponseStore", "PostgresStore"]
+__all__ = [
+    "PostgresBackend",
+    "PostgresDatabase",
+    "PostgresResponseStore",
+    "PostgresStore",
+    "PostgresUsageStore",
+]
 
 T = TypeVar("T")
 Conn: TypeAlias = psycopg.Connection[TupleRow]
@@ -691,3 +698,64 @@ class PostgresBackend(StoreBackend):
             else database
         )
         super().__init__(PostgresStore(db), PostgresResponseStore(db), PostgresDurableStore(db))
+
+
+_USAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage_ledger (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    time double precision NOT NULL,
+    request_id text NOT NULL,
+    key_label text NOT NULL,
+    alias text NOT NULL,
+    provider integer,
+    model text NOT NULL,
+    input_tokens bigint NOT NULL,
+    output_tokens bigint NOT NULL,
+    cached_tokens bigint NOT NULL,
+    cost_micros bigint,
+    status integer NOT NULL,
+    latency_ms double precision NOT NULL,
+    route text NOT NULL,
+    streamed boolean NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_ledger_time ON usage_ledger (time);
+CREATE INDEX IF NOT EXISTS usage_ledger_key_time ON usage_ledger (key_label, time);
+"""
+
+
+class PostgresUsageStore(SqlUsageStore):
+    """The usage ledger on PostgreSQL, shared by replicas (``id`` is an identity column, so
+    rows from every replica get distinct, increasing ids). Its table is created on first use,
+    under the schema lock, by whichever replica comes first."""
+
+    _FLOOR = "floor(time / {n})::bigint * {n}"
+
+    def __init__(self, database: PostgresDatabase | str) -> None:
+        self.database = _database(database)
+        self._ready = False
+
+    def _ensure(self, conn: Conn) -> None:
+        if not self._ready:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                conn.execute(_USAGE_SCHEMA)
+            self._ready = True
+
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        def run(conn: Conn) -> list[tuple[Any, ...]]:
+            self._ensure(conn)
+            cur = conn.execute(sql, tuple(params))
+            return list(cur.fetchall()) if cur.description is not None else []
+
+        return await self.database.run(run)
+
+    async def _insert(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        def insert(conn: Conn) -> None:
+            self._ensure(conn)
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(sql, rows)
+
+        await self.database.run(insert)
+
+    async def aclose(self) -> None:
+        await self.database.aclose()

@@ -41,6 +41,7 @@ from onwards_trio._stores.base import (
     Claim,
     IdempotencyRecord,
     SqlDurableStore,
+    SqlUsageStore,
     StoreBackend,
     StoredEvent,
     StoredResponse,
@@ -55,6 +56,7 @@ __all__ = [
     "SqliteFile",
     "SqliteResponseStore",
     "SqliteStore",
+    "SqliteUsageStore",
     "transaction",
 ]
 
@@ -759,3 +761,53 @@ class SqliteBackend(StoreBackend):
             SqliteResponseStore(path, db=db),
             SqliteDurableStore(path, db=db),
         )
+
+
+_USAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage_ledger (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    key_label TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    provider INTEGER,
+    model TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    cost_micros INTEGER,
+    status INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    route TEXT NOT NULL,
+    streamed INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_ledger_time ON usage_ledger (time);
+CREATE INDEX IF NOT EXISTS usage_ledger_key_time ON usage_ledger (key_label, time);
+"""
+
+
+class SqliteUsageStore(SqlUsageStore):
+    """The usage ledger in an SQLite file, over a connection of its own (the ledger's writes
+    never queue behind a response's, and closing the Responses store does not end them)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+        self.path = os.fspath(path)
+        self._db = SqliteFile(
+            self.path, _USAGE_SCHEMA, busy_timeout=busy_timeout, on_error=_storage
+        )
+
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        text = sql.replace("%s", "?")
+        return await self._db.run(lambda db: db.execute(text, tuple(params)).fetchall())
+
+    async def _insert(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        text = sql.replace("%s", "?")
+
+        def insert(db: sqlite3.Connection) -> None:
+            with transaction(db, "BEGIN IMMEDIATE"):
+                db.executemany(text, rows)
+
+        await self._db.run(insert)
+
+    async def aclose(self) -> None:
+        await self._db.aclose()
