@@ -11,7 +11,6 @@ ledger").
 from __future__ import annotations
 
 import datetime
-import decimal
 import logging
 import math
 import urllib.parse
@@ -22,6 +21,7 @@ from onwards_trio._errors import HTTPError
 from onwards_trio._loop.steps import StoreError
 from onwards_trio._proxy.auth import KeySet, bearer_token, configured_key_id, key_id
 from onwards_trio._proxy.ledger import GROUP_KEYS, MAX_GROUPS, UsageLedger, UsageQuery
+from onwards_trio._proxy.pricing import format_micros
 from onwards_trio._transport.asgi import Scope, Send, send_error, send_json
 
 if TYPE_CHECKING:
@@ -83,10 +83,8 @@ def _count(name: str, text: str, maximum: int) -> int:
 
 
 def money(micros: int | None) -> str | None:
-    """Micro-units as an exact decimal string of currency units (``1500`` → ``"0.0015"``)."""
-    if micros is None:
-        return None
-    return format(decimal.Decimal(micros).scaleb(-6).normalize(), "f")
+    """Micro-units as an exact decimal string of currency units (``None``: no price)."""
+    return format_micros(micros) if micros is not None else None
 
 
 def _sort_key(group: dict[str, Any], keys: tuple[str, ...]) -> tuple[Any, ...]:

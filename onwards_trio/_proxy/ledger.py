@@ -33,6 +33,7 @@ import trio
 
 from onwards_trio._config import UsageSpec
 from onwards_trio._errors import HTTPError
+from onwards_trio._proxy.pricing import cost_micros
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -114,10 +115,10 @@ class UsageQuery:
 
 
 def cost_of(pool: Pool, provider: Provider, usage: Usage) -> int | None:
-    """What ``usage`` cost at the price table's price (micro-units; ``None``: no price).
-
-    SEAM: the price table (``_proxy.pricing``) is wired in here."""
-    return None
+    """What ``usage`` cost at the price of the provider that answered (micro-units of the
+    price table's currency, :mod:`~onwards_trio._proxy.pricing`; ``None``: no price)."""
+    price = provider.price
+    return cost_micros(usage, price) if price is not None else None
 
 
 _ids = itertools.count(1)

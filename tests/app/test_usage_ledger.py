@@ -14,7 +14,8 @@ import openai
 import pytest
 import trio
 
-from onwards_trio import Gateway
+from onwards_trio import Gateway, parse_config
+from onwards_trio._ops.metrics import Metrics, install_metrics
 from tests.responses.test_responses_api import completion
 from tests.stores.test_store_postgres import fresh_schema, needs_postgres
 from tests.support import FakeUpstream, Recorded, Reply, serve_app, sse, start_gateway
@@ -349,3 +350,42 @@ async def test_the_route_is_a_404_while_the_ledger_is_off(nursery: trio.Nursery)
     _, url = await start_gateway(nursery, {"targets": {"m": {"url": upstream}}})
     r = await usage(url)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+# -- cost ------------------------------------------------------------------------------------------
+
+PRICING = {"input": 2.5, "output": 10, "cached_input": 1.25}
+# PLAIN: 8 uncached and 3 cached input tokens, 7 output: 20 + 3.75 + 70 micro-units, rounded up
+PLAIN_COST = 94
+
+
+async def priced_gateway(nursery: trio.Nursery) -> tuple[Gateway, str]:
+    upstream = await serve_app(nursery, FakeUpstream(_answer(PLAIN)))
+    config = parse_config(
+        {
+            "targets": {"m": {"url": upstream, "pricing": PRICING}},
+            "store": {"kind": "memory"},
+            "usage": {"ledger": True},
+        }
+    )
+    gateway = Gateway(config)
+    install_metrics(gateway, Metrics())
+    info = await nursery.start(gateway.serve, "127.0.0.1", 0)
+    async with sdk(info.url) as client:
+        await client.chat.completions.create(model="m", messages=MESSAGES)
+    return gateway, info.url
+
+
+async def test_a_row_costs_its_usage_at_the_provider_price(nursery: trio.Nursery) -> None:
+    _, url = await priced_gateway(nursery)
+    r = await usage(url, limit=1)
+    (total,), (row,) = r.json()["data"], r.json()["rows"]
+    assert row["cost_micros"] == PLAIN_COST and row["cost"] == "0.000094"
+    assert total["cost_micros"] == PLAIN_COST
+
+
+async def test_the_cost_counter_adds_what_responses_cost(nursery: trio.Nursery) -> None:
+    gateway, _ = await priced_gateway(nursery)
+    assert b'onwards_cost_total{alias="m",key="other",provider="0"} 9.4e-05' in (
+        gateway.metrics.render()
+    )
