@@ -31,6 +31,26 @@ from proxy import (
 )
 
 
+async def interleave(
+    gateways: dict[str, tuple[subprocess.Popen[bytes], int]],
+    rounds: int,
+    seconds: float,
+    cpu: dict[str, list[float]],
+    rps: dict[str, list[float]],
+) -> None:
+    """``rounds`` loads of each gateway, taking turns (off, on, on, off, …)."""
+    for _, port in gateways.values():
+        await load(port, 16, 1.0, False)  # warm-up
+    for i in range(rounds):
+        order = ("off", "on") if i % 2 == 0 else ("on", "off")
+        for label in order:
+            proc, port = gateways[label]
+            cpu0 = cpu_seconds(proc.pid)
+            got = await load(port, 16, seconds, False)
+            cpu[label].append((cpu_seconds(proc.pid) - cpu0) * 1000 / got["n"])
+            rps[label].append(got["rps"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -64,20 +84,7 @@ def main() -> None:
                 procs.append(gateways[label][0])
             cpu: dict[str, list[float]] = {"off": [], "on": []}
             rps: dict[str, list[float]] = {"off": [], "on": []}
-
-            async def rounds() -> None:
-                for _, port in gateways.values():
-                    await load(port, 16, 1.0, False)  # warm-up
-                for i in range(args.rounds):
-                    order = ("off", "on") if i % 2 == 0 else ("on", "off")
-                    for label in order:
-                        proc, port = gateways[label]
-                        cpu0 = cpu_seconds(proc.pid)
-                        got = await load(port, 16, args.seconds, False)
-                        cpu[label].append((cpu_seconds(proc.pid) - cpu0) * 1000 / got["n"])
-                        rps[label].append(got["rps"])
-
-            trio.run(rounds)
+            trio.run(interleave, gateways, args.rounds, args.seconds, cpu, rps)
             off, on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
             results.append(
                 (name, off, on, statistics.median(rps["off"]), statistics.median(rps["on"]))
