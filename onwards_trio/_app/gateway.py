@@ -409,6 +409,9 @@ class Gateway:
         self, tel: Telemetry, span: SpanScope, done: Exchange, status: int, scope: Scope
     ) -> None:
         request = done.request
+        if not span.sampled:  # nothing to record: the key's label need not be looked up
+            tel.end_request(span, status)
+            return
         tel.end_request(
             span,
             done.sent_status if done.sent_status is not None else status,

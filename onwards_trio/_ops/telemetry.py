@@ -8,10 +8,11 @@ path pays one ``is None`` test per hook: the gateway, proxy and loop hold ``None
 :class:`~onwards_trio._ops.tracing.Telemetry`.
 
 The standard variables keep their meaning: ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
-``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_EXPORTER_OTLP_HEADERS``,
-``OTEL_EXPORTER_OTLP_TIMEOUT``, and the batch settings ``OTEL_BSP_SCHEDULE_DELAY``,
-``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``; the config section's fields
-override them.
+``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS``,
+``_TIMEOUT``, ``_COMPRESSION``, ``_CERTIFICATE``, ``_CLIENT_CERTIFICATE``, ``_CLIENT_KEY``, and
+the batch settings ``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BSP_MAX_QUEUE_SIZE``,
+``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``; the config section's fields override them. The SDK supplies
+the sampler and the resource; spans are encoded and sent by ``otlp.py``.
 
 :func:`current_telemetry` is how code below the gateway (the loop, which is also a library
 function) finds the tracer of the request it runs for: the gateway sets it per request in a
@@ -94,9 +95,9 @@ def create_telemetry(
     if not tracing_requested(spec, env):
         return None
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+        from onwards_trio._ops.otlp import Exporter, export_settings
         from onwards_trio._ops.tracing import Telemetry
     except ImportError as exc:
         message = (
@@ -108,10 +109,12 @@ def create_telemetry(
         log.warning("%s; running without traces", message)
         return None
     endpoint = spec.endpoint if spec is not None else None
-    timeout = spec.export_timeout_secs if spec is not None else None
-    exporter = OTLPSpanExporter(
-        endpoint=traces_endpoint(endpoint) if endpoint else None, timeout=timeout
-    )
+    timeout = exporter_timeout(spec.export_timeout_secs if spec is not None else None, env)
+    settings = export_settings(traces_endpoint(endpoint) if endpoint else None, timeout, env)
+    try:
+        exporter = Exporter(settings)
+    except ValueError as exc:
+        raise ConfigError([f"telemetry: the OTLP endpoint is {exc}"]) from None
     ratio = spec.sample_ratio if spec is not None else None
     max_queue = spec.max_queue_size if spec is not None else None
     return Telemetry(
@@ -122,7 +125,7 @@ def create_telemetry(
         max_queue=max_queue or int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)),
         batch=int(_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
         interval=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000.0,
-        export_timeout=exporter_timeout(timeout, env),
+        export_timeout=timeout,
     )
 
 

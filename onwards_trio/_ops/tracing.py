@@ -27,25 +27,27 @@ Prompts, completions, tool arguments and results are recorded only with
 ``gen_ai.tool.call.arguments``, ``gen_ai.tool.call.result``, each cut at 16 KiB).
 
 Recording is lean: the SDK's ``Tracer``/``Span`` cost tens of microseconds per span on the
-request's own path (sampler call, locked attribute maps, processor hooks). Here a span is a
-small object that gathers its attributes in a plain dict and becomes the SDK's
-``ReadableSpan`` when it ends; the sampler (the SDK's, from ``OTEL_TRACES_SAMPLER``) decides
-once per trace, at its root, and children follow. A span that is not sampled still has a
-:class:`~opentelemetry.trace.SpanContext` (for ``traceparent``), and nothing else. The current
-span is kept in OpenTelemetry's context (as a ``NonRecordingSpan``), so code that uses the
-OpenTelemetry API in the same task sees it.
+request's own path (sampler call, locked attribute maps, processor hooks), and its OTLP encoder
+53-120 µs more per span. Here a span is a small object that gathers its attributes in a plain
+dict and, when it ends sampled, is encoded straight into OTLP protobuf bytes (``otlp.py``, a
+few µs). The sampler (the SDK's, from ``OTEL_TRACES_SAMPLER``) decides once per trace, at its
+root, and children follow; ids are drawn as the SDK draws them. The current span is kept in
+OpenTelemetry's context (as a non-recording span), so code that uses the OpenTelemetry API in
+the same task sees it, and a caller's own span is the parent of ours.
 
-Export is Trio-correct: a finished span is appended to a bounded queue (full: the span is
-dropped and counted); :meth:`Telemetry.run`, a task in the gateway's service nursery, hands
-batches to the SDK's OTLP/HTTP exporter in a worker thread (``trio.to_thread``, one at a time,
-each bounded by the export timeout). A collector that is down or slow therefore costs requests
-nothing beyond the span bookkeeping: spans queue, then drop.
+Export is Trio-correct: a finished span's bytes are appended to a bounded queue (full: the
+span is dropped and counted); :meth:`Telemetry.run`, a task in the gateway's service nursery,
+joins a batch into one ``ExportTraceServiceRequest`` and POSTs it over the gateway's HTTP
+client (one export at a time, retries bounded by the export timeout). A collector that is
+down or slow therefore costs requests nothing beyond the span bookkeeping: spans queue, then
+drop.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import random
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,21 +60,25 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision, Sampler
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
-    Link,
     NonRecordingSpan,
     SpanContext,
     SpanKind,
-    Status,
-    StatusCode,
     TraceFlags,
+    TraceState,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from onwards_trio._ops.otlp import (
+    KIND_CLIENT,
+    KIND_INTERNAL,
+    KIND_SERVER,
+    Exporter,
+    TracesRequest,
+    encode_span,
+)
 
 __all__ = ["AttemptSpan", "SpanScope", "Telemetry", "operation_for"]
 
@@ -85,8 +91,15 @@ _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
-_ERROR: Final = Status(StatusCode.ERROR)
-_SCOPE: Final = InstrumentationScope("onwards_trio")
+_NO_STATE: Final = TraceState()
+_SCOPE: Final = "onwards_trio"
+# What the sampler is told a span's kind is (our kinds are the protocol's numbers).
+_SDK_KINDS: Final = {
+    KIND_INTERNAL: SpanKind.INTERNAL,
+    KIND_SERVER: SpanKind.SERVER,
+    KIND_CLIENT: SpanKind.CLIENT,
+}
+_CREATED_BY: Final = {"onwards.link": "created_by"}
 # The request path names the GenAI operation of an upstream call.
 _OPERATIONS: Final = {
     "chat/completions": "chat",
@@ -95,63 +108,100 @@ _OPERATIONS: Final = {
     "responses": "chat",
     "messages": "chat",
 }
-# The request span a background response was created by (linked from the response's trace).
-_origin: ContextVar[SpanContext | None] = ContextVar("onwards_trio_trace_origin", default=None)
+# A span link's target: (trace id, span id, remote).
+_Link = tuple[int, int, bool]
+# The span a background response's trace is linked to (the request that created it).
+_origin: ContextVar[_Link | None] = ContextVar("onwards_trio_trace_origin", default=None)
+# Ids as the SDK's RandomIdGenerator makes them (the global generator, reseeded after a fork).
+_bits: Final = random.getrandbits
 
 
-class _Span:
-    """A span being recorded: what ``ReadableSpan`` needs, gathered cheaply. Attributes set
-    while it runs go to a plain dict; it becomes a ``ReadableSpan`` (sampled) when it ends."""
+class _Span(NonRecordingSpan):
+    """A span being recorded, and the current span in OpenTelemetry's context while it runs
+    (to the OpenTelemetry API it is a non-recording span: others see its context, nothing
+    more). Attributes go to a plain dict; a sampled span is encoded for export
+    (:func:`~onwards_trio._ops.otlp.encode_span`) when it finishes. Its ``SpanContext`` is made
+    only when someone asks for it: our own code reads the ids directly."""
 
     __slots__ = (
+        "_span_context",
         "attributes",
-        "context",
         "error",
         "kind",
         "links",
         "name",
-        "parent",
+        "parent_id",
+        "parent_remote",
         "sampled",
+        "span_id",
         "start",
         "telemetry",
+        "trace_id",
+        "trace_state",
     )
 
     def __init__(
         self,
         telemetry: Telemetry,
         name: str,
-        kind: SpanKind,
-        context: SpanContext,
-        parent: SpanContext | None,
+        kind: int,
+        trace_id: int,
+        sampled: bool,
+        trace_state: TraceState,
+        parent_id: int,
+        parent_remote: bool,
         attributes: dict[str, Any],
-        links: Sequence[Link] = (),
+        links: Sequence[_Link] = (),
     ) -> None:
         self.telemetry = telemetry
         self.name = name
         self.kind = kind
-        self.context = context
-        self.parent = parent
+        self.trace_id = trace_id
+        self.span_id = _bits(64) or _bits(64) or 1
+        self.sampled = sampled
+        self.trace_state = trace_state
+        self.parent_id = parent_id
+        self.parent_remote = parent_remote
         self.attributes = attributes
         self.links = links
-        self.sampled = context.trace_flags.sampled
         self.error = False
+        self._span_context: SpanContext | None = None
         self.start = time.time_ns()
 
-    def end(self) -> None:
+    def get_span_context(self) -> SpanContext:
+        context = self._span_context
+        if context is None:
+            context = self._span_context = SpanContext(
+                self.trace_id,
+                self.span_id,
+                is_remote=False,
+                trace_flags=_SAMPLED if self.sampled else _NOT_SAMPLED,
+                trace_state=self.trace_state,
+            )
+        return context
+
+    def __repr__(self) -> str:
+        return f"_Span({self.name!r}, {self.trace_id:032x}, {self.span_id:016x})"
+
+    def finish(self) -> None:
+        """Ended: a sampled span is encoded and queued for export. (Not ``end``: that is the
+        OpenTelemetry API's, a no-op on a span someone else owns.)"""
         if self.sampled:
+            state = self.trace_state
             self.telemetry.queue.put(
-                ReadableSpan(
-                    name=self.name,
-                    context=self.context,
-                    parent=self.parent,
-                    resource=self.telemetry.resource,
-                    attributes=self.attributes,
-                    links=self.links,
-                    kind=self.kind,
-                    status=_ERROR if self.error else Status(),
-                    start_time=self.start,
-                    end_time=time.time_ns(),
-                    instrumentation_scope=_SCOPE,
+                encode_span(
+                    self.trace_id,
+                    self.span_id,
+                    ",".join(f"{k}={v}" for k, v in state.items()) if state else "",
+                    self.parent_id,
+                    self.parent_remote,
+                    self.name,
+                    self.kind,
+                    self.start,
+                    time.time_ns(),
+                    self.attributes,
+                    [(t, s, r, _CREATED_BY) for t, s, r in self.links],
+                    self.error,
                 )
             )
 
@@ -164,6 +214,11 @@ class SpanScope:
     def __init__(self, span: _Span, token: Token[Context] | None) -> None:
         self.span = span
         self.token = token
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the span is recorded (not: what it would be told need not be worked out)."""
+        return self.span.sampled
 
 
 class AttemptSpan:
@@ -183,10 +238,14 @@ class AttemptSpan:
         out = [(k, v) for k, v in headers if k not in _TRACE_HEADERS]
         if propagate:
             carrier: dict[str, str] = {}
-            span = NonRecordingSpan(self.span.context)
-            _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
+            _PROPAGATOR.inject(carrier, trace.set_span_in_context(self.span))
             out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in carrier.items())
         return out
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the attempt's trace is recorded (not: nothing need be read for it)."""
+        return self.span.sampled
 
     def answered(self, status: int) -> None:
         """The response head arrived."""
@@ -209,37 +268,22 @@ class AttemptSpan:
         if failure is not None:
             span.attributes["error.type"] = failure
             span.error = True
-        span.end()
-
-
-class _Resource(Resource):
-    """A ``Resource`` that hashes once: the OTLP encoder groups spans by resource and hashes it
-    for every span, which for the SDK's class is a JSON dump of all its attributes."""
-
-    def __init__(self, resource: Resource) -> None:
-        super().__init__(resource.attributes, resource.schema_url)
-        self._hash = super().__hash__()
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return super().__eq__(other)
+        span.finish()
 
 
 class _SpanQueue:
-    """A bounded queue of finished spans: ``put`` is a deque append on the caller's thread;
+    """A bounded queue of finished spans, encoded: ``put`` is a deque append on the caller's thread;
     the Trio task in :meth:`Telemetry.run` does the exporting."""
 
     def __init__(self, max_queue: int, batch: int) -> None:
-        self.spans: collections.deque[ReadableSpan] = collections.deque()
+        self.spans: collections.deque[bytes] = collections.deque()
         self.max_queue = max_queue
         self.batch = batch
         self.dropped = 0
         self.ready = trio.Event()
         self._trio_thread: int | None = None
 
-    def put(self, span: ReadableSpan) -> None:
+    def put(self, span: bytes) -> None:
         spans = self.spans
         if len(spans) >= self.max_queue:
             self.dropped += 1
@@ -248,7 +292,7 @@ class _SpanQueue:
         if len(spans) >= self.batch and threading.get_ident() == self._trio_thread:
             self.ready.set()  # a full batch: export now rather than at the next tick
 
-    def take(self) -> list[ReadableSpan]:
+    def take(self) -> list[bytes]:
         spans = self.spans
         n = min(len(spans), self.batch)
         return [spans.popleft() for _ in range(n)]
@@ -279,10 +323,21 @@ def operation_for(path: bytes) -> str:
     return _OPERATIONS.get(text, "chat" if text.endswith("chat/completions") else "other")
 
 
-def _current() -> SpanContext | None:
-    """The span context current in this task (``None``: no valid one)."""
-    context = trace.get_current_span().get_span_context()
+def _current() -> _Span | SpanContext | None:
+    """The span current in this task: one of ours, or another's context (a caller's span
+    through the OpenTelemetry API); ``None``: no valid one."""
+    span = trace.get_current_span()
+    if type(span) is _Span:
+        return span
+    context = span.get_span_context()
     return context if context.is_valid else None
+
+
+def _link_to(parent: _Span | SpanContext) -> _Link:
+    if type(parent) is _Span:
+        return (parent.trace_id, parent.span_id, False)
+    assert isinstance(parent, SpanContext)
+    return (parent.trace_id, parent.span_id, parent.is_remote)
 
 
 class Telemetry:
@@ -294,7 +349,7 @@ class Telemetry:
 
     def __init__(
         self,
-        exporter: SpanExporter,
+        exporter: Exporter,
         *,
         service_name: str | None = None,
         sampler: Sampler | None = None,
@@ -310,65 +365,79 @@ class Telemetry:
         resource = Resource.create(attributes)
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "onwards-trio"}))
-        self.resource = _Resource(resource)
+        self.resource = resource
+        # Encoded once: every export request starts with the same resource and scope.
+        self.request = TracesRequest(resource.attributes, _SCOPE, None, resource.schema_url)
         # The provider resolves the sampler as the SDK does (OTEL_TRACES_SAMPLER[_ARG]).
         self.sampler: Sampler = TracerProvider(resource=resource, sampler=sampler).sampler
-        self._ids = RandomIdGenerator()
         self.queue = _SpanQueue(max_queue, batch)
         self.exporter = exporter
         self.record_content = record_content
         self.interval = interval
         self.export_timeout = export_timeout
-        self._limiter = trio.CapacityLimiter(1)
 
     def _span(
         self,
         name: str,
-        kind: SpanKind,
+        kind: int,
         attributes: dict[str, Any],
-        parent: SpanContext | None,
-        links: Sequence[Link] = (),
+        parent: _Span | SpanContext | None,
+        links: Sequence[_Link] = (),
     ) -> _Span:
         """A new span under ``parent``. The sampler decides at a trace's root (or under a
         remote parent, whose decision a parent-based sampler follows); children follow."""
-        if parent is None or parent.is_remote:
-            trace_id = parent.trace_id if parent is not None else self._ids.generate_trace_id()
-            context = (
-                trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+        if type(parent) is _Span:
+            return _Span(
+                self,
+                name,
+                kind,
+                parent.trace_id,
+                parent.sampled,
+                parent.trace_state,
+                parent.span_id,
+                False,
+                attributes,
+                links,
             )
-            result = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+        assert parent is None or isinstance(parent, SpanContext)
+        if parent is None or parent.is_remote:
+            if parent is None:
+                trace_id = _bits(128) or _bits(128) or 1
+                context = None
+            else:
+                trace_id = parent.trace_id
+                context = trace.set_span_in_context(NonRecordingSpan(parent))
+            result = self.sampler.should_sample(
+                context, trace_id, name, _SDK_KINDS[kind], attributes
+            )
             sampled = result.decision is Decision.RECORD_AND_SAMPLE
-            state = result.trace_state
-        else:
+            state = result.trace_state or _NO_STATE
+        else:  # a local span of someone else's (the OpenTelemetry API)
             trace_id, sampled, state = (
                 parent.trace_id,
                 parent.trace_flags.sampled,
                 parent.trace_state,
             )
-        span_context = SpanContext(
-            trace_id,
-            self._ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
-            trace_state=state,
+        parent_id = parent.span_id if parent is not None else 0
+        remote = parent is not None and parent.is_remote
+        return _Span(
+            self, name, kind, trace_id, sampled, state, parent_id, remote, attributes, links
         )
-        return _Span(self, name, kind, span_context, parent, attributes, links)
 
     @staticmethod
     def _enter(span: _Span) -> SpanScope:
-        token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(span.context)))
-        return SpanScope(span, token)
+        return SpanScope(span, otel_context.attach(trace.set_span_in_context(span)))
 
     @staticmethod
     def _exit(scope: SpanScope) -> None:
-        scope.span.end()
+        scope.span.finish()
         if scope.token is not None:
             otel_context.detach(scope.token)
 
     # -- export ---------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Export queued spans until cancelled, then flush what is left (bounded) and shut the
-        exporter down. Each export runs in a worker thread, so the event loop never waits."""
+        """Export queued spans until cancelled, then flush what is left (bounded) and close the
+        exporter. Spans are encoded already; a batch is joined and POSTed by this task."""
         queue = self.queue
         queue._trio_thread = threading.get_ident()
         task_status.started()
@@ -377,27 +446,31 @@ class Telemetry:
                 with trio.move_on_after(self.interval):
                     await queue.ready.wait()
                 queue.ready = trio.Event()
-                while queue.spans:
-                    await self._export(queue.take())
+                # What is queued now, in batches; spans that end meanwhile wait for the next
+                # tick or a full batch (draining until empty would, under steady traffic,
+                # export a few spans at a time, back to back).
+                due = len(queue.spans)
+                while due > 0:
+                    batch = queue.take()
+                    if not batch:
+                        break
+                    due -= len(batch)
+                    await self._export(batch)
         finally:
             # What is left goes out now, within a bound: shutting down must not hang on a
-            # collector that is down (the SDK's own shutdown can block for 30 s).
-            with trio.CancelScope(shield=True), trio.move_on_after(_FLUSH_ON_EXIT):
-                while queue.spans:
-                    await self._export(queue.take())
-            # Not behind the export limiter: an export still stuck in its retries is what
-            # shutdown() interrupts (it wakes the exporter's backoff wait and closes its session).
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await trio.to_thread.run_sync(self.exporter.shutdown, abandon_on_cancel=True)
+            # collector that is down.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(_FLUSH_ON_EXIT):
+                    while queue.spans:
+                        await self._export(queue.take())
+                with trio.move_on_after(1.0):
+                    await self.exporter.aclose()
 
-    async def _export(self, batch: Sequence[ReadableSpan]) -> None:
-        # The exporter bounds its own request (and retries) by its timeout; the margin covers
-        # encoding. Past it the thread is abandoned: its result no longer matters.
+    async def _export(self, batch: Sequence[bytes]) -> None:
+        # The exporter bounds its request and retries by the export timeout; this is a margin.
         with trio.move_on_after(self.export_timeout + 1.0):
             try:
-                await trio.to_thread.run_sync(
-                    self.exporter.export, batch, abandon_on_cancel=True, limiter=self._limiter
-                )
+                await self.exporter.export(self.request.encode(batch))
             except Exception:
                 log.warning("span export failed", exc_info=True)
 
@@ -420,7 +493,7 @@ class Telemetry:
             parent = remote if remote.is_valid else None
         name = f"{method} {route}" if route != "other" else method
         attributes = {"http.request.method": method, "http.route": route}
-        return self._enter(self._span(name, SpanKind.SERVER, attributes, parent))
+        return self._enter(self._span(name, KIND_SERVER, attributes, parent))
 
     def end_request(
         self,
@@ -479,7 +552,7 @@ class Telemetry:
         if retry_reason is not None:
             attributes["onwards.retry_reason"] = retry_reason
         name = f"{operation} {model}"
-        return AttemptSpan(self._span(name, SpanKind.CLIENT, attributes, _current()))
+        return AttemptSpan(self._span(name, KIND_CLIENT, attributes, _current()))
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -489,11 +562,11 @@ class Telemetry:
         """A loop run: a child of the current span, or — for a background response, whose
         context was detached — a new trace linked to the request that created it."""
         parent = _current()
-        links: list[Link] = []
+        links: list[_Link] = []
         if parent is None:
             origin = _origin.get()
             if origin is not None:
-                links.append(Link(origin, {"onwards.link": "created_by"}))
+                links.append(origin)
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "invoke_agent",
             "gen_ai.conversation.id": response_id,
@@ -504,7 +577,7 @@ class Telemetry:
         if agent:
             attributes["gen_ai.agent.name"] = agent
         name = f"invoke_agent {agent or model or ''}".rstrip()
-        return self._enter(self._span(name, SpanKind.INTERNAL, attributes, parent, links))
+        return self._enter(self._span(name, KIND_INTERNAL, attributes, parent, links))
 
     def end_response(
         self, scope: SpanScope, status: str, usage: Any = None, error: str | None = None
@@ -543,7 +616,7 @@ class Telemetry:
             if record and "messages" in payload:
                 attributes["gen_ai.input.messages"] = _content(payload["messages"])
             title = f"chat {model}" if isinstance(model, str) else "chat"
-        return self._enter(self._span(title, SpanKind.INTERNAL, attributes, _current()))
+        return self._enter(self._span(title, KIND_INTERNAL, attributes, _current()))
 
     def end_step(
         self, scope: SpanScope, kind: str, outcome: str, result: Any = None, usage: Any = None
@@ -571,5 +644,35 @@ class Telemetry:
     def detach() -> None:
         """Leave the current trace, for the rest of this task (one that outlives the request
         that started it): the next loop run starts a new trace linked to the current span."""
-        _origin.set(_current())
+        current = _current()
+        if current is not None:
+            _origin.set(_link_to(current))
+        otel_context.attach(Context())
+
+    @staticmethod
+    def traceparent() -> str | None:
+        """The W3C ``traceparent`` of the current span (``None``: there is none): what a
+        background response keeps, so that a process resuming it can link to its request."""
+        current = _current()
+        if current is None:
+            return None
+        if isinstance(current, _Span):
+            trace_id, span_id, sampled = current.trace_id, current.span_id, current.sampled
+        else:
+            trace_id, span_id = current.trace_id, current.span_id
+            sampled = current.trace_flags.sampled
+        return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+
+    @staticmethod
+    def adopt(traceparent: str | None) -> None:
+        """For a task that resumes a response another process started: leave whatever trace
+        the task was in; the next loop run starts a new trace, linked to ``traceparent`` (the
+        request that created the response) when it is a valid one."""
+        origin: _Link | None = None
+        if traceparent:
+            extracted = _PROPAGATOR.extract({"traceparent": traceparent})
+            context = trace.get_current_span(extracted).get_span_context()
+            if context.is_valid:
+                origin = (context.trace_id, context.span_id, True)
+        _origin.set(origin)
         otel_context.attach(Context())

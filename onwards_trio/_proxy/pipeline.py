@@ -923,9 +923,11 @@ class Proxy:
     ) -> tuple[UsageTap | None, Callable[[Usage], None] | None]:
         """What reads the usage of a 2xx body, and whom it tells (``None``: nobody wants it,
         and the body is relayed untouched)."""
+        if span is not None and not span.sampled:
+            span = None  # an unsampled trace records no usage
         observer = self.usage_observer
         if observer is not None and not (
-            self.metrics is not None or self.telemetry is not None or access_logged()
+            self.metrics is not None or span is not None or access_logged()
         ):
             observer = None
         strip = request.strip_usage and any(

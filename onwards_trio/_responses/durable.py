@@ -12,8 +12,10 @@ them: two processes never run the same response (as long as a renewal write does
 longer than the margin, ``lease_secs / 3``).
 
 What resuming needs is stored with the lease: the original request body, the alias, the
-server tools offered, and the request headers minus credentials. The client's API key is not
-stored: the response's owner digest finds it again in the current config.
+server tools offered, the request headers minus credentials, and (tracing on) the
+``traceparent`` of the creating request, which the resumed loop's span links to. The
+client's API key is not stored: the response's owner digest finds it again in the current
+config.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from onwards_trio._ops.telemetry import activate, current_telemetry
 from onwards_trio._stores.base import Claim, DurableStore
 
 if TYPE_CHECKING:
@@ -166,6 +169,15 @@ class Durability:
                 return
 
     async def _resume(self, store: DurableStore, claim: Claim) -> None:
+        # The resumed loop's spans: this task may have started outside any request, so the
+        # gateway's tracer is made current here; the loop is a new trace, linked to the
+        # request that created the response when its trace context was kept with the lease.
+        tel = self.service.gateway.telemetry
+        activate(tel)
+        if tel is not None:
+            info = claim.resume if isinstance(claim.resume, dict) else {}
+            origin = info.get("traceparent")
+            tel.adopt(origin if isinstance(origin, str) else None)
         try:
             await self.service.resume(claim, self.spec.max_recovery_attempts)
         except Exception as exc:
@@ -178,6 +190,10 @@ class Durability:
         store = self.store()
         if store is None:
             return False
+        tel = current_telemetry()
+        origin = tel.traceparent() if tel is not None else None
+        if origin is not None:  # for the spans of whoever resumes it
+            resume = {**resume, "traceparent": origin}
         await store.acquire_lease(response_id, self.owner, self.spec.lease_secs, resume)
         self.ensure_running()
         return True

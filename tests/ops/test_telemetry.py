@@ -50,7 +50,7 @@ def test_endpoint_is_a_base_url_as_the_variable_is(base: str) -> None:
 def test_config_asking_for_traces_without_the_sdk_is_a_config_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace.sampling", None)
     with pytest.raises(ConfigError, match=r"onwards-trio\[otel\]"):
         create_telemetry(TelemetrySpec(enabled=True, endpoint="http://c:4318"), {})
 
@@ -58,6 +58,6 @@ def test_config_asking_for_traces_without_the_sdk_is_a_config_error(
 def test_environment_asking_for_traces_without_the_sdk_runs_without(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace.sampling", None)
     assert create_telemetry(TelemetrySpec(), ENDPOINT) is None
     assert "running without traces" in caplog.text

@@ -1,0 +1,436 @@
+"""OTLP/HTTP trace export: our own protobuf encoding of the spans we record, and the POST.
+
+Why not the SDK's exporter: it builds a protobuf message object for every span, attribute and
+value and then serialises them, 53-120 µs per span here; at 100 % sampling that was more CPU
+than proxying the request (docs/benchmarks.md, "Tracing"). The wire format of
+``ExportTraceServiceRequest`` is small and stable, and our spans use a fixed part of it, so a
+span is encoded once, when it ends, into a few hundred bytes (a few µs): ids as raw bytes,
+times as fixed64, attributes appended as ``KeyValue`` fields. The resource and the scope are
+encoded once and reused for every batch. ``tests/ops/test_otlp.py`` checks that what we write
+decodes (with ``opentelemetry-proto``) to the message the SDK's encoder makes of the same
+spans.
+
+The POST goes over the gateway's own HTTP/1.1 client in a Trio task: no worker thread, no
+``requests``. It follows the OTLP/HTTP exporter's settings and behaviour: the same ``OTEL_*``
+variables (endpoint, headers, timeout, compression, certificates), retries of 429/502/503/504
+and of connection failures with exponential backoff (or ``Retry-After``), all within the export
+timeout; a batch that cannot be delivered in time is dropped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import random
+import ssl
+import struct
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from email.utils import parsedate_to_datetime
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import attrs
+import httpcore
+import trio
+
+from onwards_trio._transport.pool import UpstreamClient
+
+__all__ = [
+    "KIND_CLIENT",
+    "KIND_INTERNAL",
+    "KIND_SERVER",
+    "ExportSettings",
+    "Exporter",
+    "TracesRequest",
+    "encode_span",
+    "export_settings",
+]
+
+log = logging.getLogger("onwards_trio.telemetry")
+
+# Span.SpanKind in the protocol (the SDK's SpanKind enum counts from 0).
+KIND_INTERNAL: Final = 1
+KIND_SERVER: Final = 2
+KIND_CLIENT: Final = 3
+
+# SpanFlags: the encoder always says whether the parent was remote (as the SDK's does).
+_HAS_IS_REMOTE: Final = 0x100
+_IS_REMOTE: Final = 0x200
+
+_fixed64 = struct.Struct("<Q").pack
+_double = struct.Struct("<d").pack
+_fixed32 = struct.Struct("<I").pack
+_VARINTS: Final = tuple(bytes((i,)) for i in range(128))
+_CACHED: Final = 4096  # entries in each encoding cache
+_CACHED_TEXT: Final = 256  # longer attributes are not cached
+
+
+def _varint(n: int) -> bytes:
+    if 0 <= n < 128:
+        return _VARINTS[n]
+    if n < 0:
+        n += 1 << 64  # int64: two's complement, ten bytes
+    out = bytearray()
+    while n > 127:
+        out.append(n & 127 | 128)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _string(tag: bytes, text: str) -> bytes:
+    data = text.encode()
+    return tag + _varint(len(data)) + data
+
+
+def _any_value(value: Any) -> bytes:
+    """The fields of an ``AnyValue`` holding ``value`` (the SDK's type order)."""
+    if value is None:
+        return b""
+    if value is True:
+        return b"\x10\x01"
+    if value is False:
+        return b"\x10\x00"
+    if isinstance(value, str):
+        return _string(b"\x0a", value)
+    if isinstance(value, int):
+        return b"\x18" + _varint(value)
+    if isinstance(value, float):
+        return b"\x21" + _double(value)
+    if isinstance(value, bytes):
+        return b"\x3a" + _varint(len(value)) + value
+    if isinstance(value, Sequence):
+        array = b"".join(_message(b"\x0a", _any_value(v)) for v in value)
+        return _message(b"\x2a", array)
+    if isinstance(value, Mapping):
+        kvlist = b"".join(_message(b"\x0a", _key_value(str(k), v)) for k, v in value.items())
+        return _message(b"\x32", kvlist)
+    raise TypeError(f"cannot encode a {type(value).__name__} attribute")
+
+
+def _message(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+_keys: dict[str, bytes] = {}
+# Encoded span attributes (tag included) by (key, value), with the value's type: a request's
+# spans repeat most of theirs (method, route, alias, provider, status, small counts), so most
+# cost one dict lookup with the item ``dict.items()`` yields anyway.
+_fields: dict[tuple[str, Any], tuple[type, bytes]] = {}
+_names: dict[str, bytes] = {}
+
+
+def _key_value(key: str, value: Any) -> bytes:
+    head = _keys.get(key)
+    if head is None:
+        head = _string(b"\x0a", key) if key else b""
+        if len(_keys) < _CACHED:  # attribute names are a small fixed set
+            _keys[key] = head
+    return head + _message(b"\x12", _any_value(value))
+
+
+def _key_values(tag: bytes, attributes: Mapping[str, Any]) -> bytes:
+    """Repeated ``KeyValue`` fields numbered ``tag``; a value that cannot be encoded is left
+    out (and logged), as the SDK's encoder does."""
+    out = []
+    for key, value in attributes.items():
+        try:
+            kv = _key_value(key, value)
+        except (TypeError, UnicodeEncodeError) as exc:
+            log.warning("span attribute %s not exported: %s", key, exc)
+            continue
+        out.append(tag + _varint(len(kv)) + kv)
+    return b"".join(out)
+
+
+def _span_attributes(attributes: Mapping[str, Any]) -> bytes:
+    """:func:`_key_values` for ``Span.attributes`` (9), through the cache."""
+    out = []
+    cache = _fields
+    for item in attributes.items():
+        try:
+            hit = cache.get(item)
+        except TypeError:  # an unhashable value (a list)
+            hit = None
+        value = item[1]
+        kind = type(value)
+        if hit is not None and hit[0] is kind:  # 1 == True == 1.0: the type must match too
+            out.append(hit[1])
+            continue
+        field = _key_values(b"\x4a", {item[0]: value})
+        out.append(field)
+        if (kind is int or kind is str) and len(cache) < _CACHED and len(field) < _CACHED_TEXT:
+            cache[item] = (kind, field)
+    return b"".join(out)
+
+
+_head = struct.Struct(">BBQQBBQ").pack  # Span.trace_id (1) and .span_id (2), raw bytes
+_parent = struct.Struct(">BBQ").pack  # Span.parent_span_id (4)
+_times = struct.Struct("<BQBQ").pack  # Span.start_time_unix_nano (7), .end_time_unix_nano (8)
+_KINDS: Final = tuple(b"\x30" + _VARINTS[i] for i in range(6))  # Span.kind (6)
+_M64: Final = (1 << 64) - 1
+# Span.status (15) and .flags (16, fixed32: whether the parent is remote, as the SDK says it)
+_TAILS: Final = {
+    (error, remote): (b"\x7a\x02\x18\x02" if error else b"\x7a\x00")
+    + b"\x85\x01"
+    + _fixed32(_HAS_IS_REMOTE | _IS_REMOTE if remote else _HAS_IS_REMOTE)
+    for error in (False, True)
+    for remote in (False, True)
+}
+
+
+def encode_span(
+    trace_id: int,
+    span_id: int,
+    trace_state: str,
+    parent_id: int,
+    parent_remote: bool,
+    name: str,
+    kind: int,
+    start: int,
+    end: int,
+    attributes: Mapping[str, Any],
+    links: Sequence[tuple[int, int, bool, Mapping[str, Any]]],
+    error: bool,
+) -> bytes:
+    """One ``Span`` as a ``ScopeSpans.spans`` field: what :meth:`TracesRequest.encode` joins.
+    ``parent_id`` 0: a root span. ``links``: (trace id, span id, remote, attributes)."""
+    out = [_head(0x0A, 16, trace_id >> 64, trace_id & _M64, 0x12, 8, span_id)]
+    if trace_state:
+        out.append(_string(b"\x1a", trace_state))
+    if parent_id:
+        out.append(_parent(0x22, 8, parent_id))
+    if name:
+        encoded = _names.get(name)
+        if encoded is None:
+            encoded = _string(b"\x2a", name)
+            if len(_names) < _CACHED:
+                _names[name] = encoded
+        out.append(encoded)
+    out.append(_KINDS[kind])
+    if start and end:
+        out.append(_times(0x39, start, 0x41, end))
+    else:
+        if start:
+            out.append(b"\x39" + _fixed64(start))
+        if end:
+            out.append(b"\x41" + _fixed64(end))
+    if attributes:
+        out.append(_span_attributes(attributes))
+    for link_trace, link_span, remote, link_attributes in links:
+        link = _head(0x0A, 16, link_trace >> 64, link_trace & _M64, 0x12, 8, link_span)
+        if link_attributes:
+            link += _key_values(b"\x22", link_attributes)
+        link += b"\x35" + _fixed32(_HAS_IS_REMOTE | _IS_REMOTE if remote else _HAS_IS_REMOTE)
+        out.append(_message(b"\x6a", link))
+    out.append(_TAILS[error, parent_remote])
+    body = b"".join(out)
+    return b"\x12" + _varint(len(body)) + body
+
+
+class TracesRequest:
+    """``ExportTraceServiceRequest`` for spans of one resource and one instrumentation scope:
+    both are encoded here once; :meth:`encode` wraps a batch of :func:`encode_span` results."""
+
+    def __init__(
+        self,
+        resource: Mapping[str, Any],
+        scope: str,
+        scope_version: str | None = None,
+        resource_schema_url: str = "",
+    ) -> None:
+        encoded_scope = _string(b"\x0a", scope) if scope else b""
+        if scope_version:
+            encoded_scope += _string(b"\x12", scope_version)
+        self._scope = _message(b"\x0a", encoded_scope)  # ScopeSpans.scope (1)
+        self._resource = _message(b"\x0a", _key_values(b"\x0a", resource))  # .resource (1)
+        self._schema = _string(b"\x1a", resource_schema_url) if resource_schema_url else b""
+
+    def encode(self, spans: Sequence[bytes]) -> bytes:
+        scope_spans = self._scope + b"".join(spans)
+        resource_spans = self._resource + _message(b"\x12", scope_spans) + self._schema
+        return _message(b"\x0a", resource_spans)
+
+
+# -- sending -----------------------------------------------------------------------------------
+
+_RETRYABLE: Final = frozenset({429, 502, 503, 504})
+_MAX_RETRIES: Final = 6
+_JITTER: Final = 0.2
+_TRANSIENT: Final = (
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.TimeoutException,
+    OSError,
+)
+_jitter = random.Random()  # not the global generator: tests that seed it see no export draws
+
+
+@attrs.frozen
+class ExportSettings:
+    """Where and how spans are sent (:func:`export_settings` reads them as the SDK does)."""
+
+    endpoint: str  # the full URL, …/v1/traces
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    timeout: float = 10.0
+    compression: str = "none"  # none, gzip, deflate
+    certificate: str | None = None  # CA bundle for an https collector
+    client_certificate: str | None = None
+    client_key: str | None = None
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>``."""
+    return (
+        environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}")
+        or environ.get(f"OTEL_EXPORTER_OTLP_{name}")
+        or None
+    )
+
+
+def export_settings(
+    endpoint: str | None, timeout: float, environ: Mapping[str, str]
+) -> ExportSettings:
+    """The exporter's settings from the ``OTEL_EXPORTER_OTLP_(TRACES_)*`` variables, as the SDK's
+    OTLP/HTTP exporter reads them; ``endpoint`` (a full URL) wins over the variables."""
+    from opentelemetry.util.re import parse_env_headers
+
+    if endpoint is None:
+        endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if not endpoint:
+        base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318/"
+        endpoint = base.removesuffix("/") + "/v1/traces"
+    compression = (_env(environ, "COMPRESSION") or "none").strip().lower()
+    if compression not in ("none", "gzip", "deflate"):
+        log.warning("unsupported OTLP compression %r: sending uncompressed", compression)
+        compression = "none"
+    return ExportSettings(
+        endpoint=endpoint,
+        headers=dict(parse_env_headers(_env(environ, "HEADERS") or "", liberal=True)),
+        timeout=timeout,
+        compression=compression,
+        certificate=_env(environ, "CERTIFICATE"),
+        client_certificate=_env(environ, "CLIENT_CERTIFICATE"),
+        client_key=_env(environ, "CLIENT_KEY"),
+    )
+
+
+@attrs.frozen
+class _Collector:
+    """The collector as the transport's ``Origin``."""
+
+    scheme: bytes
+    host: bytes
+    port: int | None
+    host_header: bytes
+    base_path: bytes = b"/"
+    prefix: bytes = b""
+    auth_header: tuple[bytes, bytes] | None = None
+
+
+class _Client(UpstreamClient):
+    """The gateway's pooled HTTP/1.1 client, with the collector's TLS settings."""
+
+    def __init__(self, settings: ExportSettings) -> None:
+        super().__init__()
+        self._settings = settings
+
+    def ssl_context(self) -> ssl.SSLContext:
+        s = self._settings
+        if self._ssl is None and (s.certificate or s.client_certificate):
+            ctx = ssl.create_default_context(cafile=s.certificate)
+            if s.client_certificate:
+                ctx.load_cert_chain(s.client_certificate, s.client_key)
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._ssl = ctx
+        return super().ssl_context()
+
+
+def _retry_after(headers: Sequence[tuple[bytes, bytes]]) -> float | None:
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            text = value.decode("latin-1").strip()
+            try:
+                return max(float(text), 0.0)
+            except ValueError:
+                pass
+            try:
+                when = parsedate_to_datetime(text)
+            except (TypeError, ValueError):
+                return None
+            return max(when.timestamp() - time.time(), 0.0)
+    return None
+
+
+class Exporter:
+    """POSTs encoded ``ExportTraceServiceRequest`` bodies to one collector, one at a time."""
+
+    def __init__(self, settings: ExportSettings) -> None:
+        self.settings = settings
+        url = urlsplit(settings.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) URL: {settings.endpoint!r}")
+        host = url.hostname.encode("idna")
+        netloc = url.netloc.rpartition("@")[2].encode("idna")
+        self._origin = _Collector(url.scheme.encode(), host, url.port, netloc)
+        self._target = (url.path or "/").encode() + (
+            b"?" + url.query.encode() if url.query else b""
+        )
+        headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in settings.headers.items()
+        ]
+        headers += [(b"host", netloc), (b"content-type", b"application/x-protobuf")]
+        if settings.compression != "none":
+            headers.append((b"content-encoding", settings.compression.encode()))
+        self._headers = headers
+        self._client = _Client(settings)
+
+    async def export(self, body: bytes) -> bool:
+        """Send one request body, retrying transient failures within the export timeout.
+        ``True``: the collector took it."""
+        settings = self.settings
+        if settings.compression == "gzip":
+            body = await trio.to_thread.run_sync(gzip.compress, body)
+        elif settings.compression == "deflate":
+            body = await trio.to_thread.run_sync(zlib.compress, body)
+        headers = [*self._headers, (b"content-length", str(len(body)).encode())]
+        deadline = trio.current_time() + settings.timeout
+        problem = ""
+        with trio.move_on_at(deadline) as scope:
+            for retry in range(_MAX_RETRIES):
+                wait: float | None = None
+                try:
+                    status, wait = await self._post(headers, body)
+                except _TRANSIENT as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                else:
+                    if 200 <= status < 400:
+                        return True
+                    problem = f"status {status}"
+                    if status not in _RETRYABLE:
+                        break
+                if wait is None:
+                    wait = 2**retry * _jitter.uniform(1 - _JITTER, 1 + _JITTER)
+                if retry + 1 == _MAX_RETRIES or trio.current_time() + wait >= deadline:
+                    break
+                await trio.sleep(wait)
+        if scope.cancelled_caught:
+            problem = f"no answer within {settings.timeout:g} s"
+        log.warning("span export to %s failed (%s): spans dropped", settings.endpoint, problem)
+        return False
+
+    async def _post(
+        self, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> tuple[int, float | None]:
+        response = await self._client.send(self._origin, b"POST", self._target, headers, body)
+        try:
+            async for _ in response.aiter_stream():
+                pass  # the answer (an ExportTraceServiceResponse) is not used
+        finally:
+            await response.aclose()
+        return response.status, _retry_after(response.headers)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
