@@ -387,7 +387,8 @@ class TelemetrySpec:
     ``OTEL_*`` variables. ``record_content`` puts prompts, completions and tool arguments and
     results on spans (off: never). ``stream_usage`` asks upstreams for the usage chunk of chat
     streams the client did not ask it for (the client's stream stays as it would have been).
-    Read at start-up: a reload does not change tracing.
+    Read at start-up, but for ``stream_usage`` (read per request): a reload that changes
+    anything else logs that it takes effect after a restart.
     """
 
     enabled: bool | None = None

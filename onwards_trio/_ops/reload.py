@@ -29,6 +29,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from onwards_trio._config import Config, parse_config
@@ -168,6 +169,8 @@ class ConfigWatcher:
             log.warning("config: %s", redact(warning, secrets))
         if previous is not None and previous.http_pool != config.http_pool:
             log.warning("config: http_pool changes take effect after a restart")
+        if previous is not None and _tracer_settings(previous) != _tracer_settings(config):
+            log.warning("config: telemetry changes (but stream_usage) take effect after a restart")
         return True
 
     def _rejected(self, problem: str, secrets: Iterable[str]) -> bool:
@@ -180,6 +183,15 @@ class ConfigWatcher:
             redact(problem, secrets),
         )
         return False
+
+
+def _tracer_settings(config: Config) -> object:
+    """The part of ``telemetry`` read once, at start: all but ``stream_usage``, which each
+    request reads from the routing table. The tracer is built from it together with the
+    ``OTEL_*`` environment (which a reload cannot change either): its exporter, queue, sampler
+    and resource live in the export task for the process's life, and in-flight traces stay on
+    the tracer they started with."""
+    return attrs.evolve(config.telemetry, stream_usage=False)
 
 
 def config_secrets(config: Config) -> set[str]:
