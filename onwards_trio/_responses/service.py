@@ -76,8 +76,11 @@ from onwards_trio._stores.base import (
     TERMINAL_STATUSES,
     Claim,
     DurableStore,
+    FinishedResponse,
+    FinishedWriter,
     ResponseStore,
     SharedResponseStore,
+    StoreBackend,
     StoredEvent,
     StoredResponse,
 )
@@ -121,6 +124,9 @@ _Deliver: TypeAlias = Callable[[StoredEvent], Awaitable[None]]
 # The spec's end of an SSE stream, after the terminal event. (Events also carry ``id:``, which
 # the spec advises against: it is the Last-Event-ID cursor that resumes a background stream.)
 DONE_LINE = b"data: [DONE]\n\n"
+# The error of a response whose final state could not be stored: its client is not told it
+# completed (a later GET could not show that).
+_NOT_STORED = {"code": "server_error", "message": "The response could not be stored."}
 
 
 def _now() -> int:
@@ -404,6 +410,11 @@ class _ResponseSink:
         self.loop_error: LoopError | None = None
         self.crashed = False
         self.sequence = -1  # of the last event seen
+        # A stored response's terminal event reaches a foreground client only once its final
+        # state is stored (:meth:`ResponsesService._execute` releases it).
+        self.hold_terminal = job.stored and live is None
+        self.held: LoopEvent | None = None
+        self.stored = not job.stored  # the final state is stored (nothing to store: True)
 
     async def emit(self, event: LoopEvent) -> None:
         self.sequence = event.sequence
@@ -427,11 +438,29 @@ class _ResponseSink:
                 and event.data.get("item", {}).get("type") == "function_call_output"
             )
             await self.live.maybe_flush(force=event.kind.is_terminal or boundary)
+        if event.kind.is_terminal and self.hold_terminal:
+            self.held = event
+            return
+        await self._deliver(event)
+
+    async def _deliver(self, event: LoopEvent) -> None:
         if self.channel is not None:
             try:
                 await self.channel.send(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.channel = None
+
+    async def release_terminal(self, stored: bool) -> None:
+        """Deliver the terminal event held back until the final state was stored; when it
+        could not be stored (``stored`` false), a ``response.failed`` saying so instead."""
+        event, self.held = self.held, None
+        if event is None:
+            return
+        if not stored:
+            failed = {**event.data.get("response", {}), "status": "failed"}
+            failed["error"] = _NOT_STORED
+            event = LoopEvent(event.sequence, LoopEventKind.FAILED, {"response": failed})
+        await self._deliver(event)
 
     async def close_stream(self) -> None:
         """End the event stream with a terminal event when the loop sent none (cancelled,
@@ -480,6 +509,11 @@ class _Job:
     mcp: McpPlan
     mcp_sessions: bool  # whether the loop may reach an MCP server (config or request)
     body: Any = None  # the request as sent (a background response keeps it for resuming)
+    # A foreground stored response on a backend that writes it whole at the end: its steps
+    # are kept in memory (``steps``) and written with its final state in one call.
+    writer: FinishedWriter | None = None
+    record: StoredResponse | None = None  # as created; not in the store yet when ``unwritten``
+    unwritten: bool = False
     first_sequence: int = 0  # a resumed response's event stream continues here
     history: list[dict[str, Any]] = attrs.field(factory=list)  # previous_response_id's
 
@@ -505,6 +539,7 @@ class ResponsesService:
         self.mcp_cache = McpToolCache(gateway.config.mcp.tools_ttl_secs)
         self._live: dict[str, _Live] = {}
         self._keeper_started = False
+        self._backend: object = None  # what ``config.store`` opened
         self.durability = Durability(self)
 
     @property
@@ -550,11 +585,25 @@ class ResponsesService:
         self._ensure_keeper()
         if self.response_store is None or self.step_store is None:
             backend = open_backend(self.gateway.config.store)
+            self._backend = backend
             self.response_store = self.response_store or backend.responses
             self.step_store = self.step_store or backend.steps
             self.durable_store = self.durable_store or backend.durable
         self.durability.ensure_running()
         return self.response_store, self.step_store
+
+    def _writer(self) -> FinishedWriter | None:
+        """The backend, when it writes a finished response in one call and both stores in use
+        are still its own (a host may have replaced one)."""
+        backend = self._backend
+        if (
+            isinstance(backend, FinishedWriter)
+            and isinstance(backend, StoreBackend)
+            and backend.responses is self.response_store
+            and backend.steps is self.step_store
+        ):
+            return backend
+        return None
 
     def durable(self) -> DurableStore | None:
         """The store of leases and ``Idempotency-Key`` records (opened on first use)."""
@@ -662,7 +711,11 @@ class ResponsesService:
             adapted = self.adapter_alias(request)
             if adapted is None:
                 return None
-            job = await self.prepare(request, *adapted)
+            body = request.json
+            answer_only = isinstance(body, dict) and not (
+                body.get("stream") is True or body.get("background") is True
+            )
+            job = await self.prepare(request, *adapted, answer_only=answer_only)
         except HTTPError as exc:
             await send_error(send, exc)
             return exc.status
@@ -724,10 +777,16 @@ class ResponsesService:
         alias: str,
         token: str | None,
         recent: Mapping[str, list[dict[str, Any]]] | None = None,
+        *,
+        answer_only: bool = False,
     ) -> _Job:
         """Validate and convert the request, load what ``previous_response_id`` names (from
         ``recent``, a WebSocket's connection-local conversations, then the store) and
-        record the new response. Raises :class:`HTTPError` for a request it refuses."""
+        record the new response. Raises :class:`HTTPError` for a request it refuses.
+
+        ``answer_only``: the client learns the response's id only from the answer (a
+        foreground request without a stream), so nobody can ask for it before it ends; on a
+        :class:`FinishedWriter` backend it is then not written now but with its final state."""
         body = request.json
         big = isinstance(body, dict) and _long(body.get("input"))
         # A long input is converted in a worker thread: the event loop keeps serving others.
@@ -778,7 +837,11 @@ class ResponsesService:
         response_id = f"resp_{secrets.token_hex(24)}"
         base = response_object(req, response_id, _now(), offered)
         headers = [(k, v) for k, v in request.headers if k not in MODEL_CALL_DROP]
-        steps = step_store if req.store else MemoryStore()  # store: false keeps nothing
+        # A foreground response's steps are only read by its own loop (nobody resumes it), so
+        # on a backend that can write them all at the end they stay in memory until then.
+        writer = self._writer() if req.store and not req.background else None
+        # store: false keeps nothing
+        steps = step_store if req.store and writer is None else MemoryStore()
         job = _Job(
             response_id=response_id,
             request=req,
@@ -795,20 +858,22 @@ class ResponsesService:
             mcp_sessions=bool(mcp) or self.executor.has_mcp(ctx),
             body=request.json,
             history=history,
+            writer=writer,
         )
         await job.steps.begin_response(response_id, chat)
         if req.store:
             status = "queued" if req.background else "in_progress"
-            await response_store.create(
-                StoredResponse(
-                    id=response_id,
-                    response={**base, "status": status},
-                    input_items=assign_item_ids(req.input_items),
-                    context_items=history,
-                    background=req.background,
-                    owner=owner,
-                )
+            job.record = StoredResponse(
+                id=response_id,
+                response={**base, "status": status},
+                input_items=assign_item_ids(req.input_items),
+                context_items=history,
+                background=req.background,
+                owner=owner,
             )
+            job.unwritten = answer_only and writer is not None
+            if not job.unwritten:
+                await response_store.create(job.record)
         return job
 
     async def _execute(self, job: _Job, sink: _ResponseSink) -> dict[str, Any]:
@@ -850,11 +915,27 @@ class ResponsesService:
             with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
                 if job.stored and not (sink.live is not None and sink.live.release is not None):
                     try:
-                        await self._stores()[0].update(job.response_id, final)
+                        sink.stored = await self._store_final(job, final)
                     except Exception:
                         log.exception("response %s: could not store its outcome", job.response_id)
                 await self._count_steps(job)
+        await sink.release_terminal(sink.stored)
         return final
+
+    async def _store_final(self, job: _Job, final: dict[str, Any]) -> bool:
+        """Write the response's final state: with its steps, in one call, when they were kept
+        in memory (:attr:`_Job.writer`); else as a status update. True once it is stored (or
+        the update was refused: deleted meanwhile, or already terminal)."""
+        if job.writer is None or job.record is None:
+            await self._stores()[0].update(job.response_id, final)
+            return True
+        assert isinstance(job.steps, MemoryStore)
+        loop_responses, steps = job.steps.contents()
+        finished = FinishedResponse(
+            attrs.evolve(job.record, response=final), job.unwritten, loop_responses, steps
+        )
+        await job.writer.write_finished(finished)
+        return True
 
     async def _count_steps(self, job: _Job) -> None:
         """Loop steps and tool calls by outcome, for the metrics (one chain read, only when
@@ -873,7 +954,13 @@ class ResponsesService:
                 metrics.tool_call(alias, step.state.value)
 
     async def _answer_foreground(self, job: _Job, send: Send) -> int:
-        final = await self._execute(job, _ResponseSink(job))
+        sink = _ResponseSink(job)
+        final = await self._execute(job, sink)
+        if not sink.stored:
+            # The answer would name a response the store does not hold (or holds unfinished).
+            exc = errors.internal_error()
+            await send_error(send, exc)
+            return exc.status
         error = job.transport.first_error
         if final.get("status") == "failed" and not final.get("output") and error is not None:
             # Nothing was produced and the model call was refused (limits, auth, upstream

@@ -19,14 +19,14 @@ the loop's step store, and a :class:`StoreBackend` bundles the two over one conn
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import attrs
 import orjson
 import trio
 
-from onwards_trio._loop.steps import MultiStepStore
+from onwards_trio._loop.steps import ChainStep, MultiStepStore, ResponseRecord
 from onwards_trio._proxy.ledger import BUCKET_SECONDS, COLUMNS, UsageQuery, UsageRow
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "TERMINAL_STATUSES",
     "Claim",
     "DurableStore",
+    "FinishedResponse",
+    "FinishedWriter",
     "IdempotencyRecord",
     "ResponseStore",
     "SharedResponseStore",
@@ -58,6 +60,47 @@ ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
 def can_transition(current: str, new: str) -> bool:
     """Whether a response in ``current`` may be rewritten with status ``new``."""
     return new in ALLOWED_TRANSITIONS.get(current, frozenset())
+
+
+def statuses_before(new: str) -> list[str]:
+    """The statuses a response may leave for ``new`` (sorted; empty: ``new`` is no status a
+    response may move to) — the condition of a status update in the SQL stores."""
+    return sorted(s for s, targets in ALLOWED_TRANSITIONS.items() if new in targets)
+
+
+def response_row(record: StoredResponse) -> tuple[Any, ...]:
+    """``record`` as the SQL stores' ``oresp_responses`` columns, JSON as text:
+    ``id, status, response, input_items, context_items, background, created_at, owner``."""
+    return (
+        record.id,
+        record.status,
+        orjson.dumps(record.response).decode(),
+        orjson.dumps(record.input_items).decode(),
+        orjson.dumps(record.context_items).decode(),
+        record.background,
+        record.created_at,
+        record.owner,
+    )
+
+
+def step_row(
+    request_id: str, step: ChainStep, dump: Callable[[Any], str | None]
+) -> tuple[Any, ...]:
+    """A step as the SQL stores' ``loop_steps`` columns ``id, request_id, scope_parent,
+    prev_step_id, kind, state, sequence, request_payload, response_payload, error``, its
+    payloads as JSON text (``dump``)."""
+    return (
+        step.id,
+        request_id,
+        step.parent_step_id,
+        step.prev_step_id,
+        step.kind.value,
+        step.state.value,
+        step.sequence,
+        dump(step.request_payload),
+        dump(step.response_payload),
+        dump(step.error),
+    )
 
 
 @attrs.frozen
@@ -125,6 +168,33 @@ class ResponseStore(Protocol):
 
     async def aclose(self) -> None:
         """Release resources (connections)."""
+
+
+@attrs.frozen
+class FinishedResponse:
+    """Everything a foreground response leaves in the store, written in one transaction at its
+    end (:class:`FinishedWriter`): its Response object in its final state, and the loop's
+    rows — the response rows (``loop_responses``: the response and its sub-agents) and every
+    step, ``(request_id, step)`` — that the loop kept in memory while it ran.
+
+    ``new``: the Response object was never written (a foreground answer without a stream:
+    nobody knew its id before the answer), so it is inserted; otherwise it moves to its
+    final status as :meth:`ResponseStore.update` does, and nothing is written when that is
+    refused (the response was deleted meanwhile)."""
+
+    record: StoredResponse
+    new: bool
+    loop_responses: Sequence[ResponseRecord]
+    steps: Sequence[tuple[str, ChainStep]]
+
+
+@runtime_checkable
+class FinishedWriter(Protocol):
+    """A backend that writes a :class:`FinishedResponse` in one call (one transaction, one
+    thread hop), instead of the dozen store calls of a loop that writes as it goes."""
+
+    async def write_finished(self, finished: FinishedResponse) -> bool:
+        """Write it all, or nothing (raising); ``False`` when the update was refused."""
 
 
 @runtime_checkable

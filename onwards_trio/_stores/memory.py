@@ -34,6 +34,7 @@ from onwards_trio._loop.transition import ScopeView, Transition, open_responses_
 from onwards_trio._proxy.ledger import BUCKET_SECONDS, COLUMNS, UsageQuery, UsageRow
 from onwards_trio._stores.base import (
     Claim,
+    FinishedResponse,
     IdempotencyRecord,
     StoreBackend,
     StoredEvent,
@@ -219,6 +220,36 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         return self._responses.get(request_id)
 
+    def contents(self) -> tuple[list[ResponseRecord], list[tuple[str, ChainStep]]]:
+        """Every response row and every step ``(request_id, step)`` held, for a one-call write
+        of a finished response into a persistent store (:class:`FinishedResponse`)."""
+        steps = [(r.request_id, r.chain_step()) for r in self._steps.values()]
+        return list(self._responses.values()), steps
+
+    def adopt(
+        self, responses: Sequence[ResponseRecord], steps: Sequence[tuple[str, ChainStep]]
+    ) -> None:
+        """Take over rows another store produced (:meth:`contents`); they are not copied."""
+        for record in responses:
+            self._responses[record.id] = record
+        for request_id, step in steps:
+            row = _Row(
+                id=step.id,
+                request_id=request_id,
+                scope_parent=step.parent_step_id,
+                prev_step_id=step.prev_step_id,
+                kind=step.kind,
+                state=step.state,
+                sequence=step.sequence,
+                request_payload=step.request_payload,
+                response_payload=step.response_payload,
+                error=step.error,
+            )
+            self._steps[row.id] = row
+            self._scopes.setdefault((request_id, row.scope_parent), []).append(row)
+            nxt = self._next_sequence.get(request_id, 1)
+            self._next_sequence[request_id] = max(nxt, step.sequence + 1)
+
 
 # -- Responses objects ----------------------------------------------------------------------------
 
@@ -260,6 +291,27 @@ class MemoryResponseStore:
         if record is None or not can_transition(record.status, str(response.get("status"))):
             return False
         self._records[response_id] = attrs.evolve(record, response=_copy(response))
+        return True
+
+    def put(self, finished: FinishedResponse) -> bool:
+        """The response part of :meth:`MemoryBackend.write_finished` (no checkpoint)."""
+        record = finished.record
+        if finished.new:
+            if record.id in self._records:
+                raise ValueError(f"response {record.id!r} already exists")
+            self._events[record.id] = []
+        else:
+            old = self._records.get(record.id)
+            if old is None or not can_transition(old.status, record.status):
+                return False
+            self._records[record.id] = attrs.evolve(old, response=_copy(record.response))
+            return True
+        self._records[record.id] = attrs.evolve(
+            record,
+            response=_copy(record.response),
+            input_items=_copy(record.input_items),
+            context_items=_copy(record.context_items),
+        )
         return True
 
     async def delete(self, response_id: str) -> bool:
@@ -403,8 +455,19 @@ class MemoryDurableStore:
 class MemoryBackend(StoreBackend):
     """A process-local backend: both stores in memory (tests, single-process embedding)."""
 
+    steps: MemoryStore
+    responses: MemoryResponseStore
+
     def __init__(self) -> None:
         super().__init__(MemoryStore(), MemoryResponseStore(), MemoryDurableStore())
+
+    async def write_finished(self, finished: FinishedResponse) -> bool:
+        """:class:`~onwards_trio._stores.base.FinishedWriter`: all of it at once."""
+        await trio.lowlevel.checkpoint()
+        if not self.responses.put(finished):
+            return False
+        self.steps.adopt(finished.loop_responses, finished.steps)
+        return True
 
 
 _COLUMN = {name: i for i, name in enumerate(COLUMNS)}

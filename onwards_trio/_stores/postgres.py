@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import orjson
+import outcome
 import psycopg
 import psycopg.errors
 import psycopg_pool
@@ -57,8 +58,8 @@ from onwards_trio._loop.steps import (
 from onwards_trio._loop.tools import ToolSchema
 from onwards_trio._loop.transition import ScopeView, Transition, open_responses_transition
 from onwards_trio._stores.base import (
-    ALLOWED_TRANSITIONS,
     Claim,
+    FinishedResponse,
     IdempotencyRecord,
     SqlDurableStore,
     SqlUsageStore,
@@ -67,7 +68,11 @@ from onwards_trio._stores.base import (
     StoredResponse,
     claim_of,
     idempotency_record,
+    response_row,
+    statuses_before,
+    step_row,
 )
+from onwards_trio._stores.batching import Call, GroupCommit
 from onwards_trio._stores.memory import new_step_id
 
 __all__ = [
@@ -175,6 +180,15 @@ class PostgresDatabase:
     writes use ``conn.transaction()``. ``psycopg.Error`` (pool timeouts included) becomes
     :class:`~onwards_trio._loop.steps.StoreError`. :meth:`aclose` closes the pool; a later call
     opens it again.
+
+    **Group commit** (:meth:`write`, :mod:`~onwards_trio._stores.batching`): writes that find
+    ``pool_size`` batches already running queue, and each freed connection then runs the
+    queued ones together — one thread hop, one transaction and one commit (one WAL flush on
+    the server) for all of them, each call in its own savepoint so a failing call rolls back
+    only its own writes. A call returns only after the commit that holds its writes, so
+    durability is that of a lone call. Batched calls hold their row locks until the batch
+    commits; a call that loses a deadlock to another batch is run again alone once its own
+    batch has committed.
     """
 
     def __init__(
@@ -194,6 +208,9 @@ class PostgresDatabase:
         self._pool: psycopg_pool.ConnectionPool[Conn] | None = None
         self._open_lock = threading.Lock()  # worker threads race to open the pool
         self._limiter = trio.CapacityLimiter(pool_size)
+        self._group: GroupCommit[Conn] = GroupCommit(
+            self._run_batch, self._limiter, slots=pool_size
+        )
 
     def _open(self) -> psycopg_pool.ConnectionPool[Conn]:
         with self._open_lock:
@@ -240,6 +257,52 @@ class PostgresDatabase:
         return await trio.to_thread.run_sync(
             call, limiter=self._limiter, abandon_on_cancel=abandon_on_cancel
         )
+
+    async def write(self, fn: Callable[[Conn], T]) -> T:
+        """``fn(connection)`` as :meth:`run` does, but batched with the writes that queue
+        meanwhile (group commit). ``fn`` may open transactions of its own (they become
+        savepoints in a batch); it must not set the transaction's isolation level."""
+        return await self._group.run(fn)
+
+    @staticmethod
+    def _settle(call: Call[Conn], conn: Conn) -> None:
+        try:
+            call.outcome = outcome.Value(call.fn(conn))
+        except psycopg.Error as e:
+            call.outcome = outcome.Error(_store_error(e))
+        except Exception as e:
+            call.outcome = outcome.Error(e)
+
+    def _run_batch(self, batch: list[Call[Conn]]) -> None:
+        """In a worker thread: every call of ``batch``, one transaction when more than one."""
+        try:
+            with self._open().connection() as conn:
+                if len(batch) == 1:
+                    self._settle(batch[0], conn)
+                    return
+                again: list[Call[Conn]] = []
+                try:
+                    with conn.transaction():
+                        for call in batch:
+                            try:
+                                with conn.transaction():  # a savepoint per call
+                                    call.outcome = outcome.Value(call.fn(conn))
+                            except psycopg.errors.DeadlockDetected:
+                                again.append(call)
+                            except psycopg.Error as e:
+                                call.outcome = outcome.Error(_store_error(e))
+                            except Exception as e:
+                                call.outcome = outcome.Error(e)
+                except psycopg.Error as e:  # the commit failed: nothing of the batch stands
+                    for call in batch:
+                        call.outcome = outcome.Error(_store_error(e))
+                    return
+                for call in again:  # alone, now that this batch's locks are released
+                    self._settle(call, conn)
+        except psycopg.Error as e:  # no connection (or it broke): calls left without a result
+            for call in batch:
+                if call.outcome is None:
+                    call.outcome = outcome.Error(_store_error(e))
 
     async def aclose(self) -> None:
         """Close the pool. Shielded (a cancelled close would leak connections) and bounded: a
@@ -403,7 +466,7 @@ class PostgresStore(StepTransitions):
                 )
             return RecordedStep(step_id, sequence)
 
-        return await self.database.run(write)
+        return await self.database.write(write)
 
     async def _transition(
         self, step_id: str, to: StepState, from_states: Sequence[str], column: str, value: Any
@@ -422,7 +485,7 @@ class PostgresStore(StepTransitions):
             self._get(conn, step_id)  # NOT_FOUND if it does not exist
             return False
 
-        return await self.database.run(write)
+        return await self.database.write(write)
 
     async def get_step(self, step_id: str) -> ChainStep:
         return await self.database.run(lambda conn: self._get(conn, step_id))
@@ -443,7 +506,7 @@ class PostgresStore(StepTransitions):
                 (request_id, text),
             )
 
-        await self.database.run(write)
+        await self.database.write(write)
 
     async def finish_response(
         self, request_id: str, status: ResponseStatus, output: Any = None
@@ -459,7 +522,7 @@ class PostgresStore(StepTransitions):
                 (request_id, status.value, text),
             )
 
-        await self.database.run(write)
+        await self.database.write(write)
 
     async def get_response(self, request_id: str) -> ResponseRecord | None:
         return await self.database.run(lambda conn: self._response(conn, request_id))
@@ -473,29 +536,20 @@ class PostgresResponseStore:
         self.database = _database(database)
 
     async def create(self, record: StoredResponse) -> None:
-        row = (
-            record.id,
-            record.status,
-            orjson.dumps(record.response).decode(),
-            orjson.dumps(record.input_items).decode(),
-            orjson.dumps(record.context_items).decode(),
-            record.background,
-            record.created_at,
-            record.owner,
-        )
+        row = response_row(record)
+        await self.database.write(lambda conn: self._insert(conn, record.id, row))
 
-        def insert(conn: Conn) -> None:
-            try:
-                conn.execute(
-                    "INSERT INTO oresp_responses (id, status, response, input_items, "
-                    "context_items, background, created_at, owner) "
-                    "VALUES (%s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s)",
-                    row,
-                )
-            except psycopg.errors.UniqueViolation:
-                raise ValueError(f"response {record.id!r} already exists") from None
-
-        await self.database.run(insert)
+    @staticmethod
+    def _insert(conn: Conn, response_id: str, row: tuple[Any, ...]) -> None:
+        try:
+            conn.execute(
+                "INSERT INTO oresp_responses (id, status, response, input_items, "
+                "context_items, background, created_at, owner) "
+                "VALUES (%s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s)",
+                row,
+            )
+        except psycopg.errors.UniqueViolation:
+            raise ValueError(f"response {response_id!r} already exists") from None
 
     async def get(self, response_id: str) -> StoredResponse | None:
         def select(conn: Conn) -> TupleRow | None:
@@ -534,22 +588,21 @@ class PostgresResponseStore:
 
     async def update(self, response_id: str, response: dict[str, Any]) -> bool:
         new = str(response.get("status"))
-        allowed = sorted(s for s, targets in ALLOWED_TRANSITIONS.items() if new in targets)
-        if not allowed:
+        if not statuses_before(new):
             return False
         data = orjson.dumps(response).decode()
+        return await self.database.write(lambda conn: self._update(conn, response_id, new, data))
 
-        def write(conn: Conn) -> bool:
-            # One conditional UPDATE: a replica that loses the race re-checks the status after
-            # the winner commits, so a terminal status stays final.
-            cur = conn.execute(
-                "UPDATE oresp_responses SET status = %s, response = %s::jsonb "
-                "WHERE id = %s AND status = ANY(%s)",
-                (new, data, response_id, allowed),
-            )
-            return cur.rowcount == 1
-
-        return await self.database.run(write)
+    @staticmethod
+    def _update(conn: Conn, response_id: str, new: str, data: str) -> bool:
+        # One conditional UPDATE: a replica that loses the race re-checks the status after
+        # the winner commits, so a terminal status stays final.
+        cur = conn.execute(
+            "UPDATE oresp_responses SET status = %s, response = %s::jsonb "
+            "WHERE id = %s AND status = ANY(%s)",
+            (new, data, response_id, statuses_before(new)),
+        )
+        return cur.rowcount == 1
 
     async def delete(self, response_id: str) -> bool:
         def remove(conn: Conn) -> bool:
@@ -561,7 +614,7 @@ class PostgresResponseStore:
                 conn.execute("DELETE FROM oresp_events WHERE response_id = %s", (response_id,))
             return found
 
-        return await self.database.run(remove)
+        return await self.database.write(remove)
 
     async def append_events(self, response_id: str, events: Sequence[StoredEvent]) -> None:
         if not events:
@@ -585,7 +638,7 @@ class PostgresResponseStore:
                         rows,
                     )
 
-        await self.database.run(insert)
+        await self.database.write(insert)
 
     async def events_after(self, response_id: str, after: int) -> list[StoredEvent]:
         def select(conn: Conn) -> list[TupleRow]:
@@ -698,6 +751,54 @@ class PostgresBackend(StoreBackend):
             else database
         )
         super().__init__(PostgresStore(db), PostgresResponseStore(db), PostgresDurableStore(db))
+        self.database = db
+
+    async def write_finished(self, finished: FinishedResponse) -> bool:
+        """:class:`~onwards_trio._stores.base.FinishedWriter`: the Response object, the loop's
+        response rows, their sequence counters and their steps in one transaction (the
+        statements pipelined: one round trip per ``executemany``)."""
+        record = finished.record
+        row = response_row(record) if finished.new else None
+        data = row[2] if row is not None else orjson.dumps(record.response).decode()
+        responses = [
+            (r.id, r.status.value, _dump(r.request), _dump(r.output))
+            for r in finished.loop_responses
+        ]
+        last: dict[str, int] = {}
+        steps = []
+        for request_id, step in finished.steps:
+            last[request_id] = max(last.get(request_id, 0), step.sequence)
+            steps.append(step_row(request_id, step, _dump))
+
+        def write(conn: Conn) -> bool:
+            with conn.transaction():
+                if row is not None:
+                    PostgresResponseStore._insert(conn, record.id, row)
+                elif not PostgresResponseStore._update(conn, record.id, record.status, data):
+                    return False
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO loop_responses (id, status, request, output) "
+                        "VALUES (%s, %s, %s::jsonb, %s::jsonb) ON CONFLICT (id) DO UPDATE SET "
+                        "status = excluded.status, request = excluded.request, "
+                        "output = excluded.output, updated_at = now()",
+                        responses,
+                    )
+                    cur.executemany(
+                        "INSERT INTO loop_sequences (request_id, last) VALUES (%s, %s) "
+                        "ON CONFLICT (request_id) DO UPDATE "
+                        "SET last = GREATEST(loop_sequences.last, excluded.last)",
+                        list(last.items()),
+                    )
+                    cur.executemany(
+                        "INSERT INTO loop_steps (id, request_id, scope_parent, prev_step_id, "
+                        "kind, state, sequence, request_payload, response_payload, error) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb)",
+                        steps,
+                    )
+            return True
+
+        return await self.database.write(write)
 
 
 _USAGE_SCHEMA = """

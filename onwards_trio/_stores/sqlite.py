@@ -37,8 +37,8 @@ from onwards_trio._loop.steps import (
 from onwards_trio._loop.tools import ToolSchema
 from onwards_trio._loop.transition import ScopeView, Transition, open_responses_transition
 from onwards_trio._stores.base import (
-    ALLOWED_TRANSITIONS,
     Claim,
+    FinishedResponse,
     IdempotencyRecord,
     SqlDurableStore,
     SqlUsageStore,
@@ -47,7 +47,11 @@ from onwards_trio._stores.base import (
     StoredResponse,
     claim_of,
     idempotency_record,
+    response_row,
+    statuses_before,
+    step_row,
 )
+from onwards_trio._stores.batching import Call, GroupCommit
 from onwards_trio._stores.memory import new_step_id
 
 __all__ = [
@@ -126,19 +130,6 @@ def _storage(e: sqlite3.Error) -> StoreError:
     return StoreError(StoreErrorKind.STORAGE, f"{type(e).__name__}: {e}")
 
 
-class _Call:
-    """One caller's function waiting for (or running in) a batch."""
-
-    __slots__ = ("fn", "lead", "outcome", "taken", "wake")
-
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
-        self.fn = fn
-        self.wake = trio.Event()  # set when the result is in, or when this caller must lead
-        self.taken = False  # part of a batch that has started: it will run, whatever happens
-        self.lead = False  # handed the lead: this caller runs the next batch
-        self.outcome: outcome.Outcome[Any] | None = None
-
-
 class SqliteFile:
     """One SQLite connection to ``path`` for Trio code; the plumbing both SQLite stores share.
 
@@ -177,9 +168,13 @@ class SqliteFile:
         self._on_error = on_error
         self._conn: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
-        self._queue: list[_Call] = []
-        self._busy = False  # a batch is running (or its leader has been chosen)
-        self.max_batch = max_batch
+        self._group: GroupCommit[sqlite3.Connection] = GroupCommit(
+            self._run_batch, self._limiter, max_batch=max_batch
+        )
+
+    @property
+    def _queue(self) -> list[Call[sqlite3.Connection]]:
+        return self._group.queue
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -207,7 +202,7 @@ class SqliteFile:
             return mapped
         return e
 
-    def _run_batch(self, batch: list[_Call]) -> None:
+    def _run_batch(self, batch: list[Call[sqlite3.Connection]]) -> None:
         """In the worker thread: every call of ``batch``, one transaction when more than one."""
         try:
             conn = self._connect()
@@ -242,56 +237,9 @@ class SqliteFile:
             for call in batch:
                 call.outcome = outcome.Error(self._error(e))
 
-    async def _lead(self) -> None:
-        """Run the queued calls as one batch, then hand the lead to the next caller waiting."""
-        self._busy = True
-        try:
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            for call in batch:
-                call.taken = True
-            with trio.CancelScope(shield=True):  # taken calls must run: their callers wait
-                await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
-            for call in batch:
-                call.wake.set()
-        finally:
-            self._busy = False
-            if self._queue:
-                nxt = self._queue[0]
-                nxt.lead = True
-                self._busy = True
-                nxt.wake.set()
-
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(connection)`` in the worker thread, batched with the calls that queue meanwhile."""
-        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller starts nothing
-        call = _Call(fn)
-        self._queue.append(call)
-        if self._busy:
-            try:
-                await call.wake.wait()
-            except trio.Cancelled:
-                if not (call.taken or call.lead):  # never started: it may simply go
-                    self._queue.remove(call)
-                    raise
-                # Taken (or leading): it runs to the end, and the caller gets its result, as
-                # with an uncancellable thread call; the cancellation lands at its next
-                # checkpoint.
-                with trio.CancelScope(shield=True):
-                    await self._see_through(call)
-            else:
-                await self._see_through(call)
-        else:
-            await self._lead()
-        assert call.outcome is not None
-        result: T = call.outcome.unwrap()
-        return result
-
-    async def _see_through(self, call: _Call) -> None:
-        if call.outcome is None:
-            if call.lead:
-                await self._lead()
-            else:
-                await call.wake.wait()
+        return await self._group.run(fn)
 
     async def aclose(self) -> None:
         """Close the connection (shielded: a cancelled close would leak it)."""
@@ -542,24 +490,15 @@ class SqliteResponseStore:
         self._db = db or SqliteFile(path, _RESPONSES_SCHEMA, busy_timeout=busy_timeout)
 
     async def create(self, record: StoredResponse) -> None:
-        row = (
-            record.id,
-            record.status,
-            orjson.dumps(record.response).decode(),
-            orjson.dumps(record.input_items).decode(),
-            orjson.dumps(record.context_items).decode(),
-            int(record.background),
-            record.created_at,
-            record.owner,
-        )
+        row = response_row(record)
+        await self._db.run(lambda conn: self._insert(conn, record.id, row))
 
-        def insert(conn: sqlite3.Connection) -> None:
-            try:
-                conn.execute("INSERT INTO oresp_responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
-            except sqlite3.IntegrityError:
-                raise ValueError(f"response {record.id!r} already exists") from None
-
-        await self._db.run(insert)
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, response_id: str, row: tuple[Any, ...]) -> None:
+        try:
+            conn.execute("INSERT INTO oresp_responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+        except sqlite3.IntegrityError:
+            raise ValueError(f"response {response_id!r} already exists") from None
 
     async def get(self, response_id: str) -> StoredResponse | None:
         def select(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
@@ -587,21 +526,23 @@ class SqliteResponseStore:
 
     async def update(self, response_id: str, response: dict[str, Any]) -> bool:
         new = str(response.get("status"))
-        allowed = sorted(s for s, targets in ALLOWED_TRANSITIONS.items() if new in targets)
-        if not allowed:
+        if not statuses_before(new):
             return False
         data = orjson.dumps(response).decode()
+        return await self._db.run(lambda conn: self._update(conn, response_id, new, data))
+
+    @staticmethod
+    def _update(conn: sqlite3.Connection, response_id: str, new: str, data: str) -> bool:
+        """The conditional status move of :meth:`update`: only from a status that may move
+        to ``new``."""
+        allowed = statuses_before(new)
         marks = ", ".join("?" for _ in allowed)
-
-        def write(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                f"UPDATE oresp_responses SET status = ?, response = ? "
-                f"WHERE id = ? AND status IN ({marks})",
-                (new, data, response_id, *allowed),
-            )
-            return cur.rowcount == 1
-
-        return await self._db.run(write)
+        cur = conn.execute(
+            f"UPDATE oresp_responses SET status = ?, response = ? "
+            f"WHERE id = ? AND status IN ({marks})",
+            (new, data, response_id, *allowed),
+        )
+        return cur.rowcount == 1
 
     async def delete(self, response_id: str) -> bool:
         def remove(conn: sqlite3.Connection) -> bool:
@@ -761,6 +702,43 @@ class SqliteBackend(StoreBackend):
             SqliteResponseStore(path, db=db),
             SqliteDurableStore(path, db=db),
         )
+        self._db = db
+
+    async def write_finished(self, finished: FinishedResponse) -> bool:
+        """:class:`~onwards_trio._stores.base.FinishedWriter`: the Response object, the loop's
+        response rows and its steps in one call, so in one transaction (its own, or its share
+        of a group commit)."""
+        record = finished.record
+        row = response_row(record) if finished.new else None
+        data = row[2] if row is not None else orjson.dumps(record.response).decode()
+        now = time.time()
+        responses = [
+            (r.id, r.status.value, _dump(r.request), _dump(r.output), now, now)
+            for r in finished.loop_responses
+        ]
+        steps = [(*step_row(rid, step, _dump), now, now) for rid, step in finished.steps]
+
+        def write(db: sqlite3.Connection) -> bool:
+            with transaction(db, "BEGIN IMMEDIATE"):
+                if row is not None:
+                    SqliteResponseStore._insert(db, record.id, row)
+                elif not SqliteResponseStore._update(db, record.id, record.status, data):
+                    return False
+                db.executemany(
+                    "INSERT OR REPLACE INTO loop_responses "
+                    "(id, status, request, output, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    responses,
+                )
+                db.executemany(
+                    "INSERT INTO loop_steps (id, request_id, scope_parent, prev_step_id, kind, "
+                    "state, sequence, request_payload, response_payload, error, created_at, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    steps,
+                )
+            return True
+
+        return await self._db.run(write)
 
 
 _USAGE_SCHEMA = """
