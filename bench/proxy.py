@@ -383,6 +383,20 @@ def main() -> None:
                 ("/v1/responses stored (SQLite) c=16", 16, False, True),
             ],
         )
+        # The same on PostgreSQL, when a server is at hand (.ci/postgres.sh prints a DSN).
+        dsn = os.environ.get("ONWARDS_BENCH_POSTGRES_DSN") or os.environ.get(
+            "ONWARDS_TEST_POSTGRES_DSN"
+        )
+        if dsn:
+            run(
+                "/v1/responses PostgreSQL",
+                {**adapter, "store": {"kind": "postgres", "dsn": dsn}},
+                ["--no-metrics"],
+                [
+                    ("/v1/responses store:false c=16 (PG run)", 16, False, False),
+                    ("/v1/responses stored (PostgreSQL) c=16", 16, False, True),
+                ],
+            )
         # Every request traced, exported over OTLP/HTTP; the fake upstream doubles as the
         # collector (it answers the export POSTs with 200). Compare with the plain rows.
         otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{up_port}"}

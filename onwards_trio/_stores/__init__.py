@@ -33,7 +33,7 @@ def open_backend(spec: StoreSpec) -> StoreBackend:
         return PostgresBackend(spec.dsn, pool_size=spec.pool_size)
     from onwards_trio._stores.sqlite import SqliteBackend
 
-    return SqliteBackend(spec.path)
+    return SqliteBackend(spec.path, synchronous=spec.synchronous)
 
 
 def open_usage_store(spec: StoreSpec) -> UsageStore:

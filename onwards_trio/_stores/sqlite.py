@@ -1,11 +1,12 @@
 """SQLite stores: the embedded default, one file, no set-up.
 
-One connection (``check_same_thread=False``, WAL, ``synchronous=NORMAL``) used only through
-``trio.to_thread.run_sync`` with the store's own ``CapacityLimiter(1)``, so calls are serialised
-and the event loop never blocks on disk. The schema is created on first use. A thread that has
-started is never abandoned on cancellation (trio's default), so a write either commits or
-raises; it is never half done. Sequence allocation happens inside ``BEGIN IMMEDIATE`` so that
-several processes sharing the file still allocate distinct, increasing sequences.
+One connection (``check_same_thread=False``, WAL, ``synchronous=NORMAL`` unless configured
+``FULL``) used only through ``trio.to_thread.run_sync`` with the store's own
+``CapacityLimiter(1)``, so calls are serialised and the event loop never blocks on disk. The
+schema is created on first use. A thread that has started is never abandoned on cancellation
+(trio's default), so a write either commits or raises; it is never half done. Sequence
+allocation happens inside ``BEGIN IMMEDIATE`` so that several processes sharing the file
+still allocate distinct, increasing sequences.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def _storage(e: sqlite3.Error) -> StoreError:
 class SqliteFile:
     """One SQLite connection to ``path`` for Trio code; the plumbing both SQLite stores share.
 
-    The connection (``check_same_thread=False``, autocommit, WAL, ``synchronous=NORMAL``,
+    The connection (``check_same_thread=False``, autocommit, WAL, ``synchronous`` as given,
     ``schema`` applied) is opened lazily in a worker thread and only ever used from one thread
     at a time (this file's own ``CapacityLimiter(1)``). ``on_error`` turns ``sqlite3.Error``
     into the store's own exception.
@@ -146,8 +147,10 @@ class SqliteFile:
     ones. A lone call runs on its own, in autocommit mode, as before.
 
     Durability is unchanged by batching: a call returns only after the transaction holding
-    its writes has committed (WAL, ``synchronous=NORMAL``: committed transactions survive a
-    process crash; the last ones may be lost on power loss, SQLite's documented trade-off).
+    its writes has committed. With ``synchronous="normal"`` (the default) committed
+    transactions survive a crash of the process but the last ones may be lost on power loss
+    or an OS crash (SQLite's documented trade-off in WAL mode); with ``"full"`` each commit
+    is flushed to disk (the WAL ``fsync``ed) first, one flush per batch.
     A call that has been taken into a batch is not abandoned on cancellation, so a write
     either commits or raises; a queued call that is cancelled before its batch starts never
     runs.
@@ -161,8 +164,12 @@ class SqliteFile:
         busy_timeout: float = 5.0,
         on_error: Callable[[sqlite3.Error], Exception] | None = None,
         max_batch: int = 128,
+        synchronous: str = "normal",
     ) -> None:
+        if synchronous not in ("full", "normal"):
+            raise ValueError("synchronous must be 'full' or 'normal'")
         self.path = path
+        self.synchronous = synchronous
         self._schema = schema
         self._busy_timeout = busy_timeout
         self._on_error = on_error
@@ -186,7 +193,7 @@ class SqliteFile:
             )
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
                 conn.executescript(self._schema)
             except BaseException:
                 conn.close()
@@ -689,13 +696,20 @@ class SqliteDurableStore(SqlDurableStore):
 class SqliteBackend(StoreBackend):
     """Both stores in one SQLite file over one connection (the embedded default)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        synchronous: str = "normal",
+    ) -> None:
         path = os.fspath(path)
         db = SqliteFile(
             path,
             _SCHEMA + _RESPONSES_SCHEMA + _DURABLE_SCHEMA,
             busy_timeout=busy_timeout,
             on_error=_storage,
+            synchronous=synchronous,
         )
         super().__init__(
             SqliteStore(path, db=db),
