@@ -735,6 +735,7 @@ def parse_config(data: bytes | str | Mapping[str, Any]) -> Config:
                 f"agent tool {name!r} runs on {tool.model!r}, which is not a configured alias "
                 f"@ {_join_key(path, name)}.model"
             )
+    warnings += _short_keys(targets, targets_raw)
     return attrs.evolve(config, targets=targets, warnings=tuple(warnings))
 
 
@@ -776,15 +777,34 @@ def _every_tool(
             out += [(where, n, t) for n, t in pool.open_responses.tools.items()]
         for i, provider in enumerate(pool.providers):
             if provider.open_responses is not None:
-                if isinstance(shape, list):
-                    where = f"{base}[{i}]"
-                elif "providers" in shape:
-                    where = f"{base}.providers[{i}]"
-                else:
-                    where = base  # the single-target shape: the provider is the target
-                where += ".open_responses.tools"
+                where = _provider_path(base, shape, i) + ".open_responses.tools"
                 out += [(where, n, t) for n, t in provider.open_responses.tools.items()]
     return out
+
+
+def _provider_path(base: str, shape: Any, i: int) -> str:
+    """The JSON path of provider ``i`` of the target at ``base`` written as ``shape``."""
+    if isinstance(shape, list):
+        return f"{base}[{i}]"
+    if "providers" in shape:
+        return f"{base}.providers[{i}]"
+    return base  # the single-target shape: the provider is the target
+
+
+# An upstream key is masked in relayed bodies only from this length: a shorter one (a local
+# server's "none" or "EMPTY") would star innocent text in every answer, and guards nothing.
+MIN_MASKED_KEY_LENGTH = 8
+
+
+def _short_keys(targets: Mapping[str, PoolSpec], raw: Mapping[str, Any]) -> list[str]:
+    return [
+        f"onwards_key is shorter than {MIN_MASKED_KEY_LENGTH} characters, so it is not masked "
+        f"where an upstream body quotes it @ "
+        f"{_provider_path(_join_key('$.targets', alias), raw[alias], i)}.onwards_key"
+        for alias, pool in targets.items()
+        for i, provider in enumerate(pool.providers)
+        if provider.onwards_key is not None and len(provider.onwards_key) < MIN_MASKED_KEY_LENGTH
+    ]
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

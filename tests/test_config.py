@@ -75,7 +75,7 @@ def test_pool_shape_with_every_key() -> None:
                     "providers": [
                         {
                             "url": "http://a/v1",
-                            "onwards_key": "k",
+                            "onwards_key": "sk-provider",
                             "onwards_model": "real",
                             "weight": 2,
                             "upstream_auth_header_name": "X-Key",

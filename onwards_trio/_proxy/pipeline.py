@@ -176,11 +176,14 @@ class _Body:
     pool) — before the caller sends the client its last bytes, so a client's next request can
     reuse that connection. With a usage ``tap``, every chunk passes through it and the usage
     found is handed to ``on_usage`` when the body ends. ``secret`` (the provider's key) is
-    masked wherever a chunk quotes it (an upstream error message or an echo would otherwise
-    hand it to the client); the mask has its length, so a content-length stays true.
+    masked wherever the body quotes it (an upstream error message or an echo would otherwise
+    hand it to the client); the mask has its length, so a content-length stays true. A key
+    split across two chunks is masked too: a chunk that ends with the start of the key keeps
+    that tail back (at most ``len(key) - 1`` bytes) until the next chunk shows whether the key
+    follows; chunks that end otherwise (every SSE event ends in a blank line) pass at once.
     """
 
-    __slots__ = ("_first", "_it", "_on_end", "_on_usage", "_secret", "_tap")
+    __slots__ = ("_first", "_held", "_it", "_on_end", "_on_usage", "_secret", "_tap")
 
     def __init__(
         self,
@@ -197,16 +200,32 @@ class _Body:
         self._tap = tap
         self._on_usage = on_usage
         self._secret = secret
+        self._held = b""
 
     def __aiter__(self) -> _Body:
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await self._next()
         secret = self._secret
-        if secret is not None and secret in chunk:
-            chunk = chunk.replace(secret, b"*" * len(secret))
-        return chunk
+        if secret is None:
+            return await self._next()
+        while True:
+            try:
+                chunk = await self._next()
+            except StopAsyncIteration:
+                if not self._held:
+                    raise
+                chunk, self._held = self._held, b""
+                return chunk  # the body ended on a start of the key, not the key
+            if self._held:
+                chunk, self._held = self._held + chunk, b""
+            if secret in chunk:
+                chunk = chunk.replace(secret, b"*" * len(secret))
+            keep = _key_start_at_end(chunk, secret)
+            if keep:
+                chunk, self._held = chunk[:-keep], chunk[-keep:]
+            if chunk:
+                return chunk
 
     async def _next(self) -> bytes:
         if self._first is not None:
@@ -241,6 +260,18 @@ class _Body:
             usage = tap.usage
             if usage is not None and self._on_usage is not None:
                 self._on_usage(usage)
+
+
+def _key_start_at_end(data: bytes, key: bytes) -> int:
+    """The length of the longest tail of ``data`` that the key begins with (0: none). Only
+    places where the key's first byte occurs among the last ``len(key) - 1`` bytes are tried."""
+    end = len(data)
+    pos = data.find(key[:1], max(0, end - len(key) + 1))
+    while pos != -1:
+        if key.startswith(data[pos:]):
+            return end - pos
+        pos = data.find(key[:1], pos + 1)
+    return 0
 
 
 @attrs.define(eq=False)

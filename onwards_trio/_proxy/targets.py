@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from onwards_trio._config import (
+    MIN_MASKED_KEY_LENGTH,
     Config,
     Fallback,
     PoolSpec,
@@ -76,8 +77,8 @@ class Provider:
     base_path: bytes  # always ends with "/"
     prefix: bytes  # base path without slashes ("v1"), b"" for a root base
     auth_header: tuple[bytes, bytes] | None
-    secret: bytes | None  # the upstream key, masked in relayed bodies (if 8+ bytes: shorter
-    # ones would mask innocent text, and are no secret worth the name)
+    secret: bytes | None  # the upstream key, masked in relayed bodies (if long enough: see
+    # MIN_MASKED_KEY_LENGTH)
     response_headers: list[tuple[bytes, bytes]]
     weight: int
     rate: TokenBucket | None
@@ -210,7 +211,7 @@ def _build_provider(
         auth_header=auth,
         secret=(
             spec.onwards_key.encode("latin-1")
-            if spec.onwards_key is not None and len(spec.onwards_key) >= 8
+            if spec.onwards_key is not None and len(spec.onwards_key) >= MIN_MASKED_KEY_LENGTH
             else None
         ),
         response_headers=list(response_headers.items()),

@@ -16,6 +16,7 @@ import trio
 
 from onwards_trio import Gateway, parse_config
 from tests.support import FakeUpstream, Recorded, Reply, chat_completion, serve_app, start_gateway
+from tests.transport.raw import read_response
 
 CHAT = b"/v1/chat/completions"
 
@@ -208,6 +209,70 @@ async def test_the_upstream_key_is_masked_in_relayed_bodies(
     assert b"Bearer " + b"*" * len("sk-upstream-secret") in body
     assert int(headers["content-length"]) == len(body)
     assert up.requests[0].headers["authorization"] == "Bearer sk-upstream-secret"
+
+
+async def relayed(port: int) -> bytes:
+    """The body of the answer to one chat request, chunked framing undone."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+        await s.send_all(post(chat()))
+        with trio.fail_after(30):
+            return (await read_response(s, bytearray()))[1]
+
+
+@pytest.mark.parametrize("cuts", [[3], [3, 11], list(range(1, 18))])
+async def test_a_key_split_across_upstream_chunks_is_masked(
+    nursery: trio.Nursery, cuts: list[int]
+) -> None:
+    """The upstream writes its echo cut at ``cuts`` (offsets into the key; the last case: one
+    byte of it per chunk), spaced out so that each part arrives on its own."""
+    text = b'{"error":{"message":"Incorrect API key provided: sk-upstream-secret."}}'
+    at = [text.index(b"sk-upstream") + cut for cut in cuts]
+    parts = [text[a:b] for a, b in zip([0, *at], [*at, len(text)], strict=True)]
+    reply = Reply(status=401, chunks=parts, chunk_delay=0.01)
+    port, _ = await gateway(nursery, FakeUpstream(reply))
+    body = await relayed(port)
+    assert b"sk-upstream-secret" not in body and b"*" * len("sk-upstream-secret") in body
+    assert b"Incorrect API key provided: " in body and b'."}}' in body
+
+
+async def test_a_body_ending_in_the_start_of_the_key_is_relayed_whole(
+    nursery: trio.Nursery,
+) -> None:
+    """The tail kept back in case the key follows is sent when the body ends instead."""
+    text = b"a" * 100 + b"sk-upstream-sec"
+    reply = Reply(chunks=[text[:-3], text[-3:]], headers=[(b"content-type", b"text/plain")])
+    port, _ = await gateway(nursery, FakeUpstream(reply))
+    assert await relayed(port) == text
+
+
+@pytest.mark.parametrize(
+    ("targets", "where"),
+    [
+        ({"m": {"url": "http://a", "onwards_key": "EMPTY"}}, "$.targets.m"),
+        (
+            {"m": [{"url": "http://a"}, {"url": "http://b", "onwards_key": "none"}]},
+            "$.targets.m[1]",
+        ),
+        (
+            {"m": {"providers": [{"url": "http://a", "onwards_key": "k"}]}},
+            "$.targets.m.providers[0]",
+        ),
+    ],
+)
+def test_a_key_too_short_to_mask_is_a_config_warning(targets: Any, where: str) -> None:
+    """Keys under 8 characters are not masked (a local server's "none" would star innocent
+    text in every answer); the operator is told so where the key is configured."""
+    (warning,) = parse_config({"targets": targets}).warnings
+    assert "not masked" in warning and warning.endswith(f"@ {where}.onwards_key")
+
+
+async def test_a_key_too_short_to_mask_is_left_in_relayed_text(nursery: trio.Nursery) -> None:
+    up = FakeUpstream(Reply(body=b'{"tool_choice":"none"}'))
+    targets = {"m": {"url": await serve_app(nursery, up), "onwards_key": "none"}}
+    _, url = await start_gateway(nursery, {"targets": targets})
+    _, _, body = await exchange(int(url.rsplit(":", 1)[1]), post(chat()))
+    assert body == b'{"tool_choice":"none"}'
+    assert up.requests[0].headers["authorization"] == "Bearer none"
 
 
 async def test_a_cut_short_upstream_body_logs_one_line_and_no_traceback(
