@@ -53,7 +53,7 @@ from onwards_trio._proxy.pipeline import (
     Proxy,
     ProxyRequest,
     UpstreamReply,
-    parse_json_body,
+    parse_json_off_loop,
 )
 from onwards_trio._proxy.strict import handle_strict, response_filter
 from onwards_trio._proxy.targets import Targets, build_table
@@ -484,7 +484,7 @@ class Gateway:
             query=scope.get("query_string", b""),
             headers=list(scope["headers"]),
             body=body,
-            json=parse_json_body(body),
+            json=await parse_json_off_loop(body),
         )
         note_request(request)  # alias, provider, attempts and sizes on the access line
         return request

@@ -46,6 +46,7 @@ from onwards_trio._proxy.usage import (
     stream_usage_requested,
     with_stream_usage,
 )
+from onwards_trio._transport.asgi import loads_off_loop
 from onwards_trio._transport.pool import (
     UpstreamClient,
     UpstreamResponse,
@@ -68,6 +69,8 @@ __all__ = [
     "TokenHold",
     "UpstreamReply",
     "extract_model",
+    "parse_json_body",
+    "parse_json_off_loop",
 ]
 
 log = logging.getLogger("onwards_trio")
@@ -373,6 +376,12 @@ def parse_json_body(body: bytes) -> Any:
     if openers > MAX_JSON_DEPTH and _nests_deeper(value, MAX_JSON_DEPTH):
         raise errors.too_deeply_nested(MAX_JSON_DEPTH)
     return value
+
+
+async def parse_json_off_loop(body: bytes) -> Any:
+    """:func:`parse_json_body`, in a worker thread for a large body (see
+    :func:`~onwards_trio._transport.asgi.loads_off_loop`)."""
+    return await loads_off_loop(body, parse_json_body)
 
 
 def _nests_deeper(value: Any, limit: int) -> bool:

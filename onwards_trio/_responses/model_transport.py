@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
-import orjson
-
 from onwards_trio._errors import HTTPError
 from onwards_trio._loop.model import ModelResponse
 from onwards_trio._proxy.pipeline import Proxy, ProxyRequest
+from onwards_trio._transport.asgi import loads_off_loop
 
 __all__ = ["MODEL_CALL_DROP", "ProxyModelTransport"]
 
@@ -67,7 +66,7 @@ class ProxyModelTransport:
             query=b"",
             headers=[*self.headers, (b"content-type", b"application/json"), (b"accept", accept)],
             body=payload,
-            json=orjson.loads(payload),
+            json=await loads_off_loop(payload),
             request_id=self.request_id,
             route=self.route,
         )

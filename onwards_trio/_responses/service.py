@@ -36,7 +36,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import attrs
 import orjson
@@ -121,6 +121,7 @@ _REMOTE_CANCEL_READ_TIMEOUT = 5.0
 
 
 _Deliver: TypeAlias = Callable[[StoredEvent], Awaitable[None]]
+T = TypeVar("T")
 # The spec's end of an SSE stream, after the terminal event. (Events also carry ``id:``, which
 # the spec advises against: it is the Last-Event-ID cursor that resumes a background stream.)
 DONE_LINE = b"data: [DONE]\n\n"
@@ -790,10 +791,7 @@ class ResponsesService:
         body = request.json
         big = isinstance(body, dict) and _long(body.get("input"))
         # A long input is converted in a worker thread: the event loop keeps serving others.
-        if big:
-            req = await trio.to_thread.run_sync(parse_request, body)
-        else:
-            req = parse_request(body)
+        req = await _off_loop(big, partial(parse_request, body))
         # The alias the client named (model-override may differ from the body's model).
         req = attrs.evolve(req, model=alias)
         response_store, step_store = self._stores()
@@ -815,25 +813,25 @@ class ResponsesService:
             history = previous.conversation()
         mcp, echo = await McpPlan.for_request(req.tools, self.gateway.config.mcp, self.mcp_cache)
         req = attrs.evolve(req, tools=echo)  # MCP credentials are not echoed
-        if any(i.get("type") == "item_reference" for i in req.input_items):
-            req = attrs.evolve(req, input_items=resolve_references(req.input_items, history))
-        check_call_ids(req.input_items, history)
+        # Resolving and checking the items is work per item too: with the conversion below, in
+        # a worker thread for a long input or history.
+        off_loop = big or _long(history)
+        req = await _off_loop(off_loop, partial(_resolve_items, req, history))
         ctx = RequestContext(model=alias)
         available = list(await self.executor.tools(ctx))
         chosen = {t.name for t in resolve_server_tools(req, available)}
         offered = [t for t in available if t.name in chosen]
-        convert = partial(
-            to_chat_request,
-            req,
-            history=mcp.history(history, req.input_items),
-            server_tools=offered + mcp.offered(),
-            # Background responses stream upstream too: resumed clients get the deltas.
-            stream=req.stream or req.background,
-        )
-        if big or _long(history):
-            chat = await trio.to_thread.run_sync(convert)
-        else:
-            chat = convert()
+
+        def convert() -> dict[str, Any]:
+            return to_chat_request(
+                req,
+                history=mcp.history(history, req.input_items),
+                server_tools=offered + mcp.offered(),
+                # Background responses stream upstream too: resumed clients get the deltas.
+                stream=req.stream or req.background,
+            )
+
+        chat = await _off_loop(off_loop, convert)
         response_id = f"resp_{secrets.token_hex(24)}"
         base = response_object(req, response_id, _now(), offered)
         headers = [(k, v) for k, v in request.headers if k not in MODEL_CALL_DROP]
@@ -1532,6 +1530,18 @@ def _starting_after(query: Mapping[str, list[str]], headers: list[tuple[bytes, b
 
 def _long(items: Any) -> bool:
     return isinstance(items, list) and len(items) > OFF_LOOP_ITEMS
+
+
+async def _off_loop(off: bool, work: Callable[[], T]) -> T:
+    return await trio.to_thread.run_sync(work) if off else work()
+
+
+def _resolve_items(req: ResponsesRequest, history: list[dict[str, Any]]) -> ResponsesRequest:
+    """``req`` with its item references resolved against ``history``; its call ids checked."""
+    if any(i.get("type") == "item_reference" for i in req.input_items):
+        req = attrs.evolve(req, input_items=resolve_references(req.input_items, history))
+    check_call_ids(req.input_items, history)
+    return req
 
 
 def _input_items_page(record: StoredResponse, query: Mapping[str, list[str]]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from onwards_trio._stores.base import (
     usage_group,
     usage_row,
 )
+from onwards_trio._transport.asgi import loads_off_loop
 
 __all__ = [
     "MemoryBackend",
@@ -61,8 +62,20 @@ def new_step_id() -> str:
 def _copy(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
+    return orjson.loads(_dumps(value))
+
+
+async def _copy_off_loop(value: Any) -> Any:
+    """:func:`_copy` for what may be large (a request of 10,000 messages): its parse, the
+    costly half, runs in a worker thread then."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return await loads_off_loop(_dumps(value))
+
+
+def _dumps(value: Any) -> bytes:
     try:
-        return orjson.loads(orjson.dumps(value))
+        return orjson.dumps(value)
     except TypeError as e:
         raise StoreError(StoreErrorKind.SERIALIZATION, str(e)) from None
 
@@ -129,7 +142,7 @@ class MemoryStore:
         prev_step_id: str | None,
         descriptor: StepDescriptor,
     ) -> RecordedStep:
-        payload = _copy(descriptor.request_payload)
+        payload = await _copy_off_loop(descriptor.request_payload)
         await trio.lowlevel.checkpoint()
         sequence = self._next_sequence.get(request_id, 1)
         self._next_sequence[request_id] = sequence + 1
@@ -197,7 +210,7 @@ class MemoryStore:
         return record.output
 
     async def begin_response(self, request_id: str, request: Any) -> None:
-        request = _copy(request)
+        request = await _copy_off_loop(request)
         await trio.lowlevel.checkpoint()
         old = self._responses.get(request_id)
         if old is not None and request is None:
