@@ -75,7 +75,9 @@ async def sink(nursery: trio.Nursery) -> str:
                         return
                     data += chunk
                 end = data.index(b"\r\n\r\n") + 4
-                length = int(re.search(rb"content-length: *(\d+)", data[:end].lower())[1])
+                declared = re.search(rb"content-length: *(\d+)", data[:end].lower())
+                assert declared is not None
+                length = int(declared[1])
                 while len(data) < end + length:
                     chunk = await stream.receive_some()
                     if not chunk:
