@@ -57,8 +57,7 @@ async def in_batch(db: PostgresDatabase, fns: list[Callable[[Conn], Any]]) -> li
     release = trio.Event()
 
     def blocker(conn: Conn) -> None:
-        while not release.is_set():  # holds the slot until the others are queued
-            pass
+        trio.from_thread.run(release.wait)  # holds the slot until the others are queued
 
     results: list[Any] = [None] * len(fns)
 
@@ -122,8 +121,7 @@ async def test_a_queued_write_cancelled_before_its_batch_never_runs(
     release = trio.Event()
 
     def blocker(conn: Conn) -> None:
-        while not release.is_set():
-            pass
+        trio.from_thread.run(release.wait)
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:

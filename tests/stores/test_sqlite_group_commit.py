@@ -43,8 +43,7 @@ async def _in_batch(
     release = trio.Event()
 
     def blocker(db: sqlite3.Connection) -> None:
-        while not release.is_set():  # holds the worker thread until the others are queued
-            pass
+        trio.from_thread.run(release.wait)  # holds the worker thread until the others are queued
 
     results: list[object] = [None] * len(fns)
 
@@ -103,8 +102,7 @@ async def test_a_queued_call_cancelled_before_its_batch_never_runs(file: SqliteF
     release = trio.Event()
 
     def blocker(db: sqlite3.Connection) -> None:
-        while not release.is_set():
-            pass
+        trio.from_thread.run(release.wait)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(file.run, blocker)
