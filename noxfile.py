@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import os
 import platform
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import nox
 from packaging.specifiers import SpecifierSet
@@ -84,6 +90,157 @@ def bench(session: nox.Session) -> None:
         if name in chosen:
             session.run("python", f"bench/{name}.py")
     session.log(f"load average after: {_load_average()}")
+
+
+# The modules that guard users, smallest first, as mutmut name patterns (module.function or
+# module.xǁClassǁmethod). Where a whole module is too big for the budget, only its guarding
+# functions are listed (docs/testing-quality.md says which and why).
+
+
+def _functions(module: str, *names: str) -> tuple[str, ...]:
+    """mutmut name patterns for some functions of a module (``name`` or ``xǁClassǁmethod``)."""
+    return tuple(
+        f"onwards_trio.{module}.{n}__mutmut_*"
+        if "ǁ" in n
+        else f"onwards_trio.{module}.x_{n}__mutmut_*"
+        for n in names
+    )
+
+
+MUTATION_TARGETS: dict[str, tuple[str, ...]] = {
+    "auth": ("onwards_trio._proxy.auth.*",),
+    "limits": ("onwards_trio._proxy.limits.*",),
+    "logs": _functions(
+        "_ops.logs", "redact", "collect_secrets", "xǁSecretSetǁ*", "xǁRedactionFilterǁ*"
+    ),
+    "access": _functions("_ops.access", "logfmt", "xǁAccessWriterǁpush"),
+    "asgi": ("onwards_trio._transport.asgi.*",),
+    "stores_base": ("onwards_trio._stores.base.*",),
+    "strict": _functions(
+        "_proxy.strict", "validate_request", "check_content_type", "_unprocessable"
+    ),
+    "client": _functions("_transport.client", "xǁ_Parserǁ*", "_runs_to_close", "xǁResponseǁ*"),
+    "pipeline": _functions(
+        "_proxy.pipeline",
+        "xǁProxyǁ_admit",
+        "xǁProxyǁ_admit_shared",
+        "xǁProxyǁ_shared_provider",
+        "_read_limited",
+        "_aclose_shielded",
+    ),
+    "server": _functions(
+        "_transport.server",
+        "_refusal",
+        "xǁ_Parserǁ*",
+        "xǁ_Connectionǁ_receive",
+        "xǁ_Connectionǁ_next_request",
+    ),
+    "stores_memory": ("onwards_trio._stores.memory.*",),
+    "shared_limits": ("onwards_trio._proxy.shared_limits.*",),
+    "loop": _functions(
+        "_loop.run",
+        "_all_cancelled",
+        "_aclose",
+        "xǁ_Runǁrun",
+        "xǁ_Runǁ_snapshot",
+        "xǁ_Runǁ_clean_up",
+    ),
+}
+
+
+@nox.session
+def mutation(session: nox.Session) -> None:
+    """Mutation testing (mutmut) of the modules that guard users, one module at a time, each
+    within a time budget; prints killed / total per module and lists the survivors. Not a
+    default session: it takes tens of minutes. ``nox -s mutation -- auth limits`` picks
+    modules (names: ``MUTATION_TARGETS``); ``--budget=SECONDS`` is the wall-clock budget per
+    module (default 240), ``--jobs=N`` the mutants run at once (default 2). Results stay in
+    ``mutants/``, so ``nox -s mutation -- --report`` prints the scores again without running.
+    Export ``ONWARDS_TEST_REDIS_URL`` / ``ONWARDS_TEST_POSTGRES_DSN`` for the shared limits
+    and stores tests to run rather than skip."""
+    budget, jobs, report_only, chosen = 240, 2, False, []
+    for arg in session.posargs:
+        if arg.startswith("--budget="):
+            budget = int(arg.partition("=")[2])
+        elif arg.startswith("--jobs="):
+            jobs = int(arg.partition("=")[2])
+        elif arg == "--report":
+            report_only = True
+        elif arg in MUTATION_TARGETS:
+            chosen.append(arg)
+        else:
+            session.error(f"unknown module {arg!r}; known: {', '.join(MUTATION_TARGETS)}")
+    chosen = chosen or list(MUTATION_TARGETS)
+    if not report_only:
+        session.install(
+            ".", "mutmut==3.8.1", *nox.project.dependency_groups(PYPROJECT, "test"), silent=True
+        )
+        for name in chosen:
+            started = time.monotonic()
+            session.log(f"mutation: {name} (budget {budget} s)")
+            try:
+                # mutmut stops cleanly on SIGINT and keeps every result it has so far.
+                proc = subprocess.Popen(
+                    [
+                        session.bin + "/mutmut",
+                        "run",
+                        f"--max-children={jobs}",
+                        *MUTATION_TARGETS[name],
+                    ],
+                    env={**os.environ, "PATH": session.bin + os.pathsep + os.environ["PATH"]},
+                )
+                if proc.wait(timeout=budget) != 0:
+                    session.error(f"mutation: mutmut failed on {name} (output above)")
+            except subprocess.TimeoutExpired:
+                session.warn(f"mutation: {name} over budget, stopping it")
+                proc.send_signal(2)
+                proc.wait()
+            session.log(f"mutation: {name} took {time.monotonic() - started:.0f} s")
+    for name in chosen:
+        session.log(_mutation_score(name))
+
+
+def _mutation_score(name: str) -> str:
+    """killed / total for one target from mutmut's result files, with the survivors (those
+    accepted in docs/testing-quality.md marked so, with their reason)."""
+    patterns = MUTATION_TARGETS[name]
+    module = patterns[0].split(".x")[0].removesuffix(".*")
+    meta = Path("mutants", *module.split(".")).with_suffix(".py.meta")
+    if not meta.exists():
+        return f"{name}: not run"
+    codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
+    picked = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, p) for p in patterns)}
+    killed = [k for k, v in picked.items() if v in (1, 3, 24, -24, 36, 152, 255)]
+    missed = sorted(k for k, v in picked.items() if v in (0, 5, 33))
+    unchecked = sum(1 for v in picked.values() if v is None)
+    checked = len(picked) - unchecked
+    accepted = _accepted_survivors()
+    reasons = {
+        k: next((r for p, r in accepted.items() if fnmatch.fnmatch(k, p)), "") for k in missed
+    }
+    explained = sum(1 for k in missed if reasons[k])
+    pct = (lambda n: f"{100 * n / checked:.0f}%") if checked else (lambda n: "-")
+    lines = [
+        f"{name}: {len(killed)} / {checked} killed ({pct(len(killed))}); "
+        f"{len(missed)} not killed, {explained} of them accepted "
+        f"({pct(len(killed) + explained)} killed or accepted); {unchecked} not run (budget)"
+    ]
+    for k in missed:
+        how = "survived" if picked[k] == 0 else "no test reaches it"
+        lines.append(f"  {how}: {k}" + (f"  [accepted: {reasons[k]}]" if reasons[k] else ""))
+    return "\n".join(lines)
+
+
+def _accepted_survivors() -> dict[str, str]:
+    """Mutant name (or pattern) -> reason, from the table in docs/testing-quality.md."""
+    text = Path("docs/testing-quality.md").read_text()
+    table = text.partition("## Accepted survivors")[2]
+    found = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].startswith("`onwards_trio."):
+            found[cells[0].strip("`")] = cells[1]
+    return found
 
 
 def _load_average() -> str:
