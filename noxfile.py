@@ -155,10 +155,12 @@ def mutation(session: nox.Session) -> None:
     default session: it takes tens of minutes. ``nox -s mutation -- auth limits`` picks
     modules (names: ``MUTATION_TARGETS``); ``--budget=SECONDS`` is the wall-clock budget per
     module (default 240), ``--jobs=N`` the mutants run at once (default 2). Results stay in
-    ``mutants/``, so ``nox -s mutation -- --report`` prints the scores again without running.
+    ``mutants/``, so ``nox -s mutation -- --report`` prints the scores again without running,
+    and ``--survivors`` runs only the survivors not accepted in docs/testing-quality.md (after
+    adding tests).
     Export ``ONWARDS_TEST_REDIS_URL`` / ``ONWARDS_TEST_POSTGRES_DSN`` for the shared limits
     and stores tests to run rather than skip."""
-    budget, jobs, report_only, chosen = 240, 2, False, []
+    budget, jobs, report_only, survivors, chosen = 240, 2, False, False, []
     for arg in session.posargs:
         if arg.startswith("--budget="):
             budget = int(arg.partition("=")[2])
@@ -166,6 +168,8 @@ def mutation(session: nox.Session) -> None:
             jobs = int(arg.partition("=")[2])
         elif arg == "--report":
             report_only = True
+        elif arg == "--survivors":
+            survivors = True
         elif arg in MUTATION_TARGETS:
             chosen.append(arg)
         else:
@@ -177,6 +181,9 @@ def mutation(session: nox.Session) -> None:
         )
         for name in chosen:
             started = time.monotonic()
+            names = _not_killed(name) if survivors else list(MUTATION_TARGETS[name])
+            if not names:
+                continue
             session.log(f"mutation: {name} (budget {budget} s)")
             try:
                 # mutmut stops cleanly on SIGINT and keeps every result it has so far.
@@ -185,7 +192,7 @@ def mutation(session: nox.Session) -> None:
                         session.bin + "/mutmut",
                         "run",
                         f"--max-children={jobs}",
-                        *MUTATION_TARGETS[name],
+                        *names,
                     ],
                     env={**os.environ, "PATH": session.bin + os.pathsep + os.environ["PATH"]},
                 )
@@ -200,16 +207,33 @@ def mutation(session: nox.Session) -> None:
         session.log(_mutation_score(name))
 
 
-def _mutation_score(name: str) -> str:
-    """killed / total for one target from mutmut's result files, with the survivors (those
-    accepted in docs/testing-quality.md marked so, with their reason)."""
+def _results(name: str) -> dict[str, int | None] | None:
+    """mutmut's exit code per mutant of one target (``None``: not run yet)."""
     patterns = MUTATION_TARGETS[name]
     module = patterns[0].split(".x")[0].removesuffix(".*")
     meta = Path("mutants", *module.split(".")).with_suffix(".py.meta")
     if not meta.exists():
-        return f"{name}: not run"
+        return None
     codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
-    picked = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, p) for p in patterns)}
+    return {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, p) for p in patterns)}
+
+
+def _not_killed(name: str) -> list[str]:
+    """The survivors of a target's last run that are not accepted, to run after new tests."""
+    accepted = _accepted_survivors()
+    return sorted(
+        k
+        for k, v in (_results(name) or {}).items()
+        if v in (0, 5, 33) and not any(fnmatch.fnmatch(k, p) for p in accepted)
+    )
+
+
+def _mutation_score(name: str) -> str:
+    """killed / total for one target from mutmut's result files, with the survivors (those
+    accepted in docs/testing-quality.md marked so, with their reason)."""
+    picked = _results(name)
+    if picked is None:
+        return f"{name}: not run"
     killed = [k for k, v in picked.items() if v in (1, 3, 24, -24, 36, 152, 255)]
     missed = sorted(k for k, v in picked.items() if v in (0, 5, 33))
     unchecked = sum(1 for v in picked.values() if v is None)
