@@ -243,7 +243,10 @@ def _mutation_score(name: str) -> str:
         k: next((r for p, r in accepted.items() if fnmatch.fnmatch(k, p)), "") for k in missed
     }
     explained = sum(1 for k in missed if reasons[k])
-    pct = (lambda n: f"{100 * n / checked:.0f}%") if checked else (lambda n: "-")
+
+    def pct(n: int) -> str:
+        return f"{100 * n / checked:.0f}%" if checked else "-"
+
     lines = [
         f"{name}: {len(killed)} / {checked} killed ({pct(len(killed))}); "
         f"{len(missed)} not killed, {explained} of them accepted "

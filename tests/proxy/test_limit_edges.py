@@ -26,9 +26,7 @@ async def remaining_after(
     }
     _, url = await start_gateway(nursery, {"targets": {"m": pool}})
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        answer = await client.post(
-            CHAT, content=body, headers={"content-type": "application/json"}
-        )
+        answer = await client.post(CHAT, content=body, headers={"content-type": "application/json"})
     assert answer.status_code == 200, answer.text
     return int(answer.headers["x-ratelimit-remaining-tokens"])
 
