@@ -1,13 +1,13 @@
 """What the usage ledger costs on the proxy's hot path: gateway CPU per request at c=16, ledger
-off vs on (SQLite store), in one run.
+off vs on (rows kept in memory: the request path alone; in SQLite: with the writes), in one run.
 
-Both gateways run side by side and take turns (off, on, on, off, …) so that a change in the
-machine's load hits both alike; the figure is the median over the rounds of CPU ms per
-request, and the ratio on/off. Two configurations: a plain pool (the cheapest request, where
+The three gateways run side by side and take turns (in a rotating order) so that a change in
+the machine's load hits them alike; the figure is the median over the rounds of CPU ms per
+request, and its ratio to "off". Two configurations: a plain pool (the cheapest request, where
 the ledger's share is largest) and the traffic-control config of ``bench/proxy.py`` (auth,
 limits, balancing, metrics).
 
-Run: ``nox -s bench -- ledger`` or ``python bench/ledger.py [--seconds 3] [--rounds 4]``.
+Run: ``nox -s bench -- ledger`` or ``python bench/ledger.py [--seconds 3] [--rounds 6]``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from proxy import (
     wait_port,
 )
 
+LABELS = ("off", "on (memory)", "on (SQLite)")
+
 
 async def interleave(
     gateways: dict[str, tuple[subprocess.Popen[bytes], int]],
@@ -38,12 +40,11 @@ async def interleave(
     cpu: dict[str, list[float]],
     rps: dict[str, list[float]],
 ) -> None:
-    """``rounds`` loads of each gateway, taking turns (off, on, on, off, …)."""
+    """``rounds`` loads of each gateway, taking turns in a rotating order."""
     for _, port in gateways.values():
         await load(port, 16, 1.0, False)  # warm-up
     for i in range(rounds):
-        order = ("off", "on") if i % 2 == 0 else ("on", "off")
-        for label in order:
+        for label in LABELS[i % 3 :] + LABELS[: i % 3]:
             proc, port = gateways[label]
             cpu0 = cpu_seconds(proc.pid)
             got = await load(port, 16, seconds, False)
@@ -54,7 +55,7 @@ async def interleave(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
 
     up_port = free_port()
@@ -63,31 +64,34 @@ def main() -> None:
     procs = [subprocess.Popen([sys.executable, proxy_script, "--upstream", str(up_port)])]
     workdir = tempfile.mkdtemp(prefix="onwards-bench-ledger-")
     load_before = load_average()
-    results: list[tuple[str, float, float, float, float]] = []
+    results: list[tuple[str, dict[str, float], dict[str, float]]] = []
     try:
         wait_port(up_port)
-        for name, base, extra in (
-            ("plain", {"targets": {"bench": {"url": upstream}}}, ["--no-metrics"]),
-            ("auth+limits+LB+metrics", traffic_control(upstream), ["--metrics-port", "0"]),
+        for name, base, metrics in (
+            ("plain", {"targets": {"bench": {"url": upstream}}}, False),
+            ("auth+limits+LB+metrics", traffic_control(upstream), True),
         ):
-            ledger = {
-                **base,
-                "store": {"kind": "sqlite", "path": str(Path(workdir) / f"{len(results)}.db")},
-                "usage": {"ledger": True},
+            sqlite = {"kind": "sqlite", "path": str(Path(workdir) / f"{len(results)}.db")}
+            configs = {
+                "off": base,
+                "on (memory)": {**base, "store": {"kind": "memory"}, "usage": {"ledger": True}},
+                "on (SQLite)": {**base, "store": sqlite, "usage": {"ledger": True}},
             }
             gateways = {}
-            for label, config in (("off", base), ("on", ledger)):
+            for label, config in configs.items():
+                flags = ["--metrics-port", str(free_port())] if metrics else ["--no-metrics"]
                 port = free_port()
-                metrics = ["--metrics-port", str(free_port())] if "--metrics-port" in extra else []
-                flags = metrics or extra
                 gateways[label] = (start_gateway(config, port, flags, workdir), port)
                 procs.append(gateways[label][0])
-            cpu: dict[str, list[float]] = {"off": [], "on": []}
-            rps: dict[str, list[float]] = {"off": [], "on": []}
+            cpu: dict[str, list[float]] = {label: [] for label in LABELS}
+            rps: dict[str, list[float]] = {label: [] for label in LABELS}
             trio.run(interleave, gateways, args.rounds, args.seconds, cpu, rps)
-            off, on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
             results.append(
-                (name, off, on, statistics.median(rps["off"]), statistics.median(rps["on"]))
+                (
+                    name,
+                    {k: statistics.median(v) for k, v in cpu.items()},
+                    {k: statistics.median(v) for k, v in rps.items()},
+                )
             )
             for proc, _ in gateways.values():
                 proc.terminate()
@@ -96,12 +100,13 @@ def main() -> None:
             f"\nusage ledger cost, non-streaming c=16, median of {args.rounds} interleaved rounds "
             f"of {args.seconds:.0f}s (load average before {load_before}, after {load_average()})"
         )
-        print(
-            f"{'config':26} {'CPU ms/req off':>14} {'on':>8} {'on/off':>7} "
-            f"{'req/s off':>10} {'on':>8}"
-        )
-        for name, off, on, rps_off, rps_on in results:
-            print(f"{name:26} {off:14.3f} {on:8.3f} {on / off:7.3f} {rps_off:10.0f} {rps_on:8.0f}")
+        print(f"{'config':24} {'ledger':12} {'CPU ms/req':>10} {'vs off':>7} {'req/s':>7}")
+        for name, cpu_ms, rates in results:
+            for label in LABELS:
+                ratio = cpu_ms[label] / cpu_ms["off"]
+                print(
+                    f"{name:24} {label:12} {cpu_ms[label]:10.3f} {ratio:7.3f} {rates[label]:7.0f}"
+                )
     finally:
         for p in procs:
             if p.poll() is None:
