@@ -79,11 +79,12 @@ def bench(session: nox.Session) -> None:
     access log on/off, 1 vs 2 workers, stored vs unstored /v1/responses), many long streams,
     the loop's per-step overhead, the cost of sanitisation/strict mode per streamed chunk, of
     the Anthropic Messages translation per streamed event, of lease renewal of background
-    responses, and of tracing (``tracing``: off, 100 % and 10 % sampled, interleaved). The
+    responses, of tracing (``tracing``: off, 100 % and 10 % sampled, interleaved) and of the
+    usage ledger (``ledger``: off, memory, SQLite, interleaved). The
     machine's load average is printed before and after: figures from a loaded machine are not
     comparable. ``nox -s bench -- proxy`` runs one."""
     session.install("-e", ".[otel]")  # the tracing rows need the SDK
-    names = ("proxy", "streams", "loop", "strict", "anthropic", "durable", "tracing")
+    names = ("proxy", "streams", "loop", "strict", "anthropic", "durable", "tracing", "ledger")
     chosen = set(session.posargs) or set(names)
     session.log(f"load average before: {_load_average()}")
     for name in names:
