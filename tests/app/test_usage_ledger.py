@@ -16,6 +16,7 @@ import trio
 
 from onwards_trio import Gateway, parse_config
 from onwards_trio._ops.metrics import Metrics, install_metrics
+from onwards_trio._transport.asgi import serve_lifespan
 from tests.responses.test_responses_api import completion
 from tests.stores.test_store_postgres import fresh_schema, needs_postgres
 from tests.support import FakeUpstream, Recorded, Reply, serve_app, sse, start_gateway
@@ -389,3 +390,36 @@ async def test_the_cost_counter_adds_what_responses_cost(nursery: trio.Nursery) 
     assert b'onwards_cost_total{alias="m",key="other",provider="0"} 9.4e-05' in (
         gateway.metrics.render()
     )
+
+
+async def test_a_client_leaving_after_the_last_event_still_leaves_the_usage(
+    nursery: trio.Nursery,
+) -> None:
+    """The upstream holds its body open after ``[DONE]``; the client leaves at ``[DONE]``, so
+    the relay is cancelled before the body ends: the usage already seen still counts."""
+
+    async def lingering(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for chunk in _streamed(STREAMED).chunks or ():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await trio.sleep(60)  # the end of the body never comes in time
+
+    upstream = await serve_app(nursery, lingering)
+    config = {"targets": {"m": {"url": upstream}}, "store": {"kind": "memory"}}
+    _, url = await start_gateway(nursery, {**config, "usage": {"ledger": True}})
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    client = httpx.AsyncClient(base_url=url, timeout=20)
+    async with client, client.stream("POST", "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                break
+    with trio.fail_after(20):
+        while not (found := await rows(url)):
+            await trio.sleep(0.05)  # the relay notices the client left
+    assert tokens(found[0]) == STREAMED
