@@ -33,12 +33,14 @@ __all__ = [
     "Auth",
     "BackgroundSpec",
     "Backoff",
+    "BudgetSpec",
     "ConcurrencyLimitSpec",
     "Config",
     "Fallback",
     "HttpPool",
     "IdempotencySpec",
     "KeyDefinition",
+    "LabelBudgetSpec",
     "McpSpec",
     "OpenResponsesSpec",
     "PoolSpec",
@@ -121,6 +123,30 @@ class PriceSpec:
 
 
 @attrs.frozen
+class BudgetSpec:
+    """At most ``amount`` (currency units, priced by ``pricing``) spent per ``window``: a UTC
+    calendar ``day`` or ``month``, or ``total`` (never resets). ``default_output_tokens`` is
+    what admission prices for the answer of a request that names no ``max_tokens``
+    (docs/governance.md, "Budgets")."""
+
+    amount: float = attrs.field(validator=_price)
+    window: Literal["day", "month", "total"] = "month"
+    default_output_tokens: int = attrs.field(default=1024, validator=_non_negative)
+
+
+def _some_labels(_inst: object, attr: "attrs.Attribute[Any]", value: dict[str, str]) -> None:
+    if not value:
+        raise ValueError(f"{attr.name} must name at least one label")
+
+
+@attrs.frozen
+class LabelBudgetSpec(BudgetSpec):
+    """One budget shared by every key whose ``labels`` include all of ``match_labels``."""
+
+    match_labels: dict[str, str] = attrs.field(kw_only=True, validator=_some_labels)
+
+
+@attrs.frozen
 class ConcurrencyLimitSpec:
     max_concurrent_requests: int = attrs.field(validator=_non_negative)
 
@@ -132,12 +158,14 @@ class KeyDefinition:
     concurrency_limit: ConcurrencyLimitSpec | None = None
     labels: dict[str, str] = attrs.field(factory=dict)
     token_limit: TokenLimitSpec | None = None
+    budget: BudgetSpec | None = None
 
 
 @attrs.frozen
 class Auth:
     global_keys: list[str] = attrs.field(factory=list)
     key_definitions: dict[str, KeyDefinition] = attrs.field(factory=dict)
+    label_budgets: list[LabelBudgetSpec] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -314,6 +342,7 @@ class ProviderSpec:
     # Send this provider the W3C trace context of the upstream attempt (tracing on only).
     propagate_trace_context: bool = False
     pricing: PriceSpec | None = None  # overrides the pool's
+    token_limit: TokenLimitSpec | None = None  # this upstream's own tokens per window
 
 
 @attrs.frozen

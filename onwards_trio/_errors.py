@@ -21,6 +21,7 @@ __all__ = [
     "OnwardsError",
     "bad_gateway",
     "bodies_over_budget",
+    "budget_exceeded",
     "concurrency_limited",
     "error_body",
     "forbidden",
@@ -169,6 +170,26 @@ def rate_limited(
         secs = max(1, int(-(-retry_after // 1)))
         headers.append((b"retry-after", str(secs).encode()))
     return HTTPError(429, _RATE_LIMITED, headers)
+
+
+_WINDOW_NAMES = {"day": "daily (UTC day)", "month": "monthly (UTC month)", "total": "total"}
+
+
+def budget_exceeded(
+    window: str, scope: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> HTTPError:
+    """402 ``budget_exceeded``: the spend budget cannot cover the request's estimated cost.
+
+    402, not 429: waiting a moment will not help (the budget starts again with its calendar
+    window), and the SDKs retry a 429 on their own — a 402 reaches the caller at once.
+    ``scope`` is ``key`` (the key's own budget) or ``label`` (a budget of a group of keys).
+    """
+    whose = "this key's" if scope == "key" else "a shared"
+    message = (
+        f"Budget exceeded: {whose} {_WINDOW_NAMES.get(window, window)} budget cannot cover "
+        "the estimated cost of this request (budget_exceeded)."
+    )
+    return HTTPError(402, error_body(message, "insufficient_quota", "budget_exceeded"), extra)
 
 
 def concurrency_limited() -> HTTPError:

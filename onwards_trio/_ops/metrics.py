@@ -22,8 +22,10 @@ Names (``<p>`` is the configurable prefix, ``onwards`` by default)::
     <p>_upstream_time_to_first_byte_seconds{alias,provider}     histogram (streams only)
     <p>_upstream_inflight{alias,provider}                       gauge     (read from the table)
     <p>_alias_inflight{alias}                                   gauge     (read from the table)
-    <p>_limit_rejections_total{alias,limit,scope}               counter   (limit: rate|concurrency;
-                                                                           scope: pool|key|provider)
+    <p>_limit_rejections_total{alias,limit,scope}               counter   (limit: rate|
+                                                                           concurrency|tokens|budget;
+                                                                           scope: pool|key|provider|
+                                                                           label)
     <p>_fallback_attempts_total{alias,provider,reason}          counter   (reason: rate_limited,
                                                                            timeout, network_error,
                                                                            status)
@@ -145,8 +147,8 @@ UNKNOWN_ALIAS: Final = "unknown"
 _METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
 )
-_LIMITS: Final = frozenset({"rate", "concurrency", "tokens"})
-_SCOPES: Final = frozenset({"pool", "key", "provider"})
+_LIMITS: Final = frozenset({"rate", "concurrency", "tokens", "budget"})
+_SCOPES: Final = frozenset({"pool", "key", "provider", "label"})
 _FALLBACK_REASONS: Final = frozenset({"rate_limited", "timeout", "network_error", "status"})
 _UPSTREAM_FAILURES: Final = frozenset({"timeout", "error"})
 _STEP_KINDS: Final = frozenset({"model_call", "tool_call", "other"})
@@ -424,8 +426,8 @@ class Metrics:
         self._child(self._ttfb, self.alias_label(alias), str(provider)).observe(seconds)
 
     def rejected(self, alias: str | None, limit: str, scope: str) -> None:
-        """A limit refused a request: ``limit`` rate|concurrency|tokens, ``scope``
-        pool|key|provider."""
+        """A limit refused a request: ``limit`` rate|concurrency|tokens|budget, ``scope``
+        pool|key|provider|label."""
         self._child(
             self._rejections,
             self.alias_label(alias),

@@ -18,6 +18,10 @@ __all__ = [
     "TokenLimit",
     "TokenReservation",
     "estimate_tokens",
+    "key_scope",
+    "pool_scope",
+    "provider_scope",
+    "requested_output",
 ]
 
 
@@ -110,20 +114,25 @@ class ConcurrencyLimit:
         return Permit(self.counter)
 
 
+def requested_output(json: object) -> int | None:
+    """The most output a parsed request asks for (``max_completion_tokens`` / ``max_tokens`` /
+    ``max_output_tokens``); ``None`` when it names none."""
+    if type(json) is dict:
+        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            value = json.get(name)
+            if type(value) is int and value >= 0:
+                return value
+    return None
+
+
 def estimate_tokens(body: bytes, json: object, default_output: int) -> int:
     """What admission reserves for a request: its prompt guessed from the body size (4 bytes a
     token, a cheap over-estimate for JSON-wrapped text) plus the most output it may ask for.
 
     The guess only has to be close: settlement replaces it with the usage the upstream reports.
     """
-    output = default_output
-    if isinstance(json, dict):
-        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-            value = json.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                output = value
-                break
-    return len(body) // 4 + output
+    output = requested_output(json)
+    return len(body) // 4 + (default_output if output is None else output)
 
 
 class TokenLimit:
@@ -174,6 +183,12 @@ class TokenLimit:
         self._tokens = min(float(self.limit), self._tokens + amount)
 
     @property
+    def level(self) -> float:
+        """Tokens as of the last reservation or settlement (no refill: for the headers of the
+        answer whose reservation just refilled it)."""
+        return self._tokens
+
+    @property
     def remaining(self) -> int:
         """Tokens available now (never negative: a debt shows as 0)."""
         self._refill()
@@ -214,3 +229,18 @@ class TokenReservation:
         if self._limit is not None:
             self._limit._give_back(self.amount)
             self._limit = None
+
+
+# Where a limit is counted across replicas (the Redis key names of shared_limits and budgets).
+def pool_scope(alias: str) -> str:
+    return f"pool:{alias}"
+
+
+def key_scope(ident: str) -> str:
+    """A client key's scope from its identity (``sha256:<hex>``, see auth.key_id): a hash
+    prefix, so the key itself never reaches Redis."""
+    return "key:" + ident[7:23]
+
+
+def provider_scope(alias: str, index: int) -> str:
+    return f"provider:{alias}:{index}"

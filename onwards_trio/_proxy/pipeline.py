@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import httpcore
@@ -27,16 +27,11 @@ from onwards_trio._config import DEFAULT_SSE_EVENT_LIMIT
 from onwards_trio._errors import HTTPError
 from onwards_trio._ops.logs import access_logged
 from onwards_trio._ops.metrics import fallback_reason
+from onwards_trio._proxy.admission import Hold, PendingGate, admit, flush, reserve_provider
 from onwards_trio._proxy.auth import bearer_token, evaluate_rules, key_id
 from onwards_trio._proxy.balance import backoff_delays, plan_attempts, select, status_matches
 from onwards_trio._proxy.ledger import LedgerNote, cost_of
-from onwards_trio._proxy.limits import (
-    Permit,
-    Reservation,
-    TokenLimit,
-    TokenReservation,
-    estimate_tokens,
-)
+from onwards_trio._proxy.limits import Permit, Reservation
 from onwards_trio._proxy.targets import Pool, Provider, Table, Targets
 from onwards_trio._proxy.usage import (
     StreamUsageStripper,
@@ -66,7 +61,6 @@ __all__ = [
     "Proxy",
     "ProxyRequest",
     "ResponseFilter",
-    "TokenHold",
     "UpstreamReply",
     "extract_model",
     "parse_json_body",
@@ -115,8 +109,10 @@ class ProxyRequest:
     strip_usage: bool = False
     # the identity of the client's key (auth.key_id), hashed once by resolve for every lookup
     key_id: str | None = None
-    # tokens reserved under token limits, settled with the usage the upstream reports
-    tokens: TokenHold | None = None
+    # tokens and budget reserved on admission, settled with the usage the upstream reports
+    hold: Hold | None = None
+    # a shared admission waiting to go to Redis with the first provider's checks
+    gate: PendingGate | None = None
     # For the usage ledger: the usage of the relayed body, the id its row is filed under
     # (a loop's response id; None: one is made up) and the client's route (None: the path).
     usage: Usage | None = None
@@ -131,45 +127,6 @@ class ProxyRequest:
     @property
     def wants_stream(self) -> bool:
         return isinstance(self.json, dict) and self.json.get("stream") is True
-
-
-class TokenHold:
-    """A request's reservations under its token limits (pool, key).
-
-    Settled with the reported usage when the body ends; refunded when no 2xx answer was
-    relayed (nothing was spent). A 2xx whose usage never shows (a cut stream, an upstream that
-    does not report it) keeps its estimate: the conservative reading.
-    """
-
-    __slots__ = ("answered", "reservations", "windows")
-
-    def __init__(self) -> None:
-        self.reservations: list[Reservation] = []
-        # (limit, refill per second, tokens left after the reservation) of each limit
-        self.windows: list[tuple[int, float, float]] = []
-        self.answered = False
-
-    def settle(self, usage: Usage) -> None:
-        used = usage.total_tokens
-        for r in self.reservations:
-            r.settle(used)
-
-    def close(self) -> None:
-        if not self.answered:
-            for r in self.reservations:
-                r.refund()
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        """``x-ratelimit-*-tokens`` of the tightest limit (OpenAI's names; reset in seconds)."""
-        return _token_headers(*min(self.windows, key=lambda w: w[2]))
-
-
-def _token_headers(limit: int, rate: float, remaining: float) -> list[tuple[bytes, bytes]]:
-    return [
-        (b"x-ratelimit-limit-tokens", str(limit).encode()),
-        (b"x-ratelimit-remaining-tokens", str(max(0, int(remaining))).encode()),
-        (b"x-ratelimit-reset-tokens", f"{max(0.0, limit - remaining) / rate:.3f}s".encode()),
-    ]
 
 
 class _Body:
@@ -468,144 +425,6 @@ class Proxy:
             raise errors.service_unavailable()
         return alias, pool, token
 
-    async def _admit(
-        self, table: Table, pool: Pool, ident: str | None, stack: AsyncExitStack
-    ) -> None:
-        """Pool then key rate limits, then pool then key concurrency permits (``ident``: the
-        client key's identity)."""
-        if table.shared is not None:
-            await self._admit_shared(table.shared, table, pool, ident, stack)
-            return
-        m = self.metrics
-        if pool.rate is not None:
-            wait = pool.rate.try_acquire()
-            if wait is not None:
-                if m is not None:
-                    m.rejected(pool.alias, "rate", "pool")
-                raise errors.rate_limited(wait)
-        key_rate = table.key_rate.get(ident) if ident is not None else None
-        if key_rate is not None:
-            wait = key_rate.try_acquire()
-            if wait is not None:
-                if m is not None:
-                    m.rejected(pool.alias, "rate", "key")
-                raise errors.rate_limited(wait)
-        if pool.concurrency is not None:
-            permit = pool.concurrency.try_acquire()
-            if permit is None:
-                if m is not None:
-                    m.rejected(pool.alias, "concurrency", "pool")
-                raise errors.concurrency_limited()
-            stack.callback(permit.release)
-        key_conc = table.key_concurrency.get(ident) if ident is not None else None
-        if key_conc is not None:
-            permit = key_conc.try_acquire()
-            if permit is None:
-                if m is not None:
-                    m.rejected(pool.alias, "concurrency", "key")
-                raise errors.concurrency_limited()
-            stack.callback(permit.release)
-
-    async def _reserve_tokens(
-        self, table: Table, pool: Pool, request: ProxyRequest, stack: AsyncExitStack
-    ) -> TokenHold | None:
-        """Reserve the request's estimated tokens under the pool's, then the key's token limit
-        (all or none: a refusal gives back what was taken); in Redis with ``shared_limits``."""
-        limits = []
-        ident = request.key_id
-        if pool.tokens is not None and pool.spec.token_limit is not None:
-            limits.append((pool.tokens, pool.spec.token_limit, "pool"))
-        key = table.key_tokens.get(ident) if ident is not None else None
-        if key is not None and ident is not None:
-            limits.append((key[0], key[1], "key"))
-        if not limits:
-            return None
-        hold = request.tokens = TokenHold()
-        estimates = [
-            estimate_tokens(request.body, request.json, spec.default_output_tokens)
-            for _, spec, _ in limits
-        ]
-        if table.shared is not None:
-            from onwards_trio._proxy.shared_limits import key_scope, pool_scope
-
-            scopes = [
-                pool_scope(pool.alias) if label == "pool" else key_scope(ident or "")
-                for _, _, label in limits
-            ]
-            outcome = await table.shared.reserve_tokens(
-                [(s, lim, e) for s, (lim, _, _), e in zip(scopes, limits, estimates, strict=True)]
-            )
-            if isinstance(outcome[0], int):
-                index, wait = outcome
-                self._refuse_tokens(pool, limits[index][2], limits[index][0], float(wait), 0.0)
-            reservations, remaining = outcome
-            assert isinstance(reservations, list) and isinstance(remaining, list)
-            hold.reservations.extend(reservations)
-            for (limit, _, _), left in zip(limits, remaining, strict=True):
-                hold.windows.append((limit.limit, limit.rate, left))
-        else:
-            for (limit, _, label), estimate in zip(limits, estimates, strict=True):
-                got = limit.reserve(estimate)
-                if not isinstance(got, TokenReservation):
-                    for r in hold.reservations:
-                        r.refund()
-                    self._refuse_tokens(pool, label, limit, got, float(limit.remaining))
-                hold.reservations.append(got)
-                hold.windows.append((limit.limit, limit.rate, float(limit.remaining)))
-        stack.callback(hold.close)
-        return hold
-
-    def _refuse_tokens(
-        self, pool: Pool, scope: str, limit: TokenLimit, wait: float, remaining: float
-    ) -> NoReturn:
-        if self.metrics is not None:
-            self.metrics.rejected(pool.alias, "tokens", scope)
-        raise errors.rate_limited(wait, _token_headers(limit.limit, limit.rate, remaining))
-
-    async def _admit_shared(
-        self,
-        shared: SharedLimits,
-        table: Table,
-        pool: Pool,
-        ident: str | None,
-        stack: AsyncExitStack,
-    ) -> None:
-        """:meth:`_admit` with the limits shared across replicas (each falls back to its
-        in-process twin while Redis is unavailable)."""
-        from onwards_trio._proxy.shared_limits import key_scope, pool_scope
-
-        scopes: list[str] = []  # which limit refused, for the metrics
-        rates = []
-        if pool.rate is not None:
-            rates.append((pool_scope(pool.alias), pool.rate))
-            scopes.append("pool")
-        key_rate = table.key_rate.get(ident) if ident is not None else None
-        if key_rate is not None and ident is not None:
-            rates.append((key_scope(ident), key_rate))
-            scopes.append("key")
-        slots = []
-        if pool.concurrency is not None:
-            slots.append((pool_scope(pool.alias), pool.concurrency))
-            scopes.append("pool")
-        key_conc = table.key_concurrency.get(ident) if ident is not None else None
-        if key_conc is not None and ident is not None:
-            slots.append((key_scope(ident), key_conc))
-            scopes.append("key")
-        if not scopes:
-            return
-        admission = await shared.admit(rates, slots)
-        if admission.permit is not None:
-            stack.push_async_callback(admission.permit.release)
-        elif admission.refused is not None:
-            m = self.metrics
-            if admission.refused == "rate":
-                if m is not None:
-                    m.rejected(pool.alias, "rate", scopes[admission.index])
-                raise errors.rate_limited(admission.retry_after)
-            if m is not None:
-                m.rejected(pool.alias, "concurrency", scopes[len(rates) + admission.index])
-            raise errors.concurrency_limited()
-
     async def _shared_provider(
         self,
         shared: SharedLimits,
@@ -696,16 +515,21 @@ class Proxy:
             note: LedgerNote | None = None
             if self.ledger is not None:  # its row is noted last, with the outcome
                 note = stack.push(LedgerNote(self.ledger, table, pool, request))
-            await self._admit(table, pool, request.key_id, stack)
-            hold = await self._reserve_tokens(table, pool, request, stack)
+            hold = await admit(self.metrics, table, pool, request, stack)
             if (
-                (hold is not None or table.config.telemetry.stream_usage or note is not None)
+                (
+                    hold is not None
+                    or pool.provider_tokens
+                    or table.config.telemetry.stream_usage
+                    or note is not None
+                )
                 and request.wants_stream
                 and request.raw_path.endswith(b"completions")
                 and not stream_usage_requested(request.json)
             ):
                 request.strip_usage = True
             reply = await self._attempts(request, alias, pool, stack)
+            hold = request.hold  # also made by a provider's token limit
             if hold is not None:
                 hold.answered = 200 <= reply.status < 300
                 reply.headers.extend(hold.headers())
@@ -812,9 +636,11 @@ class Proxy:
             return UpstreamReply(status, headers, reply_body, request, alias, pool, provider)
         if last_error is not None:
             raise last_error
+        # No provider could even be tried: the request's own refusal (402, 429) comes first.
+        await flush(self.metrics, self.targets.table, pool, request)
         if self.metrics is not None:
             self.metrics.rejected(alias, "concurrency", "provider")
-        raise errors.concurrency_limited()  # no provider could even be tried
+        raise errors.concurrency_limited()
 
     async def _attempt(
         self,
@@ -832,23 +658,16 @@ class Proxy:
         tel = self.telemetry
         span: AttemptSpan | None = None
         failure: str | None = None  # why this attempt failed, for its span
+        held: Reservation | None = None  # tokens under the provider's own token limit
         try:
-            if provider.rate is not None:
-                shared = self.targets.table.shared
-                if shared is None:
-                    wait = provider.rate.try_acquire()
-                else:
-                    from onwards_trio._proxy.shared_limits import provider_scope
-
-                    scope = provider_scope(pool.alias, provider.index)
-                    wait = await shared.rate(scope, provider.rate)
-                if wait is not None:
-                    if self.metrics is not None:
-                        self.metrics.rejected(alias, "rate", "provider")
-                    err = errors.rate_limited(wait)
+            if request.gate is not None or provider.rate is not None or provider.tokens is not None:
+                table = self.targets.table
+                got = await reserve_provider(self.metrics, table, pool, provider, request)
+                if isinstance(got, HTTPError):
                     if fallback is not None and fallback.on_rate_limit:
-                        return err
-                    raise err
+                        return got
+                    raise got
+                held = got
             m = self.metrics
             if tel is not None:
                 span = tel.start_attempt(
@@ -908,6 +727,9 @@ class Proxy:
                     failure = "cancelled"
                     await _aclose_shielded(stream)
                     raise
+                if held is not None:  # from here the request's hold settles or refunds it
+                    self._hold(request, stack).reservations.append(held)
+                    held = None
                 tap: UsageTap | None = None
                 on_usage: Callable[[Usage], None] | None = None
                 if 200 <= response.status < 300:
@@ -949,8 +771,19 @@ class Proxy:
         finally:
             if not keep:
                 permit.release()
+                if held is not None:
+                    held.refund()
                 if span is not None:
                     span.end(failure)
+
+    @staticmethod
+    def _hold(request: ProxyRequest, stack: AsyncExitStack) -> Hold:
+        """The request's hold, made for a provider's token reservation if admission made none."""
+        hold = request.hold
+        if hold is None:
+            hold = request.hold = Hold()
+            stack.push(hold)
+        return hold
 
     def _usage_tap(
         self,
@@ -973,7 +806,7 @@ class Proxy:
         strip = request.strip_usage and any(
             k == b"content-type" and b"text/event-stream" in v for k, v in headers
         )
-        hold = request.tokens
+        hold = request.hold
         ledger = self.ledger
         if observer is None and span is None and not strip and hold is None and ledger is None:
             return None, None
@@ -985,7 +818,7 @@ class Proxy:
             if priced:
                 request.cost = cost_of(pool, provider, usage)
             if hold is not None:
-                hold.settle(usage)
+                hold.settle(usage, provider.price)
             if span is not None:
                 span.usage(usage)
             if observer is not None:

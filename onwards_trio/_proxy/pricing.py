@@ -111,4 +111,7 @@ def highest_price(prices: Iterable[Price | None]) -> Price | None:
 
 def format_micros(micros: int) -> str:
     """Micro-units as a decimal string in currency units (``1500`` → ``"0.0015"``), exact."""
-    return format(decimal.Decimal(micros).scaleb(-6).normalize(), "f")
+    whole, frac = divmod(micros, MICROS)  # integer arithmetic: this runs per answer header
+    if not frac:
+        return str(whole)
+    return f"{whole}.{frac:06d}".rstrip("0")

@@ -9,6 +9,7 @@ limit did not change (so a reload is no way around a limit).
 
 from __future__ import annotations
 
+import decimal
 import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -17,8 +18,10 @@ import attrs
 
 from onwards_trio._config import (
     MIN_MASKED_KEY_LENGTH,
+    BudgetSpec,
     Config,
     Fallback,
+    LabelBudgetSpec,
     PoolSpec,
     ProviderSpec,
     RateLimitSpec,
@@ -27,7 +30,8 @@ from onwards_trio._config import (
     ToolSpec,
 )
 from onwards_trio._proxy.auth import KeySet, configured_key_id, key_id
-from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket, TokenLimit
+from onwards_trio._proxy.budgets import Budget, label_scope
+from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket, TokenLimit, key_scope
 from onwards_trio._proxy.pricing import Price, highest_price, price_for
 from onwards_trio._proxy.reasoning import ReasoningMap
 
@@ -52,6 +56,14 @@ def _token_limit(spec: TokenLimitSpec | None, old: TokenLimit | None) -> TokenLi
     if old is not None and old.limit == spec.tokens and old.window == spec.window_secs:
         return old
     return TokenLimit(spec.tokens, spec.window_secs)
+
+
+def _budget(spec: BudgetSpec, old: Budget | None) -> Budget:
+    """A budget, adopted from the old table while unchanged (its spend carries over)."""
+    amount = int(decimal.Decimal(repr(spec.amount)).scaleb(6))
+    if old is not None and old.amount == amount and old.window == spec.window:
+        return old
+    return Budget(amount, spec.window)
 
 
 def _headers(mapping: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
@@ -91,6 +103,7 @@ class Provider:
     anthropic: bool  # serves /v1/messages through the Chat translation
     reasoning: ReasoningMap | None  # how this upstream takes a reasoning effort
     price: Price | None = None  # what its responses cost (pricing.price_for); None: unknown
+    tokens: TokenLimit | None = None  # this upstream's own token limit
 
     @property
     def identity(self) -> tuple[str, str | None, str | None]:
@@ -122,6 +135,8 @@ class Pool:
     tools: dict[str, ToolSpec]
     # The dearest price any provider may charge (what a budget reserves before one is chosen).
     price: Price | None = None
+    provider_tokens: bool = False  # some provider has a token limit (usage must be read)
+    provider_checks: bool = False  # some provider has a rate or token limit
 
 
 @attrs.define(eq=False)
@@ -141,6 +156,9 @@ class Table:
     # object for the gateway's lifetime, carried from table to table across reloads.
     shared: SharedLimits | None = None
     key_names: dict[str, str] = attrs.field(factory=dict)  # key id -> its definition's name
+    # key id -> (scope, budget, spec) of its definition's budget and every label budget that
+    # matches its labels (a label budget is one object shared by all its keys)
+    key_budgets: dict[str, list[tuple[str, Budget, BudgetSpec]]] = attrs.field(factory=dict)
 
     @property
     def strict_mode(self) -> bool:
@@ -226,6 +244,7 @@ def _build_provider(
         anthropic=bool(spec.anthropic and spec.anthropic.adapter),
         reasoning=ReasoningMap(reasoning) if reasoning is not None else None,
         price=price_for(pool, spec),
+        tokens=_token_limit(spec.token_limit, old.tokens if old else None),
     )
 
 
@@ -298,6 +317,8 @@ def build_table(
             or bool(spec.anthropic and spec.anthropic.adapter),
             tools=tools,
             price=highest_price(p.price for p in providers),
+            provider_tokens=any(p.tokens is not None for p in providers),
+            provider_checks=any(p.tokens is not None or p.rate is not None for p in providers),
         )
     key_rate: dict[str, TokenBucket] = {}
     key_concurrency: dict[str, ConcurrencyLimit] = {}
@@ -322,6 +343,7 @@ def build_table(
             assert tokens is not None
             key_tokens[ident] = (tokens, d.token_limit)
     key_names = {def_ids[name]: name for name in definitions}
+    key_budgets = _key_budgets(config, def_ids, old)
     return Table(
         config=config,
         pools=pools,
@@ -333,7 +355,34 @@ def build_table(
         protected=protected,
         shared=shared,
         key_names=key_names,
+        key_budgets=key_budgets,
     )
+
+
+def _key_budgets(
+    config: Config, def_ids: Mapping[str, str], old: Table | None
+) -> dict[str, list[tuple[str, Budget, BudgetSpec]]]:
+    """Each defined key's budgets: its own, then the label budgets its labels match."""
+    if config.auth is None:
+        return {}
+    olds = {s: b for entries in old.key_budgets.values() for s, b, _ in entries} if old else {}
+    labelled: list[tuple[str, Budget, LabelBudgetSpec]] = []
+    for spec in config.auth.label_budgets:
+        scope = label_scope(spec.match_labels)
+        labelled.append((scope, _budget(spec, olds.get(scope)), spec))
+    out: dict[str, list[tuple[str, Budget, BudgetSpec]]] = {}
+    for name, d in config.auth.key_definitions.items():
+        ident = def_ids[name]
+        entries: list[tuple[str, Budget, BudgetSpec]] = []
+        if d.budget is not None:
+            scope = key_scope(ident)
+            entries.append((scope, _budget(d.budget, olds.get(scope)), d.budget))
+        for scope, budget, spec in labelled:
+            if all(d.labels.get(k) == v for k, v in spec.match_labels.items()):
+                entries.append((scope, budget, spec))
+        if entries:
+            out[ident] = entries
+    return out
 
 
 class Targets:

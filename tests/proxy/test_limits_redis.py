@@ -1,4 +1,5 @@
-"""Limits shared through Redis (SPEC §3.6): two gateways on one Redis are two replicas.
+"""Limits and budgets shared through Redis (SPEC §3.6): two gateways on one Redis are two
+replicas, and the fake upstream's accounting is the truth.
 
 Tests marked ``needs_redis`` run against a real redis-server named by ONWARDS_TEST_REDIS_URL
 (``.ci/redis.sh`` starts one) and are skipped without it; the failure-policy tests need no
@@ -23,6 +24,7 @@ import trio
 from onwards_trio import parse_config
 from onwards_trio._config import SharedLimitsSpec
 from onwards_trio._proxy.auth import key_id
+from onwards_trio._proxy.budgets import Budget
 from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket, TokenLimit
 from onwards_trio._proxy.shared_limits import SharedLimits, key_scope, pool_scope
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
@@ -574,3 +576,249 @@ async def test_shared_token_reserve_settle_refund_and_retry_after(limits: Shared
     assert isinstance(third[0], list)
     refused = await limits.reserve_tokens([("t", window, 100)])
     assert refused[0] == 0 and refused[1] == pytest.approx((100 - 50) / 0.001, rel=0.01)
+
+
+# -- budgets, provider token limits, one round trip per request ------------------------------
+
+PRICE = {"input": 1000, "output": 1000}  # a token costs 1000 micro-units (0.001)
+
+
+async def hammer(clients: list[httpx.AsyncClient], per_caller: int, **extra: Any) -> list[int]:
+    """Four concurrent callers, two on each replica; the statuses they saw."""
+    statuses: list[int] = []
+
+    async def caller(client: httpx.AsyncClient) -> None:
+        for _ in range(per_caller):
+            r = await client.post(
+                CHAT, json=body(**extra), headers={"authorization": "Bearer sk-a"}
+            )
+            statuses.append(r.status_code)
+
+    async with trio.open_nursery() as callers:
+        for client in clients * 2:
+            callers.start_soon(caller, client)
+    return statuses
+
+
+def budget_config(prefix: str, url: str, budget: dict[str, Any], **pool: Any) -> dict[str, Any]:
+    return {
+        "shared_limits": shared_config(prefix),
+        "auth": {"key_definitions": {"a": {"key": "sk-a", "budget": budget}}},
+        "targets": {"m": {"providers": [{"url": url}], "pricing": PRICE, **pool}},
+    }
+
+
+@needs_redis
+async def test_two_gateways_never_exceed_a_shared_budget(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    # Each answer costs 0.1 (100 output tokens); each estimate (body/4 + max_tokens 100) is at
+    # least that, so the replicas together must stay within the budget to the micro-unit.
+    usage = {"prompt_tokens": 0, "completion_tokens": 100}
+    up = FakeUpstream(Reply(body=chat_completion(usage=usage)))
+    config = budget_config(prefix, await serve_app(nursery, up), {"amount": 2, "window": "day"})
+    a, b = await replicas(nursery, config)
+    async with a, b:
+        statuses = await hammer([a, b], 15, max_tokens=100)
+    spent = 0.1 * len(up.requests)
+    assert statuses.count(200) == len(up.requests) and 402 in statuses
+    assert spent <= 2 + 1e-9  # one replica alone would have allowed 2, together 4
+    assert spent >= 1.7  # settlement gave the over-estimates back (estimates alone: ~1.6)
+
+
+@needs_redis
+async def test_an_under_estimate_overshoots_by_at_most_the_requests_in_flight(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    # Streams that cost 0.5 each while the estimate is ~0.03 (no max_tokens, a default of 10
+    # output tokens): the documented bound is the under-estimate of each request in flight
+    # when the budget ran out (four callers: at most 4 x 0.5 beyond the amount).
+    usage = {"prompt_tokens": 0, "completion_tokens": 500}
+    stream = sse(
+        {"choices": [{"index": 0, "delta": {"content": "x"}}]}, {"choices": [], "usage": usage}
+    )
+    up = FakeUpstream(Reply(chunks=stream, headers=[(b"content-type", b"text/event-stream")]))
+    budget = {"amount": 3, "window": "month", "default_output_tokens": 10}
+    a, b = await replicas(nursery, budget_config(prefix, await serve_app(nursery, up), budget))
+    async with a, b:
+        statuses = await hammer([a, b], 6, stream=True)
+    spent = 0.5 * len(up.requests)
+    assert statuses.count(200) == len(up.requests) and 402 in statuses
+    assert spent <= 3 + 4 * 0.5
+
+
+@needs_redis
+async def test_two_gateways_never_exceed_a_provider_token_limit(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    usage = {"prompt_tokens": 0, "completion_tokens": 100}
+    up = FakeUpstream(Reply(body=chat_completion(usage=usage)))
+    provider = {
+        "url": await serve_app(nursery, up),
+        "token_limit": {"tokens": 2000, "window_secs": 10**6},
+    }
+    config = {
+        "shared_limits": shared_config(prefix),
+        "auth": {"key_definitions": {"a": {"key": "sk-a"}}},
+        "targets": {"m": {"providers": [provider]}},
+    }
+    a, b = await replicas(nursery, config)
+    async with a, b:
+        statuses = await hammer([a, b], 15, max_tokens=100)
+    used = 100 * len(up.requests)
+    assert statuses.count(200) == len(up.requests) and 429 in statuses
+    assert 1700 <= used <= 2000
+
+
+@needs_redis
+async def test_every_check_of_a_request_is_one_redis_call(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    usage = {"prompt_tokens": 10, "completion_tokens": 10}
+    up = FakeUpstream(Reply(body=chat_completion(usage=usage)))
+    generous = {"requests_per_second": 1e6, "burst_size": 10**6}
+    definition = {
+        "key": "sk-a",
+        "rate_limit": generous,
+        "concurrency_limit": {"max_concurrent_requests": 100},
+        "token_limit": {"tokens": 10**9},
+        "budget": {"amount": 1000, "window": "day"},
+        "labels": {"team": "red"},
+    }
+    config = {
+        "shared_limits": shared_config(prefix),
+        "auth": {
+            "key_definitions": {"a": definition},
+            "label_budgets": [{"amount": 1000, "match_labels": {"team": "red"}}],
+        },
+        "targets": {
+            "m": {
+                "providers": [
+                    {
+                        "url": await serve_app(nursery, up),
+                        "rate_limit": generous,
+                        "token_limit": {"tokens": 10**9},
+                    }
+                ],
+                "pricing": PRICE,
+                "rate_limit": generous,
+                "concurrency_limit": {"max_concurrent_requests": 100},
+                "token_limit": {"tokens": 10**9},
+            }
+        },
+    }
+    gw, url = await start_gateway(nursery, config)
+    shared = gw.shared_limits
+    assert shared is not None
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for _ in range(20):
+            r = await client.post(CHAT, json=body(), headers={"authorization": "Bearer sk-a"})
+            assert r.status_code == 200 and "x-budget-remaining" in r.headers
+    await settled(shared)
+    # rate x3, slots x2, tokens x3 (pool, key, provider), budgets x2: one call a request
+    assert shared.calls["gate"] == 20
+    # settlements and slot releases were sent by background tasks, never more than one each
+    assert shared.calls.get("settle", 0) <= 20 and shared.calls.get("release", 0) <= 20
+    assert shared.fallbacks == 0
+
+
+@needs_redis
+async def test_shared_budget_reserve_settle_refund_and_refusal(limits: SharedLimits) -> None:
+    budget = Budget(10_000, "month")
+    first = await limits.admit((), (), (), [("key:x", budget, 6000)])
+    assert first.refused is None and first.budgets_used == [6000]
+    first.budgets[0].settle(1000)  # 5000 of the 6000 come back
+    await settled(limits)
+    second = await limits.admit((), (), (), [("key:x", budget, 9001)])
+    assert (second.refused, second.index, second.budgets_used) == ("budget", 0, [1000])
+    third = await limits.admit((), (), (), [("key:x", budget, 9000)])
+    assert third.refused is None and third.budgets_used == [10_000]
+    third.budgets[0].refund()
+    await settled(limits)
+    fourth = await limits.admit((), (), (), [("key:x", budget, 9000)])
+    assert fourth.refused is None
+
+
+@needs_redis
+async def test_a_budget_refusal_takes_nothing_else(limits: SharedLimits) -> None:
+    slot, tokens = ConcurrencyLimit(1), TokenLimit(1000, 10**6)
+    empty = Budget(0, "day")
+    refused = await limits.admit(
+        [("r", TokenBucket(100.0, 100))], [("s", slot)], [("t", tokens, 500)], [("b", empty, 1)]
+    )
+    assert refused.refused == "budget" and slot.active == 0
+    admitted = await limits.admit((), [("s", slot)], [("t", tokens, 1000)])
+    assert admitted.refused is None  # the slot and all 1000 tokens were still there
+
+
+async def test_redis_down_leaves_budgets_and_token_limits_to_this_replica(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    shared = SharedLimits(
+        SharedLimitsSpec(**shared_config(prefix, f"redis://127.0.0.1:{await _closed_port()}/0"))
+    )
+    await nursery.start(shared.run)
+    budget, tokens = Budget(1000, "day"), TokenLimit(500, 10**6)
+    first = await shared.admit((), (), [("t", tokens, 400)], [("b", budget, 600)])
+    assert first.refused is None and budget.remaining == 400 and tokens.remaining == 100
+    refused = await shared.admit((), (), [("t", tokens, 50)], [("b", budget, 600)])
+    assert refused.refused == "budget"
+    assert tokens.remaining == 100  # the token reservation made with it was given back
+    first.budgets[0].settle(100)
+    assert budget.remaining == 900 and shared.fallbacks == 2
+
+
+@needs_redis
+async def test_a_provider_refusal_in_the_same_call_keeps_the_request_admitted(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    usage = {"prompt_tokens": 0, "completion_tokens": 100}
+    small = FakeUpstream(Reply(body=chat_completion(usage=usage)))
+    big = FakeUpstream(Reply(body=chat_completion(usage=usage)))
+    config = {
+        "shared_limits": shared_config(prefix),
+        "targets": {
+            "m": {
+                "providers": [
+                    {
+                        "url": await serve_app(nursery, small),
+                        "token_limit": {"tokens": 150, "window_secs": 10**6},
+                    },
+                    {"url": await serve_app(nursery, big)},
+                ],
+                "strategy": "priority",
+                "fallback": {"enabled": True, "on_rate_limit": True},
+                "token_limit": {"tokens": 10_000, "window_secs": 10**6},
+            }
+        },
+    }
+    gw, url = await start_gateway(nursery, config)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        codes = [(await client.post(CHAT, json=body(max_tokens=100))).status_code for _ in range(3)]
+    assert codes == [200] * 3 and (len(small.requests), len(big.requests)) == (1, 2)
+    assert gw.shared_limits is not None
+    await settled(gw.shared_limits)
+    # the pool's limit was charged once per request (100 each), whichever provider answered
+    reply = await gw.shared_limits.reserve_tokens([("pool:m", TokenLimit(10_000, 10**6), 0)])
+    assert isinstance(reply[0], list) and reply[1] == [pytest.approx(10_000 - 300, abs=1)]
+
+
+@needs_redis
+async def test_with_no_provider_free_the_budget_refusal_still_wins(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    up = FakeUpstream()
+    provider = {
+        "url": await serve_app(nursery, up),
+        "rate_limit": {"requests_per_second": 100},
+        "concurrency_limit": {"max_concurrent_requests": 0},
+    }
+    config = {
+        "shared_limits": shared_config(prefix),
+        "auth": {"key_definitions": {"a": {"key": "sk-a", "budget": {"amount": 0}}}},
+        "targets": {"m": {"providers": [provider], "pricing": PRICE}},
+    }
+    _, url = await start_gateway(nursery, config)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        r = await client.post(CHAT, json=body(), headers={"authorization": "Bearer sk-a"})
+    assert r.status_code == 402 and r.json()["error"]["code"] == "budget_exceeded"

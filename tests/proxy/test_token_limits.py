@@ -207,3 +207,72 @@ async def test_each_model_call_of_a_responses_loop_is_settled(nursery: trio.Nurs
     assert r.status_code == 200 and r.json()["status"] == "completed"
     limit = gw.targets.table.pools["m"].tokens
     assert limit is not None and limit.remaining == 10_000 - 600
+
+
+# -- provider-level token limits -------------------------------------------------------------
+
+
+async def provider_gateway(
+    nursery: trio.Nursery, ups: list[FakeUpstream], limits: list[Any], **pool: Any
+) -> tuple[Any, httpx.AsyncClient]:
+    providers = []
+    for up, limit in zip(ups, limits, strict=True):
+        provider: dict[str, Any] = {"url": await serve_app(nursery, up)}
+        if limit is not None:
+            provider["token_limit"] = limit
+        providers.append(provider)
+    gw, url = await start_gateway(
+        nursery, {"targets": {"m": {"providers": providers, "strategy": "priority", **pool}}}
+    )
+    return gw, httpx.AsyncClient(base_url=url, timeout=10)
+
+
+async def test_a_provider_token_limit_refuses_with_its_headers(nursery: trio.Nursery) -> None:
+    up = FakeUpstream(usage_reply(100, 150))
+    _, client = await provider_gateway(nursery, [up], [{"tokens": 300, "window_secs": 60}])
+    async with client:
+        first = await client.post(CHAT, json=chat(max_tokens=200))
+        second = await client.post(CHAT, json=chat(max_tokens=200))
+    assert first.status_code == 200 and second.status_code == 429
+    assert second.headers["x-ratelimit-limit-tokens"] == "300"
+    assert 30 <= int(second.headers["retry-after"]) <= 36
+    assert len(up.requests) == 1
+
+
+async def test_a_provider_out_of_tokens_falls_back_to_the_next(nursery: trio.Nursery) -> None:
+    small, big = FakeUpstream(usage_reply(100, 150)), FakeUpstream(usage_reply(100, 150))
+    _, client = await provider_gateway(
+        nursery,
+        [small, big],
+        [{"tokens": 300, "window_secs": 3600}, None],
+        fallback={"enabled": True, "on_rate_limit": True},
+    )
+    async with client:
+        codes = [(await client.post(CHAT, json=chat(max_tokens=200))).status_code for _ in range(3)]
+    assert codes == [200] * 3
+    assert (len(small.requests), len(big.requests)) == (1, 2)
+
+
+async def test_a_provider_refusal_gives_back_the_pool_reservation(nursery: trio.Nursery) -> None:
+    up = FakeUpstream(usage_reply(100, 150))
+    gw, client = await provider_gateway(
+        nursery,
+        [up],
+        [{"tokens": 300, "window_secs": 3600}],
+        token_limit={"tokens": 10_000, "window_secs": 10**6},
+    )
+    async with client:
+        assert (await client.post(CHAT, json=chat(max_tokens=200))).status_code == 200
+        assert (await client.post(CHAT, json=chat(max_tokens=200))).status_code == 429
+    pool_limit = gw.targets.table.pools["m"].tokens
+    assert pool_limit is not None and pool_limit.remaining == 10_000 - 250  # all or nothing
+
+
+async def test_a_provider_token_limit_is_settled_with_the_usage(nursery: trio.Nursery) -> None:
+    up = FakeUpstream(usage_reply(10, 10))
+    gw, client = await provider_gateway(nursery, [up], [{"tokens": 300, "window_secs": 10**6}])
+    async with client:
+        codes = [(await client.post(CHAT, json=chat(max_tokens=200))).status_code for _ in range(5)]
+    assert codes == [200] * 5
+    limit = gw.targets.table.pools["m"].providers[0].tokens
+    assert limit is not None and limit.remaining == 300 - 5 * 20
