@@ -32,7 +32,7 @@ from onwards_trio._proxy.limits import (
     provider_scope,
     requested_output,
 )
-from onwards_trio._proxy.pricing import Price, cost_micros, estimate_cost_micros, format_micros
+from onwards_trio._proxy.pricing import estimate_cost_micros, format_micros
 from onwards_trio._proxy.usage import Usage
 
 if TYPE_CHECKING:
@@ -67,15 +67,14 @@ class Hold:
         self.budget_windows: list[tuple[int, int, float | None]] = []
         self.answered = False
 
-    def settle(self, usage: Usage, price: Price | None) -> None:
+    def settle(self, usage: Usage, cost: int | None) -> None:
+        """``cost``: of ``usage`` at the answering provider's price (``None``: no price, so
+        nothing known is spent and the budget estimates are given back)."""
         used = usage.total_tokens
         for r in self.reservations:
             r.settle(used)
-        if self.budgets:
-            # A provider with no price costs nothing known: the estimates are given back.
-            cost = cost_micros(usage, price) if price is not None else 0
-            for b in self.budgets:
-                b.settle(cost)
+        for b in self.budgets:
+            b.settle(cost or 0)
 
     def __enter__(self) -> Hold:
         return self

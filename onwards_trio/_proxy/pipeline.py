@@ -815,10 +815,10 @@ class Proxy:
 
         def report(usage: Usage) -> None:
             request.usage = usage
-            if priced:
+            if priced or hold is not None:
                 request.cost = cost_of(pool, provider, usage)
             if hold is not None:
-                hold.settle(usage, provider.price)
+                hold.settle(usage, request.cost)
             if span is not None:
                 span.usage(usage)
             if observer is not None:
