@@ -79,12 +79,23 @@ def bench(session: nox.Session) -> None:
     access log on/off, 1 vs 2 workers, stored vs unstored /v1/responses), many long streams,
     the loop's per-step overhead, the cost of sanitisation/strict mode per streamed chunk, of
     the Anthropic Messages translation per streamed event, of lease renewal of background
-    responses, of tracing (``tracing``: off, 100 % and 10 % sampled, interleaved) and of the
-    usage ledger (``ledger``: off, memory, SQLite, interleaved). The
-    machine's load average is printed before and after: figures from a loaded machine are not
-    comparable. ``nox -s bench -- proxy`` runs one."""
-    session.install("-e", ".[otel]")  # the tracing rows need the SDK
-    names = ("proxy", "streams", "loop", "strict", "anthropic", "durable", "tracing", "ledger")
+    responses, of tracing (``tracing``: off, 100 % and 10 % sampled, interleaved), of the
+    usage ledger (``ledger``: off, memory, SQLite, interleaved) and of token limits and budgets
+    (``limits``: off / local / shared through ONWARDS_TEST_REDIS_URL). The machine's load
+    average is printed before and after: figures from a loaded machine are not comparable.
+    ``nox -s bench -- proxy`` runs one."""
+    session.install("-e", ".[otel,redis]")  # the tracing rows need the SDK, limits coredis
+    names = (
+        "proxy",
+        "streams",
+        "loop",
+        "strict",
+        "anthropic",
+        "durable",
+        "tracing",
+        "ledger",
+        "limits",
+    )
     chosen = set(session.posargs) or set(names)
     session.log(f"load average before: {_load_average()}")
     for name in names:
