@@ -776,7 +776,8 @@ class PostgresBackend(StoreBackend):
                     PostgresResponseStore._insert(conn, record.id, row)
                 elif not PostgresResponseStore._update(conn, record.id, record.status, data):
                     return False
-                with conn.cursor() as cur:
+                # One pipeline for the three: one round trip, not one each.
+                with conn.pipeline(), conn.cursor() as cur:
                     cur.executemany(
                         "INSERT INTO loop_responses (id, status, request, output) "
                         "VALUES (%s, %s, %s::jsonb, %s::jsonb) ON CONFLICT (id) DO UPDATE SET "
