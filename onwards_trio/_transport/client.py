@@ -27,6 +27,8 @@ import httpcore
 import httptools
 import trio
 
+from onwards_trio._transport.sockio import SocketIO
+
 __all__ = ["Connection", "NoResponse", "Response"]
 
 _MAX_HEAD = 64 * 1024
@@ -144,10 +146,15 @@ class Connection:
     """One keep-alive connection to an origin. Not safe for concurrent requests (the pool
     hands a connection to one request at a time)."""
 
-    __slots__ = ("_parser", "_stream", "expires_at", "reusable")
+    __slots__ = ("_io", "_parser", "_stream", "expires_at", "reusable")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
+        # Plain TCP (the usual upstream on a private network or loopback): the lean socket
+        # calls; TLS goes through the stream.
+        self._io: SocketIO | trio.abc.Stream = (
+            SocketIO(stream.socket) if isinstance(stream, trio.SocketStream) else stream
+        )
         self._parser = _Parser()
         self.reusable = False  # set when a response was read to its end on a kept-alive link
         self.expires_at = 0.0
@@ -196,7 +203,7 @@ class Connection:
 
     async def _receive(self) -> bytes:
         try:
-            return bytes(await self._stream.receive_some(_READ))
+            return bytes(await self._io.receive_some(_READ))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpcore.ReadError(str(exc) or "connection broken") from None
 
@@ -226,9 +233,10 @@ class Connection:
         parser.complete = False
         parser.head_done = False
         try:
-            await self._stream.send_all(head + body if len(body) < _READ else head)
+            io = self._io
+            await io.send_all(head + body if len(body) < _READ else head)
             if len(body) >= _READ:
-                await self._stream.send_all(body)  # no copy of a large body
+                await io.send_all(body)  # no copy of a large body
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise NoResponse(f"connection broken while sending: {exc}") from None
         first = True
@@ -308,8 +316,11 @@ class Response:
                 raise httpcore.RemoteProtocolError("server disconnected mid-body")
             parser.feed(data)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         """Stop reading. A body left unread makes the connection unusable: it is closed."""
         if not self._done:
             self._done = True
             self._conn.reusable = False
+
+    async def aclose(self) -> None:
+        self.close()

@@ -179,14 +179,18 @@ class UpstreamResponse:
         if self._conn is None:
             return
         conn, self._conn = self._conn, None
-        # Shielded: this runs on the way out of cancelled requests too, and a connection that
-        # is neither returned nor closed would leak its socket.
-        with trio.CancelScope(shield=True):
-            try:
-                await self._response.aclose()
-                await self._pool.release(conn)
-            finally:
-                self._pool.done()
+        pool = self._pool
+        try:
+            self._response.close()
+            doomed = pool.park(conn)
+            if doomed:
+                # Shielded: this runs on the way out of cancelled requests too, and a
+                # connection that is neither returned nor closed would leak its socket.
+                with trio.CancelScope(shield=True):
+                    for old in doomed:
+                        await old.aclose()
+        finally:
+            pool.done()
 
 
 class _HostPool:
@@ -250,18 +254,23 @@ class _HostPool:
             self.done()
             raise
 
-    async def release(self, conn: Connection) -> None:
+    def park(self, conn: Connection) -> list[Connection]:
+        """Keep ``conn`` for reuse if it can carry another request; return the connections to
+        close (it, when it cannot, and expired idle ones). Synchronous: the usual hand-back
+        costs no checkpoint and no shielded scope."""
         now = trio.current_time()
         idle = self._idle
+        doomed: list[Connection] = []
         # Idle connections are stacked in expiry order; under steady traffic only the top is
         # reused, so the expired ones at the bottom are closed here, not left open for good.
         while idle and idle[0].expires_at <= now:
-            await idle.pop(0).aclose()
+            doomed.append(idle.pop(0))
         if conn.reusable and len(idle) < self._client.max_idle:
             conn.expires_at = now + self._client.keepalive_expiry
             idle.append(conn)
         else:
-            await conn.aclose()
+            doomed.append(conn)
+        return doomed
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

@@ -33,6 +33,7 @@ request is served as plain HTTP and the connection closes after it.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import socket
 import urllib.parse
@@ -45,6 +46,7 @@ import httptools
 import trio
 
 from onwards_trio._transport.asgi import ASGIApp, Message
+from onwards_trio._transport.sockio import SocketIO
 from onwards_trio._transport.websocket import is_websocket_upgrade, serve_websocket
 
 __all__ = ["serve"]
@@ -243,18 +245,22 @@ class _Server:
                 self.idle_done.set()
             await trio.aclose_forcefully(stream)
 
-    async def watch_writes(self) -> None:
-        """Enforce ``write_timeout`` for every connection from one task: a cancel scope around
-        each write would cost more than most writes (it is a few per request, dozens for a
-        stream)."""
-        period = min(1.0, self.write_timeout / 4)
+    async def watch_deadlines(self) -> None:
+        """Enforce every connection's timeouts from one task: ``write_timeout`` on a blocked
+        write, the keep-alive idle timeout and the head timeout on reads. A cancel scope per
+        read or write would cost more than most of them (a few per request, dozens for a
+        stream); a connection past its deadline is closed, which wakes its blocked call."""
+        period = min(1.0, self.write_timeout / 4, self.keep_alive_timeout / 4)
         while True:
             await trio.sleep(period)
-            late = trio.current_time() - self.write_timeout
+            now = trio.current_time()
+            late = now - self.write_timeout
             for conn in list(self.connections):
                 since = conn.writing_since
                 if since is not None and since < late:
                     conn.abort_write()
+                elif conn.read_deadline < now:
+                    conn.close()
 
     def drain(self) -> None:
         self.draining = True
@@ -269,13 +275,15 @@ class _Connection:
         "_client",
         "_continue",
         "_disconnected",
-        "_idle_scope",
         "_receive_scope",
         "_req",
         "_response",
         "_response_done",
         "_server_addr",
+        "idle",
+        "io",
         "parser",
+        "read_deadline",
         "server",
         "stream",
         "writing_since",
@@ -284,8 +292,8 @@ class _Connection:
     def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
         self.server = server
         self.stream = stream
+        self.io = SocketIO(stream.socket)
         self.parser = _Parser()
-        self._idle_scope: trio.CancelScope | None = None
         self._receive_scope: trio.CancelScope | None = None
         self._disconnected = False
         self._client = _address(stream, peer=True)
@@ -297,20 +305,28 @@ class _Connection:
         self._response: _Response | None = None
         self._ahead = 0
         self.writing_since: float | None = None  # when a blocked write began
+        self.read_deadline = math.inf  # when a read still waiting counts as timed out
+        self.idle = False  # waiting for the first byte of a next request
 
     def wake_if_idle(self) -> None:
-        if self._idle_scope is not None:
-            self._idle_scope.cancel()
+        if self.idle:
+            self.close()
+
+    def close(self) -> None:
+        """End the connection from outside its task: a call blocked on the socket wakes with
+        an error, later ones fail."""
+        self._disconnected = True
+        self.stream.socket.close()
 
     async def _read(self) -> bytes:
         try:
-            data = await self.stream.receive_some(_READ)
+            data = await self.io.receive_some(_READ)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         if not data:
             self._disconnected = True
             raise _Closed
-        return bytes(data)
+        return data
 
     async def run(self) -> None:
         try:
@@ -344,22 +360,25 @@ class _Connection:
 
     async def _next_request(self) -> _Request | None:
         """The next request whose head is complete, or None when the connection should close
-        (idle timeout, client gone, server draining, a malformed head answered)."""
+        (idle timeout, client gone, server draining, a malformed head answered). The timeouts
+        are deadlines the server's watchdog enforces (:meth:`_Server.watch_deadlines`)."""
         parser = self.parser
         requests = parser.requests
         fed = 0
         if not requests and not parser.stopped:
-            with trio.move_on_after(self.server.keep_alive_timeout) as idle:
-                self._idle_scope = idle
-                try:
-                    data = await self._read()
-                finally:
-                    self._idle_scope = None
-            if idle.cancelled_caught:
-                return None
+            self.read_deadline = trio.current_time() + self.server.keep_alive_timeout
+            self.idle = True
+            try:
+                data = await self._read()
+            finally:
+                self.idle = False
             parser.feed(data)
             fed = len(data)
-        with trio.move_on_after(_HEAD_TIMEOUT):
+            if requests and requests[0].head_done:  # the usual case: the head in one read
+                self.read_deadline = math.inf
+                return requests.popleft()
+        self.read_deadline = trio.current_time() + _HEAD_TIMEOUT
+        try:
             while True:
                 if requests and requests[0].head_done:
                     return requests.popleft()
@@ -373,7 +392,8 @@ class _Connection:
                 data = await self._read()
                 parser.feed(data)
                 fed += len(data)
-        return None
+        finally:
+            self.read_deadline = math.inf
 
     async def _serve(self, req: _Request) -> bool:
         method = req.method
@@ -511,7 +531,7 @@ class _Connection:
             return
         self.writing_since = trio.current_time()  # for the server's write watchdog
         try:
-            await self.stream.send_all(data)
+            await self.io.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._gone()  # later sends are dropped; receive() reports it
         finally:
@@ -728,7 +748,7 @@ async def serve(
         urls.append(f"http://{shown}:{bound[1]}")
     server = _Server(app, keep_alive_timeout, write_timeout)
     async with trio.open_nursery() as connections:
-        connections.start_soon(server.watch_writes)
+        connections.start_soon(server.watch_deadlines)
         async with trio.open_nursery() as acceptor:
             await acceptor.start(
                 partial(trio.serve_listeners, server.handle, listeners, handler_nursery=connections)

@@ -1,0 +1,83 @@
+"""Socket reads and writes for the HTTP hot path that wait (and yield) only when they must.
+
+Why: trio's ``SocketStream.send_all``/``receive_some`` make every call a full checkpoint — a
+schedule point even when the kernel had the bytes ready — plus a conflict detector and a
+context manager per call. That is many times the system call itself, and a proxied request
+makes five or six of them (two on the client's socket, three or four on the upstream's).
+Here a call tries the system call first and waits (``wait_readable``/``wait_writable``, a
+real checkpoint) only when the kernel says it would block.
+
+Trio's guarantees are kept where they matter: cancellation is checked on every call
+(``checkpoint_if_cancelled``), a socket closed by another task wakes a waiting call with
+``ClosedResourceError`` (and a later call fails with ``OSError``), and every ``_FAIR``-th call
+in a row that did not wait yields anyway, so a connection whose peer is always ready cannot
+starve the others. Two tasks waiting on one socket in the same direction still raise
+``BusyResourceError``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+__all__ = ["SocketIO"]
+
+_FAIR = 16  # calls in a row that found the socket ready before one yields anyway
+
+
+class SocketIO:
+    """``receive_some``/``send_all`` (the ``trio.abc.Stream`` names) on one connected trio
+    socket (plain TCP), without a schedule point when the socket was ready."""
+
+    __slots__ = ("_ready", "socket")
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.socket = sock
+        self._ready = 0  # calls in a row that did not wait
+
+    async def _yielded(self) -> None:
+        self._ready += 1
+        if self._ready >= _FAIR:
+            self._ready = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes``; ``b""`` at end of stream. Raises ``OSError`` (reset, closed) or
+        ``trio.ClosedResourceError`` (closed while waiting)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self.socket
+        try:
+            data = os.read(sock.fileno(), max_bytes)
+        except BlockingIOError:
+            self._ready = 0
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    return os.read(sock.fileno(), max_bytes)
+                except BlockingIOError:
+                    continue
+        await self._yielded()
+        return data
+
+    async def send_all(self, data: bytes) -> None:
+        """Write all of ``data``. Raises ``OSError`` (reset, closed) or
+        ``trio.ClosedResourceError`` (closed while waiting)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self.socket
+        total = len(data)
+        sent = 0
+        waited = False
+        while True:
+            try:
+                sent += os.write(sock.fileno(), data if not sent else memoryview(data)[sent:])
+            except BlockingIOError:
+                waited = True
+            if sent >= total:
+                break
+            waited = True
+            await trio.lowlevel.wait_writable(sock)
+        if waited:
+            self._ready = 0
+        else:
+            await self._yielded()
