@@ -576,3 +576,25 @@ async def test_a_non_websocket_upgrade_is_served_as_http_then_closed(
         data = await drain_until_closed(s)
     assert data.startswith(b"HTTP/1.1 200 ") and data.count(b"HTTP/1.1") == 1
     assert [r["scope"]["path"] for r in seen] == ["/"]
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    port = await start(nursery, echo_app([]), keep_alive_timeout=0.4)
+    async with await connect(port) as s:
+        await s.send_all(b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 1\r\n\r\nx")
+        assert (await read_response(s, bytearray()))[1] == b"got:x"
+        assert await closed(s)  # no second request: the server hangs up
+
+
+async def test_a_head_that_never_ends_is_cut_off_after_the_head_timeout(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_server, "_HEAD_TIMEOUT", 0.4)
+    seen: Seen = []
+    port = await start(nursery, echo_app(seen), keep_alive_timeout=30)
+    async with await connect(port) as s:
+        await s.send_all(b"POST / HTTP/1.1\r\nhost: h\r\n")  # the head never ends
+        assert await drain_until_closed(s) == b""
+    assert seen == []
