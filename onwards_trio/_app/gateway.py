@@ -63,6 +63,7 @@ from onwards_trio._stores import open_usage_store
 from onwards_trio._transport.asgi import (
     ASGIApp,
     BodyBudget,
+    CancelOnDisconnect,
     ClientDisconnected,
     Receive,
     Scope,
@@ -71,7 +72,6 @@ from onwards_trio._transport.asgi import (
     send_error,
     send_json,
     serve_lifespan,
-    watch_disconnect,
 )
 from onwards_trio._transport.pool import UpstreamClient, dot_segments
 from onwards_trio._transport.server import serve as serve_http
@@ -516,8 +516,7 @@ class Gateway:
         handler's safety net (a JSON 500 while no head was sent, an aborted connection after).
         """
         status = 499
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
+        async with CancelOnDisconnect(receive):
             try:
                 async with self.proxy.open_upstream(request) as reply:
                     status = reply.status
@@ -528,7 +527,6 @@ class Gateway:
             except HTTPError as exc:
                 status = exc.status
                 await error(send, exc)
-            nursery.cancel_scope.cancel()
         return status
 
 

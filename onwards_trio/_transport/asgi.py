@@ -1,9 +1,11 @@
 """Raw ASGI plumbing: typed callables, bounded body reading, responses, disconnect watching.
 
 ASGI servers do not cancel a handler when its client goes away (sends are silently dropped),
-so every handler that waits on an upstream runs :func:`watch_disconnect` beside its work: the
-moment ``receive()`` reports ``http.disconnect`` the work's cancel scope is cancelled, which
-closes the upstream stream and releases every permit on the way out.
+so every handler that waits on an upstream runs its work in :class:`CancelOnDisconnect`: the
+moment the client leaves, the work's cancel scope is cancelled, which closes the upstream
+stream and releases every permit on the way out. Under the built-in server the connection's
+reader cancels it (the server's ``receive`` offers ``cancel_on_disconnect``); under any other
+ASGI server a task runs :func:`watch_disconnect` beside the work.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "OFF_LOOP_JSON_BYTES",
     "ASGIApp",
     "BodyBudget",
+    "CancelOnDisconnect",
     "Receive",
     "Scope",
     "Send",
@@ -182,6 +185,48 @@ async def watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
+
+
+class CancelOnDisconnect:
+    """``async with CancelOnDisconnect(receive) as scope:`` runs the body in a cancel scope
+    that is cancelled when the client disconnects (the body must not call ``receive`` itself
+    meanwhile). A disconnect ends the body quietly: the ``async with`` is left normally,
+    with ``scope.cancelled_caught`` set.
+
+    With the built-in server this costs one cancel scope: its connection already reads the
+    socket and cancels the registered scope. Elsewhere it opens a nursery with a watcher task.
+    """
+
+    __slots__ = ("_manager", "_receive", "_register", "_scope")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._register: Callable[[trio.CancelScope | None], None] | None = getattr(
+            receive, "cancel_on_disconnect", None
+        )
+        self._scope: trio.CancelScope | None = None
+        self._manager: Any = None  # trio's nursery manager (its type is private)
+
+    async def __aenter__(self) -> trio.CancelScope:
+        if self._register is not None:
+            scope = self._scope = trio.CancelScope()
+            scope.__enter__()
+            self._register(scope)
+            return scope
+        self._manager = trio.open_nursery()
+        nursery: trio.Nursery = await self._manager.__aenter__()
+        nursery.start_soon(watch_disconnect, self._receive, nursery.cancel_scope)
+        self._scope = nursery.cancel_scope
+        return nursery.cancel_scope
+
+    async def __aexit__(self, *exc: Any) -> bool:
+        scope = self._scope
+        assert scope is not None
+        if self._register is not None:
+            self._register(None)
+            return scope.__exit__(*exc)
+        scope.cancel()  # the work is done: stop the watcher
+        return bool(await self._manager.__aexit__(*exc))
 
 
 async def serve_lifespan(receive: Receive, send: Send) -> None:

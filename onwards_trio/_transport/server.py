@@ -8,6 +8,9 @@ semantics the gateway relies on:
 
 * ``receive()`` streams the request body, then blocks until the client disconnects (or the
   response is complete) and returns ``http.disconnect`` — so disconnects are seen at once;
+  ``receive.cancel_on_disconnect(scope)`` (our extension, used through
+  :class:`~onwards_trio._transport.asgi.CancelOnDisconnect`) has the connection's reader task
+  cancel a scope instead, with no task per request;
 * sends after a disconnect are dropped silently (the app is told through ``receive``); a client
   that stops reading for ``write_timeout`` seconds counts as gone;
 * graceful shutdown: when ``shutdown_trigger`` returns, stop accepting, close idle keep-alive
@@ -118,10 +121,6 @@ class _Refused(Exception):
 
 class _HeadTooLarge(Exception):
     pass
-
-
-class _Closed(Exception):
-    """The client went away."""
 
 
 class _Request:
@@ -269,23 +268,39 @@ class _Server:
 
 
 class _Connection:
+    """One client connection: a handler (this task) serving requests in order, and a reader
+    task that owns every read of the socket.
+
+    The reader feeds llhttp and wakes the handler when a head or body piece it waits for has
+    arrived. While an app runs with the request's body complete, the reader keeps reading
+    ahead (bounded by ``_MAX_PIPELINED``), so it sees at once when the client leaves: it then
+    cancels the scope the app registered (:meth:`cancel_on_disconnect`) — one task per
+    connection instead of a watcher task, a nursery and cancel scopes per request — and the
+    bytes of the client's next request are already parsed when the response is done.
+    """
+
     __slots__ = (
         "_ahead",
         "_body_delivered",
         "_client",
         "_continue",
         "_disconnected",
-        "_receive_scope",
+        "_fed",
+        "_finished",
+        "_on_disconnect",
+        "_reader_wake",
         "_req",
         "_response",
         "_response_done",
         "_server_addr",
-        "idle",
+        "_wake",
         "io",
         "parser",
         "read_deadline",
+        "receive",
         "server",
         "stream",
+        "waiting_for_head",
         "writing_since",
     )
 
@@ -294,7 +309,7 @@ class _Connection:
         self.stream = stream
         self.io = SocketIO(stream.socket)
         self.parser = _Parser()
-        self._receive_scope: trio.CancelScope | None = None
+        self.receive = _Receive(self)
         self._disconnected = False
         self._client = _address(stream, peer=True)
         self._server_addr = _address(stream, peer=False)
@@ -303,48 +318,122 @@ class _Connection:
         self._body_delivered = False
         self._response_done = False
         self._response: _Response | None = None
-        self._ahead = 0
+        self._fed = 0  # bytes the reader has fed to llhttp
+        self._ahead = 0  # bytes read past the last complete request (pipelined)
+        self._on_disconnect: trio.CancelScope | None = None
+        self._wake: trio.Event | None = None  # set by the reader: the handler waits on it
+        self._reader_wake: trio.Event | None = None  # set by the handler: the reader waits
+        self._finished: trio.Event | None = None  # set when the response ends or the client left
         self.writing_since: float | None = None  # when a blocked write began
         self.read_deadline = math.inf  # when a read still waiting counts as timed out
-        self.idle = False  # waiting for the first byte of a next request
+        self.waiting_for_head = False
 
     def wake_if_idle(self) -> None:
-        if self.idle:
+        if self.waiting_for_head and not self.parser.requests:
             self.close()
 
     def close(self) -> None:
         """End the connection from outside its task: a call blocked on the socket wakes with
         an error, later ones fail."""
-        self._disconnected = True
+        self._gone()
         self.stream.socket.close()
 
+    def cancel_on_disconnect(self, scope: trio.CancelScope | None) -> None:
+        """Cancel ``scope`` when the client disconnects (at once if it already has); ``None``
+        unregisters. The app's side: :class:`~onwards_trio._transport.asgi.CancelOnDisconnect`."""
+        self._on_disconnect = scope
+        if scope is not None and self._disconnected:
+            scope.cancel()
+
+    # -- the reader task --------------------------------------------------------------------
+
+    def _wants_bytes(self) -> bool:
+        if self._disconnected or self.parser.stopped:
+            return False
+        if self._wake is not None:
+            return True  # the handler waits for a head or a body piece
+        # Read ahead while the request at hand is whole: a disconnect shows at once, the next
+        # request is parsed early; bounded (then TCP backpressure, and a disconnect goes
+        # unseen until the response is done).
+        return self.parser.current.complete and self._ahead < _MAX_PIPELINED
+
+    def _kick_reader(self) -> None:
+        wake = self._reader_wake
+        if wake is not None and self._wants_bytes():
+            self._reader_wake = None
+            wake.set()
+
+    def _wake_handler(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
     async def _read(self) -> bytes:
+        """One read of the socket; ``b""``: the client is gone (closed, reset, or closed by
+        the watchdog)."""
         try:
-            data = await self.io.receive_some(_READ)
+            return await self.io.receive_some(_READ)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            data = b""
-        if not data:
-            self._disconnected = True
-            raise _Closed
-        return data
+            return b""
+
+    async def _reader(self) -> None:
+        parser = self.parser
+        while True:
+            while not self._wants_bytes():
+                if self._disconnected:
+                    return
+                wake = self._reader_wake = trio.Event()
+                await wake.wait()
+            ahead = parser.current.complete
+            data = await self._read()
+            if not data:
+                self._gone()
+                self._wake_handler()
+                return
+            if ahead:
+                self._ahead += len(data)
+            self._fed += len(data)
+            parser.feed(data)
+            self._wake_handler()
+
+    async def _wait(self) -> None:
+        """Wait until the reader has fed more bytes or the client left."""
+        wake = self._wake = trio.Event()
+        self._kick_reader()
+        try:
+            await wake.wait()
+        finally:
+            self._wake = None
+
+    # -- the handler ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        try:
-            while not self.server.draining:
-                req = await self._next_request()
-                if req is None:
-                    return
-                try:
-                    keep = await self._serve(req)
-                except _Refused as exc:
-                    await self._write(exc.answer)
-                    keep = False
-                if not keep:
-                    if not req.complete and not self._disconnected:
-                        await self._linger()
-                    return
-        except _Closed:
-            return
+        linger = False
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(self._reader)
+            try:
+                linger = await self._serve_all()
+            finally:
+                tasks.cancel_scope.cancel()
+        if linger:
+            await self._linger()
+
+    async def _serve_all(self) -> bool:
+        """Serve requests until the connection should close; True: linger first (a request
+        body was left unread)."""
+        while not self.server.draining:
+            req = await self._next_request()
+            if req is None:
+                return False
+            try:
+                keep = await self._serve(req)
+            except _Refused as exc:
+                await self._write(exc.answer)
+                keep = False
+            if not keep:
+                return not req.complete and not self._disconnected
+        return False
 
     async def _linger(self) -> None:
         """Close without losing the response: closing a socket with unread request bytes
@@ -364,36 +453,32 @@ class _Connection:
         are deadlines the server's watchdog enforces (:meth:`_Server.watch_deadlines`)."""
         parser = self.parser
         requests = parser.requests
-        fed = 0
-        if not requests and not parser.stopped:
+        if not (requests and requests[0].head_done):
             self.read_deadline = trio.current_time() + self.server.keep_alive_timeout
-            self.idle = True
+            self.waiting_for_head = True
+            head_started = False
+            fed = self._fed
             try:
-                data = await self._read()
+                while not (requests and requests[0].head_done):
+                    if parser.stopped:
+                        if parser.error is not None:
+                            await self._write(parser.error)
+                        return None
+                    if self._disconnected:
+                        return None
+                    if requests and not head_started:  # the first bytes: the head timeout runs
+                        head_started = True
+                        self.read_deadline = trio.current_time() + _HEAD_TIMEOUT
+                    if self._fed - fed > _MAX_HEAD:  # a field unfinished: llhttp would grow it
+                        await self._write(_HEAD_TOO_LARGE)
+                        return None
+                    await self._wait()
             finally:
-                self.idle = False
-            parser.feed(data)
-            fed = len(data)
-            if requests and requests[0].head_done:  # the usual case: the head in one read
+                self.waiting_for_head = False
                 self.read_deadline = math.inf
-                return requests.popleft()
-        self.read_deadline = trio.current_time() + _HEAD_TIMEOUT
-        try:
-            while True:
-                if requests and requests[0].head_done:
-                    return requests.popleft()
-                if parser.stopped:
-                    if parser.error is not None:
-                        await self._write(parser.error)
-                    return None
-                if fed > _MAX_HEAD:  # a field still unfinished: llhttp would keep growing it
-                    await self._write(_HEAD_TOO_LARGE)
-                    return None
-                data = await self._read()
-                parser.feed(data)
-                fed += len(data)
-        finally:
-            self.read_deadline = math.inf
+        req = requests.popleft()
+        self._ahead = 0
+        return req
 
     async def _serve(self, req: _Request) -> bool:
         method = req.method
@@ -456,10 +541,10 @@ class _Connection:
         self._body_delivered = False
         self._continue = expect_continue and not req.complete
         self._response_done = False
-        self._ahead = 0
+        self._on_disconnect = None
         response = self._response = _Response(self, method == "HEAD", http11, req.keep_alive)
         try:
-            await self.server.app(scope, self._receive, response.send)
+            await self.server.app(scope, self.receive, response.send)
         except Exception:
             log.exception("unhandled error in the ASGI app")
             if not response.committed:
@@ -473,6 +558,10 @@ class _Connection:
             return False  # an unread request body leaves the stream unusable
         return req.keep_alive and not self.server.draining
 
+    def _body_pending(self, req: _Request) -> bool:
+        """The app waits for body bytes that have not arrived yet, and still can."""
+        return not (req.body or req.complete or self.parser.stopped or self._disconnected)
+
     async def _receive(self) -> Message:
         if self._response_done:
             return {"type": "http.disconnect"}  # the exchange is over (ASGI)
@@ -485,12 +574,14 @@ class _Connection:
                 parser = self.parser
                 try:
                     with trio.fail_after(_BODY_READ_TIMEOUT):
-                        while not req.body and not req.complete and not parser.stopped:
-                            parser.feed(await self._read())
-                except (_Closed, trio.TooSlowError):
-                    self._disconnected = True  # a broken or stalled body: the request is over
+                        while self._body_pending(req):
+                            await self._wait()
+                except trio.TooSlowError:
+                    self._gone()  # a stalled body: the request is over
                     return {"type": "http.disconnect"}
                 if not req.body and not req.complete:
+                    if not parser.stopped:  # the client left mid-body: the request is over
+                        return {"type": "http.disconnect"}
                     # Malformed (llhttp stopped): answer 400 unless the app began its answer,
                     # then drop whatever the app still sends, as for a client gone.
                     if self._response is None or not self._response.started:
@@ -502,28 +593,23 @@ class _Connection:
             pieces.clear()
             self._body_delivered = req.complete
             return {"type": "http.request", "body": body, "more_body": not req.complete}
-        # The body is read: wait for the client to leave (or the response to finish).
+        # The body is read: wait for the client to leave (the reader reads ahead, bounded) or
+        # the response to finish.
         while not self._disconnected and not self._response_done:
-            with trio.CancelScope() as scope:
-                self._receive_scope = scope
-                try:
-                    if self._ahead >= _MAX_PIPELINED or self.parser.stopped:
-                        # Enough read ahead (or nothing more to parse): stop reading (TCP
-                        # backpressure) until the response is done; a disconnect goes unseen.
-                        await trio.sleep_forever()
-                    data = await self._read()
-                    self._ahead += len(data)
-                    self.parser.feed(data)  # pipelined requests wait for their turn
-                except _Closed:
-                    pass
-                finally:
-                    self._receive_scope = None
+            wake = self._finished = trio.Event()
+            self._kick_reader()
+            await wake.wait()
         return {"type": "http.disconnect"}
+
+    def _wake_finished(self) -> None:
+        wake = self._finished
+        if wake is not None:
+            self._finished = None
+            wake.set()
 
     def response_finished(self) -> None:
         self._response_done = True
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
+        self._wake_finished()
 
     async def _write(self, data: bytes) -> None:
         if self._disconnected:
@@ -540,13 +626,32 @@ class _Connection:
     def abort_write(self) -> None:
         """The client took no bytes for the write timeout: it counts as gone. Closing the
         socket wakes the blocked ``send_all`` with an error."""
-        self._gone()
-        self.stream.socket.close()
+        self.close()
 
     def _gone(self) -> None:
+        """The client is gone (or counts as gone): cancel what the app registered, wake
+        whoever waits on the connection."""
         self._disconnected = True
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
+        scope = self._on_disconnect
+        if scope is not None:
+            scope.cancel()
+        self._wake_finished()
+        self._wake_handler()
+
+
+class _Receive:
+    """The ASGI ``receive`` of one connection. ``cancel_on_disconnect`` is the built-in
+    server's extension: :class:`~onwards_trio._transport.asgi.CancelOnDisconnect` registers a
+    cancel scope through it instead of running a watcher task per request."""
+
+    __slots__ = ("_conn", "cancel_on_disconnect")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self.cancel_on_disconnect = conn.cancel_on_disconnect
+
+    def __call__(self) -> Awaitable[Message]:
+        return self._conn._receive()
 
 
 class _Response:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import gzip
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import httpx
 import orjson
 import pytest
 import trio
 
+from onwards_trio import Gateway, parse_config
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
 
 CHAT = "/v1/chat/completions"
@@ -344,14 +346,19 @@ async def test_streaming_first_chunk_arrives_before_upstream_finishes(
     assert up.finished == 1
 
 
+# The built-in server cancels the relay from its connection's reader; under hypercorn a
+# watcher task does (asgi.CancelOnDisconnect): both must close the upstream at once.
+@pytest.mark.parametrize("server", ["onwards", "hypercorn"])
 async def test_client_disconnect_mid_stream_closes_the_upstream_stream(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, server: Literal["onwards", "hypercorn"]
 ) -> None:
     chunks = [b"data: {}\n\n"] * 50
     up = FakeUpstream(
         Reply(headers=[(b"content-type", b"text/event-stream")], chunks=chunks, chunk_delay=0.05)
     )
-    _, client = await gateway_with(nursery, {"m": {"url": await serve_app(nursery, up)}})
+    gateway = Gateway(parse_config({"targets": {"m": {"url": await serve_app(nursery, up)}}}))
+    info = await nursery.start(partial(gateway.serve, "127.0.0.1", 0, server=server))
+    client = httpx.AsyncClient(base_url=info.url, timeout=10)
     async with (
         client,
         client.stream("POST", CHAT, json=body("m", stream=True)) as r,
