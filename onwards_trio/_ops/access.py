@@ -4,9 +4,12 @@ batches by a Trio task.
 One access line per request through ``logging`` cost about a quarter of the gateway's CPU per
 proxied request (a ``LogRecord``, the filter chain, a formatter and one ``write`` + ``flush``
 system call per line). Here a request pays for one formatted string appended to a list; a
-task in the gateway's service nursery writes whatever has accumulated as one ``write`` in a
-worker thread (``trio.to_thread``: a slow terminal or a full pipe never stalls the event loop),
-under the logging handler's lock so lines from other loggers never interleave mid-line.
+task in the gateway's service nursery writes whatever has accumulated as one ``write``, under
+the logging handler's lock so lines from other loggers never interleave mid-line. A pipe or a
+terminal can block: there the write runs in a worker thread (``trio.to_thread``: a slow
+terminal or a full pipe never stalls the event loop). A regular file takes it at once (the
+page cache), so the batch costs no thread hop (about 90 µs of CPU each, which at 20 ms
+batches was a few percent of a request at low rates).
 
 A full buffer drops the line and counts it (``dropped``; the next batch says how many were
 lost): a request never waits for the log. While no flush task runs (a host that did not call
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, Final
@@ -54,6 +59,19 @@ def logfmt(value: Any) -> str:
     return orjson.dumps(text).decode()
 
 
+_FORMATTED: dict[str, str] = {}  # logfmt of the (cleaned) paths and aliases seen: they repeat
+_FORMATTED_SIZE: Final = 1024
+
+
+def _logfmt_text(text: str) -> str:
+    out = _FORMATTED.get(text)
+    if out is None:
+        if len(_FORMATTED) >= _FORMATTED_SIZE:
+            _FORMATTED.clear()
+        out = _FORMATTED[text] = logfmt(text)
+    return out
+
+
 _BATCH_DELAY: Final = 0.02  # seconds a line may wait for others to share its write
 _MAX_LINES: Final = 10_000  # lines held at most; past it new lines are dropped and counted
 
@@ -64,6 +82,7 @@ class AccessWriter:
     __slots__ = (
         "_buf",
         "_handler",
+        "_inline",
         "_json",
         "_prefix",
         "_redact",
@@ -85,6 +104,7 @@ class AccessWriter:
     ) -> None:
         self._handler = handler
         self._stream: IO[str] = handler.stream
+        self._inline = _regular_file(self._stream)  # a write that cannot block for long
         self._json = json
         self._redact = redact
         self._buf: list[str] = []
@@ -112,22 +132,15 @@ class AccessWriter:
         path = clean(record.path)
         alias = None if record.alias is None else clean(record.alias)
         duration_ms = round(record.duration * 1000.0, 3)
-        parts = [
-            "method=",
-            record.method,
-            " path=",
-            logfmt(path),
-            " status=",
-            str(record.status),
-            " duration_ms=",
-            str(duration_ms),
-        ]
+        message = (
+            f"method={record.method} path={_logfmt_text(path)} status={record.status} "
+            f"duration_ms={duration_ms}"
+        )
         if alias is not None:
-            parts += (" alias=", logfmt(alias))
+            message += f" alias={_logfmt_text(alias)}"
         extra = [(n, v) for n in _OPTIONAL_NUMBERS if (v := getattr(record, n)) is not None]
-        for name, value in extra:
-            parts += (" ", name, "=", str(value))
-        message = "".join(parts)
+        if extra:
+            message += "".join([f" {name}={value}" for name, value in extra])
         ts = self._timestamp(time.time())
         if self._json:
             out: dict[str, Any] = {
@@ -179,7 +192,11 @@ class AccessWriter:
                 await trio.sleep(_BATCH_DELAY)
                 self._wake = trio.Event()
                 lines, dropped = self._take()
-                if lines or dropped:
+                if not (lines or dropped):
+                    continue
+                if self._inline:
+                    self._write(lines, dropped)
+                else:
                     await trio.to_thread.run_sync(self._write, lines, dropped)
         finally:
             self.running = False
@@ -189,6 +206,13 @@ class AccessWriter:
                 # left to tell.
                 with contextlib.suppress(OSError, ValueError):
                     self._write(lines, dropped)
+
+
+def _regular_file(stream: IO[str]) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
+        return False
 
 
 class _NoLock:

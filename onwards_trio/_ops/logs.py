@@ -171,6 +171,9 @@ def collect_secrets(data: bytes | str | Any) -> set[str]:
     return out
 
 
+_MEMO_SIZE: Final = 1024  # strings RedactionFilter.clean remembers (paths and aliases, bounded)
+
+
 class RedactionFilter(logging.Filter):
     """Masks credentials in every record that passes (message, arguments and traceback).
 
@@ -181,14 +184,23 @@ class RedactionFilter(logging.Filter):
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
         self._secrets = SecretSet(secrets)
+        self._cleaned: dict[str, str] = {}  # clean()'s answers: access lines repeat paths
 
     def add_secrets(self, secrets: Iterable[str]) -> None:
         """Also mask these exact strings (e.g. every key of a config that was just loaded)."""
         self._secrets = self._secrets.union(secrets)
+        self._cleaned = {}
 
     def clean(self, text: str) -> str:
-        """``text`` as this filter would let it through."""
-        return redact(text, self._secrets)
+        """``text`` as this filter would let it through (remembered: the access line asks
+        about the same few paths and aliases for every request)."""
+        cleaned = self._cleaned.get(text)
+        if cleaned is None:
+            cleaned = redact(text, self._secrets)
+            if len(self._cleaned) >= _MEMO_SIZE:
+                self._cleaned = {}  # many distinct strings: start over rather than grow
+            self._cleaned[text] = cleaned
+        return cleaned
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import orjson
 import pytest
@@ -84,3 +85,37 @@ async def test_lines_left_at_cancellation_are_written() -> None:
         writer.push(RECORDS[0])
         nursery.cancel_scope.cancel()  # before the batch delay has passed
     assert "path=/v1/chat/completions" in out.getvalue()
+
+
+async def test_lines_reach_a_regular_file(tmp_path: Path) -> None:
+    # A regular file is written from the writer task itself (no thread hop): the same lines.
+    path = tmp_path / "access.log"
+    with path.open("w") as fh:
+        handler = logging.StreamHandler(fh)
+        writer = AccessWriter(handler, json=False, redact=RedactionFilter().clean)
+        for record in RECORDS:
+            writer.push(record)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            with trio.fail_after(5):
+                while not path.read_text():
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    messages = [line.split(" ", 3)[3] for line in path.read_text().splitlines()]
+    assert messages == [
+        " ".join(f"{k}={logfmt(v)}" for k, v in record.fields().items()) for record in RECORDS
+    ]
+
+
+async def test_a_secret_added_later_is_masked_on_a_path_seen_before() -> None:
+    # The guard remembers what it cleaned (paths repeat); a new secret must still be masked.
+    out = io.StringIO()
+    guard = RedactionFilter()
+    writer = AccessWriter(logging.StreamHandler(out), json=False, redact=guard.clean)
+    record = RequestRecord("POST", "/v1/late-secret-456/chat", 200, 0.1, "m")
+    writer.push(record)
+    guard.add_secrets(["late-secret-456"])
+    writer.push(RequestRecord("POST", "/v1/late-secret-456/chat", 200, 0.1, "m"))
+    first, second = await _flushed(writer, out)
+    assert "late-secret-456" in first  # not a secret yet when the first line was written
+    assert "late-secret-456" not in second and "/v1/***/chat" in second
