@@ -29,14 +29,15 @@ def _writer(
     return AccessWriter(handler, json=json, redact=guard.clean, max_lines=max_lines), out
 
 
-async def _flushed(writer: AccessWriter, out: io.StringIO) -> list[str]:
+async def _flushed(writer: AccessWriter, out: io.StringIO | Path) -> list[str]:
+    read = out.getvalue if isinstance(out, io.StringIO) else out.read_text
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         with trio.fail_after(5):
-            while not out.getvalue():
+            while not read():
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
-    return out.getvalue().splitlines()
+    return read().splitlines()
 
 
 @pytest.mark.parametrize("record", RECORDS)
@@ -95,13 +96,8 @@ async def test_lines_reach_a_regular_file(tmp_path: Path) -> None:
         writer = AccessWriter(handler, json=False, redact=RedactionFilter().clean)
         for record in RECORDS:
             writer.push(record)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(writer.run)
-            with trio.fail_after(5):
-                while not path.read_text():
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-    messages = [line.split(" ", 3)[3] for line in path.read_text().splitlines()]
+        lines = await _flushed(writer, path)
+    messages = [line.split(" ", 3)[3] for line in lines]
     assert messages == [
         " ".join(f"{k}={logfmt(v)}" for k, v in record.fields().items()) for record in RECORDS
     ]
