@@ -80,13 +80,16 @@ def bench(session: nox.Session) -> None:
     the loop's per-step overhead, the cost of sanitisation/strict mode per streamed chunk, of
     the Anthropic Messages translation per streamed event, of lease renewal of background
     responses, of tracing (``tracing``: off, 100 % and 10 % sampled, interleaved), of the
-    usage ledger (``ledger``: off, memory, SQLite, interleaved) and of token limits and budgets
-    (``limits``: off / local / shared through ONWARDS_TEST_REDIS_URL). The machine's load
+    usage ledger (``ledger``: off, memory, SQLite, interleaved), of token limits and budgets
+    (``limits``: off / local / shared through ONWARDS_TEST_REDIS_URL) and CPU per proxied
+    request (``cpu``: plain, access log off, traffic control, interleaved; ``python
+    bench/cpu.py --before DIR`` adds another checkout to the same rounds). The machine's load
     average is printed before and after: figures from a loaded machine are not comparable.
     ``nox -s bench -- proxy`` runs one."""
     session.install("-e", ".[otel,redis]")  # the tracing rows need the SDK, limits coredis
     names = (
         "proxy",
+        "cpu",
         "streams",
         "loop",
         "strict",

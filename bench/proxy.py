@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -228,6 +229,44 @@ def cpu_seconds(pid: int) -> float:
 
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def start_upstream() -> tuple[subprocess.Popen[bytes], int]:
+    """The fake upstream in a process of its own: (the process, its port), once it listens."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--upstream", str(port)])
+    wait_port(port)
+    return proc, port
+
+
+Gateways = dict[str, tuple[subprocess.Popen[bytes], int]]  # name -> (process, port)
+
+
+async def interleave(
+    gateways: Gateways,
+    rounds: int,
+    seconds: float,
+    concurrency: int = 16,
+    stream: bool = False,
+    order: Callable[[int, list[str]], list[str]] | None = None,
+) -> dict[str, list[dict[str, float]]]:
+    """Load every gateway in turn, ``rounds`` times, so that the machine's load hits them
+    alike; per gateway, each round's :func:`load` figures plus ``cpu_us``, the gateway's own
+    CPU time per request. ``order(round, names)`` says who goes when (default: the names
+    rotated by one per round, so that no gateway always runs first)."""
+    for _, port in gateways.values():  # warm-up: connections, caches
+        await load(port, concurrency, 1.0, stream)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in gateways}
+    for r in range(rounds):
+        names = list(gateways)
+        shift = r % len(names)
+        for name in order(r, names) if order is not None else names[shift:] + names[:shift]:
+            proc, port = gateways[name]
+            cpu0 = cpu_seconds(proc.pid)
+            got = await load(port, concurrency, seconds, stream)
+            got["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) * 1e6 / max(got["n"], 1)
+            results[name].append(got)
+    return results
 
 
 def start_gateway(
