@@ -1,15 +1,16 @@
-"""The access log off the hot path: pre-formatted lines into a bounded buffer, written in
+"""The access log off the hot path: records into a bounded buffer, formatted and written in
 batches by a Trio task.
 
 One access line per request through ``logging`` cost about a quarter of the gateway's CPU per
 proxied request (a ``LogRecord``, the filter chain, a formatter and one ``write`` + ``flush``
-system call per line). Here a request pays for one formatted string appended to a list; a
-task in the gateway's service nursery writes whatever has accumulated as one ``write``, under
-the logging handler's lock so lines from other loggers never interleave mid-line. A pipe or a
-terminal can block: there the write runs in a worker thread (``trio.to_thread``: a slow
-terminal or a full pipe never stalls the event loop). A regular file takes it at once (the
-page cache), so the batch costs no thread hop (about 90 µs of CPU each, which at 20 ms
-batches was a few percent of a request at low rates).
+system call per line). Here a request pays for appending its record and the time to a list. A
+task in the gateway's service nursery formats whatever has accumulated (the redaction guard
+runs there; formatting a batch in one loop costs a fraction of formatting each line between
+two requests, when that code is cold) and writes it as one ``write``, under the logging
+handler's lock so lines from other loggers never interleave mid-line. A pipe or a terminal can
+block: there the write runs in a worker thread (``trio.to_thread``: a slow terminal or a full
+pipe never stalls the event loop). A regular file takes it at once (the page cache), so a
+batch costs no thread hop (about 90 µs of CPU each).
 
 A full buffer drops the line and counts it (``dropped``; the next batch says how many were
 lost): a request never waits for the log. While no flush task runs (a host that did not call
@@ -107,7 +108,7 @@ class AccessWriter:
         self._inline = _regular_file(self._stream)  # a write that cannot block for long
         self._json = json
         self._redact = redact
-        self._buf: list[str] = []
+        self._buf: list[tuple[RequestRecord, float]] = []  # formatted when written
         self._wake = trio.Event()
         self._second = -1
         self._prefix = ""
@@ -123,11 +124,18 @@ class AccessWriter:
         return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
 
     def push(self, record: RequestRecord) -> None:
-        """Queue one access line. Only the client-chosen strings (path, alias) can carry
-        anything secret; they pass the redaction guard, the rest are numbers and tokens."""
-        if len(self._buf) >= self.max_lines:
+        """Queue one access line: the record and the time (formatted with its batch)."""
+        buf = self._buf
+        if len(buf) >= self.max_lines:
             self.dropped += 1
             return
+        buf.append((record, time.time()))
+        if len(buf) == 1:
+            self._wake.set()
+
+    def _line(self, record: RequestRecord, now: float) -> str:
+        """One access line. Only the client-chosen strings (path, alias) can carry anything
+        secret; they pass the redaction guard, the rest are numbers and tokens."""
         clean = self._redact
         path = clean(record.path)
         alias = None if record.alias is None else clean(record.alias)
@@ -141,26 +149,23 @@ class AccessWriter:
         extra = [(n, v) for n in _OPTIONAL_NUMBERS if (v := getattr(record, n)) is not None]
         if extra:
             message += "".join([f" {name}={value}" for name, value in extra])
-        ts = self._timestamp(time.time())
-        if self._json:
-            out: dict[str, Any] = {
-                "ts": ts,
-                "level": "info",
-                "logger": "onwards_trio.access",
-                "msg": message,
-                "method": record.method,
-                "path": path,
-                "status": record.status,
-                "duration_ms": duration_ms,
-            }
-            if alias is not None:
-                out["alias"] = alias
-            out.update(extra)
-            self._buf.append(orjson.dumps(out).decode())
-        else:
-            self._buf.append(f"{ts} INFO onwards_trio.access {message}")
-        if len(self._buf) == 1:
-            self._wake.set()
+        ts = self._timestamp(now)
+        if not self._json:
+            return f"{ts} INFO onwards_trio.access {message}"
+        out: dict[str, Any] = {
+            "ts": ts,
+            "level": "info",
+            "logger": "onwards_trio.access",
+            "msg": message,
+            "method": record.method,
+            "path": path,
+            "status": record.status,
+            "duration_ms": duration_ms,
+        }
+        if alias is not None:
+            out["alias"] = alias
+        out.update(extra)
+        return orjson.dumps(out).decode()
 
     def _write(self, lines: list[str], dropped: int) -> None:
         if dropped:
@@ -174,9 +179,11 @@ class AccessWriter:
             self._stream.flush()
 
     def _take(self) -> tuple[list[str], int]:
-        lines, self._buf = self._buf, []
+        """The queued lines, formatted, and how many were dropped since the last batch."""
+        queued, self._buf = self._buf, []
         dropped, self.dropped = self.dropped, 0
-        return lines, dropped
+        line = self._line
+        return [line(record, now) for record, now in queued], dropped
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write batches until cancelled, then what is left. One writer at a time: a second

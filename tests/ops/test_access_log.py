@@ -105,13 +105,14 @@ async def test_lines_reach_a_regular_file(tmp_path: Path) -> None:
 
 async def test_a_secret_added_later_is_masked_on_a_path_seen_before() -> None:
     # The guard remembers what it cleaned (paths repeat); a new secret must still be masked.
-    out = io.StringIO()
     guard = RedactionFilter()
-    writer = AccessWriter(logging.StreamHandler(out), json=False, redact=guard.clean)
-    record = RequestRecord("POST", "/v1/late-secret-456/chat", 200, 0.1, "m")
-    writer.push(record)
-    guard.add_secrets(["late-secret-456"])
-    writer.push(RequestRecord("POST", "/v1/late-secret-456/chat", 200, 0.1, "m"))
-    first, second = await _flushed(writer, out)
+    lines = []
+    for secrets in ([], ["late-secret-456"]):
+        guard.add_secrets(secrets)
+        out = io.StringIO()
+        writer = AccessWriter(logging.StreamHandler(out), json=False, redact=guard.clean)
+        writer.push(RequestRecord("POST", "/v1/late-secret-456/chat", 200, 0.1, "m"))
+        lines += await _flushed(writer, out)
+    first, second = lines
     assert "late-secret-456" in first  # not a secret yet when the first line was written
     assert "late-secret-456" not in second and "/v1/***/chat" in second
