@@ -197,21 +197,22 @@ class CancelOnDisconnect:
     socket and cancels the registered scope. Elsewhere it opens a nursery with a watcher task.
     """
 
-    __slots__ = ("_manager", "_receive", "_register", "_scope")
+    __slots__ = ("_manager", "_previous", "_receive", "_register", "_scope")
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
-        self._register: Callable[[trio.CancelScope | None], None] | None = getattr(
-            receive, "cancel_on_disconnect", None
+        self._register: Callable[[trio.CancelScope | None], trio.CancelScope | None] | None = (
+            getattr(receive, "cancel_on_disconnect", None)
         )
         self._scope: trio.CancelScope | None = None
+        self._previous: trio.CancelScope | None = None
         self._manager: Any = None  # trio's nursery manager (its type is private)
 
     async def __aenter__(self) -> trio.CancelScope:
         if self._register is not None:
             scope = self._scope = trio.CancelScope()
             scope.__enter__()
-            self._register(scope)
+            self._previous = self._register(scope)
             return scope
         self._manager = trio.open_nursery()
         nursery: trio.Nursery = await self._manager.__aenter__()
@@ -223,8 +224,10 @@ class CancelOnDisconnect:
         scope = self._scope
         assert scope is not None
         if self._register is not None:
-            self._register(None)
-            return scope.__exit__(*exc)
+            try:
+                return scope.__exit__(*exc)
+            finally:  # an enclosing registration is watched again (cancelled if too late)
+                self._register(self._previous)
         scope.cancel()  # the work is done: stop the watcher
         return bool(await self._manager.__aexit__(*exc))
 

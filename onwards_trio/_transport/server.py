@@ -338,12 +338,15 @@ class _Connection:
         self._gone()
         self.stream.socket.close()
 
-    def cancel_on_disconnect(self, scope: trio.CancelScope | None) -> None:
-        """Cancel ``scope`` when the client disconnects (at once if it already has); ``None``
-        unregisters. The app's side: :class:`~onwards_trio._transport.asgi.CancelOnDisconnect`."""
-        self._on_disconnect = scope
+    def cancel_on_disconnect(self, scope: trio.CancelScope | None) -> trio.CancelScope | None:
+        """Cancel ``scope`` when the client disconnects (at once if it already has), instead of
+        the scope registered before, which is returned: registering it again when ``scope``
+        is done keeps nested registrations right. The app's side:
+        :class:`~onwards_trio._transport.asgi.CancelOnDisconnect`."""
+        previous, self._on_disconnect = self._on_disconnect, scope
         if scope is not None and self._disconnected:
             scope.cancel()
+        return previous
 
     # -- the reader task --------------------------------------------------------------------
 
@@ -478,6 +481,7 @@ class _Connection:
                 self.read_deadline = math.inf
         req = requests.popleft()
         self._ahead = 0
+        self._kick_reader()  # it may have stopped at the read-ahead bound
         return req
 
     async def _serve(self, req: _Request) -> bool:

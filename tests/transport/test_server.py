@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from onwards_trio._transport import server as _server
-from onwards_trio._transport.asgi import Receive, Scope, Send
+from onwards_trio._transport.asgi import CancelOnDisconnect, Receive, Scope, Send
 from onwards_trio._transport.server import serve
 from tests.transport.raw import (
     Seen,
@@ -598,3 +598,29 @@ async def test_a_head_that_never_ends_is_cut_off_after_the_head_timeout(
         await s.send_all(b"POST / HTTP/1.1\r\nhost: h\r\n")  # the head never ends
         assert await drain_until_closed(s) == b""
     assert seen == []
+
+
+async def test_nested_cancel_on_disconnect_scopes_are_all_cancelled(nursery: trio.Nursery) -> None:
+    inside = trio.Event()
+    done = trio.Event()
+    caught: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        async with CancelOnDisconnect(receive) as outer:
+            async with CancelOnDisconnect(receive) as inner:
+                inside.set()
+                await trio.sleep_forever()
+            caught.append(inner.cancelled_caught)
+            await trio.sleep_forever()  # the client is gone already: cancelled at once
+        caught.append(outer.cancelled_caught)
+        done.set()
+
+    port = await start(nursery, app)
+    async with await connect(port) as s:
+        await s.send_all(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n")
+        with trio.fail_after(5):
+            await inside.wait()
+    with trio.fail_after(5):
+        await done.wait()
+    assert caught == [True, True]
