@@ -147,8 +147,8 @@ class AccessWriter:
         if alias is not None:
             message += f" alias={_logfmt_text(alias)}"
         extra = [(n, v) for n in _OPTIONAL_NUMBERS if (v := getattr(record, n)) is not None]
-        if extra:
-            message += "".join([f" {name}={value}" for name, value in extra])
+        for name, value in extra:
+            message += f" {name}={value}"
         ts = self._timestamp(now)
         if not self._json:
             return f"{ts} INFO onwards_trio.access {message}"
