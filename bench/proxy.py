@@ -194,7 +194,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 15) -> None:
+def wait_port(port: int, timeout: float = 60) -> None:
+    """Until something listens on ``port`` (a loaded machine takes seconds to start a
+    gateway: two workers once took over 15 s)."""
     end = time.time() + timeout
     while time.time() < end:
         try:
