@@ -371,13 +371,15 @@ class Exporter:
         self.settings = settings
         url = urlsplit(settings.endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"not an http(s) URL: {settings.endpoint!r}")
+            raise ValueError("not an http(s) URL")  # the URL itself may hold credentials
         host = url.hostname.encode("idna")
         netloc = url.netloc.rpartition("@")[2].encode("idna")
         self._origin = _Collector(url.scheme.encode(), host, url.port, netloc)
         self._target = (url.path or "/").encode() + (
             b"?" + url.query.encode() if url.query else b""
         )
+        # For log lines: never the URL's user info or query (they may hold credentials).
+        self.where = f"{url.scheme}://{netloc.decode()}{url.path}"
         headers = [
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in settings.headers.items()
         ]
@@ -418,7 +420,7 @@ class Exporter:
                 await trio.sleep(wait)
         if scope.cancelled_caught:
             problem = f"no answer within {settings.timeout:g} s"
-        log.warning("span export to %s failed (%s): spans dropped", settings.endpoint, problem)
+        log.warning("span export to %s failed (%s): spans dropped", self.where, problem)
         return False
 
     async def _post(

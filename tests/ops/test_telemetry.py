@@ -61,3 +61,10 @@ def test_environment_asking_for_traces_without_the_sdk_runs_without(
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace.sampling", None)
     assert create_telemetry(TelemetrySpec(), ENDPOINT) is None
     assert "running without traces" in caplog.text
+
+
+def test_an_endpoint_that_is_not_http_is_a_config_error_without_echoing_it() -> None:
+    spec = TelemetrySpec(endpoint="ftp://user:s3cret@collector:4318")
+    with pytest.raises(ConfigError, match="not an http") as raised:
+        create_telemetry(spec, {})
+    assert "s3cret" not in str(raised.value)

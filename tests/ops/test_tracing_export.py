@@ -5,6 +5,7 @@ standard variables for compression and headers."""
 from __future__ import annotations
 
 import gzip
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -129,3 +130,18 @@ async def test_compression_and_headers_come_from_the_standard_variables(
     assert headers[b"content-type"] == b"application/x-protobuf"
     assert (headers[b"x-tenant"], headers[b"x-note"]) == (b"acme", b"a b")
     assert app.span_ids(0)
+
+
+async def test_a_failed_export_is_logged_without_the_urls_credentials(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with collector(400) as app:
+        endpoint = app.url.replace("http://", "http://user:s3cret@") + "?token=s3cret"
+        with caplog.at_level(logging.WARNING, "onwards_trio.telemetry"):
+            async with await _request(nursery, endpoint) as client:
+                assert (await client.post(CHAT, json=_chat())).status_code == 200
+            await app.wait_for(1)
+            with trio.fail_after(10):
+                while "span export" not in caplog.text:
+                    await trio.sleep(0.01)
+    assert "status 400" in caplog.text and "s3cret" not in caplog.text
