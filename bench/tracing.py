@@ -3,9 +3,11 @@
 The machine is shared and its load swings throughput by ±20 % between two identical gateways,
 so the variants are measured *interleaved in one run*: every gateway is started once, then each
 round loads each of them in turn (c=16, non-streaming, through the plain config of
-``bench/proxy.py``); the figure is the gateway process's CPU time per request (its export
-work included), median over the rounds, and its ratio to tracing off in the same run. The fake
-upstream doubles as the OTLP collector (it answers the export POSTs with 200).
+``bench/proxy.py``), in an order rotated each round. The figure is the gateway process's CPU
+time per request (its export work included); a ratio is the median over the rounds of the
+round's figure against the same round's tracing-off figure (the load drifts less within a round
+than across the run), with its quartiles. The fake upstream doubles as the OTLP collector (it
+answers the export POSTs with 200).
 
 ``--before DIR`` adds the same three variants run from another checkout (``PYTHONPATH=DIR``),
 for a before/after comparison in the same run.
@@ -102,19 +104,28 @@ def main() -> None:
         f"\ntracing cost: {kind}, c={args.concurrency}, {args.rounds} interleaved rounds of "
         f"{args.seconds:g} s, load average before {load_before}, after {load_average()}"
     )
-    print(f"{'gateway':22} {'CPU µs/req':>10} {'vs off':>7} {'req/s':>7} {'vs off':>7}")
+    print("ratios: median over the rounds of this round's figure / the other's [quartiles]")
+    print(f"{'gateway':16} {'CPU µs/req':>10} {'CPU vs off':>19} {'req/s':>6} {'req/s vs off':>19}")
     for prefix, _ in sources:
-        off_cpu = statistics.median(cpu[prefix + "off"])
-        off_rps = statistics.median(rps[prefix + "off"])
+        off = prefix + "off"
         for variant in VARIANTS:
             name = prefix + variant
-            c, q = statistics.median(cpu[name]), statistics.median(rps[name])
-            print(f"{name:22} {c:10.0f} {c / off_cpu:7.2f} {q:7.0f} {q / off_rps:7.2f}")
+            print(
+                f"{name:16} {statistics.median(cpu[name]):10.0f} {_paired(cpu, name, off):>19} "
+                f"{statistics.median(rps[name]):6.0f} {_paired(rps, name, off):>19}"
+            )
     if args.before:
-        print("after vs before (same variant):")
+        print("after vs before, the same variant:")
         for variant in VARIANTS:
-            a, b = statistics.median(cpu[variant]), statistics.median(cpu["before " + variant])
-            print(f"  {variant:20} CPU {a / b:5.2f}x")
+            print(f"  {variant:14} CPU {_paired(cpu, variant, 'before ' + variant)}")
+
+
+def _paired(figures: dict[str, list[float]], name: str, base: str) -> str:
+    """The median of per-round ratios (each against the same round's ``base``: the load
+    drifts less within a round than across the run), with the quartiles."""
+    ratios = [a / b for a, b in zip(figures[name], figures[base], strict=True)]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{q2:.2f} [{q1:.2f}-{q3:.2f}]"
 
 
 if __name__ == "__main__":
