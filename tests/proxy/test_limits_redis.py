@@ -124,9 +124,11 @@ async def test_rate_retry_after_is_truthful(limits: SharedLimits) -> None:
 
 @needs_redis
 async def test_rate_refill_never_exceeds_the_burst(limits: SharedLimits) -> None:
-    assert await limits.acquire_rate("s", 50.0, 2) is None
-    await trio.sleep(0.2)  # 10 tokens' worth of time, but the bucket holds 2
-    got = [await limits.acquire_rate("s", 50.0, 2) for _ in range(3)]
+    # A slow rate, so the three calls below (Redis round trips on a loaded machine) cannot
+    # refill a token between them: one comes back only every 0.5 s.
+    assert await limits.acquire_rate("s", 2.0, 2) is None
+    await trio.sleep(1.5)  # 3 tokens' worth of time, but the bucket holds 2
+    got = [await limits.acquire_rate("s", 2.0, 2) for _ in range(3)]
     assert got[:2] == [None, None] and got[2] is not None
 
 
