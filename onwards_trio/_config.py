@@ -376,15 +376,16 @@ class StoreSpec:
     """Where responses and loop steps are persisted: ``sqlite`` (default, one file),
     ``memory``, or ``postgres`` (shared by many gateway replicas; ``dsn`` is a libpq
     connection string, ``pool_size`` its connection pool). ``synchronous`` is SQLite's:
-    ``normal`` flushes the log only at checkpoints (a commit survives a crash of the process,
-    not of the machine), ``full`` at each commit (an answered response survives a power
-    loss; group commit shares one flush among the writes that queue)."""
+    ``full`` (default) flushes the log at each commit, so an answered response survives a
+    power loss (group commit shares one flush among the writes that queue); ``normal``
+    flushes only at checkpoints (a commit survives a crash of the process, not of the
+    machine) — an operator's explicit trade of durability for a little latency."""
 
     kind: Literal["sqlite", "memory", "postgres"] = "sqlite"
     path: str = "onwards_trio.sqlite3"
     dsn: str | None = None
     pool_size: int = attrs.field(default=8, validator=_positive)
-    synchronous: Literal["normal", "full"] = "normal"
+    synchronous: Literal["normal", "full"] = "full"
 
     def __attrs_post_init__(self) -> None:
         if self.kind == "postgres" and not self.dsn:

@@ -1,7 +1,7 @@
 """SQLite stores: the embedded default, one file, no set-up.
 
-One connection (``check_same_thread=False``, WAL, ``synchronous=NORMAL`` unless configured
-``FULL``) used only through ``trio.to_thread.run_sync`` with the store's own
+One connection (``check_same_thread=False``, WAL, ``synchronous=FULL`` unless configured
+``NORMAL``) used only through ``trio.to_thread.run_sync`` with the store's own
 ``CapacityLimiter(1)``, so calls are serialised and the event loop never blocks on disk. The
 schema is created on first use. A thread that has started is never abandoned on cancellation
 (trio's default), so a write either commits or raises; it is never half done. Sequence
@@ -147,10 +147,10 @@ class SqliteFile:
     ones. A lone call runs on its own, in autocommit mode, as before.
 
     Durability is unchanged by batching: a call returns only after the transaction holding
-    its writes has committed. With ``synchronous="normal"`` (the default) committed
-    transactions survive a crash of the process but the last ones may be lost on power loss
-    or an OS crash (SQLite's documented trade-off in WAL mode); with ``"full"`` each commit
-    is flushed to disk (the WAL ``fsync``ed) first, one flush per batch.
+    its writes has committed. With ``synchronous="full"`` (the default) each commit is
+    flushed to disk (the WAL ``fsync``ed) first, one flush per batch; with ``"normal"``
+    committed transactions survive a crash of the process but the last ones may be lost on
+    power loss or an OS crash (SQLite's documented trade-off in WAL mode).
     A call that has been taken into a batch is not abandoned on cancellation, so a write
     either commits or raises; a queued call that is cancelled before its batch starts never
     runs.
@@ -164,7 +164,7 @@ class SqliteFile:
         busy_timeout: float = 5.0,
         on_error: Callable[[sqlite3.Error], Exception] | None = None,
         max_batch: int = 128,
-        synchronous: str = "normal",
+        synchronous: str = "full",
     ) -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError("synchronous must be 'full' or 'normal'")
@@ -701,7 +701,7 @@ class SqliteBackend(StoreBackend):
         path: str | os.PathLike[str],
         *,
         busy_timeout: float = 5.0,
-        synchronous: str = "normal",
+        synchronous: str = "full",
     ) -> None:
         path = os.fspath(path)
         db = SqliteFile(

@@ -24,7 +24,7 @@ async def synchronous_of(backend: SqliteBackend) -> int:
         await backend.aclose()
 
 
-@pytest.mark.parametrize(("given", "pragma"), [({}, NORMAL), ({"synchronous": "full"}, FULL)])
+@pytest.mark.parametrize(("given", "pragma"), [({}, FULL), ({"synchronous": "normal"}, NORMAL)])
 async def test_the_configured_flush_reaches_the_connection(
     tmp_path: Path, given: dict[str, str], pragma: int
 ) -> None:
