@@ -1,15 +1,19 @@
 """``body_limit_bytes`` at its edge, over real sockets: a body of exactly the limit is
 forwarded whole, however it arrives (one piece or many, chunked or with a content-length);
-one byte more is a 413 and never reaches the upstream."""
+one byte more is a 413 that names the limit and never reaches the upstream. The global body
+budget is given back after every upload, and a client that leaves mid-upload sends nothing
+upstream."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 
 import httpx
 import pytest
 import trio
 
+from onwards_trio import Gateway, parse_config
 from tests.support import FakeUpstream, serve_app, start_gateway
 
 CHAT = "/v1/chat/completions"
@@ -21,7 +25,9 @@ def body_of(length: int) -> bytes:
     return head + b"x" * (length - len(head) - len(tail)) + tail
 
 
-async def post(nursery: trio.Nursery, payload: bytes, framing: str) -> tuple[int, FakeUpstream]:
+async def post(
+    nursery: trio.Nursery, payload: bytes, framing: str
+) -> tuple[httpx.Response, FakeUpstream]:
     up = FakeUpstream()
     targets = {"m": {"url": await serve_app(nursery, up)}}
     _, url = await start_gateway(nursery, {"targets": targets, "body_limit_bytes": LIMIT})
@@ -39,9 +45,10 @@ async def post(nursery: trio.Nursery, payload: bytes, framing: str) -> tuple[int
             headers["content-length"] = str(len(payload))
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         r = await client.post(CHAT, content=content, headers=headers)
-    return r.status_code, up
+    return r, up
 
 
+JSON = {"content-type": "application/json"}
 FRAMINGS = ["one piece", "chunked pieces", "pieces with content-length"]
 
 
@@ -50,13 +57,64 @@ async def test_a_body_of_exactly_the_limit_is_forwarded_whole(
     nursery: trio.Nursery, framing: str
 ) -> None:
     payload = body_of(LIMIT)
-    status, up = await post(nursery, payload, framing)
-    assert status == 200
+    answer, up = await post(nursery, payload, framing)
+    assert answer.status_code == 200
     assert [r.body for r in up.requests] == [payload]
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
 async def test_a_body_one_byte_over_the_limit_is_413(nursery: trio.Nursery, framing: str) -> None:
-    status, up = await post(nursery, body_of(LIMIT + 1), framing)
-    assert status == 413
+    answer, up = await post(nursery, body_of(LIMIT + 1), framing)
+    assert answer.status_code == 413
+    assert f"maximum allowed size is {LIMIT} bytes" in answer.json()["error"]["message"]
+    assert up.requests == []
+
+
+async def test_the_body_budget_is_given_back_after_each_upload(nursery: trio.Nursery) -> None:
+    """Uploads one after another, each most of the global budget and read in pieces: every
+    one is served (a budget not given back would refuse the second with a 503)."""
+    up = FakeUpstream()
+    targets = {"m": {"url": await serve_app(nursery, up)}}
+    _, url = await start_gateway(nursery, {"targets": targets, "body_buffer_limit_bytes": 15_000})
+    payload = body_of(10_000)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 2_000):
+            yield payload[i : i + 2_000]
+            await trio.sleep(0.02)
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        statuses = [
+            (await client.post(CHAT, content=pieces(), headers=JSON)).status_code for _ in range(3)
+        ]
+    assert statuses == [200, 200, 200]
+    assert len(up.requests) == 3
+
+
+@pytest.mark.parametrize("server", ["builtin", "hypercorn"])
+async def test_a_client_gone_mid_upload_sends_nothing_upstream(
+    nursery: trio.Nursery, server: str
+) -> None:
+    up = FakeUpstream()
+    targets = {"m": {"url": await serve_app(nursery, up)}}
+    gateway = Gateway(parse_config({"targets": targets, "body_limit_bytes": LIMIT}))
+    serve = partial(gateway.serve, "127.0.0.1", 0)
+    info = await nursery.start(serve if server == "builtin" else partial(serve, server=server))
+    url = info.url
+    port = int(url.rsplit(":", 1)[1])
+    payload = body_of(600)  # whole JSON, but the head promises 400 more bytes (of spaces)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % (len(payload) + 400)
+    )
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(head + payload[:300])
+        await trio.sleep(0.1)
+        await stream.send_all(payload[300:])
+        await trio.sleep(0.1)
+    # closed with 400 bytes still owed: what arrived parses, but it is not the body the client
+    # declared, and must not be forwarded as if it were
+    await trio.sleep(0.5)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        assert (await client.get("/v1/models")).status_code == 200  # still serving
     assert up.requests == []
