@@ -9,6 +9,7 @@ that looks like a misspelling of a known one is reported in ``Config.warnings``.
 
 import decimal
 import difflib
+import importlib
 import logging
 import os
 import re
@@ -57,6 +58,7 @@ __all__ = [
     "ToolSpec",
     "UsageSpec",
     "load_config",
+    "load_token_counter",
     "parse_config",
 ]
 
@@ -506,6 +508,9 @@ class Config:
     idempotency: IdempotencySpec = attrs.field(factory=IdempotencySpec)
     telemetry: TelemetrySpec = attrs.field(factory=TelemetrySpec)
     usage: UsageSpec = attrs.field(factory=UsageSpec)
+    # "package.module:function" counting a request's prompt tokens for token limits and budgets
+    # (docs/governance.md, "Counting the prompt"); null: the body's bytes over four.
+    token_counter: str | None = None
     warnings: tuple[str, ...] = attrs.field(default=(), eq=False)
 
 
@@ -748,6 +753,11 @@ def parse_config(data: bytes | str | Mapping[str, Any]) -> Config:
         problems.extend(exc.problems)
         raise ConfigError(problems) from None
     problems += _malformed_hashes(config, targets)
+    if config.token_counter is not None:
+        try:
+            load_token_counter(config.token_counter)
+        except ValueError as exc:
+            problems.append(f"{exc} @ $.token_counter")
     if problems:
         raise ConfigError(problems)
     for alias, pool in targets.items():
@@ -767,6 +777,25 @@ def parse_config(data: bytes | str | Mapping[str, Any]) -> Config:
             )
     warnings += _short_keys(targets, targets_raw)
     return attrs.evolve(config, targets=targets, warnings=tuple(warnings))
+
+
+def load_token_counter(path: str) -> typing.Callable[[Any], object]:
+    """The callable a ``token_counter`` path (``"package.module:function"``) names; a
+    :class:`ValueError` naming the path when it cannot be imported or is not callable."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"token_counter {path!r} is not 'package.module:function'")
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            found = getattr(found, part)
+    except Exception as exc:  # an import runs arbitrary code: any failure is a config error
+        raise ValueError(
+            f"token_counter {path!r} cannot be imported ({type(exc).__name__}: {exc})"
+        ) from None
+    if not callable(found):
+        raise ValueError(f"token_counter {path!r} is not callable")
+    return typing.cast("typing.Callable[[Any], object]", found)
 
 
 # A client key may be configured as its hash (``sha256:`` + 64 hex digits, see _proxy/auth).

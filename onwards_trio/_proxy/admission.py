@@ -157,7 +157,18 @@ def _admit_local(
         stack.callback(permit.release)
 
 
-def _wants(
+async def prompt_tokens(table: Table, request: ProxyRequest) -> int:
+    """The request's prompt as every limit and budget counts it (``table.prompt_counter``),
+    counted once per body: an exact counter is not run again for the provider's limit."""
+    seen = request.prompt_count
+    if seen is not None and seen[0] is request.body:
+        return seen[1]
+    prompt = await table.prompt_counter.count(request.body, request.json)
+    request.prompt_count = (request.body, prompt)
+    return prompt
+
+
+async def _wants(
     table: Table, pool: Pool, request: ProxyRequest
 ) -> tuple[list[tuple[str, TokenLimit, int, str]], list[tuple[str, Budget, int, BudgetSpec]]]:
     """The token limits (scope, limit, estimate, which) and budgets (scope, budget, estimated
@@ -175,7 +186,7 @@ def _wants(
     if not specs and (budgets is None or price is None):
         return [], []
     asked = requested_output(request.json)
-    prompt = len(request.body) // 4  # a cheap over-estimate of the prompt (no tokenizer)
+    prompt = await prompt_tokens(table, request)
     tokens = [
         (scope, limit, prompt + (spec.default_output_tokens if asked is None else asked), which)
         for scope, limit, spec, which in specs
@@ -193,7 +204,7 @@ async def admit(
 ) -> Hold | None:
     """Every request-level limit, or an :class:`HTTPError` (429, 402); the request's
     :class:`Hold` when it reserved tokens or budget (also set as ``request.hold``)."""
-    tokens, spends = _wants(table, pool, request)
+    tokens, spends = await _wants(table, pool, request)
     if table.shared is not None:
         return await _admit_shared(metrics, table, pool, request, stack, tokens, spends)
     _admit_local(metrics, table, pool, request.key_id, stack)
@@ -378,7 +389,8 @@ async def reserve_provider(
     estimate = 0
     if limit is not None and spec is not None:
         asked = requested_output(request.json)
-        estimate = len(request.body) // 4 + (spec.default_output_tokens if asked is None else asked)
+        prompt = await prompt_tokens(table, request)
+        estimate = prompt + (spec.default_output_tokens if asked is None else asked)
     shared = table.shared
     if shared is None:
         if provider.rate is not None:

@@ -5,19 +5,22 @@ Both read time from :func:`trio.current_time`, so tests drive them with ``MockCl
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import trio
 
 __all__ = [
+    "OFF_LOOP_BYTES",
     "ConcurrencyLimit",
     "Counter",
     "Permit",
+    "PromptCounter",
     "Reservation",
     "TokenBucket",
     "TokenLimit",
     "TokenReservation",
-    "estimate_tokens",
     "key_scope",
     "pool_scope",
     "provider_scope",
@@ -125,14 +128,56 @@ def requested_output(json: object) -> int | None:
     return None
 
 
-def estimate_tokens(body: bytes, json: object, default_output: int) -> int:
-    """What admission reserves for a request: its prompt guessed from the body size (4 bytes a
-    token, a cheap over-estimate for JSON-wrapped text) plus the most output it may ask for.
+_log = logging.getLogger("onwards_trio.limits")
 
-    The guess only has to be close: settlement replaces it with the usage the upstream reports.
+# From this body size an exact counter runs in a worker thread: a tokenizer takes milliseconds
+# per 100 KB of text, which would stall every other request on the event loop meanwhile.
+OFF_LOOP_BYTES = 64 * 1024
+
+
+class PromptCounter:
+    """The one place admission sizes a prompt (token limits and budgets, pool, key, provider).
+
+    By default the body's bytes over four: a cheap over-estimate for JSON-wrapped text, and
+    close enough, since settlement corrects it. With ``count`` (the config's ``token_counter``)
+    the parsed JSON body is given to it; an exception or a result that is not an int >= 0 falls
+    back to the byte estimate for that request, with one warning that names the exception's
+    type only (its message could quote the prompt).
     """
-    output = requested_output(json)
-    return len(body) // 4 + (default_output if output is None else output)
+
+    __slots__ = ("_count", "name")
+
+    def __init__(self, count: Callable[[Any], object] | None = None, name: str = "") -> None:
+        self._count = count
+        self.name = name
+
+    async def count(self, body: bytes, json: object) -> int:
+        if self._count is None or json is None:
+            return len(body) // 4
+        if len(body) >= OFF_LOOP_BYTES:
+            return await trio.to_thread.run_sync(self._exact, body, json)
+        return self._exact(body, json)
+
+    def _exact(self, body: bytes, json: object) -> int:
+        assert self._count is not None
+        try:
+            got = self._count(json)
+        except Exception as exc:
+            _log.warning(
+                "token_counter %s raised %s: the byte estimate is used for this request",
+                self.name,
+                type(exc).__name__,
+            )
+            return len(body) // 4
+        if type(got) is not int or got < 0:
+            _log.warning(
+                "token_counter %s returned %s, not an int >= 0: the byte estimate is used "
+                "for this request",
+                self.name,
+                type(got).__name__,
+            )
+            return len(body) // 4
+        return got
 
 
 class TokenLimit:

@@ -111,6 +111,8 @@ class ProxyRequest:
     key_id: str | None = None
     # tokens and budget reserved on admission, settled with the usage the upstream reports
     hold: Hold | None = None
+    # (body, its prompt tokens) as admission counted them (_proxy.admission.prompt_tokens)
+    prompt_count: tuple[bytes, int] | None = None
     # a shared admission waiting to go to Redis with the first provider's checks
     gate: PendingGate | None = None
     # For the usage ledger: the usage of the relayed body, the id its row is filed under

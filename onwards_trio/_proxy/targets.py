@@ -28,10 +28,17 @@ from onwards_trio._config import (
     RoutingRule,
     TokenLimitSpec,
     ToolSpec,
+    load_token_counter,
 )
 from onwards_trio._proxy.auth import KeySet, configured_key_id, key_id
 from onwards_trio._proxy.budgets import Budget, label_scope
-from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket, TokenLimit, key_scope
+from onwards_trio._proxy.limits import (
+    ConcurrencyLimit,
+    PromptCounter,
+    TokenBucket,
+    TokenLimit,
+    key_scope,
+)
 from onwards_trio._proxy.pricing import Price, highest_price, price_for
 from onwards_trio._proxy.reasoning import ReasoningMap
 
@@ -159,6 +166,8 @@ class Table:
     # key id -> (scope, budget, spec) of its definition's budget and every label budget that
     # matches its labels (a label budget is one object shared by all its keys)
     key_budgets: dict[str, list[tuple[str, Budget, BudgetSpec]]] = attrs.field(factory=dict)
+    # how admission sizes a prompt (config ``token_counter``; default: body bytes over four)
+    prompt_counter: PromptCounter = attrs.field(factory=PromptCounter)
 
     @property
     def strict_mode(self) -> bool:
@@ -356,6 +365,9 @@ def build_table(
         shared=shared,
         key_names=key_names,
         key_budgets=key_budgets,
+        prompt_counter=PromptCounter(load_token_counter(config.token_counter), config.token_counter)
+        if config.token_counter is not None
+        else PromptCounter(),
     )
 
 

@@ -9,7 +9,12 @@ import pytest
 import trio
 import trio.testing
 
-from onwards_trio._proxy.limits import TokenLimit, TokenReservation, estimate_tokens
+from onwards_trio._proxy.limits import (
+    PromptCounter,
+    TokenLimit,
+    TokenReservation,
+    requested_output,
+)
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
 
 CHAT = "/v1/chat/completions"
@@ -96,13 +101,15 @@ async def test_an_estimate_above_the_limit_waits_for_a_full_bucket(
     assert isinstance(limit.reserve(5000), TokenReservation)
 
 
-def test_estimate_is_body_bytes_over_four_plus_the_output_asked_for() -> None:
-    body = b"x" * 400
-    assert estimate_tokens(body, {"max_tokens": 50}, 1024) == 150
-    assert estimate_tokens(body, {"max_completion_tokens": 7, "max_tokens": 50}, 1024) == 107
-    assert estimate_tokens(body, {"max_output_tokens": 9}, 1024) == 109
-    assert estimate_tokens(body, {}, 1024) == 1124
-    assert estimate_tokens(body, {"max_tokens": True}, 8) == 108
+async def test_the_default_prompt_estimate_is_body_bytes_over_four() -> None:
+    assert await PromptCounter().count(b"x" * 403, {"messages": []}) == 100
+
+
+def test_the_output_reserved_is_the_first_limit_the_request_names() -> None:
+    assert requested_output({"max_completion_tokens": 7, "max_tokens": 50}) == 7
+    assert requested_output({"max_output_tokens": 9}) == 9
+    assert requested_output({"max_tokens": True}) is None
+    assert requested_output({}) is None
 
 
 # -- over real sockets ---------------------------------------------------------------------------
