@@ -14,42 +14,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import trio
 from proxy import (
-    cpu_seconds,
     free_port,
-    load,
+    interleave,
     load_average,
     start_gateway,
+    start_upstream,
     traffic_control,
-    wait_port,
 )
 
 LABELS = ("off", "on (memory)", "on (SQLite)")
-
-
-async def interleave(
-    gateways: dict[str, tuple[subprocess.Popen[bytes], int]],
-    rounds: int,
-    seconds: float,
-    cpu: dict[str, list[float]],
-    rps: dict[str, list[float]],
-) -> None:
-    """``rounds`` loads of each gateway, taking turns in a rotating order."""
-    for _, port in gateways.values():
-        await load(port, 16, 1.0, False)  # warm-up
-    for i in range(rounds):
-        for label in LABELS[i % 3 :] + LABELS[: i % 3]:
-            proc, port = gateways[label]
-            cpu0 = cpu_seconds(proc.pid)
-            got = await load(port, 16, seconds, False)
-            cpu[label].append((cpu_seconds(proc.pid) - cpu0) * 1000 / got["n"])
-            rps[label].append(got["rps"])
 
 
 def main() -> None:
@@ -58,15 +36,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
 
-    up_port = free_port()
+    upstream_proc, up_port = start_upstream()
     upstream = f"http://127.0.0.1:{up_port}/v1"
-    proxy_script = str(Path(__file__).with_name("proxy.py"))
-    procs = [subprocess.Popen([sys.executable, proxy_script, "--upstream", str(up_port)])]
+    procs = [upstream_proc]
     workdir = tempfile.mkdtemp(prefix="onwards-bench-ledger-")
     load_before = load_average()
     results: list[tuple[str, dict[str, float], dict[str, float]]] = []
     try:
-        wait_port(up_port)
         for name, base, metrics in (
             ("plain", {"targets": {"bench": {"url": upstream}}}, False),
             ("auth+limits+LB+metrics", traffic_control(upstream), True),
@@ -83,9 +59,9 @@ def main() -> None:
                 port = free_port()
                 gateways[label] = (start_gateway(config, port, flags, workdir), port)
                 procs.append(gateways[label][0])
-            cpu: dict[str, list[float]] = {label: [] for label in LABELS}
-            rps: dict[str, list[float]] = {label: [] for label in LABELS}
-            trio.run(interleave, gateways, args.rounds, args.seconds, cpu, rps)
+            rounds = trio.run(interleave, gateways, args.rounds, args.seconds)
+            cpu = {label: [r["cpu_us"] / 1000 for r in got] for label, got in rounds.items()}
+            rps = {label: [r["rps"] for r in got] for label, got in rounds.items()}
             results.append(
                 (
                     name,

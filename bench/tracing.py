@@ -21,17 +21,15 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 
 import trio
 from proxy import (  # bench/proxy.py: the same upstream, load generator and gateway runner
-    cpu_seconds,
     free_port,
-    load,
+    interleave,
     load_average,
     start_gateway,
-    wait_port,
+    start_upstream,
 )
 
 VARIANTS: dict[str, dict[str, str]] = {
@@ -50,14 +48,9 @@ def main() -> None:
     parser.add_argument("--before", help="a checkout of the code to compare with")
     args = parser.parse_args()
 
-    up_port = free_port()
+    upstream_proc, up_port = start_upstream()
     upstream = f"http://127.0.0.1:{up_port}/v1"
-    bench_dir = os.path.dirname(os.path.abspath(__file__))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.join(bench_dir, "proxy.py"), "--upstream", str(up_port)]
-        )
-    ]
+    procs = [upstream_proc]
     workdir = tempfile.mkdtemp(prefix="onwards-bench-tracing-")
     config = {"targets": {"bench": {"url": upstream}}}
     collector = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{up_port}"}
@@ -67,7 +60,6 @@ def main() -> None:
     rps: dict[str, list[float]] = {}
     load_before = load_average()
     try:
-        wait_port(up_port)
         for prefix, source in sources:
             for variant, env in VARIANTS.items():
                 env = {**env, **(collector if variant != "off" else {})}
@@ -78,21 +70,12 @@ def main() -> None:
                 procs.append(gateway)
                 gateways[prefix + variant] = (gateway, port)
 
-        async def measure() -> None:
-            for _gateway, port in gateways.values():  # warm-up: connections, caches
-                await load(port, args.concurrency, 1.0, args.stream)
-            for r in range(args.rounds):
-                names = list(gateways)
-                shift = r % len(names)  # rotate the order: no variant always runs first
-                for name in names[shift:] + names[:shift]:
-                    gateway, port = gateways[name]
-                    cpu0 = cpu_seconds(gateway.pid)
-                    result = await load(port, args.concurrency, args.seconds, args.stream)
-                    used = cpu_seconds(gateway.pid) - cpu0
-                    cpu.setdefault(name, []).append(used * 1e6 / max(result["n"], 1))
-                    rps.setdefault(name, []).append(result["rps"])
-
-        trio.run(measure)
+        results = trio.run(
+            interleave, gateways, args.rounds, args.seconds, args.concurrency, args.stream
+        )
+        for name, rounds in results.items():
+            cpu[name] = [r["cpu_us"] for r in rounds]
+            rps[name] = [r["rps"] for r in rounds]
     finally:
         for p in procs:
             p.terminate()
