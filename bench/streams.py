@@ -1,23 +1,35 @@
-"""Many long streams through one gateway process: memory per stream and added event delay.
+"""Many long streams through one gateway process: memory per stream, added event delay, and
+the gateway's CPU per relayed event.
 
-Three processes: a fake upstream that holds every stream open and sends one SSE event per
-``--interval`` to each (one ticker for all streams; each event carries its send time), the
-gateway (``python -m onwards_trio``, one process, access log on, written to a file) and this
-client, which opens ``--streams`` streaming chat requests and records, per event, how long
-after its send time it arrived. The same client first measures the upstream directly, so the
-"added" delay is the gateway's share.
+Three processes besides this one: a fake upstream that holds every stream open and sends one
+SSE event per ``--interval`` to each (one ticker for all streams; each event carries its send
+time), the gateway (``python -m onwards_trio``, one process, access log on, written to a file)
+and a client, which opens ``--streams`` streaming chat requests and records, per event, how
+long after its send time it arrived. The upstream and the client are plain ``selectors`` loops
+over non-blocking sockets, not Trio: at 10,000 streams and one event per 100 ms that is
+100,000 events a second on each side, and the load generator must not be what saturates the
+two cores. The same client first measures the upstream directly, so the "added" delay is the
+gateway's share.
+
+The gateway's CPU per relayed event (its own CPU time while the client reads, over the events
+the client got) says how many such streams one core can carry at all: a gateway that needs
+``c`` µs per event saturates a core at ``1e6 / c`` events a second, i.e. ``1e5 / c`` streams
+at one event per 100 ms. Past that point the added delay is queueing, whatever the code.
 
 The process file limit here is 20,000 descriptors and cannot be raised; the gateway holds two
 per stream (client side and upstream side), so one gateway process can hold about 9,900
-streams. The default is 9,000.
+streams. ``--streams`` takes a comma-separated sweep (default ``1000,3000,9000``); each count
+gets a fresh gateway.
 
-Run: ``nox -s bench -- streams`` or ``python bench/streams.py [--streams N] [--seconds S]``.
+Run: ``nox -s bench -- streams`` or ``python bench/streams.py [--streams N,M] [--seconds S]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import selectors
+import socket
 import statistics
 import subprocess
 import sys
@@ -25,115 +37,136 @@ import tempfile
 import time
 from pathlib import Path
 
-import trio
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trio.lowlevel
-from proxy import free_port, load_average, wait_port
+from proxy import cpu_seconds, free_port, load_average, wait_port
+
+_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
-def upstream_main(port: int, interval: float, seconds: float) -> None:
-    streams: set[trio.SocketStream] = set()
-    head = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-    )
-
-    async def handle(stream: trio.SocketStream) -> None:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            data = await stream.receive_some(65536)
+def upstream_main(port: int, interval: float) -> None:
+    """Hold every stream; every ``interval`` send each one event stamped with the send time."""
+    sel = selectors.DefaultSelector()
+    listener = socket.create_server(("127.0.0.1", port), backlog=4096)
+    listener.setblocking(False)
+    sel.register(listener, selectors.EVENT_READ, None)
+    pending: dict[socket.socket, bytes] = {}
+    streams: list[socket.socket] = []
+    n = 0
+    next_tick = time.monotonic() + interval
+    while True:
+        for key, _ in sel.select(max(0.0, next_tick - time.monotonic())):
+            if key.fileobj is listener:
+                for _ in range(256):
+                    try:
+                        conn, _addr = listener.accept()
+                    except BlockingIOError:
+                        break
+                    conn.setblocking(False)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    pending[conn] = b""
+                    sel.register(conn, selectors.EVENT_READ, None)
+                continue
+            conn = key.fileobj  # type: ignore[assignment]
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                data = b""
             if not data:
-                return
-            buf += data
-        await stream.send_all(head)
-        streams.add(stream)
-        try:
-            await trio.sleep(seconds + 30)  # the ticker writes; this task only holds on
-        finally:
-            streams.discard(stream)
-
-    async def ticker() -> None:
-        n = 0
-        while True:
-            await trio.sleep(interval)
+                sel.unregister(conn)
+                pending.pop(conn, None)
+                if conn in streams:
+                    streams.remove(conn)
+                conn.close()
+                continue
+            if conn in pending:
+                buf = pending[conn] + data
+                if b"\r\n\r\n" in buf:
+                    del pending[conn]
+                    conn.send(_HEAD)
+                    streams.append(conn)
+                else:
+                    pending[conn] = buf
+        if time.monotonic() >= next_tick:
+            next_tick += interval
             n += 1
             payload = json.dumps(
                 {"choices": [{"index": 0, "delta": {"content": "x"}}], "t": time.time(), "n": n}
             ).encode()
             event = b"data: " + payload + b"\n\n"
             chunk = b"%x\r\n%s\r\n" % (len(event), event)
-            for stream in list(streams):
+            for conn in streams:
                 try:
-                    await stream.send_all(chunk)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    streams.discard(stream)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ticker)
-            await trio.serve_tcp(handle, port, host="127.0.0.1", backlog=4096)
-
-    trio.run(main)
+                    conn.send(chunk)  # a few dozen bytes: the socket buffer always has room
+                except OSError:
+                    continue  # closed: its read side unregisters it
 
 
-async def clients(port: int, n: int, seconds: float) -> tuple[list[float], int]:
-    """Open ``n`` streams, read them for ``seconds``; return every event's delay (seconds) and
-    how many streams broke (reset or refused) before their time was up."""
+def client_main(port: int, n: int, seconds: float) -> None:
+    """Open ``n`` streams, then read them for ``seconds``; print the delays' summary as JSON."""
     body = json.dumps({"model": "bench", "stream": True, "messages": []}).encode()
     raw = (
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\n\r\n%s" % (len(body), body)
     )
-    delays: list[float] = []
+    sel = selectors.DefaultSelector()
+    bufs: dict[socket.socket, bytes] = {}
     broken = 0
-    opened = 0
-    start_reading = trio.Event()
-
-    async def one() -> None:
-        nonlocal opened
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(raw)
-            opened += 1
-            if opened == n:
-                start_reading.set()
-            end = None
-            buf = b""
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                now = time.time()
-                if end is None and start_reading.is_set():
-                    end = now + seconds
-                buf += data
-                while b'"t": ' in buf:
-                    i = buf.index(b'"t": ') + 5
-                    j = buf.index(b",", i)
-                    if start_reading.is_set():
-                        delays.append(now - float(buf[i:j]))
-                    buf = buf[j:]
-                if end is not None and now > end:
-                    return
-
-    limiter = trio.CapacityLimiter(500)  # pace the connects (the listen backlog is finite)
-
-    async def paced() -> None:
-        nonlocal broken, opened
-        async with limiter:
-            await trio.lowlevel.checkpoint()
+    for _ in range(n):
         try:
-            await one()
-        except (OSError, trio.BrokenResourceError):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+            conn.sendall(raw)
+        except OSError:
             broken += 1
-            opened += 1
-            if opened == n:
-                start_reading.set()
+            continue
+        conn.setblocking(False)
+        bufs[conn] = b""
+        sel.register(conn, selectors.EVENT_READ, None)
+    delays: list[float] = []
+    warm = time.monotonic() + min(2.0, seconds / 5)  # let every stream get its head first
+    end = warm + seconds
+    while (now_m := time.monotonic()) < end:
+        counting = now_m >= warm
+        for key, _ in sel.select(end - now_m):
+            conn = key.fileobj  # type: ignore[assignment]
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(conn)
+                conn.close()
+                del bufs[conn]
+                broken += 1
+                continue
+            now = time.time()
+            buf = bufs[conn] + data
+            i = buf.find(b'"t": ')
+            while i >= 0:
+                j = buf.find(b",", i)
+                if j < 0:
+                    break
+                if counting:
+                    delays.append(now - float(buf[i + 5 : j]))
+                buf = buf[j:]
+                i = buf.find(b'"t": ')
+            bufs[conn] = buf[-64:]
+    delays.sort()
 
-    async with trio.open_nursery() as nursery:
-        for _ in range(n):
-            nursery.start_soon(paced)
-    return delays, broken
+    def q(f: float) -> float:
+        return delays[min(len(delays) - 1, int(len(delays) * f))] * 1000 if delays else -1.0
+
+    print(
+        json.dumps(
+            {
+                "events": len(delays),
+                "p50": statistics.median(delays) * 1000 if delays else -1.0,
+                "p99": q(0.99),
+                "broken": broken,
+            }
+        )
+    )
 
 
 def rss_kib(pid: int) -> int:
@@ -143,85 +176,87 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def run_client(port: int, n: int, seconds: float, gateway: int | None = None) -> dict[str, float]:
+    """Run the client process; while it reads, sample the gateway's RSS and CPU time."""
+    client = subprocess.Popen(
+        [sys.executable, __file__, "--client", str(port), str(n), str(seconds)],
+        stdout=subprocess.PIPE,
+    )
+    peak = cpu0 = 0.0
+    if gateway is not None:
+        t_read = time.monotonic() + min(2.0, seconds / 5)
+        while client.poll() is None:
+            peak = max(peak, rss_kib(gateway))
+            if not cpu0 and time.monotonic() >= t_read:
+                cpu0 = cpu_seconds(gateway)
+            time.sleep(0.25)
+    out, _ = client.communicate(timeout=seconds + 600)
+    result: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    if gateway is not None:
+        result["cpu"] = cpu_seconds(gateway) - cpu0
+        result["peak"] = peak
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--streams", type=int, default=9000)
+    parser.add_argument("--streams", default="1000,3000,9000")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=0.1)
     args = parser.parse_args()
+    counts = [int(c) for c in args.streams.split(",")]
     up_port = free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--upstream",
-                str(up_port),
-                str(args.interval),
-                str(args.seconds * 3),
-            ]
-        )
-    ]
+    upstream = subprocess.Popen(
+        [sys.executable, __file__, "--upstream", str(up_port), str(args.interval)]
+    )
     workdir = tempfile.mkdtemp(prefix="onwards-streams-")
+    cfg = Path(workdir) / "config.json"
+    cfg.write_text(json.dumps({"targets": {"bench": {"url": f"http://127.0.0.1:{up_port}/v1"}}}))
     before = load_average()
+    rows = []
     try:
         wait_port(up_port)
-        direct = trio.run(clients, up_port, args.streams, args.seconds)
-        port = free_port()
-        cfg = Path(workdir) / "config.json"
-        cfg.write_text(
-            json.dumps({"targets": {"bench": {"url": f"http://127.0.0.1:{up_port}/v1"}}})
-        )
-        cmd = [sys.executable, "-m", "onwards_trio", "-f", str(cfg), "--port", str(port),
-               "--host", "127.0.0.1", "--no-watch", "--no-metrics"]  # fmt: skip
-        with open(Path(workdir) / "gateway.log", "wb") as log:
-            gateway = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=workdir)
-        procs.append(gateway)
-        wait_port(port)
-        idle = rss_kib(gateway.pid)
-        peak = 0
-
-        async def sample() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, rss_kib(gateway.pid))
-                await trio.sleep(0.5)
-
-        async def via_gateway() -> tuple[list[float], int]:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sample)
-                result = await clients(port, args.streams, args.seconds)
-                nursery.cancel_scope.cancel()
-            return result
-
-        through = trio.run(via_gateway)
+        for n in counts:
+            direct = run_client(up_port, n, args.seconds)
+            port = free_port()
+            cmd = [sys.executable, "-m", "onwards_trio", "-f", str(cfg), "--port", str(port),
+                   "--host", "127.0.0.1", "--no-watch", "--no-metrics"]  # fmt: skip
+            with open(Path(workdir) / f"gateway-{n}.log", "wb") as log:
+                gateway = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=workdir)
+            try:
+                wait_port(port)
+                idle = rss_kib(gateway.pid)
+                through = run_client(port, n, args.seconds, gateway.pid)
+            finally:
+                gateway.terminate()
+                gateway.wait(timeout=30)
+            rows.append((n, direct, through, idle))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
-
-    def q(values: list[float], f: float) -> float:
-        values = sorted(values)
-        return values[min(len(values) - 1, int(len(values) * f))] * 1000 if values else float("nan")
+        upstream.terminate()
+        upstream.wait(timeout=10)
 
     print(
-        f"\n{args.streams} streams, one event per {args.interval * 1000:.0f} ms each, "
-        f"{args.seconds:.0f} s; load average before {before}, after {load_average()}"
+        f"\none event per {args.interval * 1000:.0f} ms per stream, {args.seconds:.0f} s read; "
+        f"load average before {before}, after {load_average()}"
     )
-    print(f"{'':22} {'events':>9} {'delay p50 ms':>13} {'delay p99 ms':>13} {'broken':>7}")
-    for name, (d, broken) in (("direct", direct), ("through the gateway", through)):
-        p50 = statistics.median(d) * 1000 if d else float("nan")
-        print(f"{name:22} {len(d):9d} {p50:13.2f} {q(d, 0.99):13.2f} {broken:7d}")
-    print(f"added delay p99: {q(through[0], 0.99) - q(direct[0], 0.99):.2f} ms")
     print(
-        f"gateway RSS: idle {idle / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, "
-        f"{(peak - idle) / max(args.streams, 1):.1f} KiB per stream"
+        f"{'streams':>8} {'events/s':>9} {'direct p99':>11} {'gw p50':>8} {'gw p99':>8} "
+        f"{'added p99':>10} {'broken':>7} {'gw CPU/event':>13} {'KiB/stream':>11}"
     )
+    for n, direct, through, idle in rows:
+        events = max(through["events"], 1)
+        print(
+            f"{n:8d} {through['events'] / args.seconds:9.0f} {direct['p99']:9.1f}ms "
+            f"{through['p50']:6.1f}ms {through['p99']:6.1f}ms "
+            f"{through['p99'] - direct['p99']:8.1f}ms {int(through['broken']):7d} "
+            f"{through['cpu'] / events * 1e6:11.1f}µs {(through['peak'] - idle) / n:11.1f}"
+        )
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--upstream":
-        upstream_main(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--upstream":
+        upstream_main(int(sys.argv[2]), float(sys.argv[3]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "--client":
+        client_main(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
     else:
         main()
