@@ -254,8 +254,10 @@ class UsageLedger:
             await self.flush()
 
     async def aclose(self) -> None:
-        """Write what is left (shielded, at most ``close_timeout``) and close the store.
-        Rows that could not be written are counted as dropped and logged."""
+        """Write what is left and close the store, shielded: the flush at most
+        ``close_timeout``, closing the store at most ``close_timeout`` more, so a store that
+        hangs cannot hold shutdown. Rows that could not be written are counted as dropped
+        and logged."""
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self.close_timeout):
                 await self.flush()
@@ -263,7 +265,10 @@ class UsageLedger:
                 lost, self._buf = len(self._buf), []
                 self.drop(lost)
                 log.error("usage ledger: %d rows could not be written at shutdown", lost)
-            await self.store.aclose()
+            with trio.move_on_after(self.close_timeout) as closing:
+                await self.store.aclose()
+            if closing.cancelled_caught:
+                log.error("usage ledger: the store did not close within %.0f s", self.close_timeout)
 
 
 class LedgerNote:

@@ -109,6 +109,25 @@ async def test_close_counts_what_it_could_not_write_as_dropped() -> None:
     assert ledger.dropped == 2 and dropped == [2]
 
 
+class HangingStore(MemoryUsageStore):
+    """Writes, then takes an hour to close (a database that stopped answering)."""
+
+    async def aclose(self) -> None:
+        await trio.sleep(3600)
+
+
+async def test_close_gives_up_on_a_store_that_hangs_on_close(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = HangingStore()
+    ledger = UsageLedger(UsageSpec(ledger=True), store, close_timeout=5.0)
+    ledger._buf.append(row(1, "a"))
+    start = trio.current_time()
+    await ledger.aclose()
+    assert await stored(store) == ["a"]  # the rows were written before the close hung
+    assert trio.current_time() - start == 5.0
+
+
 class WallClock:
     def __init__(self, now: float) -> None:
         self.now = now
