@@ -216,7 +216,13 @@ def peak_rss_mb(pid: int) -> float:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time the process and its children (workers) have used so far."""
-    total = 0.0
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """:func:`cpu_seconds` as (user, system) time."""
+    user = system = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -225,8 +231,9 @@ def cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         if int(entry.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
+    return user, system
 
 
 def load_average() -> str:
@@ -254,8 +261,8 @@ async def interleave(
 ) -> dict[str, list[dict[str, float]]]:
     """Load every gateway in turn, ``rounds`` times, so that the machine's load hits them
     alike; per gateway, each round's :func:`load` figures plus ``cpu_us``, the gateway's own
-    CPU time per request. ``order(round, names)`` says who goes when (default: the names
-    rotated by one per round, so that no gateway always runs first)."""
+    CPU time per request (``user_us`` + ``system_us``). ``order(round, names)`` says who goes
+    when (default: the names rotated by one per round, so that no gateway always runs first)."""
     for _, port in gateways.values():  # warm-up: connections, caches
         await load(port, concurrency, 1.0, stream)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in gateways}
@@ -264,9 +271,12 @@ async def interleave(
         shift = r % len(names)
         for name in order(r, names) if order is not None else names[shift:] + names[:shift]:
             proc, port = gateways[name]
-            cpu0 = cpu_seconds(proc.pid)
+            user0, system0 = cpu_times(proc.pid)
             got = await load(port, concurrency, seconds, stream)
-            got["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) * 1e6 / max(got["n"], 1)
+            user1, system1 = cpu_times(proc.pid)
+            per = 1e6 / max(got["n"], 1)
+            got["user_us"], got["system_us"] = (user1 - user0) * per, (system1 - system0) * per
+            got["cpu_us"] = got["user_us"] + got["system_us"]
             results[name].append(got)
     return results
 

@@ -1,4 +1,5 @@
-"""What tracing costs: gateway CPU per request with tracing off, on at 100 % and at 10 % sampling.
+"""What tracing costs: gateway CPU per request with tracing off, on at 100 %, 10 % and 0 %
+sampling (0 %: ``always_off``, the cost of tracing being on for a trace nobody records).
 
 The machine is shared and its load swings throughput by ±20 % between two identical gateways,
 so the variants are measured *interleaved in one run*: every gateway is started once, then each
@@ -9,7 +10,7 @@ round's figure against the same round's tracing-off figure (the load drifts less
 than across the run), with its quartiles. The fake upstream doubles as the OTLP collector (it
 answers the export POSTs with 200).
 
-``--before DIR`` adds the same three variants run from another checkout (``PYTHONPATH=DIR``),
+``--before DIR`` adds the same variants run from another checkout (``PYTHONPATH=DIR``),
 for a before/after comparison in the same run.
 
 Run: ``nox -s bench -- tracing`` or ``python bench/tracing.py [--rounds 8 --seconds 2]``.
@@ -36,6 +37,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "off": {},
     "on 100%": {"OTEL_TRACES_SAMPLER": "always_on"},
     "on 10%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+    "on 0%": {"OTEL_TRACES_SAMPLER": "always_off"},  # the unsampled path alone
 }
 
 
@@ -57,6 +59,8 @@ def main() -> None:
     sources = [("", None)] + ([("before ", args.before)] if args.before else [])
     gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     cpu: dict[str, list[float]] = {}
+    user: dict[str, list[float]] = {}
+    system: dict[str, list[float]] = {}
     rps: dict[str, list[float]] = {}
     load_before = load_average()
     try:
@@ -75,6 +79,8 @@ def main() -> None:
         )
         for name, rounds in results.items():
             cpu[name] = [r["cpu_us"] for r in rounds]
+            user[name] = [r["user_us"] for r in rounds]
+            system[name] = [r["system_us"] for r in rounds]
             rps[name] = [r["rps"] for r in rounds]
     finally:
         for p in procs:
@@ -88,13 +94,18 @@ def main() -> None:
         f"{args.seconds:g} s, load average before {load_before}, after {load_average()}"
     )
     print("ratios: median over the rounds of this round's figure / the other's [quartiles]")
-    print(f"{'gateway':16} {'CPU µs/req':>10} {'CPU vs off':>19} {'req/s':>6} {'req/s vs off':>19}")
+    print(
+        f"{'gateway':16} {'CPU µs/req':>10} {'user':>5} {'sys':>4} {'CPU vs off':>19} "
+        f"{'user vs off':>19} {'req/s':>6} {'req/s vs off':>19}"
+    )
     for prefix, _ in sources:
         off = prefix + "off"
         for variant in VARIANTS:
             name = prefix + variant
             print(
-                f"{name:16} {statistics.median(cpu[name]):10.0f} {_paired(cpu, name, off):>19} "
+                f"{name:16} {statistics.median(cpu[name]):10.0f} "
+                f"{statistics.median(user[name]):5.0f} {statistics.median(system[name]):4.0f} "
+                f"{_paired(cpu, name, off):>19} {_paired(user, name, off):>19} "
                 f"{statistics.median(rps[name]):6.0f} {_paired(rps, name, off):>19}"
             )
     if args.before:

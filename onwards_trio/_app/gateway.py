@@ -77,7 +77,7 @@ from onwards_trio._transport.pool import UpstreamClient, dot_segments
 from onwards_trio._transport.server import serve as serve_http
 
 if TYPE_CHECKING:
-    from onwards_trio._ops.tracing import SpanScope, Telemetry
+    from onwards_trio._ops.tracing import RequestSpan, Telemetry
     from onwards_trio._proxy.shared_limits import SharedLimits
     from onwards_trio._proxy.targets import Provider
     from onwards_trio._proxy.usage import Usage
@@ -367,7 +367,7 @@ class Gateway:
         # metrics (pending, in flight, bytes, time to first byte) and the access line
         exchange = begin_exchange(self.metrics, method, path, started, send)
         tel = self.telemetry
-        span: SpanScope | None = None
+        span: RequestSpan | None = None
         if tel is not None:
             activate(tel)  # the loop's spans find it here
             span = tel.start_request(method, endpoint_label(path), scope["headers"])
@@ -406,7 +406,7 @@ class Gateway:
                 self._end_span(tel, span, done, status, scope)
 
     def _end_span(
-        self, tel: Telemetry, span: SpanScope, done: Exchange, status: int, scope: Scope
+        self, tel: Telemetry, span: RequestSpan, done: Exchange, status: int, scope: Scope
     ) -> None:
         request = done.request
         if not span.sampled:  # nothing to record: the key's label need not be looked up
@@ -416,11 +416,17 @@ class Gateway:
             span,
             done.sent_status if done.sent_status is not None else status,
             alias=request.alias if request is not None else None,
-            key_label=self.targets.table.key_label(bearer_token(scope["headers"])),
+            key_label=self._key_label(request, scope),
             provider=request.provider_index if request is not None else None,
             attempts=request.attempts if request is not None else None,
             usage=done.usage,
         )
+
+    def _key_label(self, request: ProxyRequest | None, scope: Scope) -> str:
+        table = self.targets.table
+        if request is not None and request.alias is not None:  # the pipeline hashed the key
+            return table.key_label_of(request.key_id)
+        return table.key_label(bearer_token(scope["headers"]))
 
     def _usage(self, request: ProxyRequest, alias: str, provider: Provider, usage: Usage) -> None:
         """A relayed upstream body's token usage: counters, the access line (and the spans,

@@ -44,8 +44,13 @@ __all__ = [
     "ExportSettings",
     "Exporter",
     "TracesRequest",
+    "encode_frame",
     "encode_span",
     "export_settings",
+    "float_attribute",
+    "int_attribute",
+    "name_and_kind",
+    "span_attributes",
 ]
 
 log = logging.getLogger("onwards_trio.telemetry")
@@ -70,6 +75,8 @@ _CACHED_TEXT: Final = 256  # longer attributes are not cached
 def _varint(n: int) -> bytes:
     if 0 <= n < 128:
         return _VARINTS[n]
+    if 0 < n < 16384:  # lengths of spans and most token counts: two bytes
+        return bytes((n & 127 | 128, n >> 7))
     if n < 0:
         n += 1 << 64  # int64: two's complement, ten bytes
     out = bytearray()
@@ -168,6 +175,7 @@ def _span_attributes(attributes: Mapping[str, Any]) -> bytes:
 
 _head = struct.Struct(">BBQQBBQ").pack  # Span.trace_id (1) and .span_id (2), raw bytes
 _parent = struct.Struct(">BBQ").pack  # Span.parent_span_id (4)
+_head_parent = struct.Struct(">BBQQBBQBBQ").pack  # both, without a trace_state (3) between
 _times = struct.Struct("<BQBQ").pack  # Span.start_time_unix_nano (7), .end_time_unix_nano (8)
 _KINDS: Final = tuple(b"\x30" + _VARINTS[i] for i in range(6))  # Span.kind (6)
 _M64: Final = (1 << 64) - 1
@@ -179,6 +187,87 @@ _TAILS: Final = {
     for error in (False, True)
     for remote in (False, True)
 }
+
+
+def name_and_kind(name: str, kind: int) -> bytes:
+    """``Span.name`` (5) and ``.kind`` (6), encoded (the name's encoding cached by value)."""
+    encoded = _names.get(name)
+    if encoded is None:
+        encoded = _string(b"\x2a", name) if name else b""
+        if len(_names) < _CACHED:
+            _names[name] = encoded
+    return encoded + _KINDS[kind]
+
+
+def span_attributes(attributes: Mapping[str, Any]) -> bytes:
+    """``Span.attributes`` (9) fields of ``attributes`` (each ``(key, value)`` encoding
+    cached by value, for the short ones)."""
+    return _span_attributes(attributes) if attributes else b""
+
+
+# Per attribute name, the head of an int/float ``Span.attributes`` field by the value's length.
+_number_heads: dict[str, tuple[bytes, ...]] = {}
+
+
+def _number_heads_of(key: str) -> tuple[bytes, ...]:
+    heads = _number_heads.get(key)
+    if heads is None:
+        name = (_string(b"\x0a", key) if key else b"") + b"\x12"  # KeyValue.key, .value
+        # AnyValue of n bytes: its own length byte and the n bytes follow the head
+        heads = tuple(b"\x4a" + _varint(len(name) + 1 + n) + name + _VARINTS[n] for n in range(12))
+        if len(_number_heads) < _CACHED:
+            _number_heads[key] = heads
+    return heads
+
+
+def int_attribute(key: str, value: int) -> bytes:
+    """One ``Span.attributes`` field of an int value, not cached (token counts vary): the same
+    bytes as :func:`span_attributes` makes of ``{key: value}``."""
+    number = b"\x18" + _varint(value)  # AnyValue.int_value (3)
+    return _number_heads_of(key)[len(number)] + number
+
+
+def float_attribute(key: str, value: float) -> bytes:
+    """:func:`int_attribute` for a float (``AnyValue.double_value``, 4)."""
+    return _number_heads_of(key)[9] + b"\x21" + _double(value)
+
+
+def encode_frame(
+    trace_id: int,
+    span_id: int,
+    trace_state: str,
+    parent_id: int,
+    parent_remote: bool,
+    head: bytes,
+    start: int,
+    end: int,
+    attributes: bytes,
+    links: bytes,
+    error: bool,
+) -> bytes:
+    """One ``Span`` as a ``ScopeSpans.spans`` field, from parts encoded already: ``head`` from
+    :func:`name_and_kind`, ``attributes`` from :func:`span_attributes` (and
+    :func:`int_attribute`), ``links`` the ``Span.links`` fields. Fields in the SDK encoder's
+    order, so the bytes are its bytes."""
+    if trace_state:
+        ids = _head(0x0A, 16, trace_id >> 64, trace_id & _M64, 0x12, 8, span_id)
+        ids += _string(b"\x1a", trace_state)
+        if parent_id:
+            ids += _parent(0x22, 8, parent_id)
+    elif parent_id:
+        ids = _head_parent(
+            0x0A, 16, trace_id >> 64, trace_id & _M64, 0x12, 8, span_id, 0x22, 8, parent_id
+        )
+    else:
+        ids = _head(0x0A, 16, trace_id >> 64, trace_id & _M64, 0x12, 8, span_id)
+    if start and end:
+        times = _times(0x39, start, 0x41, end)
+    else:
+        times = (b"\x39" + _fixed64(start) if start else b"") + (
+            b"\x41" + _fixed64(end) if end else b""
+        )
+    body = b"".join((ids, head, times, attributes, links, _TAILS[error, parent_remote]))
+    return b"\x12" + _varint(len(body)) + body
 
 
 def encode_span(
@@ -197,37 +286,26 @@ def encode_span(
 ) -> bytes:
     """One ``Span`` as a ``ScopeSpans.spans`` field: what :meth:`TracesRequest.encode` joins.
     ``parent_id`` 0: a root span. ``links``: (trace id, span id, remote, attributes)."""
-    out = [_head(0x0A, 16, trace_id >> 64, trace_id & _M64, 0x12, 8, span_id)]
-    if trace_state:
-        out.append(_string(b"\x1a", trace_state))
-    if parent_id:
-        out.append(_parent(0x22, 8, parent_id))
-    if name:
-        encoded = _names.get(name)
-        if encoded is None:
-            encoded = _string(b"\x2a", name)
-            if len(_names) < _CACHED:
-                _names[name] = encoded
-        out.append(encoded)
-    out.append(_KINDS[kind])
-    if start and end:
-        out.append(_times(0x39, start, 0x41, end))
-    else:
-        if start:
-            out.append(b"\x39" + _fixed64(start))
-        if end:
-            out.append(b"\x41" + _fixed64(end))
-    if attributes:
-        out.append(_span_attributes(attributes))
+    encoded_links = []
     for link_trace, link_span, remote, link_attributes in links:
         link = _head(0x0A, 16, link_trace >> 64, link_trace & _M64, 0x12, 8, link_span)
         if link_attributes:
             link += _key_values(b"\x22", link_attributes)
         link += b"\x35" + _fixed32(_HAS_IS_REMOTE | _IS_REMOTE if remote else _HAS_IS_REMOTE)
-        out.append(_message(b"\x6a", link))
-    out.append(_TAILS[error, parent_remote])
-    body = b"".join(out)
-    return b"\x12" + _varint(len(body)) + body
+        encoded_links.append(_message(b"\x6a", link))
+    return encode_frame(
+        trace_id,
+        span_id,
+        trace_state,
+        parent_id,
+        parent_remote,
+        name_and_kind(name, kind),
+        start,
+        end,
+        span_attributes(attributes),
+        b"".join(encoded_links),
+        error,
+    )
 
 
 class TracesRequest:

@@ -26,21 +26,35 @@ Prompts, completions, tool arguments and results are recorded only with
 ``telemetry.record_content`` (as ``gen_ai.input.messages``, ``gen_ai.output.messages``,
 ``gen_ai.tool.call.arguments``, ``gen_ai.tool.call.result``, each cut at 16 KiB).
 
-Recording is lean: the SDK's ``Tracer``/``Span`` cost tens of microseconds per span on the
-request's own path (sampler call, locked attribute maps, processor hooks), and its OTLP encoder
-53-120 µs more per span. Here a span is a small object that gathers its attributes in a plain
-dict and, when it ends sampled, is encoded straight into OTLP protobuf bytes (``otlp.py``, a
-few µs). The sampler (the SDK's, from ``OTEL_TRACES_SAMPLER``) decides once per trace, at its
-root, and children follow; ids are drawn as the SDK draws them. The current span is kept in
-OpenTelemetry's context (as a non-recording span), so code that uses the OpenTelemetry API in
-the same task sees it, and a caller's own span is the parent of ours.
+Why it is built this way: tracing at 100 % sampling may cost a proxied request less than 15 %
+of its CPU (a few tens of µs for its two spans), and a trace that is not sampled next to
+nothing. The SDK's ``Tracer``/``Span`` cost tens of µs per span on the request's own path, its
+OTLP encoder 53-120 µs more, and even the OpenTelemetry API's context attach/detach and the
+SDK sampler's call cost a few µs each per request (docs/benchmarks.md, "Tracing"). So:
 
-Export is Trio-correct: a finished span's bytes are appended to a bounded queue (full: the
-span is dropped and counted); :meth:`Telemetry.run`, a task in the gateway's service nursery,
-joins a batch into one ``ExportTraceServiceRequest`` and POSTs it over the gateway's HTTP
-client (one export at a time, retries bounded by the export timeout). A collector that is
-down or slow therefore costs requests nothing beyond the span bookkeeping: spans queue, then
-drop.
+* A span is a slotted object holding raw values; ending it appends the object to the export
+  queue. Nothing is encoded on the request's path: the export task encodes a batch at a time
+  (``otlp.py``), and the parts a request's spans repeat (name, method, route, status, alias,
+  key label, provider, model, attempt) are encoded once per distinct combination.
+* The request's server span and its client spans are tracked in a context variable of our own
+  (the pipeline finds its parent there), not in OpenTelemetry's context. Loop spans are *also*
+  made current in OpenTelemetry's context (as non-recording spans), so code that uses the
+  OpenTelemetry API inside a loop step (a tool) sees the step as its parent; outside any span
+  of ours, a caller's own OpenTelemetry span is the parent of ours.
+* The standard samplers (``always_on``/``always_off``, ``traceidratio`` and their
+  ``parentbased_*`` forms, as resolved by the SDK from ``OTEL_TRACES_SAMPLER[_ARG]`` or the
+  config's ``sample_ratio``) are decided here with the SDK's own rule (the trace id's low 64
+  bits against a bound), without calling it; any other sampler is called as the SDK would.
+  The sampler decides once per trace, at its root or under a remote parent; children follow.
+* An incoming ``traceparent`` is parsed with the W3C propagator's own pattern and rules; a
+  ``tracestate`` by the SDK's parser. Ids are drawn as the SDK's ``RandomIdGenerator`` draws
+  them (the global generator, reseeded after a fork).
+
+Export is Trio-correct: the bounded queue is filled on the request path (full: the span is
+dropped and counted); :meth:`Telemetry.run`, a task in the gateway's service nursery, encodes a
+batch into one ``ExportTraceServiceRequest`` and POSTs it over the gateway's HTTP client (one
+export at a time, retries bounded by the export timeout). A collector that is down or slow
+therefore costs requests nothing beyond the span bookkeeping: spans queue, then drop.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,7 +76,13 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import Decision, Sampler
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    StaticSampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -69,7 +90,6 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from onwards_trio._ops.otlp import (
     KIND_CLIENT,
@@ -77,22 +97,34 @@ from onwards_trio._ops.otlp import (
     KIND_SERVER,
     Exporter,
     TracesRequest,
+    encode_frame,
     encode_span,
+    float_attribute,
+    int_attribute,
+    name_and_kind,
+    span_attributes,
 )
 
-__all__ = ["AttemptSpan", "SpanScope", "Telemetry", "operation_for"]
+__all__ = ["AttemptSpan", "LoopSpan", "RequestSpan", "Telemetry", "operation_for"]
 
 log = logging.getLogger("onwards_trio.telemetry")
 
 _CONTENT_LIMIT: Final = 16 * 1024
 _ALIAS_LIMIT: Final = 128
+_CACHED: Final = 4096  # combinations of a request's repeated span fields kept encoded
 _FLUSH_ON_EXIT: Final = 5.0  # seconds spent exporting the last spans when the gateway stops
-_PROPAGATOR: Final = TraceContextTextMapPropagator()
 _TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})
+# The W3C propagator's pattern and limits (opentelemetry.trace.propagation.tracecontext).
+_TRACEPARENT: Final = re.compile(
+    r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:(-.*)|[ \t]*)$"
+)
+_TRACEPARENT_LIMIT: Final = 512
+_TRACESTATE_LIMIT: Final = 8192
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
-_NO_STATE: Final = TraceState()
 _SCOPE: Final = "onwards_trio"
+_M64: Final = (1 << 64) - 1
+_ALWAYS: Final = 1 << 64  # a sampling bound every trace id is under
 # What the sampler is told a span's kind is (our kinds are the protocol's numbers).
 _SDK_KINDS: Final = {
     KIND_INTERNAL: SpanKind.INTERNAL,
@@ -110,124 +142,190 @@ _OPERATIONS: Final = {
 }
 # A span link's target: (trace id, span id, remote).
 _Link = tuple[int, int, bool]
-# The span a background response's trace is linked to (the request that created it).
-_origin: ContextVar[_Link | None] = ContextVar("onwards_trio_trace_origin", default=None)
+# A remote parent (an incoming traceparent): trace id, span id, sampled, tracestate header.
+_Remote = tuple[int, int, bool, str]
 # Ids as the SDK's RandomIdGenerator makes them (the global generator, reseeded after a fork).
 _bits: Final = random.getrandbits
 
 
-class _Span(NonRecordingSpan):
-    """A span being recorded, and the current span in OpenTelemetry's context while it runs
-    (to the OpenTelemetry API it is a non-recording span: others see its context, nothing
-    more). Attributes go to a plain dict; a sampled span is encoded for export
-    (:func:`~onwards_trio._ops.otlp.encode_span`) when it finishes. Its ``SpanContext`` is made
-    only when someone asks for it: our own code reads the ids directly."""
+class _Span:
+    """What every span of ours holds: its ids, where it sits, whether it is sampled."""
 
     __slots__ = (
-        "_span_context",
-        "attributes",
-        "error",
-        "kind",
-        "links",
-        "name",
         "parent_id",
         "parent_remote",
         "sampled",
         "span_id",
         "start",
-        "telemetry",
+        "state",
+        "stop",
         "trace_id",
-        "trace_state",
     )
+    trace_id: int
+    span_id: int
+    parent_id: int  # 0: a root
+    parent_remote: bool
+    sampled: bool
+    state: str  # the tracestate header ("": none)
+    start: int  # ns since the epoch (set only when sampled, as is all that follows)
+    stop: int
 
     def __init__(
-        self,
-        telemetry: Telemetry,
-        name: str,
-        kind: int,
-        trace_id: int,
-        sampled: bool,
-        trace_state: TraceState,
-        parent_id: int,
-        parent_remote: bool,
-        attributes: dict[str, Any],
-        links: Sequence[_Link] = (),
+        self, trace_id: int, parent_id: int, parent_remote: bool, sampled: bool, state: str
     ) -> None:
-        self.telemetry = telemetry
-        self.name = name
-        self.kind = kind
         self.trace_id = trace_id
         self.span_id = _bits(64) or _bits(64) or 1
-        self.sampled = sampled
-        self.trace_state = trace_state
         self.parent_id = parent_id
         self.parent_remote = parent_remote
-        self.attributes = attributes
-        self.links = links
-        self.error = False
-        self._span_context: SpanContext | None = None
-        self.start = time.time_ns()
-
-    def get_span_context(self) -> SpanContext:
-        context = self._span_context
-        if context is None:
-            context = self._span_context = SpanContext(
-                self.trace_id,
-                self.span_id,
-                is_remote=False,
-                trace_flags=_SAMPLED if self.sampled else _NOT_SAMPLED,
-                trace_state=self.trace_state,
-            )
-        return context
+        self.sampled = sampled
+        self.state = state
 
     def __repr__(self) -> str:
-        return f"_Span({self.name!r}, {self.trace_id:032x}, {self.span_id:016x})"
+        return f"{type(self).__name__}({self.trace_id:032x}, {self.span_id:016x})"
 
-    def finish(self) -> None:
-        """Ended: a sampled span is encoded and queued for export. (Not ``end``: that is the
-        OpenTelemetry API's, a no-op on a span someone else owns.)"""
-        if self.sampled:
-            state = self.trace_state
-            self.telemetry.queue.put(
-                encode_span(
-                    self.trace_id,
-                    self.span_id,
-                    ",".join(f"{k}={v}" for k, v in state.items()) if state else "",
-                    self.parent_id,
-                    self.parent_remote,
-                    self.name,
-                    self.kind,
-                    self.start,
-                    time.time_ns(),
-                    self.attributes,
-                    [(t, s, r, _CREATED_BY) for t, s, r in self.links],
-                    self.error,
-                )
-            )
+    def encode(self) -> bytes:
+        """The span as OTLP protobuf (:func:`~onwards_trio._ops.otlp.encode_frame`), for the
+        export task."""
+        raise NotImplementedError
+
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
 
-class SpanScope:
-    """A started span and the token that restores the context it was made current in."""
-
-    __slots__ = ("span", "token")
-
-    def __init__(self, span: _Span, token: Token[Context] | None) -> None:
-        self.span = span
-        self.token = token
-
-    @property
-    def sampled(self) -> bool:
-        """Whether the span is recorded (not: what it would be told need not be worked out)."""
-        return self.span.sampled
+# The current span of ours (None: none). Loop spans are also current in OpenTelemetry's context.
+_active: ContextVar[_Span | None] = ContextVar("onwards_trio_span", default=None)
+# The span a background response's trace is linked to (the request that created it).
+_origin: ContextVar[_Link | None] = ContextVar("onwards_trio_trace_origin", default=None)
 
 
-class AttemptSpan:
-    """The client span of one upstream attempt, as the pipeline drives it."""
+def _usage_fields(usage: Any) -> bytes:
+    out = int_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
+    out += int_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+    if usage.cached_tokens:
+        out += int_attribute("gen_ai.usage.cache_read.input_tokens", usage.cached_tokens)
+    if usage.reasoning_tokens:
+        out += int_attribute("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens)
+    return out
 
-    __slots__ = ("span",)
 
-    def __init__(self, span: _Span) -> None:
-        self.span = span
+# Encoded name, kind and repeated attributes of server and client spans, by their values.
+_request_parts: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+_attempt_parts: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+
+
+class RequestSpan(_Span):
+    """The server span of one HTTP request (what the gateway holds between start and end)."""
+
+    __slots__ = (
+        "alias",
+        "attempts",
+        "key_label",
+        "method",
+        "outer",
+        "provider",
+        "route",
+        "status",
+        "tokens",
+    )
+    outer: _Span | None  # the span current before this one
+    method: str
+    route: str
+    status: int
+    alias: str | None
+    key_label: str | None
+    provider: int | None
+    attempts: int | None
+    tokens: Any
+
+    def encode(self) -> bytes:
+        status = self.status
+        key = (
+            self.method,
+            self.route,
+            status,
+            self.alias,
+            self.key_label,
+            self.provider,
+            self.attempts,
+        )
+        parts = _request_parts.get(key)
+        if parts is None:
+            parts = _request_parts_of(*key)
+            if len(_request_parts) < _CACHED:
+                _request_parts[key] = parts
+        head, attributes = parts
+        if self.tokens is not None:
+            attributes += _usage_fields(self.tokens)
+        return encode_frame(
+            self.trace_id,
+            self.span_id,
+            self.state,
+            self.parent_id,
+            self.parent_remote,
+            head,
+            self.start,
+            self.stop,
+            attributes,
+            b"",
+            status >= 500,
+        )
+
+
+def _request_parts_of(
+    method: str,
+    route: str,
+    status: int,
+    alias: str | None,
+    key_label: str | None,
+    provider: int | None,
+    attempts: int | None,
+) -> tuple[bytes, bytes]:
+    attributes: dict[str, Any] = {
+        "http.request.method": method,
+        "http.route": route,
+        "http.response.status_code": status,
+    }
+    if alias is not None:
+        attributes["onwards.alias"] = alias
+        attributes["gen_ai.request.model"] = alias
+    if key_label is not None:
+        attributes["onwards.key_label"] = key_label
+    if provider is not None:
+        attributes["onwards.provider"] = provider
+    if attempts:
+        attributes["onwards.attempts"] = attempts
+    if status >= 500:
+        attributes["error.type"] = str(status)
+    name = f"{method} {route}" if route != "other" else method
+    return name_and_kind(name, KIND_SERVER), span_attributes(attributes)
+
+
+class AttemptSpan(_Span):
+    """The client span of one upstream attempt, as the pipeline drives it. Not sampled, it
+    only carries the ids an opted-in provider is told."""
+
+    __slots__ = (
+        "attempt",
+        "failure",
+        "first",
+        "model",
+        "path",
+        "provider",
+        "queue",
+        "retry_reason",
+        "status",
+        "tokens",
+    )
+    path: bytes
+    model: str
+    provider: Any
+    attempt: int
+    retry_reason: str | None
+    status: int | None
+    first: float | None  # seconds to the first body byte
+    tokens: Any
+    failure: str | None
+    queue: _SpanQueue
 
     def trace_headers(
         self, headers: list[tuple[bytes, bytes]], propagate: bool
@@ -235,55 +333,159 @@ class AttemptSpan:
         """``headers`` without the client's trace headers, plus this attempt's own when the
         provider opted in (``propagate_trace_context``): an upstream that did not opt in learns
         nothing of the trace."""
-        out = [(k, v) for k, v in headers if k not in _TRACE_HEADERS]
+        for k, _ in headers:
+            if k in _TRACE_HEADERS:
+                headers = [(k, v) for k, v in headers if k not in _TRACE_HEADERS]
+                break
         if propagate:
-            carrier: dict[str, str] = {}
-            _PROPAGATOR.inject(carrier, trace.set_span_in_context(self.span))
-            out.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in carrier.items())
-        return out
-
-    @property
-    def sampled(self) -> bool:
-        """Whether the attempt's trace is recorded (not: nothing need be read for it)."""
-        return self.span.sampled
+            headers = [*headers, (b"traceparent", self.traceparent().encode())]
+            if self.state:
+                headers.append((b"tracestate", self.state.encode("latin-1")))
+        return headers
 
     def answered(self, status: int) -> None:
         """The response head arrived."""
-        span = self.span
-        span.attributes["http.response.status_code"] = status
-        if status >= 500:
-            span.attributes["error.type"] = str(status)
-            span.error = True
+        self.status = status
 
     def first_byte(self, seconds: float) -> None:
-        self.span.attributes["gen_ai.response.time_to_first_chunk"] = seconds
+        self.first = seconds
 
     def usage(self, usage: Any) -> None:
-        self.span.attributes.update(_usage_attributes(usage))
+        self.tokens = usage
 
     def end(self, failure: str | None = None) -> None:
         """End the span; ``failure`` says why the attempt failed (``timeout``,
         ``network_error``, ``cancelled``, ``rejected``)."""
-        span = self.span
-        if failure is not None:
-            span.attributes["error.type"] = failure
-            span.error = True
-        span.finish()
+        if self.sampled:
+            self.failure = failure
+            self.stop = time.time_ns()
+            self.queue.put(self)
+
+    def encode(self) -> bytes:
+        status = self.status
+        error = self.failure
+        if error is None and status is not None and status >= 500:
+            error = str(status)
+        provider = self.provider
+        key = (
+            self.path,
+            self.model,
+            provider.scheme,
+            provider.host,
+            provider.port,
+            provider.index,
+            self.attempt,
+            self.retry_reason,
+            status,
+            error,
+        )
+        parts = _attempt_parts.get(key)
+        if parts is None:
+            parts = _attempt_parts_of(*key)
+            if len(_attempt_parts) < _CACHED:
+                _attempt_parts[key] = parts
+        head, attributes = parts
+        if self.first is not None:
+            attributes += float_attribute("gen_ai.response.time_to_first_chunk", self.first)
+        if self.tokens is not None:
+            attributes += _usage_fields(self.tokens)
+        return encode_frame(
+            self.trace_id,
+            self.span_id,
+            self.state,
+            self.parent_id,
+            self.parent_remote,
+            head,
+            self.start,
+            self.stop,
+            attributes,
+            b"",
+            error is not None,
+        )
+
+
+def _attempt_parts_of(
+    path: bytes,
+    model: str,
+    scheme: bytes,
+    host: bytes,
+    port: int | None,
+    index: int,
+    attempt: int,
+    retry_reason: str | None,
+    status: int | None,
+    error: str | None,
+) -> tuple[bytes, bytes]:
+    operation = operation_for(path)
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": operation,
+        "gen_ai.request.model": model,
+        "server.address": host.decode("ascii", "replace"),
+        "server.port": port or (443 if scheme == b"https" else 80),
+        "onwards.provider": index,
+        "onwards.attempt": attempt,
+    }
+    if retry_reason is not None:
+        attributes["onwards.retry_reason"] = retry_reason
+    if status is not None:
+        attributes["http.response.status_code"] = status
+    if error is not None:
+        attributes["error.type"] = error
+    return name_and_kind(f"{operation} {model}", KIND_CLIENT), span_attributes(attributes)
+
+
+class LoopSpan(_Span):
+    """A loop run or step: rarer than requests, so attributes in a dict, encoded as they are;
+    also current in OpenTelemetry's context while it runs."""
+
+    __slots__ = ("attributes", "error", "kind", "links", "name", "outer", "token")
+    name: str
+    kind: int
+    attributes: dict[str, Any]
+    links: Sequence[_Link]
+    error: bool
+    outer: _Span | None
+    token: Token[Context]
+
+    def encode(self) -> bytes:
+        return encode_span(
+            self.trace_id,
+            self.span_id,
+            self.state,
+            self.parent_id,
+            self.parent_remote,
+            self.name,
+            self.kind,
+            self.start,
+            self.stop,
+            self.attributes,
+            [(t, s, r, _CREATED_BY) for t, s, r in self.links],
+            self.error,
+        )
+
+    def span_context(self) -> SpanContext:
+        return SpanContext(
+            self.trace_id,
+            self.span_id,
+            is_remote=False,
+            trace_flags=_SAMPLED if self.sampled else _NOT_SAMPLED,
+            trace_state=TraceState.from_header([self.state]) if self.state else None,
+        )
 
 
 class _SpanQueue:
-    """A bounded queue of finished spans, encoded: ``put`` is a deque append on the caller's thread;
-    the Trio task in :meth:`Telemetry.run` does the exporting."""
+    """A bounded queue of ended spans: ``put`` is a deque append on the caller's thread; the
+    Trio task in :meth:`Telemetry.run` encodes and exports them."""
 
     def __init__(self, max_queue: int, batch: int) -> None:
-        self.spans: collections.deque[bytes] = collections.deque()
+        self.spans: collections.deque[_Span] = collections.deque()
         self.max_queue = max_queue
         self.batch = batch
         self.dropped = 0
         self.ready = trio.Event()
         self._trio_thread: int | None = None
 
-    def put(self, span: bytes) -> None:
+    def put(self, span: _Span) -> None:
         spans = self.spans
         if len(spans) >= self.max_queue:
             self.dropped += 1
@@ -292,10 +494,20 @@ class _SpanQueue:
         if len(spans) >= self.batch and threading.get_ident() == self._trio_thread:
             self.ready.set()  # a full batch: export now rather than at the next tick
 
-    def take(self) -> list[bytes]:
+    def take(self) -> list[_Span]:
         spans = self.spans
         n = min(len(spans), self.batch)
         return [spans.popleft() for _ in range(n)]
+
+
+def _encoded(batch: Sequence[_Span]) -> list[bytes]:
+    out = []
+    for span in batch:
+        try:
+            out.append(span.encode())
+        except Exception:  # a bug in one span must not lose the batch or stop the exporter
+            log.exception("span %r not exported", span)
+    return out
 
 
 def _content(value: Any) -> str:
@@ -323,21 +535,71 @@ def operation_for(path: bytes) -> str:
     return _OPERATIONS.get(text, "chat" if text.endswith("chat/completions") else "other")
 
 
+def _remote(traceparent: str, tracestate: str | None) -> _Remote | None:
+    """A caller's span from its ``traceparent``/``tracestate``, by the W3C propagator's rules
+    (``None``: no valid one)."""
+    if len(traceparent) > _TRACEPARENT_LIMIT:
+        return None
+    match = _TRACEPARENT.search(traceparent)
+    if match is None:
+        return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    if trace_id == "0" * 32 or span_id == "0" * 16:
+        return None
+    if (version == "00" and rest) or version == "ff":
+        return None
+    state = ""
+    if tracestate is not None and len(tracestate) <= _TRACESTATE_LIMIT:
+        state = TraceState.from_header([tracestate]).to_header()
+    return int(trace_id, 16), int(span_id, 16), bool(int(flags, 16) & 1), state
+
+
+def _remote_of(headers: Iterable[tuple[bytes, bytes]]) -> _Remote | None:
+    traceparent = tracestate = None
+    for k, v in headers:
+        if k == b"traceparent":
+            traceparent = v.decode("latin-1")
+        elif k == b"tracestate":
+            tracestate = v.decode("latin-1")
+    return _remote(traceparent, tracestate) if traceparent else None
+
+
 def _current() -> _Span | SpanContext | None:
-    """The span current in this task: one of ours, or another's context (a caller's span
-    through the OpenTelemetry API); ``None``: no valid one."""
-    span = trace.get_current_span()
-    if type(span) is _Span:
+    """The current span: ours, else another's through the OpenTelemetry API (a caller's span
+    around a loop run as a library); ``None``: no valid one."""
+    span = _active.get()
+    if span is not None:
         return span
-    context = span.get_span_context()
+    context = trace.get_current_span().get_span_context()
     return context if context.is_valid else None
 
 
-def _link_to(parent: _Span | SpanContext) -> _Link:
-    if type(parent) is _Span:
-        return (parent.trace_id, parent.span_id, False)
-    assert isinstance(parent, SpanContext)
-    return (parent.trace_id, parent.span_id, parent.is_remote)
+def _leaf_bound(sampler: Sampler) -> int | None:
+    """The bound a standard sampler compares the trace id's low 64 bits with (always on: every
+    id is under it; off: none), or ``None`` for a sampler that must be asked."""
+    method = type(sampler).should_sample
+    if method is StaticSampler.should_sample:
+        decision = getattr(sampler, "_decision", None)
+        return _ALWAYS if decision is Decision.RECORD_AND_SAMPLE else 0
+    if method is TraceIdRatioBased.should_sample:
+        return getattr(sampler, "bound", None)
+    return None
+
+
+def _bounds(sampler: Sampler) -> tuple[int, int, int] | None:
+    """A standard sampler as bounds for (a root, under a sampled remote parent, under a
+    non-sampled one), or ``None``: the sampler is called for each decision."""
+    if type(sampler).should_sample is ParentBased.should_sample:
+        parts = [
+            _leaf_bound(getattr(sampler, name, None))  # type: ignore[arg-type]
+            for name in ("_root", "_remote_parent_sampled", "_remote_parent_not_sampled")
+        ]
+        root, sampled, not_sampled = parts
+        if root is None or sampled is None or not_sampled is None:
+            return None
+        return root, sampled, not_sampled
+    bound = _leaf_bound(sampler)
+    return None if bound is None else (bound, bound, bound)
 
 
 class Telemetry:
@@ -370,74 +632,46 @@ class Telemetry:
         self.request = TracesRequest(resource.attributes, _SCOPE, None, resource.schema_url)
         # The provider resolves the sampler as the SDK does (OTEL_TRACES_SAMPLER[_ARG]).
         self.sampler: Sampler = TracerProvider(resource=resource, sampler=sampler).sampler
+        self.bounds = _bounds(self.sampler)
         self.queue = _SpanQueue(max_queue, batch)
         self.exporter = exporter
         self.record_content = record_content
         self.interval = interval
         self.export_timeout = export_timeout
 
-    def _span(
+    def _decide(
         self,
+        trace_id: int,
+        remote: _Remote | None,
         name: str,
         kind: int,
-        attributes: dict[str, Any],
-        parent: _Span | SpanContext | None,
-        links: Sequence[_Link] = (),
-    ) -> _Span:
-        """A new span under ``parent``. The sampler decides at a trace's root (or under a
-        remote parent, whose decision a parent-based sampler follows); children follow."""
-        if type(parent) is _Span:
-            return _Span(
-                self,
-                name,
-                kind,
-                parent.trace_id,
-                parent.sampled,
-                parent.trace_state,
-                parent.span_id,
-                False,
-                attributes,
-                links,
+        attributes: Mapping[str, Any],
+    ) -> tuple[bool, str]:
+        """The sampler's decision for a new trace (``remote``: under a caller's span), and the
+        trace state it keeps."""
+        bounds = self.bounds
+        if bounds is not None:  # the SDK's rule for the standard samplers; state: the parent's
+            if remote is None:
+                return trace_id & _M64 < bounds[0], ""
+            return trace_id & _M64 < bounds[1 if remote[2] else 2], remote[3]
+        context = None
+        if remote is not None:
+            parent = SpanContext(
+                trace_id,
+                remote[1],
+                is_remote=True,
+                trace_flags=_SAMPLED if remote[2] else _NOT_SAMPLED,
+                trace_state=TraceState.from_header([remote[3]]) if remote[3] else None,
             )
-        assert parent is None or isinstance(parent, SpanContext)
-        if parent is None or parent.is_remote:
-            if parent is None:
-                trace_id = _bits(128) or _bits(128) or 1
-                context = None
-            else:
-                trace_id = parent.trace_id
-                context = trace.set_span_in_context(NonRecordingSpan(parent))
-            result = self.sampler.should_sample(
-                context, trace_id, name, _SDK_KINDS[kind], attributes
-            )
-            sampled = result.decision is Decision.RECORD_AND_SAMPLE
-            state = result.trace_state or _NO_STATE
-        else:  # a local span of someone else's (the OpenTelemetry API)
-            trace_id, sampled, state = (
-                parent.trace_id,
-                parent.trace_flags.sampled,
-                parent.trace_state,
-            )
-        parent_id = parent.span_id if parent is not None else 0
-        remote = parent is not None and parent.is_remote
-        return _Span(
-            self, name, kind, trace_id, sampled, state, parent_id, remote, attributes, links
-        )
-
-    @staticmethod
-    def _enter(span: _Span) -> SpanScope:
-        return SpanScope(span, otel_context.attach(trace.set_span_in_context(span)))
-
-    @staticmethod
-    def _exit(scope: SpanScope) -> None:
-        scope.span.finish()
-        if scope.token is not None:
-            otel_context.detach(scope.token)
+            context = trace.set_span_in_context(NonRecordingSpan(parent))
+        result = self.sampler.should_sample(context, trace_id, name, _SDK_KINDS[kind], attributes)
+        state = result.trace_state
+        return result.decision is Decision.RECORD_AND_SAMPLE, state.to_header() if state else ""
 
     # -- export ---------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Export queued spans until cancelled, then flush what is left (bounded) and close the
-        exporter. Spans are encoded already; a batch is joined and POSTed by this task."""
+        exporter. A batch is encoded and POSTed by this task."""
         queue = self.queue
         queue._trio_thread = threading.get_ident()
         task_status.started()
@@ -466,11 +700,11 @@ class Telemetry:
                 with trio.move_on_after(1.0):
                     await self.exporter.aclose()
 
-    async def _export(self, batch: Sequence[bytes]) -> None:
+    async def _export(self, batch: Sequence[_Span]) -> None:
         # The exporter bounds its request and retries by the export timeout; this is a margin.
         with trio.move_on_after(self.export_timeout + 1.0):
             try:
-                await self.exporter.export(self.request.encode(batch))
+                await self.exporter.export(self.request.encode(_encoded(batch)))
             except Exception:
                 log.warning("span export failed", exc_info=True)
 
@@ -478,26 +712,47 @@ class Telemetry:
 
     def start_request(
         self, method: str, route: str, headers: Iterable[tuple[bytes, bytes]]
-    ) -> SpanScope:
+    ) -> RequestSpan:
         """Start the request's server span (a child of the caller's ``traceparent``, if any) and
         make it current."""
-        carrier: dict[str, str] | None = None
-        for k, v in headers:
+        remote: _Remote | None = None
+        for k, _ in headers:
             if k in _TRACE_HEADERS:
-                if carrier is None:
-                    carrier = {}
-                carrier[k.decode("latin-1")] = v.decode("latin-1")
-        parent = None
-        if carrier is not None:
-            remote = trace.get_current_span(_PROPAGATOR.extract(carrier)).get_span_context()
-            parent = remote if remote.is_valid else None
+                remote = _remote_of(headers)
+                break
+        bounds = self.bounds
+        if remote is None:
+            trace_id = _bits(128) or _bits(128) or 1
+            parent_id = 0
+            if bounds is not None:
+                sampled, state = trace_id & _M64 < bounds[0], ""
+            else:
+                sampled, state = self._request_decision(trace_id, None, method, route)
+        else:
+            trace_id, parent_id = remote[0], remote[1]
+            if bounds is not None:
+                sampled, state = trace_id & _M64 < bounds[1 if remote[2] else 2], remote[3]
+            else:
+                sampled, state = self._request_decision(trace_id, remote, method, route)
+        span = RequestSpan(trace_id, parent_id, remote is not None, sampled, state)
+        span.outer = _active.get()
+        if sampled:
+            span.method = method
+            span.route = route
+            span.start = time.time_ns()
+        _active.set(span)
+        return span
+
+    def _request_decision(
+        self, trace_id: int, remote: _Remote | None, method: str, route: str
+    ) -> tuple[bool, str]:
         name = f"{method} {route}" if route != "other" else method
         attributes = {"http.request.method": method, "http.route": route}
-        return self._enter(self._span(name, KIND_SERVER, attributes, parent))
+        return self._decide(trace_id, remote, name, KIND_SERVER, attributes)
 
     def end_request(
         self,
-        scope: SpanScope,
+        span: RequestSpan,
         status: int,
         *,
         alias: str | None = None,
@@ -506,27 +761,19 @@ class Telemetry:
         attempts: int | None = None,
         usage: Any = None,
     ) -> None:
-        span = scope.span
+        _active.set(span.outer)
+        span.outer = None
         if span.sampled:
-            attributes = span.attributes
-            attributes["http.response.status_code"] = status
-            if alias is not None:
-                if len(alias) > _ALIAS_LIMIT:  # what the client sent, configured or not
-                    alias = alias[:_ALIAS_LIMIT] + "..."
-                attributes["onwards.alias"] = alias
-                attributes["gen_ai.request.model"] = alias
-            if key_label is not None:
-                attributes["onwards.key_label"] = key_label
-            if provider is not None:
-                attributes["onwards.provider"] = provider
-            if attempts:
-                attributes["onwards.attempts"] = attempts
-            if usage is not None:
-                attributes.update(_usage_attributes(usage))
-            if status >= 500:
-                attributes["error.type"] = str(status)
-                span.error = True
-        self._exit(scope)
+            span.stop = time.time_ns()
+            span.status = status
+            if alias is not None and len(alias) > _ALIAS_LIMIT:
+                alias = alias[:_ALIAS_LIMIT] + "..."  # what the client sent, configured or not
+            span.alias = alias
+            span.key_label = key_label
+            span.provider = provider
+            span.attempts = attempts
+            span.tokens = usage
+            self.queue.put(span)
 
     # -- upstream attempts (client spans) -------------------------------------------------------
 
@@ -539,26 +786,85 @@ class Telemetry:
         retry_reason: str | None,
     ) -> AttemptSpan:
         """A client span for one try at one provider (a child of the current span)."""
-        operation = operation_for(path)
-        port = provider.port or (443 if provider.scheme == b"https" else 80)
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": operation,
-            "gen_ai.request.model": model,
-            "server.address": provider.host.decode("ascii", "replace"),
-            "server.port": port,
-            "onwards.provider": provider.index,
-            "onwards.attempt": attempt,
-        }
-        if retry_reason is not None:
-            attributes["onwards.retry_reason"] = retry_reason
-        name = f"{operation} {model}"
-        return AttemptSpan(self._span(name, KIND_CLIENT, attributes, _current()))
+        parent = _active.get()
+        if parent is not None:
+            span = AttemptSpan(parent.trace_id, parent.span_id, False, parent.sampled, parent.state)
+        else:  # not under a request of ours (the pipeline run as a library)
+            trace_id, parent_id, remote, sampled, state = self._placed(
+                f"{operation_for(path)} {model}", KIND_CLIENT, {}, _current()
+            )
+            span = AttemptSpan(trace_id, parent_id, remote, sampled, state)
+        if span.sampled:
+            span.path = path
+            span.model = model
+            span.provider = provider
+            span.attempt = attempt
+            span.retry_reason = retry_reason
+            span.status = span.first = span.tokens = None
+            span.queue = self.queue
+            span.start = time.time_ns()
+        return span
+
+    def _placed(
+        self,
+        name: str,
+        kind: int,
+        attributes: Mapping[str, Any],
+        parent: _Span | SpanContext | None,
+    ) -> tuple[int, int, bool, bool, str]:
+        """Where a new span under ``parent`` sits: (trace id, parent span id (0: a root),
+        parent remote, sampled, trace state). The sampler decides at a trace's root or under a
+        remote parent; under a local one, the span follows its parent."""
+        if isinstance(parent, _Span):
+            return parent.trace_id, parent.span_id, False, parent.sampled, parent.state
+        if parent is None:
+            trace_id = _bits(128) or _bits(128) or 1
+            sampled, state = self._decide(trace_id, None, name, kind, attributes)
+            return trace_id, 0, False, sampled, state
+        state = parent.trace_state.to_header() if parent.trace_state else ""
+        sampled = parent.trace_flags.sampled
+        if parent.is_remote:
+            remote = (parent.trace_id, parent.span_id, sampled, state)
+            sampled, state = self._decide(parent.trace_id, remote, name, kind, attributes)
+        return parent.trace_id, parent.span_id, parent.is_remote, sampled, state
 
     # -- the loop -------------------------------------------------------------------------------
 
+    def _start_loop_span(
+        self,
+        name: str,
+        attributes: dict[str, Any],
+        parent: _Span | SpanContext | None,
+        links: Sequence[_Link] = (),
+    ) -> LoopSpan:
+        trace_id, parent_id, remote, sampled, state = self._placed(
+            name, KIND_INTERNAL, attributes, parent
+        )
+        span = LoopSpan(trace_id, parent_id, remote, sampled, state)
+        span.name = name
+        span.kind = KIND_INTERNAL
+        span.attributes = attributes
+        span.links = links
+        span.error = False
+        span.start = time.time_ns()
+        span.outer = _active.get()
+        _active.set(span)
+        span.token = otel_context.attach(
+            trace.set_span_in_context(NonRecordingSpan(span.span_context()))
+        )
+        return span
+
+    def _end_loop_span(self, span: LoopSpan) -> None:
+        _active.set(span.outer)
+        span.outer = None
+        otel_context.detach(span.token)
+        if span.sampled:
+            span.stop = time.time_ns()
+            self.queue.put(span)
+
     def start_response(
         self, response_id: str, model: str | None, depth: int, agent: str | None = None
-    ) -> SpanScope:
+    ) -> LoopSpan:
         """A loop run: a child of the current span, or — for a background response, whose
         context was detached — a new trace linked to the request that created it."""
         parent = _current()
@@ -577,21 +883,20 @@ class Telemetry:
         if agent:
             attributes["gen_ai.agent.name"] = agent
         name = f"invoke_agent {agent or model or ''}".rstrip()
-        return self._enter(self._span(name, KIND_INTERNAL, attributes, parent, links))
+        return self._start_loop_span(name, attributes, parent, links)
 
     def end_response(
-        self, scope: SpanScope, status: str, usage: Any = None, error: str | None = None
+        self, span: LoopSpan, status: str, usage: Any = None, error: str | None = None
     ) -> None:
-        span = scope.span
         span.attributes["onwards.response.status"] = status
         if usage is not None:
             span.attributes.update(_usage_attributes(usage))
         if error is not None:
             span.attributes["error.type"] = error
             span.error = True
-        self._exit(scope)
+        self._end_loop_span(span)
 
-    def start_step(self, step_id: str, kind: str, payload: Any) -> SpanScope:
+    def start_step(self, step_id: str, kind: str, payload: Any) -> LoopSpan:
         """A loop step (model call or tool call), child of its loop run's span."""
         attributes: dict[str, Any] = {"onwards.step.id": step_id, "onwards.step.kind": kind}
         record = self.record_content and isinstance(payload, Mapping)
@@ -616,12 +921,11 @@ class Telemetry:
             if record and "messages" in payload:
                 attributes["gen_ai.input.messages"] = _content(payload["messages"])
             title = f"chat {model}" if isinstance(model, str) else "chat"
-        return self._enter(self._span(title, KIND_INTERNAL, attributes, _current()))
+        return self._start_loop_span(title, attributes, _current())
 
     def end_step(
-        self, scope: SpanScope, kind: str, outcome: str, result: Any = None, usage: Any = None
+        self, span: LoopSpan, kind: str, outcome: str, result: Any = None, usage: Any = None
     ) -> None:
-        span = scope.span
         attributes = span.attributes
         attributes["onwards.step.outcome"] = outcome
         if usage is not None:
@@ -636,18 +940,27 @@ class Telemetry:
         if outcome != "completed":
             attributes["error.type"] = outcome
             span.error = True
-        self._exit(scope)
+        self._end_loop_span(span)
 
     # -- background responses -------------------------------------------------------------------
+
+    @staticmethod
+    def _leave(origin: _Link | None) -> None:
+        _origin.set(origin)
+        _active.set(None)
+        otel_context.attach(Context())
 
     @staticmethod
     def detach() -> None:
         """Leave the current trace, for the rest of this task (one that outlives the request
         that started it): the next loop run starts a new trace linked to the current span."""
         current = _current()
-        if current is not None:
-            _origin.set(_link_to(current))
-        otel_context.attach(Context())
+        if isinstance(current, _Span):
+            Telemetry._leave((current.trace_id, current.span_id, False))
+        elif current is not None:
+            Telemetry._leave((current.trace_id, current.span_id, current.is_remote))
+        else:
+            Telemetry._leave(_origin.get())
 
     @staticmethod
     def traceparent() -> str | None:
@@ -657,22 +970,14 @@ class Telemetry:
         if current is None:
             return None
         if isinstance(current, _Span):
-            trace_id, span_id, sampled = current.trace_id, current.span_id, current.sampled
-        else:
-            trace_id, span_id = current.trace_id, current.span_id
-            sampled = current.trace_flags.sampled
-        return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+            return current.traceparent()
+        sampled = "01" if current.trace_flags.sampled else "00"
+        return f"00-{current.trace_id:032x}-{current.span_id:016x}-{sampled}"
 
     @staticmethod
     def adopt(traceparent: str | None) -> None:
         """For a task that resumes a response another process started: leave whatever trace
         the task was in; the next loop run starts a new trace, linked to ``traceparent`` (the
         request that created the response) when it is a valid one."""
-        origin: _Link | None = None
-        if traceparent:
-            extracted = _PROPAGATOR.extract({"traceparent": traceparent})
-            context = trace.get_current_span(extracted).get_span_context()
-            if context.is_valid:
-                origin = (context.trace_id, context.span_id, True)
-        _origin.set(origin)
-        otel_context.attach(Context())
+        remote = _remote(traceparent, None) if traceparent else None
+        Telemetry._leave((remote[0], remote[1], True) if remote is not None else None)
