@@ -327,9 +327,12 @@ class TracesRequest:
         self._schema = _string(b"\x1a", resource_schema_url) if resource_schema_url else b""
 
     def encode(self, spans: Sequence[bytes]) -> bytes:
-        scope_spans = self._scope + b"".join(spans)
-        resource_spans = self._resource + _message(b"\x12", scope_spans) + self._schema
-        return _message(b"\x0a", resource_spans)
+        # One copy of the spans (a batch is up to hundreds of KiB): the lengths first.
+        scope_length = len(self._scope) + sum(map(len, spans))
+        scope_head = b"\x12" + _varint(scope_length)  # ResourceSpans.scope_spans (2)
+        length = len(self._resource) + len(scope_head) + scope_length + len(self._schema)
+        head = b"\x0a" + _varint(length) + self._resource + scope_head + self._scope
+        return b"".join([head, *spans, self._schema])
 
 
 # -- sending -----------------------------------------------------------------------------------

@@ -338,10 +338,14 @@ class AttemptSpan(_Span):
                 headers = [(k, v) for k, v in headers if k not in _TRACE_HEADERS]
                 break
         if propagate:
-            headers = [*headers, (b"traceparent", self.traceparent().encode())]
-            if self.state:
-                headers.append((b"tracestate", self.state.encode("latin-1")))
+            headers = headers + self._context_headers()
         return headers
+
+    def _context_headers(self) -> list[tuple[bytes, bytes]]:
+        out = [(b"traceparent", self.traceparent().encode())]
+        if self.state:
+            out.append((b"tracestate", self.state.encode("latin-1")))
+        return out
 
     def answered(self, status: int) -> None:
         """The response head arrived."""
@@ -432,6 +436,39 @@ def _attempt_parts_of(
     if error is not None:
         attributes["error.type"] = error
     return name_and_kind(f"{operation} {model}", KIND_CLIENT), span_attributes(attributes)
+
+
+class _UnsampledAttempt(AttemptSpan):
+    """Every attempt under a request span that is not sampled (one shared object: there is
+    nothing to record). An opted-in provider is still told the trace, with an id of its own for
+    the attempt, made when the headers are."""
+
+    __slots__ = ()
+
+    def _context_headers(self) -> list[tuple[bytes, bytes]]:
+        parent = _active.get()  # the request's span: the pipeline sends from its task
+        if parent is None:
+            return []
+        attempt = f"00-{parent.trace_id:032x}-{_bits(64) or 1:016x}-00"
+        out = [(b"traceparent", attempt.encode())]
+        if parent.state:
+            out.append((b"tracestate", parent.state.encode("latin-1")))
+        return out
+
+    def answered(self, status: int) -> None:
+        pass
+
+    def first_byte(self, seconds: float) -> None:
+        pass
+
+    def usage(self, usage: Any) -> None:
+        pass
+
+    def end(self, failure: str | None = None) -> None:
+        pass
+
+
+_UNSAMPLED_ATTEMPT: Final = _UnsampledAttempt(1, 0, False, False, "")
 
 
 class LoopSpan(_Span):
@@ -788,7 +825,9 @@ class Telemetry:
         """A client span for one try at one provider (a child of the current span)."""
         parent = _active.get()
         if parent is not None:
-            span = AttemptSpan(parent.trace_id, parent.span_id, False, parent.sampled, parent.state)
+            if not parent.sampled:
+                return _UNSAMPLED_ATTEMPT
+            span = AttemptSpan(parent.trace_id, parent.span_id, False, True, parent.state)
         else:  # not under a request of ours (the pipeline run as a library)
             trace_id, parent_id, remote, sampled, state = self._placed(
                 f"{operation_for(path)} {model}", KIND_CLIENT, {}, _current()

@@ -89,14 +89,15 @@ def _traceparent(low: int, flags: str) -> str:
 
 
 @pytest.mark.usefixtures("_ratio_sampler")
-async def test_a_parent_based_ratio_sampler_follows_the_callers_flag(
+async def test_a_parent_based_ratio_sampler_follows_the_callers_flag_and_still_propagates(
     nursery: trio.Nursery,
 ) -> None:
     upstream = FakeUpstream()
     high, low = 2**64 - 2, 1  # above and below the 0.5 bound
     async with otlp_receiver() as receiver:
+        url = await serve_app(nursery, upstream)
         config = {
-            "targets": {"gpt": {"url": await serve_app(nursery, upstream)}},
+            "targets": {"gpt": {"url": url, "propagate_trace_context": True}},
             "telemetry": {"endpoint": receiver.url},
         }
         gateway = Gateway(parse_config(config))
@@ -115,3 +116,9 @@ async def test_a_parent_based_ratio_sampler_follows_the_callers_flag(
             spans = await receiver.wait_for(1, "POST /v1/chat/completions")
     server = [s for s in spans if s.name == "POST /v1/chat/completions"]
     assert [s.trace_id[16:] for s in server] == [f"{high:016x}"]
+    # An opted-in provider is told the trace even when it is not recorded: the caller's trace
+    # id, not sampled, and the attempt's own span id.
+    for sent, low_bits in zip(upstream.requests[:2], (low, high), strict=True):
+        _, trace_id, parent_id, flags = sent.headers["traceparent"].split("-")
+        assert (trace_id[16:], flags) == (f"{low_bits:016x}", "00")
+        assert parent_id not in ("00f067aa0ba902b7", "0" * 16)
