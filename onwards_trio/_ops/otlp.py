@@ -220,16 +220,22 @@ def _number_heads_of(key: str) -> tuple[bytes, ...]:
     return heads
 
 
+_INT_VALUES: Final = tuple(b"\x18" + _VARINTS[i] for i in range(128))  # AnyValue.int_value (3)
+
+
 def int_attribute(key: str, value: int) -> bytes:
     """One ``Span.attributes`` field of an int value, not cached (token counts vary): the same
     bytes as :func:`span_attributes` makes of ``{key: value}``."""
-    number = b"\x18" + _varint(value)  # AnyValue.int_value (3)
-    return _number_heads_of(key)[len(number)] + number
+    heads = _number_heads.get(key) or _number_heads_of(key)
+    if 0 <= value < 128:
+        return heads[2] + _INT_VALUES[value]
+    number = b"\x18" + _varint(value)
+    return heads[len(number)] + number
 
 
 def float_attribute(key: str, value: float) -> bytes:
     """:func:`int_attribute` for a float (``AnyValue.double_value``, 4)."""
-    return _number_heads_of(key)[9] + b"\x21" + _double(value)
+    return (_number_heads.get(key) or _number_heads_of(key))[9] + b"\x21" + _double(value)
 
 
 def encode_frame(
@@ -266,8 +272,9 @@ def encode_frame(
         times = (b"\x39" + _fixed64(start) if start else b"") + (
             b"\x41" + _fixed64(end) if end else b""
         )
-    body = b"".join((ids, head, times, attributes, links, _TAILS[error, parent_remote]))
-    return b"\x12" + _varint(len(body)) + body
+    tail = _TAILS[error, parent_remote]
+    length = len(ids) + len(head) + len(times) + len(attributes) + len(links) + len(tail)
+    return b"".join((b"\x12", _varint(length), ids, head, times, attributes, links, tail))
 
 
 def encode_span(

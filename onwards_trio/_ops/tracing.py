@@ -198,13 +198,20 @@ _active: ContextVar[_Span | None] = ContextVar("onwards_trio_span", default=None
 _origin: ContextVar[_Link | None] = ContextVar("onwards_trio_trace_origin", default=None)
 
 
+_last_usage: list[Any] = [None, b""]  # the last usage encoded: a request's spans share it
+
+
 def _usage_fields(usage: Any) -> bytes:
+    if usage is _last_usage[0]:
+        encoded: bytes = _last_usage[1]
+        return encoded
     out = int_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
     out += int_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
     if usage.cached_tokens:
         out += int_attribute("gen_ai.usage.cache_read.input_tokens", usage.cached_tokens)
     if usage.reasoning_tokens:
         out += int_attribute("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens)
+    _last_usage[:] = [usage, out]
     return out
 
 

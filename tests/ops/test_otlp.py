@@ -19,7 +19,13 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from onwards_trio._ops.otlp import TracesRequest, encode_span
+from onwards_trio._ops.otlp import (
+    TracesRequest,
+    encode_span,
+    float_attribute,
+    int_attribute,
+    span_attributes,
+)
 
 _INT64 = st.integers(-(2**63), 2**63 - 1)
 _PRIMITIVES = st.one_of(st.text(max_size=30), st.booleans(), _INT64, st.floats(allow_nan=False))
@@ -177,3 +183,14 @@ def test_an_attribute_that_cannot_be_encoded_is_left_out() -> None:
     decoded = ExportTraceServiceRequest.FromString(TracesRequest({}, "x").encode([span]))
     (received,) = decoded.resource_spans[0].scope_spans[0].spans
     assert [a.key for a in received.attributes] == ["ok"]
+
+
+@given(st.text(max_size=200), _INT64)
+def test_an_int_attribute_is_encoded_as_in_any_span(key: str, value: int) -> None:
+    """Token counts are encoded by a shortcut (they are not cached): the same bytes."""
+    assert int_attribute(key, value) == span_attributes({key: value})
+
+
+@given(st.text(max_size=200), st.floats(allow_nan=False))
+def test_a_float_attribute_is_encoded_as_in_any_span(key: str, value: float) -> None:
+    assert float_attribute(key, value) == span_attributes({key: value})
