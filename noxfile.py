@@ -138,11 +138,22 @@ MUTATION_TARGETS: dict[str, tuple[str, ...]] = {
     "client": _functions("_transport.client", "xǁ_Parserǁ*", "_runs_to_close", "xǁResponseǁ*"),
     "pipeline": _functions(
         "_proxy.pipeline",
-        "xǁProxyǁ_admit",
-        "xǁProxyǁ_admit_shared",
         "xǁProxyǁ_shared_provider",
+        "xǁProxyǁ_usage_tap",
         "_read_limited",
         "_aclose_shielded",
+    ),
+    "admission": ("onwards_trio._proxy.admission.*",),
+    "budgets": ("onwards_trio._proxy.budgets.*",),
+    "ledger": _functions(
+        "_proxy.ledger",
+        "cost_of",
+        "xǁUsageQueryǁmatches",
+        "xǁUsageLedgerǁnote",
+        "xǁUsageLedgerǁdrop",
+        "xǁUsageLedgerǁflush",
+        "xǁUsageLedgerǁaclose",
+        "xǁLedgerNoteǁ*",
     ),
     "server": _functions(
         "_transport.server",
@@ -164,20 +175,77 @@ MUTATION_TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The tests that guard a module, for the modules listed: such a module is mutated in its own
+# copy of the tree, .mutation/<module>/, whose mutmut config mutates that module's file only and
+# records the test map (which tests reach each function) over these tests only: a few minutes
+# instead of the whole selection's 10-25, and no other module's mutated functions slowing the
+# tests. A mutant these tests miss may be killed by another test, so the score over them is a
+# lower bound. Modules not listed share mutants/ and the whole selection in [tool.mutmut].
+MUTATION_TESTS: dict[str, tuple[str, ...]] = {
+    "auth": (
+        "tests/proxy/test_traffic.py",
+        "tests/proxy/test_hashed_keys.py",
+        "tests/proxy/test_proxy.py",
+        "tests/app/test_request_limits.py",
+        "tests/anthropic/test_messages.py",
+    ),
+    "limits": (
+        "tests/proxy/test_limits.py",
+        "tests/proxy/test_limit_edges.py",
+        "tests/proxy/test_token_limits.py",
+        "tests/proxy/test_token_counter.py",
+        "tests/proxy/test_traffic.py",
+        "tests/proxy/test_budgets.py",
+        "tests/app/test_request_limits.py",
+    ),
+    "shared_limits": (
+        "tests/proxy/test_limits_redis.py",
+        "tests/proxy/test_budgets.py",
+        "tests/proxy/test_traffic.py",
+    ),
+    "admission": (
+        "tests/proxy/test_limits.py",
+        "tests/proxy/test_limit_edges.py",
+        "tests/proxy/test_token_limits.py",
+        "tests/proxy/test_token_counter.py",
+        "tests/proxy/test_traffic.py",
+        "tests/proxy/test_budgets.py",
+        "tests/proxy/test_limits_redis.py",
+        "tests/app/test_request_limits.py",
+    ),
+    "pipeline": (
+        "tests/proxy/test_proxy.py",
+        "tests/proxy/test_traffic.py",
+        "tests/proxy/test_deep_upstream_json.py",
+        "tests/proxy/test_budgets.py",
+        "tests/proxy/test_ledger.py",
+        "tests/proxy/test_usage_http.py",
+        "tests/proxy/test_limits_redis.py",
+    ),
+    "budgets": ("tests/proxy/test_budgets.py", "tests/proxy/test_limits_redis.py"),
+    "ledger": (
+        "tests/proxy/test_ledger.py",
+        "tests/app/test_usage_ledger.py",
+        "tests/stores/test_usage_store.py",
+    ),
+}
+
+
 @nox.session
 def mutation(session: nox.Session) -> None:
     """Mutation testing (mutmut) of the modules that guard users, one module at a time, each
     within a time budget; prints killed / total per module and lists the survivors. Not a
     default session: it takes tens of minutes. ``nox -s mutation -- auth limits`` picks
     modules (names: ``MUTATION_TARGETS``); ``--budget=SECONDS`` is the wall-clock budget per
-    module (default 240; a first run also records which tests reach each function, outside
-    the budget), ``--jobs=N`` the mutants run at once (default 2). Results stay in
-    ``mutants/``, so ``nox -s mutation -- --report`` prints the scores again without running,
-    and ``--survivors`` runs only the survivors not accepted in docs/testing-quality.md (after
+    module (default 240; recording which tests reach each function is outside it),
+    ``--jobs=N`` the mutants run at once (default 2). Results stay in ``mutants/`` (or
+    ``.mutation/<module>/mutants/``): a second run goes on with the mutants the budget left
+    unrun (``--rerun`` runs them all again), ``--report`` prints the scores without running,
+    and ``--survivors`` runs the survivors not accepted in docs/testing-quality.md (after
     adding tests).
     Export ``ONWARDS_TEST_REDIS_URL`` / ``ONWARDS_TEST_POSTGRES_DSN`` for the shared limits
     and stores tests to run rather than skip."""
-    budget, jobs, report_only, survivors = 240, 2, False, False
+    budget, jobs, report_only, survivors, rerun = 240, 2, False, False, False
     chosen: list[str] = []
     failed: list[str] = []
     for arg in session.posargs:
@@ -189,6 +257,8 @@ def mutation(session: nox.Session) -> None:
             report_only = True
         elif arg == "--survivors":
             survivors = True
+        elif arg == "--rerun":
+            rerun = True
         elif arg in MUTATION_TARGETS:
             chosen.append(arg)
         else:
@@ -200,16 +270,19 @@ def mutation(session: nox.Session) -> None:
         )
         for name in chosen:
             started = time.monotonic()
-            names = _not_killed(name) if survivors else list(MUTATION_TARGETS[name])
+            fresh = _prepare_workdir(name)
+            names = _to_run(name, rerun=rerun or fresh, survivors=survivors)
             if not names:
+                session.log(f"mutation: {name}: every mutant has a result (--rerun runs them)")
                 continue
-            session.log(f"mutation: {name} (budget {budget} s)")
+            session.log(f"mutation: {name} (budget {budget} s, in {_workdir(name)})")
             # mutmut stops cleanly on SIGINT and keeps every result it has so far.
             proc = subprocess.Popen(
                 [session.bin + "/mutmut", "run", f"--max-children={jobs}", *names],
                 env={**os.environ, "PATH": session.bin + os.pathsep + os.environ["PATH"]},
+                cwd=_workdir(name),
             )
-            if _wait_within_budget(proc, budget) is None:
+            if _wait_within_budget(proc, budget, _workdir(name)) is None:
                 session.warn(f"mutation: {name} over budget, stopping it")
                 proc.send_signal(signal.SIGINT)
                 proc.wait()
@@ -222,12 +295,68 @@ def mutation(session: nox.Session) -> None:
         session.error(f"mutation: mutmut failed on {', '.join(failed)} (output above)")
 
 
-def _wait_within_budget(proc: subprocess.Popen[bytes], budget: float) -> int | None:
+def _source_file(name: str) -> Path:
+    """The file a target mutates, from its first pattern."""
+    module = MUTATION_TARGETS[name][0].split(".x")[0].removesuffix(".*")
+    return Path(*module.split(".")).with_suffix(".py")
+
+
+def _workdir(name: str) -> Path:
+    return Path(".mutation", name) if name in MUTATION_TESTS else Path()
+
+
+def _prepare_workdir(name: str) -> bool:
+    """Lay out ``.mutation/<module>/`` for a module with its own tests: the package, the tests
+    and the plugin linked, and pyproject.toml with a ``[tool.mutmut]`` that mutates only the
+    module's file and selects only its tests. True when that config changed (or is new): the
+    old results, if any, no longer hold, so every mutant runs."""
+    if name not in MUTATION_TESTS:
+        return False
+    work = _workdir(name)
+    work.mkdir(parents=True, exist_ok=True)
+    for entry in ("onwards_trio", "tests", "pytest_onwards_trio.py"):
+        if not (work / entry).is_symlink():
+            (work / entry).symlink_to(Path("..", "..", entry))
+    text = Path("pyproject.toml").read_text()
+    head, _, rest = text.partition("[tool.mutmut]\n")
+    config = {
+        "source_paths": ["onwards_trio"],
+        "only_mutate": [str(_source_file(name))],
+        "also_copy": ["pytest_onwards_trio.py"],
+        "pytest_add_cli_args_test_selection": list(MUTATION_TESTS[name]),
+        "pytest_add_cli_args": ["-p", "no:cacheprovider"],
+    }
+    # JSON strings and arrays are TOML too.
+    table = "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items())
+    toml = head + "[tool.mutmut]\n" + table + rest[rest.index("\n[") :]
+    target = work / "pyproject.toml"
+    if target.exists() and target.read_text() == toml:
+        return False
+    target.write_text(toml)
+    return True
+
+
+def _to_run(name: str, *, rerun: bool, survivors: bool) -> list[str]:
+    """What mutmut runs: every mutant of the target (its patterns) on a first run, a rerun
+    or when the source changed since the mutants were made; else the ones not run yet (a
+    budget stopped the last run), and with ``survivors`` also the unaccepted survivors.
+    (mutmut runs every mutant it is given by name or pattern, so resuming means naming
+    only the unrun ones.)"""
+    results = _results(name)
+    made = _workdir(name) / "mutants" / _source_file(name)
+    stale = not made.exists() or made.stat().st_mtime < _source_file(name).stat().st_mtime
+    if results is None or rerun or stale:
+        return list(MUTATION_TARGETS[name])
+    unrun = sorted(k for k, v in results.items() if v is None)
+    return unrun + (_not_killed(name) if survivors else [])
+
+
+def _wait_within_budget(proc: subprocess.Popen[bytes], budget: float, work: Path) -> int | None:
     """Wait for mutmut; ``None`` once ``budget`` seconds of mutants have run. The clock starts
     when mutmut has its test map (``mutmut-stats.json`` written): recording it runs the whole
     selection once after the tests change, which no module's budget should pay for."""
     started = time.time()
-    stats = Path("mutants/mutmut-stats.json")
+    stats = work / "mutants" / "mutmut-stats.json"
     clock: float | None = None
     while (code := proc.poll()) is None:
         if clock is None and stats.exists() and stats.stat().st_mtime >= started:
@@ -241,8 +370,7 @@ def _wait_within_budget(proc: subprocess.Popen[bytes], budget: float) -> int | N
 def _results(name: str) -> dict[str, int | None] | None:
     """mutmut's exit code per mutant of one target (``None``: not run yet)."""
     patterns = MUTATION_TARGETS[name]
-    module = patterns[0].split(".x")[0].removesuffix(".*")
-    meta = Path("mutants", *module.split(".")).with_suffix(".py.meta")
+    meta = _workdir(name) / "mutants" / _source_file(name).with_suffix(".py.meta")
     if not meta.exists():
         return None
     codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"]
