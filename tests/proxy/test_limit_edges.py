@@ -56,3 +56,9 @@ async def test_max_tokens_zero_reserves_no_output(nursery: trio.Nursery) -> None
 async def test_a_token_window_of_one_second_is_served(nursery: trio.Nursery) -> None:
     limit = {"tokens": 100_000, "window_secs": 1, "default_output_tokens": 0}
     assert await remaining_after(nursery, chat_body(400), limit) >= 100_000 - 100
+
+
+async def test_a_token_limit_of_one_token_is_served(nursery: trio.Nursery) -> None:
+    limit = {"tokens": 1, "window_secs": 1e9, "default_output_tokens": 0}
+    # a bigger estimate is capped at the whole limit, so the first request takes the token
+    assert await remaining_after(nursery, chat_body(400), limit) == 0
