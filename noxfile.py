@@ -236,6 +236,7 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
     "ledger": (
         "tests/proxy/test_ledger.py",
         "tests/app/test_usage_ledger.py",
+        "tests/app/test_usage_rows.py",
         "tests/stores/test_usage_store.py",
     ),
 }
@@ -318,7 +319,7 @@ def _workdir(name: str) -> Path:
 def _prepare_workdir(name: str) -> bool:
     """Lay out ``.mutation/<module>/`` for a module with its own tests: the package, the tests
     and the plugin linked, and pyproject.toml with a ``[tool.mutmut]`` that mutates only the
-    module's file and selects only its tests. True when that config changed (or is new): the
+    module's file and selects only its tests. True when that table changed (or is new): the
     old results, if any, no longer hold, so every mutant runs."""
     if name not in MUTATION_TESTS:
         return False
@@ -340,10 +341,10 @@ def _prepare_workdir(name: str) -> bool:
     table = "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items())
     toml = head + "[tool.mutmut]\n" + table + rest[rest.index("\n[") :]
     target = work / "pyproject.toml"
-    if target.exists() and target.read_text() == toml:
-        return False
-    target.write_text(toml)
-    return True
+    before = target.read_text() if target.exists() else ""
+    if before != toml:
+        target.write_text(toml)
+    return table not in before
 
 
 def _to_run(name: str, *, rerun: bool, survivors: bool) -> list[str]:
