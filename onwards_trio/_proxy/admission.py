@@ -14,7 +14,6 @@ chosen (:func:`reserve_provider`): before, nobody knows which provider's limit a
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -33,6 +32,7 @@ from onwards_trio._proxy.limits import (
     requested_output,
 )
 from onwards_trio._proxy.pricing import estimate_cost_micros, format_micros
+from onwards_trio._proxy.releases import Releases
 from onwards_trio._proxy.usage import Usage
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def _budget_headers(amount: int, used: int, reset: float | None) -> list[tuple[b
 
 
 def _admit_local(
-    metrics: Any, table: Table, pool: Pool, ident: str | None, stack: AsyncExitStack
+    metrics: Any, table: Table, pool: Pool, ident: str | None, stack: Releases
 ) -> None:
     """Pool then key rate limits, then pool then key concurrency permits, in-process."""
     m = metrics
@@ -200,7 +200,7 @@ async def _wants(
 
 
 async def admit(
-    metrics: Any, table: Table, pool: Pool, request: ProxyRequest, stack: AsyncExitStack
+    metrics: Any, table: Table, pool: Pool, request: ProxyRequest, stack: Releases
 ) -> Hold | None:
     """Every request-level limit, or an :class:`HTTPError` (429, 402); the request's
     :class:`Hold` when it reserved tokens or budget (also set as ``request.hold``)."""
@@ -268,7 +268,7 @@ class PendingGate:
         scopes: list[str],
         tokens: list[tuple[str, TokenLimit, int, str]],
         spends: list[tuple[str, Budget, int, BudgetSpec]],
-        stack: AsyncExitStack,
+        stack: Releases,
     ) -> None:
         self.rates = rates
         self.slots = slots
@@ -283,7 +283,7 @@ async def _admit_shared(
     table: Table,
     pool: Pool,
     request: ProxyRequest,
-    stack: AsyncExitStack,
+    stack: Releases,
     tokens: list[tuple[str, TokenLimit, int, str]],
     spends: list[tuple[str, Budget, int, BudgetSpec]],
 ) -> Hold | None:

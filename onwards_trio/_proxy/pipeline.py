@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -32,6 +32,7 @@ from onwards_trio._proxy.auth import bearer_token, evaluate_rules, key_id
 from onwards_trio._proxy.balance import backoff_delays, plan_attempts, select, status_matches
 from onwards_trio._proxy.ledger import LedgerNote, cost_of
 from onwards_trio._proxy.limits import Permit, Reservation
+from onwards_trio._proxy.releases import Releases
 from onwards_trio._proxy.targets import Pool, Provider, Table, Targets
 from onwards_trio._proxy.usage import (
     StreamUsageStripper,
@@ -134,10 +135,12 @@ class ProxyRequest:
 class _Body:
     """The upstream body as an async iterator: the pre-read first chunk, then the rest.
 
-    When the upstream body ends, ``on_end`` runs at once (it hands the connection back to the
-    pool) — before the caller sends the client its last bytes, so a client's next request can
-    reuse that connection. With a usage ``tap``, every chunk passes through it and the usage
-    found is handed to ``on_usage`` when the body ends. ``secret`` (the provider's key) is
+    When the upstream body ends, ``permit`` (the provider's concurrency permit) is released and
+    ``on_end`` runs (it hands the connection back to the pool) — before the caller sends the
+    client its last bytes, so a client's next request finds the provider as free as it is
+    (weighted least-connections counts permits) and can reuse that connection. With a usage
+    ``tap``, every chunk passes through it and the usage found is handed to ``on_usage`` when
+    the body ends. ``secret`` (the provider's key) is
     masked wherever the body quotes it (an upstream error message or an echo would otherwise
     hand it to the client); the mask has its length, so a content-length stays true. A key
     split across two chunks is masked too: a chunk that ends with the start of the key keeps
@@ -145,7 +148,7 @@ class _Body:
     follows; chunks that end otherwise (every SSE event ends in a blank line) pass at once.
     """
 
-    __slots__ = ("_first", "_held", "_it", "_on_end", "_on_usage", "_secret", "_tap")
+    __slots__ = ("_first", "_held", "_it", "_on_end", "_on_usage", "_permit", "_secret", "_tap")
 
     def __init__(
         self,
@@ -155,8 +158,10 @@ class _Body:
         tap: UsageTap | None = None,
         on_usage: Callable[[Usage], None] | None = None,
         secret: bytes | None = None,
+        permit: Permit | None = None,
     ) -> None:
         self._first = first
+        self._permit = permit
         self._it = it
         self._on_end = on_end
         self._tap = tap
@@ -208,6 +213,9 @@ class _Body:
                 self._on_usage(usage)
             if rest:
                 return rest  # the next call ends the body
+        if self._permit is not None:
+            self._permit.release()
+            self._permit = None
         if self._on_end is not None:
             on_end, self._on_end = self._on_end, None
             await on_end()
@@ -366,6 +374,30 @@ async def _read_limited(response: UpstreamResponse, limit: int) -> bytes:
     return b"".join(parts)[:limit]
 
 
+class _Upstream:
+    """:meth:`Proxy.open_upstream`'s context manager: a class, because a generator-based one
+    and its exit stack cost more than the rest of the pipeline's bookkeeping."""
+
+    __slots__ = ("_proxy", "_releases", "_request")
+
+    def __init__(self, proxy: Proxy, request: ProxyRequest) -> None:
+        self._proxy = proxy
+        self._request = request
+        self._releases = Releases()
+
+    async def __aenter__(self) -> UpstreamReply:
+        try:
+            return await self._proxy._open(self._request, self._releases)
+        except BaseException as exc:
+            await self._releases.run(exc)
+            raise
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        await self._releases.run(exc)
+
+
 class Proxy:
     """The pipeline over a live :class:`Targets` table and a shared upstream client."""
 
@@ -507,57 +539,59 @@ class Proxy:
 
     # -- the pipeline ---------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def open_upstream(self, request: ProxyRequest) -> AsyncIterator[UpstreamReply]:
-        """Run the pipeline; yield the reply to relay. Gateway errors raise :class:`HTTPError`.
+    def open_upstream(self, request: ProxyRequest) -> AbstractAsyncContextManager[UpstreamReply]:
+        """``async with proxy.open_upstream(request) as reply``: run the pipeline, give the
+        reply to relay. Gateway errors raise :class:`HTTPError`.
 
         Leaving the context closes the upstream response and releases every permit.
         """
+        return _Upstream(self, request)
+
+    async def _open(self, request: ProxyRequest, stack: Releases) -> UpstreamReply:
         table = self.targets.table  # one snapshot for the whole request
         alias, pool, _ = self.resolve(table, request)
-        async with AsyncExitStack() as stack:
-            note: LedgerNote | None = None
-            if self.ledger is not None:  # its row is noted last, with the outcome
-                note = stack.push(LedgerNote(self.ledger, table, pool, request))
-            hold = await admit(self.metrics, table, pool, request, stack)
-            if (
-                (
-                    hold is not None
-                    or pool.provider_tokens
-                    or table.config.telemetry.stream_usage
-                    or note is not None
-                )
-                and request.wants_stream
-                and request.raw_path.endswith(b"completions")
-                and not stream_usage_requested(request.json)
-            ):
-                request.strip_usage = True
-            reply = await self._attempts(request, alias, pool, stack)
-            hold = request.hold  # also made by a provider's token limit
-            if hold is not None:
-                hold.answered = 200 <= reply.status < 300
-                reply.headers.extend(hold.headers())
-            filters = self.filters
-            if filters:
-                ctx = FilterContext(
-                    request,
-                    alias,
-                    pool,
-                    reply.provider,
-                    table.strict_mode,
-                    table.config.sse_max_event_bytes,
-                )
-                for factory in filters:
-                    flt = factory(ctx)
-                    if flt is not None:
-                        reply = await flt(reply)
-                        break
-            if note is not None:
-                note.reply = reply
-            yield reply
+        note: LedgerNote | None = None
+        if self.ledger is not None:  # its row is noted last, with the outcome
+            note = stack.push(LedgerNote(self.ledger, table, pool, request))
+        hold = await admit(self.metrics, table, pool, request, stack)
+        if (
+            (
+                hold is not None
+                or pool.provider_tokens
+                or table.config.telemetry.stream_usage
+                or note is not None
+            )
+            and request.wants_stream
+            and request.raw_path.endswith(b"completions")
+            and not stream_usage_requested(request.json)
+        ):
+            request.strip_usage = True
+        reply = await self._attempts(request, alias, pool, stack)
+        hold = request.hold  # also made by a provider's token limit
+        if hold is not None:
+            hold.answered = 200 <= reply.status < 300
+            reply.headers.extend(hold.headers())
+        filters = self.filters
+        if filters:
+            ctx = FilterContext(
+                request,
+                alias,
+                pool,
+                reply.provider,
+                table.strict_mode,
+                table.config.sse_max_event_bytes,
+            )
+            for factory in filters:
+                flt = factory(ctx)
+                if flt is not None:
+                    reply = await flt(reply)
+                    break
+        if note is not None:
+            note.reply = reply
+        return reply
 
     async def _attempts(
-        self, request: ProxyRequest, alias: str, pool: Pool, stack: AsyncExitStack
+        self, request: ProxyRequest, alias: str, pool: Pool, stack: Releases
     ) -> UpstreamReply:
         fallback = pool.fallback if pool.fallback is not None and pool.fallback.enabled else None
         delays = (
@@ -653,7 +687,7 @@ class Proxy:
         pool: Pool,
         provider: Provider,
         permit: Permit,
-        stack: AsyncExitStack,
+        stack: Releases,
         retry_reason: str | None = None,
     ) -> UpstreamReply | HTTPError | tuple[int, list[tuple[bytes, bytes]], bytes]:
         """One try at one provider. Returns the reply to relay, or why to try the next one."""
@@ -747,6 +781,7 @@ class Proxy:
                     tap,
                     on_usage,
                     provider.secret,
+                    permit,
                 )
                 reply = UpstreamReply(
                     response.status,
@@ -781,7 +816,7 @@ class Proxy:
                     span.end(failure)
 
     @staticmethod
-    def _hold(request: ProxyRequest, stack: AsyncExitStack) -> Hold:
+    def _hold(request: ProxyRequest, stack: Releases) -> Hold:
         """The request's hold, made for a provider's token reservation if admission made none."""
         hold = request.hold
         if hold is None:
