@@ -65,6 +65,7 @@ from onwards_trio._transport.asgi import (
     BodyBudget,
     CancelOnDisconnect,
     ClientDisconnected,
+    EndOnDisconnect,
     Receive,
     Scope,
     Send,
@@ -390,7 +391,11 @@ class Gateway:
             ):
                 status = await self.idempotency.handle(scope, receive, exchange, self._route)
             else:
-                status = await self._route(scope, receive, exchange)
+                status = await self._route(scope, receive, exchange, last=True)
+        except trio.Cancelled:
+            if getattr(receive, "client_gone", False):
+                status = 499  # the client left: see relay(last=True)
+            raise
         except Exception:
             # A bug must still end as a JSON error, never a traceback or a hung client.
             log.exception("unhandled error in %s %s", method, endpoint_label(path))
@@ -443,9 +448,11 @@ class Gateway:
         if self.metrics is not None:
             self.metrics.ledger_dropped(count)
 
-    async def _route(self, scope: Scope, receive: Receive, send: Send) -> int:
+    async def _route(
+        self, scope: Scope, receive: Receive, send: Send, *, last: bool = False
+    ) -> int:
         """Serve a request by its path: ``/v1/messages``, strict routes, ``/v1/responses``, or
-        the proxy."""
+        the proxy (``last``: see :meth:`relay`)."""
         path: str = scope["path"]
         if path in ANTHROPIC_ROUTES:
             return await self.anthropic.handle(scope, receive, send)
@@ -454,7 +461,7 @@ class Gateway:
             return await handle_strict(self, scope, receive, send, responses=self.responses.create)
         if path == "/v1/responses" or path.startswith("/v1/responses/"):
             return await self.responses.handle(scope, receive, send)
-        return await self._proxy_http(scope, receive, send)
+        return await self._proxy_http(scope, receive, send, last)
 
     async def _models(self, scope: Scope, send: Send) -> int:
         headers = scope["headers"]
@@ -495,7 +502,9 @@ class Gateway:
         note_request(request)  # alias, provider, attempts and sizes on the access line
         return request
 
-    async def _proxy_http(self, scope: Scope, receive: Receive, send: Send) -> int:
+    async def _proxy_http(
+        self, scope: Scope, receive: Receive, send: Send, last: bool = False
+    ) -> int:
         try:
             request = await self.read_request(scope, receive)
         except HTTPError as exc:
@@ -503,7 +512,7 @@ class Gateway:
             return exc.status
         except ClientDisconnected:
             return 499
-        return await self.relay(request, receive, send)
+        return await self.relay(request, receive, send, last=last)
 
     async def relay(
         self,
@@ -513,6 +522,7 @@ class Gateway:
         *,
         answer: Callable[[UpstreamReply, Send], Awaitable[int]] | None = None,
         error: Callable[[Send, HTTPError], Awaitable[object]] = send_error,
+        last: bool = False,
     ) -> int:
         """Run the pipeline for ``request`` and relay the reply, watching for disconnects.
 
@@ -520,9 +530,15 @@ class Gateway:
         ``/v1/messages`` sends its own answer and returns its status); ``error`` sends a
         gateway error in the route's envelope. Anything unexpected propagates to the
         handler's safety net (a JSON 500 while no head was sent, an aborted connection after).
+
+        A disconnect ends the relay quietly (499), unless ``last``: the caller has nothing
+        left to do for the request but synchronous bookkeeping, so under the built-in server
+        the disconnect cancels the connection's scope instead (no cancel scope of its own per
+        request) and the cancellation propagates.
         """
         status = 499
-        async with CancelOnDisconnect(receive):
+        end = getattr(receive, "end_on_disconnect", None) if last else None
+        async with CancelOnDisconnect(receive) if end is None else EndOnDisconnect(receive):
             try:
                 async with self.proxy.open_upstream(request) as reply:
                     status = reply.status

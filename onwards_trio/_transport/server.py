@@ -10,7 +10,9 @@ semantics the gateway relies on:
   response is complete) and returns ``http.disconnect`` — so disconnects are seen at once;
   ``receive.cancel_on_disconnect(scope)`` (our extension, used through
   :class:`~onwards_trio._transport.asgi.CancelOnDisconnect`) has the connection's reader task
-  cancel a scope instead, with no task per request;
+  cancel a scope instead, with no task per request; ``receive.end_on_disconnect()`` (also
+  ours) has it cancel the connection's own scope, for a handler with nothing left to do once
+  its client has gone (no cancel scope per request at all);
 * sends after a disconnect are dropped silently (the app is told through ``receive``); a client
   that stops reading for ``write_timeout`` seconds counts as gone;
 * graceful shutdown: when ``shutdown_trigger`` returns, stop accepting, close idle keep-alive
@@ -298,6 +300,7 @@ class _Connection:
         "parser",
         "read_deadline",
         "receive",
+        "scope",
         "server",
         "stream",
         "waiting_for_head",
@@ -327,6 +330,8 @@ class _Connection:
         self.writing_since: float | None = None  # when a blocked write began
         self.read_deadline = math.inf  # when a read still waiting counts as timed out
         self.waiting_for_head = False
+        # Round the connection's requests: what end_on_disconnect registers (see run()).
+        self.scope = trio.CancelScope()
 
     def wake_if_idle(self) -> None:
         if self.waiting_for_head and not self.parser.requests:
@@ -347,6 +352,14 @@ class _Connection:
         if scope is not None and self._disconnected:
             scope.cancel()
         return previous
+
+    def end_on_disconnect(self) -> trio.CancelScope | None:
+        """Cancel the rest of the current request, and end the connection, when the client
+        disconnects: for a handler that has nothing left to do then but synchronous
+        bookkeeping (the cancellation reaches it, then :meth:`run`'s scope, which catches it).
+        Returns the registration it replaces, to be restored with
+        :meth:`cancel_on_disconnect` when the handler is done."""
+        return self.cancel_on_disconnect(self.scope)
 
     # -- the reader task --------------------------------------------------------------------
 
@@ -413,12 +426,13 @@ class _Connection:
 
     async def run(self) -> None:
         linger = False
-        async with trio.open_nursery() as tasks:
-            tasks.start_soon(self._reader)
-            try:
-                linger = await self._serve_all()
-            finally:
-                tasks.cancel_scope.cancel()
+        with self.scope:  # cancelled only when a handler said end_on_disconnect: client gone
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(self._reader)
+                try:
+                    linger = await self._serve_all()
+                finally:
+                    tasks.cancel_scope.cancel()
         if linger:
             await self._linger()
 
@@ -648,11 +662,17 @@ class _Receive:
     server's extension: :class:`~onwards_trio._transport.asgi.CancelOnDisconnect` registers a
     cancel scope through it instead of running a watcher task per request."""
 
-    __slots__ = ("_conn", "cancel_on_disconnect")
+    __slots__ = ("_conn", "cancel_on_disconnect", "end_on_disconnect")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
         self.cancel_on_disconnect = conn.cancel_on_disconnect
+        self.end_on_disconnect = conn.end_on_disconnect
+
+    @property
+    def client_gone(self) -> bool:
+        """The client has disconnected (or counts as gone)."""
+        return self._conn._disconnected
 
     def __call__(self) -> Awaitable[Message]:
         return self._conn._receive()

@@ -5,14 +5,15 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import httpx
 import orjson
 import pytest
 import trio
 
-from onwards_trio import Gateway
+from onwards_trio import Gateway, parse_config
 from onwards_trio._ops import logs as _logging
 from onwards_trio._ops.logs import configure_logging
 from onwards_trio._ops.reload import config_secrets
@@ -112,6 +113,31 @@ async def test_one_access_line_per_request(
     assert sorted(ln.split("status=")[1].split()[0] for ln in lines) == ["200", "200", "200", "404"]
     assert not any("api_key" in ln for ln in lines)  # the query string is never logged
     assert all("duration_ms=" in ln for ln in lines)
+
+
+# Under the built-in server the relay of a plain proxy request is cancelled through the
+# connection's own scope (the cancellation leaves the handler); hypercorn's watcher task ends it
+# quietly instead. Both must log the request as 499.
+@pytest.mark.parametrize("server", ["onwards", "hypercorn"])
+async def test_a_client_gone_before_the_answer_is_logged_as_499(
+    nursery: trio.Nursery, handler_output: io.StringIO, server: Literal["onwards", "hypercorn"]
+) -> None:
+    up = FakeUpstream(Reply(body=chat_completion(COMPLETION), delay=30))
+    config = {"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}
+    gateway = Gateway(parse_config(config))
+    info = await nursery.start(partial(gateway.serve, "127.0.0.1", 0, server=server))
+    host, port = info.url.removeprefix("http://").rsplit(":", 1)
+    payload = b'{"model":"gpt-4","messages":[]}'
+    async with await trio.open_tcp_stream(host, int(port)) as client:
+        await client.send_all(
+            b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (CHAT.encode(), len(payload), payload)
+        )
+        with trio.fail_after(5):  # leave while the upstream still thinks
+            while not up.active:
+                await trio.sleep(0.01)
+    (line,) = await _access_lines(handler_output, 1)
+    assert "path=/v1/chat/completions status=499" in line and "alias=gpt-4" in line
 
 
 async def test_access_line_names_alias_provider_and_sizes(
