@@ -224,6 +224,8 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
+                    # upstream header timeouts without a cancel scope per request
+                    await nursery.start(self.client.watch_deadlines)
                     writer = access_writer()
                     if writer is not None:  # access lines written in batches, off the hot path
                         await nursery.start(writer.run)

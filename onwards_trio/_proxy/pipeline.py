@@ -530,11 +530,15 @@ class Proxy:
         if span is not None:
             headers = span.trace_headers(headers, provider.spec.propagate_trace_context)
         timeout = provider.timeout or config.default_request_timeout_secs
+        client = self.client
         if timeout is None:
-            return await self.client.send(provider, request.method, target, headers, body)
+            return await client.send(provider, request.method, target, headers, body)
+        deadline = trio.current_time() + timeout
+        if getattr(client, "watching", False):  # its watchdog task: no cancel scope per request
+            return await client.send(provider, request.method, target, headers, body, deadline)
         # trio.fail_after without its generator context manager (which cost as much as the scope)
-        with trio.CancelScope(deadline=trio.current_time() + timeout):
-            return await self.client.send(provider, request.method, target, headers, body)
+        with trio.CancelScope(deadline=deadline):
+            return await client.send(provider, request.method, target, headers, body)
         raise trio.TooSlowError  # only the deadline can end the scope without a return
 
     # -- the pipeline ---------------------------------------------------------------------

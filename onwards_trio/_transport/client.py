@@ -146,7 +146,7 @@ class Connection:
     """One keep-alive connection to an origin. Not safe for concurrent requests (the pool
     hands a connection to one request at a time)."""
 
-    __slots__ = ("_io", "_parser", "_stream", "expires_at", "reusable")
+    __slots__ = ("_io", "_parser", "_stream", "expires_at", "reusable", "timed_out")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
@@ -158,6 +158,7 @@ class Connection:
         self._parser = _Parser()
         self.reusable = False  # set when a response was read to its end on a kept-alive link
         self.expires_at = 0.0
+        self.timed_out = False  # aborted by the pool's watchdog: its deadline passed
 
     @classmethod
     async def connect(
@@ -196,6 +197,16 @@ class Connection:
             transport = getattr(self._stream, "transport_stream", None)
             sock = getattr(transport, "socket", None)
         return sock is not None and not sock.is_readable()
+
+    def abort(self) -> None:
+        """Close the socket from outside the task using the connection (the watchdog): a call
+        waiting on it wakes with an error, later ones fail; :meth:`aclose` still follows."""
+        self.reusable = False
+        sock = getattr(self._stream, "socket", None)
+        if sock is None:
+            sock = getattr(getattr(self._stream, "transport_stream", None), "socket", None)
+        if sock is not None:
+            sock.close()
 
     async def aclose(self) -> None:
         self.reusable = False

@@ -10,6 +10,7 @@ and a request that met such a connection before any response byte is tried once 
 
 from __future__ import annotations
 
+import math
 import ssl
 from typing import Protocol
 
@@ -214,40 +215,76 @@ class _HostPool:
         if self._slots is not None:
             self._slots.release()
 
-    async def _connection(self) -> tuple[Connection, bool]:
+    async def _idle_connection(self) -> Connection | None:
+        """A healthy idle connection (the ones the server closed meanwhile are closed)."""
         while self._idle:
             conn = self._idle.pop()
             if conn.is_healthy():
-                return conn, True
+                return conn
             await conn.aclose()
+        return None
+
+    async def _connect(self) -> Connection:
         client = self._client
-        conn = await Connection.connect(
+        return await Connection.connect(
             self.scheme,
             self.host,
             self.port,
             client.connect_timeout,
             client.ssl_context() if self.scheme == b"https" else None,
         )
-        return conn, False
 
     async def request(
-        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        watch: _Watchdog | None = None,
+        deadline: float = math.inf,
     ) -> UpstreamResponse:
-        if self._slots is not None:
-            await self._slots.acquire()
+        """With ``watch``, the exchange on a connection is aborted at ``deadline`` by the
+        watchdog (then ``trio.TooSlowError``); waiting for a slot or a new connection is
+        bounded by a cancel scope (the rare case)."""
+        slots = self._slots
+        if slots is not None:
+            if watch is None:
+                await slots.acquire()
+            else:
+                try:
+                    slots.acquire_nowait()
+                except trio.WouldBlock:
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        await slots.acquire()
+                    if scope.cancelled_caught:
+                        raise trio.TooSlowError from None
         try:
             for _ in range(2):
-                conn, reused = await self._connection()
+                conn = await self._idle_connection()
+                reused = conn is not None
+                if conn is None:
+                    if watch is None:
+                        conn = await self._connect()
+                    else:
+                        with trio.CancelScope(deadline=deadline) as scope:
+                            conn = await self._connect()
+                        if scope.cancelled_caught or conn is None:
+                            raise trio.TooSlowError
+                if watch is not None:
+                    watch.add(conn, deadline)
                 try:
                     response = await conn.request(method, target, headers, body)
-                except NoResponse:
+                except BaseException as exc:
+                    if watch is not None:
+                        watch.remove(conn)
                     await conn.aclose()
-                    if reused:
+                    if conn.timed_out and isinstance(exc, Exception):
+                        raise trio.TooSlowError from None
+                    if reused and isinstance(exc, NoResponse):
                         continue  # the server had closed that idle connection: one fresh try
                     raise
-                except BaseException:
-                    await conn.aclose()
-                    raise
+                if watch is not None:
+                    watch.remove(conn)
                 return UpstreamResponse(response, conn, self)
             raise NoResponse("no response on a fresh connection")  # pragma: no cover
         except BaseException:
@@ -278,9 +315,57 @@ class _HostPool:
             await conn.aclose()
 
 
+_TICK = 1.0  # the watchdog's longest sleep: later deadlines need no wake-up when added
+
+
+class _Watchdog:
+    """Aborts the connections whose request is past its deadline, from one task.
+
+    Why: a cancel scope per upstream request (``trio.fail_after``) costs about a tenth of a
+    proxied request's CPU. Here a request adds its connection and deadline to a dict and
+    removes it when the response head is in; the task wakes at the earliest deadline or every
+    ``_TICK`` seconds, whichever is first, so only a deadline under a second away moves its
+    wake-up (a deadline change on one scope, not a scope per request).
+    """
+
+    __slots__ = ("_sleep", "conns", "wake_at")
+
+    def __init__(self) -> None:
+        self.conns: dict[Connection, float] = {}
+        self.wake_at = math.inf
+        self._sleep: trio.CancelScope | None = None
+
+    def add(self, conn: Connection, deadline: float) -> None:
+        self.conns[conn] = deadline
+        if deadline < self.wake_at:
+            self.wake_at = deadline
+            if self._sleep is not None:
+                self._sleep.deadline = deadline
+
+    def remove(self, conn: Connection) -> None:
+        self.conns.pop(conn, None)
+
+    async def run(self) -> None:
+        conns = self.conns
+        while True:
+            now = trio.current_time()
+            wake = now + _TICK
+            for conn, deadline in list(conns.items()):
+                if deadline <= now:
+                    del conns[conn]
+                    conn.timed_out = True
+                    conn.abort()
+                elif deadline < wake:
+                    wake = deadline
+            self.wake_at = wake
+            with trio.CancelScope(deadline=wake) as self._sleep:
+                await trio.sleep_forever()
+
+
 class UpstreamClient:
     """Pooled HTTP/1.1 connections to the upstreams. Create once per gateway; close with
-    :meth:`aclose`."""
+    :meth:`aclose`. While :meth:`watch_deadlines` runs, :meth:`send` enforces its deadline
+    without a cancel scope per request."""
 
     def __init__(self, http_pool: HttpPool | None = None) -> None:
         spec = http_pool or HttpPool()
@@ -290,6 +375,25 @@ class UpstreamClient:
         self.connect_timeout = 30.0
         self._pools: dict[tuple[bytes, bytes, int | None], _HostPool] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._watch: _Watchdog | None = None
+
+    @property
+    def watching(self) -> bool:
+        """:meth:`watch_deadlines` is running: :meth:`send` takes a ``deadline``."""
+        return self._watch is not None
+
+    async def watch_deadlines(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Enforce :meth:`send` deadlines until cancelled (the gateway runs this in its
+        service nursery)."""
+        watch = _Watchdog()
+        self._watch = watch
+        try:
+            task_status.started()
+            await watch.run()
+        finally:
+            self._watch = None
 
     def ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -305,14 +409,22 @@ class UpstreamClient:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
-        """Send a request; returns once the response head arrived (body still streaming)."""
+        """Send a request; returns once the response head arrived (body still streaming).
+        Past ``deadline`` (trio time; only while :attr:`watching`) without the head:
+        ``trio.TooSlowError``."""
         key = (provider.scheme, provider.host, provider.port)
         pool = self._pools.get(key)
         if pool is None:
             port = provider.port or (443 if provider.scheme == b"https" else 80)
             pool = self._pools[key] = _HostPool(provider.scheme, provider.host, port, self)
-        return await pool.request(method, target, headers, body)
+        if deadline is None:
+            return await pool.request(method, target, headers, body)
+        watch = self._watch
+        if watch is None:
+            raise RuntimeError("a deadline needs watch_deadlines() running")
+        return await pool.request(method, target, headers, body, watch, deadline)
 
     async def aclose(self) -> None:
         pools, self._pools = self._pools, {}

@@ -450,6 +450,27 @@ async def test_upstream_header_timeout_is_504(nursery: trio.Nursery) -> None:
     assert r.json()["error"]["code"] == "gateway_timeout"
 
 
+async def test_a_header_timeout_on_a_reused_connection_is_504_once_then_a_fresh_one_serves(
+    nursery: trio.Nursery,
+) -> None:
+    # The timeout aborts the pooled connection (the gateway's watchdog task); the request
+    # must not be retried on a fresh one as if the server had closed an idle connection.
+    slow = Reply(body=chat_completion(), delay=3)
+    up = FakeUpstream([Reply(body=chat_completion()), slow, Reply(body=chat_completion())])
+    _, client = await gateway_with(
+        nursery, {"m": {"url": await serve_app(nursery, up), "request_timeout_secs": 0.3}}
+    )
+    async with client:
+        first = await client.post(CHAT, json=body("m"))
+        started = trio.current_time()
+        timed_out = await client.post(CHAT, json=body("m"))
+        elapsed = trio.current_time() - started
+        last = await client.post(CHAT, json=body("m"))
+    assert [first.status_code, timed_out.status_code, last.status_code] == [200, 504, 200]
+    assert 0.3 <= elapsed < 2.5
+    assert len(up.requests) == 3
+
+
 async def test_upstream_errors_pass_through_with_status(nursery: trio.Nursery) -> None:
     up = FakeUpstream(Reply(status=422, body=b'{"error":{"message":"bad temperature"}}'))
     _, client = await gateway_with(nursery, {"m": {"url": await serve_app(nursery, up)}})
