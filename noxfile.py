@@ -84,7 +84,9 @@ def bench(session: nox.Session) -> None:
     usage ledger (``ledger``: off, memory, SQLite, interleaved), of token limits and budgets
     (``limits``: off / local / shared through ONWARDS_TEST_REDIS_URL) and CPU per proxied
     request (``cpu``: plain, access log off, traffic control, interleaved; ``python
-    bench/cpu.py --before DIR`` adds another checkout to the same rounds). The machine's load
+    bench/cpu.py --before DIR`` adds another checkout to the same rounds), of stored
+    ``/v1/responses`` against ``store: false`` (``responses``, interleaved, ``--before DIR``
+    too). The machine's load
     average is printed before and after: figures from a loaded machine are not comparable.
     ``nox -s bench -- proxy`` runs one."""
     session.install("-e", ".[otel,redis]")  # the tracing rows need the SDK, limits coredis
@@ -99,6 +101,7 @@ def bench(session: nox.Session) -> None:
         "tracing",
         "ledger",
         "limits",
+        "responses",
     )
     chosen = set(session.posargs) or set(names)
     session.log(f"load average before: {_load_average()}")

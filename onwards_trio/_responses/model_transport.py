@@ -4,11 +4,12 @@ loop is a proxied ``/v1/chat/completions`` (routing, auth, limits, failover, fil
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 
 from onwards_trio._errors import HTTPError
 from onwards_trio._loop.model import ModelResponse
-from onwards_trio._proxy.pipeline import Proxy, ProxyRequest
+from onwards_trio._proxy.pipeline import Proxy, ProxyRequest, UpstreamReply
 from onwards_trio._transport.asgi import loads_off_loop
 
 __all__ = ["MODEL_CALL_DROP", "ProxyModelTransport"]
@@ -57,32 +58,62 @@ class ProxyModelTransport:
         self.route = route
         self.first_error: tuple[int, bytes] | None = None
 
-    @asynccontextmanager
-    async def open(self, payload: bytes, *, stream: bool) -> AsyncIterator[ModelResponse]:
-        accept = b"text/event-stream" if stream else b"application/json"
+    def open(self, payload: bytes, *, stream: bool) -> _ModelCall:
+        return _ModelCall(self, payload, stream)
+
+
+class _ModelCall:
+    """One model call as an async context manager (a class rather than a generator manager
+    over an exit stack: this is on every response's path). Entering runs the pipeline;
+    leaving closes the upstream response and releases every permit."""
+
+    __slots__ = ("payload", "stream", "transport", "upstream")
+
+    def __init__(self, transport: ProxyModelTransport, payload: bytes, stream: bool) -> None:
+        self.transport = transport
+        self.payload = payload
+        self.stream = stream
+        self.upstream: AbstractAsyncContextManager[UpstreamReply] | None = None
+
+    async def __aenter__(self) -> ModelResponse:
+        transport = self.transport
+        accept = b"text/event-stream" if self.stream else b"application/json"
         request = ProxyRequest(
             method=b"POST",
             raw_path=b"/v1/chat/completions",
             query=b"",
-            headers=[*self.headers, (b"content-type", b"application/json"), (b"accept", accept)],
-            body=payload,
-            json=await loads_off_loop(payload),
-            request_id=self.request_id,
-            route=self.route,
+            headers=[*transport.headers, (b"content-type", b"application/json"), (b"accept", accept)],
+            body=self.payload,
+            json=await loads_off_loop(self.payload),
+            request_id=transport.request_id,
+            route=transport.route,
         )
-        async with AsyncExitStack() as stack:
+        upstream = transport.proxy.open_upstream(request)
+        try:
+            reply = await upstream.__aenter__()
+        except HTTPError as exc:
+            if transport.first_error is None:
+                transport.first_error = (exc.status, exc.body)
+            return ModelResponse(exc.status, [(b"content-type", b"application/json")], _once(exc.body))
+        self.upstream = upstream
+        if not 200 <= reply.status < 300 and transport.first_error is None:
             try:
-                reply = await stack.enter_async_context(self.proxy.open_upstream(request))
-            except HTTPError as exc:
-                if self.first_error is None:
-                    self.first_error = (exc.status, exc.body)
-                yield ModelResponse(
-                    exc.status, [(b"content-type", b"application/json")], _once(exc.body)
-                )
-                return
-            if not 200 <= reply.status < 300 and self.first_error is None:
                 body = b"".join([chunk async for chunk in reply.body])
-                self.first_error = (reply.status, body)
-                yield ModelResponse(reply.status, reply.headers, _once(body))
-                return
-            yield ModelResponse(reply.status, reply.headers, reply.body)
+            except BaseException as exc:
+                self.upstream = None
+                await upstream.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            transport.first_error = (reply.status, body)
+            return ModelResponse(reply.status, reply.headers, _once(body))
+        return ModelResponse(reply.status, reply.headers, reply.body)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return False
+        return await upstream.__aexit__(exc_type, exc, tb)

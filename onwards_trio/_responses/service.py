@@ -36,7 +36,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import attrs
 import orjson
@@ -128,6 +128,13 @@ DONE_LINE = b"data: [DONE]\n\n"
 # The error of a response whose final state could not be stored: its client is not told it
 # completed (a later GET could not show that).
 _NOT_STORED = {"code": "server_error", "message": "The response could not be stored."}
+
+
+def _persisting(timeout: float) -> trio.CancelScope:
+    """A shielded scope that gives up after ``timeout``: clean-up that must not be cut short
+    by a cancellation, nor hang (``CancelScope(shield=True)`` in ``move_on_after``, as one
+    scope)."""
+    return trio.CancelScope(shield=True, deadline=trio.current_time() + timeout)
 
 
 def _now() -> int:
@@ -541,6 +548,8 @@ class ResponsesService:
         self._live: dict[str, _Live] = {}
         self._keeper_started = False
         self._backend: object = None  # what ``config.store`` opened
+        self._writer_checked: object = None  # the backend _backend_writes is about
+        self._backend_writes = False
         self.durability = Durability(self)
 
     @property
@@ -597,13 +606,19 @@ class ResponsesService:
         """The backend, when it writes a finished response in one call and both stores in use
         are still its own (a host may have replaced one)."""
         backend = self._backend
+        if backend is not self._writer_checked:
+            # isinstance against a runtime-checkable Protocol is slow: once per backend
+            self._writer_checked = backend
+            self._backend_writes = isinstance(backend, FinishedWriter) and isinstance(
+                backend, StoreBackend
+            )
         if (
-            isinstance(backend, FinishedWriter)
+            self._backend_writes
             and isinstance(backend, StoreBackend)
             and backend.responses is self.response_store
             and backend.steps is self.step_store
         ):
-            return backend
+            return cast(FinishedWriter, backend)
         return None
 
     def durable(self) -> DurableStore | None:
@@ -839,7 +854,7 @@ class ResponsesService:
         # on a backend that can write them all at the end they stay in memory until then.
         writer = self._writer() if req.store and not req.background else None
         # store: false keeps nothing
-        steps = step_store if req.store and writer is None else MemoryStore()
+        steps = step_store if req.store and writer is None else MemoryStore(private=True)
         job = _Job(
             response_id=response_id,
             request=req,
@@ -905,18 +920,26 @@ class ResponsesService:
             log.exception("response %s: the loop crashed", job.response_id)
             sink.crashed = True
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
-                await sink.close_stream()
-                if sink.live is not None:  # a retried batch lands before the final status
-                    await sink.live.maybe_flush(force=True)
+            # Each part shielded and bounded (one scope: shield and deadline), and only entered
+            # when it has something to do (a foreground response that ended with its terminal
+            # event has no stream to close; store: false without metrics writes nothing).
+            if sink.terminal is None or sink.live is not None:
+                with _persisting(self.persist_timeout):
+                    await sink.close_stream()
+                    if sink.live is not None:  # a retried batch lands before the final status
+                        await sink.live.maybe_flush(force=True)
             final = sink.final_response()
-            with trio.CancelScope(shield=True), trio.move_on_after(self.persist_timeout):
-                if job.stored and not (sink.live is not None and sink.live.release is not None):
-                    try:
-                        sink.stored = await self._store_final(job, final)
-                    except Exception:
-                        log.exception("response %s: could not store its outcome", job.response_id)
-                await self._count_steps(job)
+            if job.stored or self.gateway.metrics is not None:
+                with _persisting(self.persist_timeout):
+                    live = sink.live
+                    if job.stored and not (live is not None and live.release is not None):
+                        try:
+                            sink.stored = await self._store_final(job, final)
+                        except Exception:
+                            log.exception(
+                                "response %s: could not store its outcome", job.response_id
+                            )
+                    await self._count_steps(job)
         await sink.release_terminal(sink.stored)
         return final
 

@@ -73,6 +73,14 @@ async def _copy_off_loop(value: Any) -> Any:
     return await loads_off_loop(_dumps(value))
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
+async def _same_off_loop(value: Any) -> Any:
+    return value
+
+
 def _dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
@@ -108,8 +116,24 @@ class _Row:
 
 
 class MemoryStore:
-    def __init__(self, transition: Transition | None = None) -> None:
+    """Steps and loop responses in process memory.
+
+    ``private``: the store of one response whose loop is its only user, held until the
+    response is written whole (:class:`~onwards_trio._stores.base.FinishedResponse`) or
+    dropped (``store: false``). Nobody else can see or change its rows, so payloads are kept
+    as given rather than copied through JSON (what cannot be serialised then fails when the
+    response is written, not when the step is recorded), and a call yields only when it is
+    cancelled (``checkpoint_if_cancelled``: it still happens completely or not at all) instead
+    of at a full schedule point: a response makes about ten such calls, each a task switch.
+    """
+
+    def __init__(self, transition: Transition | None = None, *, private: bool = False) -> None:
         self.transition = transition if transition is not None else open_responses_transition
+        self._checkpoint = (
+            trio.lowlevel.checkpoint_if_cancelled if private else trio.lowlevel.checkpoint
+        )
+        self._copy = _same if private else _copy
+        self._copy_off_loop = _same_off_loop if private else _copy_off_loop
         self._steps: dict[str, _Row] = {}
         self._scopes: dict[tuple[str, str | None], list[_Row]] = {}
         self._next_sequence: dict[str, int] = {}
@@ -124,7 +148,7 @@ class MemoryStore:
     async def next_action_for(
         self, request_id: str, scope_parent: str | None, tools: Mapping[str, ToolSchema]
     ) -> NextAction:
-        await trio.lowlevel.checkpoint()
+        await self._checkpoint()
         view = ScopeView(
             request_id=request_id,
             scope_parent=scope_parent,
@@ -142,8 +166,8 @@ class MemoryStore:
         prev_step_id: str | None,
         descriptor: StepDescriptor,
     ) -> RecordedStep:
-        payload = await _copy_off_loop(descriptor.request_payload)
-        await trio.lowlevel.checkpoint()
+        payload = await self._copy_off_loop(descriptor.request_payload)
+        await self._checkpoint()
         sequence = self._next_sequence.get(request_id, 1)
         self._next_sequence[request_id] = sequence + 1
         row = _Row(
@@ -161,7 +185,7 @@ class MemoryStore:
         return RecordedStep(row.id, sequence)
 
     async def mark_step_processing(self, step_id: str) -> None:
-        await trio.lowlevel.checkpoint()
+        await self._checkpoint()
         row = self._row(step_id)
         if row.state is not StepState.PENDING:
             raise StoreError(StoreErrorKind.CONFLICT, f"step {step_id} is {row.state.value}")
@@ -175,18 +199,18 @@ class MemoryStore:
         return row
 
     async def complete_step(self, step_id: str, payload: Any) -> None:
-        payload = _copy(payload)
-        await trio.lowlevel.checkpoint()
+        payload = self._copy(payload)
+        await self._checkpoint()
         self._finish(step_id, StepState.COMPLETED).response_payload = payload
 
     async def fail_step(self, step_id: str, error: Any) -> None:
-        error = _copy(error)
-        await trio.lowlevel.checkpoint()
+        error = self._copy(error)
+        await self._checkpoint()
         self._finish(step_id, StepState.FAILED).error = error
 
     async def cancel_step(self, step_id: str, reason: Any = None) -> bool:
-        reason = _copy(reason)
-        await trio.lowlevel.checkpoint()
+        reason = self._copy(reason)
+        await self._checkpoint()
         row = self._row(step_id)
         if row.state.is_terminal:
             return False
@@ -195,23 +219,23 @@ class MemoryStore:
         return True
 
     async def get_step(self, step_id: str) -> ChainStep:
-        await trio.lowlevel.checkpoint()
+        await self._checkpoint()
         return self._row(step_id).chain_step()
 
     async def list_chain(self, request_id: str, scope_parent: str | None) -> Sequence[ChainStep]:
-        await trio.lowlevel.checkpoint()
+        await self._checkpoint()
         return [r.chain_step() for r in self._scopes.get((request_id, scope_parent), ())]
 
     async def assemble_response(self, request_id: str) -> Any:
-        await trio.lowlevel.checkpoint()
+        await self._checkpoint()
         record = self._responses.get(request_id)
         if record is None:
             raise StoreError(StoreErrorKind.NOT_FOUND, request_id)
         return record.output
 
     async def begin_response(self, request_id: str, request: Any) -> None:
-        request = await _copy_off_loop(request)
-        await trio.lowlevel.checkpoint()
+        request = await self._copy_off_loop(request)
+        await self._checkpoint()
         old = self._responses.get(request_id)
         if old is not None and request is None:
             request = old.request
@@ -222,15 +246,15 @@ class MemoryStore:
     async def finish_response(
         self, request_id: str, status: ResponseStatus, output: Any = None
     ) -> None:
-        output = _copy(output)
-        await trio.lowlevel.checkpoint()
+        output = self._copy(output)
+        await self._checkpoint()
         old = self._responses.get(request_id)
         self._responses[request_id] = ResponseRecord(
             request_id, status, old.request if old is not None else None, output
         )
 
     async def get_response(self, request_id: str) -> ResponseRecord | None:
-        await trio.lowlevel.checkpoint()
+        await self._checkpoint()
         return self._responses.get(request_id)
 
     def contents(self) -> tuple[list[ResponseRecord], list[tuple[str, ChainStep]]]:

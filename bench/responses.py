@@ -1,0 +1,207 @@
+"""Stored against unstored ``/v1/responses``, interleaved in one run (issue 19, part B).
+
+One gateway per checkout (``--before DIR`` adds another checkout), each with the default
+SQLite store and one target translated by the Open Responses adapter to the fake upstream's
+Chat Completions (``bench/proxy.py``). Each round loads every (gateway, ``store``) pair in
+turn at c=16, the order rotated each round, so that the machine's load hits them alike: req/s
+and the gateway's own CPU time per response. Figures are medians over the rounds; the ratios
+(stored over unstored, after over before) are medians of each round's own ratio, since the
+load drifts less within a round than across a run.
+
+``--calls N`` instead counts the Python function calls per response in each gateway (a figure
+the machine's load cannot move): the gateway runs under cProfile switched on for N requests at
+c=16 after a warm-up, once stored and once unstored.
+
+Run: ``nox -s bench -- responses`` or
+``python bench/responses.py [--rounds 6 --seconds 2 --before DIR --calls 2000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+from proxy import (  # bench/proxy.py: the upstream, the load generator, the gateway runner
+    Conn,
+    build_request,
+    cpu_seconds,
+    free_port,
+    load,
+    load_average,
+    start_gateway,
+    start_upstream,
+    wait_port,
+)
+
+# Run as the gateway under ``--calls``: cProfile on at SIGUSR1, stats dumped at SIGUSR2.
+PROFILED_GATEWAY = """
+import cProfile, runpy, signal, sys
+prof, out = cProfile.Profile(), sys.argv.pop(1)
+signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+def dump(*_):
+    prof.disable()
+    prof.dump_stats(out)
+signal.signal(signal.SIGUSR2, dump)
+sys.argv[0] = "onwards_trio"
+runpy.run_module("onwards_trio", run_name="__main__", alter_sys=True)
+"""
+
+
+def config(upstream: str, workdir: str, name: str) -> dict[str, object]:
+    return {
+        "store": {"kind": "sqlite", "path": str(Path(workdir) / f"{name}.sqlite3")},
+        "targets": {"bench": {"url": upstream, "open_responses": {"adapter": True}}},
+    }
+
+
+async def requests(port: int, concurrency: int, total: int, store: bool) -> None:
+    """Exactly ``total`` requests over ``concurrency`` keep-alive connections."""
+    raw = build_request(port, False, store)
+    left = [total]
+
+    async def worker() -> None:
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = Conn(s)
+        async with s:
+            while left[0] > 0:
+                left[0] -= 1
+                await conn.request(raw)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+
+
+def count_calls(source: str | None, upstream: str, workdir: str, n: int) -> dict[str, float]:
+    """Python function calls per response, stored and unstored, in a gateway run from
+    ``source`` (a checkout; None: this one)."""
+    out: dict[str, float] = {}
+    cwd = os.path.abspath(source) if source else str(Path(__file__).resolve().parent.parent)
+    for store in (False, True):
+        port = free_port()
+        stats = Path(workdir) / f"calls-{port}.prof"
+        cfg = Path(workdir) / f"calls-{port}.json"
+        cfg.write_text(json.dumps(config(upstream, workdir, f"calls-{port}")))
+        cmd = [sys.executable, "-c", PROFILED_GATEWAY, str(stats), "-f", str(cfg)]
+        cmd += ["--port", str(port), "--host", "127.0.0.1", "--no-watch", "--no-metrics"]
+        with open(Path(workdir) / f"gateway-{port}.log", "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=log)
+        try:
+            wait_port(port)
+            trio.run(requests, port, 16, 300, store)  # warm-up
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
+            trio.run(requests, port, 16, n, store)
+            proc.send_signal(signal.SIGUSR2)
+            for _ in range(200):
+                if stats.exists():
+                    break
+                time.sleep(0.1)
+            time.sleep(0.5)
+            calls = pstats.Stats(str(stats)).total_calls  # type: ignore[attr-defined]
+            out["stored" if store else "unstored"] = calls / n
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--before", help="a checkout of the code to compare with")
+    parser.add_argument("--calls", type=int, help="count function calls over N responses")
+    args = parser.parse_args()
+
+    upstream_proc, up_port = start_upstream()
+    procs = [upstream_proc]
+    upstream = f"http://127.0.0.1:{up_port}/v1"
+    workdir = tempfile.mkdtemp(prefix="onwards-bench-responses-")
+    sources: list[tuple[str, str | None]] = [("after", None)]
+    if args.before:
+        sources.append(("before", args.before))
+    load_before = load_average()
+    try:
+        if args.calls:
+            for name, source in sources:
+                got = count_calls(source, upstream, workdir, args.calls)
+                print(
+                    f"{name}: Python calls per response, unstored {got['unstored']:.0f}, "
+                    f"stored {got['stored']:.0f}"
+                )
+            return
+        gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        for name, source in sources:
+            root = os.path.abspath(source) if source else str(Path(__file__).resolve().parents[1])
+            env = {"PYTHONPATH": root}
+            port = free_port()
+            cwd_cfg = config(upstream, workdir, name)
+            gateway = start_gateway(cwd_cfg, port, ["--no-metrics"], workdir, env)
+            procs.append(gateway)
+            gateways[name] = (gateway, port)
+        runs = [(name, store) for name in gateways for store in (False, True)]
+        results: dict[tuple[str, bool], list[dict[str, float]]] = {run: [] for run in runs}
+
+        async def rounds() -> None:
+            for _, port in gateways.values():  # warm-up
+                await load(port, args.concurrency, 1.0, False, True)
+                await load(port, args.concurrency, 1.0, False, False)
+            for r in range(args.rounds):
+                shift = r % len(runs)
+                for name, store in runs[shift:] + runs[:shift]:
+                    proc, port = gateways[name]
+                    cpu0 = cpu_seconds(proc.pid)
+                    got = await load(port, args.concurrency, args.seconds, False, store)
+                    got["cpu_us"] = (cpu_seconds(proc.pid) - cpu0) * 1e6 / max(got["n"], 1)
+                    results[(name, store)].append(got)
+
+        trio.run(rounds)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+    print(f"load average before: {load_before}, after: {load_average()}")
+    print(f"{args.rounds} rounds of {args.seconds} s, c={args.concurrency}, medians over rounds")
+    print(f"{'gateway':<22}{'req/s':>8}{'CPU µs/resp':>13}{'p50 ms':>8}")
+    for name, store in runs:
+        rs = results[(name, store)]
+        label = f"{name}, {'stored' if store else 'store:false'}"
+        rps = statistics.median(x["rps"] for x in rs)
+        cpu = statistics.median(x["cpu_us"] for x in rs)
+        p50 = statistics.median(x["p50_ms"] for x in rs)
+        print(f"{label:<22}{rps:>8.0f}{cpu:>13.0f}{p50:>8.1f}")
+
+    def ratio(a: tuple[str, bool], b: tuple[str, bool], key: str) -> str:
+        per = sorted(x[key] / y[key] for x, y in zip(results[a], results[b], strict=True))
+        q = statistics.quantiles(per, n=4) if len(per) > 1 else [per[0]] * 3
+        return f"{statistics.median(per):.2f} [{q[0]:.2f}-{q[2]:.2f}]"
+
+    for name, _ in sources:
+        print(
+            f"{name}: stored / store:false, req/s {ratio((name, True), (name, False), 'rps')}, "
+            f"CPU {ratio((name, True), (name, False), 'cpu_us')}"
+        )
+    if args.before:
+        for store in (False, True):
+            label = "stored" if store else "store:false"
+            print(
+                f"after / before, {label}: req/s {ratio(('after', store), ('before', store), 'rps')}"
+                f", CPU {ratio(('after', store), ('before', store), 'cpu_us')}"
+            )
+
+
+if __name__ == "__main__":
+    main()
