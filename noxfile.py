@@ -86,8 +86,8 @@ def bench(session: nox.Session) -> None:
     request (``cpu``: plain, access log off, traffic control, interleaved; ``python
     bench/cpu.py --before DIR`` adds another checkout to the same rounds), of stored
     ``/v1/responses`` against ``store: false`` (``responses``, interleaved, ``--before DIR``
-    too). The machine's load
-    average is printed before and after: figures from a loaded machine are not comparable.
+    too). The machine's load average is printed before and after: figures from a loaded
+    machine are not comparable.
     ``nox -s bench -- proxy`` runs one."""
     session.install("-e", ".[otel,redis]")  # the tracing rows need the SDK, limits coredis
     names = (

@@ -91,6 +91,11 @@ class LoopEvent:
 
 
 class EventSink(Protocol):
+    """Where a loop's events go. A sink may also say ``quiet = True`` (an attribute; absent
+    means False): it only wants ``response.output_item.done`` and the terminal event (a
+    non-streamed answer), so the loop does not build the others (their sequence numbers are
+    still used up)."""
+
     async def emit(self, event: LoopEvent) -> None:
         """Deliver one event. Must not raise (except ``trio.Cancelled``): delivery problems are
         the sink's to absorb, never the loop's."""

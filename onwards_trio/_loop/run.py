@@ -219,6 +219,11 @@ class _Emitter:
         self.lock = trio.Lock()
         self.indexer = OutputIndexer()
         self.terminal_sent = False
+        # A quiet sink (``quiet = True``: a non-streamed answer nobody follows) is only given
+        # the finished output items and the terminal event; the others are numbered but not
+        # built, and a whole completion's items are made directly rather than replayed as the
+        # deltas a stream would have carried.
+        self.quiet = getattr(sink, "quiet", False) is True
 
     async def _acquire(self) -> None:
         # Uncontended (the common case) costs no extra schedule point: the sink's send is one.
@@ -229,6 +234,9 @@ class _Emitter:
 
     async def _send(self, kind: LoopEventKind, data: Mapping[str, Any]) -> None:
         if self.terminal_sent:
+            return
+        if self.quiet and not (kind is LoopEventKind.OUTPUT_ITEM_DONE or kind.is_terminal):
+            self.sequence += 1
             return
         # A send cancelled part-way delivered nothing, so its number is not used up: the
         # sequence only moves once the sink has taken the event (no gaps, no repeats).
@@ -743,10 +751,17 @@ class _Run:
                 payload = orjson.loads(raw)
             except orjson.JSONDecodeError as e:
                 raise _executor_failure(f"model call body parse: {e}") from None
-        if self.emitter is not None:
-            tr = ChatStreamTranslator(self.emitter.indexer)
+        emitter = self.emitter
+        if emitter is not None and emitter.quiet:
+            done = LoopEventKind.OUTPUT_ITEM_DONE.value
+            items = completion_items(payload, rec.id)
+            await emitter.emit_all(
+                [(done, {"output_index": emitter.indexer.next(), "item": i}) for i in items]
+            )
+        elif emitter is not None:
+            tr = ChatStreamTranslator(emitter.indexer)
             tr.begin_call(rec.id)
-            await self.emitter.emit_all(tr.message(payload))
+            await emitter.emit_all(tr.message(payload))
         return payload
 
     async def _read(self, resp: ModelResponse, limit: int, truncate: bool = False) -> bytes:

@@ -421,6 +421,9 @@ class _ResponseSink:
         # A stored response's terminal event reaches a foreground client only once its final
         # state is stored (:meth:`ResponsesService._execute` releases it).
         self.hold_terminal = job.stored and live is None
+        # Nobody follows the events (a non-streamed answer): the loop sends only those used
+        # here, the items (a cancelled response's partial output) and the terminal one.
+        self.quiet = channel is None and live is None
         self.held: LoopEvent | None = None
         self.stored = not job.stored  # the final state is stored (nothing to store: True)
 
