@@ -197,9 +197,10 @@ def main() -> None:
     if args.before:
         for store in (False, True):
             label = "stored" if store else "store:false"
+            pair = (("after", store), ("before", store))
             print(
-                f"after / before, {label}: req/s {ratio(('after', store), ('before', store), 'rps')}"
-                f", CPU {ratio(('after', store), ('before', store), 'cpu_us')}"
+                f"after / before, {label}: req/s {ratio(*pair, 'rps')}, "
+                f"CPU {ratio(*pair, 'cpu_us')}"
             )
 
 

@@ -246,6 +246,10 @@ class _Emitter:
             self.terminal_sent = True
 
     async def emit(self, kind: LoopEventKind, data: Mapping[str, Any]) -> None:
+        if self.quiet and not (kind is LoopEventKind.OUTPUT_ITEM_DONE or kind.is_terminal):
+            if not self.terminal_sent:
+                self.sequence += 1  # numbered, not built (nothing awaited: no lock needed)
+            return
         await self._acquire()
         try:
             await self._send(kind, data)

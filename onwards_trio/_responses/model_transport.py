@@ -82,7 +82,11 @@ class _ModelCall:
             method=b"POST",
             raw_path=b"/v1/chat/completions",
             query=b"",
-            headers=[*transport.headers, (b"content-type", b"application/json"), (b"accept", accept)],
+            headers=[
+                *transport.headers,
+                (b"content-type", b"application/json"),
+                (b"accept", accept),
+            ],
             body=self.payload,
             json=await loads_off_loop(self.payload),
             request_id=transport.request_id,
@@ -94,7 +98,9 @@ class _ModelCall:
         except HTTPError as exc:
             if transport.first_error is None:
                 transport.first_error = (exc.status, exc.body)
-            return ModelResponse(exc.status, [(b"content-type", b"application/json")], _once(exc.body))
+            return ModelResponse(
+                exc.status, [(b"content-type", b"application/json")], _once(exc.body)
+            )
         self.upstream = upstream
         if not 200 <= reply.status < 300 and transport.first_error is None:
             try:

@@ -811,7 +811,9 @@ class ResponsesService:
         # A long input is converted in a worker thread: the event loop keeps serving others.
         req = await _off_loop(big, partial(parse_request, body))
         # The alias the client named (model-override may differ from the body's model).
-        req = attrs.evolve(req, model=alias)
+        # (``attrs.evolve`` costs ~18 µs on this 30-field class: only when something changes.)
+        if req.model != alias:
+            req = attrs.evolve(req, model=alias)
         response_store, step_store = self._stores()
         owner = _owner_of(token, self.gateway)
         history: list[dict[str, Any]] = []
@@ -830,7 +832,8 @@ class ResponsesService:
                 )
             history = previous.conversation()
         mcp, echo = await McpPlan.for_request(req.tools, self.gateway.config.mcp, self.mcp_cache)
-        req = attrs.evolve(req, tools=echo)  # MCP credentials are not echoed
+        if echo != req.tools:
+            req = attrs.evolve(req, tools=echo)  # MCP credentials are not echoed
         # Resolving and checking the items is work per item too: with the conversion below, in
         # a worker thread for a long input or history.
         off_loop = big or _long(history)
@@ -956,7 +959,7 @@ class ResponsesService:
         assert isinstance(job.steps, MemoryStore)
         loop_responses, steps = job.steps.contents()
         finished = FinishedResponse(
-            attrs.evolve(job.record, response=final), job.unwritten, loop_responses, steps
+            job.record.with_response(final), job.unwritten, loop_responses, steps
         )
         await job.writer.write_finished(finished)
         return True

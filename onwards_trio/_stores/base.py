@@ -139,6 +139,19 @@ class StoredResponse:
         """Everything a follow-up response replays: context, inputs, then outputs."""
         return [*self.context_items, *self.input_items, *self.output]
 
+    def with_response(self, response: dict[str, Any]) -> StoredResponse:
+        """This record with ``response`` as its Response object (``attrs.evolve``'s result,
+        without its generic field-by-field copy: this is on every stored response's path)."""
+        return StoredResponse(
+            self.id,
+            response,
+            self.input_items,
+            self.context_items,
+            self.background,
+            self.created_at,
+            self.owner,
+        )
+
 
 class ResponseStore(Protocol):
     """Where ``/v1/responses`` keeps stored responses. All methods are Trio-async."""
