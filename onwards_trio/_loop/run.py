@@ -414,9 +414,14 @@ class _Run:
             chain = await self._s(self.store.list_chain(self.request_id, self.scope_parent))
             prev = chain[-1].id if chain else None
             if self.emitter is not None and self.emitter.sequence == 0:
-                start = {"response": self._snapshot(base, "in_progress")}
+                quiet = self.emitter.quiet  # these two are not built for a quiet sink
+                start: dict[str, Any] = (
+                    {} if quiet else {"response": self._snapshot(base, "in_progress")}
+                )
                 if queued:
-                    waiting = {"response": self._snapshot(base, "queued")}
+                    waiting: dict[str, Any] = (
+                        {} if quiet else {"response": self._snapshot(base, "queued")}
+                    )
                     await self._emit(LoopEventKind.CREATED, waiting)
                     await self._emit(LoopEventKind.QUEUED, waiting)
                 else:

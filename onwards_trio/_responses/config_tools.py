@@ -135,7 +135,7 @@ class ConfigToolExecutor:
         return spec
 
     async def tools(self, ctx: RequestContext) -> Sequence[ToolSchema]:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()  # a listing, no I/O: no task switch
         out: list[ToolSchema] = []
         for name, spec in self._table.tools_for(ctx.model).items():
             if spec.kind == "mcp":

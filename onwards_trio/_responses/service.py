@@ -130,6 +130,15 @@ DONE_LINE = b"data: [DONE]\n\n"
 _NOT_STORED = {"code": "server_error", "message": "The response could not be stored."}
 
 
+def _without_status(response: dict[str, Any]) -> dict[str, Any]:
+    out = response.copy()
+    out.pop("status", None)
+    return out
+
+
+_NO_SESSIONS: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
 def _persisting(timeout: float) -> trio.CancelScope:
     """A shielded scope that gives up after ``timeout``: clean-up that must not be cut short
     by a cancellation, nor hang (``CancelScope(shield=True)`` in ``move_on_after``, as one
@@ -280,7 +289,7 @@ class _RequestTools:
         self.mcp = mcp  # the request's own MCP servers
 
     async def tools(self, ctx: RequestContext) -> Sequence[ToolSchema]:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()  # a listing, no I/O: no task switch
         return [
             attrs.evolve(t, kind=ToolKind.HTTP) if t.kind is ToolKind.AGENT else t
             for t in self.offered.values()
@@ -900,9 +909,12 @@ class ResponsesService:
         try:
             try:
                 # One MCP session per server for this response, closed when the loop ends.
-                async with open_mcp_sessions(
-                    self.mcp_cache.invalidate, needed=job.mcp_sessions
-                ) as sessions:
+                sessions_cm: contextlib.AbstractAsyncContextManager[McpSessions | None] = (
+                    open_mcp_sessions(self.mcp_cache.invalidate)
+                    if job.mcp_sessions
+                    else _NO_SESSIONS  # no generator manager for a response without MCP
+                )
+                async with sessions_cm as sessions:
                     ctx = job.ctx
                     if sessions is not None:
                         await job.mcp.run_approved(job.steps, job.response_id, sessions)
@@ -915,7 +927,7 @@ class ResponsesService:
                         request_id=job.response_id,
                         sink=job.mcp.events(sink),
                         config=self.loop_config,
-                        response={k: v for k, v in job.base.items() if k != "status"},
+                        response=_without_status(job.base),
                         first_sequence=job.first_sequence,
                         handed_over=sink.live.handed_over if sink.live is not None else None,
                         queued=job.request.background and job.first_sequence == 0,
