@@ -65,7 +65,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from typing import Any, Final
 
@@ -191,6 +191,35 @@ class _Span:
     def traceparent(self) -> str:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
+    def _frame(self, head: bytes, attributes: bytes, error: bool) -> bytes:
+        """This span's ids and times around its encoded name/kind (``head``) and attributes."""
+        return encode_frame(
+            self.trace_id,
+            self.span_id,
+            self.state,
+            self.parent_id,
+            self.parent_remote,
+            head,
+            self.start,
+            self.stop,
+            attributes,
+            b"",
+            error,
+        )
+
+
+def _cached(
+    cache: dict[Any, tuple[bytes, bytes]], key: Any, build: Callable[..., tuple[bytes, bytes]]
+) -> tuple[bytes, bytes]:
+    """The encoded repeated parts of a span for ``key`` (built once per combination, kept
+    while the cache has room: client-chosen aliases cannot grow it without bound)."""
+    parts = cache.get(key)
+    if parts is None:
+        parts = build(*key)
+        if len(cache) < _CACHED:
+            cache[key] = parts
+    return parts
+
 
 # The current span of ours (None: none). Loop spans are also current in OpenTelemetry's context.
 _active: ContextVar[_Span | None] = ContextVar("onwards_trio_span", default=None)
@@ -255,27 +284,10 @@ class RequestSpan(_Span):
             self.provider,
             self.attempts,
         )
-        parts = _request_parts.get(key)
-        if parts is None:
-            parts = _request_parts_of(*key)
-            if len(_request_parts) < _CACHED:
-                _request_parts[key] = parts
-        head, attributes = parts
+        head, attributes = _cached(_request_parts, key, _request_parts_of)
         if self.tokens is not None:
             attributes += _usage_fields(self.tokens)
-        return encode_frame(
-            self.trace_id,
-            self.span_id,
-            self.state,
-            self.parent_id,
-            self.parent_remote,
-            head,
-            self.start,
-            self.stop,
-            attributes,
-            b"",
-            status >= 500,
-        )
+        return self._frame(head, attributes, status >= 500)
 
 
 def _request_parts_of(
@@ -390,29 +402,12 @@ class AttemptSpan(_Span):
             status,
             error,
         )
-        parts = _attempt_parts.get(key)
-        if parts is None:
-            parts = _attempt_parts_of(*key)
-            if len(_attempt_parts) < _CACHED:
-                _attempt_parts[key] = parts
-        head, attributes = parts
+        head, attributes = _cached(_attempt_parts, key, _attempt_parts_of)
         if self.first is not None:
             attributes += float_attribute("gen_ai.response.time_to_first_chunk", self.first)
         if self.tokens is not None:
             attributes += _usage_fields(self.tokens)
-        return encode_frame(
-            self.trace_id,
-            self.span_id,
-            self.state,
-            self.parent_id,
-            self.parent_remote,
-            head,
-            self.start,
-            self.stop,
-            attributes,
-            b"",
-            error is not None,
-        )
+        return self._frame(head, attributes, error is not None)
 
 
 def _attempt_parts_of(
