@@ -480,16 +480,21 @@ class Gateway:
         await send_json(send, 200, {"object": "list", "data": data})
         return 200
 
-    async def read_request(self, scope: Scope, receive: Receive) -> ProxyRequest:
-        """Read and frame one request for the pipeline (413 past the body limit)."""
+    async def read_bounded_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The request body within every bound: the size limit (a declared length over it is
+        refused before a byte is read), the global body budget and the read deadline."""
         config = self.config
-        body = await read_body(
+        return await read_body(
             receive,
             config.body_limit_bytes,
             headers=scope["headers"],
             budget=self.body_budget,
             deadline=config.body_timeout_secs,
         )
+
+    async def read_request(self, scope: Scope, receive: Receive) -> ProxyRequest:
+        """Read and frame one request for the pipeline (413 past the body limit)."""
+        body = await self.read_bounded_body(scope, receive)
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if dot_segments(raw_path):
             raise errors.invalid_request("The request path must not contain '.' or '..' segments.")

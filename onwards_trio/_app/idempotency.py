@@ -41,7 +41,6 @@ from onwards_trio._transport.asgi import (
     Receive,
     Scope,
     Send,
-    read_body,
     send_error,
     watch_disconnect,
 )
@@ -161,7 +160,7 @@ class Idempotency:
         replay its stored answer."""
         try:
             key = self._key(scope)
-            body = await read_body(receive, self.gateway.config.body_limit_bytes)
+            body = await self.gateway.read_bounded_body(scope, receive)
         except HTTPError as exc:
             await _send_error(scope, send, exc)
             return exc.status
