@@ -37,9 +37,14 @@ async def post(
             yield payload[i : i + 300]
             await trio.sleep(0.02)  # separate writes: separate body messages at the gateway
 
+    async def whole() -> AsyncIterator[bytes]:
+        yield payload
+
     headers = {"content-type": "application/json"}
     content: bytes | AsyncIterator[bytes] = payload
-    if framing != "one piece":
+    if framing == "chunked in one piece":
+        content = whole()  # no content-length: only the body itself shows its size
+    elif framing != "one piece":
         content = pieces()
         if framing == "pieces with content-length":
             headers["content-length"] = str(len(payload))
@@ -49,7 +54,7 @@ async def post(
 
 
 JSON = {"content-type": "application/json"}
-FRAMINGS = ["one piece", "chunked pieces", "pieces with content-length"]
+FRAMINGS = ["one piece", "chunked in one piece", "chunked pieces", "pieces with content-length"]
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
