@@ -102,3 +102,56 @@ async def _one_answer(s: trio.SocketStream) -> bytes:
             chunk = await s.receive_some()
             assert chunk, f"closed before an answer: {data!r}"
             data += chunk
+
+
+async def test_a_body_that_turns_malformed_is_a_disconnect_for_the_app(
+    nursery: trio.Nursery,
+) -> None:
+    messages: list[dict[str, Any]] = []
+    done = trio.Event()
+    port = await start(nursery, recording_app(messages, done))
+    async with await connect(port) as s:
+        await s.send_all(b"POST / HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n")
+        await trio.testing.wait_all_tasks_blocked()  # the app waits for the body
+        await s.send_all(b"zz\r\n")  # not a chunk size
+        with trio.fail_after(5):
+            await done.wait()
+    assert messages == [{"type": "http.disconnect"}]
+
+
+async def test_a_body_stalled_past_the_read_timeout_is_a_disconnect_for_the_app(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    messages: list[dict[str, Any]] = []
+    done = trio.Event()
+    port = await start(nursery, recording_app(messages, done))
+    async with await connect(port) as s:
+        await s.send_all(b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 10\r\n\r\nabc")
+        with trio.fail_after(600):  # virtual time: the server gives up after a minute
+            await done.wait()
+    assert messages[-1] == {"type": "http.disconnect"}
+
+
+async def test_after_the_body_receive_waits_for_the_response_to_end(
+    nursery: trio.Nursery,
+) -> None:
+    order: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "http.request"
+
+        async def watch() -> None:
+            order.append((await receive())["type"])
+
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(watch)
+            await trio.testing.wait_all_tasks_blocked()  # the watcher waits in receive()
+            order.append("answered")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    port = await start(nursery, app)
+    async with await connect(port) as s:
+        await s.send_all(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n")
+        assert (await _one_answer(s)).endswith(b"ok")
+    assert order == ["answered", "http.disconnect"]
