@@ -132,7 +132,7 @@ MUTATION_TARGETS: dict[str, tuple[str, ...]] = {
     "logs": _functions(
         "_ops.logs", "redact", "collect_secrets", "xǁSecretSetǁ*", "xǁRedactionFilterǁ*"
     ),
-    "access": _functions("_ops.access", "logfmt", "xǁAccessWriterǁpush"),
+    "access": _functions("_ops.access", "logfmt", "xǁAccessWriterǁpush", "xǁAccessWriterǁ_line"),
     "asgi": ("onwards_trio._transport.asgi.*",),
     "stores_base": ("onwards_trio._stores.base.*",),
     "strict": _functions(
@@ -172,6 +172,8 @@ MUTATION_TARGETS: dict[str, tuple[str, ...]] = {
         "_all_cancelled",
         "_aclose",
         "xǁ_Runǁrun",
+        "xǁ_Runǁ_run",
+        "xǁ_Runǁ_run_step",
         "xǁ_Runǁ_snapshot",
         "xǁ_Runǁ_clean_up",
     ),

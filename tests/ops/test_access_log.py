@@ -61,13 +61,27 @@ async def test_json_line_has_the_fields_at_top_level(record: RequestRecord) -> N
     assert data["logger"] == "onwards_trio.access" and data["level"] == "info"
 
 
+async def test_json_line_has_the_time_and_message_of_every_json_log_line() -> None:
+    # The same keys as the logging path's JsonFormatter: log shippers parse one schema.
+    record = RECORDS[0]
+    writer, out = _writer(json=True)
+    writer.push(record)
+    (line,) = await _flushed(writer, out)
+    data = orjson.loads(line)
+    message = " ".join(f"{k}={logfmt(v)}" for k, v in record.fields().items())
+    assert data["msg"] == message
+    assert data["ts"].endswith("Z") and len(data["ts"]) == len("2026-11-30T07:00:00.000Z")
+
+
 async def test_a_full_buffer_drops_and_counts_without_blocking() -> None:
     writer, out = _writer(max_lines=2)
     for _ in range(5):
         writer.push(RECORDS[1])  # returns at once every time
     lines = await _flushed(writer, out)
     assert len(lines) == 3
-    assert "3 access lines dropped" in lines[-1]
+    assert lines[-1].endswith(
+        " WARNING onwards_trio.access 3 access lines dropped (the log could not keep up)"
+    )
 
 
 async def test_client_chosen_strings_are_redacted() -> None:
