@@ -47,8 +47,8 @@ Names (``<p>`` is the configurable prefix, ``onwards`` by default)::
 ``key`` is the name of the caller's key in ``auth.key_definitions`` (``"none"`` without a key,
 ``"other"`` for a key that has no definition): never the key itself.
 
-The methods the core calls (all synchronous and cheap: label children are bound once and cached,
-so the hot path is a dict lookup plus the child's own update)::
+The methods the core calls (all synchronous and cheap: a dict lookup and a ``+=`` on a plain
+list, no lock, no prometheus-client object per label set)::
 
     token = metrics.http_started(method, path)      # pending +1, onwards_requests_inflight +1
     metrics.http_finished(token, status, seconds)   # count, duration; pending/inflight -1
@@ -69,18 +69,29 @@ In-flight counts per alias and provider cost nothing on the hot path: they are r
 time from the live routing table (the concurrency counters the proxy keeps anyway), once
 :meth:`Metrics.bind_targets` has been called. :func:`install_metrics` does that and hands the
 object to a gateway. :func:`metrics_app` is the ASGI app for the metrics port.
+
+Why not prometheus-client's ``Counter`` / ``Histogram`` objects: each update takes a lock and a
+histogram walks its buckets in Python, together about a tenth of a traffic-controlled request's
+CPU. The values live in plain lists here instead, updated only on the Trio thread (every caller
+above runs there), and one collector turns them into the very families, samples (``_created``
+included) and order those objects would have produced. prometheus-client still owns the
+registry and the text and OpenMetrics exposition.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import utils as client_utils
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from onwards_trio._transport.asgi import (
     ASGIApp,
@@ -195,15 +206,141 @@ def _bounded(value: str, allowed: frozenset[str], fallback: str = "other") -> st
     return value if value in allowed else fallback
 
 
+#: How prometheus-client writes a bucket bound (``le``): ``0.005``, ``10.0``, ``+Inf``.
+_go_float: Callable[[float], str] = client_utils.floatToGoString
+
+
+def _created_series() -> bool:
+    """Whether counters and histograms show ``_created`` samples: prometheus-client's own switch
+    (``PROMETHEUS_DISABLE_CREATED_SERIES``, ``disable_created_metrics()``), read at each scrape
+    as its metric objects read it."""
+    from prometheus_client import metrics as client_metrics
+
+    use = getattr(client_metrics, "_use_created", None)
+    if isinstance(use, bool):
+        return use
+    return os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in (
+        "true",
+        "1",
+        "t",
+    )
+
+
+class _Family:
+    """One metric's values: a plain list per label set, in the order the label sets first
+    appeared (the order prometheus-client lists a metric's children in).
+
+    A cell is ``[value, created]`` for a counter, ``[value]`` for a gauge and ``[sum, created,
+    count of bucket 0, ..., count of +Inf]`` for a histogram (per bucket, not cumulative: an
+    observation adds to one bucket; the scrape sums them up).
+    """
+
+    __slots__ = ("bounds", "cells", "counts", "doc", "kind", "labelnames", "les", "name")
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        kind: str,
+        labelnames: tuple[str, ...] = (),
+        bounds: tuple[float, ...] = (),
+        counts: _Family | None = None,
+    ) -> None:
+        # A counter's family name has no "_total" (its samples do), as prometheus-client names it.
+        self.name = name[: -len("_total")] if kind == "counter" else name
+        self.doc = doc
+        self.kind = kind
+        self.labelnames = labelnames
+        self.bounds = bounds
+        self.les = [_go_float(b) for b in (*bounds, float("inf"))]
+        #: A counter that is the ``_count`` of this histogram (same labels, same updates).
+        self.counts = counts
+        self.cells: dict[tuple[str, ...], list[float]] = {}
+        if not labelnames:
+            self.new(())  # an unlabelled metric exists (at 0) from the start
+
+    def new(self, key: tuple[str, ...]) -> list[float]:
+        if self.kind == "histogram":
+            cell = [0.0, time.time(), *([0.0] * (len(self.bounds) + 1))]
+        elif self.kind == "counter":
+            cell = [0.0, time.time()]
+        else:
+            cell = [0.0]
+        self.cells[key] = cell
+        return cell
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        cell = self.cells.get(key) or self.new(key)
+        cell[0] += amount
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        cell = self.cells.get(key) or self.new(key)
+        cell[0] += value
+        cell[2 + bisect_left(self.bounds, value)] += 1
+
+    def describe(self) -> Metric:
+        return Metric(self.name, self.doc, self.kind)
+
+    def collect(self, created: bool) -> Metric:
+        """The family as prometheus-client's own metric object would have produced it."""
+        metric = Metric(self.name, self.doc, self.kind)
+        add, name, names = metric.add_sample, self.name, self.labelnames
+        if self.counts is not None:  # a counter read off its histogram's cells
+            for key, cell in list(self.counts.cells.items()):
+                add(f"{name}_total", dict(zip(names, key, strict=True)), sum(cell[2:], 0.0))
+                if created:
+                    add(f"{name}_created", dict(zip(names, key, strict=True)), cell[1])
+            return metric
+        for key, cell in list(self.cells.items()):
+            if self.kind == "gauge":
+                add(name, dict(zip(names, key, strict=True)), cell[0])
+            elif self.kind == "counter":
+                add(f"{name}_total", dict(zip(names, key, strict=True)), cell[0])
+                if created:
+                    add(f"{name}_created", dict(zip(names, key, strict=True)), cell[1])
+            else:
+                series = list(zip(names, key, strict=True))
+                acc = 0.0
+                for le, count in zip(self.les, cell[2:], strict=True):
+                    acc += count
+                    add(f"{name}_bucket", dict([*series, ("le", le)]), acc)
+                add(f"{name}_count", dict(series), acc)
+                add(f"{name}_sum", dict(series), cell[0])  # every bucket bound here is >= 0
+                if created:
+                    add(f"{name}_created", dict(series), cell[1])
+        return metric
+
+
+class _Collector:
+    """The registry's view of a :class:`Metrics`: its families, built at scrape time."""
+
+    def __init__(self, families: list[_Family]) -> None:
+        self._families = families
+
+    def describe(self) -> list[Metric]:
+        return [family.describe() for family in self._families]
+
+    def collect(self) -> Iterator[Metric]:
+        created = _created_series()
+        for family in self._families:
+            yield family.collect(created)
+
+
 class HttpToken:
-    """What :meth:`Metrics.http_started` bound for one request; pass it to ``http_finished``."""
+    """What :meth:`Metrics.http_started` bound; pass it to ``http_finished``.
 
-    __slots__ = ("endpoint", "method", "pending")
+    One per method and endpoint label, shared by their requests: it holds their pending gauge
+    and their duration cells per status, so finishing a request is a dict lookup by ``status``.
+    """
 
-    def __init__(self, method: str, endpoint: str, pending: Any) -> None:
+    __slots__ = ("endpoint", "method", "pending", "statuses")
+
+    def __init__(self, method: str, endpoint: str) -> None:
         self.method = method
         self.endpoint = endpoint
-        self.pending = pending
+        #: The ``http_requests_pending`` cell, once a request was started (not only observed).
+        self.pending: list[float] | None = None
+        self.statuses: dict[int, list[float]] = {}
 
 
 class _TableCollector:
@@ -241,7 +378,11 @@ class _TableCollector:
 
 
 class Metrics:
-    """The gateway's metrics in their own registry. See the module docstring for the API."""
+    """The gateway's metrics in their own registry. See the module docstring for the API.
+
+    Record from the Trio thread (every caller in the gateway does): an update is a plain
+    ``+=`` without a lock. ``reload`` and ``ledger_dropped``, which are rare, take one anyway.
+    """
 
     def __init__(self, prefix: str = "onwards", registry: CollectorRegistry | None = None) -> None:
         if not _PREFIX.fullmatch(prefix):
@@ -249,113 +390,151 @@ class Metrics:
         self.prefix = prefix
         self.registry = registry if registry is not None else CollectorRegistry()
         self.targets: Targets | None = None
-        r = self.registry
+        self._lock = threading.Lock()
+        families: list[_Family] = []
 
-        def counter(name: str, doc: str, *labels: str) -> Counter:
-            return Counter(f"{prefix}_{name}", doc, labels, registry=r)
+        def family(
+            name: str,
+            doc: str,
+            kind: str,
+            *labels: str,
+            bounds: tuple[float, ...] = (),
+            counts: _Family | None = None,
+        ) -> _Family:
+            made = _Family(name, doc, kind, labels, bounds, counts)
+            families.append(made)
+            return made
 
-        def gauge(name: str, doc: str, *labels: str) -> Gauge:
-            return Gauge(f"{prefix}_{name}", doc, labels, registry=r)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
-            return Histogram(f"{prefix}_{name}", doc, labels, buckets=buckets, registry=r)
-
+        # The order of the families is the order of the exposition.
+        p = prefix
         http = ("method", "status", "endpoint")
-        self._http_total = counter(
-            "http_requests_total", "HTTP requests served, by method, status and endpoint.", *http
-        )
-        self._http_duration = histogram(
-            "http_requests_duration_seconds",
-            "Time from request start to the end of the response body.",
-            DURATION_BUCKETS,
+        http_total = family(
+            f"{p}_http_requests_total",
+            "HTTP requests served, by method, status and endpoint.",
+            "counter",
             *http,
         )
-        self._http_pending = gauge(
-            "http_requests_pending", "HTTP requests being served right now.", "method", "endpoint"
+        self._http_duration = family(
+            f"{p}_http_requests_duration_seconds",
+            "Time from request start to the end of the response body.",
+            "histogram",
+            *http,
+            bounds=DURATION_BUCKETS,
+        )
+        http_total.counts = self._http_duration  # counted and timed together, always
+        self._http_pending = family(
+            f"{p}_http_requests_pending",
+            "HTTP requests being served right now.",
+            "gauge",
+            "method",
+            "endpoint",
         )
         # Fixed name, no prefix: as onwards.
-        self._inflight = Gauge(
-            "onwards_requests_inflight", "Requests in flight through the gateway.", registry=r
-        )
-        self._upstream_total = counter(
-            "upstream_requests_total",
+        self._inflight = family(
+            "onwards_requests_inflight", "Requests in flight through the gateway.", "gauge"
+        ).cells[()]
+        self._upstream_total = family(
+            f"{p}_upstream_requests_total",
             "Upstream attempts by alias, provider index and upstream status "
             "(or 'timeout' / 'error' when no status arrived).",
+            "counter",
             "alias",
             "provider",
             "status",
         )
-        self._upstream_latency = histogram(
-            "upstream_request_duration_seconds",
+        self._upstream_latency = family(
+            f"{p}_upstream_request_duration_seconds",
             "Time from sending an upstream request to its response head.",
-            DURATION_BUCKETS,
+            "histogram",
             "alias",
             "provider",
+            bounds=DURATION_BUCKETS,
         )
-        self._ttfb = histogram(
-            "upstream_time_to_first_byte_seconds",
+        self._ttfb = family(
+            f"{p}_upstream_time_to_first_byte_seconds",
             "Streaming responses: time from request start to the first body byte.",
-            TTFB_BUCKETS,
+            "histogram",
             "alias",
             "provider",
+            bounds=TTFB_BUCKETS,
         )
-        self._rejections = counter(
-            "limit_rejections_total",
+        self._rejections = family(
+            f"{p}_limit_rejections_total",
             "Requests refused by a rate or concurrency limit, by the scope of the limit.",
+            "counter",
             "alias",
             "limit",
             "scope",
         )
-        self._fallbacks = counter(
-            "fallback_attempts_total",
+        self._fallbacks = family(
+            f"{p}_fallback_attempts_total",
             "Failed attempts that moved on to another attempt, by why.",
+            "counter",
             "alias",
             "provider",
             "reason",
         )
-        self._reloads = counter("config_reloads_total", "Config reloads by result.", "result")
-        self._reload_ok = self._reloads.labels("ok")
-        self._reload_failed = self._reloads.labels("failed")
-        self._last_reload = gauge(
-            "config_last_reload_success_timestamp_seconds",
-            "Unix time of the last config that was applied (start-up counts).",
+        reloads = family(
+            f"{p}_config_reloads_total", "Config reloads by result.", "counter", "result"
         )
-        self._last_reload.set(time.time())
-        self._steps = counter(
-            "loop_steps_total",
+        self._reload_ok = reloads.new(("ok",))
+        self._reload_failed = reloads.new(("failed",))
+        self._last_reload = family(
+            f"{p}_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last config that was applied (start-up counts).",
+            "gauge",
+        ).cells[()]
+        self._last_reload[0] = time.time()
+        self._steps = family(
+            f"{p}_loop_steps_total",
             "Multi-step loop steps by alias, kind and outcome.",
+            "counter",
             "alias",
             "kind",
             "outcome",
         )
-        self._tools = counter(
-            "tool_calls_total", "Server-side tool calls by alias and outcome.", "alias", "outcome"
+        self._tools = family(
+            f"{p}_tool_calls_total",
+            "Server-side tool calls by alias and outcome.",
+            "counter",
+            "alias",
+            "outcome",
         )
         tokens = ("alias", "provider", "key")
-        self._input_tokens = counter(
-            "input_tokens_total", "Input tokens of relayed upstream responses.", *tokens
+        self._input_tokens = family(
+            f"{p}_input_tokens_total",
+            "Input tokens of relayed upstream responses.",
+            "counter",
+            *tokens,
         )
-        self._output_tokens = counter(
-            "output_tokens_total", "Output tokens of relayed upstream responses.", *tokens
+        self._output_tokens = family(
+            f"{p}_output_tokens_total",
+            "Output tokens of relayed upstream responses.",
+            "counter",
+            *tokens,
         )
-        self._cached_tokens = counter(
-            "cached_input_tokens_total",
+        self._cached_tokens = family(
+            f"{p}_cached_input_tokens_total",
             "Input tokens served from a prompt cache (part of the input tokens).",
+            "counter",
             *tokens,
         )
-        self._cost = counter(
-            "cost_total",
+        self._cost = family(
+            f"{p}_cost_total",
             "What relayed upstream responses cost at the configured prices (currency units).",
+            "counter",
             *tokens,
         )
-        self._ledger_dropped = counter(
-            "usage_ledger_dropped_total",
+        self._ledger_dropped = family(
+            f"{p}_usage_ledger_dropped_total",
             "Usage ledger rows dropped (its buffer was full, or they could not be written at "
             "shutdown).",
-        )
-        r.register(_TableCollector(self))
-        # Label children, bound once per metric and distinct label values.
-        self._children: dict[tuple[Any, ...], Any] = {}
+            "counter",
+        ).cells[()]
+        self.registry.register(_Collector(families))
+        self.registry.register(_TableCollector(self))
+        #: One token per (method, endpoint label) pair seen.
+        self._tokens: dict[tuple[str, str], HttpToken] = {}
 
     # -- bounding -------------------------------------------------------------------------
 
@@ -372,120 +551,120 @@ class Metrics:
             return UNKNOWN_ALIAS
         return alias
 
-    def _child(self, metric: Any, *values: str) -> Any:
-        """``metric.labels(*values)``, bound once and cached (the hot path is a dict lookup)."""
-        key = (id(metric), *values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
-
     # -- HTTP layer -----------------------------------------------------------------------
+
+    def _token(self, method: str, path: str) -> HttpToken:
+        key = (method if method in _METHODS else "OTHER", endpoint_label(path))
+        token = self._tokens.get(key)
+        if token is None:
+            token = self._tokens[key] = HttpToken(*key)
+        return token
 
     def http_started(self, method: str, path: str) -> HttpToken:
         """A request arrived: pending and ``onwards_requests_inflight`` go up."""
-        method = _bounded(method, _METHODS, "OTHER")
-        endpoint = endpoint_label(path)
-        pending = self._child(self._http_pending, method, endpoint)
-        pending.inc()
-        self._inflight.inc()
-        return HttpToken(method, endpoint, pending)
+        token = self._token(method, path)
+        pending = token.pending
+        if pending is None:
+            pending = token.pending = self._http_pending.new((token.method, token.endpoint))
+        pending[0] += 1
+        self._inflight[0] += 1
+        return token
 
     def http_finished(self, token: HttpToken, status: int, seconds: float) -> None:
         """The response ended (or the client left): count it and time it."""
-        token.pending.dec()
-        self._inflight.dec()
+        pending = token.pending
+        if pending is not None:
+            pending[0] -= 1
+        self._inflight[0] -= 1
         self._count(token, status, seconds)
 
     def observe_http(self, method: str, path: str, status: int, seconds: float) -> None:
         """Count and time a finished request that :meth:`http_started` never saw."""
-        method = _bounded(method, _METHODS, "OTHER")
-        token = HttpToken(method, endpoint_label(path), None)
-        self._count(token, status, seconds)
+        self._count(self._token(method, path), status, seconds)
 
     def _count(self, token: HttpToken, status: int, seconds: float) -> None:
-        labels = (token.method, str(status), token.endpoint)
-        self._child(self._http_total, *labels).inc()
-        self._child(self._http_duration, *labels).observe(seconds)
+        cell = token.statuses.get(status)
+        if cell is None:
+            key = (token.method, str(status), token.endpoint)
+            duration = self._http_duration
+            cell = token.statuses[status] = duration.cells.get(key) or duration.new(key)
+        cell[0] += seconds
+        cell[2 + bisect_left(DURATION_BUCKETS, seconds)] += 1
 
     # -- upstream, per alias and provider ------------------------------------------------
 
     def upstream_response(self, alias: str, provider: int, status: int, seconds: float) -> None:
         """An attempt got a response head with ``status`` after ``seconds``."""
         alias, index = self.alias_label(alias), str(provider)
-        self._child(self._upstream_total, alias, index, str(status)).inc()
-        self._child(self._upstream_latency, alias, index).observe(seconds)
+        self._upstream_total.inc((alias, index, str(status)))
+        self._upstream_latency.observe((alias, index), seconds)
 
     def upstream_failure(self, alias: str, provider: int, kind: str) -> None:
         """An attempt got no response head: ``"timeout"`` or ``"error"`` (network, protocol)."""
         kind = _bounded(kind, _UPSTREAM_FAILURES, "error")
-        self._child(self._upstream_total, self.alias_label(alias), str(provider), kind).inc()
+        self._upstream_total.inc((self.alias_label(alias), str(provider), kind))
 
     def first_byte(self, alias: str, provider: int, seconds: float) -> None:
         """A streamed response sent its first body byte ``seconds`` after the request began."""
-        self._child(self._ttfb, self.alias_label(alias), str(provider)).observe(seconds)
+        self._ttfb.observe((self.alias_label(alias), str(provider)), seconds)
 
     def rejected(self, alias: str | None, limit: str, scope: str) -> None:
         """A limit refused a request: ``limit`` rate|concurrency|tokens|budget, ``scope``
         pool|key|provider|label."""
-        self._child(
-            self._rejections,
-            self.alias_label(alias),
-            _bounded(limit, _LIMITS),
-            _bounded(scope, _SCOPES),
-        ).inc()
+        self._rejections.inc(
+            (self.alias_label(alias), _bounded(limit, _LIMITS), _bounded(scope, _SCOPES))
+        )
 
     def fallback(self, alias: str, provider: int, reason: str) -> None:
         """An attempt at ``provider`` failed and the pipeline moves on (``reason`` bounded)."""
-        self._child(
-            self._fallbacks,
-            self.alias_label(alias),
-            str(provider),
-            _bounded(reason, _FALLBACK_REASONS),
-        ).inc()
+        self._fallbacks.inc(
+            (self.alias_label(alias), str(provider), _bounded(reason, _FALLBACK_REASONS))
+        )
 
     # -- operations and the loop ----------------------------------------------------------
 
     def reload(self, ok: bool) -> None:
         """A config reload was applied (``ok``) or rejected."""
-        if ok:
-            self._reload_ok.inc()
-            self._last_reload.set(time.time())
-        else:
-            self._reload_failed.inc()
+        with self._lock:
+            if ok:
+                self._reload_ok[0] += 1
+                self._last_reload[0] = time.time()
+            else:
+                self._reload_failed[0] += 1
 
     def loop_step(self, alias: str, kind: str, outcome: str) -> None:
         """A multi-step loop step ended (``kind`` model_call|tool_call, ``outcome`` its state)."""
-        self._child(
-            self._steps,
-            self.alias_label(alias),
-            _bounded(kind, _STEP_KINDS),
-            _bounded(outcome, _OUTCOMES),
-        ).inc()
+        self._steps.inc(
+            (self.alias_label(alias), _bounded(kind, _STEP_KINDS), _bounded(outcome, _OUTCOMES))
+        )
 
     def tool_call(self, alias: str, outcome: str) -> None:
         """A server-side tool call ended with ``outcome`` (completed, failed, ...)."""
-        self._child(self._tools, self.alias_label(alias), _bounded(outcome, _OUTCOMES)).inc()
+        self._tools.inc((self.alias_label(alias), _bounded(outcome, _OUTCOMES)))
 
     def tokens(self, alias: str, provider: int, key: str, usage: Any) -> None:
-        """The token usage (a :class:`~onwards_trio._proxy.usage.Usage`) of one relayed body."""
+        """The token usage (a :class:`~onwards_trio._proxy.usage.Usage`) of one relayed body.
+
+        A counter never goes down: a negative count (an upstream's nonsense) is not added."""
         labels = (self.alias_label(alias), str(provider), key)
-        if usage.input_tokens:
-            self._child(self._input_tokens, *labels).inc(usage.input_tokens)
-        if usage.output_tokens:
-            self._child(self._output_tokens, *labels).inc(usage.output_tokens)
-        if usage.cached_tokens:
-            self._child(self._cached_tokens, *labels).inc(usage.cached_tokens)
+        if usage.input_tokens > 0:
+            self._input_tokens.inc(labels, usage.input_tokens)
+        if usage.output_tokens > 0:
+            self._output_tokens.inc(labels, usage.output_tokens)
+        if usage.cached_tokens > 0:
+            self._cached_tokens.inc(labels, usage.cached_tokens)
 
     def cost(self, alias: str, provider: int, key: str, micros: int) -> None:
         """What one relayed body cost, in micro-units of the price table's currency."""
-        if micros:
+        if micros > 0:
             labels = (self.alias_label(alias), str(provider), key)
-            self._child(self._cost, *labels).inc(micros / 1_000_000)
+            self._cost.inc(labels, micros / 1_000_000)
 
     def ledger_dropped(self, count: int) -> None:
         """``count`` usage ledger rows were lost."""
-        self._ledger_dropped.inc(count)
+        if count > 0:
+            with self._lock:
+                self._ledger_dropped[0] += count
 
     # -- exposition -----------------------------------------------------------------------
 

@@ -190,3 +190,25 @@ async def test_metrics_endpoint_negotiates_openmetrics(nursery: trio.Nursery) ->
         )
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     assert r.text.rstrip().endswith("# EOF")
+
+
+def test_a_duration_on_a_bucket_bound_counts_in_that_bucket() -> None:
+    m = Metrics()
+    m.upstream_response("a", 0, 200, 0.25)
+    m.upstream_response("a", 0, 200, 601.0)
+    bucket = "onwards_upstream_request_duration_seconds_bucket"
+    assert value(m, bucket, alias="a", provider="0", le="0.1") == 0
+    assert value(m, bucket, alias="a", provider="0", le="0.25") == 1
+    assert value(m, bucket, alias="a", provider="0", le="600.0") == 1
+    assert value(m, bucket, alias="a", provider="0", le="+Inf") == 2
+    assert value(m, "onwards_upstream_request_duration_seconds_count", alias="a", provider="0") == 2
+
+
+def test_http_requests_total_is_the_duration_count() -> None:
+    m = Metrics()
+    m.http_finished(m.http_started("GET", "/v1/models"), 200, 0.01)
+    m.observe_http("GET", "/v1/models", 200, 0.02)
+    labels = {"method": "GET", "status": "200", "endpoint": "/v1/models"}
+    assert value(m, "onwards_http_requests_total", **labels) == 2
+    assert value(m, "onwards_http_requests_duration_seconds_count", **labels) == 2
+    assert value(m, "onwards_http_requests_duration_seconds_bucket", le="0.01", **labels) == 1
