@@ -61,6 +61,11 @@ log = logging.getLogger("onwards_trio.server")
 _READ = 64 * 1024
 _MAX_HEAD = 64 * 1024  # request line + header fields (and, separately, trailer fields)
 _MAX_HEADERS = 200
+# The raw bytes of a head run past its counted size (the method, the version, line ends,
+# whitespace around values): the backstop against a field llhttp would grow unfinished
+# allows that much more before it refuses, so a head at the bound is never cut short by where
+# a read happened to end.
+_HEAD_FRAMING = 1024
 _HEAD_TIMEOUT = 30.0  # from the first byte of a request to the end of its head
 _BODY_READ_TIMEOUT = 60.0  # between pieces of a request body
 _MAX_PIPELINED = 64 * 1024  # bytes read ahead while a request is served; then backpressure
@@ -486,7 +491,7 @@ class _Connection:
                     if requests and not head_started:  # the first bytes: the head timeout runs
                         head_started = True
                         self.read_deadline = trio.current_time() + _HEAD_TIMEOUT
-                    if self._fed - fed > _MAX_HEAD:  # a field unfinished: llhttp would grow it
+                    if self._fed - fed > _MAX_HEAD + _HEAD_FRAMING:  # llhttp would grow a field
                         await self._write(_HEAD_TOO_LARGE)
                         return None
                     await self._wait()

@@ -90,3 +90,20 @@ async def test_a_target_split_across_reads_is_served_whole(nursery: trio.Nursery
         await s.send_all(b"def?q=1 HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n")
         assert (await drain_until_closed(s)).startswith(b"HTTP/1.1 200")
     assert seen[0]["scope"]["path"] == "/abcdef" and seen[0]["scope"]["query_string"] == b"q=1"
+
+
+@pytest.mark.parametrize("late", [1, 10, 17, 64])
+async def test_a_head_at_the_bound_is_served_when_its_last_bytes_arrive_late(
+    nursery: trio.Nursery, late: int
+) -> None:
+    # The raw bytes of a head exceed what is counted (the method, the version, line ends):
+    # a read that stops just short of the end must not look like an unfinished field.
+    port = await start(nursery, echo_app([]))
+    request = fields_of(LIMIT)
+    async with await connect(port) as s:
+        await s.send_all(request[:-late])
+        await trio.testing.wait_all_tasks_blocked()  # the server has read all but the end
+        await s.send_all(request[-late:])
+        with trio.fail_after(10):
+            head, _ = await read_response(s, bytearray())
+    assert head.startswith(b"http/1.1 200")
