@@ -1,0 +1,73 @@
+"""Every refusal by a limit is counted in ``onwards_limit_rejections_total`` under the limit
+that refused (rate, tokens, budget) and its scope (pool, key, provider, label), in-process and
+with the limits shared in Redis, scraped from a real /metrics listener: an operator reads from
+it which limit turns clients away."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import pytest
+import trio
+
+from tests.ops.test_metrics_http import body, gateway, sample, scrape, settle
+from tests.proxy.test_limits_redis import needs_redis, shared_config
+from tests.support import FakeUpstream, serve_app
+
+ONCE = {"requests_per_second": 0.001, "burst_size": 1}  # one request, then refused
+FEW_TOKENS = {"tokens": 10, "window_secs": 1e9}  # the first request takes every token
+TINY_BUDGET = {"amount": 0.001, "window": "day"}  # less than any request's estimate
+
+
+def config(url: str, limit: str, scope: str) -> dict[str, Any]:
+    """One pool ``m`` with one provider, one key ``sk-a`` labelled ``team: red``, and the one
+    limit ``limit`` at ``scope``."""
+    setting = {"rate": ("rate_limit", ONCE), "tokens": ("token_limit", FEW_TOKENS)}
+    provider: dict[str, Any] = {"url": url}
+    pool: dict[str, Any] = {"providers": [provider], "pricing": {"input": 1000, "output": 1000}}
+    key: dict[str, Any] = {"key": "sk-a", "labels": {"team": "red"}}
+    auth: dict[str, Any] = {"key_definitions": {"a": key}}
+    if limit == "budget" and scope == "key":
+        key["budget"] = TINY_BUDGET
+    elif limit == "budget":
+        auth["label_budgets"] = [{**TINY_BUDGET, "match_labels": {"team": "red"}}]
+    else:
+        name, value = setting[limit]
+        {"pool": pool, "key": key, "provider": provider}[scope][name] = value
+    return {"targets": {"m": pool}, "auth": auth}
+
+
+@pytest.mark.parametrize("shared", [False, pytest.param(True, marks=needs_redis)])
+@pytest.mark.parametrize(
+    ("limit", "scope"),
+    [
+        ("rate", "pool"),
+        ("rate", "key"),
+        ("rate", "provider"),
+        ("tokens", "pool"),
+        ("tokens", "key"),
+        ("tokens", "provider"),
+        ("budget", "key"),
+        ("budget", "label"),
+    ],
+)
+async def test_a_refusal_is_counted_under_its_limit_and_scope(
+    nursery: trio.Nursery, limit: str, scope: str, shared: bool
+) -> None:
+    spec = config(await serve_app(nursery, FakeUpstream()), limit, scope)
+    if shared:
+        spec["shared_limits"] = shared_config("onwards-test-" + secrets.token_hex(4))
+    client, scraper, metrics = await gateway(nursery, spec.pop("targets"), **spec)
+    headers = {"authorization": "Bearer sk-a"}
+    async with client, scraper:
+        codes = [
+            (await client.post("/v1/chat/completions", json=body("m"), headers=headers)).status_code
+            for _ in range(2)
+        ]
+        refused = sum(code in (402, 429) for code in codes)
+        assert refused and all(code in (200, 402, 429) for code in codes), codes
+        labels = {"alias": "m", "limit": limit, "scope": scope}
+        await settle(metrics, "onwards_limit_rejections_total", labels, refused)
+        scraped = await scrape(scraper)
+    assert sample(scraped, "onwards_limit_rejections_total", **labels) == refused
