@@ -220,7 +220,7 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
         "tests/proxy/test_budgets.py",
         "tests/proxy/test_budget_edges.py",
         "tests/proxy/test_budget_refusals.py",
-        "tests/proxy/test_provider_rate_refusal.py",
+        "tests/proxy/test_provider_limit_refusals.py",
         "tests/proxy/test_limits_redis.py",
         "tests/app/test_request_limits.py",
         "tests/ops/test_rejection_metrics.py",

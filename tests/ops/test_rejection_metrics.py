@@ -6,6 +6,7 @@ it which limit turns clients away."""
 from __future__ import annotations
 
 import secrets
+from functools import partial
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import trio
 
 from tests.ops.test_metrics_http import body, gateway, sample, scrape, settle
 from tests.proxy.test_limits_redis import needs_redis, shared_config
-from tests.support import FakeUpstream, serve_app
+from tests.support import FakeUpstream, Reply, chat_completion, serve_app
 
 ONCE = {"requests_per_second": 0.001, "burst_size": 1}  # one request, then refused
 FEW_TOKENS = {"tokens": 10, "window_secs": 1e9}  # the first request takes every token
@@ -71,3 +72,32 @@ async def test_a_refusal_is_counted_under_its_limit_and_scope(
         await settle(metrics, "onwards_limit_rejections_total", labels, refused)
         scraped = await scrape(scraper)
     assert sample(scraped, "onwards_limit_rejections_total", **labels) == refused
+
+
+@pytest.mark.parametrize("shared", [False, pytest.param(True, marks=needs_redis)])
+@pytest.mark.parametrize("scope", ["pool", "key"])
+async def test_a_concurrency_refusal_is_counted_under_its_scope(
+    nursery: trio.Nursery, scope: str, shared: bool
+) -> None:
+    up = FakeUpstream(Reply(body=chat_completion(), delay=3.0))
+    spec = config(await serve_app(nursery, up), "rate", scope)
+    target = spec["targets"]["m"] if scope == "pool" else spec["auth"]["key_definitions"]["a"]
+    del target["rate_limit"]
+    target["concurrency_limit"] = {"max_concurrent_requests": 1}
+    if shared:
+        spec["shared_limits"] = shared_config("onwards-test-" + secrets.token_hex(4))
+    client, scraper, metrics = await gateway(nursery, spec.pop("targets"), **spec)
+    headers = {"authorization": "Bearer sk-a"}
+    async with client, scraper:
+        async with trio.open_nursery() as inner:
+            first = partial(client.post, "/v1/chat/completions", json=body("m"), headers=headers)
+            inner.start_soon(first)
+            with trio.fail_after(20):
+                while not up.requests:  # the first request holds the one slot
+                    await trio.sleep(0.01)
+            refused = await client.post("/v1/chat/completions", json=body("m"), headers=headers)
+        assert refused.status_code == 429
+        labels = {"alias": "m", "limit": "concurrency", "scope": scope}
+        await settle(metrics, "onwards_limit_rejections_total", labels, 1)
+        scraped = await scrape(scraper)
+    assert sample(scraped, "onwards_limit_rejections_total", **labels) == 1
