@@ -676,6 +676,21 @@ def _walk_type(tp: Any, value: Any, path: str, out: list[str]) -> None:
         _known_keys_warnings(tp, value, path, out)
 
 
+# Pool-level keys the single-target and list forms do not have (as in onwards): written there,
+# they are ignored, which a user would not guess, so each gets a warning.
+_POOL_ONLY = ("fallback", "routing_rules", "strategy")
+
+
+def _pool_only_warnings(raw: Any, path: str, out: list[str]) -> None:
+    if isinstance(raw, Mapping):
+        for key in _POOL_ONLY:
+            if key in raw:
+                out.append(
+                    f"{key!r} is a pool setting, ignored in the single-target form "
+                    f'(list the provider under "providers" to use it) @ {path}'
+                )
+
+
 def _target_to_pool(alias: str, raw: Any, warnings: list[str]) -> PoolSpec:
     path = _join_key("$.targets", alias)
     if isinstance(raw, list):
@@ -684,6 +699,7 @@ def _target_to_pool(alias: str, raw: Any, warnings: list[str]) -> PoolSpec:
         singles: list[_SingleTarget] = []
         for i, item in enumerate(raw):
             _known_keys_warnings(_SingleTarget, item, f"{path}[{i}]", warnings)
+            _pool_only_warnings(item, f"{path}[{i}]", warnings)
             singles.append(_structure(item, _SingleTarget, f"{path}[{i}]"))
         trusted = {bool(s.trusted) for s in singles}
         if len(trusted) > 1:
@@ -701,6 +717,7 @@ def _target_to_pool(alias: str, raw: Any, warnings: list[str]) -> PoolSpec:
         return pool
     if isinstance(raw, Mapping):
         _known_keys_warnings(_SingleTarget, raw, path, warnings)
+        _pool_only_warnings(raw, path, warnings)
         single: _SingleTarget = _structure(raw, _SingleTarget, path)
         return PoolSpec(
             providers=[_provider_of(single, keep_trust=False)],

@@ -240,6 +240,26 @@ def test_an_agent_tool_on_a_missing_alias_is_a_warning() -> None:
     )
 
 
+def test_a_pool_setting_on_a_single_target_is_a_warning_naming_it() -> None:
+    rules = [{"match_labels": {"purpose": "batch"}, "action": {"type": "deny"}}]
+    config = parse_config({"targets": {"a": {"url": "http://a", "routing_rules": rules}}})
+    assert config.warnings == (
+        "'routing_rules' is a pool setting, ignored in the single-target form "
+        '(list the provider under "providers" to use it) @ $.targets.a',
+    )
+    assert config.targets["a"].routing_rules == []  # as onwards: the single form has none
+
+
+def test_a_pool_setting_in_a_target_list_is_a_warning_naming_the_item() -> None:
+    config = parse_config(
+        {"targets": {"a": [{"url": "http://a"}, {"url": "http://b", "strategy": "priority"}]}}
+    )
+    assert config.warnings == (
+        "'strategy' is a pool setting, ignored in the single-target form "
+        '(list the provider under "providers" to use it) @ $.targets.a[1]',
+    )
+
+
 def test_load_config_logs_its_warnings(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text('{"targets": {"a": {"url": "http://a", "onwards_kye": "sk"}}}')
