@@ -276,6 +276,25 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
         "tests/app/test_usage_rows.py",
         "tests/stores/test_usage_store.py",
     ),
+    "logs": ("tests/ops", "--ignore=tests/ops/test_tracing_durable.py"),
+    "access": ("tests/ops", "--ignore=tests/ops/test_tracing_durable.py"),
+    "stores_base": (
+        "tests/stores",
+        "tests/app/test_idempotency.py",
+        "tests/app/test_usage_ledger.py",
+    ),
+    "stores_memory": (
+        "tests/stores",
+        "tests/loop",
+        "tests/app/test_idempotency.py",
+        "tests/app/test_usage_ledger.py",
+    ),
+    "loop": (
+        "tests/loop",
+        "tests/responses",
+        "--ignore=tests/responses/test_mcp.py",
+        "--ignore=tests/responses/test_durable.py",
+    ),
 }
 
 
