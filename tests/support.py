@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,25 @@ __all__ = [
     "sse",
     "start_gateway",
 ]
+
+
+async def read_head(stream: trio.abc.ReceiveStream) -> bytes:
+    """What a raw test origin reads of a request: up to and including the end of its head
+    (an EOF first is an error, not an endless loop)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some()
+        if not chunk:
+            raise EOFError(f"closed before the end of a head: {data!r}")
+        data += chunk
+    return data
+
+
+async def serve_raw(nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Any]) -> int:
+    """A raw TCP origin on loopback, each connection served by ``handler``; its port."""
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
 
 
 async def serve_app(nursery: trio.Nursery, app: Any) -> str:

@@ -5,13 +5,12 @@ malformed chunk, trailers over the bound), so an operator can tell the cases apa
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import pytest
 import trio
 
 from tests.app.test_request_limits import chat, post
-from tests.support import start_gateway
+from tests.support import read_head, serve_raw, start_gateway
 
 CHUNKED = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
 
@@ -43,16 +42,13 @@ async def test_the_cut_short_warning_says_why(
     relayed = trio.Event()  # the first bytes reached the client: the answer is committed
 
     async def upstream(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += await stream.receive_some()
+        await read_head(stream)
         await stream.send_all(first)
         await relayed.wait()
         await stream.send_all(rest)
         await stream.send_eof()
 
-    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
-    url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    url = f"http://127.0.0.1:{await serve_raw(nursery, upstream)}"
     _, gateway = await start_gateway(nursery, {"targets": {"m": {"url": url}}})
     with caplog.at_level(logging.WARNING):
         async with await trio.open_tcp_stream("127.0.0.1", int(gateway.rsplit(":", 1)[1])) as s:

@@ -3,11 +3,10 @@ with fixed bytes in one write and keeps its socket open (only the answer frames 
 
 from __future__ import annotations
 
-from functools import partial
-
 import trio
 
 from onwards_trio._transport.client import Connection, Response
+from tests.support import read_head, serve_raw
 
 HEADERS = [(b"host", b"upstream")]
 
@@ -20,15 +19,12 @@ async def answered(
     reusable afterwards."""
 
     async def handler(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += await stream.receive_some()
+        await read_head(stream)
         await stream.send_all(answer)
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
+        port = await serve_raw(nursery, handler)
         conn = await Connection.connect(b"http", "127.0.0.1", port, 10.0, None)
         try:
             with trio.fail_after(10):
@@ -40,6 +36,4 @@ async def answered(
             return response, body, conn.reusable
         finally:
             await conn.aclose()
-            for listener in listeners:
-                await listener.aclose()
-            nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()  # the origin's listener closes with its task
