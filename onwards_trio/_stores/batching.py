@@ -1,16 +1,24 @@
-"""Group commit for the SQL stores: calls that queue behind running transactions share one.
+"""Group commit for the SQL stores: one writer per database runs the queued calls in batches.
 
 A store call is a function of a database connection run in a worker thread. The thread hop
 and the commit (an ``fsync`` on PostgreSQL, a WAL write on SQLite) cost far more than a small
-statement, so when more calls arrive than there are connections to run them, the ones waiting
-run together: one thread hop, one transaction, each call in a savepoint of its own (a call
-that fails rolls back only its own writes). A call that finds a free slot runs alone, at once,
-as it would without batching. The backend says how a batch runs (:attr:`GroupCommit.run_batch`);
-this module only decides which calls form one.
+statement, so calls are queued and a writer — a worker thread that drains the queue — runs
+whatever has queued as one batch: one transaction, each call in a savepoint of its own (a call
+that fails rolls back only its own writes). The backend says how a batch runs
+(:attr:`GroupCommit.run_batch`); this module decides which calls form one and hands the
+results back.
+
+**Why a draining writer, not a thread call per batch.** A writer is started (with
+``trio.to_thread.run_sync``, from a system task) only when a call finds no writer running; it
+then takes batch after batch until the queue is empty, so under load the Trio thread neither
+wakes a leader task nor starts a thread per batch. Each finished batch is handed back with
+one ``TrioToken.run_sync_soon``, which reschedules its callers directly: per call, one list
+append on the way in and one ``reschedule`` on the way out.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -25,21 +33,32 @@ T = TypeVar("T")
 
 class Call(Generic[C]):
     """One caller's function waiting for (or running in) a batch; the batch runner sets
-    :attr:`outcome`."""
+    :attr:`outcome`. ``alone``: it runs in a batch of its own (closing the connection).
+    ``merge``: rows the batch runner may insert together with other calls' rows instead of
+    running ``fn`` (:meth:`SqliteFile.run_inserts`); the call's value is then ``value``."""
 
-    __slots__ = ("fn", "lead", "outcome", "taken", "wake")
+    __slots__ = ("alone", "fn", "merge", "outcome", "taken", "task", "value")
 
-    def __init__(self, fn: Callable[[C], Any]) -> None:
+    def __init__(
+        self,
+        fn: Callable[[C], Any],
+        *,
+        alone: bool = False,
+        merge: Any = None,
+        value: Any = None,
+    ) -> None:
         self.fn = fn
-        self.wake = trio.Event()  # set when the result is in, or when this caller must lead
+        self.alone = alone
+        self.merge = merge
+        self.value = value
+        self.task = trio.lowlevel.current_task()
         self.taken = False  # part of a batch that has started: it will run, whatever happens
-        self.lead = False  # handed the lead: this caller runs the next batch
         self.outcome: outcome.Outcome[Any] | None = None
 
 
 class GroupCommit(Generic[C]):
-    """Runs calls through ``run_batch`` (in a worker thread, under ``limiter``), at most
-    ``slots`` batches at a time, at most ``max_batch`` calls per batch.
+    """Runs calls through ``run_batch`` in writer threads, at most ``slots`` writers at a
+    time, at most ``max_batch`` calls per batch.
 
     Durability is the runner's: a call returns only once its batch is done, so after the
     commit that holds its writes. A call taken into a batch is not abandoned when its caller
@@ -51,62 +70,82 @@ class GroupCommit(Generic[C]):
     def __init__(
         self,
         run_batch: Callable[[list[Call[C]]], None],
-        limiter: trio.CapacityLimiter,
         *,
         slots: int = 1,
         max_batch: int = 128,
     ) -> None:
         self.run_batch = run_batch
-        self.limiter = limiter
         self.slots = slots
         self.max_batch = max_batch
         self.queue: list[Call[C]] = []
-        self.running = 0  # batches in a thread (or whose leader has been chosen)
+        self.running = 0  # writers started and not yet finished
+        self._lock = threading.Lock()  # the queue and ``running``: shared with the writers
 
-    async def _lead(self) -> None:
-        """Run the queued calls as one batch, then hand the lead to the next caller waiting."""
-        try:
-            batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
-            for call in batch:
-                call.taken = True
-            with trio.CancelScope(shield=True):  # taken calls must run: their callers wait
-                await trio.to_thread.run_sync(self.run_batch, batch, limiter=self.limiter)
-            for call in batch:
-                call.wake.set()
-        finally:
-            self.running -= 1
-            if self.queue:
-                nxt = self.queue[0]
-                nxt.lead = True
-                self.running += 1
-                nxt.wake.set()
-
-    async def run(self, fn: Callable[[C], T]) -> T:
-        """``fn(connection)`` in a worker thread, batched with the calls that queue meanwhile."""
+    async def run(
+        self, fn: Callable[[C], T], *, alone: bool = False, merge: Any = None, value: Any = None
+    ) -> T:
+        """``fn(connection)`` in a writer thread, batched with the calls queued meanwhile
+        (or, for a call with ``merge`` rows, those rows inserted with other calls' rows)."""
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller starts nothing
-        call: Call[C] = Call(fn)
-        self.queue.append(call)
-        if self.running >= self.slots:
-            try:
-                await call.wake.wait()
-            except trio.Cancelled:
-                if not (call.taken or call.lead):  # never started: it may simply go
-                    self.queue.remove(call)
-                    raise
-                with trio.CancelScope(shield=True):
-                    await self._see_through(call)
-            else:
-                await self._see_through(call)
-        else:
-            self.running += 1
-            await self._lead()
-        assert call.outcome is not None
-        result: T = call.outcome.unwrap()
+        call: Call[C] = Call(fn, alone=alone, merge=merge, value=value)
+        with self._lock:
+            self.queue.append(call)
+            first = None
+            if self.running < self.slots:  # a writer starts with what is queued now
+                self.running += 1
+                first = self._take()
+        if first is not None:
+            trio.lowlevel.spawn_system_task(self._writer, first, name="onwards-trio store writer")
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            with self._lock:
+                if call.taken:  # it runs: its caller waits for the result
+                    return trio.lowlevel.Abort.FAILED
+                self.queue.remove(call)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
 
-    async def _see_through(self, call: Call[C]) -> None:
-        if call.outcome is None:
-            if call.lead:
-                await self._lead()
-            else:
-                await call.wake.wait()
+    async def _writer(self, first: list[Call[C]]) -> None:
+        token = trio.lowlevel.current_trio_token()
+        # Shielded by to_thread itself (a started thread is never abandoned): the system
+        # nursery's cancellation at shutdown waits for the queue to drain.
+        await trio.to_thread.run_sync(self._drain, token, first)
+
+    def _drain(self, token: trio.lowlevel.TrioToken, batch: list[Call[C]]) -> None:
+        """In the writer thread: ``batch``, then batch after batch until the queue is empty."""
+        while True:
+            try:
+                self.run_batch(batch)
+            except Exception as e:  # the runner sets every outcome; this is a last resort
+                for call in batch:
+                    if call.outcome is None:
+                        call.outcome = outcome.Error(e)
+            token.run_sync_soon(_deliver, batch)
+            with self._lock:
+                if not self.queue:
+                    self.running -= 1
+                    return
+                batch = self._take()
+
+    def _take(self) -> list[Call[C]]:
+        """The next batch (under the lock): a call that runs alone is a batch of its own."""
+        queue = self.queue
+        if queue[0].alone:
+            batch = [queue.pop(0)]
+        else:
+            n = 1
+            while n < len(queue) and n < self.max_batch and not queue[n].alone:
+                n += 1
+            batch, self.queue = queue[:n], queue[n:]
+        for call in batch:
+            call.taken = True
+        return batch
+
+
+def _deliver(batch: list[Call[Any]]) -> None:
+    """On the Trio thread: each caller of a finished batch resumes with its outcome."""
+    for call in batch:
+        assert call.outcome is not None
+        trio.lowlevel.reschedule(call.task, call.outcome)

@@ -30,6 +30,8 @@ when a postgres store is wanted.
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, TypeVar
 
@@ -172,6 +174,28 @@ def _configure(conn: Conn) -> None:
     set_json_loads(orjson.loads, conn)
 
 
+# A connection back in the pool for less than this is handed out unchecked: the check is a
+# round trip per call, and what it guards against (a restarted server, a dropped idle
+# connection) shows on connections that sat idle. One that broke meanwhile fails its call.
+_CHECK_AFTER_IDLE = 1.0
+
+
+class _IdleCheck:
+    """The pool's ``reset`` (when a connection comes back) and ``check`` (when it is handed
+    out) callbacks: a connection idle for ``_CHECK_AFTER_IDLE`` or more is checked first."""
+
+    def __init__(self) -> None:
+        self._returned: weakref.WeakKeyDictionary[Conn, float] = weakref.WeakKeyDictionary()
+
+    def reset(self, conn: Conn) -> None:
+        self._returned[conn] = time.monotonic()
+
+    def check(self, conn: Conn) -> None:
+        returned = self._returned.get(conn)
+        if returned is None or time.monotonic() - returned >= _CHECK_AFTER_IDLE:
+            psycopg_pool.ConnectionPool.check_connection(conn)
+
+
 class PostgresDatabase:
     """One lazily opened connection pool to ``dsn``, shared by a step store and a response store.
 
@@ -208,14 +232,13 @@ class PostgresDatabase:
         self._pool: psycopg_pool.ConnectionPool[Conn] | None = None
         self._open_lock = threading.Lock()  # worker threads race to open the pool
         self._limiter = trio.CapacityLimiter(pool_size)
-        self._group: GroupCommit[Conn] = GroupCommit(
-            self._run_batch, self._limiter, slots=pool_size
-        )
+        self._group: GroupCommit[Conn] = GroupCommit(self._run_batch, slots=pool_size)
 
     def _open(self) -> psycopg_pool.ConnectionPool[Conn]:
         with self._open_lock:
             if self._pool is not None:
                 return self._pool
+            idle = _IdleCheck()
             pool: psycopg_pool.ConnectionPool[Conn] = psycopg_pool.ConnectionPool(
                 self.dsn,
                 min_size=1,
@@ -223,8 +246,10 @@ class PostgresDatabase:
                 open=False,
                 kwargs={"autocommit": True},
                 configure=_configure,
-                # A replica outlives database restarts: test a connection before handing it out.
-                check=psycopg_pool.ConnectionPool.check_connection,
+                # A replica outlives database restarts: test a connection that sat idle
+                # before handing it out.
+                check=idle.check,
+                reset=idle.reset,
                 timeout=self.connect_timeout,
                 name="onwards-trio",
             )

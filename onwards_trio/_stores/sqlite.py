@@ -1,9 +1,9 @@
 """SQLite stores: the embedded default, one file, no set-up.
 
 One connection (``check_same_thread=False``, WAL, ``synchronous=FULL`` unless configured
-``NORMAL``) used only through ``trio.to_thread.run_sync`` with the store's own
-``CapacityLimiter(1)``, so calls are serialised and the event loop never blocks on disk. The
-schema is created on first use. A thread that has started is never abandoned on cancellation
+``NORMAL``) used only by one writer thread at a time (:mod:`~onwards_trio._stores.batching`),
+so calls are serialised and the event loop never blocks on disk. The schema is created on
+first use. A thread that has started is never abandoned on cancellation
 (trio's default), so a write either commits or raises; it is never half done. Sequence
 allocation happens inside ``BEGIN IMMEDIATE`` so that several processes sharing the file
 still allocate distinct, increasing sequences.
@@ -16,7 +16,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import outcome
@@ -91,7 +91,7 @@ CREATE TABLE IF NOT EXISTS loop_steps (
     updated_at REAL NOT NULL,
     UNIQUE (request_id, sequence)
 );
-CREATE INDEX IF NOT EXISTS loop_steps_scope ON loop_steps (request_id, scope_parent, sequence);
+DROP INDEX IF EXISTS loop_steps_scope;
 """
 
 _STEP_COLUMNS = (
@@ -174,9 +174,8 @@ class SqliteFile:
         self._busy_timeout = busy_timeout
         self._on_error = on_error
         self._conn: sqlite3.Connection | None = None
-        self._limiter = trio.CapacityLimiter(1)
         self._group: GroupCommit[sqlite3.Connection] = GroupCommit(
-            self._run_batch, self._limiter, max_batch=max_batch
+            self._run_batch, max_batch=max_batch
         )
 
     @property
@@ -210,7 +209,16 @@ class SqliteFile:
         return e
 
     def _run_batch(self, batch: list[Call[sqlite3.Connection]]) -> None:
-        """In the worker thread: every call of ``batch``, one transaction when more than one."""
+        """In the writer thread: every call of ``batch``, one transaction when more than one.
+
+        The rows of the calls that carry them (:meth:`insert`) go first, each table's in one
+        multi-row ``INSERT``: a statement releases and retakes the GIL at every step, so a
+        batch's hand-offs with the Trio thread stay a handful however many responses it
+        holds. Should that fail, those calls run one by one like the others."""
+        if batch[0].alone:  # closing the connection: it must not open one first
+            (call,) = batch
+            call.outcome = outcome.capture(call.fn, cast(sqlite3.Connection, None))
+            return
         try:
             conn = self._connect()
         except BaseException as e:
@@ -226,7 +234,13 @@ class SqliteFile:
             return
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for call in batch:
+            rest = batch
+            merged = [call for call in batch if call.merge is not None]
+            if len(merged) > 1 and _insert_together(conn, merged):
+                for call in merged:
+                    call.outcome = outcome.Value(call.value)
+                rest = [call for call in batch if call.merge is None]
+            for call in rest:
                 conn.execute("SAVEPOINT onwards_call")
                 try:
                     value = call.fn(conn)
@@ -245,19 +259,65 @@ class SqliteFile:
                 call.outcome = outcome.Error(self._error(e))
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn(connection)`` in the worker thread, batched with the calls that queue meanwhile."""
+        """``fn(connection)`` in the writer thread, batched with the calls that queue meanwhile."""
         return await self._group.run(fn)
 
-    async def aclose(self) -> None:
-        """Close the connection (shielded: a cancelled close would leak it)."""
+    async def insert(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        rows: Sequence[tuple[str, Sequence[tuple[Any, ...]]]],
+        value: T,
+    ) -> T:
+        """``fn`` as :meth:`run` does, for a call whose writes are exactly ``rows``:
+        ``(insert, rows)`` pairs, ``insert`` an ``INSERT … VALUES`` up to its one row of
+        placeholders. In a batch, such calls' rows are inserted together and each returns
+        ``value``; ``fn`` runs only when that fails (or when the call is alone)."""
+        return await self._group.run(fn, merge=rows, value=value)
 
-        def close() -> None:
+    async def aclose(self) -> None:
+        """Close the connection (shielded: a cancelled close would leak it), after the calls
+        queued before it."""
+
+        def close(_: sqlite3.Connection | None) -> None:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
 
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(close, limiter=self._limiter)
+            await self._group.run(close, alone=True)
+
+
+# SQLite's limit on one statement's parameters is 32,766; a batch's rows go in chunks below it.
+_MAX_PARAMS = 30_000
+
+
+def _insert_together(conn: sqlite3.Connection, calls: list[Call[sqlite3.Connection]]) -> bool:
+    """The rows of ``calls`` (:meth:`SqliteFile.insert`), one multi-row ``INSERT`` per table
+    (in chunks), in a savepoint: True if they are all in, False (nothing written) if not."""
+    tables: dict[str, list[tuple[Any, ...]]] = {}
+    for call in calls:
+        for sql, rows in call.merge:
+            tables.setdefault(sql, []).extend(rows)
+    conn.execute("SAVEPOINT onwards_merge")
+    try:
+        for sql, rows in tables.items():
+            if not rows:
+                continue
+            insert, _, marks = sql.partition(" VALUES ")
+            width = len(rows[0])
+            step = max(1, _MAX_PARAMS // width)
+            for i in range(0, len(rows), step):
+                chunk = rows[i : i + step]
+                conn.execute(
+                    f"{insert} VALUES {', '.join([marks] * len(chunk))}",
+                    [v for row in chunk for v in row],
+                )
+    except sqlite3.Error:
+        conn.execute("ROLLBACK TO onwards_merge")
+        conn.execute("RELEASE onwards_merge")
+        return False
+    conn.execute("RELEASE onwards_merge")
+    return True
 
 
 @contextlib.contextmanager
@@ -503,7 +563,7 @@ class SqliteResponseStore:
     @staticmethod
     def _insert(conn: sqlite3.Connection, response_id: str, row: tuple[Any, ...]) -> None:
         try:
-            conn.execute("INSERT INTO oresp_responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            conn.execute(_INSERT_RESPONSE, row)
         except sqlite3.IntegrityError:
             raise ValueError(f"response {response_id!r} already exists") from None
 
@@ -721,7 +781,8 @@ class SqliteBackend(StoreBackend):
     async def write_finished(self, finished: FinishedResponse) -> bool:
         """:class:`~onwards_trio._stores.base.FinishedWriter`: the Response object, the loop's
         response rows and its steps in one call, so in one transaction (its own, or its share
-        of a group commit)."""
+        of a group commit). A new response's rows are inserted together with those of the
+        other new responses in its batch (:meth:`SqliteFile.insert`)."""
         record = finished.record
         row = response_row(record) if finished.new else None
         data = row[2] if row is not None else orjson.dumps(record.response).decode()
@@ -738,21 +799,26 @@ class SqliteBackend(StoreBackend):
                     SqliteResponseStore._insert(db, record.id, row)
                 elif not SqliteResponseStore._update(db, record.id, record.status, data):
                     return False
-                db.executemany(
-                    "INSERT OR REPLACE INTO loop_responses "
-                    "(id, status, request, output, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    responses,
-                )
-                db.executemany(
-                    "INSERT INTO loop_steps (id, request_id, scope_parent, prev_step_id, kind, "
-                    "state, sequence, request_payload, response_payload, error, created_at, "
-                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    steps,
-                )
+                db.executemany(_INSERT_LOOP_RESPONSE, responses)
+                db.executemany(_INSERT_STEP, steps)
             return True
 
-        return await self._db.run(write)
+        if row is None:
+            return await self._db.run(write)
+        inserts = ((_INSERT_RESPONSE, (row,)), (_INSERT_LOOP_RESPONSE, responses))
+        return await self._db.insert(write, (*inserts, (_INSERT_STEP, steps)), True)
+
+
+_INSERT_RESPONSE = "INSERT INTO oresp_responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_LOOP_RESPONSE = (
+    "INSERT OR REPLACE INTO loop_responses (id, status, request, output, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_STEP = (
+    "INSERT INTO loop_steps (id, request_id, scope_parent, prev_step_id, kind, state, sequence, "
+    "request_payload, response_payload, error, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 _USAGE_SCHEMA = """

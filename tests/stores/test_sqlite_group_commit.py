@@ -1,4 +1,5 @@
-"""SQLite group commit: calls queued behind a running batch run together, each atomic alone."""
+"""SQLite group commit: calls queued behind a running batch run together, each atomic alone;
+new finished responses in a batch are inserted together."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from onwards_trio._stores.sqlite import SqliteFile, transaction
+from onwards_trio._loop.steps import ResponseStatus, StepDescriptor, StepState
+from onwards_trio._stores.base import FinishedResponse, StoredResponse
+from onwards_trio._stores.memory import MemoryStore
+from onwards_trio._stores.sqlite import SqliteBackend, SqliteFile, transaction
 
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
 
 
@@ -114,4 +119,82 @@ async def test_a_queued_call_cancelled_before_its_batch_never_runs(file: SqliteF
                 await file.run(_insert("dropped"))
         release.set()
     assert await file.run(_rows) == {"kept": 1}
+    await file.aclose()
+
+
+async def _finished(response_id: str) -> FinishedResponse:
+    """A new foreground response as the HTTP layer writes it: one completed model step."""
+    steps = MemoryStore()
+    await steps.begin_response(response_id, CHAT)
+    step = await steps.record_step(response_id, None, None, StepDescriptor.model_call(CHAT))
+    await steps.complete_step(step.id, {"answer": response_id})
+    await steps.finish_response(response_id, ResponseStatus.COMPLETED, {"id": response_id})
+    rows, chain = steps.contents()
+    record = StoredResponse(response_id, {"id": response_id, "status": "completed"})
+    return FinishedResponse(record, True, rows, chain)
+
+
+async def _finish_together(backend: SqliteBackend, ids: list[str]) -> dict[str, bool | Exception]:
+    """``write_finished`` for each of ``ids``, all queued behind a running call (one batch)."""
+    started, release = trio.Event(), trio.Event()
+
+    def blocker(db: sqlite3.Connection) -> None:
+        trio.from_thread.run_sync(started.set)
+        trio.from_thread.run(release.wait)
+
+    finished = [await _finished(i) for i in ids]
+    results: dict[str, bool | Exception] = {}
+
+    async def one(f: FinishedResponse) -> None:
+        try:
+            results[f.record.id] = await backend.write_finished(f)
+        except Exception as exc:
+            results[f.record.id] = exc
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend._db.run, blocker)
+            await started.wait()  # the writer runs it: the others queue behind
+            for f in finished:
+                nursery.start_soon(one, f)
+                await trio.testing.wait_all_tasks_blocked()
+            assert len(backend._db._queue) == len(ids)
+            release.set()
+    return results
+
+
+async def test_new_responses_finished_together_are_each_stored_whole(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "b.sqlite3")
+    ids = [f"resp_{i}" for i in range(12)]
+    assert await _finish_together(backend, ids) == {i: True for i in ids}
+    for i in ids:
+        got = await backend.responses.get(i)
+        assert got is not None and got.response == {"id": i, "status": "completed"}
+        (step,) = await backend.steps.list_chain(i, None)
+        assert (step.state, step.response_payload) == (StepState.COMPLETED, {"answer": i})
+        loop = await backend.steps.get_response(i)
+        assert loop is not None and loop.output == {"id": i}
+    await backend.aclose()
+
+
+async def test_a_response_that_exists_fails_alone_in_a_batch(tmp_path: Path) -> None:
+    backend = SqliteBackend(tmp_path / "b.sqlite3")
+    await backend.responses.create(StoredResponse("resp_1", {"status": "in_progress"}))
+    results = await _finish_together(backend, ["resp_0", "resp_1", "resp_2"])
+    assert results["resp_0"] is True and results["resp_2"] is True
+    assert isinstance(results["resp_1"], ValueError)
+    got = await backend.responses.get("resp_1")
+    assert got is not None and got.status == "in_progress"
+    assert await backend.steps.list_chain("resp_1", None) == []
+    for i in ("resp_0", "resp_2"):
+        assert len(await backend.steps.list_chain(i, None)) == 1
+    await backend.aclose()
+
+
+async def test_a_close_queued_behind_calls_runs_after_them(file: SqliteFile) -> None:
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(file.run, _insert(f"k{i}", i))
+        nursery.start_soon(file.aclose)
+    assert await file.run(_rows) == {f"k{i}": i for i in range(5)}
     await file.aclose()
