@@ -1,11 +1,11 @@
 """PostgreSQL stores: the step store and the response store shared by many gateway replicas.
 
 psycopg's async API is asyncio-only, so both stores use **sync psycopg 3** and a
-``psycopg_pool.ConnectionPool`` from worker threads: every call runs in
-``trio.to_thread.run_sync`` behind a ``trio.CapacityLimiter(pool_size)``, so a worker thread
-never waits for a pooled connection and the event loop never blocks on the network. A call that
-has started is not abandoned on cancellation (Trio's default): a write commits or raises, it is
-never half done.
+``psycopg_pool.ConnectionPool`` from worker threads: a read runs in ``trio.to_thread.run_sync``
+behind a ``trio.CapacityLimiter(pool_size)``, a write in one of at most ``pool_size`` writer
+threads (group commit, :mod:`~onwards_trio._stores.batching`), so the event loop never blocks on
+the network. A call that has started is not abandoned on cancellation (Trio's default): a write
+commits or raises, it is never half done.
 
 Multi-replica safety comes from the database, not from the process:
 
@@ -119,7 +119,7 @@ CREATE TABLE IF NOT EXISTS loop_steps (
     updated_at timestamptz NOT NULL DEFAULT now(),
     UNIQUE (request_id, sequence)
 );
-CREATE INDEX IF NOT EXISTS loop_steps_scope ON loop_steps (request_id, scope_parent, sequence);
+DROP INDEX IF EXISTS loop_steps_scope; -- (request_id, sequence) serves the chain reads too
 CREATE TABLE IF NOT EXISTS oresp_responses (
     id text PRIMARY KEY,
     status text NOT NULL,
@@ -199,20 +199,20 @@ class _IdleCheck:
 class PostgresDatabase:
     """One lazily opened connection pool to ``dsn``, shared by a step store and a response store.
 
-    ``pool_size`` is both the pool's maximum and the limiter on worker threads, so every thread
-    that runs has a connection to take. Connections are in autocommit mode; multi-statement
-    writes use ``conn.transaction()``. ``psycopg.Error`` (pool timeouts included) becomes
+    ``pool_size`` is the pool's maximum, the limiter on reading threads and the number of
+    writer threads; a thread finding every connection taken waits for one
+    (``connect_timeout``). Connections are in autocommit mode; multi-statement writes use
+    ``conn.transaction()``. ``psycopg.Error`` (pool timeouts included) becomes
     :class:`~onwards_trio._loop.steps.StoreError`. :meth:`aclose` closes the pool; a later call
     opens it again.
 
     **Group commit** (:meth:`write`, :mod:`~onwards_trio._stores.batching`): writes that find
-    ``pool_size`` batches already running queue, and each freed connection then runs the
-    queued ones together — one thread hop, one transaction and one commit (one WAL flush on
-    the server) for all of them, each call in its own savepoint so a failing call rolls back
-    only its own writes. A call returns only after the commit that holds its writes, so
-    durability is that of a lone call. Batched calls hold their row locks until the batch
-    commits; a call that loses a deadlock to another batch is run again alone once its own
-    batch has committed.
+    ``pool_size`` writers busy queue, and the next writer free runs the queued ones together
+    — one transaction and one commit (one WAL flush on the server) for all of them, each call
+    in its own savepoint so a failing call rolls back only its own writes. A call returns only
+    after the commit that holds its writes, so durability is that of a lone call. Batched calls
+    hold their row locks until the batch commits; a call that loses a deadlock to another batch
+    is run again alone once its own batch has committed.
     """
 
     def __init__(
