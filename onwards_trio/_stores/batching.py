@@ -109,9 +109,10 @@ class GroupCommit(Generic[C]):
 
     async def _writer(self, first: list[Call[C]]) -> None:
         token = trio.lowlevel.current_trio_token()
-        # Shielded by to_thread itself (a started thread is never abandoned): the system
-        # nursery's cancellation at shutdown waits for the queue to drain.
-        await trio.to_thread.run_sync(self._drain, token, first)
+        # Shielded: its callers wait for ``first`` (already taken), so the thread must start
+        # even when the run is shutting down; once started, to_thread never abandons it.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._drain, token, first)
 
     def _drain(self, token: trio.lowlevel.TrioToken, batch: list[Call[C]]) -> None:
         """In the writer thread: ``batch``, then batch after batch until the queue is empty."""
