@@ -29,14 +29,24 @@ async def test_a_stored_answer_is_one_store_call_and_is_stored_when_it_arrives(
         nursery, FakeUpstream(lambda rec: text_reply(rec)), store=store
     )
     calls: list[str] = []
-    run = SqliteFile.run
+    run, insert = SqliteFile.run, SqliteFile.insert
 
-    async def counted(self: SqliteFile, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    def note(fn: Callable[[sqlite3.Connection], Any]) -> None:
         if not fn.__qualname__.startswith("SqliteDurableStore."):  # leases: not this request's
             calls.append(fn.__qualname__)
+
+    async def counted(self: SqliteFile, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        note(fn)
         return await run(self, fn)
 
+    async def counted_insert(
+        self: SqliteFile, fn: Callable[[sqlite3.Connection], Any], rows: Any, value: Any
+    ) -> Any:
+        note(fn)
+        return await insert(self, fn, rows, value)
+
     monkeypatch.setattr(SqliteFile, "run", counted)
+    monkeypatch.setattr(SqliteFile, "insert", counted_insert)
     resp = await sdk(lambda: client.responses.create(model="m", input="hi"))
     assert resp.output_text == "Hello world"
     assert len(calls) == 1, calls  # the response, its loop row and its step, together
