@@ -249,6 +249,8 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
         "tests/app/test_idempotent_request_bounds.py",
         "tests/app/test_demo_upstream_bodies.py",
         "tests/app/test_client_gone_before_the_body.py",
+        "tests/app/test_hypercorn_lifespan_handshake.py",
+        "tests/app/test_body_budget_edges.py",
         "tests/proxy/test_proxy.py",
         "tests/proxy/test_strict_http.py",
     ),
@@ -263,6 +265,7 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
         "tests/app/test_upstream_interim_answers.py",
         "tests/app/test_upstream_cut_short_reason.py",
         "tests/app/test_request_limits.py",
+        "tests/ops/test_span_export_failure_reasons.py",
     ),
     "strict": (
         "tests/proxy/test_strict_http.py",

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from onwards_trio import Gateway, parse_config
-from tests.support import FakeUpstream, serve_app, start_gateway
+from tests.support import FakeUpstream, read_head, serve_app, start_gateway
 
 CHAT = "/v1/chat/completions"
 LIMIT = 1000
@@ -123,3 +123,25 @@ async def test_a_client_gone_mid_upload_sends_nothing_upstream(
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         assert (await client.get("/v1/models")).status_code == 200  # still serving
     assert up.requests == []
+
+
+@pytest.mark.parametrize(("digits", "status"), [(20, b"200"), (21, b"413")])
+async def test_a_declared_length_is_read_up_to_20_digits(
+    nursery: trio.Nursery, digits: int, status: bytes
+) -> None:
+    # Leading zeros are valid (RFC 9110: 1*DIGIT). Twenty digits are read for their value;
+    # more are refused unread, before the body, whatever they add up to.
+    up = FakeUpstream()
+    targets = {"m": {"url": await serve_app(nursery, up)}}
+    _, url = await start_gateway(nursery, {"targets": targets, "body_limit_bytes": LIMIT})
+    payload = body_of(100)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %s\r\n\r\n" % str(len(payload)).zfill(digits).encode()
+    )
+    async with await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1])) as stream:
+        await stream.send_all(head + payload)
+        with trio.fail_after(10):
+            answer = await read_head(stream)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" ")
+    assert [r.body for r in up.requests] == ([payload] if status == b"200" else [])
