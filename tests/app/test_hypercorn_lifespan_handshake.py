@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Any
 
 import httpx
 import trio
@@ -42,11 +43,12 @@ async def test_an_embedded_gateway_answers_hypercorns_lifespan_without_an_error(
     config.errorlog = errors
     config.startup_timeout = config.shutdown_timeout = 5  # a missing answer fails fast
     gateway = ot.Gateway(ot.parse_config(CONFIG))
+    app: Any = gateway  # hypercorn's app type is narrower than raw ASGI typing
     stop = trio.Event()
     try:
         with trio.fail_after(30):
             async with gateway.running(), trio.open_nursery() as nursery:
-                serve = partial(hypercorn_serve, gateway, config, shutdown_trigger=stop.wait)
+                serve = partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)
                 binds = await nursery.start(serve)
                 async with httpx.AsyncClient(timeout=10) as client:
                     models = await client.get(f"{binds[0]}/v1/models")
