@@ -20,13 +20,13 @@ family whichever client is underneath.
 
 from __future__ import annotations
 
-import re
 import ssl
 
 import httpcore
 import httptools
 import trio
 
+from onwards_trio._transport.heads import clean_head
 from onwards_trio._transport.sockio import SocketIO
 
 __all__ = ["Connection", "NoResponse", "Response"]
@@ -34,10 +34,6 @@ __all__ = ["Connection", "NoResponse", "Response"]
 _MAX_HEAD = 64 * 1024
 _MAX_HEADERS = 200
 _READ = 64 * 1024
-# In a request head we write: control characters other than HTAB, and CR or LF that are not a
-# CRLF line end; and any line end inside a name or value (counted: one per line we
-# write), so a configured or forwarded value cannot split the request.
-_UNSAFE_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 
 
 class NoResponse(httpcore.RemoteProtocolError):
@@ -237,7 +233,7 @@ class Connection:
             out += (name, b": ", value, b"\r\n")
         out.append(b"\r\n")
         head = b"".join(out)
-        if head.count(b"\n") != len(headers) + 2 or _UNSAFE_HEAD.search(head):
+        if not clean_head(head, len(headers) + 2):  # a value must not split the request
             raise httpcore.LocalProtocolError("a control character in the request head")
         parser = self._parser
         parser.waiting = True

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import socket
 import urllib.parse
 from collections import deque
@@ -51,6 +50,7 @@ import httptools
 import trio
 
 from onwards_trio._transport.asgi import ASGIApp, Message
+from onwards_trio._transport.heads import clean_head
 from onwards_trio._transport.sockio import SocketIO
 from onwards_trio._transport.websocket import is_websocket_upgrade, serve_websocket
 
@@ -113,10 +113,6 @@ _SERVER_ERROR_BODY = (
     b'{"error":{"message":"An internal error occurred. Please try again later.",'
     b'"type":"internal_error","param":null,"code":"internal_error"}}'
 )
-# In a response head we write: control characters other than HTAB, and CR or LF that are not
-# a CRLF line end; and any line end inside a name or value (counted: one per line we
-# write), so an app relaying a hostile value cannot split the response.
-_UNSAFE_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 
 
 class _Refused(Exception):
@@ -754,7 +750,7 @@ class _Response:
                 head.append(b"content-length: %d\r\n" % length)
                 lines += 1
             joined = b"".join(head)
-            if joined.count(b"\n") != lines or _UNSAFE_HEAD.search(joined):
+            if not clean_head(joined, lines):  # a relayed value must not split the response
                 raise RuntimeError("a control character in a header from the ASGI app")
             self.started = True
             self._head = [joined]
