@@ -53,6 +53,7 @@ from onwards_trio._proxy.pipeline import (
     Proxy,
     ProxyRequest,
     UpstreamReply,
+    parse_json_body,
     parse_json_off_loop,
 )
 from onwards_trio._proxy.strict import handle_strict, response_filter
@@ -61,6 +62,7 @@ from onwards_trio._responses.model_transport import ProxyModelTransport
 from onwards_trio._responses.service import ResponsesService
 from onwards_trio._stores import open_usage_store
 from onwards_trio._transport.asgi import (
+    OFF_LOOP_JSON_BYTES,
     ASGIApp,
     BodyBudget,
     CancelOnDisconnect,
@@ -504,7 +506,10 @@ class Gateway:
             query=scope.get("query_string", b""),
             headers=list(scope["headers"]),
             body=body,
-            json=await parse_json_off_loop(body),
+            # the usual small body is parsed here, without the coroutines of the off-loop path
+            json=parse_json_body(body)
+            if len(body) < OFF_LOOP_JSON_BYTES
+            else await parse_json_off_loop(body),
         )
         note_request(request)  # alias, provider, attempts and sizes on the access line
         return request

@@ -719,7 +719,8 @@ class Proxy:
                     request.attempts,
                     retry_reason,
                 )
-            t0 = trio.current_time()
+            # the clock is read only for whoever times the attempt
+            t0 = trio.current_time() if m is not None or span is not None else 0.0
             failure = "cancelled"
             try:
                 response = await self._send(request, provider, span)

@@ -20,6 +20,7 @@ family whichever client is underneath.
 
 from __future__ import annotations
 
+import select
 import ssl
 
 import httpcore
@@ -142,7 +143,7 @@ class Connection:
     """One keep-alive connection to an origin. Not safe for concurrent requests (the pool
     hands a connection to one request at a time)."""
 
-    __slots__ = ("_io", "_parser", "_stream", "expires_at", "reusable", "timed_out")
+    __slots__ = ("_io", "_parser", "_poll", "_stream", "expires_at", "reusable", "timed_out")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
@@ -152,6 +153,7 @@ class Connection:
             SocketIO(stream.socket) if isinstance(stream, trio.SocketStream) else stream
         )
         self._parser = _Parser()
+        self._poll: select.poll | None = None  # for is_healthy
         self.reusable = False  # set when a response was read to its end on a kept-alive link
         self.expires_at = 0.0
         self.timed_out = False  # aborted by the pool's watchdog: its deadline passed
@@ -188,11 +190,17 @@ class Connection:
         mean the server closed or broke it) and it has not expired."""
         if trio.current_time() >= self.expires_at or self._parser.stray:
             return False
-        sock = getattr(self._stream, "socket", None)
-        if sock is None:
-            transport = getattr(self._stream, "transport_stream", None)
-            sock = getattr(transport, "socket", None)
-        return sock is not None and not sock.is_readable()
+        poll = self._poll
+        if poll is None:  # made once per connection: a check is then one poll(2)
+            sock = getattr(self._stream, "socket", None)
+            if sock is None:
+                transport = getattr(self._stream, "transport_stream", None)
+                sock = getattr(transport, "socket", None)
+            if sock is None:
+                return False
+            poll = self._poll = select.poll()
+            poll.register(sock.fileno(), select.POLLIN)
+        return not poll.poll(0)
 
     def abort(self) -> None:
         """Close the socket from outside the task using the connection (the watchdog): a call
@@ -208,9 +216,14 @@ class Connection:
         self.reusable = False
         await trio.aclose_forcefully(self._stream)
 
-    async def _receive(self) -> bytes:
+    async def _receive(self, idle: bool = False) -> bytes:
+        """The next bytes; ``idle``: the request was just written, so a plain socket is waited
+        for before the read (see :meth:`SocketIO.receive_when_ready`)."""
+        io = self._io
         try:
-            return bytes(await self._io.receive_some(_READ))
+            if idle and type(io) is SocketIO:
+                return await io.receive_when_ready(_READ)
+            return bytes(await io.receive_some(_READ))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpcore.ReadError(str(exc) or "connection broken") from None
 
@@ -249,7 +262,7 @@ class Connection:
         first = True
         while not parser.head_done or (100 <= parser.status < 200 and parser.status != 101):
             try:
-                data = await self._receive()
+                data = await self._receive(first)
             except httpcore.ReadError as exc:
                 if first:
                     raise NoResponse(str(exc)) from None

@@ -226,6 +226,14 @@ class _HostPool:
             await conn.aclose()
         return None
 
+    def _idle_at_hand(self) -> Connection | None:
+        """The last idle connection if it is healthy: the usual case, without the coroutine
+        of :meth:`_idle_connection` (which closes the dead ones)."""
+        idle = self._idle
+        if idle and idle[-1].is_healthy():
+            return idle.pop()
+        return None
+
     async def _connect(self) -> Connection:
         client = self._client
         return await Connection.connect(
@@ -262,7 +270,9 @@ class _HostPool:
                         raise trio.TooSlowError from None
         try:
             for _ in range(2):
-                conn = await self._idle_connection()
+                conn = self._idle_at_hand()
+                if conn is None and self._idle:
+                    conn = await self._idle_connection()
                 reused = conn is not None
                 if conn is None:
                     if watch is None:

@@ -258,7 +258,7 @@ class _Server:
             now = trio.current_time()
             late = now - self.write_timeout
             for conn in list(self.connections):
-                since = conn.writing_since
+                since = conn.io.blocked_since
                 if since is not None and since < late:
                     conn.abort_write()
                 elif conn.read_deadline < now:
@@ -305,7 +305,6 @@ class _Connection:
         "server",
         "stream",
         "waiting_for_head",
-        "writing_since",
     )
 
     def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
@@ -328,7 +327,6 @@ class _Connection:
         self._wake: trio.Event | None = None  # set by the reader: the handler waits on it
         self._reader_wake: trio.Event | None = None  # set by the handler: the reader waits
         self._finished: trio.Event | None = None  # set when the response ends or the client left
-        self.writing_since: float | None = None  # when a blocked write began
         self.read_deadline = math.inf  # when a read still waiting counts as timed out
         self.waiting_for_head = False
         # Round the connection's requests: what end_on_disconnect registers (see run()).
@@ -386,16 +384,20 @@ class _Connection:
             self._wake = None
             wake.set()
 
-    async def _read(self) -> bytes:
+    async def _read(self, idle: bool) -> bytes:
         """One read of the socket; ``b""``: the client is gone (closed, reset, or closed by
-        the watchdog)."""
+        the watchdog). ``idle``: the client has just sent a whole request and waits for its
+        answer, so the read waits for the socket first."""
         try:
+            if idle:
+                return await self.io.receive_when_ready(_READ)
             return await self.io.receive_some(_READ)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return b""
 
     async def _reader(self) -> None:
         parser = self.parser
+        idle = False
         while True:
             while not self._wants_bytes():
                 if self._disconnected:
@@ -403,7 +405,7 @@ class _Connection:
                 wake = self._reader_wake = trio.Event()
                 await wake.wait()
             ahead = parser.current.complete
-            data = await self._read()
+            data = await self._read(idle)
             if not data:
                 self._gone()
                 self._wake_handler()
@@ -412,6 +414,7 @@ class _Connection:
                 self._ahead += len(data)
             self._fed += len(data)
             parser.feed(data)
+            idle = parser.current.complete
             self._wake_handler()
 
     async def _wait(self) -> None:
@@ -634,13 +637,10 @@ class _Connection:
         if self._disconnected:
             await trio.lowlevel.checkpoint()  # an app that streams on regardless still yields
             return
-        self.writing_since = trio.current_time()  # for the server's write watchdog
         try:
-            await self.io.send_all(data)
+            await self.io.send_all(data)  # a blocked write shows in io.blocked_since
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._gone()  # later sends are dropped; receive() reports it
-        finally:
-            self.writing_since = None
 
     def abort_write(self) -> None:
         """The client took no bytes for the write timeout: it counts as gone. Closing the

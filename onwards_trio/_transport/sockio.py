@@ -17,6 +17,7 @@ starve the others. Two tasks waiting on one socket in the same direction still r
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import trio
@@ -30,11 +31,12 @@ class SocketIO:
     """``receive_some``/``send_all`` (the ``trio.abc.Stream`` names) on one connected trio
     socket (plain TCP), without a schedule point when the socket was ready."""
 
-    __slots__ = ("_ready", "socket")
+    __slots__ = ("_ready", "blocked_since", "socket")
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.socket = sock
         self._ready = 0  # calls in a row that did not wait
+        self.blocked_since: float | None = None  # trio time a send_all began to wait
 
     async def _yielded(self) -> None:
         self._ready += 1
@@ -60,24 +62,42 @@ class SocketIO:
         await self._yielded()
         return data
 
+    async def receive_when_ready(self, max_bytes: int) -> bytes:
+        """:meth:`receive_some` for a read that would find nothing yet (the peer was just sent a
+        request, or just sent one and now waits for the answer): it waits for the socket
+        first instead of trying the system call, which would fail with ``EAGAIN`` (and
+        build an exception) almost every time."""
+        sock = self.socket
+        self._ready = 0
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return os.read(sock.fileno(), max_bytes)
+            except BlockingIOError:
+                continue
+
     async def send_all(self, data: bytes) -> None:
         """Write all of ``data``. Raises ``OSError`` (reset, closed) or
-        ``trio.ClosedResourceError`` (closed while waiting)."""
+        ``trio.ClosedResourceError`` (closed while waiting). While it waits for the socket,
+        :attr:`blocked_since` says since when (a watchdog's write timeout)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         sock = self.socket
         total = len(data)
-        sent = 0
-        waited = False
-        while True:
-            try:
-                sent += os.write(sock.fileno(), data if not sent else memoryview(data)[sent:])
-            except BlockingIOError:
-                waited = True
-            if sent >= total:
-                break
-            waited = True
-            await trio.lowlevel.wait_writable(sock)
-        if waited:
-            self._ready = 0
-        else:
+        try:
+            sent = os.write(sock.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent >= total:
             await self._yielded()
+            return
+        self._ready = 0
+        self.blocked_since = trio.current_time()
+        try:
+            while True:
+                await trio.lowlevel.wait_writable(sock)
+                with contextlib.suppress(BlockingIOError):
+                    sent += os.write(sock.fileno(), memoryview(data)[sent:])
+                if sent >= total:
+                    return
+        finally:
+            self.blocked_since = None

@@ -229,9 +229,9 @@ async def test_bytes_pipelined_while_the_app_runs_are_not_buffered_without_bound
     taken = 0  # bytes read from the socket while the app holds the response back
     read = _server._Connection._read
 
-    async def spy(self: Any) -> bytes:
+    async def spy(self: Any, *args: Any) -> bytes:
         nonlocal taken
-        data = await read(self)
+        data = await read(self, *args)
         taken += len(data)
         return data
 
