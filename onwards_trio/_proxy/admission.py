@@ -44,7 +44,15 @@ if TYPE_CHECKING:
     )
     from onwards_trio._proxy.targets import Pool, Provider, Table
 
-__all__ = ["Hold", "PendingGate", "admit", "flush", "reserve_provider", "token_headers"]
+__all__ = [
+    "Hold",
+    "PendingGate",
+    "admit",
+    "admit_at_once",
+    "flush",
+    "reserve_provider",
+    "token_headers",
+]
 
 
 class Hold:
@@ -197,6 +205,21 @@ async def _wants(
             output = bspec.default_output_tokens if asked is None else asked
             spends.append((scope, budget, estimate_cost_micros(prompt, output, price), bspec))
     return tokens, spends
+
+
+def admit_at_once(
+    metrics: Any, table: Table, pool: Pool, request: ProxyRequest, stack: Releases
+) -> bool:
+    """:func:`admit` for the usual request, which reserves nothing (no token limit, no budget
+    applies) under in-process limits, without its coroutines; False (nothing done): call
+    :func:`admit`."""
+    if table.shared is not None or pool.tokens is not None:
+        return False
+    ident = request.key_id
+    if ident is not None and (ident in table.key_tokens or ident in table.key_budgets):
+        return False
+    _admit_local(metrics, table, pool, ident, stack)
+    return True
 
 
 async def admit(

@@ -40,6 +40,12 @@ def select(
     spreads load by weight. ``priority`` takes the first free provider in definition order.
     Weight 0 is never chosen by either strategy.
     """
+    if len(providers) == 1 and not exclude:  # the usual alias: one provider, both strategies
+        only = providers[0]
+        if only.weight <= 0:
+            return None
+        permit = only.concurrency.try_acquire()
+        return (0, permit) if permit is not None else None
     if strategy == "priority":
         for i, p in enumerate(providers):
             if i in exclude or p.weight <= 0:

@@ -27,7 +27,14 @@ from onwards_trio._config import DEFAULT_SSE_EVENT_LIMIT
 from onwards_trio._errors import HTTPError
 from onwards_trio._ops.logs import access_logged
 from onwards_trio._ops.metrics import fallback_reason
-from onwards_trio._proxy.admission import Hold, PendingGate, admit, flush, reserve_provider
+from onwards_trio._proxy.admission import (
+    Hold,
+    PendingGate,
+    admit,
+    admit_at_once,
+    flush,
+    reserve_provider,
+)
 from onwards_trio._proxy.auth import bearer_token, evaluate_rules, key_id
 from onwards_trio._proxy.balance import backoff_delays, plan_attempts, select, status_matches
 from onwards_trio._proxy.ledger import LedgerNote, cost_of
@@ -557,7 +564,11 @@ class Proxy:
         note: LedgerNote | None = None
         if self.ledger is not None:  # its row is noted last, with the outcome
             note = stack.push(LedgerNote(self.ledger, table, pool, request))
-        hold = await admit(self.metrics, table, pool, request, stack)
+        hold = (
+            None
+            if admit_at_once(self.metrics, table, pool, request, stack)
+            else await admit(self.metrics, table, pool, request, stack)
+        )
         if (
             (
                 hold is not None

@@ -324,7 +324,9 @@ class _Connection:
         self._fed = 0  # bytes the reader has fed to llhttp
         self._ahead = 0  # bytes read past the last complete request (pipelined)
         self._on_disconnect: trio.CancelScope | None = None
-        self._wake: trio.Event | None = None  # set by the reader: the handler waits on it
+        # The handler, while it waits for the reader (woken by it): a parked task rather than
+        # a trio.Event, which would be an object (and a set) per wait, once per request.
+        self._wake: trio.lowlevel.Task | None = None
         self._reader_wake: trio.Event | None = None  # set by the handler: the reader waits
         self._finished: trio.Event | None = None  # set when the response ends or the client left
         self.read_deadline = math.inf  # when a read still waiting counts as timed out
@@ -379,10 +381,10 @@ class _Connection:
             wake.set()
 
     def _wake_handler(self) -> None:
-        wake = self._wake
-        if wake is not None:
+        task = self._wake
+        if task is not None:
             self._wake = None
-            wake.set()
+            trio.lowlevel.reschedule(task)
 
     async def _read(self, idle: bool) -> bytes:
         """One read of the socket; ``b""``: the client is gone (closed, reset, or closed by
@@ -419,12 +421,16 @@ class _Connection:
 
     async def _wait(self) -> None:
         """Wait until the reader has fed more bytes or the client left."""
-        wake = self._wake = trio.Event()
-        self._kick_reader()
+        self._wake = trio.lowlevel.current_task()
+        self._kick_reader()  # never wakes the handler itself: no reschedule before the park
         try:
-            await wake.wait()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
         finally:
             self._wake = None
+
+    def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
+        self._wake = None  # cancelled: nobody may reschedule the handler now
+        return trio.lowlevel.Abort.SUCCEEDED
 
     # -- the handler ------------------------------------------------------------------------
 
