@@ -482,11 +482,12 @@ class Gateway:
         await send_json(send, 200, {"object": "list", "data": data})
         return 200
 
-    async def read_bounded_body(self, scope: Scope, receive: Receive) -> bytes:
+    def read_bounded_body(self, scope: Scope, receive: Receive) -> Awaitable[bytes]:
         """The request body within every bound: the size limit (a declared length over it is
-        refused before a byte is read), the global body budget and the read deadline."""
+        refused before a byte is read), the global body budget and the read deadline. (The
+        reading coroutine is returned: no coroutine of this method's own per request.)"""
         config = self.config
-        return await read_body(
+        return read_body(
             receive,
             config.body_limit_bytes,
             headers=scope["headers"],

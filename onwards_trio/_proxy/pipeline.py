@@ -179,10 +179,13 @@ class _Body:
     def __aiter__(self) -> _Body:
         return self
 
-    async def __anext__(self) -> bytes:
+    def __anext__(self) -> Awaitable[bytes]:
+        # The usual body (no key to mask) is read without a coroutine of its own per chunk.
+        return self._next() if self._secret is None else self._masked()
+
+    async def _masked(self) -> bytes:
         secret = self._secret
-        if secret is None:
-            return await self._next()
+        assert secret is not None
         while True:
             try:
                 chunk = await self._next()
@@ -193,7 +196,7 @@ class _Body:
                 return chunk  # the body ended on a start of the key, not the key
             if self._held:
                 chunk, self._held = self._held + chunk, b""
-            if secret in chunk:
+            if chunk.find(secret) >= 0:  # find: ``in`` first tries an int (and its TypeError)
                 chunk = chunk.replace(secret, b"*" * len(secret))
             keep = _key_start_at_end(chunk, secret)
             if keep:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import ssl
+from collections.abc import Awaitable
 from typing import Protocol
 
 import trio
@@ -175,8 +176,8 @@ class UpstreamResponse:
     def __aiter__(self) -> UpstreamResponse:
         return self
 
-    async def __anext__(self) -> bytes:
-        return await self._response.__anext__()
+    def __anext__(self) -> Awaitable[bytes]:
+        return self._response.__anext__()  # no coroutine of its own per chunk
 
     async def aclose(self) -> None:
         if self._conn is None:
@@ -414,7 +415,7 @@ class UpstreamClient:
             self._ssl = ctx
         return self._ssl
 
-    async def send(
+    def send(
         self,
         provider: Origin,
         method: bytes,
@@ -422,7 +423,7 @@ class UpstreamClient:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         deadline: float | None = None,
-    ) -> UpstreamResponse:
+    ) -> Awaitable[UpstreamResponse]:
         """Send a request; returns once the response head arrived (body still streaming).
         Past ``deadline`` (trio time; only while :attr:`watching`) without the head:
         ``trio.TooSlowError``."""
@@ -431,12 +432,13 @@ class UpstreamClient:
         if pool is None:
             port = provider.port or (443 if provider.scheme == b"https" else 80)
             pool = self._pools[key] = _HostPool(provider.scheme, provider.host, port, self)
+        # The pool's coroutine is returned, not awaited here: one coroutine less per request.
         if deadline is None:
-            return await pool.request(method, target, headers, body)
+            return pool.request(method, target, headers, body)
         watch = self._watch
         if watch is None:
             raise RuntimeError("a deadline needs watch_deadlines() running")
-        return await pool.request(method, target, headers, body, watch, deadline)
+        return pool.request(method, target, headers, body, watch, deadline)
 
     async def aclose(self) -> None:
         pools, self._pools = self._pools, {}
