@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import IO, TYPE_CHECKING, Any, Final
 
@@ -468,7 +468,9 @@ class Exchange:
         self._reset: Any = None
 
     def wrap_send(self, send: Send) -> Send:
-        async def counted(message: Any) -> None:
+        # Not a coroutine: it returns the server's send, awaited by the caller (one coroutine
+        # less per message).
+        def counted(message: Any) -> Awaitable[None]:
             kind = message["type"]
             if kind == "http.response.body":
                 size = len(message.get("body", b""))
@@ -479,9 +481,10 @@ class Exchange:
             elif kind == "http.response.start":
                 self.sent_status = message["status"]
                 for k, v in message.get("headers", ()):
-                    if k.lower() == b"content-type" and b"text/event-stream" in v.lower():
+                    # find: ``in`` first tries an int (and builds its TypeError)
+                    if k.lower() == b"content-type" and v.lower().find(b"text/event-stream") >= 0:
                         self.stream = True
-            await send(message)
+            return send(message)
 
         return counted
 

@@ -528,9 +528,11 @@ class Proxy:
             data = with_stream_usage(data)
         return orjson.dumps(data)
 
-    async def _send(
+    def _send(
         self, request: ProxyRequest, provider: Provider, span: AttemptSpan | None = None
-    ) -> UpstreamResponse:
+    ) -> Awaitable[UpstreamResponse]:
+        """The upstream request, as the client's coroutine to await (no coroutine of this
+        method's own per attempt)."""
         body = self._body_for(request, provider)
         target = upstream_target(provider, request.raw_path, request.query)
         length = None if not body and request.method in _BODYLESS else len(body)
@@ -542,14 +544,11 @@ class Proxy:
         timeout = provider.timeout or config.default_request_timeout_secs
         client = self.client
         if timeout is None:
-            return await client.send(provider, request.method, target, headers, body)
+            return client.send(provider, request.method, target, headers, body)
         deadline = trio.current_time() + timeout
         if getattr(client, "watching", False):  # its watchdog task: no cancel scope per request
-            return await client.send(provider, request.method, target, headers, body, deadline)
-        # trio.fail_after without its generator context manager (which cost as much as the scope)
-        with trio.CancelScope(deadline=deadline):
-            return await client.send(provider, request.method, target, headers, body)
-        raise trio.TooSlowError  # only the deadline can end the scope without a return
+            return client.send(provider, request.method, target, headers, body, deadline)
+        return _send_by(deadline, client.send(provider, request.method, target, headers, body))
 
     # -- the pipeline ---------------------------------------------------------------------
 
@@ -901,6 +900,14 @@ class Proxy:
         out = [(k.lower(), v) for k, v in response.headers if k.lower() not in drop]
         out.extend(extra)
         return out
+
+
+async def _send_by(deadline: float, sending: Awaitable[UpstreamResponse]) -> UpstreamResponse:
+    """``sending`` bounded by ``deadline`` (``trio.TooSlowError`` past it): trio.fail_after
+    without its generator context manager, which cost as much as the scope."""
+    with trio.CancelScope(deadline=deadline):
+        return await sending
+    raise trio.TooSlowError  # only the deadline can end the scope without a return
 
 
 async def _aclose_shielded(resource: Any) -> None:

@@ -545,13 +545,14 @@ class _Connection:
                 raw_path = b"/" + parts[3] if len(parts) == 4 else b"/"
             elif raw_path != b"*" or method != "OPTIONS":
                 raise _Refused  # no authority-form or other shapes
+        path = raw_path.decode("latin-1")
         scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": req.version,
             "method": method,
             "scheme": "http",
-            "path": urllib.parse.unquote(raw_path.decode("latin-1")),
+            "path": path if "%" not in path else urllib.parse.unquote(path),
             "raw_path": raw_path,
             "query_string": query,
             "root_path": "",

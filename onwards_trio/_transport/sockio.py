@@ -38,11 +38,11 @@ class SocketIO:
         self._ready = 0  # calls in a row that did not wait
         self.blocked_since: float | None = None  # trio time a send_all began to wait
 
-    async def _yielded(self) -> None:
-        self._ready += 1
-        if self._ready >= _FAIR:
-            self._ready = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
+    async def _yield(self) -> None:
+        """The ``_FAIR``-th call in a row that found the socket ready: a schedule point. (The
+        count is kept inline by the callers: a coroutine per call would cost more.)"""
+        self._ready = 0
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes``; ``b""`` at end of stream. Raises ``OSError`` (reset, closed) or
@@ -59,7 +59,9 @@ class SocketIO:
                     return os.read(sock.fileno(), max_bytes)
                 except BlockingIOError:
                     continue
-        await self._yielded()
+        self._ready += 1
+        if self._ready >= _FAIR:
+            await self._yield()
         return data
 
     async def receive_when_ready(self, max_bytes: int) -> bytes:
@@ -88,7 +90,9 @@ class SocketIO:
         except BlockingIOError:
             sent = 0
         if sent >= total:
-            await self._yielded()
+            self._ready += 1
+            if self._ready >= _FAIR:
+                await self._yield()
             return
         self._ready = 0
         self.blocked_since = trio.current_time()
