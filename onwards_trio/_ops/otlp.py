@@ -4,7 +4,7 @@ Why not the SDK's exporter: it builds a protobuf message object for every span, 
 value and then serialises them, 53-120 µs per span here; at 100 % sampling that was more CPU
 than proxying the request (docs/benchmarks.md, "Tracing"). The wire format of
 ``ExportTraceServiceRequest`` is small and stable, and our spans use a fixed part of it, so a
-span is encoded once, when it ends, into a few hundred bytes (a few µs): ids as raw bytes,
+span is encoded once, by the export task, into a few hundred bytes (a few µs): ids as raw bytes,
 times as fixed64, attributes appended as ``KeyValue`` fields. The resource and the scope are
 encoded once and reused for every batch. ``tests/ops/test_otlp.py`` checks that what we write
 decodes (with ``opentelemetry-proto``) to the message the SDK's encoder makes of the same
@@ -179,14 +179,19 @@ _head_parent = struct.Struct(">BBQQBBQBBQ").pack  # both, without a trace_state 
 _times = struct.Struct("<BQBQ").pack  # Span.start_time_unix_nano (7), .end_time_unix_nano (8)
 _KINDS: Final = tuple(b"\x30" + _VARINTS[i] for i in range(6))  # Span.kind (6)
 _M64: Final = (1 << 64) - 1
-# Span.status (15) and .flags (16, fixed32: whether the parent is remote, as the SDK says it)
-_TAILS: Final = {
-    (error, remote): (b"\x7a\x02\x18\x02" if error else b"\x7a\x00")
-    + b"\x85\x01"
-    + _fixed32(_HAS_IS_REMOTE | _IS_REMOTE if remote else _HAS_IS_REMOTE)
+# Span.status (15) and .flags (16, fixed32: whether the parent is remote, as the SDK says it),
+# by [error][parent remote]
+_TAILS: Final = tuple(
+    tuple(
+        (b"\x7a\x02\x18\x02" if error else b"\x7a\x00")
+        + b"\x85\x01"
+        + _fixed32(_HAS_IS_REMOTE | _IS_REMOTE if remote else _HAS_IS_REMOTE)
+        for remote in (False, True)
+    )
     for error in (False, True)
-    for remote in (False, True)
-}
+)
+_TIMES_SIZE: Final = 18  # both times of a span
+_varint2 = struct.Struct("<H").pack  # a varint of 128 <= n < 16384: (n & 127 | 128) + (n >> 7 << 8)
 
 
 def name_and_kind(name: str, kind: int) -> bytes:
@@ -268,13 +273,19 @@ def encode_frame(
         ids = _head(0x0A, 16, trace_id >> 64, trace_id & _M64, 0x12, 8, span_id)
     if start and end:
         times = _times(0x39, start, 0x41, end)
+        size = _TIMES_SIZE
     else:
         times = (b"\x39" + _fixed64(start) if start else b"") + (
             b"\x41" + _fixed64(end) if end else b""
         )
-    tail = _TAILS[error, parent_remote]
-    length = len(ids) + len(head) + len(times) + len(attributes) + len(links) + len(tail)
-    return b"".join((b"\x12", _varint(length), ids, head, times, attributes, links, tail))
+        size = len(times)
+    tail = _TAILS[error][parent_remote]
+    size += len(ids) + len(head) + len(attributes) + len(links) + len(tail)
+    if 127 < size < 16384:  # most spans: the length in two bytes
+        length = _varint2(size & 127 | 128 | size >> 7 << 8)
+    else:
+        length = _varint(size)
+    return b"".join((b"\x12", length, ids, head, times, attributes, links, tail))
 
 
 def encode_span(
