@@ -41,6 +41,7 @@ from onwards_trio._ops.logs import (
     add_usage,
     begin_exchange,
     current_status,
+    direct_writer,
     finish_exchange,
     note_request,
 )
@@ -556,7 +557,7 @@ class Gateway:
                 async with self.proxy.open_upstream(request) as reply:
                     status = reply.status
                     if answer is None:
-                        await _send_reply(reply, send)
+                        await _send_reply(reply, send, receive)
                     else:
                         status = await answer(reply, send)
             except HTTPError as exc:
@@ -565,7 +566,7 @@ class Gateway:
         return status
 
 
-async def _send_reply(reply: UpstreamReply, send: Send) -> None:
+async def _send_reply(reply: UpstreamReply, send: Send, receive: Receive) -> None:
     await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
     # With a known length, the chunk that completes it is held until the upstream body has
     # ended (which hands its connection back to the pool) and then closes the response itself:
@@ -573,15 +574,22 @@ async def _send_reply(reply: UpstreamReply, send: Send) -> None:
     remaining = _content_length(reply.headers)
     held = b""
     try:
-        async for chunk in reply.body:
-            if not chunk or remaining == 0:
-                continue
-            if remaining is not None:
-                remaining = max(0, remaining - len(chunk))
-                if remaining == 0:
-                    held = chunk
+        write = _stream_writer(reply, send, receive) if remaining is None else None
+        if write is not None:
+            # A stream (no length) that no filter rewrites, under the built-in server: one loop
+            # from the upstream socket to the client's (_Body.relay), not an ASGI message
+            # through every layer per event.
+            held = await reply.body.relay(write)  # type: ignore[attr-defined]
+        else:
+            async for chunk in reply.body:
+                if not chunk or remaining == 0:
                     continue
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if remaining is not None:
+                    remaining = max(0, remaining - len(chunk))
+                    if remaining == 0:
+                        held = chunk
+                        continue
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except UPSTREAM_ERRORS as exc:
         if not reply.is_sse:
             # Left unfinished, the response ends with the connection: a truncated body is the
@@ -590,7 +598,20 @@ async def _send_reply(reply: UpstreamReply, send: Send) -> None:
             return
         # SPEC §2.5: a stream the upstream breaks ends with an error event the client can see.
         await send({"type": "http.response.body", "body": _STREAM_BROKEN, "more_body": True})
+        held = b""
     await send({"type": "http.response.body", "body": held, "more_body": False})
+
+
+def _stream_writer(
+    reply: UpstreamReply, send: Send, receive: Receive
+) -> Callable[[bytes], Awaitable[None]] | None:
+    """The direct writer for a streamed reply's body, when every piece may skip the ASGI
+    message: the body is the pipeline's own (no filter wraps it), the server takes pieces
+    directly (``send_more``, the built-in server's) and ``send`` is the request's own."""
+    more = getattr(receive, "send_more", None)
+    if more is None or not hasattr(reply.body, "relay"):
+        return None
+    return direct_writer(send, more)
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -55,6 +55,7 @@ __all__ = [
     "collect_secrets",
     "configure_logging",
     "current_status",
+    "direct_writer",
     "finish_exchange",
     "log_request",
     "logfmt",
@@ -446,6 +447,7 @@ class Exchange:
         "metrics",
         "path",
         "request",
+        "send",
         "sent_status",
         "started",
         "stream",
@@ -466,6 +468,7 @@ class Exchange:
         self.request: Any = None
         self.usage: Usage | None = None  # summed over every upstream body relayed for it
         self._reset: Any = None
+        self.send: Send | None = None  # the counting send (wrap_send)
 
     def wrap_send(self, send: Send) -> Send:
         # Not a coroutine: it returns the server's send, awaited by the caller (one coroutine
@@ -486,6 +489,7 @@ class Exchange:
                         self.stream = True
             return send(message)
 
+        self.send = counted
         return counted
 
     def finish(self, status: int, seconds: float) -> None:
@@ -548,6 +552,26 @@ def add_usage(usage: Usage) -> None:
     exchange = _exchange.get()
     if exchange is not None:
         exchange.usage = usage if exchange.usage is None else exchange.usage + usage
+
+
+def direct_writer(
+    send: Send, write_more: Callable[[bytes], Awaitable[None]]
+) -> Callable[[bytes], Awaitable[None]] | None:
+    """For a stream relayed to ``send`` whose head is sent: a writer of body pieces through
+    ``write_more`` (a server's extension that takes the piece without an ASGI message), still
+    counted here. ``None`` unless ``send`` is the current request's own counting send: a
+    wrapper in between (a recorder, a translator) must see every byte."""
+    exchange = _exchange.get()
+    if exchange is None or exchange.send is not send:
+        return None
+
+    async def write(body: bytes) -> None:
+        if exchange.first_byte is None:
+            exchange.first_byte = time.perf_counter()
+        exchange.bytes_out += len(body)
+        await write_more(body)
+
+    return write
 
 
 def current_status() -> int | None:

@@ -184,8 +184,6 @@ class _Body:
         return self._next() if self._secret is None else self._masked()
 
     async def _masked(self) -> bytes:
-        secret = self._secret
-        assert secret is not None
         while True:
             try:
                 chunk = await self._next()
@@ -194,15 +192,30 @@ class _Body:
                     raise
                 chunk, self._held = self._held, b""
                 return chunk  # the body ended on a start of the key, not the key
-            if self._held:
-                chunk, self._held = self._held + chunk, b""
-            if chunk.find(secret) >= 0:  # find: ``in`` first tries an int (and its TypeError)
-                chunk = chunk.replace(secret, b"*" * len(secret))
-            keep = _key_start_at_end(chunk, secret)
-            if keep:
-                chunk, self._held = chunk[:-keep], chunk[-keep:]
+            chunk = self._mask(chunk)
             if chunk:
                 return chunk
+
+    def _mask(self, chunk: bytes) -> bytes:
+        """``chunk`` with the key masked; a tail that may be the start of the key is held
+        back (prepended to the next chunk)."""
+        secret = self._secret
+        assert secret is not None
+        if self._held:
+            chunk, self._held = self._held + chunk, b""
+        if chunk.find(secret) >= 0:  # find: ``in`` first tries an int (and its TypeError)
+            chunk = chunk.replace(secret, b"*" * len(secret))
+        keep = _key_start_at_end(chunk, secret)
+        if keep:
+            chunk, self._held = chunk[:-keep], chunk[-keep:]
+        return chunk
+
+    def _pass(self, chunk: bytes) -> bytes:
+        """What the client gets of an upstream chunk: through the usage tap, then masked."""
+        tap = self._tap
+        if tap is not None:
+            chunk = tap.feed(chunk)
+        return self._mask(chunk) if self._secret is not None and chunk else chunk
 
     async def _next(self) -> bytes:
         if self._first is not None:
@@ -215,21 +228,64 @@ class _Body:
                 self._it = None
             else:
                 return chunk if self._tap is None else self._tap.feed(chunk)
-        if self._tap is not None:
-            tap, self._tap = self._tap, None
-            rest = tap.close()
-            usage = tap.usage
-            if usage is not None and self._on_usage is not None:
-                self._on_usage(usage)
-            if rest:
-                return rest  # the next call ends the body
+        rest = self._close_tap()
+        if rest:
+            return rest  # the next call ends the body
+        await self._end()
+        raise StopAsyncIteration
+
+    def _close_tap(self) -> bytes:
+        """The upstream body ended: report the usage the tap found; return what it held."""
+        tap = self._tap
+        if tap is None:
+            return b""
+        self._tap = None
+        rest = tap.close()
+        usage = tap.usage
+        if usage is not None and self._on_usage is not None:
+            self._on_usage(usage)
+        return rest
+
+    async def _end(self) -> None:
+        """Release the provider's permit and hand the connection back (``on_end``)."""
         if self._permit is not None:
             self._permit.release()
             self._permit = None
         if self._on_end is not None:
             on_end, self._on_end = self._on_end, None
             await on_end()
-        raise StopAsyncIteration
+
+    async def relay(self, write: Callable[[bytes], Awaitable[object]]) -> bytes:
+        """Pass the rest of the body to ``write`` as it arrives; return what is left to send
+        with the end of the response (a held tail that turned out not to be the key).
+
+        The streamed reply's path: iterating costs a trip through four layers per event, this
+        is one loop over the upstream socket (:meth:`UpstreamResponse.relay`), with the same
+        bytes, usage, masking and end-of-body steps as iterating. A body not from our
+        upstream client is iterated."""
+        it = self._it
+        relay = getattr(it, "relay", None)
+        if relay is None:
+            async for chunk in self:
+                await write(chunk)
+            return b""
+        transform = self._pass if self._tap is not None or self._secret is not None else None
+        if self._first is not None:
+            first, self._first = self._first, None
+            if transform is not None:
+                first = transform(first)
+            if first:
+                await write(first)
+        await relay(write, transform)
+        self._it = None
+        rest = self._close_tap()
+        if rest and self._secret is not None:
+            rest = self._mask(rest)
+        if rest:
+            await write(rest)
+        await self._end()
+        held, self._held = self._held, b""
+        return held
 
     def report_seen(self) -> None:
         """The relay ended before the body did (typically a client that left as soon as it had

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import select
 import ssl
+from collections.abc import Awaitable, Callable
 
 import httpcore
 import httptools
@@ -333,6 +334,51 @@ class Response:
                 if self._until_close:
                     self._done = True
                     raise StopAsyncIteration
+                raise httpcore.RemoteProtocolError("server disconnected mid-body")
+            parser.feed(data)
+
+    async def relay(
+        self,
+        write: Callable[[bytes], Awaitable[object]],
+        transform: Callable[[bytes], bytes] | None,
+    ) -> None:
+        """Read the rest of the body, passing each piece to ``write`` as it arrives, until the
+        body ends; ``transform`` (if any) rewrites each piece first, and a piece it empties is
+        not written. Raises as :meth:`__anext__` does.
+
+        Why: a stream's pieces come one at a time, so iterating costs a trip through every
+        layer above this one per event; this loop costs one wait for the socket, one read
+        and one ``write``. The connection is done with (:meth:`_finish`) before the last piece
+        is written, as iterating would have it."""
+        conn = self._conn
+        parser = conn._parser
+        io = conn._io
+        # plain TCP: wait, then read (events come one at a time); TLS: the stream's own read
+        receive = io.receive_when_ready if isinstance(io, SocketIO) else io.receive_some
+        pieces = parser.body
+        while True:
+            if pieces:
+                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces.clear()
+                if parser.complete:
+                    self._finish()
+                if transform is not None:
+                    data = transform(data)
+                if data:
+                    await write(data)
+                continue
+            if self._done or parser.complete:
+                if not self._done:
+                    self._finish()
+                return
+            try:
+                data = bytes(await receive(_READ))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise httpcore.ReadError(str(exc) or "connection broken") from None
+            if not data:
+                if self._until_close:
+                    self._done = True
+                    return
                 raise httpcore.RemoteProtocolError("server disconnected mid-body")
             parser.feed(data)
 

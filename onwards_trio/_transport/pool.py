@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
@@ -178,6 +178,15 @@ class UpstreamResponse:
 
     def __anext__(self) -> Awaitable[bytes]:
         return self._response.__anext__()  # no coroutine of its own per chunk
+
+    def relay(
+        self,
+        write: Callable[[bytes], Awaitable[object]],
+        transform: Callable[[bytes], bytes] | None,
+    ) -> Awaitable[None]:
+        """:meth:`Response.relay <onwards_trio._transport.client.Response.relay>`: the rest of
+        the body to ``write``, piece by piece (no frame of its own while it waits)."""
+        return self._response.relay(write, transform)
 
     async def aclose(self) -> None:
         if self._conn is None:

@@ -685,6 +685,14 @@ class _Receive:
     def __call__(self) -> Awaitable[Message]:
         return self._conn._receive()
 
+    def send_more(self, body: bytes) -> Awaitable[None]:
+        """``send({"type": "http.response.body", "body": body, "more_body": True})`` for the
+        response being sent, without the message (our extension: the gateway's stream relay
+        writes each event this way, see :meth:`_Response.more`)."""
+        response = self._conn._response
+        assert response is not None
+        return response.more(body)
+
 
 class _Response:
     """ASGI ``send`` for one response: the head waits for the first body chunk so both go out
@@ -813,6 +821,16 @@ class _Response:
             await self._conn._write(b"".join(out))
         if self.finished:
             self._conn.response_finished()
+
+    async def more(self, body: bytes) -> None:
+        """A body piece with more to follow. Once the head is out and the body has no declared
+        length, the piece is framed and written at once: none of the checks and joins a
+        message takes (the cost that counts for a stream of small events); otherwise it goes
+        as the message."""
+        if self._head is not None or self._left >= 0 or self._no_body or self.finished:
+            await self.send({"type": "http.response.body", "body": body, "more_body": True})
+        elif body:
+            await self._conn._write(b"%x\r\n%s\r\n" % (len(body), body) if self._chunked else body)
 
     async def send_error(self) -> None:
         self.started = True

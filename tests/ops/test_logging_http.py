@@ -152,6 +152,32 @@ async def test_access_line_names_alias_provider_and_sizes(
     assert sum("stream=true" in ln.lower() for ln in lines) == 1
 
 
+@pytest.mark.parametrize("server", ["onwards", "hypercorn"])
+async def test_a_streamed_answer_is_counted_whole_on_its_access_line(
+    nursery: trio.Nursery, handler_output: io.StringIO, server: Literal["onwards", "hypercorn"]
+) -> None:
+    """Every body byte the client got and the usage of the stream's final chunk, with each
+    event arriving on its own (the built-in server writes them past the ASGI messages)."""
+    usage = {"prompt_tokens": 12, "completion_tokens": 7}
+    chunks = sse(
+        *({"choices": [{"index": 0, "delta": {"content": c}}]} for c in "abc"),
+        {"choices": [], "usage": usage},
+    )
+    up = FakeUpstream(
+        Reply(headers=[(b"content-type", b"text/event-stream")], chunks=chunks, chunk_delay=0.01)
+    )
+    gateway = Gateway(parse_config({"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}))
+    info = await nursery.start(partial(gateway.serve, "127.0.0.1", 0, server=server))
+    options = {"include_usage": True}
+    async with httpx.AsyncClient(base_url=info.url, timeout=10) as client:
+        request = {"model": "gpt-4", "messages": [], "stream": True, "stream_options": options}
+        r = await client.post(CHAT, json=request)
+    assert r.content == b"".join(chunks)
+    (line,) = await _access_lines(handler_output, 1)
+    assert f"bytes_out={len(r.content)} " in line
+    assert "input_tokens=12 output_tokens=7" in line
+
+
 async def test_strict_mode_access_line_names_alias_provider_and_size(
     nursery: trio.Nursery, handler_output: io.StringIO
 ) -> None:

@@ -522,6 +522,33 @@ async def test_upstream_connections_are_reused(nursery: trio.Nursery) -> None:
     assert len(ports) == 5 and len(set(ports)) == 1
 
 
+@pytest.mark.parametrize("server", ["onwards", "hypercorn"])
+async def test_upstream_connections_are_reused_after_streams(
+    nursery: trio.Nursery, server: Literal["onwards", "hypercorn"]
+) -> None:
+    """A stream read to its end hands its connection back for the next request (the built-in
+    server relays streams in a loop of their own: it must end the body the same way)."""
+    ports: list[int] = []
+    chunks = sse(*({"choices": [{"delta": {"content": str(i)}}]} for i in range(3)))
+    up = FakeUpstream(
+        Reply(headers=[(b"content-type", b"text/event-stream")], chunks=chunks, chunk_delay=0.01)
+    )
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            ports.append(scope["client"][1])
+        await up(scope, receive, send)
+
+    url = await serve_app(nursery, app)
+    gateway = Gateway(parse_config({"targets": {"m": {"url": url}}}))
+    info = await nursery.start(partial(gateway.serve, "127.0.0.1", 0, server=server))
+    async with httpx.AsyncClient(base_url=info.url, timeout=10) as client:
+        for _ in range(3):
+            r = await client.post(CHAT, json=body("m", stream=True))
+            assert r.content == b"".join(chunks)
+    assert len(ports) == 3 and len(set(ports)) == 1
+
+
 async def test_gateway_serves_inside_a_callers_nursery_and_stops_with_it() -> None:
     up = FakeUpstream()
     async with trio.open_nursery() as outer:
