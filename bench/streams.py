@@ -263,7 +263,10 @@ def run_client(
         if callgrind:
             subprocess.run(["callgrind_control", "-i", "off", str(relay)], capture_output=True)
     out, _ = client.communicate(timeout=seconds + 600)
-    result: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    lines = out.decode().strip().splitlines()
+    if client.returncode or not lines or not lines[-1].startswith("{"):
+        return {}  # the client failed (its error is on stderr)
+    result: dict[str, float] = json.loads(lines[-1])
     if relay is not None:
         user, system = cpu_times(relay)
         result["cpu"] = user + system - sum(cpu0)
@@ -341,7 +344,21 @@ def main() -> None:
     )
     workdir = tempfile.mkdtemp(prefix="onwards-streams-")
     before = load_average()
-    rows: list[tuple[int, str, dict[str, float], dict[str, float], int]] = []
+    print(
+        f"one event per {args.interval * 1000:.0f} ms per stream"
+        f"{', staggered' if args.callgrind or args.stagger else ', in one burst'}, "
+        f"{args.seconds:.0f} s read; "
+        f"{'CPU/event: thousands of instructions (callgrind); ' if args.callgrind else ''}"
+        f"load average before {before}",
+        flush=True,
+    )
+    print(
+        f"{'streams':>8} {'relay':22} {'events/s':>9} {'direct p99':>11} {'p50':>8} "
+        f"{'p99':>8} {'added p99':>10} {'broken':>7} {'CPU/event':>10} {'kernel':>7} "
+        f"{'KiB/stream':>11}",
+        flush=True,
+    )
+    cpu: dict[tuple[int, str], list[float]] = {}
     try:
         wait_port(up_port)
         for turn, n in enumerate(counts):
@@ -362,42 +379,32 @@ def main() -> None:
                 finally:
                     relay.terminate()
                     relay.wait(timeout=120)
-                if args.callgrind:
-                    through["instructions"] = instructions(out)
-                rows.append((n, variant, direct, through, idle))
+                if not through or not direct:
+                    print(f"{n:8d} {variant:22} (a client failed: no figures)", flush=True)
+                    continue
+                events = max(through["events"], 1)
+                per_event = through["cpu"] / events * 1e6
+                if args.callgrind:  # thousands of instructions per event, in place of CPU µs
+                    per_event = instructions(out) / events / 1000
+                cpu.setdefault((n, variant), []).append(per_event)
+                print(
+                    f"{n:8d} {variant:22} {through['events'] / args.seconds:9.0f} "
+                    f"{direct['p99']:9.1f}ms {through['p50']:6.1f}ms {through['p99']:6.1f}ms "
+                    f"{through['p99'] - direct['p99']:8.1f}ms {int(through['broken']):7d} "
+                    f"{per_event:8.1f}µs {through['system'] / events * 1e6:5.1f}µs "
+                    f"{(through['peak'] - idle) / n:11.1f}",
+                    flush=True,
+                )
     finally:
         upstream.terminate()
         upstream.wait(timeout=10)
 
-    print(
-        f"\none event per {args.interval * 1000:.0f} ms per stream, {args.seconds:.0f} s read; "
-        f"{'CPU/event: thousands of instructions (callgrind); ' if args.callgrind else ''}"
-        f"load average before {before}, after {load_average()}"
-    )
-    print(
-        f"{'streams':>8} {'relay':22} {'events/s':>9} {'direct p99':>11} {'p50':>8} "
-        f"{'p99':>8} {'added p99':>10} {'broken':>7} {'CPU/event':>10} {'kernel':>7} "
-        f"{'KiB/stream':>11}"
-    )
-    cpu: dict[tuple[int, str], list[float]] = {}
-    for n, variant, direct, through, idle in rows:
-        events = max(through["events"], 1)
-        per_event = through["cpu"] / events * 1e6
-        if args.callgrind:  # thousands of instructions per event, in place of CPU µs
-            per_event = through["instructions"] / events / 1000
-        cpu.setdefault((n, variant), []).append(per_event)
-        print(
-            f"{n:8d} {variant:22} {through['events'] / args.seconds:9.0f} "
-            f"{direct['p99']:9.1f}ms {through['p50']:6.1f}ms {through['p99']:6.1f}ms "
-            f"{through['p99'] - direct['p99']:8.1f}ms {int(through['broken']):7d} "
-            f"{per_event:8.1f}µs {through['system'] / events * 1e6:5.1f}µs "
-            f"{(through['peak'] - idle) / n:11.1f}"
-        )
+    print(f"load average after {load_average()}")
     med = {key: statistics.median(values) for key, values in cpu.items()}
     floor = next((v for v in variants if v.startswith("bare")), None)
     for n in sorted(set(counts)):
         ratios = []
-        if floor is not None and (n, "gateway") in med:
+        if floor is not None and (n, "gateway") in med and (n, floor) in med:
             ratios.append(f"gateway / {floor} {med[n, 'gateway'] / med[n, floor]:.2f}x")
         if (n, "before: gateway") in med and (n, "gateway") in med:
             ratios.append(f"gateway / before {med[n, 'gateway'] / med[n, 'before: gateway']:.2f}x")

@@ -468,7 +468,7 @@ class Exchange:
         self.request: Any = None
         self.usage: Usage | None = None  # summed over every upstream body relayed for it
         self._reset: Any = None
-        self.send: Send | None = None  # the counting send (wrap_send)
+        self.send: Send | None = None  # the counting send (wrap_send), until finished
 
     def wrap_send(self, send: Send) -> Send:
         # Not a coroutine: it returns the server's send, awaited by the caller (one coroutine
@@ -591,6 +591,7 @@ def finish_exchange(
     else:
         if exchange._reset is not None:
             _exchange.reset(exchange._reset)
+        exchange.send = None  # it refers back to the exchange: no cycle keeps the request alive
     exchange.finish(status, seconds)
     return exchange
 
