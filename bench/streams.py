@@ -223,7 +223,8 @@ def relay_main(port: int, up_port: int, lean: bool) -> None:
             receive: Callable[[int], Awaitable[bytes]] = upstream.receive_some
             send: SocketIO | trio.SocketStream = client
             if lean:
-                receive, send = SocketIO(upstream.socket).receive_when_ready, SocketIO(client.socket)
+                receive = SocketIO(upstream.socket).receive_when_ready
+                send = SocketIO(client.socket)
             try:
                 while data := await receive(65536):
                     await send.send_all(data)
