@@ -171,7 +171,6 @@ MUTATION_TARGETS: dict[str, tuple[str, ...]] = {
         "_loop.run",
         "_all_cancelled",
         "_aclose",
-        "xǁ_Runǁrun",
         "xǁ_Runǁ_run",
         "xǁ_Runǁ_run_step",
         "xǁ_Runǁ_snapshot",
