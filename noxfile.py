@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -337,28 +338,74 @@ def mutation(session: nox.Session) -> None:
         for name in chosen:
             started = time.monotonic()
             fresh = _prepare_workdir(name)
+            if not fresh and not rerun and _stale(name):
+                # Let mutmut mutate the changed source now: it keeps the results of the
+                # functions whose code did not change and marks the others not run.
+                subprocess.run(
+                    [session.bin + "/python", "-c", _GENERATE_MUTANTS],
+                    env=_mutmut_env(session),
+                    cwd=_workdir(name),
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
             names = _to_run(name, rerun=rerun or fresh, survivors=survivors)
             if not names:
                 session.log(f"mutation: {name}: every mutant has a result (--rerun runs them)")
                 continue
             session.log(f"mutation: {name} (budget {budget} s, in {_workdir(name)})")
-            # mutmut stops cleanly on SIGINT and keeps every result it has so far.
+            # mutmut stops cleanly on SIGINT (KeyboardInterrupt: it stops its workers and keeps
+            # every result so far). A background job of a non-interactive shell starts with
+            # SIGINT ignored, which Python then leaves ignored, so mutmut gets the default
+            # back; its own process group lets the stop reach its fork server and workers.
             proc = subprocess.Popen(
                 [session.bin + "/mutmut", "run", f"--max-children={jobs}", *names],
-                env={**os.environ, "PATH": session.bin + os.pathsep + os.environ["PATH"]},
+                env=_mutmut_env(session),
                 cwd=_workdir(name),
+                process_group=0,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
-            if _wait_within_budget(proc, budget, _workdir(name)) is None:
+            try:
+                code = _wait_within_budget(proc, budget, _workdir(name))
+            except KeyboardInterrupt:
+                _stop(proc)
+                raise
+            if code is None:
                 session.warn(f"mutation: {name} over budget, stopping it")
-                proc.send_signal(signal.SIGINT)
-                proc.wait()
-            elif proc.returncode != 0:
+                _stop(proc)
+            elif code != 0:
                 failed.append(name)
             session.log(f"mutation: {name} took {time.monotonic() - started:.0f} s")
     for name in chosen:
         session.log(_mutation_score(name))
     if failed:
         session.error(f"mutation: mutmut failed on {', '.join(failed)} (output above)")
+
+
+# What `mutmut run` does first (mutmut 3.8.1's own functions): copy the tree into mutants/ and
+# mutate the changed files, keeping the result of every mutant whose function is unchanged.
+_GENERATE_MUTANTS = """
+from mutmut.__main__ import copy_also_copy_files, copy_src_dir, create_mutants
+from mutmut.__main__ import setup_source_paths
+from mutmut.mutation.trampoline import set_mutant_under_test
+set_mutant_under_test("mutant_generation")
+copy_src_dir(); copy_also_copy_files(); setup_source_paths(); create_mutants(1)
+"""
+
+
+def _mutmut_env(session: nox.Session) -> dict[str, str]:
+    return {**os.environ, "PATH": session.bin + os.pathsep + os.environ["PATH"]}
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop mutmut as Ctrl-C would (results so far kept); its whole group if it hangs."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # a worker left behind
 
 
 def _source_file(name: str) -> Path:
@@ -409,12 +456,16 @@ def _to_run(name: str, *, rerun: bool, survivors: bool) -> list[str]:
     (mutmut runs every mutant it is given by name or pattern, so resuming means naming
     only the unrun ones.)"""
     results = _results(name)
-    made = _workdir(name) / "mutants" / _source_file(name)
-    stale = not made.exists() or made.stat().st_mtime < _source_file(name).stat().st_mtime
-    if results is None or rerun or stale:
+    if results is None or rerun or _stale(name):
         return list(MUTATION_TARGETS[name])
     unrun = sorted(k for k, v in results.items() if v is None)
     return unrun + (_not_killed(name) if survivors else [])
+
+
+def _stale(name: str) -> bool:
+    """True when the module's source changed since mutmut last mutated it."""
+    made = _workdir(name) / "mutants" / _source_file(name)
+    return not made.exists() or made.stat().st_mtime < _source_file(name).stat().st_mtime
 
 
 def _wait_within_budget(proc: subprocess.Popen[bytes], budget: float, work: Path) -> int | None:

@@ -101,3 +101,99 @@ async def test_a_concurrency_refusal_is_counted_under_its_scope(
         await settle(metrics, "onwards_limit_rejections_total", labels, 1)
         scraped = await scrape(scraper)
     assert sample(scraped, "onwards_limit_rejections_total", **labels) == 1
+
+
+PLENTY = {"requests_per_second": 1000, "burst_size": 1000}  # never refuses here
+
+
+@needs_redis
+async def test_a_refusal_sent_with_the_providers_check_is_counted(nursery: trio.Nursery) -> None:
+    """With a provider limit in the pool, the shared admission waits for the provider and goes
+    to Redis with its check: the key's own refusal is still counted as the key's."""
+    provider = {"url": await serve_app(nursery, FakeUpstream()), "rate_limit": PLENTY}
+    spec: dict[str, Any] = {
+        "auth": {"key_definitions": {"a": {"key": "sk-a", "rate_limit": ONCE}}},
+        "shared_limits": shared_config("onwards-test-" + secrets.token_hex(4)),
+    }
+    client, scraper, metrics = await gateway(nursery, {"m": {"providers": [provider]}}, **spec)
+    headers = {"authorization": "Bearer sk-a"}
+    async with client, scraper:
+        codes = [
+            (await client.post("/v1/chat/completions", json=body("m"), headers=headers)).status_code
+            for _ in range(2)
+        ]
+        assert codes == [200, 429]
+        labels = {"alias": "m", "limit": "rate", "scope": "key"}
+        await settle(metrics, "onwards_limit_rejections_total", labels, 1)
+        scraped = await scrape(scraper)
+    assert sample(scraped, "onwards_limit_rejections_total", **labels) == 1
+    assert sample(scraped, "onwards_limit_rejections_total", **{**labels, "scope": "provider"}) == 0
+
+
+@needs_redis
+async def test_with_no_provider_free_the_requests_own_refusal_is_counted_first(
+    nursery: trio.Nursery,
+) -> None:
+    """No provider can take the request (capacity 0), so its pending shared admission goes to
+    Redis alone: the first request passes its own limits and is refused for want of a
+    provider, the second is refused by its key's rate limit, and each is counted so."""
+    provider = {
+        "url": await serve_app(nursery, FakeUpstream()),
+        "rate_limit": PLENTY,
+        "concurrency_limit": {"max_concurrent_requests": 0},
+    }
+    spec: dict[str, Any] = {
+        "auth": {"key_definitions": {"a": {"key": "sk-a", "rate_limit": ONCE}}},
+        "shared_limits": shared_config("onwards-test-" + secrets.token_hex(4)),
+    }
+    client, scraper, metrics = await gateway(nursery, {"m": {"providers": [provider]}}, **spec)
+    headers = {"authorization": "Bearer sk-a"}
+    async with client, scraper:
+        answers = [
+            await client.post("/v1/chat/completions", json=body("m"), headers=headers)
+            for _ in range(2)
+        ]
+        assert [a.status_code for a in answers] == [429, 429]
+        assert "retry-after" not in answers[0].headers  # at capacity: no time to wait for
+        assert int(answers[1].headers["retry-after"]) >= 1
+        key = {"alias": "m", "limit": "rate", "scope": "key"}
+        provider_full = {"alias": "m", "limit": "concurrency", "scope": "provider"}
+        await settle(metrics, "onwards_limit_rejections_total", key, 1)
+        await settle(metrics, "onwards_limit_rejections_total", provider_full, 1)
+        scraped = await scrape(scraper)
+    assert sample(scraped, "onwards_limit_rejections_total", **key) == 1
+    assert sample(scraped, "onwards_limit_rejections_total", **provider_full) == 1
+
+
+@pytest.mark.parametrize("shared", [False, pytest.param(True, marks=needs_redis)])
+async def test_a_key_concurrency_refusal_behind_pool_limits_is_counted_as_the_keys(
+    nursery: trio.Nursery, shared: bool
+) -> None:
+    """The pool has a rate limit and a concurrency limit, both with room; the key's one slot is
+    taken: the refusal is the key's, whatever limits come before it."""
+    up = FakeUpstream(Reply(body=chat_completion(), delay=3.0))
+    pool = {
+        "providers": [{"url": await serve_app(nursery, up)}],
+        "rate_limit": PLENTY,
+        "concurrency_limit": {"max_concurrent_requests": 10},
+    }
+    key = {"key": "sk-a", "concurrency_limit": {"max_concurrent_requests": 1}}
+    spec: dict[str, Any] = {"auth": {"key_definitions": {"a": key}}}
+    if shared:
+        spec["shared_limits"] = shared_config("onwards-test-" + secrets.token_hex(4))
+    client, scraper, metrics = await gateway(nursery, {"m": pool}, **spec)
+    headers = {"authorization": "Bearer sk-a"}
+    async with client, scraper:
+        async with trio.open_nursery() as inner:
+            first = partial(client.post, "/v1/chat/completions", json=body("m"), headers=headers)
+            inner.start_soon(first)
+            with trio.fail_after(20):
+                while not up.requests:  # the first request holds the key's one slot
+                    await trio.sleep(0.01)
+            refused = await client.post("/v1/chat/completions", json=body("m"), headers=headers)
+        assert refused.status_code == 429
+        labels = {"alias": "m", "limit": "concurrency", "scope": "key"}
+        await settle(metrics, "onwards_limit_rejections_total", labels, 1)
+        scraped = await scrape(scraper)
+    assert sample(scraped, "onwards_limit_rejections_total", **labels) == 1
+    assert sample(scraped, "onwards_limit_rejections_total", **{**labels, "scope": "pool"}) == 0
