@@ -399,8 +399,9 @@ def clean_path(path: str) -> str:
 
 
 def access_logged() -> bool:
-    """Whether access lines are written (the token usage on them is worth reading then)."""
-    return _access.isEnabledFor(logging.INFO)
+    """Whether a request's access-line fields are read: access lines are written, or request
+    observers get them (then the token usage on them is worth reading)."""
+    return bool(request_observers) or _access.isEnabledFor(logging.INFO)
 
 
 def log_request(record: RequestRecord) -> None:

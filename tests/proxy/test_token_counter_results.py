@@ -109,3 +109,20 @@ async def test_a_body_of_exactly_the_off_loop_size_is_counted_off_the_event_loop
         )
     assert answer.status_code == 200, answer.text
     assert test_token_counter.counted_in[0] is not threading.main_thread()
+
+
+async def test_a_prompt_counted_as_zero_that_asks_for_no_output_reserves_nothing(
+    nursery: trio.Nursery,
+) -> None:
+    pool = {
+        "providers": [{"url": await serve_app(nursery, FakeUpstream())}],
+        "token_limit": NO_REFILL,
+    }
+    _, url = await start_gateway(nursery, {"targets": {"m": pool}, "token_counter": f"{HERE}:zero"})
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        answer = await client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+        )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-ratelimit-remaining-tokens"] == "100000"
