@@ -167,7 +167,27 @@ MUTATION_TARGETS: dict[str, tuple[str, ...]] = {
         "xǁ_Connectionǁ_next_request",
     ),
     "stores_memory": ("onwards_trio._stores.memory.*",),
-    "shared_limits": ("onwards_trio._proxy.shared_limits.*",),
+    # What admits, refuses, holds and gives back; not the client set-up, the background
+    # renew / reap / adjust loops or the outage warnings (plumbing whose failure the Redis
+    # tests see as a wrong count).
+    "shared_limits": _functions(
+        "_proxy.shared_limits",
+        "xǁSharedPermitǁ*",
+        "xǁSharedTokenReservationǁ*",
+        "xǁSharedBudgetReservationǁ*",
+        "xǁSharedLimitsǁreserve_tokens",
+        "xǁSharedLimitsǁ_budget_key",
+        "xǁSharedLimitsǁ_gate",
+        "xǁSharedLimitsǁ_admit",
+        "xǁSharedLimitsǁacquire_rate",
+        "xǁSharedLimitsǁacquire_slot",
+        "xǁSharedLimitsǁ_release",
+        "xǁSharedLimitsǁ_give_back",
+        "xǁSharedLimitsǁadmit",
+        "xǁSharedLimitsǁrate",
+        "xǁSharedLimitsǁprovider_slot",
+        "_locally",
+    ),
     "loop": _functions(
         "_loop.run",
         "_all_cancelled",
@@ -208,6 +228,8 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
     ),
     "shared_limits": (
         "tests/proxy/test_limits_redis.py",
+        "tests/proxy/test_limits_while_redis_is_down.py",
+        "tests/proxy/test_shared_provider_slots.py",
         "tests/proxy/test_budgets.py",
         "tests/proxy/test_traffic.py",
     ),
@@ -240,6 +262,7 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
         "tests/ops/test_unsampled_request_usage.py",
         "tests/ops/test_request_observer_tokens.py",
         "tests/ops/test_telemetry_http.py::test_streamed_request_has_time_to_first_chunk_and_usage",
+        "tests/proxy/test_shared_provider_slots.py",
     ),
     "budgets": (
         "tests/proxy/test_budgets.py",
