@@ -26,8 +26,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 import trio
@@ -36,18 +35,6 @@ if TYPE_CHECKING:
     from onwards_trio._ops.logs import RequestRecord
 
 __all__ = ["AccessWriter", "logfmt"]
-
-# RequestRecord's optional fields after ``alias``, in access-line order (numbers and flags).
-_OPTIONAL_NUMBERS: Final = (
-    "provider",
-    "bytes_in",
-    "bytes_out",
-    "attempts",
-    "stream",
-    "input_tokens",
-    "output_tokens",
-    "cached_tokens",
-)
 
 _SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9._~:/{}\[\]@+-]*$")
 
@@ -60,34 +47,44 @@ def logfmt(value: Any) -> str:
     return orjson.dumps(text).decode()
 
 
-_FORMATTED: dict[str, str] = {}  # logfmt of the (cleaned) paths and aliases seen: they repeat
-_FORMATTED_SIZE: Final = 1024
+def _json_inner(text: str) -> str:
+    """``text`` as it appears between the quotes of a JSON string."""
+    return orjson.dumps(text).decode()[1:-1]
 
 
-def _logfmt_text(text: str) -> str:
-    out = _FORMATTED.get(text)
-    if out is None:
-        if len(_FORMATTED) >= _FORMATTED_SIZE:
-            _FORMATTED.clear()
-        out = _FORMATTED[text] = logfmt(text)
-    return out
+class Guard(Protocol):
+    """The redaction guard as the writer uses it: what it lets through, and a number that
+    changes whenever it learns a new secret (so that lines built before are built again)."""
+
+    generation: int
+
+    def clean(self, text: str) -> str: ...
 
 
 _BATCH_DELAY: Final = 0.02  # seconds a line may wait for others to share its write
 _MAX_LINES: Final = 10_000  # lines held at most; past it new lines are dropped and counted
+_MAX_PARTS: Final = 1024  # (method, path, status, alias) whose line parts are kept
+_LOGGER_TEXT: Final = " INFO onwards_trio.access "
+_LOGGER_JSON: Final = '","level":"info","logger":"onwards_trio.access","msg":"'
 
 
 class AccessWriter:
-    """Formats access lines as the configured handler would and writes them in batches."""
+    """Formats access lines as the configured handler would and writes them in batches.
+
+    A line is its time, a part that depends only on (method, path, status, alias) -- built
+    once, through the redaction guard, and kept -- and the numbers, formatted as they come.
+    """
 
     __slots__ = (
         "_buf",
+        "_generation",
+        "_guard",
         "_handler",
         "_inline",
         "_json",
-        "_prefix",
-        "_redact",
+        "_parts",
         "_second",
+        "_stamp",
         "_stream",
         "_wake",
         "dropped",
@@ -100,28 +97,23 @@ class AccessWriter:
         handler: logging.StreamHandler[Any],
         *,
         json: bool,
-        redact: Callable[[str], str],
+        guard: Guard,
         max_lines: int = _MAX_LINES,
     ) -> None:
         self._handler = handler
         self._stream: IO[str] = handler.stream
         self._inline = _regular_file(self._stream)  # a write that cannot block for long
         self._json = json
-        self._redact = redact
+        self._guard = guard
+        self._generation = guard.generation
+        self._parts: dict[tuple[str, str, int, str | None], tuple[str, ...]] = {}
         self._buf: list[tuple[RequestRecord, float]] = []  # formatted when written
         self._wake = trio.Event()
         self._second = -1
-        self._prefix = ""
+        self._stamp = ""
         self.max_lines = max_lines
         self.dropped = 0
         self.running = False
-
-    def _timestamp(self, now: float) -> str:
-        second = int(now)
-        if second != self._second:  # strftime once per second, not once per line
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
 
     def push(self, record: RequestRecord) -> None:
         """Queue one access line: the record and the time (formatted with its batch)."""
@@ -133,44 +125,109 @@ class AccessWriter:
         if len(buf) == 1:
             self._wake.set()
 
-    def _line(self, record: RequestRecord, now: float) -> str:
-        """One access line. Only the client-chosen strings (path, alias) can carry anything
-        secret; they pass the redaction guard, the rest are numbers and tokens."""
-        clean = self._redact
-        path = clean(record.path)
-        alias = None if record.alias is None else clean(record.alias)
-        duration_ms = round(record.duration * 1000.0, 3)
-        message = (
-            f"method={record.method} path={_logfmt_text(path)} status={record.status} "
-            f"duration_ms={duration_ms}"
-        )
-        if alias is not None:
-            message += f" alias={_logfmt_text(alias)}"
-        extra = [(n, v) for n in _OPTIONAL_NUMBERS if (v := getattr(record, n)) is not None]
-        for name, value in extra:
-            message += f" {name}={value}"
-        ts = self._timestamp(now)
+    def _timestamp(self, ms: int) -> str:
+        """``2026-11-30T07:00:00.123Z`` of a time in milliseconds: strftime once a second."""
+        second, fraction = divmod(ms, 1000)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{fraction:03d}Z"
+
+    def _parts_of(self, key: tuple[str, str, int, str | None]) -> tuple[str, ...]:
+        """What a line of this (method, path, status, alias) always holds. Only the
+        client-chosen strings (path, alias) can carry anything secret: they pass the guard."""
+        method, path, status, alias = key
+        clean = self._guard.clean
+        path = clean(path)
+        head = f"method={method} path={logfmt(path)} status={status} duration_ms="
+        named = "" if alias is None else f" alias={logfmt(clean(alias))}"
+        if len(self._parts) >= _MAX_PARTS:
+            self._parts.clear()  # many distinct paths: start over rather than grow
         if not self._json:
-            return f"{ts} INFO onwards_trio.access {message}"
-        out: dict[str, Any] = {
-            "ts": ts,
-            "level": "info",
-            "logger": "onwards_trio.access",
-            "msg": message,
-            "method": record.method,
-            "path": path,
-            "status": record.status,
-            "duration_ms": duration_ms,
-        }
-        if alias is not None:
-            out["alias"] = alias
-        out.update(extra)
-        return orjson.dumps(out).decode()
+            parts: tuple[str, ...] = (head, named)
+        else:
+            fields = orjson.dumps({"method": method, "path": path, "status": status}).decode()
+            parts = (
+                _json_inner(head),
+                _json_inner(named),
+                f'{fields[1:-1]},"duration_ms":',
+                "" if alias is None else ',"alias":' + orjson.dumps(clean(alias)).decode(),
+            )
+        self._parts[key] = parts
+        return parts
+
+    def _lines(self, queued: list[tuple[RequestRecord, float]]) -> list[str]:
+        """The batch's lines: one pass, the constant parts looked up, the numbers formatted."""
+        if self._guard.generation != self._generation:  # a new secret: build the parts again
+            self._generation = self._guard.generation
+            self._parts.clear()
+        known = self._parts
+        built = self._parts_of
+        json = self._json
+        last_ms = -1
+        stamp = ""
+        lines: list[str] = []
+        for record, now in queued:
+            key = (record.method, record.path, record.status, record.alias)
+            parts = known.get(key)
+            if parts is None:
+                parts = built(key)
+            second = int(now)  # _millis(now), inline: it runs for every line
+            ms = second * 1000 + int((now - second) * 1000)
+            if ms != last_ms:  # lines come many to a millisecond: format its time once
+                last_ms = ms
+                stamp = self._timestamp(ms)
+            # str(round(x, 3)) without its two float conversions: the same digits
+            duration = f"{record.duration * 1000.0:.3f}".rstrip("0")
+            if duration[-1] == ".":
+                duration += "0"
+            # The numbers: the usual groups in one format each (a proxied request has all
+            # four sizes and counts, an answer with usage all three token figures).
+            provider, attempts = record.provider, record.attempts
+            bytes_in, bytes_out = record.bytes_in, record.bytes_out
+            if (
+                provider is not None
+                and bytes_in is not None
+                and bytes_out is not None
+                and attempts is not None
+            ):
+                tail = (
+                    f" provider={provider} bytes_in={bytes_in} bytes_out={bytes_out}"
+                    f" attempts={attempts}"
+                )
+            else:
+                tail = _members(record, _SIZES)
+            if (flag := record.stream) is not None:
+                tail += f" stream={flag}"
+            tokens_in, tokens_out, cached = (
+                record.input_tokens,
+                record.output_tokens,
+                record.cached_tokens,
+            )
+            if tokens_in is not None and tokens_out is not None and cached is not None:
+                tail += (
+                    f" input_tokens={tokens_in} output_tokens={tokens_out} cached_tokens={cached}"
+                )
+            elif tokens_in is not None or tokens_out is not None or cached is not None:
+                tail += _members(record, _TOKENS)
+            if not json:
+                lines.append(f"{stamp}{_LOGGER_TEXT}{parts[0]}{duration}{parts[1]}{tail}")
+                continue
+            # The same numbers as JSON members: ' provider=0 stream=True' becomes
+            # ',"provider":0,"stream":true' (names and numbers hold no space, '=' or quote).
+            members = tail.replace(" ", ',"').replace("=", '":')
+            if flag is not None:
+                members = members.replace(":True", ":true").replace(":False", ":false")
+            lines.append(
+                f'{{"ts":"{stamp}{_LOGGER_JSON}{parts[0]}{duration}{parts[1]}{tail}",'
+                f"{parts[2]}{duration}{parts[3]}{members}}}"
+            )
+        return lines
 
     def _write(self, lines: list[str], dropped: int) -> None:
         if dropped:
             lines.append(
-                f"{self._timestamp(time.time())} WARNING onwards_trio.access "
+                f"{self._timestamp(_millis(time.time()))} WARNING onwards_trio.access "
                 f"{dropped} access lines dropped (the log could not keep up)"
             )
         data = "\n".join(lines) + "\n"
@@ -182,8 +239,7 @@ class AccessWriter:
         """The queued lines, formatted, and how many were dropped since the last batch."""
         queued, self._buf = self._buf, []
         dropped, self.dropped = self.dropped, 0
-        line = self._line
-        return [line(record, now) for record, now in queued], dropped
+        return self._lines(queued), dropped
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write batches until cancelled, then what is left. One writer at a time: a second
@@ -213,6 +269,24 @@ class AccessWriter:
                 # left to tell.
                 with contextlib.suppress(OSError, ValueError):
                     self._write(lines, dropped)
+
+
+_SIZES: Final = ("provider", "bytes_in", "bytes_out", "attempts")
+_TOKENS: Final = ("input_tokens", "output_tokens", "cached_tokens")
+
+
+def _members(record: RequestRecord, names: tuple[str, ...]) -> str:
+    """`` name=value`` for each of ``names`` the record has (the less usual shapes)."""
+    return "".join(
+        f" {name}={value}" for name in names if (value := getattr(record, name)) is not None
+    )
+
+
+def _millis(now: float) -> int:
+    """``now`` (``time.time()``) truncated to milliseconds, as logging's ``msecs`` (``now -
+    int(now)`` is exact; ``now * 1000`` would round up to the next millisecond at times)."""
+    second = int(now)
+    return second * 1000 + int((now - second) * 1000)
 
 
 def _regular_file(stream: IO[str]) -> bool:

@@ -186,11 +186,14 @@ class RedactionFilter(logging.Filter):
         super().__init__()
         self._secrets = SecretSet(secrets)
         self._cleaned: dict[str, str] = {}  # clean()'s answers: access lines repeat paths
+        #: Changes with every :meth:`add_secrets`: whoever keeps cleaned text builds it again.
+        self.generation = 0
 
     def add_secrets(self, secrets: Iterable[str]) -> None:
         """Also mask these exact strings (e.g. every key of a config that was just loaded)."""
         self._secrets = self._secrets.union(secrets)
         self._cleaned = {}
+        self.generation += 1
 
     def clean(self, text: str) -> str:
         """``text`` as this filter would let it through (remembered: the access line asks
@@ -323,7 +326,7 @@ def configure_logging(
     root.propagate = False
     _installed = handler
     _guard = guard
-    _writer = AccessWriter(handler, json=kind == "json", redact=guard.clean)
+    _writer = AccessWriter(handler, json=kind == "json", guard=guard)
     for name in (
         "hypercorn.error",
         "hypercorn.access",

@@ -26,7 +26,7 @@ def _writer(
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     guard = RedactionFilter(secrets)
-    return AccessWriter(handler, json=json, redact=guard.clean, max_lines=max_lines), out
+    return AccessWriter(handler, json=json, guard=guard, max_lines=max_lines), out
 
 
 async def _flushed(writer: AccessWriter, out: io.StringIO | Path) -> list[str]:
@@ -107,7 +107,7 @@ async def test_lines_reach_a_regular_file(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     with path.open("w") as fh:
         handler = logging.StreamHandler(fh)
-        writer = AccessWriter(handler, json=False, redact=RedactionFilter().clean)
+        writer = AccessWriter(handler, json=False, guard=RedactionFilter())
         for record in RECORDS:
             writer.push(record)
         lines = await _flushed(writer, path)
@@ -124,9 +124,33 @@ async def test_a_secret_added_later_is_masked_on_a_path_seen_before() -> None:
     for secrets in ([], ["late-secret-456"]):
         guard.add_secrets(secrets)
         out = io.StringIO()
-        writer = AccessWriter(logging.StreamHandler(out), json=False, redact=guard.clean)
+        writer = AccessWriter(logging.StreamHandler(out), json=False, guard=guard)
         writer.push(RequestRecord("POST", "/v1/late-secret-456/chat", 200, 0.1, "m"))
         lines += await _flushed(writer, out)
     first, second = lines
     assert "late-secret-456" in first  # not a secret yet when the first line was written
     assert "late-secret-456" not in second and "/v1/***/chat" in second
+
+
+async def test_a_secret_learned_by_the_guard_is_masked_by_a_running_writer() -> None:
+    # The writer keeps each path's line parts; a secret the guard learns later must still be
+    # masked on the next line for that path.
+    guard = RedactionFilter()
+    out = io.StringIO()
+    writer = AccessWriter(logging.StreamHandler(out), json=True, guard=guard)
+    path = "/v1/later-secret-789/chat"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        writer.push(RequestRecord("POST", path, 200, 0.1, "later-secret-789"))
+        with trio.fail_after(5):
+            while not out.getvalue():
+                await trio.sleep(0.01)
+        guard.add_secrets(["later-secret-789"])
+        writer.push(RequestRecord("POST", path, 200, 0.1, "later-secret-789"))
+        with trio.fail_after(5):
+            while out.getvalue().count("\n") < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    first, second = out.getvalue().splitlines()
+    assert "later-secret-789" in first  # not a secret yet
+    assert "later-secret-789" not in second and second.count("***") == 4  # msg (2), path, alias
