@@ -51,14 +51,8 @@ class SocketIO:
         sock = self.socket
         try:
             data = os.read(sock.fileno(), max_bytes)
-        except BlockingIOError:
-            self._ready = 0
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                try:
-                    return os.read(sock.fileno(), max_bytes)
-                except BlockingIOError:
-                    continue
+        except BlockingIOError:  # nothing yet: wait for the socket (it resets the count)
+            return await self.receive_when_ready(max_bytes)
         self._ready += 1
         if self._ready >= _FAIR:
             await self._yield()
