@@ -76,6 +76,16 @@ async def test_a_failed_write_is_kept_and_written_by_the_next_flush() -> None:
     assert await stored(store) == ["a", "b"] and len(ledger) == 0
 
 
+async def test_a_failed_batch_goes_back_in_front_of_the_rows_behind_it() -> None:
+    store = FlakyStore(failures=1)
+    ledger = UsageLedger(UsageSpec(ledger=True, batch_rows=2), store)
+    ledger._buf.extend([row(1, "a"), row(2, "b"), row(3, "c")])
+    await ledger.flush()
+    assert await stored(store) == [] and len(ledger) == 3  # no row lost or written twice
+    await ledger.flush()
+    assert await stored(store) == ["a", "b", "c"] and len(ledger) == 0
+
+
 async def test_rows_are_written_in_batches_of_batch_rows() -> None:
     store = MemoryUsageStore()
     batches: list[int] = []
