@@ -3,9 +3,11 @@ failed write is retried, retention deletes old rows (MockClock and an injected w
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
@@ -119,6 +121,34 @@ async def test_close_counts_what_it_could_not_write_as_dropped() -> None:
     assert ledger.dropped == 2 and dropped == [2]
 
 
+def logged(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "onwards_trio"]
+
+
+async def test_a_failed_write_is_logged_as_a_warning_with_its_row_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ledger = UsageLedger(UsageSpec(ledger=True), FlakyStore(failures=1))
+    ledger._buf.extend([row(1), row(2)])
+    with caplog.at_level(logging.WARNING, logger="onwards_trio"):
+        await ledger.flush()
+    assert logged(caplog) == [
+        (logging.WARNING, "usage ledger: writing 2 rows failed (OSError); retrying later")
+    ]
+
+
+async def test_rows_lost_at_shutdown_are_logged_as_an_error_with_their_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ledger = UsageLedger(UsageSpec(ledger=True), FlakyStore(failures=10))
+    ledger._buf.extend([row(1), row(2), row(3)])
+    with caplog.at_level(logging.ERROR, logger="onwards_trio"):
+        await ledger.aclose()
+    assert logged(caplog) == [
+        (logging.ERROR, "usage ledger: 3 rows could not be written at shutdown")
+    ]
+
+
 class HangingStore(MemoryUsageStore):
     """Writes, then takes an hour to close (a database that stopped answering)."""
 
@@ -136,6 +166,15 @@ async def test_close_gives_up_on_a_store_that_hangs_on_close(
     await ledger.aclose()
     assert await stored(store) == ["a"]  # the rows were written before the close hung
     assert trio.current_time() - start == 5.0
+
+
+async def test_a_store_that_hangs_on_close_is_logged_as_an_error(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = UsageLedger(UsageSpec(ledger=True), HangingStore(), close_timeout=5.0)
+    with caplog.at_level(logging.ERROR, logger="onwards_trio"):
+        await ledger.aclose()
+    assert logged(caplog) == [(logging.ERROR, "usage ledger: the store did not close within 5 s")]
 
 
 class WallClock:
