@@ -124,6 +124,13 @@ async def test_filters_and_range_narrow_the_rows(store: UsageStore) -> None:
     assert total["requests"] == 1 and [r["request_id"] for r in found] == ["b"]
 
 
+async def test_a_range_holds_its_start_and_not_its_end(store: UsageStore) -> None:
+    query = UsageQuery(T0 + 10, T0 + HOUR + 2)  # rows at T0 + 10 (a) and T0 + HOUR + 2 (d)
+    (total,) = await store.summarize_usage(query, 100)
+    found = await store.usage_rows(query, 0, 100)
+    assert total["requests"] == 3 and [r["request_id"] for r in found] == ["a", "b", "c"]
+
+
 async def test_delete_before_a_time_removes_only_older_rows(store: UsageStore) -> None:
     assert await store.delete_usage_before(T0 + HOUR) == 2
     found = await store.usage_rows(EVERYTHING, 0, 100)
