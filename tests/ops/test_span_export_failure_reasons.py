@@ -4,7 +4,6 @@ the spans were dropped says what the collector did wrong, so an operator can fix
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -16,13 +15,12 @@ from tests.support import FakeUpstream, read_head, serve_app, serve_raw
 CHAT = "/v1/chat/completions"
 
 
+pytestmark = pytest.mark.usefixtures("fast_otel_export")
+
+
 @pytest.fixture(autouse=True)
-def _fast_export(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+def _one_try(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "0.5")  # one try: no retry fits in it
-    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_SAMPLER"):
-        monkeypatch.delenv(name, raising=False)
-    yield
 
 
 async def test_a_collector_switching_protocols_is_named_in_the_warning(

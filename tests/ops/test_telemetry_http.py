@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -31,13 +30,7 @@ PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 
 
-@pytest.fixture(autouse=True)
-def _fast_export(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Export every 50 ms (the standard variable), so tests wait for spans, not for a tick."""
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_SAMPLER"):
-        monkeypatch.delenv(name, raising=False)
-    yield
+pytestmark = pytest.mark.usefixtures("fast_otel_export")
 
 
 def _config(receiver_url: str, targets: dict[str, Any], **extra: Any) -> dict[str, Any]:

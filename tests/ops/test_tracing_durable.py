@@ -19,13 +19,7 @@ from tests.responses.gateway_process import GatewayProcess, ToolServer, agent_up
 from tests.responses.test_durable import servers, start_background
 from tests.support import FakeUpstream
 
-
-@pytest.fixture(autouse=True)
-def _fast_export(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The gateway processes export every 50 ms (the standard variable, inherited)."""
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_SAMPLER"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("fast_otel_export")
 
 
 async def _spans(receiver: OTLPReceiver, name: str) -> list[ReceivedSpan]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,12 +22,7 @@ from tests.support import FakeUpstream, serve_app
 CHAT = "/v1/chat/completions"
 
 
-@pytest.fixture(autouse=True)
-def _fast_export(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_SAMPLER"):
-        monkeypatch.delenv(name, raising=False)
-    yield
+pytestmark = pytest.mark.usefixtures("fast_otel_export")
 
 
 class Collector:

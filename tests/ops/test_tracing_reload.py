@@ -19,11 +19,7 @@ from tests.support import FakeUpstream, serve_app
 RESTART = "telemetry changes (but stream_usage) take effect after a restart"
 
 
-@pytest.fixture(autouse=True)
-def _fast_export(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_SAMPLER"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("fast_otel_export")
 
 
 async def test_a_reloaded_endpoint_is_logged_and_spans_stay_with_the_first_collector(

@@ -3,8 +3,6 @@ token usage counted: tracing decides what is exported, never what is metered."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import trio
 
@@ -17,12 +15,7 @@ NOT_SAMPLED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 SAMPLED = NOT_SAMPLED[:-2] + "01"
 
 
-@pytest.fixture(autouse=True)
-def _fast_export(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_SAMPLER"):
-        monkeypatch.delenv(name, raising=False)
-    yield
+pytestmark = pytest.mark.usefixtures("fast_otel_export")
 
 
 @pytest.mark.parametrize("traceparent", [NOT_SAMPLED, SAMPLED])
