@@ -21,6 +21,19 @@ FEW_TOKENS = {"tokens": 10, "window_secs": 1e9}  # the first request takes every
 TINY_BUDGET = {"amount": 0.001, "window": "day"}  # less than any request's estimate
 
 
+# Every limit at every scope it can be set at (``config``'s ``limit`` and ``scope``).
+LIMITS_AND_SCOPES = [
+    ("rate", "pool"),
+    ("rate", "key"),
+    ("rate", "provider"),
+    ("tokens", "pool"),
+    ("tokens", "key"),
+    ("tokens", "provider"),
+    ("budget", "key"),
+    ("budget", "label"),
+]
+
+
 def config(url: str, limit: str, scope: str) -> dict[str, Any]:
     """One pool ``m`` with one provider, one key ``sk-a`` labelled ``team: red``, and the one
     limit ``limit`` at ``scope``."""
@@ -42,16 +55,7 @@ def config(url: str, limit: str, scope: str) -> dict[str, Any]:
 @pytest.mark.parametrize("shared", [False, pytest.param(True, marks=needs_redis)])
 @pytest.mark.parametrize(
     ("limit", "scope"),
-    [
-        ("rate", "pool"),
-        ("rate", "key"),
-        ("rate", "provider"),
-        ("tokens", "pool"),
-        ("tokens", "key"),
-        ("tokens", "provider"),
-        ("budget", "key"),
-        ("budget", "label"),
-    ],
+    LIMITS_AND_SCOPES,
 )
 async def test_a_refusal_is_counted_under_its_limit_and_scope(
     nursery: trio.Nursery, limit: str, scope: str, shared: bool
@@ -106,16 +110,22 @@ async def test_a_concurrency_refusal_is_counted_under_its_scope(
 PLENTY = {"requests_per_second": 1000, "burst_size": 1000}  # never refuses here
 
 
+async def key_limited_shared_gateway(nursery: trio.Nursery, provider: dict[str, Any]) -> Any:
+    """Pool ``m`` of the one ``provider``, key ``sk-a`` allowed one request, limits in Redis:
+    the (client, scraper, metrics) of ``gateway``."""
+    spec: dict[str, Any] = {
+        "auth": {"key_definitions": {"a": {"key": "sk-a", "rate_limit": ONCE}}},
+        "shared_limits": shared_config("onwards-test-" + secrets.token_hex(4)),
+    }
+    return await gateway(nursery, {"m": {"providers": [provider]}}, **spec)
+
+
 @needs_redis
 async def test_a_refusal_sent_with_the_providers_check_is_counted(nursery: trio.Nursery) -> None:
     """With a provider limit in the pool, the shared admission waits for the provider and goes
     to Redis with its check: the key's own refusal is still counted as the key's."""
     provider = {"url": await serve_app(nursery, FakeUpstream()), "rate_limit": PLENTY}
-    spec: dict[str, Any] = {
-        "auth": {"key_definitions": {"a": {"key": "sk-a", "rate_limit": ONCE}}},
-        "shared_limits": shared_config("onwards-test-" + secrets.token_hex(4)),
-    }
-    client, scraper, metrics = await gateway(nursery, {"m": {"providers": [provider]}}, **spec)
+    client, scraper, metrics = await key_limited_shared_gateway(nursery, provider)
     headers = {"authorization": "Bearer sk-a"}
     async with client, scraper:
         codes = [
@@ -142,11 +152,7 @@ async def test_with_no_provider_free_the_requests_own_refusal_is_counted_first(
         "rate_limit": PLENTY,
         "concurrency_limit": {"max_concurrent_requests": 0},
     }
-    spec: dict[str, Any] = {
-        "auth": {"key_definitions": {"a": {"key": "sk-a", "rate_limit": ONCE}}},
-        "shared_limits": shared_config("onwards-test-" + secrets.token_hex(4)),
-    }
-    client, scraper, metrics = await gateway(nursery, {"m": {"providers": [provider]}}, **spec)
+    client, scraper, metrics = await key_limited_shared_gateway(nursery, provider)
     headers = {"authorization": "Bearer sk-a"}
     async with client, scraper:
         answers = [

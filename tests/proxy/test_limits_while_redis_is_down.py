@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from tests.ops.test_metrics_http import body, gateway, sample, scrape, settle
+from tests.ops.test_rejection_metrics import LIMITS_AND_SCOPES
 from tests.ops.test_rejection_metrics import config as limit_config
 from tests.proxy.test_limits_redis import (
     _COREDIS_LEAK,
@@ -34,16 +35,7 @@ async def unreachable() -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("limit", "scope"),
-    [
-        ("rate", "pool"),
-        ("rate", "key"),
-        ("rate", "provider"),
-        ("tokens", "pool"),
-        ("tokens", "key"),
-        ("tokens", "provider"),
-        ("budget", "key"),
-        ("budget", "label"),
-    ],
+    LIMITS_AND_SCOPES,
 )
 async def test_each_limit_refuses_as_in_process(
     nursery: trio.Nursery, limit: str, scope: str
