@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from onwards_trio._stores.base import Claim, DurableStore
-from onwards_trio._stores.memory import MemoryDurableStore
+from onwards_trio._stores.memory import MemoryBackend
 from onwards_trio._stores.postgres import PostgresDatabase, PostgresDurableStore
 from onwards_trio._stores.sqlite import SqliteDurableStore
 from tests.stores.test_store_postgres import fresh_schema, needs_postgres
@@ -25,7 +25,8 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     """Two stores over the same data, as two processes would have them."""
     async with contextlib.AsyncExitStack() as stack:
         if request.param == "memory":
-            one = MemoryDurableStore()
+            one = MemoryBackend().durable  # the memory backend's own durable store
+            assert one is not None
             yield one, one
             return
         a: DurableStore

@@ -60,3 +60,11 @@ async def test_a_finished_request_is_not_abandoned(stores: Pair) -> None:
     await a.idempotency_abandon("scope", "key-1", "A")
     seen = await begin(b, "B")
     assert (seen.state, seen.status) == ("done", 200)
+
+
+async def test_only_its_owner_finishes_a_request_in_flight(stores: Pair) -> None:
+    a, b = stores
+    await begin(a, "A")
+    await b.idempotency_finish("scope", "key-1", "B", 200, [], b"{}")
+    seen = await begin(b, "C", "f2")
+    assert (seen.fingerprint, seen.state) == ("f1", "in_flight")
