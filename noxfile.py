@@ -322,9 +322,13 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
         "tests/app/test_idempotency.py",
         "tests/app/test_usage_ledger.py",
     ),
-    # the fast, deterministic loop tests only (10 s): with tests/responses (90 s) each survivor
-    # of _Run.run / _run cost minutes and 301 of the 364 mutants never ran in a budget
-    "loop": ("tests/loop",),
+    # the fast, deterministic loop tests (10 s; with tests/responses, 90 s, each survivor of
+    # _Run.run / _run cost minutes), and the two span tests that read a step's outcome
+    "loop": (
+        "tests/loop",
+        "tests/ops/test_failed_step_span.py",
+        "tests/ops/test_telemetry_http.py::test_responses_loop_spans_nest_as_the_steps_do",
+    ),
 }
 
 

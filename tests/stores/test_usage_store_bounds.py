@@ -20,7 +20,9 @@ BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=needs_postgres)]
 
 
 def row(t: float, key_label: str) -> UsageRow:
-    return UsageRow(T0 + t, f"r{t}", key_label, "m", 0, "m", 1, 1, 0, None, 200, 1.0, "/v1/c", False)
+    return UsageRow(
+        T0 + t, f"r{t}", key_label, "m", 0, "m", 1, 1, 0, None, 200, 1.0, "/v1/c", False
+    )
 
 
 async def test_a_retention_cutoff_keeps_the_rows_at_the_cutoff(store: UsageStore) -> None:
