@@ -84,7 +84,7 @@ from onwards_trio._stores.base import (
     StoredEvent,
     StoredResponse,
 )
-from onwards_trio._stores.memory import MemoryStore
+from onwards_trio._stores.memory import MemoryStore, new_response_id
 from onwards_trio._transport.asgi import (
     ClientDisconnected,
     Receive,
@@ -862,7 +862,7 @@ class ResponsesService:
             )
 
         chat = await _off_loop(off_loop, convert)
-        response_id = f"resp_{secrets.token_hex(24)}"
+        response_id = new_response_id()
         base = response_object(req, response_id, _now(), offered)
         headers = [(k, v) for k, v in request.headers if k not in MODEL_CALL_DROP]
         # A foreground response's steps are only read by its own loop (nobody resumes it), so

@@ -12,6 +12,7 @@ still allocate distinct, increasing sequences.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import time
@@ -212,9 +213,10 @@ class SqliteFile:
         """In the writer thread: every call of ``batch``, one transaction when more than one.
 
         The rows of the calls that carry them (:meth:`insert`) go first, each table's in one
-        multi-row ``INSERT``: a statement releases and retakes the GIL at every step, so a
-        batch's hand-offs with the Trio thread stay a handful however many responses it
-        holds. Should that fail, those calls run one by one like the others."""
+        multi-row ``INSERT``, with no savepoint: a statement releases and retakes the GIL that
+        the busy Trio thread holds, so a batch's hand-offs stay a handful however many
+        responses it holds. Should that fail, the transaction is rolled back (nothing else is
+        in it yet) and begun again, and those calls run one by one like the others."""
         if batch[0].alone:  # closing the connection: it must not open one first
             (call,) = batch
             call.outcome = outcome.capture(call.fn, cast(sqlite3.Connection, None))
@@ -225,7 +227,8 @@ class SqliteFile:
             for call in batch:
                 call.outcome = outcome.Error(self._error(e))
             return
-        if len(batch) == 1:
+        merged = [call for call in batch if call.merge is not None]
+        if len(batch) == 1 and not merged:
             (call,) = batch
             try:
                 call.outcome = outcome.Value(call.fn(conn))
@@ -235,11 +238,16 @@ class SqliteFile:
         try:
             conn.execute("BEGIN IMMEDIATE")
             rest = batch
-            merged = [call for call in batch if call.merge is not None]
-            if len(merged) > 1 and _insert_together(conn, merged):
-                for call in merged:
-                    call.outcome = outcome.Value(call.value)
-                rest = [call for call in batch if call.merge is None]
+            if merged:
+                try:
+                    _insert_together(conn, merged)
+                except sqlite3.Error:
+                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+                else:
+                    for call in merged:
+                        call.outcome = outcome.Value(call.value)
+                    rest = [call for call in batch if call.merge is None]
             for call in rest:
                 conn.execute("SAVEPOINT onwards_call")
                 try:
@@ -291,33 +299,26 @@ class SqliteFile:
 _MAX_PARAMS = 30_000
 
 
-def _insert_together(conn: sqlite3.Connection, calls: list[Call[sqlite3.Connection]]) -> bool:
+def _insert_together(conn: sqlite3.Connection, calls: list[Call[sqlite3.Connection]]) -> None:
     """The rows of ``calls`` (:meth:`SqliteFile.insert`), one multi-row ``INSERT`` per table
-    (in chunks), in a savepoint: True if they are all in, False (nothing written) if not."""
+    (in chunks); raises ``sqlite3.Error`` when one fails (its caller rolls back)."""
     tables: dict[str, list[tuple[Any, ...]]] = {}
     for call in calls:
         for sql, rows in call.merge:
-            tables.setdefault(sql, []).extend(rows)
-    conn.execute("SAVEPOINT onwards_merge")
-    try:
-        for sql, rows in tables.items():
-            if not rows:
-                continue
-            insert, _, marks = sql.partition(" VALUES ")
-            width = len(rows[0])
-            step = max(1, _MAX_PARAMS // width)
-            for i in range(0, len(rows), step):
-                chunk = rows[i : i + step]
-                conn.execute(
-                    f"{insert} VALUES {', '.join([marks] * len(chunk))}",
-                    [v for row in chunk for v in row],
-                )
-    except sqlite3.Error:
-        conn.execute("ROLLBACK TO onwards_merge")
-        conn.execute("RELEASE onwards_merge")
-        return False
-    conn.execute("RELEASE onwards_merge")
-    return True
+            if rows:
+                tables.setdefault(sql, []).extend(rows)
+    for sql, rows in tables.items():
+        step = max(1, _MAX_PARAMS // len(rows[0]))
+        for i in range(0, len(rows), step):
+            chunk = rows[i : i + step]
+            conn.execute(_rows_sql(sql, len(chunk)), [v for row in chunk for v in row])
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_sql(sql: str, n: int) -> str:
+    """``sql`` (an ``INSERT … VALUES (?, …)``) with its row of placeholders ``n`` times."""
+    insert, _, marks = sql.partition(" VALUES ")
+    return f"{insert} VALUES {', '.join([marks] * n)}"
 
 
 @contextlib.contextmanager
