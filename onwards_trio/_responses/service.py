@@ -86,12 +86,14 @@ from onwards_trio._stores.base import (
 )
 from onwards_trio._stores.memory import MemoryStore, new_response_id
 from onwards_trio._transport.asgi import (
+    JSON_HEADERS,
     ClientDisconnected,
     Receive,
     Scope,
     Send,
     send_error,
     send_json,
+    send_response,
     watch_disconnect,
 )
 from onwards_trio._transport.sse import encode_event
@@ -536,6 +538,7 @@ class _Job:
     unwritten: bool = False
     first_sequence: int = 0  # a resumed response's event stream continues here
     history: list[dict[str, Any]] = attrs.field(factory=list)  # previous_response_id's
+    final_json: bytes | None = None  # the final Response object as stored: the answer reuses it
 
 
 # -- the service --------------------------------------------------------------------------------
@@ -970,10 +973,12 @@ class ResponsesService:
             return True
         assert isinstance(job.steps, MemoryStore)
         loop_responses, steps = job.steps.contents()
+        encoded = orjson.dumps(final)
         finished = FinishedResponse(
-            job.record.with_response(final), job.unwritten, loop_responses, steps
+            job.record.with_response(final), job.unwritten, loop_responses, steps, encoded
         )
         await job.writer.write_finished(finished)
+        job.final_json = encoded
         return True
 
     async def _count_steps(self, job: _Job) -> None:
@@ -1017,7 +1022,10 @@ class ResponsesService:
             )
             await send({"type": "http.response.body", "body": body})
             return status
-        await send_json(send, 200, final)
+        if job.final_json is not None:  # encoded once, for the store and this answer
+            await send_response(send, 200, JSON_HEADERS, job.final_json)
+        else:
+            await send_json(send, 200, final)
         return 200
 
     async def stream_job(

@@ -68,13 +68,14 @@ def statuses_before(new: str) -> list[str]:
     return sorted(s for s, targets in ALLOWED_TRANSITIONS.items() if new in targets)
 
 
-def response_row(record: StoredResponse) -> tuple[Any, ...]:
+def response_row(record: StoredResponse, response_json: bytes | None = None) -> tuple[Any, ...]:
     """``record`` as the SQL stores' ``oresp_responses`` columns, JSON as text:
-    ``id, status, response, input_items, context_items, background, created_at, owner``."""
+    ``id, status, response, input_items, context_items, background, created_at, owner``
+    (``response_json``: the Response object already encoded)."""
     return (
         record.id,
         record.status,
-        orjson.dumps(record.response).decode(),
+        (response_json or orjson.dumps(record.response)).decode(),
         orjson.dumps(record.input_items).decode(),
         orjson.dumps(record.context_items).decode(),
         record.background,
@@ -199,6 +200,8 @@ class FinishedResponse:
     new: bool
     loop_responses: Sequence[ResponseRecord]
     steps: Sequence[tuple[str, ChainStep]]
+    # The Response object as JSON, encoded once for the store and the client's answer.
+    response_json: bytes | None = None
 
 
 @runtime_checkable

@@ -783,8 +783,12 @@ class PostgresBackend(StoreBackend):
         response rows, their sequence counters and their steps in one transaction (the
         statements pipelined: one round trip per ``executemany``)."""
         record = finished.record
-        row = response_row(record) if finished.new else None
-        data = row[2] if row is not None else orjson.dumps(record.response).decode()
+        encoded = finished.response_json
+        row = response_row(record, encoded) if finished.new else None
+        if row is not None:
+            data = row[2]
+        else:
+            data = (encoded or orjson.dumps(record.response)).decode()
         responses = [
             (r.id, r.status.value, _dump(r.request), _dump(r.output))
             for r in finished.loop_responses

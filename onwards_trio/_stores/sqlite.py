@@ -110,6 +110,23 @@ def _dump(value: Any) -> str | None:
         raise StoreError(StoreErrorKind.SERIALIZATION, str(e)) from None
 
 
+def _dumps_once() -> Callable[[Any], str | None]:
+    """:func:`_dump` that encodes an object it has seen once only: a finished response's
+    chat request is both its loop row's request and its first step's payload (the same
+    object, as the response's private memory store does not copy)."""
+    texts: dict[int, str | None] = {}
+
+    def dump(value: Any) -> str | None:
+        if value is None:
+            return None
+        key = id(value)  # every value outlives the call: ids are not reused meanwhile
+        if key not in texts:
+            texts[key] = _dump(value)
+        return texts[key]
+
+    return dump
+
+
 def _load(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
@@ -785,14 +802,19 @@ class SqliteBackend(StoreBackend):
         of a group commit). A new response's rows are inserted together with those of the
         other new responses in its batch (:meth:`SqliteFile.insert`)."""
         record = finished.record
-        row = response_row(record) if finished.new else None
-        data = row[2] if row is not None else orjson.dumps(record.response).decode()
+        encoded = finished.response_json
+        row = response_row(record, encoded) if finished.new else None
+        if row is not None:
+            data = row[2]
+        else:
+            data = (encoded or orjson.dumps(record.response)).decode()
         now = time.time()
+        dump = _dumps_once()
         responses = [
-            (r.id, r.status.value, _dump(r.request), _dump(r.output), now, now)
+            (r.id, r.status.value, dump(r.request), dump(r.output), now, now)
             for r in finished.loop_responses
         ]
-        steps = [(*step_row(rid, step, _dump), now, now) for rid, step in finished.steps]
+        steps = [(*step_row(rid, step, dump), now, now) for rid, step in finished.steps]
 
         def write(db: sqlite3.Connection) -> bool:
             with transaction(db, "BEGIN IMMEDIATE"):

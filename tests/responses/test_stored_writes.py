@@ -3,7 +3,9 @@ final state and its steps, written in one call (docs/stores.md, "What is on disk
 
 from __future__ import annotations
 
+import re
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,51 @@ async def test_an_answer_whose_final_state_cannot_be_stored_is_an_error(
     assert r.status_code == 500
     assert r.json()["error"]["code"] == "internal_error"
     assert "Hello" not in r.text
+
+
+async def test_the_answer_is_the_stored_response_object_byte_for_byte(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    path = tmp_path / "r.sqlite3"
+    _, _, gw_url = await start(
+        nursery,
+        FakeUpstream(lambda rec: text_reply(rec)),
+        store={"kind": "sqlite", "path": str(path)},
+    )
+    async with httpx.AsyncClient(timeout=15) as http:
+        r = await http.post(gw_url + "/v1/responses", json={"model": "m", "input": "hi"})
+    assert r.status_code == 200
+    with sqlite3.connect(path) as db:
+        (stored,) = db.execute(
+            "SELECT response FROM oresp_responses WHERE id = ?", (r.json()["id"],)
+        ).fetchone()
+    assert r.content == stored.encode()
+    assert orjson.loads(stored)["status"] == "completed"
+
+
+async def test_response_and_step_ids_begin_with_their_creation_time(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    path = tmp_path / "r.sqlite3"
+    _, client, _ = await start(
+        nursery,
+        FakeUpstream(lambda rec: text_reply(rec)),
+        store={"kind": "sqlite", "path": str(path)},
+    )
+    ids = []
+    for _ in range(3):
+        before = time.time_ns() // 1_000_000
+        resp = await sdk(lambda: client.responses.create(model="m", input="hi"))
+        after = time.time_ns() // 1_000_000
+        assert re.fullmatch(r"resp_[0-9a-f]{48}", resp.id)
+        assert before <= int(resp.id[5:17], 16) <= after  # later ids sort later
+        ids.append(resp.id)
+    with sqlite3.connect(path) as db:
+        steps = db.execute("SELECT id, request_id FROM loop_steps").fetchall()
+    assert {request_id for _, request_id in steps} == set(ids)
+    for step_id, request_id in steps:
+        assert re.fullmatch(r"step_[0-9a-f]{36}", step_id)
+        assert step_id[5:17] >= request_id[5:17]  # made after its response
 
 
 async def stream_events(gw_url: str, on_terminal: Callable[[str], Any] | None = None) -> list[Any]:
