@@ -12,6 +12,12 @@ load drifts less within a round than across a run.
 the machine's load cannot move): the gateway runs under cProfile switched on for N requests at
 c=16 after a warm-up, once stored and once unstored.
 
+``--writes K`` measures the write alone, without HTTP: the CPU per finished response (and the
+Trio thread's share of it) through the SQLite backend's ``write_finished``, K responses
+written concurrently per round (so one group commit of K, after a first lone call that
+starts the writer), with a response shaped like the bench's own (~3.5 KB of rows), into a
+store that already holds 20,000 responses.
+
 Run: ``nox -s bench -- responses`` or
 ``python bench/responses.py [--rounds 6 --seconds 2 --before DIR --calls 2000]``.
 """
@@ -42,6 +48,64 @@ from proxy import (  # bench/proxy.py: the upstream, the load generator, the gat
     start_upstream,
     wait_port,
 )
+
+# Run in a checkout under ``--writes``: the CPU of SqliteBackend.write_finished per response.
+WRITES = """
+import os, sys, tempfile, time, secrets
+import trio
+from onwards_trio._loop.steps import ChainStep, ResponseRecord, ResponseStatus, StepKind, StepState
+from onwards_trio._stores import memory
+from onwards_trio._stores.base import FinishedResponse, StoredResponse
+from onwards_trio._stores.sqlite import SqliteBackend
+k, n, prefill = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+new_id = getattr(memory, "new_response_id", lambda: "resp_" + secrets.token_hex(24))
+text = [{"type": "text", "text": "hello " * 20}]
+chat = {"model": "bench", "messages": [{"role": "user", "content": text}]}
+answer = "ok " * 40
+completion = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "bench",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 20, "completion_tokens": 40, "total_tokens": 60}}
+def finished():
+    rid, sid = new_id(), memory.new_step_id()
+    output = [{"type": "message", "id": "msg_" + sid, "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": answer, "annotations": [],
+                                              "logprobs": []}], "phase": "final_answer"}]
+    response = {"id": rid, "object": "response", "created_at": 1, "model": "bench",
+                "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
+                "output": output, "usage": {"input_tokens": 10, "output_tokens": 40,
+                "total_tokens": 50, "input_tokens_details": {"cached_tokens": 0,
+                "cache_write_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}},
+                "error": None, "incomplete_details": None, "background": False,
+                "completed_at": 1, "instructions": None, "max_output_tokens": None,
+                "max_tool_calls": None, "previous_response_id": None,
+                "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
+                "store": True, "temperature": 1.0, "text": {"format": {"type": "text"}},
+                "top_logprobs": 0, "top_p": 1.0, "truncation": "disabled", "user": None,
+                "metadata": {}, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "safety_identifier": None, "prompt_cache_key": None, "status": "completed"}
+    items = [{"type": "message", "role": "user", "id": "msg_" + secrets.token_hex(16),
+              "content": [{"type": "input_text", "text": "hello " * 20}], "status": "completed"}]
+    step = ChainStep(sid, StepKind.MODEL_CALL, StepState.COMPLETED, 1, None, None, chat, completion)
+    return FinishedResponse(StoredResponse(rid, response, items), True,
+                            [ResponseRecord(rid, ResponseStatus.COMPLETED, chat, dict(response))],
+                            [(rid, step)])
+async def main():
+    backend = SqliteBackend(os.path.join(tempfile.mkdtemp(), "w.sqlite3"))
+    for _ in range(prefill // 128):  # a store in use: its indexes span many pages
+        async with trio.open_nursery() as nursery:
+            for f in [finished() for _ in range(128)]:
+                nursery.start_soon(backend.write_finished, f)
+    todo = [[finished() for _ in range(k)] for _ in range(n // k)]
+    cpu, own = time.process_time(), time.thread_time()
+    for batch in todo:
+        async with trio.open_nursery() as nursery:
+            for f in batch:
+                nursery.start_soon(backend.write_finished, f)
+    print((time.process_time() - cpu) / n * 1e6, (time.thread_time() - own) / n * 1e6)
+    await backend.aclose()
+trio.run(main)
+"""
 
 # Run as the gateway under ``--calls``: cProfile on at SIGUSR1, stats dumped at SIGUSR2.
 PROFILED_GATEWAY = """
@@ -116,6 +180,30 @@ def count_calls(source: str | None, upstream: str, workdir: str, n: int) -> dict
     return out
 
 
+def count_writes(sources: list[tuple[str, str | None]], k: int, rounds: int) -> None:
+    """CPU µs per finished response through ``write_finished`` in each checkout, the
+    checkouts interleaved round by round; medians and the after / before ratio."""
+    got: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in sources}
+    for _ in range(rounds):
+        for name, source in sources:
+            root = os.path.abspath(source) if source else str(Path(__file__).resolve().parents[1])
+            out = subprocess.run(
+                [sys.executable, "-c", WRITES, str(k), str(k * 400), "20000"],
+                env={**os.environ, "PYTHONPATH": root},
+                capture_output=True,
+                check=True,
+                text=True,
+            ).stdout.split()
+            got[name].append((float(out[0]), float(out[1])))
+    for name, runs in got.items():
+        total = statistics.median(r[0] for r in runs)
+        trio_thread = statistics.median(r[1] for r in runs)
+        print(f"{name}: {total:.0f} µs CPU per write, {trio_thread:.0f} in the Trio thread")
+    if len(got) == 2:
+        per = sorted(a[0] / b[0] for a, b in zip(got["after"], got["before"], strict=True))
+        print(f"after / before, CPU per write: {statistics.median(per):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=6)
@@ -123,7 +211,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--before", help="a checkout of the code to compare with")
     parser.add_argument("--calls", type=int, help="count function calls over N responses")
+    parser.add_argument("--writes", type=int, help="time the write alone, K at a time")
     args = parser.parse_args()
+    if args.writes:
+        sources_w: list[tuple[str, str | None]] = [("after", None)]
+        if args.before:
+            sources_w.append(("before", args.before))
+        print(f"load average before: {load_average()}")
+        count_writes(sources_w, args.writes, args.rounds)
+        print(f"load average after: {load_average()}")
+        return
 
     upstream_proc, up_port = start_upstream()
     procs = [upstream_proc]
