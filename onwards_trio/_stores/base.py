@@ -84,6 +84,16 @@ def response_row(record: StoredResponse, response_json: bytes | None = None) -> 
     )
 
 
+def finished_response_text(finished: FinishedResponse) -> tuple[tuple[Any, ...] | None, str]:
+    """A finished response's ``oresp_responses`` row when it is new (else None) and its
+    Response object as JSON text, encoded once (the answer's bytes when it carries them)."""
+    encoded = finished.response_json
+    if finished.new:
+        row = response_row(finished.record, encoded)
+        return row, row[2]
+    return None, (encoded or orjson.dumps(finished.record.response)).decode()
+
+
 def step_row(
     request_id: str, step: ChainStep, dump: Callable[[Any], str | None]
 ) -> tuple[Any, ...]:

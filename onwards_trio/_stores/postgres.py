@@ -69,6 +69,7 @@ from onwards_trio._stores.base import (
     StoredEvent,
     StoredResponse,
     claim_of,
+    finished_response_text,
     idempotency_record,
     response_row,
     statuses_before,
@@ -783,12 +784,7 @@ class PostgresBackend(StoreBackend):
         response rows, their sequence counters and their steps in one transaction (the
         statements pipelined: one round trip per ``executemany``)."""
         record = finished.record
-        encoded = finished.response_json
-        row = response_row(record, encoded) if finished.new else None
-        if row is not None:
-            data = row[2]
-        else:
-            data = (encoded or orjson.dumps(record.response)).decode()
+        row, data = finished_response_text(finished)
         responses = [
             (r.id, r.status.value, _dump(r.request), _dump(r.output))
             for r in finished.loop_responses

@@ -48,6 +48,7 @@ from onwards_trio._stores.base import (
     StoredEvent,
     StoredResponse,
     claim_of,
+    finished_response_text,
     idempotency_record,
     response_row,
     statuses_before,
@@ -802,12 +803,7 @@ class SqliteBackend(StoreBackend):
         of a group commit). A new response's rows are inserted together with those of the
         other new responses in its batch (:meth:`SqliteFile.insert`)."""
         record = finished.record
-        encoded = finished.response_json
-        row = response_row(record, encoded) if finished.new else None
-        if row is not None:
-            data = row[2]
-        else:
-            data = (encoded or orjson.dumps(record.response)).decode()
+        row, data = finished_response_text(finished)
         now = time.time()
         dump = _dumps_once()
         responses = [

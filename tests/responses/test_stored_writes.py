@@ -76,15 +76,19 @@ async def test_an_answer_whose_final_state_cannot_be_stored_is_an_error(
     assert "Hello" not in r.text
 
 
-async def test_the_answer_is_the_stored_response_object_byte_for_byte(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
-    path = tmp_path / "r.sqlite3"
-    _, _, gw_url = await start(
+async def start_on_sqlite(nursery: trio.Nursery, path: Path) -> Any:
+    return await start(
         nursery,
         FakeUpstream(lambda rec: text_reply(rec)),
         store={"kind": "sqlite", "path": str(path)},
     )
+
+
+async def test_the_answer_is_the_stored_response_object_byte_for_byte(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    path = tmp_path / "r.sqlite3"
+    _, _, gw_url = await start_on_sqlite(nursery, path)
     async with httpx.AsyncClient(timeout=15) as http:
         r = await http.post(gw_url + "/v1/responses", json={"model": "m", "input": "hi"})
     assert r.status_code == 200
@@ -100,11 +104,7 @@ async def test_response_and_step_ids_begin_with_their_creation_time(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     path = tmp_path / "r.sqlite3"
-    _, client, _ = await start(
-        nursery,
-        FakeUpstream(lambda rec: text_reply(rec)),
-        store={"kind": "sqlite", "path": str(path)},
-    )
+    _, client, _ = await start_on_sqlite(nursery, path)
     ids = []
     for _ in range(3):
         before = time.time_ns() // 1_000_000
