@@ -420,7 +420,6 @@ class Admission:
     provider_refused: Literal["rate", "tokens"] | None = None
     provider_wait: float | None = None
     provider_tokens: TokenReservation | SharedTokenReservation | None = None
-    provider_left: float = 0.0
 
 
 class SharedLimits:
@@ -680,7 +679,6 @@ class SharedLimits:
             provider_refused="rate" if p_status == 1 else "tokens" if p_status == 3 else None,
             provider_wait=float(reply[n + nb + 2]) if p_status else None,
             provider_tokens=p_held,
-            provider_left=float(reply[n + nb + 3]),
             permit=SharedPermit(self, leases) if leases else None,
             tokens=[
                 SharedTokenReservation(self, key, limit, float(min(max(estimate, 0), limit.limit)))
@@ -864,4 +862,4 @@ def _locally(
     got = p_tokens.reserve(estimate)
     if not isinstance(got, TokenReservation):
         return attrs.evolve(admitted, provider_refused="tokens", provider_wait=got)
-    return attrs.evolve(admitted, provider_tokens=got, provider_left=p_tokens.level)
+    return attrs.evolve(admitted, provider_tokens=got)

@@ -26,7 +26,7 @@ from onwards_trio._config import SharedLimitsSpec
 from onwards_trio._proxy.auth import key_id
 from onwards_trio._proxy.budgets import Budget
 from onwards_trio._proxy.limits import ConcurrencyLimit, TokenBucket, TokenLimit
-from onwards_trio._proxy.shared_limits import SharedLimits, key_scope, pool_scope
+from onwards_trio._proxy.shared_limits import SharedLimits, key_scope, pool_scope, provider_scope
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
 
 REDIS_URL = os.environ.get("ONWARDS_TEST_REDIS_URL")
@@ -602,6 +602,10 @@ async def hammer(clients: list[httpx.AsyncClient], per_caller: int, **extra: Any
     return statuses
 
 
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
 def budget_config(prefix: str, url: str, budget: dict[str, Any], **pool: Any) -> dict[str, Any]:
     return {
         "shared_limits": shared_config(prefix),
@@ -626,6 +630,163 @@ async def test_two_gateways_never_exceed_a_shared_budget(
     assert statuses.count(200) == len(up.requests) and 402 in statuses
     assert spent <= 2 + 1e-9  # one replica alone would have allowed 2, together 4
     assert spent >= 1.7  # settlement gave the over-estimates back (estimates alone: ~1.6)
+
+
+@needs_redis
+async def test_each_keys_shared_budget_is_its_own(nursery: trio.Nursery, prefix: str) -> None:
+    """Key a spends its budget; key b, with a budget of its own, is still served."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 100}  # each answer costs 0.1
+    url = await serve_app(nursery, FakeUpstream(Reply(body=chat_completion(usage=usage))))
+    config = budget_config(prefix, url, {"amount": 0.15, "window": "day"})
+    config["auth"]["key_definitions"]["b"] = {**config["auth"]["key_definitions"]["a"]}
+    config["auth"]["key_definitions"]["b"]["key"] = "sk-b"
+    _, gateway_url = await start_gateway(nursery, config)
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as client:
+        codes = [
+            (await client.post(CHAT, json=body(max_tokens=100), headers=auth(key))).status_code
+            for key in ("sk-a", "sk-a", "sk-b")
+        ]
+    assert codes == [200, 402, 200]
+
+
+@needs_redis
+async def test_a_shared_total_budget_keeps_what_was_spent(
+    nursery: trio.Nursery, prefix: str, redis: Any
+) -> None:
+    """A ``total`` budget never starts again: its Redis counter has no expiry."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 100}
+    url = await serve_app(nursery, FakeUpstream(Reply(body=chat_completion(usage=usage))))
+    config = budget_config(prefix, url, {"amount": 0.15, "window": "total"})
+    _, gateway_url = await start_gateway(nursery, config)
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as client:
+        codes = [
+            (await client.post(CHAT, json=body(max_tokens=100), headers=auth("sk-a"))).status_code
+            for _ in range(2)
+        ]
+    assert codes == [200, 402]
+    [counter] = await redis.keys(f"{prefix}:budget:*")
+    assert await redis.pttl(counter) == -1  # no expiry
+
+
+@needs_redis
+async def test_a_shared_budgets_counter_lives_a_day_past_its_window(
+    nursery: trio.Nursery, prefix: str, redis: Any
+) -> None:
+    """Late settlements still find the counter: it expires a day after the month ends."""
+    url = await serve_app(nursery, FakeUpstream())
+    config = budget_config(prefix, url, {"amount": 10, "window": "month"})
+    _, gateway_url = await start_gateway(nursery, config)
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as client:
+        r = await client.post(CHAT, json=body(max_tokens=100), headers=auth("sk-a"))
+    assert r.status_code == 200
+    _, reset = Budget(10, "month").current()
+    assert reset is not None
+    [counter] = await redis.keys(f"{prefix}:budget:*")
+    assert abs(await redis.pttl(counter) - (reset * 1000 + 86_400_000)) < 5000
+
+
+@needs_redis
+async def test_a_zero_estimate_reserves_no_shared_tokens(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    """A prompt the token counter counts as 0 that asks for no output holds nothing."""
+    config = {
+        "shared_limits": shared_config(prefix),
+        "token_counter": "tests.proxy.test_token_counter_results:zero",
+        "targets": {
+            "m": {
+                "providers": [{"url": await serve_app(nursery, FakeUpstream())}],
+                "token_limit": {"tokens": 1000, "window_secs": 1e9},
+            }
+        },
+    }
+    _, url = await start_gateway(nursery, config)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        r = await client.post(CHAT, json=body(max_tokens=0))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ratelimit-remaining-tokens"] == "1000"
+
+
+@needs_redis
+async def test_a_free_model_is_served_from_a_shared_budget_of_zero(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    url = await serve_app(nursery, FakeUpstream())
+    config = budget_config(prefix, url, {"amount": 0, "window": "day"})
+    config["targets"]["m"]["pricing"] = {"input": 0, "output": 0}
+    _, gateway_url = await start_gateway(nursery, config)
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as client:
+        r = await client.post(CHAT, json=body(max_tokens=100), headers=auth("sk-a"))
+    assert r.status_code == 200, r.text
+
+
+@needs_redis
+async def test_redis_keys_are_the_documented_ones(
+    nursery: trio.Nursery, prefix: str, redis: Any
+) -> None:
+    """docs/shared-limits.md and docs/governance.md name each limit's Redis key; operators
+    read them. Seen while a request holds its slots."""
+    rate = {"requests_per_second": 100, "burst_size": 100}
+    tokens = {"tokens": 100_000, "window_secs": 1e9}
+    slots = {"max_concurrent_requests": 5}
+    limits = {"rate_limit": rate, "token_limit": tokens, "concurrency_limit": slots}
+    up = FakeUpstream(slow_stream())
+    config = budget_config(prefix, await serve_app(nursery, up), {"amount": 10, "window": "day"})
+    config["auth"]["key_definitions"]["a"] |= limits
+    config["targets"]["m"] |= limits
+    config["targets"]["m"]["providers"][0] |= limits
+    _, url = await start_gateway(nursery, config)
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+        client.stream("POST", CHAT, json=body(stream=True), headers=auth("sk-a")) as held,
+    ):
+        assert held.status_code == 200
+        keys = {k async for k in redis.scan_iter(match=f"{prefix}:*")}
+        await held.aread()
+    key = key_scope(key_id("sk-a"))
+    window, _ = Budget(10, "day").current()
+    scopes = [pool_scope("m"), provider_scope("m", 0), key]
+    expected = {
+        f"{prefix}:{kind}:{scope}" for kind in ("rate", "tokens", "conc") for scope in scopes
+    }
+    assert keys == expected | {f"{prefix}:budget:{key}:{window}"}
+
+
+@needs_redis
+@pytest.mark.parametrize("tiny", ["key", "label"])
+async def test_the_shared_budget_that_refuses_is_the_one_named(
+    nursery: trio.Nursery, prefix: str, tiny: str
+) -> None:
+    """A key's own budget and its label's: the one too small refuses, and the 402 gives its
+    amount, not the other's."""
+    url = await serve_app(nursery, FakeUpstream())
+    roomy, small = {"amount": 10, "window": "day"}, {"amount": 0.001, "window": "day"}
+    config = budget_config(prefix, url, small if tiny == "key" else roomy)
+    config["auth"]["key_definitions"]["a"]["labels"] = {"team": "red"}
+    label_budget = roomy if tiny == "key" else small
+    config["auth"]["label_budgets"] = [{**label_budget, "match_labels": {"team": "red"}}]
+    _, gateway_url = await start_gateway(nursery, config)
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as client:
+        r = await client.post(CHAT, json=body(), headers=auth("sk-a"))
+    assert r.status_code == 402
+    assert r.headers["x-budget-limit"] == "0.001"
+
+
+@needs_redis
+async def test_a_providers_refusal_beside_a_budget_says_when_to_retry(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    """The key's budget and the provider's rate limit go to Redis in one call; the provider
+    allows one request per 1000 s, so the second is refused with a long Retry-After."""
+    url = await serve_app(nursery, FakeUpstream())
+    config = budget_config(prefix, url, {"amount": 10, "window": "day"})
+    once = {"requests_per_second": 0.001, "burst_size": 1}
+    config["targets"]["m"]["providers"][0]["rate_limit"] = once
+    _, gateway_url = await start_gateway(nursery, config)
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as client:
+        answers = [await client.post(CHAT, json=body(), headers=auth("sk-a")) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 429]
+    assert 100 < int(answers[1].headers["retry-after"]) <= 1000  # the provider's wait
 
 
 @needs_redis

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from tests.ops.test_metrics_http import body, gateway, sample, scrape, settle
-from tests.ops.test_rejection_metrics import LIMITS_AND_SCOPES
+from tests.ops.test_rejection_metrics import LIMITS_AND_SCOPES, TINY_BUDGET
 from tests.ops.test_rejection_metrics import config as limit_config
 from tests.proxy.test_limits_redis import (
     _COREDIS_LEAK,
@@ -96,3 +96,41 @@ async def test_a_providers_token_limit_is_settled_by_the_usage(nursery: trio.Nur
         ]
     assert codes == [200, 429]
     assert len(up.requests) == 1
+
+
+async def test_a_keys_token_limit_gets_back_what_the_answer_did_not_use(
+    nursery: trio.Nursery,
+) -> None:
+    """Each request holds its estimate (~1000 tokens) of the key's 1500; the first answer used
+    10, so the rest of its estimate is given back and the second request fits."""
+    spec = limit_config(await serve_app(nursery, FakeUpstream(usage_reply(5, 5))), "tokens", "key")
+    spec["auth"]["key_definitions"]["a"]["token_limit"] = {"tokens": 1500, "window_secs": 1e9}
+    spec["shared_limits"] = await unreachable()
+    _, url = await start_gateway(nursery, spec)
+    request = {**body("m"), "max_tokens": 1000}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        codes = [
+            (await client.post("/v1/chat/completions", json=request, headers=HEADERS)).status_code
+            for _ in range(2)
+        ]
+    assert codes == [200, 200]
+
+
+@pytest.mark.parametrize("tiny", ["key", "label"])
+async def test_the_budget_that_refuses_is_the_one_named(nursery: trio.Nursery, tiny: str) -> None:
+    """A key with its own budget and a label's budget: the one too small to hold the estimate
+    refuses, and the 402's headers and the metric name it, not the other."""
+    spec = limit_config(await serve_app(nursery, FakeUpstream()), "budget", "label")
+    roomy = {"amount": 10, "window": "day"}
+    spec["auth"]["key_definitions"]["a"]["budget"] = TINY_BUDGET if tiny == "key" else roomy
+    spec["auth"]["label_budgets"][0].update(roomy if tiny == "key" else TINY_BUDGET)
+    spec["shared_limits"] = await unreachable()
+    client, scraper, metrics = await gateway(nursery, spec.pop("targets"), **spec)
+    async with client, scraper:
+        r = await client.post("/v1/chat/completions", json=body("m"), headers=HEADERS)
+        labels = {"alias": "m", "limit": "budget", "scope": tiny}
+        await settle(metrics, "onwards_limit_rejections_total", labels, 1)
+        scraped = await scrape(scraper)
+    assert r.status_code == 402
+    assert r.headers["x-budget-limit"] == "0.001"
+    assert sample(scraped, "onwards_limit_rejections_total", **labels) == 1
