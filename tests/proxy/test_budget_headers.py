@@ -50,3 +50,15 @@ async def test_a_total_budget_has_no_reset(nursery: trio.Nursery) -> None:
     r = await post(url, max_tokens=100)
     assert r.status_code == 200
     assert "x-budget-remaining" in r.headers and "x-budget-reset" not in r.headers
+
+
+async def test_an_answer_under_a_token_limit_and_a_budget_has_both_headers(
+    nursery: trio.Nursery,
+) -> None:
+    up = FakeUpstream(usage_reply(100, 100))
+    pool = {"token_limit": {"tokens": 100_000, "window_secs": 1e9}}
+    _, url = await gateway(nursery, up, {"amount": 10, "window": "day"}, pool=pool)
+    r = await post(url, max_tokens=100)
+    assert r.status_code == 200
+    assert r.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert r.headers["x-budget-limit"] == "10"

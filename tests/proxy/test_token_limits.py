@@ -283,3 +283,15 @@ async def test_a_provider_token_limit_is_settled_with_the_usage(nursery: trio.Nu
     assert codes == [200] * 5
     limit = gw.targets.table.pools["m"].providers[0].tokens
     assert limit is not None and limit.remaining == 300 - 5 * 20
+
+
+async def test_the_token_headers_say_when_the_limit_is_full_again(nursery: trio.Nursery) -> None:
+    """``x-ratelimit-reset-tokens``: the seconds until what is missing refills (at 5 a second
+    here), after the request's own reservation."""
+    client = await gateway(nursery, FakeUpstream(), {"tokens": 3000, "window_secs": 600})
+    async with client:
+        r = await client.post(CHAT, json=chat(max_tokens=1000))
+    assert r.status_code == 200
+    missing = 3000 - int(r.headers["x-ratelimit-remaining-tokens"])  # ~1000 held
+    assert 1000 <= missing < 1100
+    assert abs(float(r.headers["x-ratelimit-reset-tokens"].removesuffix("s")) - missing / 5) < 1
