@@ -359,6 +359,30 @@ async def test_provider_concurrency_is_shared_and_a_full_provider_is_skipped(
 
 
 @needs_redis
+async def test_past_a_full_provider_priority_still_picks_in_order(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    """The first of three providers is full across replicas: every request replica B sends
+    goes to the second, as ``priority`` says, never to the third."""
+    busy, second, third = FakeUpstream(slow_stream(3.0)), FakeUpstream(), FakeUpstream()
+    first = {
+        "url": await serve_app(nursery, busy),
+        "concurrency_limit": {"max_concurrent_requests": 1},
+    }
+    others = [{"url": await serve_app(nursery, up)} for up in (second, third)]
+    config = {
+        "shared_limits": shared_config(prefix),
+        "targets": {"m": {"strategy": "priority", "providers": [first, *others]}},
+    }
+    a, b = await replicas(nursery, config)
+    async with a, b, a.stream("POST", CHAT, json=body()) as held:
+        codes = [(await b.post(CHAT, json=body())).status_code for _ in range(8)]
+        await held.aread()
+    assert codes == [200] * 8
+    assert (len(second.requests), len(third.requests)) == (8, 0)
+
+
+@needs_redis
 async def test_a_full_provider_without_alternatives_answers_429(
     nursery: trio.Nursery, prefix: str
 ) -> None:
