@@ -203,3 +203,23 @@ async def test_a_key_concurrency_refusal_behind_pool_limits_is_counted_as_the_ke
         scraped = await scrape(scraper)
     assert sample(scraped, "onwards_limit_rejections_total", **labels) == 1
     assert sample(scraped, "onwards_limit_rejections_total", **{**labels, "scope": "pool"}) == 0
+
+
+async def test_a_keys_rate_refusal_beside_a_token_limit_is_counted(nursery: trio.Nursery) -> None:
+    """In process, a request that reserves tokens still passes its key's rate and concurrency
+    limits first: the second request is refused by the key's rate limit, counted so."""
+    spec = config(await serve_app(nursery, FakeUpstream()), "rate", "key")
+    spec["auth"]["key_definitions"]["a"]["concurrency_limit"] = {"max_concurrent_requests": 5}
+    spec["targets"]["m"]["token_limit"] = {"tokens": 100_000, "window_secs": 1e9}
+    client, scraper, metrics = await gateway(nursery, spec.pop("targets"), **spec)
+    headers = {"authorization": "Bearer sk-a"}
+    async with client, scraper:
+        codes = [
+            (await client.post("/v1/chat/completions", json=body("m"), headers=headers)).status_code
+            for _ in range(2)
+        ]
+        labels = {"alias": "m", "limit": "rate", "scope": "key"}
+        await settle(metrics, "onwards_limit_rejections_total", labels, 1)
+        scraped = await scrape(scraper)
+    assert codes == [200, 429]
+    assert sample(scraped, "onwards_limit_rejections_total", **labels) == 1

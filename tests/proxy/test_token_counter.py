@@ -78,3 +78,21 @@ def test_a_counter_that_cannot_be_imported_is_a_config_error() -> None:
 def test_a_counter_that_is_not_callable_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"test_token_counter:HERE. is not callable"):
         parse_config({"targets": {}, "token_counter": f"{HERE}:HERE"})
+
+
+async def test_a_prompt_is_counted_once_for_the_pool_and_its_provider(
+    nursery: trio.Nursery,
+) -> None:
+    """The pool's and the chosen provider's token limits both need the prompt's size; an
+    exact counter (which may be slow) runs once for both."""
+    counted_in.clear()
+    provider = {"url": await serve_app(nursery, FakeUpstream()), "token_limit": NO_REFILL}
+    pool = {"providers": [provider], "token_limit": NO_REFILL}
+    config = {"targets": {"m": pool}, "token_counter": f"{HERE}:seven"}
+    _, url = await start_gateway(nursery, config)
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as client:
+        answer = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=10
+        )
+    assert answer.headers["x-ratelimit-remaining-tokens"] == str(100_000 - 7 - 10)
+    assert len(counted_in) == 1
