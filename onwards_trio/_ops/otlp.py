@@ -4,7 +4,7 @@ Why not the SDK's exporter: it builds a protobuf message object for every span, 
 value and then serialises them, 53-120 µs per span here; at 100 % sampling that was more CPU
 than proxying the request (docs/benchmarks.md, "Tracing"). The wire format of
 ``ExportTraceServiceRequest`` is small and stable, and our spans use a fixed part of it, so a
-span is encoded once, by the export task, into a few hundred bytes (a few µs): ids as raw bytes,
+span is encoded once, when it ends, into a few hundred bytes (a few µs): ids as raw bytes,
 times as fixed64, attributes appended as ``KeyValue`` fields. The resource and the scope are
 encoded once and reused for every batch. ``tests/ops/test_otlp.py`` checks that what we write
 decodes (with ``opentelemetry-proto``) to the message the SDK's encoder makes of the same
@@ -45,10 +45,12 @@ __all__ = [
     "Exporter",
     "TracesRequest",
     "encode_frame",
+    "encode_known",
     "encode_span",
     "export_settings",
     "float_attribute",
     "int_attribute",
+    "known_parts",
     "name_and_kind",
     "span_attributes",
 ]
@@ -286,6 +288,81 @@ def encode_frame(
     else:
         length = _varint(size)
     return b"".join((b"\x12", length, ids, head, times, attributes, links, tail))
+
+
+# ScopeSpans.spans (2) with a two-byte length, Span.trace_id (1), .span_id (2)
+# [, .parent_span_id (4)]
+# (each field's tag and length byte packed as one "H")
+_lead = struct.Struct(">BBBHQQHQ").pack
+_lead_parent = struct.Struct(">BBBHQQHQHQ").pack
+# A span's repeated parts, for encode_known: name/kind, attributes + status + flags, the size
+# of both plus the times, and what encode_frame needs of them when a span takes the long way.
+KnownParts = tuple[bytes, bytes, int, bytes, bool, bool]
+
+
+def known_parts(head: bytes, attributes: bytes, error: bool, parent_remote: bool) -> KnownParts:
+    """The parts of a span that repeat across requests, prepared once for :func:`encode_known`:
+    ``head`` from :func:`name_and_kind`, ``attributes`` from :func:`span_attributes`."""
+    rest = attributes + _TAILS[error][parent_remote]
+    return head, rest, len(head) + len(rest) + _TIMES_SIZE, attributes, error, parent_remote
+
+
+def encode_known(
+    trace_id: int,
+    span_id: int,
+    trace_state: str,
+    parent_id: int,
+    start: int,
+    end: int,
+    parts: KnownParts,
+    extra: bytes,
+) -> bytes:
+    """:func:`encode_frame` of a span whose repeated parts are prepared (:func:`known_parts`),
+    with ``extra`` attributes (usage, timings) *before* the prepared ones: the server and
+    client spans of every request, so the common case is two packs and one join. A trace
+    state, a missing time or an unusual size takes :func:`encode_frame`; the bytes are the
+    same either way."""
+    head, rest, size, attributes, error, parent_remote = parts
+    size += len(extra) + (38 if parent_id else 28)  # the id fields (with a parent's: 10 more)
+    if trace_state or not (127 < size < 16384 and start and end):
+        return encode_frame(
+            trace_id,
+            span_id,
+            trace_state,
+            parent_id,
+            parent_remote,
+            head,
+            start,
+            end,
+            extra + attributes,
+            b"",
+            error,
+        )
+    if parent_id:
+        lead = _lead_parent(
+            0x12,
+            size & 127 | 128,
+            size >> 7,
+            0x0A10,
+            trace_id >> 64,
+            trace_id & _M64,
+            0x1208,
+            span_id,
+            0x2208,
+            parent_id,
+        )
+    else:
+        lead = _lead(
+            0x12,
+            size & 127 | 128,
+            size >> 7,
+            0x0A10,
+            trace_id >> 64,
+            trace_id & _M64,
+            0x1208,
+            span_id,
+        )
+    return b"".join((lead, head, _times(0x39, start, 0x41, end), extra, rest))
 
 
 def encode_span(

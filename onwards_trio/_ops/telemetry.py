@@ -53,8 +53,11 @@ def current_telemetry() -> Telemetry | None:
 
 
 def activate(telemetry: Telemetry | None) -> None:
-    """Make ``telemetry`` current for this task and the tasks it starts."""
-    _current.set(telemetry)
+    """Make ``telemetry`` current for this task and the tasks it starts (a look before the
+    set: a connection's requests run in one task, and setting a context variable copies the
+    context's mapping)."""
+    if _current.get() is not telemetry:
+        _current.set(telemetry)
 
 
 def _flag(environ: Mapping[str, str], name: str) -> str:

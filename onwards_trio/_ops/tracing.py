@@ -32,10 +32,12 @@ nothing. The SDK's ``Tracer``/``Span`` cost tens of µs per span on the request'
 OTLP encoder 53-120 µs more, and even the OpenTelemetry API's context attach/detach and the
 SDK sampler's call cost a few µs each per request (docs/benchmarks.md, "Tracing"). So:
 
-* A span is a slotted object holding raw values; ending it appends the object to the export
-  queue. Nothing is encoded on the request's path: the export task encodes a batch at a time
-  (``otlp.py``), and the parts a request's spans repeat (name, method, route, status, alias,
-  key label, provider, model, attempt) are encoded once per distinct combination.
+* A span is a slotted object holding raw values while it runs. When it ends it is encoded
+  (``otlp.py``) and its bytes go to the export queue: a span object waiting seconds for its
+  batch would survive young collections and be promoted, which at 100 % sampling doubled the
+  collector's work. The parts a request's spans repeat (name, method, route, status, alias,
+  key label, provider, model, attempt, with the status and flags fields) are encoded once per
+  distinct combination, so ending a span is mostly two ``struct`` packs and a join.
 * The request's server span and its client spans are tracked in a context variable of our own
   (the pipeline finds its parent there), not in OpenTelemetry's context. Loop spans are *also*
   made current in OpenTelemetry's context (as non-recording spans), so code that uses the
@@ -47,14 +49,16 @@ SDK sampler's call cost a few µs each per request (docs/benchmarks.md, "Tracing
   bits against a bound), without calling it; any other sampler is called as the SDK would.
   The sampler decides once per trace, at its root or under a remote parent; children follow.
 * An incoming ``traceparent`` is parsed with the W3C propagator's own pattern and rules; a
-  ``tracestate`` by the SDK's parser. Ids are drawn as the SDK's ``RandomIdGenerator`` draws
-  them (the global generator, reseeded after a fork).
+  ``tracestate`` by the SDK's parser. Ids are random bits of the global generator, as the
+  SDK's ``RandomIdGenerator`` draws them (reseeded after a fork); a request's trace id and its
+  server span's id come from one draw.
 
 Export is Trio-correct: the bounded queue is filled on the request path (full: the span is
-dropped and counted); :meth:`Telemetry.run`, a task in the gateway's service nursery, encodes a
-batch into one ``ExportTraceServiceRequest`` and POSTs it over the gateway's HTTP client (one
-export at a time, retries bounded by the export timeout). A collector that is down or slow
-therefore costs requests nothing beyond the span bookkeeping: spans queue, then drop.
+dropped and counted, and not encoded); :meth:`Telemetry.run`, a task in the gateway's service
+nursery, wraps a batch into one ``ExportTraceServiceRequest`` and POSTs it over the gateway's
+HTTP client (one export at a time, retries bounded by the export timeout). A collector that
+is down or slow therefore costs requests nothing beyond the span bookkeeping: spans queue,
+then drop.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ import collections
 import logging
 import random
 import re
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -96,11 +101,13 @@ from onwards_trio._ops.otlp import (
     KIND_INTERNAL,
     KIND_SERVER,
     Exporter,
+    KnownParts,
     TracesRequest,
-    encode_frame,
+    encode_known,
     encode_span,
     float_attribute,
     int_attribute,
+    known_parts,
     name_and_kind,
     span_attributes,
 )
@@ -146,6 +153,10 @@ _Link = tuple[int, int, bool]
 _Remote = tuple[int, int, bool, str]
 # Ids as the SDK's RandomIdGenerator makes them (the global generator, reseeded after a fork).
 _bits: Final = random.getrandbits
+_new: Final = object.__new__
+# gen_ai.response.time_to_first_chunk: the field's head; the double follows.
+_FIRST_CHUNK: Final = float_attribute("gen_ai.response.time_to_first_chunk", 0.0)[:-8]
+_double: Final = struct.Struct("<d").pack
 
 
 class _Span:
@@ -171,10 +182,16 @@ class _Span:
     stop: int
 
     def __init__(
-        self, trace_id: int, parent_id: int, parent_remote: bool, sampled: bool, state: str
+        self,
+        trace_id: int,
+        span_id: int,
+        parent_id: int,
+        parent_remote: bool,
+        sampled: bool,
+        state: str,
     ) -> None:
         self.trace_id = trace_id
-        self.span_id = _bits(64) or _bits(64) or 1
+        self.span_id = span_id
         self.parent_id = parent_id
         self.parent_remote = parent_remote
         self.sampled = sampled
@@ -183,41 +200,22 @@ class _Span:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.trace_id:032x}, {self.span_id:016x})"
 
-    def encode(self) -> bytes:
-        """The span as OTLP protobuf (:func:`~onwards_trio._ops.otlp.encode_frame`), for the
-        export task."""
-        raise NotImplementedError
-
     def traceparent(self) -> str:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
-    def _frame(self, head: bytes, attributes: bytes, error: bool) -> bytes:
-        """This span's ids and times around its encoded name/kind (``head``) and attributes."""
-        return encode_frame(
-            self.trace_id,
-            self.span_id,
-            self.state,
-            self.parent_id,
-            self.parent_remote,
-            head,
-            self.start,
-            self.stop,
-            attributes,
-            b"",
-            error,
-        )
+
+def _new_id() -> int:
+    return _bits(64) or _bits(64) or 1
 
 
-def _cached(
-    cache: dict[Any, tuple[bytes, bytes]], key: Any, build: Callable[..., tuple[bytes, bytes]]
-) -> tuple[bytes, bytes]:
-    """The encoded repeated parts of a span for ``key`` (built once per combination, kept
-    while the cache has room: client-chosen aliases cannot grow it without bound)."""
-    parts = cache.get(key)
-    if parts is None:
-        parts = build(*key)
-        if len(cache) < _CACHED:
-            cache[key] = parts
+def _built(cache: dict[Any, KnownParts], key: Any, build: Callable[..., KnownParts]) -> KnownParts:
+    """The encoded repeated parts of a span for ``key``, built on a cache miss and kept (the
+    cache starts over when full: client-chosen aliases cannot grow it without bound, and
+    providers replaced by a reload do not stay in it for good)."""
+    parts = build(*key)
+    if len(cache) >= _CACHED:
+        cache.clear()
+    cache[key] = parts
     return parts
 
 
@@ -227,67 +225,50 @@ _active: ContextVar[_Span | None] = ContextVar("onwards_trio_span", default=None
 _origin: ContextVar[_Link | None] = ContextVar("onwards_trio_trace_origin", default=None)
 
 
-_last_usage: list[Any] = [None, b""]  # the last usage encoded: a request's spans share it
+# The last usage encoded (a request's spans share it), and encoded token counts by value: a
+# bounded table each, for the counts under 16384 (most of them).
+_last_usage: tuple[Any, bytes] = (None, b"")
+_COUNTS: Final = 16384
+_input_fields: dict[int, bytes] = {}
+_output_fields: dict[int, bytes] = {}
+
+
+def _count_field(cache: dict[int, bytes], key: str, value: int) -> bytes:
+    field = int_attribute(key, value)
+    if 0 <= value < _COUNTS:
+        cache[value] = field
+    return field
 
 
 def _usage_fields(usage: Any) -> bytes:
-    if usage is _last_usage[0]:
-        encoded: bytes = _last_usage[1]
-        return encoded
-    out = int_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
-    out += int_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+    global _last_usage
+    last = _last_usage
+    if usage is last[0]:
+        return last[1]
+    n = usage.input_tokens
+    out = _input_fields.get(n) or _count_field(_input_fields, "gen_ai.usage.input_tokens", n)
+    n = usage.output_tokens
+    out += _output_fields.get(n) or _count_field(_output_fields, "gen_ai.usage.output_tokens", n)
     if usage.cached_tokens:
         out += int_attribute("gen_ai.usage.cache_read.input_tokens", usage.cached_tokens)
     if usage.reasoning_tokens:
         out += int_attribute("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens)
-    _last_usage[:] = [usage, out]
+    _last_usage = (usage, out)  # one store: a span ending on another thread sees a pair
     return out
 
 
 # Encoded name, kind and repeated attributes of server and client spans, by their values.
-_request_parts: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
-_attempt_parts: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+_request_parts: dict[tuple[Any, ...], KnownParts] = {}
+_attempt_parts: dict[tuple[Any, ...], KnownParts] = {}
 
 
 class RequestSpan(_Span):
     """The server span of one HTTP request (what the gateway holds between start and end)."""
 
-    __slots__ = (
-        "alias",
-        "attempts",
-        "key_label",
-        "method",
-        "outer",
-        "provider",
-        "route",
-        "status",
-        "tokens",
-    )
+    __slots__ = ("method", "outer", "route")
     outer: _Span | None  # the span current before this one
     method: str
     route: str
-    status: int
-    alias: str | None
-    key_label: str | None
-    provider: int | None
-    attempts: int | None
-    tokens: Any
-
-    def encode(self) -> bytes:
-        status = self.status
-        key = (
-            self.method,
-            self.route,
-            status,
-            self.alias,
-            self.key_label,
-            self.provider,
-            self.attempts,
-        )
-        head, attributes = _cached(_request_parts, key, _request_parts_of)
-        if self.tokens is not None:
-            attributes += _usage_fields(self.tokens)
-        return self._frame(head, attributes, status >= 500)
 
 
 def _request_parts_of(
@@ -298,7 +279,8 @@ def _request_parts_of(
     key_label: str | None,
     provider: int | None,
     attempts: int | None,
-) -> tuple[bytes, bytes]:
+    parent_remote: bool,
+) -> KnownParts:
     attributes: dict[str, Any] = {
         "http.request.method": method,
         "http.route": route,
@@ -316,7 +298,8 @@ def _request_parts_of(
     if status >= 500:
         attributes["error.type"] = str(status)
     name = f"{method} {route}" if route != "other" else method
-    return name_and_kind(name, KIND_SERVER), span_attributes(attributes)
+    head = name_and_kind(name, KIND_SERVER)
+    return known_parts(head, span_attributes(attributes), status >= 500, parent_remote)
 
 
 class AttemptSpan(_Span):
@@ -325,7 +308,6 @@ class AttemptSpan(_Span):
 
     __slots__ = (
         "attempt",
-        "failure",
         "first",
         "model",
         "path",
@@ -343,7 +325,6 @@ class AttemptSpan(_Span):
     status: int | None
     first: float | None  # seconds to the first body byte
     tokens: Any
-    failure: str | None
     queue: _SpanQueue
 
     def trace_headers(
@@ -378,57 +359,71 @@ class AttemptSpan(_Span):
 
     def end(self, failure: str | None = None) -> None:
         """End the span; ``failure`` says why the attempt failed (``timeout``,
-        ``network_error``, ``cancelled``, ``rejected``)."""
-        if self.sampled:
-            self.failure = failure
-            self.stop = time.time_ns()
-            self.queue.put(self)
-
-    def encode(self) -> bytes:
+        ``network_error``, ``cancelled``, ``rejected``). It is encoded now (see
+        :meth:`Telemetry.end_request`)."""
+        if not self.sampled:
+            return
+        stop = time.time_ns()
+        queue = self.queue
+        if len(queue.spans) >= queue.max_queue:
+            queue.dropped += 1
+            return
         status = self.status
-        error = self.failure
+        error = failure
         if error is None and status is not None and status >= 500:
             error = str(status)
-        provider = self.provider
         key = (
+            self.provider,  # by identity: a reload makes new ones
             self.path,
             self.model,
-            provider.scheme,
-            provider.host,
-            provider.port,
-            provider.index,
             self.attempt,
             self.retry_reason,
             status,
             error,
+            self.parent_remote,
         )
-        head, attributes = _cached(_attempt_parts, key, _attempt_parts_of)
-        if self.first is not None:
-            attributes += float_attribute("gen_ai.response.time_to_first_chunk", self.first)
-        if self.tokens is not None:
-            attributes += _usage_fields(self.tokens)
-        return self._frame(head, attributes, error is not None)
+        try:
+            parts = _attempt_parts.get(key) or _built(_attempt_parts, key, _attempt_parts_of)
+            first = self.first
+            extra = b"" if first is None else _FIRST_CHUNK + _double(first)
+            if self.tokens is not None:
+                extra += _usage_fields(self.tokens)
+            frame = encode_known(
+                self.trace_id,
+                self.span_id,
+                self.state,
+                self.parent_id,
+                self.start,
+                stop,
+                parts,
+                extra,
+            )
+        except Exception:  # a bug in tracing must not fail the request
+            log.exception("span %r not exported", self)
+            return
+        spans = queue.spans
+        spans.append(frame)  # room checked above
+        if len(spans) >= queue.batch:
+            queue.batch_full()
 
 
 def _attempt_parts_of(
+    provider: Any,
     path: bytes,
     model: str,
-    scheme: bytes,
-    host: bytes,
-    port: int | None,
-    index: int,
     attempt: int,
     retry_reason: str | None,
     status: int | None,
     error: str | None,
-) -> tuple[bytes, bytes]:
+    parent_remote: bool,
+) -> KnownParts:
     operation = operation_for(path)
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": operation,
         "gen_ai.request.model": model,
-        "server.address": host.decode("ascii", "replace"),
-        "server.port": port or (443 if scheme == b"https" else 80),
-        "onwards.provider": index,
+        "server.address": provider.host.decode("ascii", "replace"),
+        "server.port": provider.port or (443 if provider.scheme == b"https" else 80),
+        "onwards.provider": provider.index,
         "onwards.attempt": attempt,
     }
     if retry_reason is not None:
@@ -437,7 +432,8 @@ def _attempt_parts_of(
         attributes["http.response.status_code"] = status
     if error is not None:
         attributes["error.type"] = error
-    return name_and_kind(f"{operation} {model}", KIND_CLIENT), span_attributes(attributes)
+    head = name_and_kind(f"{operation} {model}", KIND_CLIENT)
+    return known_parts(head, span_attributes(attributes), error is not None, parent_remote)
 
 
 class _UnsampledAttempt(AttemptSpan):
@@ -470,7 +466,7 @@ class _UnsampledAttempt(AttemptSpan):
         pass
 
 
-_UNSAMPLED_ATTEMPT: Final = _UnsampledAttempt(1, 0, False, False, "")
+_UNSAMPLED_ATTEMPT: Final = _UnsampledAttempt(1, 1, 0, False, False, "")
 
 
 class LoopSpan(_Span):
@@ -513,40 +509,34 @@ class LoopSpan(_Span):
 
 
 class _SpanQueue:
-    """A bounded queue of ended spans: ``put`` is a deque append on the caller's thread; the
-    Trio task in :meth:`Telemetry.run` encodes and exports them."""
+    """A bounded queue of ended spans, encoded: ``put`` is a deque append on the caller's
+    thread; the Trio task in :meth:`Telemetry.run` exports them in batches."""
 
     def __init__(self, max_queue: int, batch: int) -> None:
-        self.spans: collections.deque[_Span] = collections.deque()
+        self.spans: collections.deque[bytes] = collections.deque()
         self.max_queue = max_queue
         self.batch = batch
         self.dropped = 0
         self.ready = trio.Event()
         self._trio_thread: int | None = None
 
-    def put(self, span: _Span) -> None:
+    def put(self, span: bytes) -> None:
         spans = self.spans
         if len(spans) >= self.max_queue:
             self.dropped += 1
             return
         spans.append(span)
-        if len(spans) >= self.batch and threading.get_ident() == self._trio_thread:
+        if len(spans) >= self.batch:
+            self.batch_full()
+
+    def batch_full(self) -> None:
+        if threading.get_ident() == self._trio_thread:
             self.ready.set()  # a full batch: export now rather than at the next tick
 
-    def take(self) -> list[_Span]:
+    def take(self) -> list[bytes]:
         spans = self.spans
         n = min(len(spans), self.batch)
         return [spans.popleft() for _ in range(n)]
-
-
-def _encoded(batch: Sequence[_Span]) -> list[bytes]:
-    out = []
-    for span in batch:
-        try:
-            out.append(span.encode())
-        except Exception:  # a bug in one span must not lose the batch or stop the exporter
-            log.exception("span %r not exported", span)
-    return out
 
 
 def _content(value: Any) -> str:
@@ -739,11 +729,11 @@ class Telemetry:
                 with trio.move_on_after(1.0):
                     await self.exporter.aclose()
 
-    async def _export(self, batch: Sequence[_Span]) -> None:
+    async def _export(self, batch: Sequence[bytes]) -> None:
         # The exporter bounds its request and retries by the export timeout; this is a margin.
         with trio.move_on_after(self.export_timeout + 1.0):
             try:
-                await self.exporter.export(self.request.encode(_encoded(batch)))
+                await self.exporter.export(self.request.encode(batch))
             except Exception:
                 log.warning("span export failed", exc_info=True)
 
@@ -761,7 +751,9 @@ class Telemetry:
                 break
         bounds = self.bounds
         if remote is None:
-            trace_id = _bits(128) or _bits(128) or 1
+            ids = _bits(192)  # the trace id and the span's id in one draw
+            trace_id = ids >> 64 or _bits(128) or 1
+            span_id = ids & _M64 or _new_id()
             parent_id = 0
             if bounds is not None:
                 sampled, state = trace_id & _M64 < bounds[0], ""
@@ -769,11 +761,18 @@ class Telemetry:
                 sampled, state = self._request_decision(trace_id, None, method, route)
         else:
             trace_id, parent_id = remote[0], remote[1]
+            span_id = _new_id()
             if bounds is not None:
                 sampled, state = trace_id & _M64 < bounds[1 if remote[2] else 2], remote[3]
             else:
                 sampled, state = self._request_decision(trace_id, remote, method, route)
-        span = RequestSpan(trace_id, parent_id, remote is not None, sampled, state)
+        span = _new(RequestSpan)  # no __init__ call: the fields are set here
+        span.trace_id = trace_id
+        span.span_id = span_id
+        span.parent_id = parent_id
+        span.parent_remote = remote is not None
+        span.sampled = sampled
+        span.state = state
         span.outer = _active.get()
         if sampled:
             span.method = method
@@ -802,17 +801,47 @@ class Telemetry:
     ) -> None:
         _active.set(span.outer)
         span.outer = None
-        if span.sampled:
-            span.stop = time.time_ns()
-            span.status = status
-            if alias is not None and len(alias) > _ALIAS_LIMIT:
-                alias = alias[:_ALIAS_LIMIT] + "..."  # what the client sent, configured or not
-            span.alias = alias
-            span.key_label = key_label
-            span.provider = provider
-            span.attempts = attempts
-            span.tokens = usage
-            self.queue.put(span)
+        if not span.sampled:
+            return
+        stop = time.time_ns()
+        # Encoded now, into the queue as bytes: a span object waiting seconds for its batch
+        # would survive young collections and be promoted (at 100 % sampling that doubled the
+        # collector's work); the parts every request repeats are encoded once per combination.
+        queue = self.queue
+        if len(queue.spans) >= queue.max_queue:
+            queue.dropped += 1
+            return
+        if alias is not None and len(alias) > _ALIAS_LIMIT:
+            alias = alias[:_ALIAS_LIMIT] + "..."  # what the client sent, configured or not
+        key = (
+            span.method,
+            span.route,
+            status,
+            alias,
+            key_label,
+            provider,
+            attempts,
+            span.parent_remote,
+        )
+        try:
+            parts = _request_parts.get(key) or _built(_request_parts, key, _request_parts_of)
+            frame = encode_known(
+                span.trace_id,
+                span.span_id,
+                span.state,
+                span.parent_id,
+                span.start,
+                stop,
+                parts,
+                b"" if usage is None else _usage_fields(usage),
+            )
+        except Exception:  # a bug in tracing must not fail the request
+            log.exception("span %r not exported", span)
+            return
+        spans = queue.spans
+        spans.append(frame)  # room checked above
+        if len(spans) >= queue.batch:
+            queue.batch_full()
 
     # -- upstream attempts (client spans) -------------------------------------------------------
 
@@ -829,12 +858,18 @@ class Telemetry:
         if parent is not None:
             if not parent.sampled:
                 return _UNSAMPLED_ATTEMPT
-            span = AttemptSpan(parent.trace_id, parent.span_id, False, True, parent.state)
+            span = _new(AttemptSpan)  # no __init__ call: the fields are set here
+            span.trace_id = parent.trace_id
+            span.span_id = _bits(64) or _new_id()
+            span.parent_id = parent.span_id
+            span.parent_remote = False
+            span.sampled = True
+            span.state = parent.state
         else:  # not under a request of ours (the pipeline run as a library)
             trace_id, parent_id, remote, sampled, state = self._placed(
                 f"{operation_for(path)} {model}", KIND_CLIENT, {}, _current()
             )
-            span = AttemptSpan(trace_id, parent_id, remote, sampled, state)
+            span = AttemptSpan(trace_id, _new_id(), parent_id, remote, sampled, state)
         if span.sampled:
             span.path = path
             span.model = model
@@ -881,7 +916,7 @@ class Telemetry:
         trace_id, parent_id, remote, sampled, state = self._placed(
             name, KIND_INTERNAL, attributes, parent
         )
-        span = LoopSpan(trace_id, parent_id, remote, sampled, state)
+        span = LoopSpan(trace_id, _new_id(), parent_id, remote, sampled, state)
         span.name = name
         span.kind = KIND_INTERNAL
         span.attributes = attributes
@@ -901,7 +936,12 @@ class Telemetry:
         otel_context.detach(span.token)
         if span.sampled:
             span.stop = time.time_ns()
-            self.queue.put(span)
+            try:
+                frame = span.encode()
+            except Exception:  # a bug in tracing must not fail the loop
+                log.exception("span %r not exported", span)
+                return
+            self.queue.put(frame)
 
     def start_response(
         self, response_id: str, model: str | None, depth: int, agent: str | None = None

@@ -21,9 +21,12 @@ from opentelemetry.trace.span import TraceState
 
 from onwards_trio._ops.otlp import (
     TracesRequest,
+    encode_known,
     encode_span,
     float_attribute,
     int_attribute,
+    known_parts,
+    name_and_kind,
     span_attributes,
 )
 
@@ -194,3 +197,45 @@ def test_an_int_attribute_is_encoded_as_in_any_span(key: str, value: int) -> Non
 @given(st.text(max_size=200), st.floats(allow_nan=False))
 def test_a_float_attribute_is_encoded_as_in_any_span(key: str, value: float) -> None:
     assert float_attribute(key, value) == span_attributes({key: value})
+
+
+@given(_records(), st.dictionaries(st.text(max_size=20), _PRIMITIVES, max_size=3))
+def test_a_span_with_prepared_parts_is_encoded_as_any_span(
+    record: _Record, extra: dict[str, Any]
+) -> None:
+    """The server and client spans' shortcut (their repeated parts encoded once, other
+    attributes first) writes the bytes :func:`encode_span` writes of the same span."""
+    extra = {k: v for k, v in extra.items() if k not in record.attributes}
+    state = ",".join(f"{k}={v}" for k, v in record.state.items())
+    kind = record.kind.value + 1
+    parts = known_parts(
+        name_and_kind(record.name, kind),
+        span_attributes(record.attributes),
+        record.error,
+        record.parent_remote,
+    )
+    ours = encode_known(
+        record.trace_id,
+        record.span_id,
+        state,
+        record.parent_id,
+        record.start,
+        record.end,
+        parts,
+        span_attributes(extra),
+    )
+    expected = encode_span(
+        record.trace_id,
+        record.span_id,
+        state,
+        record.parent_id,
+        record.parent_remote,
+        record.name,
+        kind,
+        record.start,
+        record.end,
+        {**extra, **record.attributes},
+        [],
+        record.error,
+    )
+    assert ours == expected
