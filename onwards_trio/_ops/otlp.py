@@ -345,7 +345,7 @@ def encode_known(
             size >> 7,
             0x0A10,
             trace_id >> 64,
-            trace_id & _M64,
+            trace_id & 0xFFFFFFFFFFFFFFFF,  # a constant, not a global
             0x1208,
             span_id,
             0x2208,
@@ -358,7 +358,7 @@ def encode_known(
             size >> 7,
             0x0A10,
             trace_id >> 64,
-            trace_id & _M64,
+            trace_id & 0xFFFFFFFFFFFFFFFF,
             0x1208,
             span_id,
         )

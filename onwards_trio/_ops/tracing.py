@@ -163,6 +163,7 @@ class _Span:
     """What every span of ours holds: its ids, where it sits, whether it is sampled."""
 
     __slots__ = (
+        "clean",
         "parent_id",
         "parent_remote",
         "sampled",
@@ -178,6 +179,9 @@ class _Span:
     parent_remote: bool
     sampled: bool
     state: str  # the tracestate header ("": none)
+    # True: the HTTP request this span is part of came without trace headers, so the headers
+    # sent upstream (made from its headers) have none to take out
+    clean: bool
     start: int  # ns since the epoch (set only when sampled, as is all that follows)
     stop: int
 
@@ -196,6 +200,7 @@ class _Span:
         self.parent_remote = parent_remote
         self.sampled = sampled
         self.state = state
+        self.clean = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.trace_id:032x}, {self.span_id:016x})"
@@ -323,7 +328,7 @@ class AttemptSpan(_Span):
     attempt: int
     retry_reason: str | None
     status: int | None
-    first: float | None  # seconds to the first body byte
+    first: int | None  # when the first body byte came (ns since the epoch, as start)
     tokens: Any
     queue: _SpanQueue
 
@@ -333,10 +338,11 @@ class AttemptSpan(_Span):
         """``headers`` without the client's trace headers, plus this attempt's own when the
         provider opted in (``propagate_trace_context``): an upstream that did not opt in learns
         nothing of the trace."""
-        for k, _ in headers:
-            if k in _TRACE_HEADERS:
-                headers = [(k, v) for k, v in headers if k not in _TRACE_HEADERS]
-                break
+        if not self.clean:
+            for k, _ in headers:
+                if k in _TRACE_HEADERS:
+                    headers = [(k, v) for k, v in headers if k not in _TRACE_HEADERS]
+                    break
         if propagate:
             headers = headers + self._context_headers()
         return headers
@@ -351,8 +357,10 @@ class AttemptSpan(_Span):
         """The response head arrived."""
         self.status = status
 
-    def first_byte(self, seconds: float) -> None:
-        self.first = seconds
+    def first_byte(self) -> None:
+        """The first body byte arrived (the span's own clock: ``trio.current_time()`` costs
+        a few Python calls)."""
+        self.first = time.time_ns()
 
     def usage(self, usage: Any) -> None:
         self.tokens = usage
@@ -385,7 +393,7 @@ class AttemptSpan(_Span):
         try:
             parts = _attempt_parts.get(key) or _built(_attempt_parts, key, _attempt_parts_of)
             first = self.first
-            extra = b"" if first is None else _FIRST_CHUNK + _double(first)
+            extra = b"" if first is None else _FIRST_CHUNK + _double((first - self.start) / 1e9)
             if self.tokens is not None:
                 extra += _usage_fields(self.tokens)
             frame = encode_known(
@@ -456,7 +464,7 @@ class _UnsampledAttempt(AttemptSpan):
     def answered(self, status: int) -> None:
         pass
 
-    def first_byte(self, seconds: float) -> None:
+    def first_byte(self) -> None:
         pass
 
     def usage(self, usage: Any) -> None:
@@ -745,9 +753,11 @@ class Telemetry:
         """Start the request's server span (a child of the caller's ``traceparent``, if any) and
         make it current."""
         remote: _Remote | None = None
+        clean = True
         for k, _ in headers:
             if k in _TRACE_HEADERS:
                 remote = _remote_of(headers)
+                clean = False
                 break
         bounds = self.bounds
         if remote is None:
@@ -773,6 +783,7 @@ class Telemetry:
         span.parent_remote = remote is not None
         span.sampled = sampled
         span.state = state
+        span.clean = clean
         span.outer = _active.get()
         if sampled:
             span.method = method
@@ -865,6 +876,7 @@ class Telemetry:
             span.parent_remote = False
             span.sampled = True
             span.state = parent.state
+            span.clean = parent.clean
         else:  # not under a request of ours (the pipeline run as a library)
             trace_id, parent_id, remote, sampled, state = self._placed(
                 f"{operation_for(path)} {model}", KIND_CLIENT, {}, _current()
