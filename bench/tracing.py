@@ -17,6 +17,10 @@ each gateway runs under callgrind with counting off, is warmed up, then counts e
 few per cent that CPU time on a shared machine cannot; the export interval is set long so
 that spans go out in full batches, as under steady traffic.
 
+``--together SECONDS`` loads all the gateways at the same time instead (each its own
+connections), in rounds of that length: on a busy machine the load then hits every gateway
+alike at each instant; each gateway's figure is still its own CPU time per request.
+
 ``--before DIR`` adds the same variants run from another checkout (``PYTHONPATH=DIR``),
 for a before/after comparison in the same run.
 
@@ -85,6 +89,55 @@ async def send(port: int, concurrency: int, requests: int, stream: bool) -> floa
     return time.perf_counter() - t0
 
 
+async def send_for(port: int, concurrency: int, seconds: float, stream: bool) -> int:
+    """Requests over ``concurrency`` keep-alive connections for ``seconds``; how many."""
+    raw = build_request(port, stream)
+    done = [0]
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = Conn(s)
+        async with s:
+            while time.perf_counter() < deadline:
+                await conn.request(raw)
+                done[0] += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return done[0]
+
+
+async def together(
+    gateways: dict[str, tuple[subprocess.Popen[bytes], int]],
+    count: int,
+    seconds: float,
+    concurrency: int,
+    stream: bool,
+) -> dict[str, list[tuple[float, float]]]:
+    """:func:`rounds`, but every gateway is loaded at the same time (each its own
+    ``concurrency`` connections) for ``seconds`` per round: the machine's load then hits them
+    alike at every instant, not just within a round."""
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in gateways}
+
+    async def one(name: str, got: dict[str, tuple[float, float]]) -> None:
+        proc, port = gateways[name]
+        before = cpu_ns(proc.pid)
+        n = await send_for(port, concurrency, seconds, stream)
+        got[name] = ((cpu_ns(proc.pid) - before) / 1000 / max(n, 1), n / seconds)
+
+    for r in range(count + 1):  # the first round warms up
+        got: dict[str, tuple[float, float]] = {}
+        async with trio.open_nursery() as nursery:
+            for name in gateways:
+                nursery.start_soon(one, name, got)
+        if r:
+            for name, figures in got.items():
+                results[name].append(figures)
+    return results
+
+
 async def rounds(
     gateways: dict[str, tuple[subprocess.Popen[bytes], int]],
     count: int,
@@ -136,12 +189,15 @@ def callgrind(
         for _, _, port, _ in runs:
             wait_port(port, 600)
 
+        async def control(pid: int, *what: str) -> None:
+            await trio.run_process(["callgrind_control", *what, str(pid)], capture_stdout=True)
+
         async def measure(proc: subprocess.Popen[bytes], port: int) -> None:
             await send(port, concurrency, 200, False)  # warm-up, uncounted
-            await trio.run_process(["callgrind_control", "-i", "on", str(proc.pid)])
+            await control(proc.pid, "-i", "on")
             await send(port, concurrency, requests, False)
-            await trio.run_process(["callgrind_control", "-i", "off", str(proc.pid)])
-            await trio.run_process(["callgrind_control", "-d", str(proc.pid)])
+            await control(proc.pid, "-i", "off")
+            await control(proc.pid, "-d")
 
         async def all_runs() -> None:
             async with trio.open_nursery() as nursery:
@@ -184,6 +240,12 @@ def main() -> None:
     parser.add_argument("--before", help="a checkout of the code to compare with")
     parser.add_argument("--only", help="comma-separated variants (default: all)")
     parser.add_argument("--callgrind", type=int, metavar="N", help="instructions per request")
+    parser.add_argument(
+        "--together",
+        type=float,
+        metavar="SECONDS",
+        help="load every gateway at the same time, rounds of SECONDS (c=concurrency each)",
+    )
     args = parser.parse_args()
     sources = [("", None)] + ([("before ", args.before)] if args.before else [])
     workdir = tempfile.mkdtemp(prefix="onwards-bench-tracing-")
@@ -211,9 +273,14 @@ def main() -> None:
                 gateway = start_gateway(config, port, ["--no-metrics"], workdir, env)
                 procs.append(gateway)
                 gateways[prefix + variant] = (gateway, port)
-        results = trio.run(
-            rounds, gateways, args.rounds, args.requests, args.concurrency, args.stream
-        )
+        if args.together:
+            results = trio.run(
+                together, gateways, args.rounds, args.together, args.concurrency, args.stream
+            )
+        else:
+            results = trio.run(
+                rounds, gateways, args.rounds, args.requests, args.concurrency, args.stream
+            )
     finally:
         for p in procs:
             p.terminate()
@@ -223,10 +290,14 @@ def main() -> None:
     cpu = {name: [c for c, _ in r] for name, r in results.items()}
     rps = {name: [q for _, q in r] for name, r in results.items()}
     kind = "streamed (20 events)" if args.stream else "non-streaming"
+    how = (
+        f"{args.rounds} rounds of {args.together:g} s, all gateways loaded together"
+        if args.together
+        else f"{args.rounds} interleaved rounds of {args.requests} requests per gateway"
+    )
     print(
-        f"\ntracing cost: {kind}, c={args.concurrency}, {args.rounds} interleaved rounds of "
-        f"{args.requests} requests per gateway, load average before {load_before}, "
-        f"after {load_average()}"
+        f"\ntracing cost: {kind}, c={args.concurrency}, {how}, load average before "
+        f"{load_before}, after {load_average()}"
     )
     print(
         "ratios: median over the rounds of this round's figure / the other's [quartiles]; "
