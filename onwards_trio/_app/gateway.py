@@ -568,11 +568,14 @@ class Gateway:
 
 async def _send_reply(reply: UpstreamReply, send: Send, receive: Receive) -> None:
     await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
-    # With a known length, the chunk that completes it is held until the upstream body has
-    # ended (which hands its connection back to the pool) and then closes the response itself:
-    # one send fewer, and the client's next request finds the connection free.
+    # With a known length, the chunk that completes it closes the response at once, and the
+    # body is then iterated to its end (no I/O: the length was read), which hands the upstream
+    # connection back to the pool and reports the usage: that bookkeeping comes after the
+    # client's answer instead of delaying it (the client's next request on this connection is
+    # served after it, so it still finds the upstream connection free).
     remaining = _content_length(reply.headers)
     held = b""
+    ended = False
     try:
         write = _stream_writer(reply, send, receive) if remaining is None else None
         if write is not None:
@@ -587,10 +590,15 @@ async def _send_reply(reply: UpstreamReply, send: Send, receive: Receive) -> Non
                 if remaining is not None:
                     remaining = max(0, remaining - len(chunk))
                     if remaining == 0:
-                        held = chunk
+                        ended = True
+                        await send({"type": "http.response.body", "body": chunk})
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if ended:
+                return
     except UPSTREAM_ERRORS as exc:
+        if ended:
+            return  # the answer was complete; the upstream connection is not reused
         if not reply.is_sse:
             # Left unfinished, the response ends with the connection: a truncated body is the
             # honest signal. One line, not a traceback: the upstream's fault, not ours.

@@ -143,8 +143,8 @@ class _Body:
     """The upstream body as an async iterator: the pre-read first chunk, then the rest.
 
     When the upstream body ends, ``permit`` (the provider's concurrency permit) is released and
-    ``on_end`` runs (it hands the connection back to the pool) — before the caller sends the
-    client its last bytes, so a client's next request finds the provider as free as it is
+    ``on_end`` runs (it hands the connection back to the pool) — before the caller is done
+    with the request, so a client's next request finds the provider as free as it is
     (weighted least-connections counts permits) and can reuse that connection. With a usage
     ``tap``, every chunk passes through it and the usage found is handed to ``on_usage`` when
     the body ends. ``secret`` (the provider's key) is
