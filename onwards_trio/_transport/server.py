@@ -155,6 +155,9 @@ class _Request:
         self.complete = False
 
 
+_TAKEN = _Request()  # _next_request: the reader serves the request that arrived (roles swap)
+
+
 class _Parser:
     """llhttp's callbacks: queue the requests found in the bytes fed, in order.
 
@@ -271,8 +274,8 @@ class _Server:
 
 
 class _Connection:
-    """One client connection: a handler (this task) serving requests in order, and a reader
-    task that owns every read of the socket.
+    """One client connection: two tasks, a handler serving requests in order and a reader
+    that owns every read of the socket.
 
     The reader feeds llhttp and wakes the handler when a head or body piece it waits for has
     arrived. While an app runs with the request's body complete, the reader keeps reading
@@ -280,6 +283,11 @@ class _Connection:
     cancels the scope the app registered (:meth:`cancel_on_disconnect`) — one task per
     connection instead of a watcher task, a nursery and cancel scopes per request — and the
     bytes of the client's next request are already parsed when the response is done.
+
+    The two tasks swap roles when a request arrives on an idle connection: the reader that
+    parsed its head serves it at once, and the idle handler is woken to read in its place.
+    Waking the handler instead would put a whole scheduler pass (an ``epoll_wait`` and the
+    reader's next wait) between the request's bytes and its handling, on every request.
     """
 
     __slots__ = (
@@ -296,8 +304,11 @@ class _Connection:
         "_response",
         "_response_done",
         "_server_addr",
+        "_take_over",
+        "_tasks",
         "_wake",
         "io",
+        "linger",
         "parser",
         "read_deadline",
         "receive",
@@ -327,6 +338,9 @@ class _Connection:
         # The handler, while it waits for the reader (woken by it): a parked task rather than
         # a trio.Event, which would be an object (and a set) per wait, once per request.
         self._wake: trio.lowlevel.Task | None = None
+        self._take_over = False  # the handler is woken to become the reader (roles swap)
+        self._tasks: trio.Nursery | None = None
+        self.linger = False  # the connection ends with a lingering close
         self._reader_wake: trio.Event | None = None  # set by the handler: the reader waits
         self._finished: trio.Event | None = None  # set when the response ends or the client left
         self.read_deadline = math.inf  # when a read still waiting counts as timed out
@@ -397,13 +411,16 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return b""
 
-    async def _reader(self) -> None:
+    async def _reader(self) -> bool:
+        """Read until the client is gone (False) or a request's head arrives while the handler
+        idles (True): this task then serves it, the handler reads."""
         parser = self.parser
-        idle = False
+        requests = parser.requests
+        idle = parser.current.complete  # a whole request came: the client waits for its answer
         while True:
             while not self._wants_bytes():
                 if self._disconnected:
-                    return
+                    return False
                 wake = self._reader_wake = trio.Event()
                 await wake.wait()
             ahead = parser.current.complete
@@ -411,22 +428,32 @@ class _Connection:
             if not data:
                 self._gone()
                 self._wake_handler()
-                return
+                return False
             if ahead:
                 self._ahead += len(data)
             self._fed += len(data)
             parser.feed(data)
             idle = parser.current.complete
+            task = self._wake
+            if task is not None and self.waiting_for_head and requests and requests[0].head_done:
+                self._wake = None
+                self._take_over = True
+                self.waiting_for_head = False
+                self.read_deadline = math.inf
+                trio.lowlevel.reschedule(task)
+                return True
             self._wake_handler()
 
     async def _wait(self) -> None:
-        """Wait until the reader has fed more bytes or the client left."""
-        self._wake = trio.lowlevel.current_task()
+        """Wait until the reader has fed more bytes or the client left (or, waiting for a
+        head, took the request over: ``_take_over``)."""
+        task = self._wake = trio.lowlevel.current_task()
         self._kick_reader()  # never wakes the handler itself: no reschedule before the park
         try:
             await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
         finally:
-            self._wake = None
+            if self._wake is task:  # after a swap it may be the other task's already
+                self._wake = None
 
     def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
         self._wake = None  # cancelled: nobody may reschedule the handler now
@@ -435,24 +462,37 @@ class _Connection:
     # -- the handler ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        linger = False
         with self.scope:  # cancelled only when a handler said end_on_disconnect: client gone
             async with trio.open_nursery() as tasks:
-                tasks.start_soon(self._reader)
-                try:
-                    linger = await self._serve_all()
-                finally:
-                    tasks.cancel_scope.cancel()
-        if linger:
+                self._tasks = tasks
+                tasks.start_soon(self._part, True)
+                await self._part(False)
+        if self.linger:
             await self._linger()
 
-    async def _serve_all(self) -> bool:
-        """Serve requests until the connection should close; True: linger first (a request
-        body was left unread)."""
+    async def _part(self, reading: bool) -> None:
+        """One of the connection's two tasks: read or serve, as the roles swap (see the class);
+        the one that ends the connection stops the other."""
+        while True:
+            if reading and not await self._reader():
+                return  # the client is gone: the handler sees it
+            linger = await self._serve_all()
+            if linger is not None:
+                break
+            reading = True  # the reader took the request over: read in its place
+        self.linger = linger
+        assert self._tasks is not None
+        self._tasks.cancel_scope.cancel()
+
+    async def _serve_all(self) -> bool | None:
+        """Serve requests until the connection should close (True: linger first, a request
+        body was left unread) or the reader takes a request over (None)."""
         while not self.server.draining:
             req = await self._next_request()
             if req is None:
                 return False
+            if req is _TAKEN:
+                return None
             try:
                 keep = await self._serve(req)
             except _Refused as exc:
@@ -476,8 +516,9 @@ class _Connection:
 
     async def _next_request(self) -> _Request | None:
         """The next request whose head is complete, or None when the connection should close
-        (idle timeout, client gone, server draining, a malformed head answered). The timeouts
-        are deadlines the server's watchdog enforces (:meth:`_Server.watch_deadlines`)."""
+        (idle timeout, client gone, server draining, a malformed head answered), or
+        ``_TAKEN`` when the reader serves it (it reset the wait's state). The timeouts are
+        deadlines the server's watchdog enforces (:meth:`_Server.watch_deadlines`)."""
         parser = self.parser
         requests = parser.requests
         if not (requests and requests[0].head_done):
@@ -485,6 +526,7 @@ class _Connection:
             self.waiting_for_head = True
             head_started = False
             fed = self._fed
+            taken = False
             try:
                 while not (requests and requests[0].head_done):
                     if parser.stopped:
@@ -500,9 +542,14 @@ class _Connection:
                         await self._write(_HEAD_TOO_LARGE)
                         return None
                     await self._wait()
+                    if self._take_over:
+                        self._take_over = False
+                        taken = True  # the connection's state is the other task's now
+                        return _TAKEN
             finally:
-                self.waiting_for_head = False
-                self.read_deadline = math.inf
+                if not taken:
+                    self.waiting_for_head = False
+                    self.read_deadline = math.inf
         req = requests.popleft()
         self._ahead = 0
         self._kick_reader()  # it may have stopped at the read-ahead bound
