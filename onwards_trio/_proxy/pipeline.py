@@ -155,7 +155,18 @@ class _Body:
     follows; chunks that end otherwise (every SSE event ends in a blank line) pass at once.
     """
 
-    __slots__ = ("_first", "_held", "_it", "_on_end", "_on_usage", "_permit", "_secret", "_tap")
+    __slots__ = (
+        "_first",
+        "_held",
+        "_it",
+        "_on_end",
+        "_on_usage",
+        "_permit",
+        "_scan",
+        "_secret",
+        "_tap",
+        "_unseen",
+    )
 
     def __init__(
         self,
@@ -175,6 +186,11 @@ class _Body:
         self._on_usage = on_usage
         self._secret = secret
         self._held = b""
+        # A tap that passes bytes unchanged (the usage scanner) looks at a chunk only when the
+        # next one is asked for (or the body ends): after the caller has sent it on, so the
+        # scan is not between the upstream's answer and the client's.
+        self._scan = type(tap) is UsageScanner
+        self._unseen: bytes | None = None  # the chunk the scanner has yet to look at
 
     def __aiter__(self) -> _Body:
         return self
@@ -217,17 +233,35 @@ class _Body:
             chunk = tap.feed(chunk)
         return self._mask(chunk) if self._secret is not None and chunk else chunk
 
+    def _tapped(self, chunk: bytes) -> bytes:
+        """``chunk`` through the tap (a scanner sees it on the next call, see ``_scan``)."""
+        tap = self._tap
+        if tap is None:
+            return chunk
+        if self._scan:
+            self._unseen = chunk
+            return chunk
+        return tap.feed(chunk)
+
+    def _see(self) -> None:
+        """Let the scanner look at the chunk last returned."""
+        unseen, self._unseen = self._unseen, None
+        if unseen is not None and self._tap is not None:
+            self._tap.feed(unseen)
+
     async def _next(self) -> bytes:
+        if self._unseen is not None:
+            self._see()
         if self._first is not None:
             first, self._first = self._first, None
-            return first if self._tap is None else self._tap.feed(first)
+            return self._tapped(first)
         if self._it is not None:
             try:
                 chunk = await self._it.__anext__()
             except StopAsyncIteration:
                 self._it = None
             else:
-                return chunk if self._tap is None else self._tap.feed(chunk)
+                return self._tapped(chunk)
         rest = self._close_tap()
         if rest:
             return rest  # the next call ends the body
@@ -239,6 +273,7 @@ class _Body:
         tap = self._tap
         if tap is None:
             return b""
+        self._see()
         self._tap = None
         rest = tap.close()
         usage = tap.usage
@@ -269,6 +304,7 @@ class _Body:
             async for chunk in self:
                 await write(chunk)
             return b""
+        self._see()
         transform = self._pass if self._tap is not None or self._secret is not None else None
         if self._first is not None:
             first, self._first = self._first, None
@@ -291,6 +327,7 @@ class _Body:
         """The relay ended before the body did (typically a client that left as soon as it had
         the last event, before the upstream's end of body was read): report the usage the tap
         has seen, if any, as the end of the body would have."""
+        self._see()
         tap, self._tap = self._tap, None
         if tap is not None:
             usage = tap.usage
