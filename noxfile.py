@@ -197,6 +197,18 @@ MUTATION_TARGETS: dict[str, tuple[str, ...]] = {
         "xǁ_Runǁ_snapshot",
         "xǁ_Runǁ_clean_up",
     ),
+    # What goes into a span's attributes (never a key or a prompt unless record_content)
+    "telemetry": _functions(
+        "_ops.tracing",
+        "_request_parts_of",
+        "_attempt_parts_of",
+        "_content",
+        "xǁTelemetryǁend_request",
+        "xǁTelemetryǁstart_response",
+        "xǁTelemetryǁend_response",
+        "xǁTelemetryǁstart_step",
+        "xǁTelemetryǁend_step",
+    ),
 }
 
 
@@ -328,6 +340,16 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
         "tests/loop",
         "tests/ops/test_failed_step_span.py",
         "tests/ops/test_telemetry_http.py::test_responses_loop_spans_nest_as_the_steps_do",
+    ),
+    "telemetry": (
+        "tests/ops/test_telemetry.py",
+        "tests/ops/test_telemetry_http.py",
+        "tests/ops/test_tracing_export.py",
+        "tests/ops/test_tracing_sampler.py",
+        "tests/ops/test_tracing_reload.py",
+        "tests/ops/test_failed_step_span.py",
+        "tests/ops/test_unsampled_request_usage.py",
+        "tests/ops/test_loop_span_attributes.py",
     ),
 }
 
