@@ -7,8 +7,10 @@ of the suite (docs/testing-quality.md)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import openai
 import orjson
 import pytest
 import trio
@@ -150,3 +152,28 @@ async def test_recorded_content_is_cut_past_16_kib(nursery: trio.Nursery) -> Non
     over = _only(spans, "execute_tool over").attributes["gen_ai.tool.call.result"]
     assert exact == orjson.dumps({"a": "x" * (LIMIT - 8)}).decode()
     assert over == orjson.dumps({"a": "x" * (LIMIT - 7)}).decode()[:LIMIT] + "..."
+
+
+async def test_a_failed_response_run_is_an_error_span_with_its_type(
+    nursery: trio.Nursery,
+) -> None:
+    failing = FakeUpstream(Reply(status=500, body=b'{"error": "down"}'))
+    async with otlp_receiver() as receiver:
+        config = _config(
+            receiver.url,
+            {
+                "m": {
+                    "url": await serve_app(nursery, failing) + "/v1",
+                    "open_responses": {"adapter": True},
+                }
+            },
+            store={"kind": "memory"},
+        )
+        _, url = await _gateway(nursery, config)
+        with contextlib.suppress(openai.APIError):
+            await _responses_create(url, model="m", input=PROMPT)
+        spans = await _wait(receiver, 1, "POST /v1/responses")
+    run = _only(spans, "invoke_agent m")
+    assert run.error
+    assert run.attributes["onwards.response.status"] == "failed"
+    assert run.attributes["error.type"] == "failed"  # the LoopError's kind
