@@ -383,6 +383,29 @@ async def test_past_a_full_provider_priority_still_picks_in_order(
 
 
 @needs_redis
+async def test_a_stream_under_shared_rate_limits_only_is_sent_as_asked(
+    nursery: trio.Nursery, prefix: str
+) -> None:
+    """Nothing reserves tokens, so nothing needs the stream's usage: the upstream is sent the
+    client's body, without ``stream_options`` added."""
+    up = FakeUpstream(slow_stream(0.0))
+    config = {
+        "shared_limits": shared_config(prefix),
+        "targets": {
+            "m": {
+                "providers": [{"url": await serve_app(nursery, up)}],
+                "rate_limit": {"requests_per_second": 100, "burst_size": 100},
+            }
+        },
+    }
+    (a,) = await replicas(nursery, config, count=1)
+    async with a:
+        r = await a.post(CHAT, json=body(stream=True))
+    assert r.status_code == 200
+    assert b"stream_options" not in up.requests[0].body
+
+
+@needs_redis
 async def test_a_full_provider_without_alternatives_answers_429(
     nursery: trio.Nursery, prefix: str
 ) -> None:
