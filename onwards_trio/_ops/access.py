@@ -26,7 +26,7 @@ import os
 import re
 import stat
 import time
-from typing import IO, TYPE_CHECKING, Any, Final, Protocol
+from typing import IO, TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 import orjson
 import trio
@@ -34,7 +34,7 @@ import trio
 if TYPE_CHECKING:
     from onwards_trio._ops.logs import RequestRecord
 
-__all__ = ["AccessWriter", "logfmt"]
+__all__ = ["AccessWriter", "Fields", "bounded_alias", "clean_path", "logfmt"]
 
 _SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9._~:/{}\[\]@+-]*$")
 
@@ -66,6 +66,41 @@ _MAX_LINES: Final = 10_000  # lines held at most; past it new lines are dropped 
 _MAX_PARTS: Final = 1024  # (method, path, status, alias) whose line parts are kept
 _LOGGER_TEXT: Final = " INFO onwards_trio.access "
 _LOGGER_JSON: Final = '","level":"info","logger":"onwards_trio.access","msg":"'
+_FRACTIONS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))  # a timestamp's end, per ms
+
+#: One access line as queued: method, path, status, duration (s), alias, provider, bytes_in,
+#: bytes_out, attempts, stream, input_tokens, output_tokens, cached_tokens (the
+#: :class:`~onwards_trio.RequestRecord` fields, in its order; ``None``: not known) and the
+#: ``time.time()`` of the request's end.
+Fields: TypeAlias = tuple[
+    str,
+    str,
+    int,
+    float,
+    "str | None",
+    "int | None",
+    "int | None",
+    "int | None",
+    "int | None",
+    "bool | None",
+    "int | None",
+    "int | None",
+    "int | None",
+    float,
+]
+_MAX_PATH: Final = 256
+_MAX_ALIAS: Final = 128
+
+
+def clean_path(path: str) -> str:
+    """The path part only (a query string may hold credentials), bounded in length."""
+    path = path.split("?", 1)[0]
+    return path if len(path) <= _MAX_PATH else path[:_MAX_PATH] + "..."
+
+
+def bounded_alias(alias: str) -> str:
+    """An alias as logged: bounded in length (a client chooses it)."""
+    return alias if len(alias) <= _MAX_ALIAS else alias[:_MAX_ALIAS] + "..."
 
 
 class AccessWriter:
@@ -107,7 +142,7 @@ class AccessWriter:
         self._guard = guard
         self._generation = guard.generation
         self._parts: dict[tuple[str, str, int, str | None], tuple[str, ...]] = {}
-        self._buf: list[tuple[RequestRecord, float]] = []  # formatted when written
+        self._buf: list[Fields] = []  # formatted when written
         self._wake = trio.Event()
         self._second = -1
         self._stamp = ""
@@ -116,29 +151,58 @@ class AccessWriter:
         self.running = False
 
     def push(self, record: RequestRecord) -> None:
-        """Queue one access line: the record and the time (formatted with its batch)."""
+        """Queue one access line of a :class:`RequestRecord` (formatted with its batch)."""
+        self.add(
+            (
+                record.method,
+                record.path,
+                record.status,
+                record.duration,
+                record.alias,
+                record.provider,
+                record.bytes_in,
+                record.bytes_out,
+                record.attempts,
+                record.stream,
+                record.input_tokens,
+                record.output_tokens,
+                record.cached_tokens,
+                time.time(),
+            )
+        )
+
+    def add(self, fields: Fields) -> None:
+        """Queue one access line's fields, the time last (:data:`Fields`): a request pays for
+        one tuple and one ``append``; the path and alias are bounded, cleaned and formatted
+        with the batch."""
         buf = self._buf
         if len(buf) >= self.max_lines:
             self.dropped += 1
             return
-        buf.append((record, time.time()))
+        buf.append(fields)
         if len(buf) == 1:
             self._wake.set()
 
-    def _timestamp(self, ms: int) -> str:
-        """``2026-11-30T07:00:00.123Z`` of a time in milliseconds: strftime once a second."""
-        second, fraction = divmod(ms, 1000)
+    def _day(self, second: int) -> str:
+        """``2026-11-30T07:00:00`` of a time in seconds: strftime once a second."""
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{fraction:03d}Z"
+        return self._stamp
+
+    def _timestamp(self, ms: int) -> str:
+        """``2026-11-30T07:00:00.123Z`` of a time in milliseconds."""
+        second, fraction = divmod(ms, 1000)
+        return self._day(second) + _FRACTIONS[fraction]
 
     def _parts_of(self, key: tuple[str, str, int, str | None]) -> tuple[str, ...]:
         """What a line of this (method, path, status, alias) always holds. Only the
         client-chosen strings (path, alias) can carry anything secret: they pass the guard."""
         method, path, status, alias = key
         clean = self._guard.clean
-        path = clean(path)
+        path = clean(clean_path(path))
+        if alias is not None:
+            alias = bounded_alias(alias)
         head = f"method={method} path={logfmt(path)} status={status} duration_ms="
         named = "" if alias is None else f" alias={logfmt(clean(alias))}"
         if len(self._parts) >= _MAX_PARTS:
@@ -156,7 +220,7 @@ class AccessWriter:
         self._parts[key] = parts
         return parts
 
-    def _lines(self, queued: list[tuple[RequestRecord, float]]) -> list[str]:
+    def _lines(self, queued: list[Fields]) -> list[str]:
         """The batch's lines: one pass, the constant parts looked up, the numbers formatted."""
         if self._guard.generation != self._generation:  # a new secret: build the parts again
             self._generation = self._guard.generation
@@ -164,27 +228,48 @@ class AccessWriter:
         known = self._parts
         built = self._parts_of
         json = self._json
-        last_ms = -1
-        stamp = ""
+        base = top = 0.0  # the second being formatted: [base, top)
+        day = stamp = ""
+        last = -1
         lines: list[str] = []
-        for record, now in queued:
-            key = (record.method, record.path, record.status, record.alias)
+        for (
+            method,
+            path,
+            status,
+            seconds,
+            alias,
+            provider,
+            bytes_in,
+            bytes_out,
+            attempts,
+            flag,
+            tokens_in,
+            tokens_out,
+            cached,
+            now,
+        ) in queued:
+            key = (method, path, status, alias)
             parts = known.get(key)
             if parts is None:
                 parts = built(key)
-            second = int(now)  # _millis(now), inline: it runs for every line
-            ms = second * 1000 + int((now - second) * 1000)
-            if ms != last_ms:  # lines come many to a millisecond: format its time once
-                last_ms = ms
-                stamp = self._timestamp(ms)
+            # The time as logging's msecs: int(now), and int((now - int(now)) * 1000), which
+            # is exact (now * 1000 would round up to the next millisecond at times). Lines
+            # come many to a second and to a millisecond: each is formatted once.
+            if not base <= now < top:
+                second = int(now)
+                base, top = float(second), second + 1.0
+                day = self._day(second)
+                last = -1
+            fraction = int((now - base) * 1000)
+            if fraction != last:
+                last = fraction
+                stamp = day + _FRACTIONS[fraction]
             # str(round(x, 3)) without its two float conversions: the same digits
-            duration = f"{record.duration * 1000.0:.3f}".rstrip("0")
+            duration = f"{seconds * 1000.0:.3f}".rstrip("0")
             if duration[-1] == ".":
                 duration += "0"
             # The numbers: the usual groups in one format each (a proxied request has all
             # four sizes and counts, an answer with usage all three token figures).
-            provider, attempts = record.provider, record.attempts
-            bytes_in, bytes_out = record.bytes_in, record.bytes_out
             if (
                 provider is not None
                 and bytes_in is not None
@@ -196,20 +281,21 @@ class AccessWriter:
                     f" attempts={attempts}"
                 )
             else:
-                tail = _members(record, _SIZES)
-            if (flag := record.stream) is not None:
+                tail = _members(
+                    ("provider", "bytes_in", "bytes_out", "attempts"),
+                    (provider, bytes_in, bytes_out, attempts),
+                )
+            if flag is not None:
                 tail += f" stream={flag}"
-            tokens_in, tokens_out, cached = (
-                record.input_tokens,
-                record.output_tokens,
-                record.cached_tokens,
-            )
             if tokens_in is not None and tokens_out is not None and cached is not None:
                 tail += (
                     f" input_tokens={tokens_in} output_tokens={tokens_out} cached_tokens={cached}"
                 )
             elif tokens_in is not None or tokens_out is not None or cached is not None:
-                tail += _members(record, _TOKENS)
+                tail += _members(
+                    ("input_tokens", "output_tokens", "cached_tokens"),
+                    (tokens_in, tokens_out, cached),
+                )
             if not json:
                 lines.append(f"{stamp}{_LOGGER_TEXT}{parts[0]}{duration}{parts[1]}{tail}")
                 continue
@@ -271,14 +357,10 @@ class AccessWriter:
                     self._write(lines, dropped)
 
 
-_SIZES: Final = ("provider", "bytes_in", "bytes_out", "attempts")
-_TOKENS: Final = ("input_tokens", "output_tokens", "cached_tokens")
-
-
-def _members(record: RequestRecord, names: tuple[str, ...]) -> str:
-    """`` name=value`` for each of ``names`` the record has (the less usual shapes)."""
+def _members(names: tuple[str, ...], values: tuple[object, ...]) -> str:
+    """`` name=value`` for each of ``names`` whose value is known (the less usual shapes)."""
     return "".join(
-        f" {name}={value}" for name in names if (value := getattr(record, name)) is not None
+        f" {name}={value}" for name, value in zip(names, values, strict=True) if value is not None
     )
 
 

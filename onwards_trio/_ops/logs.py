@@ -33,7 +33,7 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import attrs
 import orjson
 
-from onwards_trio._ops.access import AccessWriter, logfmt
+from onwards_trio._ops.access import AccessWriter, bounded_alias, clean_path, logfmt
 
 if TYPE_CHECKING:
     from onwards_trio._ops.metrics import Metrics
@@ -392,14 +392,6 @@ _OPTIONAL_FIELDS: Final = (
 #: must be quick and must not raise; one that raises is logged and skipped.
 request_observers: list[Callable[[RequestRecord], None]] = []
 
-_MAX_PATH: Final = 256
-
-
-def clean_path(path: str) -> str:
-    """The path part only (a query string may hold credentials), bounded in length."""
-    path = path.split("?", 1)[0]
-    return path if len(path) <= _MAX_PATH else path[:_MAX_PATH] + "..."
-
 
 def access_logged() -> bool:
     """Whether a request's access-line fields are read: access lines are written, or request
@@ -411,8 +403,8 @@ def log_request(record: RequestRecord) -> None:
     """Log one access line at info (if enabled) and hand the record to the observers."""
     # Observers get the same bounded, query-free values as the log, whatever the log level.
     record.path = clean_path(record.path)
-    if record.alias is not None and len(record.alias) > 128:
-        record.alias = record.alias[:128] + "..."
+    if record.alias is not None:
+        record.alias = bounded_alias(record.alias)
     if _access.isEnabledFor(logging.INFO):
         writer = _writer
         if writer is not None and writer.running:
@@ -515,21 +507,53 @@ class Exchange:
                 metrics.observe_http(self.method, self.path, status, seconds)
             if self.stream and self.first_byte is not None and alias and provider is not None:
                 metrics.first_byte(alias, provider, self.first_byte - self.started)
+        usage = self.usage
+        tokens_in = tokens_out = cached = None
+        if usage is not None:
+            tokens_in, tokens_out, cached, _ = usage
+        bytes_out = self.bytes_out if self._reset is not None else None
+        stream = self.stream or None
+        if not request_observers:
+            if not _access.isEnabledFor(logging.INFO):
+                return  # nobody reads the line: no record
+            writer = _writer
+            if writer is not None and writer.running:
+                # Only the writer reads it: the fields as one tuple, bounded and formatted
+                # with its batch (no record, no per-request formatting).
+                writer.add(
+                    (
+                        self.method,
+                        self.path,
+                        status,
+                        seconds,
+                        alias,
+                        provider,
+                        bytes_in,
+                        bytes_out,
+                        attempts,
+                        stream,
+                        tokens_in,
+                        tokens_out,
+                        cached,
+                        time.time(),
+                    )
+                )
+                return
         log_request(
             RequestRecord(
-                method=self.method,
-                path=self.path,
-                status=status,
-                duration=seconds,
-                alias=alias,
-                provider=provider,
-                bytes_in=bytes_in,
-                bytes_out=self.bytes_out if self._reset is not None else None,
-                attempts=attempts,
-                stream=self.stream or None,
-                input_tokens=self.usage.input_tokens if self.usage is not None else None,
-                output_tokens=self.usage.output_tokens if self.usage is not None else None,
-                cached_tokens=self.usage.cached_tokens if self.usage is not None else None,
+                self.method,
+                self.path,
+                status,
+                seconds,
+                alias,
+                provider,
+                bytes_in,
+                bytes_out,
+                attempts,
+                stream,
+                tokens_in,
+                tokens_out,
+                cached,
             )
         )
 

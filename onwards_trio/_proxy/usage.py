@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
-import attrs
 import orjson
 
 __all__ = [
@@ -56,9 +55,12 @@ _MAX_OBJECT: Final = 16 * 1024
 _OVERLAP: Final = len(_KEY) - 1
 
 
-@attrs.frozen
-class Usage:
-    """Token counts of one response (or a sum of several, with ``+``)."""
+class Usage(NamedTuple):
+    """Token counts of one response (or a sum of several, with ``+``).
+
+    A named tuple, not a frozen attrs class: every relayed answer with usage builds one, and a
+    frozen class's ``__init__`` (one ``object.__setattr__`` per field) cost about 5k
+    instructions of the access line's budget; a tuple is built in one C call."""
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -69,13 +71,20 @@ class Usage:
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-            self.cached_tokens + other.cached_tokens,
-            self.reasoning_tokens + other.reasoning_tokens,
+    def __add__(self, other: Usage) -> Usage:  # type: ignore[override]  # a sum, not a concatenation
+        return _usage(
+            (
+                self.input_tokens + other.input_tokens,
+                self.output_tokens + other.output_tokens,
+                self.cached_tokens + other.cached_tokens,
+                self.reasoning_tokens + other.reasoning_tokens,
+            )
         )
+
+
+def _usage(figures: tuple[int, int, int, int]) -> Usage:
+    """A :class:`Usage` of four figures without the generated ``__new__``'s argument handling."""
+    return tuple.__new__(Usage, figures)
 
 
 def _int(value: Any) -> int:
@@ -98,21 +107,41 @@ def usage_from_object(raw: Any) -> Usage | None:
     # A dict (what JSON gives) first: the abstract Mapping check costs a few microseconds.
     if not isinstance(raw, dict) and not isinstance(raw, Mapping):
         return None
-    if "prompt_tokens" in raw or "completion_tokens" in raw:
-        return Usage(
-            _int(raw.get("prompt_tokens")),
-            _int(raw.get("completion_tokens")),
-            _detail(raw, "prompt_tokens_details", "cached_tokens"),
-            _detail(raw, "completion_tokens_details", "reasoning_tokens"),
+    get = raw.get
+    prompt, completion = get("prompt_tokens"), get("completion_tokens")
+    if (
+        prompt is not None
+        or completion is not None
+        or "prompt_tokens" in raw
+        or "completion_tokens" in raw
+    ):
+        if (
+            type(prompt) is int  # the usual answer: two plain counts and no details
+            and type(completion) is int
+            and prompt >= 0
+            and completion >= 0
+            and "prompt_tokens_details" not in raw
+            and "completion_tokens_details" not in raw
+        ):
+            return _usage((prompt, completion, 0, 0))
+        return _usage(
+            (
+                _int(prompt),
+                _int(completion),
+                _detail(raw, "prompt_tokens_details", "cached_tokens"),
+                _detail(raw, "completion_tokens_details", "reasoning_tokens"),
+            )
         )
     if "input_tokens" in raw or "output_tokens" in raw:
-        cache_read = _int(raw.get("cache_read_input_tokens"))
-        cache_write = _int(raw.get("cache_creation_input_tokens"))
-        return Usage(
-            _int(raw.get("input_tokens")) + cache_read + cache_write,
-            _int(raw.get("output_tokens")),
-            _detail(raw, "input_tokens_details", "cached_tokens") + cache_read,
-            _detail(raw, "output_tokens_details", "reasoning_tokens"),
+        cache_read = _int(get("cache_read_input_tokens"))
+        cache_write = _int(get("cache_creation_input_tokens"))
+        return _usage(
+            (
+                _int(get("input_tokens")) + cache_read + cache_write,
+                _int(get("output_tokens")),
+                _detail(raw, "input_tokens_details", "cached_tokens") + cache_read,
+                _detail(raw, "output_tokens_details", "reasoning_tokens"),
+            )
         )
     return None
 
@@ -140,11 +169,11 @@ def _object_end(data: bytes, start: int) -> int:
 _SHALLOW: Final = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 
 
-def _objects(data: bytes, start: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Every complete ``"usage": {...}`` object in ``data`` from ``start``, in order, and where
-    an incomplete one starts (``-1``: none)."""
+def _objects(data: bytes, pos: int) -> tuple[list[dict[str, Any]], int]:
+    """Every complete ``"usage": {...}`` object in ``data`` from the key at ``pos`` (``-1``:
+    none; the caller's ``find``, not repeated here), in order, and where an incomplete one
+    starts (``-1``: none)."""
     found: list[dict[str, Any]] = []
-    pos = data.find(_KEY, start)
     while pos >= 0:
         shallow = _SHALLOW.match(data, pos)
         if shallow is not None:
@@ -193,7 +222,7 @@ def _merged(objs: list[dict[str, Any]], into: dict[str, Any] | None = None) -> d
 
 def find_usage(body: bytes) -> Usage | None:
     """The usage in a whole body (JSON or a complete SSE stream); ``None`` if there is none."""
-    objs, _ = _objects(body)
+    objs, _ = _objects(body, body.find(_KEY))
     return usage_from_object(_merged(objs)) if objs else None
 
 
@@ -306,10 +335,11 @@ class StreamUsageStripper:
             return data
         out: list[bytes] = []
         for event in _split_events(data):
-            if event.find(_KEY) < 0:
+            pos = event.find(_KEY)
+            if pos < 0:
                 out.append(event)
                 continue
-            objs, _ = _objects(event)
+            objs, _ = _objects(event, pos)
             if objs:
                 self._raw = _merged(objs, self._raw)
                 if b'"choices":[]' in event or b'"choices": []' in event:
