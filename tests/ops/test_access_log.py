@@ -17,6 +17,8 @@ RECORDS = [
     RequestRecord("POST", "/v1/chat/completions", 200, 0.0123456, "gpt-4", 0, 120, 800, 1),
     RequestRecord("GET", "/v1/models", 401, 0.0001),
     RequestRecord("POST", '/v1/odd path/"x"', 502, 1.5, "a b", 2, 10, None, 3, True),
+    # counts that are not plain ints (or past the writer's table of small ones) print as str()
+    RequestRecord("POST", "/v1/x", 200, 0.1, "a", True, 3.0, -5, 1, False, 4095, 4096, 0),
 ]
 
 
