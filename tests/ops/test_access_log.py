@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from typing import cast
 
 import orjson
 import pytest
@@ -18,7 +19,9 @@ RECORDS = [
     RequestRecord("GET", "/v1/models", 401, 0.0001),
     RequestRecord("POST", '/v1/odd path/"x"', 502, 1.5, "a b", 2, 10, None, 3, True),
     # counts that are not plain ints (or past the writer's table of small ones) print as str()
-    RequestRecord("POST", "/v1/x", 200, 0.1, "a", True, 3.0, -5, 1, False, 4095, 4096, 0),
+    RequestRecord(
+        "POST", "/v1/x", 200, 0.1, "a", True, cast(int, 3.0), -5, 1, False, 4095, 4096, 0
+    ),
 ]
 
 
