@@ -513,49 +513,31 @@ class Exchange:
             tokens_in, tokens_out, cached, _ = usage
         bytes_out = self.bytes_out if self._reset is not None else None
         stream = self.stream or None
-        if not request_observers:
-            if not _access.isEnabledFor(logging.INFO):
-                return  # nobody reads the line: no record
-            writer = _writer
-            if writer is not None and writer.running:
-                # Only the writer reads it: the fields as one tuple, bounded and formatted
-                # with its batch (no record, no per-request formatting).
-                writer.add(
-                    (
-                        self.method,
-                        self.path,
-                        status,
-                        seconds,
-                        alias,
-                        provider,
-                        bytes_in,
-                        bytes_out,
-                        attempts,
-                        stream,
-                        tokens_in,
-                        tokens_out,
-                        cached,
-                        time.time(),
-                    )
-                )
-                return
-        log_request(
-            RequestRecord(
-                self.method,
-                self.path,
-                status,
-                seconds,
-                alias,
-                provider,
-                bytes_in,
-                bytes_out,
-                attempts,
-                stream,
-                tokens_in,
-                tokens_out,
-                cached,
-            )
+        if not request_observers and not _access.isEnabledFor(logging.INFO):
+            return  # nobody reads the line: no record
+        fields = (
+            self.method,
+            self.path,
+            status,
+            seconds,
+            alias,
+            provider,
+            bytes_in,
+            bytes_out,
+            attempts,
+            stream,
+            tokens_in,
+            tokens_out,
+            cached,
         )
+        writer = _writer
+        if not request_observers and writer is not None and writer.running:
+            # Only the writer reads it: the fields as one tuple (RequestRecord's order, then
+            # the time), bounded and formatted with its batch (no record, no per-request
+            # formatting).
+            writer.add((*fields, time.time()))
+            return
+        log_request(RequestRecord(*fields))
 
 
 def begin_exchange(
