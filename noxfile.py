@@ -197,12 +197,16 @@ MUTATION_TARGETS: dict[str, tuple[str, ...]] = {
         "xǁ_Runǁ_snapshot",
         "xǁ_Runǁ_clean_up",
     ),
-    # What goes into a span's attributes (never a key or a prompt unless record_content)
+    # What goes into a span's attributes (never a key or a prompt unless record_content, a
+    # client-chosen alias bounded), and the trace headers only an opted-in upstream is sent
     "telemetry": _functions(
         "_ops.tracing",
+        "_built",
         "_request_parts_of",
         "_attempt_parts_of",
         "_content",
+        "xǁAttemptSpanǁtrace_headers",
+        "xǁAttemptSpanǁend",
         "xǁTelemetryǁend_request",
         "xǁTelemetryǁstart_response",
         "xǁTelemetryǁend_response",
@@ -350,6 +354,8 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
         "tests/ops/test_failed_step_span.py",
         "tests/ops/test_unsampled_request_usage.py",
         "tests/ops/test_loop_span_attributes.py",
+        "tests/ops/test_span_alias_bound.py",
+        "tests/ops/test_upstream_500_spans.py",
     ),
 }
 

@@ -262,11 +262,6 @@ def _usage_fields(usage: Any) -> bytes:
     return out
 
 
-# Encoded name, kind and repeated attributes of server and client spans, by their values.
-_request_parts: dict[tuple[Any, ...], KnownParts] = {}
-_attempt_parts: dict[tuple[Any, ...], KnownParts] = {}
-
-
 class RequestSpan(_Span):
     """The server span of one HTTP request (what the gateway holds between start and end)."""
 
@@ -315,6 +310,7 @@ class AttemptSpan(_Span):
         "attempt",
         "first",
         "model",
+        "parts",
         "path",
         "provider",
         "queue",
@@ -331,6 +327,7 @@ class AttemptSpan(_Span):
     first: int | None  # when the first body byte came (ns since the epoch, as start)
     tokens: Any
     queue: _SpanQueue
+    parts: dict[tuple[Any, ...], KnownParts]  # its telemetry's encoded client span parts
 
     def trace_headers(
         self, headers: list[tuple[bytes, bytes]], propagate: bool
@@ -391,7 +388,7 @@ class AttemptSpan(_Span):
             self.parent_remote,
         )
         try:
-            parts = _attempt_parts.get(key) or _built(_attempt_parts, key, _attempt_parts_of)
+            parts = self.parts.get(key) or _built(self.parts, key, _attempt_parts_of)
             first = self.first
             extra = b"" if first is None else _FIRST_CHUNK + _double((first - self.start) / 1e9)
             if self.tokens is not None:
@@ -671,6 +668,11 @@ class Telemetry:
         self.sampler: Sampler = TracerProvider(resource=resource, sampler=sampler).sampler
         self.bounds = _bounds(self.sampler)
         self.queue = _SpanQueue(max_queue, batch)
+        # The encoded name, kind and repeated attributes of server and client spans, by their
+        # values: each gateway its own (its providers are its own objects, and a test's spans
+        # are built from its own gateway's values, not from a cache another one filled).
+        self.request_parts: dict[tuple[Any, ...], KnownParts] = {}
+        self.attempt_parts: dict[tuple[Any, ...], KnownParts] = {}
         self.exporter = exporter
         self.record_content = record_content
         self.interval = interval
@@ -835,7 +837,9 @@ class Telemetry:
             span.parent_remote,
         )
         try:
-            parts = _request_parts.get(key) or _built(_request_parts, key, _request_parts_of)
+            parts = self.request_parts.get(key) or _built(
+                self.request_parts, key, _request_parts_of
+            )
             frame = encode_known(
                 span.trace_id,
                 span.span_id,
@@ -890,6 +894,7 @@ class Telemetry:
             span.retry_reason = retry_reason
             span.status = span.first = span.tokens = None
             span.queue = self.queue
+            span.parts = self.attempt_parts
             span.start = time.time_ns()
         return span
 

@@ -177,3 +177,12 @@ async def test_a_failed_response_run_is_an_error_span_with_its_type(
     assert run.error
     assert run.attributes["onwards.response.status"] == "failed"
     assert run.attributes["error.type"] == "failed"  # the LoopError's kind
+
+
+async def test_a_model_steps_recorded_output_is_its_answer(nursery: trio.Nursery) -> None:
+    _, spans = await _spans(nursery, record_content=True)
+    steps = [s for s in spans if s.name == "chat m" and s.kind == "internal"]
+    (last,) = [s for s in steps if s.attributes["gen_ai.usage.input_tokens"] == 20]
+    assert "gen_ai.tool.call.result" not in last.attributes
+    answer = orjson.loads(last.attributes["gen_ai.output.messages"])
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": COMPLETION}

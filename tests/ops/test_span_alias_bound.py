@@ -1,0 +1,39 @@
+"""A request span records the alias the client asked for, configured or not: a client-chosen
+string, so it is cut at 128 characters (with ``...``) rather than kept as sent, the way
+recorded content is cut at 16 KiB."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tests.ops.otlp_receiver import ReceivedSpan, otlp_receiver
+from tests.ops.test_telemetry_http import CHAT, _chat, _client, _config, _gateway, _wait
+from tests.support import FakeUpstream, Reply, chat_completion, serve_app
+
+LIMIT = 128  # what the span keeps of an alias
+
+pytestmark = pytest.mark.usefixtures("fast_otel_export")
+
+
+async def _server_spans(nursery: trio.Nursery, *aliases: str) -> list[ReceivedSpan]:
+    """One request per alias, none of them configured (each answered 404), and their spans."""
+    upstream = FakeUpstream(Reply(body=chat_completion("hi")))
+    async with otlp_receiver() as receiver:
+        targets = {"gpt": {"url": await serve_app(nursery, upstream)}}
+        _, url = await _gateway(nursery, _config(receiver.url, targets))
+        async with _client(url) as client:
+            for alias in aliases:
+                r = await client.post(CHAT, json=_chat(model=alias))
+                assert r.status_code == 404
+        spans = await _wait(receiver, len(aliases))
+    return sorted(spans, key=lambda s: s.start)
+
+
+async def test_an_alias_over_128_characters_is_cut_in_the_span(nursery: trio.Nursery) -> None:
+    exact, over = "a" * LIMIT, "b" * (LIMIT + 1)
+    first, second = await _server_spans(nursery, exact, over)
+    assert first.attributes["onwards.alias"] == exact
+    assert first.attributes["gen_ai.request.model"] == exact
+    assert second.attributes["onwards.alias"] == "b" * LIMIT + "..."
+    assert second.attributes["gen_ai.request.model"] == "b" * LIMIT + "..."
