@@ -354,7 +354,7 @@ MUTATION_TESTS: dict[str, tuple[str, ...]] = {
         "tests/ops/test_failed_step_span.py",
         "tests/ops/test_unsampled_request_usage.py",
         "tests/ops/test_loop_span_attributes.py",
-        "tests/ops/test_span_alias_bound.py",
+        "tests/ops/test_request_span_client_strings.py",
         "tests/ops/test_failed_attempt_spans.py",
         "tests/ops/test_span_queue_bound.py",
     ),

@@ -1,6 +1,8 @@
-"""A request span records the alias the client asked for, configured or not: a client-chosen
-string, so it is cut at 128 characters (with ``...``) rather than kept as sent, the way
-recorded content is cut at 16 KiB."""
+"""What a request span keeps of the strings a client chooses. The alias asked for is recorded,
+configured or not, so it is cut at 128 characters (with ``...``) rather than kept as sent,
+the way recorded content is cut at 16 KiB. A path that is not one of the gateway's own
+routes (proxied as it is) is not recorded at all: its route is ``other`` and the span is named
+by the method alone."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import pytest
 import trio
 
 from tests.ops.otlp_receiver import ReceivedSpan, otlp_receiver
-from tests.ops.test_telemetry_http import CHAT, _chat, _client, _config, _gateway, _wait
+from tests.ops.test_telemetry_http import CHAT, _chat, _client, _config, _gateway, _only, _wait
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app
 
 LIMIT = 128  # what the span keeps of an alias
@@ -37,3 +39,16 @@ async def test_an_alias_over_128_characters_is_cut_in_the_span(nursery: trio.Nur
     assert first.attributes["gen_ai.request.model"] == exact
     assert second.attributes["onwards.alias"] == "b" * LIMIT + "..."
     assert second.attributes["gen_ai.request.model"] == "b" * LIMIT + "..."
+
+
+async def test_a_path_not_served_is_not_recorded(nursery: trio.Nursery) -> None:
+    path = "/v1/a-path-no-span-may-hold"
+    upstream = FakeUpstream(Reply(body=chat_completion("hi")))
+    async with otlp_receiver() as receiver:
+        targets = {"gpt": {"url": await serve_app(nursery, upstream)}}
+        _, url = await _gateway(nursery, _config(receiver.url, targets))
+        async with _client(url) as client:
+            await client.post(path, json=_chat())  # proxied as it is
+        spans = await _wait(receiver, 1)
+    assert _only(spans, "POST").attributes["http.route"] == "other"
+    assert "a-path-no-span-may-hold" not in repr(spans)
