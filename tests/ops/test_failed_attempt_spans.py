@@ -55,3 +55,30 @@ async def test_an_unreachable_provider_is_a_network_error_then_the_retry_reason(
     assert "http.response.status_code" not in first.attributes
     assert second.attributes["onwards.retry_reason"] == "network_error"
     assert not second.error and "error.type" not in second.attributes
+
+
+async def test_an_attempts_server_port_is_the_urls_or_its_schemes_default(
+    nursery: trio.Nursery,
+) -> None:
+    working = FakeUpstream(Reply(body=chat_completion("hi")))
+    port = int((working_url := await serve_app(nursery, working)).rsplit(":", 1)[1])
+    async with otlp_receiver() as receiver:
+        providers = [
+            {"url": "https://127.0.0.1"},
+            {"url": "http://127.0.0.1"},
+            {"url": working_url},
+        ]
+        targets = {
+            "gpt": {"strategy": "priority", "fallback": {"enabled": True}, "providers": providers}
+        }
+        _, url = await _gateway(nursery, _config(receiver.url, targets))
+        async with _client(url) as client:
+            assert (await client.post(CHAT, json=_chat())).status_code == 200
+        spans = await _wait(receiver, 1, "POST /v1/chat/completions")
+    server = _only(spans, "POST /v1/chat/completions")
+    attempts = sorted(server.children(spans), key=lambda s: s.attributes["onwards.attempt"])
+    assert [(a.attributes["server.address"], a.attributes["server.port"]) for a in attempts] == [
+        ("127.0.0.1", 443),  # nobody listens there: a network error, then the next provider
+        ("127.0.0.1", 80),
+        ("127.0.0.1", port),
+    ]
