@@ -2,7 +2,9 @@
 
 It speaks the protocol an OpenTelemetry collector speaks (``POST /v1/traces`` with a protobuf
 ``ExportTraceServiceRequest``), decodes every span with ``opentelemetry-proto`` and keeps it as
-a :class:`ReceivedSpan`. ``mode="slow"`` never answers (a hung collector).
+a :class:`ReceivedSpan`. ``mode="slow"`` never answers (a hung collector). A span carrying bytes
+that OTLP does not define (a collector would skip them as unknown fields) fails
+:meth:`OTLPReceiver.wait_for`: the gateway encodes spans itself, and stray bytes are a bug.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Literal
 
 import attrs
 import trio
+from google.protobuf.unknown_fields import UnknownFieldSet
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -52,6 +55,7 @@ class OTLPReceiver:
     def __init__(self, mode: Literal["ok", "slow"] = "ok") -> None:
         self.mode = mode
         self.spans: list[ReceivedSpan] = []
+        self.malformed: list[str] = []  # names of spans with bytes OTLP does not define
         self.requests = 0
         self.url = ""
         self._arrived = trio.Event()
@@ -76,6 +80,8 @@ class OTLPReceiver:
             )
             for ss in rs.scope_spans:
                 for s in ss.spans:
+                    if len(UnknownFieldSet(s)):
+                        self.malformed.append(s.name)
                     self.spans.append(
                         ReceivedSpan(
                             name=s.name,
@@ -109,6 +115,7 @@ class OTLPReceiver:
         """Wait until ``count`` spans (named ``name``, if given) have arrived; return all."""
         while len([s for s in self.spans if name is None or s.name == name]) < count:
             await self._arrived.wait()
+        assert not self.malformed, f"spans with bytes OTLP does not define: {self.malformed}"
         return self.spans
 
 
