@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import attrs
 import trio
-from google.protobuf.unknown_fields import UnknownFieldSet
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -80,7 +79,9 @@ class OTLPReceiver:
             )
             for ss in rs.scope_spans:
                 for s in ss.spans:
-                    if len(UnknownFieldSet(s)):
+                    size = s.ByteSize()
+                    s.DiscardUnknownFields()
+                    if s.ByteSize() != size:
                         self.malformed.append(s.name)
                     self.spans.append(
                         ReceivedSpan(
