@@ -45,6 +45,7 @@ class ReceivedSpan:
     error: bool
     service: str
     start: int  # nanoseconds since the epoch
+    end: int = 0  # nanoseconds since the epoch (0: the span has no end time)
 
     def children(self, spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
         return [s for s in spans if s.parent_span_id == self.span_id]
@@ -95,6 +96,7 @@ class OTLPReceiver:
                             error=s.status.code == 2,
                             service=service,
                             start=s.start_time_unix_nano,
+                            end=s.end_time_unix_nano,
                         )
                     )
         self._arrived.set()

@@ -82,3 +82,25 @@ async def test_an_attempts_server_port_is_the_urls_or_its_schemes_default(
         ("127.0.0.1", 80),
         ("127.0.0.1", port),
     ]
+
+
+async def test_each_attempt_span_lies_within_its_request_span_in_order(
+    nursery: trio.Nursery,
+) -> None:
+    working = FakeUpstream(Reply(body=chat_completion("hi")))
+    with trio.socket.socket() as s:  # a port nobody listens on
+        await s.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{s.getsockname()[1]}"
+    async with otlp_receiver() as receiver:
+        providers = [{"url": nobody}, {"url": await serve_app(nursery, working)}]
+        targets = {
+            "gpt": {"strategy": "priority", "fallback": {"enabled": True}, "providers": providers}
+        }
+        _, url = await _gateway(nursery, _config(receiver.url, targets))
+        async with _client(url) as client:
+            assert (await client.post(CHAT, json=_chat())).status_code == 200
+        spans = await _wait(receiver, 1, "POST /v1/chat/completions")
+    server = _only(spans, "POST /v1/chat/completions")
+    first, second = sorted(server.children(spans), key=lambda s: s.attributes["onwards.attempt"])
+    times = [server.start, first.start, first.end, second.start, second.end, server.end]
+    assert times == sorted(times) and server.start > 0
