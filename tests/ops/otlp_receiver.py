@@ -46,6 +46,7 @@ class ReceivedSpan:
     service: str
     start: int  # nanoseconds since the epoch
     end: int = 0  # nanoseconds since the epoch (0: the span has no end time)
+    trace_state: str = ""  # the W3C tracestate the span carries
 
     def children(self, spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
         return [s for s in spans if s.parent_span_id == self.span_id]
@@ -97,6 +98,7 @@ class OTLPReceiver:
                             service=service,
                             start=s.start_time_unix_nano,
                             end=s.end_time_unix_nano,
+                            trace_state=s.trace_state,
                         )
                     )
         self._arrived.set()

@@ -2,7 +2,8 @@
 configured or not, so it is cut at 128 characters (with ``...``) rather than kept as sent,
 the way recorded content is cut at 16 KiB. A path that is not one of the gateway's own
 routes (proxied as it is) is not recorded at all: its route is ``other`` and the span is named
-by the method alone."""
+by the method alone. A caller's ``tracestate`` is kept, as W3C Trace Context asks, on the
+request's span and its upstream attempt's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import pytest
 import trio
 
 from tests.ops.otlp_receiver import ReceivedSpan, otlp_receiver
-from tests.ops.test_telemetry_http import CHAT, _chat, _client, _config, _gateway, _only, _wait
+from tests.ops.test_telemetry_http import (
+    CHAT,
+    TRACEPARENT,
+    _chat,
+    _client,
+    _config,
+    _gateway,
+    _only,
+    _wait,
+)
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app
 
 LIMIT = 128  # what the span keeps of an alias
@@ -52,3 +62,18 @@ async def test_a_path_not_served_is_not_recorded(nursery: trio.Nursery) -> None:
         spans = await _wait(receiver, 1)
     assert _only(spans, "POST").attributes["http.route"] == "other"
     assert "a-path-no-span-may-hold" not in repr(spans)
+
+
+async def test_a_callers_tracestate_is_kept_on_the_request_and_attempt_spans(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = FakeUpstream(Reply(body=chat_completion("hi")))
+    async with otlp_receiver() as receiver:
+        targets = {"gpt": {"url": await serve_app(nursery, upstream)}}
+        _, url = await _gateway(nursery, _config(receiver.url, targets))
+        async with _client(url, traceparent=TRACEPARENT, tracestate="k=v") as client:
+            assert (await client.post(CHAT, json=_chat())).status_code == 200
+        spans = await _wait(receiver, 1, "POST /v1/chat/completions")
+    server = _only(spans, "POST /v1/chat/completions")
+    (attempt,) = server.children(spans)
+    assert (server.trace_state, attempt.trace_state) == ("k=v", "k=v")
