@@ -370,8 +370,7 @@ class AttemptSpan(_Span):
             return
         stop = time.time_ns()
         queue = self.queue
-        if len(queue.spans) >= queue.max_queue:
-            queue.dropped += 1
+        if queue.refuses():
             return
         status = self.status
         error = failure
@@ -406,10 +405,7 @@ class AttemptSpan(_Span):
         except Exception:  # a bug in tracing must not fail the request
             log.exception("span %r not exported", self)
             return
-        spans = queue.spans
-        spans.append(frame)  # room checked above
-        if len(spans) >= queue.batch:
-            queue.batch_full()
+        queue.append(frame)
 
 
 def _attempt_parts_of(
@@ -526,10 +522,20 @@ class _SpanQueue:
         self._trio_thread: int | None = None
 
     def put(self, span: bytes) -> None:
-        spans = self.spans
-        if len(spans) >= self.max_queue:
+        if not self.refuses():
+            self.append(span)
+
+    def refuses(self) -> bool:
+        """Whether a span ending now is dropped (the queue is full; counted): asked before
+        any work is spent encoding it."""
+        if len(self.spans) >= self.max_queue:
             self.dropped += 1
-            return
+            return True
+        return False
+
+    def append(self, span: bytes) -> None:
+        """Queue an encoded span whose room :meth:`refuses` checked."""
+        spans = self.spans
         spans.append(span)
         if len(spans) >= self.batch:
             self.batch_full()
@@ -821,8 +827,7 @@ class Telemetry:
         # would survive young collections and be promoted (at 100 % sampling that doubled the
         # collector's work); the parts every request repeats are encoded once per combination.
         queue = self.queue
-        if len(queue.spans) >= queue.max_queue:
-            queue.dropped += 1
+        if queue.refuses():
             return
         if alias is not None and len(alias) > _ALIAS_LIMIT:
             alias = alias[:_ALIAS_LIMIT] + "..."  # what the client sent, configured or not
@@ -853,10 +858,7 @@ class Telemetry:
         except Exception:  # a bug in tracing must not fail the request
             log.exception("span %r not exported", span)
             return
-        spans = queue.spans
-        spans.append(frame)  # room checked above
-        if len(spans) >= queue.batch:
-            queue.batch_full()
+        queue.append(frame)
 
     # -- upstream attempts (client spans) -------------------------------------------------------
 
