@@ -155,6 +155,26 @@ def build_request(port: int, stream: bool, responses: bool | None = None) -> byt
     ) + body
 
 
+async def send_count(port: int, raw: bytes, concurrency: int, total: int) -> float:
+    """Exactly ``total`` requests ``raw`` over ``concurrency`` keep-alive connections; the
+    seconds taken (the fixed-count load of bench/tracing.py and bench/responses.py)."""
+    left = [total]
+
+    async def worker() -> None:
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = Conn(s)
+        async with s:
+            while left[0] > 0:
+                left[0] -= 1
+                await conn.request(raw)
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return time.perf_counter() - t0
+
+
 async def load(
     port: int, concurrency: int, seconds: float, stream: bool, responses: bool | None = None
 ) -> dict[str, float]:

@@ -38,12 +38,12 @@ from pathlib import Path
 
 import trio
 from proxy import (  # bench/proxy.py: the upstream, the load generator, the gateway runner
-    Conn,
     build_request,
     cpu_seconds,
     free_port,
     load,
     load_average,
+    send_count,
     start_gateway,
     start_upstream,
     wait_port,
@@ -130,20 +130,7 @@ def config(upstream: str, workdir: str, name: str) -> dict[str, object]:
 
 async def requests(port: int, concurrency: int, total: int, store: bool) -> None:
     """Exactly ``total`` requests over ``concurrency`` keep-alive connections."""
-    raw = build_request(port, False, store)
-    left = [total]
-
-    async def worker() -> None:
-        s = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = Conn(s)
-        async with s:
-            while left[0] > 0:
-                left[0] -= 1
-                await conn.request(raw)
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(worker)
+    await send_count(port, build_request(port, False, store), concurrency, total)
 
 
 def count_calls(source: str | None, upstream: str, workdir: str, n: int) -> dict[str, float]:

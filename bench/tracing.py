@@ -47,6 +47,7 @@ from proxy import (  # bench/proxy.py: the same upstream, load generator and gat
     build_request,
     free_port,
     load_average,
+    send_count,
     start_gateway,
     start_upstream,
     wait_port,
@@ -71,22 +72,7 @@ def cpu_ns(pid: int) -> int:
 
 async def send(port: int, concurrency: int, requests: int, stream: bool) -> float:
     """``requests`` requests over ``concurrency`` keep-alive connections; the seconds taken."""
-    raw = build_request(port, stream)
-    left = [requests]
-
-    async def worker() -> None:
-        s = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = Conn(s)
-        async with s:
-            while left[0] > 0:
-                left[0] -= 1
-                await conn.request(raw)
-
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(worker)
-    return time.perf_counter() - t0
+    return await send_count(port, build_request(port, stream), concurrency, requests)
 
 
 async def send_for(port: int, concurrency: int, seconds: float, stream: bool) -> int:
