@@ -78,6 +78,21 @@ async def test_a_refusal_is_counted_under_its_limit_and_scope(
     assert sample(scraped, "onwards_limit_rejections_total", **labels) == refused
 
 
+async def second_while_the_first_holds_its_slot(client: Any, up: FakeUpstream) -> int:
+    """Key ``sk-a``'s first request to ``m`` holds the one concurrency slot (the upstream
+    answers slowly) while a second is sent: the second's status."""
+    headers = {"authorization": "Bearer sk-a"}
+    async with trio.open_nursery() as inner:
+        first = partial(client.post, "/v1/chat/completions", json=body("m"), headers=headers)
+        inner.start_soon(first)
+        with trio.fail_after(20):
+            while not up.requests:  # the first request holds the slot
+                await trio.sleep(0.01)
+        second = await client.post("/v1/chat/completions", json=body("m"), headers=headers)
+    status: int = second.status_code
+    return status
+
+
 @pytest.mark.parametrize("shared", [False, pytest.param(True, marks=needs_redis)])
 @pytest.mark.parametrize("scope", ["pool", "key"])
 async def test_a_concurrency_refusal_is_counted_under_its_scope(
@@ -91,16 +106,8 @@ async def test_a_concurrency_refusal_is_counted_under_its_scope(
     if shared:
         spec["shared_limits"] = shared_config("onwards-test-" + secrets.token_hex(4))
     client, scraper, metrics = await gateway(nursery, spec.pop("targets"), **spec)
-    headers = {"authorization": "Bearer sk-a"}
     async with client, scraper:
-        async with trio.open_nursery() as inner:
-            first = partial(client.post, "/v1/chat/completions", json=body("m"), headers=headers)
-            inner.start_soon(first)
-            with trio.fail_after(20):
-                while not up.requests:  # the first request holds the one slot
-                    await trio.sleep(0.01)
-            refused = await client.post("/v1/chat/completions", json=body("m"), headers=headers)
-        assert refused.status_code == 429
+        assert await second_while_the_first_holds_its_slot(client, up) == 429
         labels = {"alias": "m", "limit": "concurrency", "scope": scope}
         await settle(metrics, "onwards_limit_rejections_total", labels, 1)
         scraped = await scrape(scraper)
@@ -188,16 +195,8 @@ async def test_a_key_concurrency_refusal_behind_pool_limits_is_counted_as_the_ke
     if shared:
         spec["shared_limits"] = shared_config("onwards-test-" + secrets.token_hex(4))
     client, scraper, metrics = await gateway(nursery, {"m": pool}, **spec)
-    headers = {"authorization": "Bearer sk-a"}
     async with client, scraper:
-        async with trio.open_nursery() as inner:
-            first = partial(client.post, "/v1/chat/completions", json=body("m"), headers=headers)
-            inner.start_soon(first)
-            with trio.fail_after(20):
-                while not up.requests:  # the first request holds the key's one slot
-                    await trio.sleep(0.01)
-            refused = await client.post("/v1/chat/completions", json=body("m"), headers=headers)
-        assert refused.status_code == 429
+        assert await second_while_the_first_holds_its_slot(client, up) == 429
         labels = {"alias": "m", "limit": "concurrency", "scope": "key"}
         await settle(metrics, "onwards_limit_rejections_total", labels, 1)
         scraped = await scrape(scraper)
