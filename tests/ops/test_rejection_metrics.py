@@ -64,18 +64,24 @@ async def test_a_refusal_is_counted_under_its_limit_and_scope(
     if shared:
         spec["shared_limits"] = shared_config("onwards-test-" + secrets.token_hex(4))
     client, scraper, metrics = await gateway(nursery, spec.pop("targets"), **spec)
-    headers = {"authorization": "Bearer sk-a"}
     async with client, scraper:
-        codes = [
-            (await client.post("/v1/chat/completions", json=body("m"), headers=headers)).status_code
-            for _ in range(2)
-        ]
+        codes = await two_in_a_row(client)
         refused = sum(code in (402, 429) for code in codes)
         assert refused and all(code in (200, 402, 429) for code in codes), codes
         labels = {"alias": "m", "limit": limit, "scope": scope}
         await settle(metrics, "onwards_limit_rejections_total", labels, refused)
         scraped = await scrape(scraper)
     assert sample(scraped, "onwards_limit_rejections_total", **labels) == refused
+
+
+async def two_in_a_row(client: Any) -> list[int]:
+    """Key ``sk-a``'s two requests to ``m``, one after the other: their statuses."""
+    headers = {"authorization": "Bearer sk-a"}
+    codes: list[int] = []
+    for _ in range(2):
+        reply = await client.post("/v1/chat/completions", json=body("m"), headers=headers)
+        codes.append(reply.status_code)
+    return codes
 
 
 async def second_while_the_first_holds_its_slot(client: Any, up: FakeUpstream) -> int:
@@ -133,12 +139,8 @@ async def test_a_refusal_sent_with_the_providers_check_is_counted(nursery: trio.
     to Redis with its check: the key's own refusal is still counted as the key's."""
     provider = {"url": await serve_app(nursery, FakeUpstream()), "rate_limit": PLENTY}
     client, scraper, metrics = await key_limited_shared_gateway(nursery, provider)
-    headers = {"authorization": "Bearer sk-a"}
     async with client, scraper:
-        codes = [
-            (await client.post("/v1/chat/completions", json=body("m"), headers=headers)).status_code
-            for _ in range(2)
-        ]
+        codes = await two_in_a_row(client)
         assert codes == [200, 429]
         labels = {"alias": "m", "limit": "rate", "scope": "key"}
         await settle(metrics, "onwards_limit_rejections_total", labels, 1)
@@ -211,12 +213,8 @@ async def test_a_keys_rate_refusal_beside_a_token_limit_is_counted(nursery: trio
     spec["auth"]["key_definitions"]["a"]["concurrency_limit"] = {"max_concurrent_requests": 5}
     spec["targets"]["m"]["token_limit"] = {"tokens": 100_000, "window_secs": 1e9}
     client, scraper, metrics = await gateway(nursery, spec.pop("targets"), **spec)
-    headers = {"authorization": "Bearer sk-a"}
     async with client, scraper:
-        codes = [
-            (await client.post("/v1/chat/completions", json=body("m"), headers=headers)).status_code
-            for _ in range(2)
-        ]
+        codes = await two_in_a_row(client)
         labels = {"alias": "m", "limit": "rate", "scope": "key"}
         await settle(metrics, "onwards_limit_rejections_total", labels, 1)
         scraped = await scrape(scraper)
