@@ -87,8 +87,8 @@ def bench(session: nox.Session) -> None:
     request (``cpu``: plain, access log off, traffic control, interleaved; ``python
     bench/cpu.py --before DIR`` adds another checkout to the same rounds), of stored
     ``/v1/responses`` against ``store: false`` (``responses``, interleaved, ``--before DIR``
-    too). The machine's load average is printed before and after: figures from a loaded
-    machine are not comparable.
+    too). The machine's load average and a reference loop's CPU time are printed before and
+    after: figures from a loaded or slow machine are not comparable.
     ``nox -s bench -- proxy`` runs one."""
     session.install("-e", ".[otel,redis]")  # the tracing rows need the SDK, limits coredis
     names = (
@@ -105,11 +105,11 @@ def bench(session: nox.Session) -> None:
         "responses",
     )
     chosen = set(session.posargs) or set(names)
-    session.log(f"load average before: {_load_average()}")
+    session.run("python", "bench/proxy.py", "--machine")  # load average + reference loop
     for name in names:
         if name in chosen:
             session.run("python", f"bench/{name}.py")
-    session.log(f"load average after: {_load_average()}")
+    session.run("python", "bench/proxy.py", "--machine")
 
 
 # The modules that guard users, smallest first, as mutmut name patterns (module.function or
@@ -607,8 +607,3 @@ def _accepted_survivors() -> dict[str, str]:
         if len(cells) >= 2 and cells[0].startswith("`onwards_trio."):
             found[cells[0].strip("`")] = cells[1]
     return found
-
-
-def _load_average() -> str:
-    with open("/proc/loadavg") as fh:
-        return " ".join(fh.read().split()[:3])

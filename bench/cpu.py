@@ -33,7 +33,7 @@ from proxy import (  # bench/proxy.py: the upstream, the load generator, the gat
     Gateways,
     free_port,
     interleave,
-    load_average,
+    machine_state,
     start_gateway,
     start_upstream,
     traffic_control,
@@ -55,7 +55,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="onwards-bench-cpu-")
     sources = [("", None)] + ([("before: ", args.before)] if args.before else [])
     gateways: Gateways = {}
-    load_before = load_average()
+    load_before = machine_state()
     try:
         for prefix, source in sources:
             env = {"PYTHONPATH": os.path.abspath(source)} if source is not None else None
@@ -84,7 +84,7 @@ def main() -> None:
 
     print(
         f"\ngateway CPU per proxied request: non-streaming, {args.rounds} interleaved rounds of "
-        f"{args.seconds:g} s, load average before {load_before}, after {load_average()}"
+        f"{args.seconds:g} s, machine before: {load_before}, machine after: {machine_state()}"
     )
     print(f"{'gateway':32} {'CPU µs/req c=16':>15} {'req/s c=16':>10} {'added p50 c=1':>14}")
     direct = [r["p50_ms"] for r in alone["direct"]]

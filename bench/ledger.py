@@ -21,7 +21,7 @@ import trio
 from proxy import (
     free_port,
     interleave,
-    load_average,
+    machine_state,
     start_gateway,
     start_upstream,
     traffic_control,
@@ -40,7 +40,7 @@ def main() -> None:
     upstream = f"http://127.0.0.1:{up_port}/v1"
     procs = [upstream_proc]
     workdir = tempfile.mkdtemp(prefix="onwards-bench-ledger-")
-    load_before = load_average()
+    load_before = machine_state()
     results: list[tuple[str, dict[str, float], dict[str, float]]] = []
     try:
         for name, base, metrics in (
@@ -74,7 +74,8 @@ def main() -> None:
                 proc.wait(timeout=10)
         print(
             f"\nusage ledger cost, non-streaming c=16, median of {args.rounds} interleaved rounds "
-            f"of {args.seconds:.0f}s (load average before {load_before}, after {load_average()})"
+            f"of {args.seconds:.0f}s (machine before: {load_before}, "
+            f"machine after: {machine_state()})"
         )
         print(f"{'config':24} {'ledger':12} {'CPU ms/req':>10} {'vs off':>7} {'req/s':>7}")
         for name, cpu_ms, rates in results:

@@ -34,7 +34,7 @@ from proxy import (
     cpu_seconds,
     free_port,
     load,
-    load_average,
+    machine_state,
     start_gateway,
     traffic_control,
     wait_port,
@@ -89,7 +89,7 @@ def main() -> None:
         modes += ["shared", "shared tokens", "shared tokens+budget"]
     sides = [("after", None)] + ([("before", args.before)] if args.before else [])
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
-    load_before = load_average()
+    load_before = machine_state()
     try:
         wait_port(up_port)
         for r in range(args.rounds):
@@ -122,8 +122,8 @@ def main() -> None:
                         gw.wait(timeout=10)
         print(
             f"\ngovernance cost at c=16, non-streaming ({os.cpu_count()} cores, "
-            f"{args.seconds:.0f}s x {args.rounds} rounds per row, load average before "
-            f"{load_before}, after {load_average()})"
+            f"{args.seconds:.0f}s x {args.rounds} rounds per row, machine before: "
+            f"{load_before}, machine after: {machine_state()})"
         )
         print(
             f"{'row':32} {'req/s':>8} {'CPU ms/req':>10} {'Redis calls/req':>15} "

@@ -256,8 +256,23 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return user, system
 
 
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+def reference_loop_ms() -> float:
+    """CPU milliseconds of a fixed pure-Python loop in this process: how fast the machine runs
+    Python right now. The shared 2-core machine drifts by up to ~1.8x over hours at the same
+    load average (the same gateway measured 166 and 264 µs per request an hour apart), so a
+    figure is only comparable with another one taken at a similar reference time."""
+    start = time.process_time()
+    x = 0
+    for i in range(2_000_000):
+        x += i * i
+    return (time.process_time() - start) * 1000
+
+
+def machine_state() -> str:
+    """The load average and the reference loop (:func:`reference_loop_ms`), printed before and
+    after every benchmark: a loaded or slow machine shows in its figures."""
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return f"load average {load}, reference loop {reference_loop_ms():.0f} ms"
 
 
 def start_upstream() -> tuple[subprocess.Popen[bytes], int]:
@@ -370,7 +385,7 @@ def main() -> None:
     rows: list[tuple[str, dict[str, float] | None, dict[str, float], float]] = []
     rss: dict[str, float] = {}
     workdir = tempfile.mkdtemp(prefix="onwards-bench-")
-    load_before = load_average()
+    load_before = machine_state()
 
     async def measure(gateway: subprocess.Popen[bytes], port: int, plan: list[Scenario]) -> None:
         await load(port, 16, 1.0, False, plan[0][3])  # warm-up (connections, caches)
@@ -495,7 +510,7 @@ def main() -> None:
 
         print(
             f"\nonwards_trio proxy benchmark ({os.cpu_count()} cores, {args.seconds:.0f}s per row, "
-            f"load average before {load_before}, after {load_average()})"
+            f"machine before: {load_before}, machine after: {machine_state()})"
         )
         print(
             f"{'scenario':44} {'gateway req/s':>13} {'direct req/s':>12} {'ratio':>6} "
@@ -522,5 +537,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--upstream":
         upstream_main(int(sys.argv[2]))
+    elif sys.argv[1:] == ["--machine"]:
+        print(f"machine: {machine_state()}")
     else:
         main()

@@ -42,7 +42,7 @@ from proxy import (  # bench/proxy.py: the upstream, the load generator, the gat
     cpu_seconds,
     free_port,
     load,
-    load_average,
+    machine_state,
     send_count,
     start_gateway,
     start_upstream,
@@ -204,9 +204,9 @@ def main() -> None:
         sources_w: list[tuple[str, str | None]] = [("after", None)]
         if args.before:
             sources_w.append(("before", args.before))
-        print(f"load average before: {load_average()}")
+        print(f"machine before: {machine_state()}")
         count_writes(sources_w, args.writes, args.rounds)
-        print(f"load average after: {load_average()}")
+        print(f"machine after: {machine_state()}")
         return
 
     upstream_proc, up_port = start_upstream()
@@ -216,7 +216,7 @@ def main() -> None:
     sources: list[tuple[str, str | None]] = [("after", None)]
     if args.before:
         sources.append(("before", args.before))
-    load_before = load_average()
+    load_before = machine_state()
     try:
         if args.calls:
             for name, source in sources:
@@ -257,7 +257,7 @@ def main() -> None:
             p.terminate()
         for p in procs:
             p.wait()
-    print(f"load average before: {load_before}, after: {load_average()}")
+    print(f"machine before: {load_before}, machine after: {machine_state()}")
     print(f"{args.rounds} rounds of {args.seconds} s, c={args.concurrency}, medians over rounds")
     print(f"{'gateway':<22}{'req/s':>8}{'CPU µs/resp':>13}{'p50 ms':>8}")
     for name, store in runs:

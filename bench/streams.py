@@ -41,7 +41,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy import cpu_times, free_port, load_average, wait_port
+from proxy import cpu_times, free_port, machine_state, wait_port
 
 _HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
@@ -344,13 +344,13 @@ def main() -> None:
         + (["stagger"] if args.callgrind or args.stagger else [])
     )
     workdir = tempfile.mkdtemp(prefix="onwards-streams-")
-    before = load_average()
+    before = machine_state()
     print(
         f"one event per {args.interval * 1000:.0f} ms per stream"
         f"{', staggered' if args.callgrind or args.stagger else ', in one burst'}, "
         f"{args.seconds:.0f} s read; "
         f"{'CPU/event: thousands of instructions (callgrind); ' if args.callgrind else ''}"
-        f"load average before {before}",
+        f"machine before: {before}",
         flush=True,
     )
     print(
@@ -400,7 +400,7 @@ def main() -> None:
         upstream.terminate()
         upstream.wait(timeout=10)
 
-    print(f"load average after {load_average()}")
+    print(f"machine after: {machine_state()}")
     med = {key: statistics.median(values) for key, values in cpu.items()}
     floor = next((v for v in variants if v.startswith("bare")), None)
     for n in sorted(set(counts)):

@@ -46,7 +46,7 @@ from proxy import (  # bench/proxy.py: the same upstream, load generator and gat
     Conn,
     build_request,
     free_port,
-    load_average,
+    machine_state,
     send_count,
     start_gateway,
     start_upstream,
@@ -248,7 +248,7 @@ def main() -> None:
     config = {"targets": {"bench": {"url": upstream}}}
     collector = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{up_port}"}
     gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-    load_before = load_average()
+    load_before = machine_state()
     try:
         for prefix, source in sources:
             for variant in variants:
@@ -282,8 +282,8 @@ def main() -> None:
         else f"{args.rounds} interleaved rounds of {args.requests} requests per gateway"
     )
     print(
-        f"\ntracing cost: {kind}, c={args.concurrency}, {how}, load average before "
-        f"{load_before}, after {load_average()}"
+        f"\ntracing cost: {kind}, c={args.concurrency}, {how}, before: "
+        f"{load_before}, machine after: {machine_state()}"
     )
     print(
         "ratios: median over the rounds of this round's figure / the other's [quartiles]; "
