@@ -291,9 +291,12 @@ async def run_response_loop(
     ``response.completed`` (model, instructions, tools echo, ...); ``first_sequence`` lets a
     resumed loop continue an event sequence (a resumed stream gets no second
     ``response.created``); ``queued`` (a background response) starts the events with
-    ``response.created``/``response.queued`` in status ``queued``. Top-level loops write the
-    response's final state with ``store.finish_response``; when the iteration cap stops a
-    top-level loop, the response ends ``incomplete`` with its output so far.
+    ``response.created``/``response.queued`` in status ``queued``. Top-level loops (no
+    ``scope_parent``) write the response's final state with ``store.finish_response``; when the
+    iteration cap stops a top-level loop, the response ends ``incomplete`` with its output so
+    far. ``depth`` is how deeply the loop is nested in agents (capped by
+    ``max_response_step_depth``, its span's ``onwards.depth``): a config agent's loop is
+    top-level in its own response, at its caller's depth plus one.
 
     Resuming (the chain already has steps): steps left open by a run that ended without closing
     them are settled first — see :meth:`_Run._resume`. ``handed_over``: when the loop is
@@ -303,7 +306,7 @@ async def run_response_loop(
     cfg = config if config is not None else LoopConfig()
     if depth > cfg.max_response_step_depth:
         raise LoopError(LoopErrorKind.MAX_DEPTH_EXCEEDED)
-    top = depth == 0 and scope_parent is None
+    top = scope_parent is None
     emitter = _Emitter(sink, first_sequence) if top and sink is not None else None
     run = _Run(store, executor, ctx, model, request_id, scope_parent, cfg, depth, emitter)
     run.handed_over = handed_over
@@ -332,7 +335,7 @@ class _Run:
         self.config = config
         self.depth = depth
         self.emitter = emitter
-        self.top = depth == 0 and scope_parent is None
+        self.top = scope_parent is None
         self.telemetry = current_telemetry()  # None: no spans, nothing to pay
         self.usage: Usage | None = None  # this run's model calls (spans only)
         self.tools: dict[str, ToolSchema] = {}

@@ -1454,6 +1454,7 @@ class ResponsesService:
                 transport,
                 request_id=sub_id,
                 config=self.loop_config,
+                depth=level,  # its span's onwards.depth; its own agent tools go one deeper
             )
         except LoopError as exc:
             raise ToolError.execution(f"sub-agent {agent.name!r} failed: {exc}") from None

@@ -1,9 +1,10 @@
 """The attributes of a Responses loop's spans, whole: a response run (``invoke_agent``), its
 model and tool steps and a sub-agent's run, with ``record_content`` off (no prompt, no tool
-arguments or results) and on (the content, cut at 16 KiB).
+arguments or results) and on (the content, cut at 16 KiB); nested agents' depths.
 
-Each test kills mutants of ``_ops/tracing.py``'s attribute functions that survived the rest
-of the suite (docs/testing-quality.md)."""
+Each test but the last kills mutants of ``_ops/tracing.py``'s attribute functions that
+survived the rest of the suite (docs/testing-quality.md); the last holds a config agent's
+depth, which its loop once reported as 0."""
 
 from __future__ import annotations
 
@@ -71,8 +72,9 @@ async def test_a_loops_spans_carry_exactly_their_attributes(nursery: trio.Nurser
         "gen_ai.usage.output_tokens": 8,
     }
     helper = _only(spans, "invoke_agent small").attributes
-    assert _without(helper, "gen_ai.conversation.id", "onwards.depth") == {
+    assert _without(helper, "gen_ai.conversation.id") == {
         "gen_ai.operation.name": "invoke_agent",
+        "onwards.depth": 1,
         "gen_ai.request.model": "small",
         "onwards.response.status": "completed",
         "gen_ai.usage.input_tokens": 2,
@@ -186,3 +188,40 @@ async def test_a_model_steps_recorded_output_is_its_answer(nursery: trio.Nursery
     assert "gen_ai.tool.call.result" not in last.attributes
     answer = orjson.loads(last.attributes["gen_ai.output.messages"])
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": COMPLETION}
+
+
+def _nested(rec: Recorded) -> Reply:
+    """``m`` calls the agent tool ``helper`` (on ``small``), which calls ``deeper`` (on
+    ``tiny``); each answers once its tool's output is in."""
+    body = rec.json()
+    tool = {"m": "helper", "small": "deeper"}.get(body["model"])
+    if tool is None or any(m.get("role") == "tool" for m in body["messages"]):
+        return _completion({"role": "assistant", "content": "done"}, _usage(1, 1))
+    return _completion(_calls((f"call_{tool}", tool, '{"input": "y"}')), _usage(1, 1))
+
+
+async def test_a_config_agents_run_reports_its_nesting_depth(nursery: trio.Nursery) -> None:
+    # A config agent's run is a loop of its own response: its depth is not its scope's.
+    async with otlp_receiver() as receiver:
+        url = await serve_app(nursery, FakeUpstream(_nested)) + "/v1"
+        config = _config(
+            receiver.url,
+            {
+                "m": {"url": url, "open_responses": {"adapter": True}},
+                "small": {"url": url},
+                "tiny": {"url": url},
+            },
+            store={"kind": "memory"},
+            tools={
+                "helper": {"kind": "agent", "model": "small"},
+                "deeper": {"kind": "agent", "model": "tiny"},
+            },
+        )
+        _, gateway_url = await _gateway(nursery, config)
+        await _responses_create(gateway_url, model="m", input=PROMPT)
+        spans = await _wait(receiver, 1, "POST /v1/responses")
+    depths = {
+        name: _only(spans, f"invoke_agent {name}").attributes["onwards.depth"]
+        for name in ("m", "small", "tiny")
+    }
+    assert depths == {"m": 0, "small": 1, "tiny": 2}
