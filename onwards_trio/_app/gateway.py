@@ -238,6 +238,7 @@ class Gateway:
                     nursery.start_soon(self.responses.recover_at_start)
                     if self.telemetry is not None:
                         await nursery.start(self.telemetry.run)
+                        nursery.start_soon(self.telemetry.warn_dropped)
                     if self.ledger is not None:
                         await nursery.start(self.ledger.run)
                     yield self

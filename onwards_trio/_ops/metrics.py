@@ -43,6 +43,9 @@ Names (``<p>`` is the configurable prefix, ``onwards`` by default)::
     <p>_usage_ledger_dropped_total                              counter   (ledger rows dropped:
                                                                            buffer full, or not
                                                                            written at shutdown)
+    <p>_trace_spans_dropped_total                               counter   (spans a full export
+                                                                           queue dropped; only
+                                                                           while tracing is on)
 
 ``key`` is the name of the caller's key in ``auth.key_definitions`` (``"none"`` without a key,
 ``"other"`` for a key that has no definition): never the key itself.
@@ -67,8 +70,10 @@ list, no lock, no prometheus-client object per label set)::
 
 In-flight counts per alias and provider cost nothing on the hot path: they are read at scrape
 time from the live routing table (the concurrency counters the proxy keeps anyway), once
-:meth:`Metrics.bind_targets` has been called. :func:`install_metrics` does that and hands the
-object to a gateway. :func:`metrics_app` is the ASGI app for the metrics port.
+:meth:`Metrics.bind_targets` has been called. Dropped spans likewise: read at scrape time from
+the count the tracer's full-queue check keeps anyway (:meth:`Metrics.bind_span_drops`).
+:func:`install_metrics` does both and hands the object to a gateway. :func:`metrics_app` is
+the ASGI app for the metrics port.
 
 Why not prometheus-client's ``Counter`` / ``Histogram`` objects: each update takes a lock and a
 histogram walks its buckets in Python, together about a tenth of a traffic-controlled request's
@@ -91,7 +96,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client import utils as client_utils
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from onwards_trio._transport.asgi import (
     ASGIApp,
@@ -377,6 +382,30 @@ class _TableCollector:
         yield by_alias
 
 
+class _SpanDropsCollector:
+    """``<p>_trace_spans_dropped_total``, read from the tracer's queue at scrape time (the
+    request path only counts, as it did anyway); absent while no tracer is bound."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # dynamic: nothing to check for duplicates at registration
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        count = m.span_drops
+        if count is None:
+            return
+        family = CounterMetricFamily(
+            f"{m.prefix}_trace_spans_dropped",
+            "Spans dropped, not exported: the export queue was full (the collector is down or "
+            "slow).",
+        )
+        family.add_metric([], count(), created=m.span_drops_since if _created_series() else None)
+        yield family
+
+
 class Metrics:
     """The gateway's metrics in their own registry. See the module docstring for the API.
 
@@ -390,6 +419,9 @@ class Metrics:
         self.prefix = prefix
         self.registry = registry if registry is not None else CollectorRegistry()
         self.targets: Targets | None = None
+        #: The tracer's count of spans dropped at a full queue, and since when it counts.
+        self.span_drops: Callable[[], int] | None = None
+        self.span_drops_since = 0.0
         self._lock = threading.Lock()
         families: list[_Family] = []
 
@@ -533,6 +565,7 @@ class Metrics:
         ).cells[()]
         self.registry.register(_Collector(families))
         self.registry.register(_TableCollector(self))
+        self.registry.register(_SpanDropsCollector(self))
         #: One token per (method, endpoint label) pair seen.
         self._tokens: dict[tuple[str, str], HttpToken] = {}
 
@@ -541,6 +574,11 @@ class Metrics:
     def bind_targets(self, targets: Targets) -> None:
         """Read in-flight gauges from, and bound ``alias`` labels by, this live table."""
         self.targets = targets
+
+    def bind_span_drops(self, count: Callable[[], int]) -> None:
+        """Serve ``<p>_trace_spans_dropped_total`` from ``count()`` (a running total)."""
+        self.span_drops = count
+        self.span_drops_since = time.time()
 
     def alias_label(self, alias: str | None) -> str:
         """``alias`` if it is configured now (or no table is bound), else ``"unknown"``."""
@@ -676,11 +714,16 @@ class Metrics:
 
 
 def install_metrics(gateway: Any, metrics: Metrics) -> Metrics:
-    """Attach ``metrics`` to a :class:`~onwards_trio.Gateway` (and its proxy) and bind its table.
+    """Attach ``metrics`` to a :class:`~onwards_trio.Gateway` (and its proxy) and bind its table
+    and, when tracing is on, its tracer's count of dropped spans.
 
     Without this call a gateway records nothing and pays nothing.
     """
     metrics.bind_targets(gateway.targets)
+    telemetry = getattr(gateway, "telemetry", None)
+    if telemetry is not None:
+        queue = telemetry.queue
+        metrics.bind_span_drops(lambda: queue.dropped)
     gateway.metrics = metrics
     proxy = getattr(gateway, "proxy", None)
     if proxy is not None:

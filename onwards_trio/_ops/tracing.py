@@ -58,7 +58,7 @@ dropped and counted, and not encoded); :meth:`Telemetry.run`, a task in the gate
 nursery, wraps a batch into one ``ExportTraceServiceRequest`` and POSTs it over the gateway's
 HTTP client (one export at a time, retries bounded by the export timeout). A collector that
 is down or slow therefore costs requests nothing beyond the span bookkeeping: spans queue,
-then drop.
+then drop. :meth:`Telemetry.warn_dropped`, another task, says how many once a minute at most.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ _CONTENT_LIMIT: Final = 16 * 1024
 _ALIAS_LIMIT: Final = 128
 _CACHED: Final = 4096  # combinations of a request's repeated span fields kept encoded
 _FLUSH_ON_EXIT: Final = 5.0  # seconds spent exporting the last spans when the gateway stops
+_DROPS_WARN_EVERY: Final = 60.0  # seconds: at most one "spans dropped" warning per minute
 _TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})
 # The W3C propagator's pattern and limits (opentelemetry.trace.propagation.tracecontext).
 _TRACEPARENT: Final = re.compile(
@@ -752,6 +753,25 @@ class Telemetry:
                 await self.exporter.export(self.request.encode(batch))
             except Exception:
                 log.warning("span export failed", exc_info=True)
+
+    async def warn_dropped(self, every: float = _DROPS_WARN_EVERY) -> None:
+        """Every ``every`` seconds, until cancelled: a warning with the number of spans a full
+        queue dropped meanwhile, if any. The request path only counts them (``refuses``)."""
+        queue = self.queue
+        reported = 0
+        while True:
+            await trio.sleep(every)
+            dropped = queue.dropped
+            if dropped != reported:
+                log.warning(
+                    "%d spans dropped in the last %gs, %d since start: the export queue "
+                    "(max_queue_size %d) was full, the collector is down or slow",
+                    dropped - reported,
+                    every,
+                    dropped,
+                    queue.max_queue,
+                )
+                reported = dropped
 
     # -- the HTTP request (server span) ---------------------------------------------------------
 
