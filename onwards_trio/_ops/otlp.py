@@ -38,6 +38,7 @@ import trio
 from onwards_trio._transport.pool import UpstreamClient
 
 __all__ = [
+    "FIRST_CHUNK",
     "KIND_CLIENT",
     "KIND_INTERNAL",
     "KIND_SERVER",
@@ -46,12 +47,14 @@ __all__ = [
     "TracesRequest",
     "encode_frame",
     "encode_known",
+    "encode_pair",
     "encode_span",
     "export_settings",
     "float_attribute",
     "int_attribute",
     "known_parts",
     "name_and_kind",
+    "pair_parts",
     "span_attributes",
 ]
 
@@ -363,6 +366,88 @@ def encode_known(
             span_id,
         )
     return b"".join((lead, head, _times(0x39, start, 0x41, end), extra, rest))
+
+
+# A request's server span and its one client span, encoded together (encode_pair): the
+# server span's length and times (little-endian), both spans' ids (big-endian, with the client
+# span's length between them), the client span's times and time to its first chunk.
+_pair_open = struct.Struct("<BHBQBQ").pack
+_pair_ids = struct.Struct(">HQQHQBHHQQHQHQ").pack
+# gen_ai.response.time_to_first_chunk: the attribute's head (its double follows)
+FIRST_CHUNK: Final = float_attribute("gen_ai.response.time_to_first_chunk", 0.0)[:-8]
+_pair_times = struct.Struct(f"<BQBQ{len(FIRST_CHUNK)}sd").pack
+# What encode_pair needs of both spans' prepared parts: the server span's name/kind and
+# attributes + status + flags, its size without the usage; the same of the client span.
+PairParts = tuple[bytes, bytes, int, bytes, bytes, int]
+
+
+def pair_parts(server: KnownParts, client: KnownParts) -> PairParts:
+    """:func:`encode_pair`'s parts, from each span's :func:`known_parts` (the server span a
+    root, the client span its child)."""
+    return (
+        server[0],
+        server[1],
+        server[2] + 28,
+        client[0],
+        client[1],
+        client[2] + 38 + len(FIRST_CHUNK) + 8,
+    )
+
+
+def encode_pair(
+    trace_id: int,
+    span_id: int,
+    child_id: int,
+    start: int,
+    end: int,
+    child_start: int,
+    child_end: int,
+    first: float,
+    parts: PairParts,
+    usage: bytes,
+) -> bytes | None:
+    """Two ``ScopeSpans.spans`` fields: a request's server span (a root: no parent, no trace
+    state) and its client span (``child_id``, with the time to its first chunk, ``first``
+    seconds, then ``usage``, before its prepared attributes), both with
+    the ``usage`` attributes. Three ``struct`` packs and a join for both: the server span's ids
+    are its last fields and the client span's its first, so that both spans' ids are one pack.
+    (Fields in another order than the SDK encoder's: any protobuf parser reads them alike.)
+    ``None``: an unusual size; encode each span alone."""
+    head, rest, size, child_head, child_rest, child_size = parts
+    size += len(usage)
+    child_size += len(usage)
+    if not (127 < size < 16384 and 127 < child_size < 16384):
+        return None
+    hi = trace_id >> 64
+    lo = trace_id & 0xFFFFFFFFFFFFFFFF  # a constant, not a global
+    return b"".join(
+        (
+            _pair_open(0x12, size & 127 | 128 | size >> 7 << 8, 0x39, start, 0x41, end),
+            head,
+            usage,
+            rest,
+            _pair_ids(
+                0x0A10,
+                hi,
+                lo,
+                0x1208,
+                span_id,
+                0x12,
+                (child_size & 127 | 128) << 8 | child_size >> 7,
+                0x0A10,
+                hi,
+                lo,
+                0x1208,
+                child_id,
+                0x2208,
+                span_id,
+            ),
+            _pair_times(0x39, child_start, 0x41, child_end, FIRST_CHUNK, first),
+            child_head,
+            usage,
+            child_rest,
+        )
+    )
 
 
 def encode_span(

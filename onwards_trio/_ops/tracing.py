@@ -37,7 +37,10 @@ SDK sampler's call cost a few µs each per request (docs/benchmarks.md, "Tracing
   batch would survive young collections and be promoted, which at 100 % sampling doubled the
   collector's work. The parts a request's spans repeat (name, method, route, status, alias,
   key label, provider, model, attempt, with the status and flags fields) are encoded once per
-  distinct combination, so ending a span is mostly two ``struct`` packs and a join.
+  distinct combination, so ending a span is mostly two ``struct`` packs and a join. A
+  request's server span and the first of its client spans to end are encoded together when
+  the request ends: one look-up of both spans' parts (first compared with the last
+  request's, which most repeat, before any hashing) and three packs and a join for both.
 * The request's server span and its client spans are tracked in a context variable of our own
   (the pipeline finds its parent there), not in OpenTelemetry's context. Loop spans are *also*
   made current in OpenTelemetry's context (as non-recording spans), so code that uses the
@@ -72,7 +75,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar, Token
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 import trio
@@ -97,18 +100,21 @@ from opentelemetry.trace import (
 )
 
 from onwards_trio._ops.otlp import (
+    FIRST_CHUNK,
     KIND_CLIENT,
     KIND_INTERNAL,
     KIND_SERVER,
     Exporter,
     KnownParts,
+    PairParts,
     TracesRequest,
     encode_known,
+    encode_pair,
     encode_span,
-    float_attribute,
     int_attribute,
     known_parts,
     name_and_kind,
+    pair_parts,
     span_attributes,
 )
 
@@ -156,7 +162,7 @@ _Remote = tuple[int, int, bool, str]
 _bits: Final = random.getrandbits
 _new: Final = object.__new__
 # gen_ai.response.time_to_first_chunk: the field's head; the double follows.
-_FIRST_CHUNK: Final = float_attribute("gen_ai.response.time_to_first_chunk", 0.0)[:-8]
+_FIRST_CHUNK: Final = FIRST_CHUNK
 _double: Final = struct.Struct("<d").pack
 
 
@@ -210,11 +216,14 @@ class _Span:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
 
+_P = TypeVar("_P")
+
+
 def _new_id() -> int:
     return _bits(64) or _bits(64) or 1
 
 
-def _built(cache: dict[Any, KnownParts], key: Any, build: Callable[..., KnownParts]) -> KnownParts:
+def _built(cache: dict[Any, _P], key: Any, build: Callable[..., _P]) -> _P:
     """The encoded repeated parts of a span for ``key``, built on a cache miss and kept (the
     cache starts over when full: client-chosen aliases cannot grow it without bound, and
     providers replaced by a reload do not stay in it for good)."""
@@ -266,10 +275,13 @@ def _usage_fields(usage: Any) -> bytes:
 class RequestSpan(_Span):
     """The server span of one HTTP request (what the gateway holds between start and end)."""
 
-    __slots__ = ("method", "outer", "route")
+    __slots__ = ("method", "outer", "pending", "route")
     outer: _Span | None  # the span current before this one
     method: str
     route: str
+    # Its client span that ended first, encoded with it when it ends (None: none yet;
+    # _CLOSED: this span has ended, so a client span ending now is encoded alone).
+    pending: AttemptSpan | None
 
 
 def _request_parts_of(
@@ -309,12 +321,14 @@ class AttemptSpan(_Span):
 
     __slots__ = (
         "attempt",
+        "error",
         "first",
         "model",
         "parts",
         "path",
         "provider",
         "queue",
+        "request",
         "retry_reason",
         "status",
         "tokens",
@@ -329,6 +343,8 @@ class AttemptSpan(_Span):
     tokens: Any
     queue: _SpanQueue
     parts: dict[tuple[Any, ...], KnownParts]  # its telemetry's encoded client span parts
+    request: RequestSpan | None  # its parent, when that is a request's server span
+    error: str | None  # why it failed (set when it ends)
 
     def trace_headers(
         self, headers: list[tuple[bytes, bytes]], propagate: bool
@@ -365,18 +381,32 @@ class AttemptSpan(_Span):
 
     def end(self, failure: str | None = None) -> None:
         """End the span; ``failure`` says why the attempt failed (``timeout``,
-        ``network_error``, ``cancelled``, ``rejected``). It is encoded now (see
-        :meth:`Telemetry.end_request`)."""
+        ``network_error``, ``cancelled``, ``rejected``). The first to end under a request's
+        server span still open is encoded with it, when it ends (one cache look-up and one
+        encoding for both); any other is encoded now (see :meth:`Telemetry.end_request`)."""
         if not self.sampled:
             return
-        stop = time.time_ns()
+        self.stop = time.time_ns()
+        if failure is None:
+            status = self.status
+            if status is not None and status >= 500:
+                failure = str(status)
+        self.error = failure
+        request = self.request
+        if request is not None:
+            self.request = None
+            if request.pending is None:
+                request.pending = self
+                return
+        self.encode()
+
+    def encode(self) -> None:
+        """Encode the ended span into the export queue (unless the queue is full)."""
         queue = self.queue
         if queue.refuses():
             return
         status = self.status
-        error = failure
-        if error is None and status is not None and status >= 500:
-            error = str(status)
+        error = self.error
         key = (
             self.provider,  # by identity: a reload makes new ones
             self.path,
@@ -399,7 +429,7 @@ class AttemptSpan(_Span):
                 self.state,
                 self.parent_id,
                 self.start,
-                stop,
+                self.stop,
                 parts,
                 extra,
             )
@@ -469,6 +499,32 @@ class _UnsampledAttempt(AttemptSpan):
 
 
 _UNSAMPLED_ATTEMPT: Final = _UnsampledAttempt(1, 1, 0, False, False, "")
+# RequestSpan.pending of an ended request span: a client span ending later is encoded alone.
+_CLOSED: Final = _UnsampledAttempt(1, 1, 0, False, False, "")
+
+
+def _pair_of(
+    method: str,
+    route: str,
+    status: int,
+    alias: str | None,
+    key_label: str | None,
+    provider: int | None,
+    attempts: int | None,
+    attempt_provider: Any,
+    path: bytes,
+    model: str,
+    attempt: int,
+    retry_reason: str | None,
+    attempt_status: int | None,
+    error: str | None,
+) -> PairParts:
+    return pair_parts(
+        _request_parts_of(method, route, status, alias, key_label, provider, attempts, False),
+        _attempt_parts_of(
+            attempt_provider, path, model, attempt, retry_reason, attempt_status, error, False
+        ),
+    )
 
 
 class LoopSpan(_Span):
@@ -515,9 +571,12 @@ class _SpanQueue:
     thread; the Trio task in :meth:`Telemetry.run` exports them in batches."""
 
     def __init__(self, max_queue: int, batch: int) -> None:
+        # Each entry one span, or two (a request's server and client span, encode_pair) and
+        # then an empty entry, so that the entries count the spans.
         self.spans: collections.deque[bytes] = collections.deque()
         self.max_queue = max_queue
         self.batch = batch
+        self.pairs = batch >= 2  # a batch never splits a pair from its empty entry
         self.dropped = 0
         self.ready = trio.Event()
         self._trio_thread: int | None = None
@@ -541,6 +600,14 @@ class _SpanQueue:
         if len(spans) >= self.batch:
             self.batch_full()
 
+    def append_pair(self, spans: bytes) -> None:
+        """Queue two spans encoded as one (with room for both checked)."""
+        queue = self.spans
+        queue.append(spans)
+        queue.append(b"")
+        if len(queue) >= self.batch:
+            self.batch_full()
+
     def batch_full(self) -> None:
         if threading.get_ident() == self._trio_thread:
             self.ready.set()  # a full batch: export now rather than at the next tick
@@ -548,6 +615,8 @@ class _SpanQueue:
     def take(self) -> list[bytes]:
         spans = self.spans
         n = min(len(spans), self.batch)
+        if n < len(spans) and not spans[n]:
+            n -= 1  # a pair's empty entry would be next: the pair goes in the next batch
         return [spans.popleft() for _ in range(n)]
 
 
@@ -680,6 +749,10 @@ class Telemetry:
         # are built from its own gateway's values, not from a cache another one filled).
         self.request_parts: dict[tuple[Any, ...], KnownParts] = {}
         self.attempt_parts: dict[tuple[Any, ...], KnownParts] = {}
+        # A request's server and client span together (encode_pair), and the last of them
+        # (compared before the key is hashed: most requests repeat the last one's values).
+        self.pair_parts: dict[tuple[Any, ...], PairParts] = {}
+        self.last_pair: tuple[tuple[Any, ...], PairParts] = ((), (b"", b"", 0, b"", b"", 0))
         self.exporter = exporter
         self.record_content = record_content
         self.interval = interval
@@ -816,6 +889,7 @@ class Telemetry:
         if sampled:
             span.method = method
             span.route = route
+            span.pending = None
             span.start = time.time_ns()
         _active.set(span)
         return span
@@ -843,14 +917,69 @@ class Telemetry:
         if not span.sampled:
             return
         stop = time.time_ns()
+        attempt = span.pending
+        span.pending = _CLOSED
+        if alias is not None and len(alias) > _ALIAS_LIMIT:
+            alias = alias[:_ALIAS_LIMIT] + "..."  # what the client sent, configured or not
         # Encoded now, into the queue as bytes: a span object waiting seconds for its batch
         # would survive young collections and be promoted (at 100 % sampling that doubled the
         # collector's work); the parts every request repeats are encoded once per combination.
         queue = self.queue
+        if attempt is not None:
+            if (
+                attempt.tokens is usage
+                and attempt.first is not None
+                and not span.parent_id
+                and not span.state
+                and queue.pairs
+                and len(queue.spans) + 2 <= queue.max_queue
+            ):
+                # The usual request: its span and its one client span, in one go.
+                both = (
+                    span.method,
+                    span.route,
+                    status,
+                    alias,
+                    key_label,
+                    provider,
+                    attempts,
+                    attempt.provider,  # by identity: a reload makes new ones
+                    attempt.path,
+                    attempt.model,
+                    attempt.attempt,
+                    attempt.retry_reason,
+                    attempt.status,
+                    attempt.error,
+                )
+                try:
+                    last = self.last_pair
+                    if both == last[0]:  # the same as the last request's: no hashing
+                        pair = last[1]
+                    else:
+                        pair = self.pair_parts.get(both) or _built(self.pair_parts, both, _pair_of)
+                        self.last_pair = (both, pair)
+                    start = attempt.start
+                    frame = encode_pair(
+                        span.trace_id,
+                        span.span_id,
+                        attempt.span_id,
+                        span.start,
+                        stop,
+                        start,
+                        attempt.stop,
+                        (attempt.first - start) / 1e9,
+                        pair,
+                        b"" if usage is None else _usage_fields(usage),
+                    )
+                except Exception:  # a bug in tracing must not fail the request
+                    log.exception("span %r not exported", span)
+                    return
+                if frame is not None:
+                    queue.append_pair(frame)
+                    return
+            attempt.encode()
         if queue.refuses():
             return
-        if alias is not None and len(alias) > _ALIAS_LIMIT:
-            alias = alias[:_ALIAS_LIMIT] + "..."  # what the client sent, configured or not
         key = (
             span.method,
             span.route,
@@ -903,11 +1032,13 @@ class Telemetry:
             span.sampled = True
             span.state = parent.state
             span.clean = parent.clean
+            span.request = parent if type(parent) is RequestSpan else None
         else:  # not under a request of ours (the pipeline run as a library)
             trace_id, parent_id, remote, sampled, state = self._placed(
                 f"{operation_for(path)} {model}", KIND_CLIENT, {}, _current()
             )
             span = AttemptSpan(trace_id, _new_id(), parent_id, remote, sampled, state)
+            span.request = None
         if span.sampled:
             span.path = path
             span.model = model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -22,11 +22,13 @@ from opentelemetry.trace.span import TraceState
 from onwards_trio._ops.otlp import (
     TracesRequest,
     encode_known,
+    encode_pair,
     encode_span,
     float_attribute,
     int_attribute,
     known_parts,
     name_and_kind,
+    pair_parts,
     span_attributes,
 )
 
@@ -239,3 +241,71 @@ def test_a_span_with_prepared_parts_is_encoded_as_any_span(
         record.error,
     )
     assert ours == expected
+
+
+_FIRST = "gen_ai.response.time_to_first_chunk"
+_NAMES = st.dictionaries(st.text(max_size=20), _PRIMITIVES, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 2**128 - 1),
+    st.lists(st.integers(1, 2**64 - 1), min_size=2, max_size=2),
+    st.lists(st.integers(1, 2**64 - 1), min_size=4, max_size=4),
+    st.floats(0, 1e6),
+    st.lists(st.text(max_size=40), min_size=2, max_size=2),
+    st.lists(st.booleans(), min_size=2, max_size=2),
+    st.lists(_NAMES, min_size=2, max_size=2),
+    st.dictionaries(st.sampled_from(["gen_ai.usage.input_tokens", "x"]), _INT64, max_size=2),
+)
+def test_a_request_and_its_attempt_encoded_together_decode_as_two_spans(
+    trace_id: int,
+    ids: list[int],
+    times: list[int],
+    first: float,
+    names: list[str],
+    errors: list[bool],
+    attributes: list[dict[str, Any]],
+    usage: dict[str, int],
+) -> None:
+    """A request's server span and its client span (encode_pair, fields in another order)
+    decode to the same spans as each encoded alone by :func:`encode_span`."""
+    server, client = ({k: v for k, v in a.items() if k not in usage} for a in attributes)
+    client.pop(_FIRST, None)
+    parts = pair_parts(
+        known_parts(name_and_kind(names[0], 2), span_attributes(server), errors[0], False),
+        known_parts(name_and_kind(names[1], 3), span_attributes(client), errors[1], False),
+    )
+    ours = encode_pair(trace_id, *ids, *times, first, parts, span_attributes(usage))
+    assume(ours is not None)  # an unusual size: each is encoded alone
+    expected = [
+        encode_span(
+            trace_id,
+            ids[0],
+            "",
+            0,
+            False,
+            names[0],
+            2,
+            *times[:2],
+            {**usage, **server},
+            [],
+            errors[0],
+        ),
+        encode_span(
+            trace_id,
+            ids[1],
+            "",
+            ids[0],
+            False,
+            names[1],
+            3,
+            *times[2:],
+            {_FIRST: first, **usage, **client},
+            [],
+            errors[1],
+        ),
+    ]
+    request = TracesRequest({}, "x")
+    decoded = ExportTraceServiceRequest.FromString(request.encode([ours]))
+    assert decoded == ExportTraceServiceRequest.FromString(request.encode(expected))
