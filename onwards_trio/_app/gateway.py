@@ -46,7 +46,7 @@ from onwards_trio._ops.logs import (
     note_request,
 )
 from onwards_trio._ops.metrics import Metrics, endpoint_label, install_metrics, serve_metrics
-from onwards_trio._ops.telemetry import activate, create_telemetry
+from onwards_trio._ops.telemetry import create_telemetry
 from onwards_trio._proxy.auth import bearer_token
 from onwards_trio._proxy.ledger import UsageLedger
 from onwards_trio._proxy.pipeline import (
@@ -376,7 +376,6 @@ class Gateway:
         tel = self.telemetry
         span: RequestSpan | None = None
         if tel is not None:
-            activate(tel)  # the loop's spans find it here
             span = tel.start_request(method, endpoint_label(path), scope["headers"])
         status = 500
         try:

@@ -376,6 +376,11 @@ _pair_ids = struct.Struct(">HQQHQBHHQQHQHQ").pack
 # gen_ai.response.time_to_first_chunk: the attribute's head (its double follows)
 FIRST_CHUNK: Final = float_attribute("gen_ai.response.time_to_first_chunk", 0.0)[:-8]
 _pair_times = struct.Struct(f"<BQBQ{len(FIRST_CHUNK)}sd").pack
+# Two-byte varints of 128 <= n < 2048 (a span's usual length) as the "<H" and ">H" that write
+# them: looked up, not computed, for each span.
+_PAIR_LIMIT: Final = 2048
+_V2_LE: Final = tuple(n & 127 | 128 | n >> 7 << 8 for n in range(_PAIR_LIMIT))
+_V2_BE: Final = tuple((n & 127 | 128) << 8 | n >> 7 for n in range(_PAIR_LIMIT))
 # What encode_pair needs of both spans' prepared parts: the server span's name/kind and
 # attributes + status + flags, its size without the usage; the same of the client span.
 PairParts = tuple[bytes, bytes, int, bytes, bytes, int]
@@ -414,15 +419,16 @@ def encode_pair(
     (Fields in another order than the SDK encoder's: any protobuf parser reads them alike.)
     ``None``: an unusual size; encode each span alone."""
     head, rest, size, child_head, child_rest, child_size = parts
-    size += len(usage)
-    child_size += len(usage)
-    if not (127 < size < 16384 and 127 < child_size < 16384):
+    n = len(usage)
+    size += n
+    child_size += n
+    if not (127 < size < _PAIR_LIMIT and 127 < child_size < _PAIR_LIMIT):
         return None
     hi = trace_id >> 64
     lo = trace_id & 0xFFFFFFFFFFFFFFFF  # a constant, not a global
     return b"".join(
         (
-            _pair_open(0x12, size & 127 | 128 | size >> 7 << 8, 0x39, start, 0x41, end),
+            _pair_open(0x12, _V2_LE[size], 0x39, start, 0x41, end),
             head,
             usage,
             rest,
@@ -433,7 +439,7 @@ def encode_pair(
                 0x1208,
                 span_id,
                 0x12,
-                (child_size & 127 | 128) << 8 | child_size >> 7,
+                _V2_BE[child_size],
                 0x0A10,
                 hi,
                 lo,

@@ -117,6 +117,7 @@ from onwards_trio._ops.otlp import (
     pair_parts,
     span_attributes,
 )
+from onwards_trio._ops.telemetry import _current as _telemetry
 
 __all__ = ["AttemptSpan", "LoopSpan", "RequestSpan", "Telemetry", "operation_for"]
 
@@ -256,19 +257,25 @@ def _count_field(cache: dict[int, bytes], key: str, value: int) -> bytes:
 
 
 def _usage_fields(usage: Any) -> bytes:
+    """A ``Usage``'s span attributes (the last one's kept: a request's spans share it)."""
     global _last_usage
     last = _last_usage
     if usage is last[0]:
         return last[1]
-    n = usage.input_tokens
-    out = _input_fields.get(n) or _count_field(_input_fields, "gen_ai.usage.input_tokens", n)
-    n = usage.output_tokens
-    out += _output_fields.get(n) or _count_field(_output_fields, "gen_ai.usage.output_tokens", n)
-    if usage.cached_tokens:
-        out += int_attribute("gen_ai.usage.cache_read.input_tokens", usage.cached_tokens)
-    if usage.reasoning_tokens:
-        out += int_attribute("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens)
+    out = _encoded_usage(usage)
     _last_usage = (usage, out)  # one store: a span ending on another thread sees a pair
+    return out
+
+
+def _encoded_usage(usage: Any) -> bytes:
+    n, m, cached, reasoning = usage  # a Usage: a named tuple
+    out = (_input_fields.get(n) or _count_field(_input_fields, "gen_ai.usage.input_tokens", n)) + (
+        _output_fields.get(m) or _count_field(_output_fields, "gen_ai.usage.output_tokens", m)
+    )
+    if cached:
+        out += int_attribute("gen_ai.usage.cache_read.input_tokens", cached)
+    if reasoning:
+        out += int_attribute("gen_ai.usage.reasoning.output_tokens", reasoning)
     return out
 
 
@@ -576,7 +583,9 @@ class _SpanQueue:
         self.spans: collections.deque[bytes] = collections.deque()
         self.max_queue = max_queue
         self.batch = batch
-        self.pairs = batch >= 2  # a batch never splits a pair from its empty entry
+        # Below this many entries, two spans encoded as one fit (a batch never splits them, so
+        # a batch of one span takes them one by one).
+        self.pair_room = max_queue - 1 if batch >= 2 else 0
         self.dropped = 0
         self.ready = trio.Event()
         self._trio_thread: int | None = None
@@ -598,14 +607,6 @@ class _SpanQueue:
         spans = self.spans
         spans.append(span)
         if len(spans) >= self.batch:
-            self.batch_full()
-
-    def append_pair(self, spans: bytes) -> None:
-        """Queue two spans encoded as one (with room for both checked)."""
-        queue = self.spans
-        queue.append(spans)
-        queue.append(b"")
-        if len(queue) >= self.batch:
             self.batch_full()
 
     def batch_full(self) -> None:
@@ -743,6 +744,7 @@ class Telemetry:
         # The provider resolves the sampler as the SDK does (OTEL_TRACES_SAMPLER[_ARG]).
         self.sampler: Sampler = TracerProvider(resource=resource, sampler=sampler).sampler
         self.bounds = _bounds(self.sampler)
+        self.always = self.bounds == (_ALWAYS, _ALWAYS, _ALWAYS)  # every root trace sampled
         self.queue = _SpanQueue(max_queue, batch)
         # The encoded name, kind and repeated attributes of server and client spans, by their
         # values: each gateway its own (its providers are its own objects, and a test's spans
@@ -852,19 +854,48 @@ class Telemetry:
         self, method: str, route: str, headers: Iterable[tuple[bytes, bytes]]
     ) -> RequestSpan:
         """Start the request's server span (a child of the caller's ``traceparent``, if any) and
-        make it current."""
-        remote: _Remote | None = None
-        clean = True
+        make it current, and this tracer the current one (see
+        :func:`~onwards_trio._ops.telemetry.current_telemetry`: the loop's spans find it there)."""
+        if _telemetry.get() is not self:  # a connection's requests run in one task
+            _telemetry.set(self)
         for k, _ in headers:
             if k in _TRACE_HEADERS:
-                remote = _remote_of(headers)
-                clean = False
-                break
+                return self._start_remote(method, route, headers)
+        ids = _bits(192)  # the trace id and the span's id in one draw
+        trace_id = ids >> 64 or _bits(128) or 1
+        span = _new(RequestSpan)  # no __init__ call: the fields are set here
+        span.trace_id = trace_id
+        span.span_id = ids & _M64 or _new_id()
+        span.parent_id = 0
+        span.parent_remote = False
+        span.state = ""
+        span.clean = True
+        span.outer = _active.get()
+        if self.always:
+            sampled = True
+        else:
+            bounds = self.bounds
+            if bounds is not None:
+                sampled = trace_id & _M64 < bounds[0]
+            else:
+                sampled, span.state = self._request_decision(trace_id, None, method, route)
+        span.sampled = sampled
+        if sampled:
+            span.method = method
+            span.route = route
+            span.pending = None
+            span.start = time.time_ns()
+        _active.set(span)
+        return span
+
+    def _start_remote(
+        self, method: str, route: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> RequestSpan:
+        """:meth:`start_request` for a request that came with trace headers."""
+        remote = _remote_of(headers)
         bounds = self.bounds
         if remote is None:
-            ids = _bits(192)  # the trace id and the span's id in one draw
-            trace_id = ids >> 64 or _bits(128) or 1
-            span_id = ids & _M64 or _new_id()
+            trace_id = _bits(128) or _bits(128) or 1
             parent_id = 0
             if bounds is not None:
                 sampled, state = trace_id & _M64 < bounds[0], ""
@@ -872,19 +903,18 @@ class Telemetry:
                 sampled, state = self._request_decision(trace_id, None, method, route)
         else:
             trace_id, parent_id = remote[0], remote[1]
-            span_id = _new_id()
             if bounds is not None:
                 sampled, state = trace_id & _M64 < bounds[1 if remote[2] else 2], remote[3]
             else:
                 sampled, state = self._request_decision(trace_id, remote, method, route)
-        span = _new(RequestSpan)  # no __init__ call: the fields are set here
+        span = _new(RequestSpan)
         span.trace_id = trace_id
-        span.span_id = span_id
+        span.span_id = _new_id()
         span.parent_id = parent_id
         span.parent_remote = remote is not None
         span.sampled = sampled
         span.state = state
-        span.clean = clean
+        span.clean = False
         span.outer = _active.get()
         if sampled:
             span.method = method
@@ -926,13 +956,13 @@ class Telemetry:
         # collector's work); the parts every request repeats are encoded once per combination.
         queue = self.queue
         if attempt is not None:
+            spans = queue.spans
             if (
                 attempt.tokens is usage
                 and attempt.first is not None
-                and not span.parent_id
-                and not span.state
-                and queue.pairs
-                and len(queue.spans) + 2 <= queue.max_queue
+                and span.clean  # no trace headers came: a root span
+                and not span.state  # (a sampler may still have given it one)
+                and len(spans) < queue.pair_room
             ):
                 # The usual request: its span and its one client span, in one go.
                 both = (
@@ -969,13 +999,16 @@ class Telemetry:
                         attempt.stop,
                         (attempt.first - start) / 1e9,
                         pair,
-                        b"" if usage is None else _usage_fields(usage),
+                        b"" if usage is None else _encoded_usage(usage),
                     )
                 except Exception:  # a bug in tracing must not fail the request
                     log.exception("span %r not exported", span)
                     return
-                if frame is not None:
-                    queue.append_pair(frame)
+                if frame is not None:  # and an empty entry: the entries count the spans
+                    spans.append(frame)
+                    spans.append(b"")
+                    if len(spans) >= queue.batch:
+                        queue.batch_full()
                     return
             attempt.encode()
         if queue.refuses():

@@ -247,25 +247,29 @@ _FIRST = "gen_ai.response.time_to_first_chunk"
 _NAMES = st.dictionaries(st.text(max_size=20), _PRIMITIVES, max_size=4)
 
 
+_IDS = st.integers(1, 2**64 - 1)
+_TIMES = st.integers(0, 2**64 - 1)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.integers(1, 2**128 - 1),
-    st.lists(st.integers(1, 2**64 - 1), min_size=2, max_size=2),
-    st.lists(st.integers(1, 2**64 - 1), min_size=4, max_size=4),
+    st.tuples(_IDS, _IDS),
+    st.tuples(_TIMES, _TIMES, _TIMES, _TIMES),
     st.floats(0, 1e6),
-    st.lists(st.text(max_size=40), min_size=2, max_size=2),
-    st.lists(st.booleans(), min_size=2, max_size=2),
-    st.lists(_NAMES, min_size=2, max_size=2),
+    st.tuples(st.text(max_size=40), st.text(max_size=40)),
+    st.tuples(st.booleans(), st.booleans()),
+    st.tuples(_NAMES, _NAMES),
     st.dictionaries(st.sampled_from(["gen_ai.usage.input_tokens", "x"]), _INT64, max_size=2),
 )
 def test_a_request_and_its_attempt_encoded_together_decode_as_two_spans(
     trace_id: int,
-    ids: list[int],
-    times: list[int],
+    ids: tuple[int, int],
+    times: tuple[int, int, int, int],
     first: float,
-    names: list[str],
-    errors: list[bool],
-    attributes: list[dict[str, Any]],
+    names: tuple[str, str],
+    errors: tuple[bool, bool],
+    attributes: tuple[dict[str, Any], dict[str, Any]],
     usage: dict[str, int],
 ) -> None:
     """A request's server span and its client span (encode_pair, fields in another order)
@@ -276,36 +280,33 @@ def test_a_request_and_its_attempt_encoded_together_decode_as_two_spans(
         known_parts(name_and_kind(names[0], 2), span_attributes(server), errors[0], False),
         known_parts(name_and_kind(names[1], 3), span_attributes(client), errors[1], False),
     )
-    ours = encode_pair(trace_id, *ids, *times, first, parts, span_attributes(usage))
+    span_id, child_id = ids
+    start, end, child_start, child_end = times
+    usage_fields = span_attributes(usage)
+    ours = encode_pair(
+        trace_id, span_id, child_id, start, end, child_start, child_end, first, parts, usage_fields
+    )
     assume(ours is not None)  # an unusual size: each is encoded alone
-    expected = [
-        encode_span(
-            trace_id,
-            ids[0],
-            "",
-            0,
-            False,
-            names[0],
-            2,
-            *times[:2],
-            {**usage, **server},
-            [],
-            errors[0],
-        ),
-        encode_span(
-            trace_id,
-            ids[1],
-            "",
-            ids[0],
-            False,
-            names[1],
-            3,
-            *times[2:],
-            {_FIRST: first, **usage, **client},
-            [],
-            errors[1],
-        ),
-    ]
+    assert ours is not None
+    server_span = encode_span(
+        trace_id, span_id, "", 0, False, names[0], 2, start, end, {**usage, **server}, [], errors[0]
+    )
+    client_span = encode_span(
+        trace_id,
+        child_id,
+        "",
+        span_id,
+        False,
+        names[1],
+        3,
+        child_start,
+        child_end,
+        {_FIRST: first, **usage, **client},
+        [],
+        errors[1],
+    )
     request = TracesRequest({}, "x")
     decoded = ExportTraceServiceRequest.FromString(request.encode([ours]))
-    assert decoded == ExportTraceServiceRequest.FromString(request.encode(expected))
+    assert decoded == ExportTraceServiceRequest.FromString(
+        request.encode([server_span, client_span])
+    )
