@@ -418,25 +418,30 @@ class Gateway:
     def _end_span(
         self, tel: Telemetry, span: RequestSpan, done: Exchange, status: int, scope: Scope
     ) -> None:
-        request = done.request
         if not span.sampled:  # nothing to record: the key's label need not be looked up
             tel.end_request(span, status)
             return
+        request = done.request
+        sent = done.sent_status
+        table = self.targets.table
+        if request is None:
+            label = table.key_label(bearer_token(scope["headers"]))
+            tel.end_request(span, status if sent is None else sent, None, label, usage=done.usage)
+            return
+        alias = request.alias
+        if alias is not None:  # the pipeline hashed the key
+            label = table.key_label_of(request.key_id)
+        else:
+            label = table.key_label(bearer_token(scope["headers"]))
         tel.end_request(
             span,
-            done.sent_status if done.sent_status is not None else status,
-            alias=request.alias if request is not None else None,
-            key_label=self._key_label(request, scope),
-            provider=request.provider_index if request is not None else None,
-            attempts=request.attempts if request is not None else None,
-            usage=done.usage,
+            status if sent is None else sent,
+            alias,
+            label,
+            request.provider_index,
+            request.attempts,
+            done.usage,
         )
-
-    def _key_label(self, request: ProxyRequest | None, scope: Scope) -> str:
-        table = self.targets.table
-        if request is not None and request.alias is not None:  # the pipeline hashed the key
-            return table.key_label_of(request.key_id)
-        return table.key_label(bearer_token(scope["headers"]))
 
     def _usage(self, request: ProxyRequest, alias: str, provider: Provider, usage: Usage) -> None:
         """A relayed upstream body's token usage: counters, the access line (and the spans,

@@ -935,7 +935,6 @@ class Telemetry:
         self,
         span: RequestSpan,
         status: int,
-        *,
         alias: str | None = None,
         key_label: str | None = None,
         provider: int | None = None,
