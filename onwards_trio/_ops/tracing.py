@@ -299,7 +299,7 @@ def _request_parts_of(
     key_label: str | None,
     provider: int | None,
     attempts: int | None,
-    parent_remote: bool,
+    parent_remote: bool = False,
 ) -> KnownParts:
     attributes: dict[str, Any] = {
         "http.request.method": method,
@@ -454,7 +454,7 @@ def _attempt_parts_of(
     retry_reason: str | None,
     status: int | None,
     error: str | None,
-    parent_remote: bool,
+    parent_remote: bool = False,
 ) -> KnownParts:
     operation = operation_for(path)
     attributes: dict[str, Any] = {
@@ -510,28 +510,10 @@ _UNSAMPLED_ATTEMPT: Final = _UnsampledAttempt(1, 1, 0, False, False, "")
 _CLOSED: Final = _UnsampledAttempt(1, 1, 0, False, False, "")
 
 
-def _pair_of(
-    method: str,
-    route: str,
-    status: int,
-    alias: str | None,
-    key_label: str | None,
-    provider: int | None,
-    attempts: int | None,
-    attempt_provider: Any,
-    path: bytes,
-    model: str,
-    attempt: int,
-    retry_reason: str | None,
-    attempt_status: int | None,
-    error: str | None,
-) -> PairParts:
-    return pair_parts(
-        _request_parts_of(method, route, status, alias, key_label, provider, attempts, False),
-        _attempt_parts_of(
-            attempt_provider, path, model, attempt, retry_reason, attempt_status, error, False
-        ),
-    )
+def _pair_of(request: tuple[Any, ...], *attempt: Any) -> PairParts:
+    """The parts of a request's server span (``_request_parts_of``'s fields but the last) and
+    its client span's (``_attempt_parts_of``'s), neither with a remote parent."""
+    return pair_parts(_request_parts_of(*request), _attempt_parts_of(*attempt))
 
 
 class LoopSpan(_Span):
@@ -858,63 +840,40 @@ class Telemetry:
         :func:`~onwards_trio._ops.telemetry.current_telemetry`: the loop's spans find it there)."""
         if _telemetry.get() is not self:  # a connection's requests run in one task
             _telemetry.set(self)
+        remote: _Remote | None = None
+        clean = True
         for k, _ in headers:
             if k in _TRACE_HEADERS:
-                return self._start_remote(method, route, headers)
-        ids = _bits(192)  # the trace id and the span's id in one draw
-        trace_id = ids >> 64 or _bits(128) or 1
-        span = _new(RequestSpan)  # no __init__ call: the fields are set here
-        span.trace_id = trace_id
-        span.span_id = ids & _M64 or _new_id()
-        span.parent_id = 0
-        span.parent_remote = False
-        span.state = ""
-        span.clean = True
-        span.outer = _active.get()
-        if self.always:
-            sampled = True
-        else:
-            bounds = self.bounds
-            if bounds is not None:
-                sampled = trace_id & _M64 < bounds[0]
-            else:
-                sampled, span.state = self._request_decision(trace_id, None, method, route)
-        span.sampled = sampled
-        if sampled:
-            span.method = method
-            span.route = route
-            span.pending = None
-            span.start = time.time_ns()
-        _active.set(span)
-        return span
-
-    def _start_remote(
-        self, method: str, route: str, headers: Iterable[tuple[bytes, bytes]]
-    ) -> RequestSpan:
-        """:meth:`start_request` for a request that came with trace headers."""
-        remote = _remote_of(headers)
+                remote = _remote_of(headers)
+                clean = False
+                break
         bounds = self.bounds
         if remote is None:
-            trace_id = _bits(128) or _bits(128) or 1
+            ids = _bits(192)  # the trace id and the span's id in one draw
+            trace_id = ids >> 64 or _bits(128) or 1
+            span_id = ids & _M64 or _new_id()
             parent_id = 0
-            if bounds is not None:
+            if self.always:
+                sampled, state = True, ""
+            elif bounds is not None:
                 sampled, state = trace_id & _M64 < bounds[0], ""
             else:
                 sampled, state = self._request_decision(trace_id, None, method, route)
         else:
             trace_id, parent_id = remote[0], remote[1]
+            span_id = _new_id()
             if bounds is not None:
                 sampled, state = trace_id & _M64 < bounds[1 if remote[2] else 2], remote[3]
             else:
                 sampled, state = self._request_decision(trace_id, remote, method, route)
-        span = _new(RequestSpan)
+        span = _new(RequestSpan)  # no __init__ call: the fields are set here
         span.trace_id = trace_id
-        span.span_id = _new_id()
+        span.span_id = span_id
         span.parent_id = parent_id
         span.parent_remote = remote is not None
         span.sampled = sampled
         span.state = state
-        span.clean = False
+        span.clean = clean
         span.outer = _active.get()
         if sampled:
             span.method = method
@@ -954,6 +913,7 @@ class Telemetry:
         # would survive young collections and be promoted (at 100 % sampling that doubled the
         # collector's work); the parts every request repeats are encoded once per combination.
         queue = self.queue
+        fields = (span.method, span.route, status, alias, key_label, provider, attempts)
         if attempt is not None:
             spans = queue.spans
             if (
@@ -965,13 +925,7 @@ class Telemetry:
             ):
                 # The usual request: its span and its one client span, in one go.
                 both = (
-                    span.method,
-                    span.route,
-                    status,
-                    alias,
-                    key_label,
-                    provider,
-                    attempts,
+                    fields,
                     attempt.provider,  # by identity: a reload makes new ones
                     attempt.path,
                     attempt.model,
@@ -1012,16 +966,7 @@ class Telemetry:
             attempt.encode()
         if queue.refuses():
             return
-        key = (
-            span.method,
-            span.route,
-            status,
-            alias,
-            key_label,
-            provider,
-            attempts,
-            span.parent_remote,
-        )
+        key = (*fields, span.parent_remote)
         try:
             parts = self.request_parts.get(key) or _built(
                 self.request_parts, key, _request_parts_of
