@@ -482,6 +482,14 @@ class _UnsampledAttempt(AttemptSpan):
 
     __slots__ = ()
 
+    def trace_headers(
+        self, headers: list[tuple[bytes, bytes]], propagate: bool
+    ) -> list[tuple[bytes, bytes]]:
+        parent = _active.get()  # the request's span: the pipeline sends from its task
+        if not propagate and parent is not None and parent.clean:
+            return headers  # no trace header came in, none goes out
+        return AttemptSpan.trace_headers(self, headers, propagate)
+
     def _context_headers(self) -> list[tuple[bytes, bytes]]:
         parent = _active.get()  # the request's span: the pipeline sends from its task
         if parent is None:
