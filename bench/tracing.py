@@ -282,7 +282,7 @@ def main() -> None:
         else f"{args.rounds} interleaved rounds of {args.requests} requests per gateway"
     )
     print(
-        f"\ntracing cost: {kind}, c={args.concurrency}, {how}, before: "
+        f"\ntracing cost: {kind}, c={args.concurrency}, {how}, machine before: "
         f"{load_before}, machine after: {machine_state()}"
     )
     print(
