@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import re
 import stat
@@ -34,7 +35,15 @@ import trio
 if TYPE_CHECKING:
     from onwards_trio._ops.logs import RequestRecord
 
-__all__ = ["AccessWriter", "Fields", "bounded_alias", "clean_path", "logfmt"]
+__all__ = [
+    "AccessWriter",
+    "Fields",
+    "LaterUsage",
+    "UsageParts",
+    "bounded_alias",
+    "clean_path",
+    "logfmt",
+]
 
 _SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9._~:/{}\[\]@+-]*$")
 
@@ -50,6 +59,33 @@ def logfmt(value: Any) -> str:
 def _json_inner(text: str) -> str:
     """``text`` as it appears between the quotes of a JSON string."""
     return orjson.dumps(text).decode()[1:-1]
+
+
+class LaterUsage:
+    """A relayed body whose token usage is read later, by the writer, with the rest of its
+    batch (``_proxy.usage.UsageKeeper``: this layer cannot import it).
+
+    ``read_all`` fills in ``found`` (the counts: input, output, cached, reasoning; ``None``:
+    the body had none) for many at once; :attr:`usage` reads one at once."""
+
+    __slots__ = ("found",)
+
+    def __init__(self) -> None:
+        self.found: tuple[int, ...] | None = None
+
+    @classmethod
+    def read_all(cls, bodies: list[LaterUsage]) -> None:
+        raise NotImplementedError
+
+    @property
+    def usage(self) -> tuple[int, ...] | None:
+        raise NotImplementedError
+
+
+#: A request's token usage as the access line gets it: ``None`` (none), one body's counts (a
+#: ``Usage``), a :class:`LaterUsage`, or a list of these (summed: a ``/v1/responses`` request
+#: makes several model calls).
+UsageParts: TypeAlias = "tuple[int, ...] | LaterUsage | list[tuple[int, ...] | LaterUsage] | None"
 
 
 class Guard(Protocol):
@@ -69,9 +105,10 @@ _LOGGER_JSON: Final = '","level":"info","logger":"onwards_trio.access","msg":"'
 _FRACTIONS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))  # a timestamp's end, per ms
 
 #: One access line as queued: method, path, status, duration (s), alias, provider, bytes_in,
-#: bytes_out, attempts, stream, input_tokens, output_tokens, cached_tokens (the
-#: :class:`~onwards_trio.RequestRecord` fields, in its order; ``None``: not known) and the
-#: ``time.time()`` of the request's end.
+#: bytes_out, attempts, stream (the :class:`~onwards_trio.RequestRecord` fields, in its
+#: order; ``None``: not known), the token usage (:data:`UsageParts`, or a record's
+#: ``(input_tokens, output_tokens, cached_tokens)``) and the ``time.time()`` of the
+#: request's end.
 Fields: TypeAlias = tuple[
     str,
     str,
@@ -83,9 +120,7 @@ Fields: TypeAlias = tuple[
     "int | None",
     "int | None",
     "bool | None",
-    "int | None",
-    "int | None",
-    "int | None",
+    "UsageParts | tuple[Any, Any, Any]",
     float,
 ]
 # The text of the counts up to 4095 (sizes, token figures, indexes): a lookup costs about a
@@ -156,6 +191,7 @@ class AccessWriter:
 
     def push(self, record: RequestRecord) -> None:
         """Queue one access line of a :class:`RequestRecord` (formatted with its batch)."""
+        tokens = (record.input_tokens, record.output_tokens, record.cached_tokens)
         self.add(
             (
                 record.method,
@@ -168,9 +204,7 @@ class AccessWriter:
                 _exact(record.bytes_out),
                 _exact(record.attempts),
                 record.stream,
-                _exact(record.input_tokens),
-                _exact(record.output_tokens),
-                _exact(record.cached_tokens),
+                tuple(map(_exact, tokens)),
                 time.time(),
             )
         )
@@ -224,11 +258,17 @@ class AccessWriter:
         self._parts[key] = parts
         return parts
 
-    def _lines(self, queued: list[Fields]) -> list[str]:
-        """The batch's lines: one pass, the constant parts looked up, the numbers formatted."""
+    def _text(self, queued: list[Fields]) -> str:
+        """The batch's lines as one text (the usage left for later read first, all at once)."""
         if self._guard.generation != self._generation:  # a new secret: build the parts again
             self._generation = self._guard.generation
             self._parts.clear()
+        _read_later(queued)
+        lines = self._lines(queued)
+        return "\n".join(lines) + "\n" if lines else ""
+
+    def _lines(self, queued: list[Fields]) -> list[str]:
+        """Lines one by one: one pass, the constant parts looked up, the numbers formatted."""
         known = self._parts
         built = self._parts_of
         json = self._json
@@ -248,9 +288,7 @@ class AccessWriter:
             bytes_out,
             attempts,
             flag,
-            tokens_in,
-            tokens_out,
-            cached,
+            usage,
             now,
         ) in queued:
             key = (method, path, status, alias)
@@ -292,6 +330,16 @@ class AccessWriter:
                 )
             if flag is not None:
                 tail += f" stream={flag}"
+            counts: Any = usage
+            if counts is not None:
+                if isinstance(counts, LaterUsage):
+                    counts = counts.found
+                elif type(counts) is list:
+                    counts = _sum(counts)
+            if counts is None:
+                tokens_in = tokens_out = cached = None
+            else:
+                tokens_in, tokens_out, cached = counts[0], counts[1], counts[2]
             if tokens_in is not None and tokens_out is not None and cached is not None:
                 tail += (
                     f" input_tokens={n(tokens_in) or tokens_in}"
@@ -317,22 +365,21 @@ class AccessWriter:
             )
         return lines
 
-    def _write(self, lines: list[str], dropped: int) -> None:
+    def _write(self, data: str, dropped: int) -> None:
         if dropped:
-            lines.append(
+            data += (
                 f"{self._timestamp(_millis(time.time()))} WARNING onwards_trio.access "
-                f"{dropped} access lines dropped (the log could not keep up)"
+                f"{dropped} access lines dropped (the log could not keep up)\n"
             )
-        data = "\n".join(lines) + "\n"
         with self._handler.lock or _NO_LOCK:
             self._stream.write(data)
             self._stream.flush()
 
-    def _take(self) -> tuple[list[str], int]:
+    def _take(self) -> tuple[str, int]:
         """The queued lines, formatted, and how many were dropped since the last batch."""
         queued, self._buf = self._buf, []
         dropped, self.dropped = self.dropped, 0
-        return self._lines(queued), dropped
+        return self._text(queued), dropped
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write batches until cancelled, then what is left. One writer at a time: a second
@@ -362,6 +409,35 @@ class AccessWriter:
                 # left to tell.
                 with contextlib.suppress(OSError, ValueError):
                     self._write(lines, dropped)
+
+
+def _read_later(queued: list[Fields]) -> None:
+    """Read the usage of every body of the batch left for later, all at once."""
+    later: list[LaterUsage] = []
+    for usage in map(_USAGE, queued):
+        if usage is None:
+            continue
+        if isinstance(usage, LaterUsage):
+            later.append(usage)
+        elif type(usage) is list:
+            later.extend(part for part in usage if isinstance(part, LaterUsage))
+    if later:
+        kinds = {type(body) for body in later}
+        for kind in kinds:
+            kind.read_all(later if len(kinds) == 1 else [b for b in later if type(b) is kind])
+
+
+def _sum(parts: list[Any]) -> tuple[int, ...] | None:
+    """The counts of several bodies' usage (read), summed."""
+    total: tuple[int, ...] | None = None
+    for part in parts:
+        got = part.found if isinstance(part, LaterUsage) else part
+        if got is not None:
+            total = got if total is None else tuple(a + b for a, b in zip(total, got, strict=True))
+    return total
+
+
+_USAGE: Final = operator.itemgetter(10)
 
 
 def _members(names: tuple[str, ...], values: tuple[object, ...]) -> str:

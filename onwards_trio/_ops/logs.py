@@ -33,7 +33,14 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import attrs
 import orjson
 
-from onwards_trio._ops.access import AccessWriter, bounded_alias, clean_path, logfmt
+from onwards_trio._ops.access import (
+    AccessWriter,
+    LaterUsage,
+    UsageParts,
+    bounded_alias,
+    clean_path,
+    logfmt,
+)
 
 if TYPE_CHECKING:
     from onwards_trio._ops.metrics import Metrics
@@ -55,6 +62,7 @@ __all__ = [
     "collect_secrets",
     "configure_logging",
     "current_status",
+    "defer_usage",
     "direct_writer",
     "finish_exchange",
     "log_request",
@@ -437,6 +445,7 @@ class Exchange:
 
     __slots__ = (
         "_reset",
+        "_usage",
         "bytes_out",
         "first_byte",
         "method",
@@ -448,7 +457,6 @@ class Exchange:
         "started",
         "stream",
         "token",
-        "usage",
     )
 
     def __init__(self, metrics: Metrics | None, method: str, path: str, started: float) -> None:
@@ -462,9 +470,16 @@ class Exchange:
         self.stream = False
         self.sent_status: int | None = None
         self.request: Any = None
-        self.usage: Usage | None = None  # summed over every upstream body relayed for it
+        # Every upstream body's usage relayed for it (to be summed): a Usage, a body whose
+        # usage is read later (LaterUsage), or a list of them.
+        self._usage: UsageParts = None
         self._reset: Any = None
         self.send: Send | None = None  # the counting send (wrap_send), until finished
+
+    @property
+    def usage(self) -> Usage | None:
+        """The token usage of every upstream body relayed for this request, summed."""
+        return total_usage(self._usage)  # type: ignore[return-value]  # a sum of Usage
 
     def wrap_send(self, send: Send) -> Send:
         # Not a coroutine: it returns the server's send, awaited by the caller (one coroutine
@@ -507,37 +522,55 @@ class Exchange:
                 metrics.observe_http(self.method, self.path, status, seconds)
             if self.stream and self.first_byte is not None and alias and provider is not None:
                 metrics.first_byte(alias, provider, self.first_byte - self.started)
-        usage = self.usage
-        tokens_in = tokens_out = cached = None
-        if usage is not None:
-            tokens_in, tokens_out, cached, _ = usage
         bytes_out = self.bytes_out if self._reset is not None else None
         stream = self.stream or None
-        if not request_observers and not _access.isEnabledFor(logging.INFO):
-            return  # nobody reads the line: no record
-        fields = (
-            self.method,
-            self.path,
-            status,
-            seconds,
-            alias,
-            provider,
-            bytes_in,
-            bytes_out,
-            attempts,
-            stream,
-            tokens_in,
-            tokens_out,
-            cached,
+        if not request_observers:
+            writer = _writer
+            if writer is not None and writer.running:
+                # Only the writer reads it: the fields as one tuple, the usage as it was
+                # relayed (read with the batch), bounded and formatted with its batch (no
+                # record, no per-request formatting).
+                if _access.isEnabledFor(logging.INFO):
+                    writer.add(
+                        (
+                            self.method,
+                            self.path,
+                            status,
+                            seconds,
+                            alias,
+                            provider,
+                            bytes_in,
+                            bytes_out,
+                            attempts,
+                            stream,
+                            self._usage,
+                            time.time(),
+                        )
+                    )
+                return
+            if not _access.isEnabledFor(logging.INFO):
+                return  # nobody reads the line: no record
+        usage = total_usage(self._usage)
+        tokens_in = tokens_out = cached = None
+        if usage is not None:
+            tokens_in, tokens_out, cached = usage[0], usage[1], usage[2]
+        log_request(
+            RequestRecord(
+                self.method,
+                self.path,
+                status,
+                seconds,
+                alias,
+                provider,
+                bytes_in,
+                bytes_out,
+                attempts,
+                stream,
+                tokens_in,
+                tokens_out,
+                cached,
+            )
         )
-        writer = _writer
-        if not request_observers and writer is not None and writer.running:
-            # Only the writer reads it: the fields as one tuple (RequestRecord's order, then
-            # the time), bounded and formatted with its batch (no record, no per-request
-            # formatting).
-            writer.add((*fields, time.time()))
-            return
-        log_request(RequestRecord(*fields))
 
 
 def begin_exchange(
@@ -561,7 +594,44 @@ def add_usage(usage: Usage) -> None:
     ``/v1/responses`` request sums the usage of every model call it made)."""
     exchange = _exchange.get()
     if exchange is not None:
-        exchange.usage = usage if exchange.usage is None else exchange.usage + usage
+        had = exchange._usage
+        if had is None:
+            exchange._usage = usage
+        elif type(had) is list:
+            exchange._usage = [*had, usage]  # a new list: a queued line keeps the old one
+        elif isinstance(had, LaterUsage):
+            exchange._usage = [had, usage]
+        else:
+            exchange._usage = had + usage  # type: ignore[operator]  # two Usage: their sum
+
+
+def defer_usage(body: LaterUsage) -> None:
+    """Add an upstream body whose usage is read later to the current request's access line
+    (only the line wants it: its writer reads it with the rest of its batch)."""
+    exchange = _exchange.get()
+    if exchange is not None:
+        had = exchange._usage
+        if had is None:
+            exchange._usage = body
+        elif type(had) is list:
+            exchange._usage = [*had, body]
+        else:
+            exchange._usage = [had, body]  # type: ignore[list-item]
+
+
+def total_usage(usage: UsageParts) -> tuple[int, ...] | None:
+    """The sum of a request's usage parts, each read now if it was left for later (the
+    slow path: observers, spans, no running writer)."""
+    if usage is None:
+        return None
+    if type(usage) is not list:
+        return usage.usage if isinstance(usage, LaterUsage) else usage  # type: ignore[return-value]
+    total: Any = None
+    for part in usage:
+        got = part.usage if isinstance(part, LaterUsage) else part
+        if got is not None:
+            total = got if total is None else total + got
+    return total  # type: ignore[no-any-return]
 
 
 def direct_writer(

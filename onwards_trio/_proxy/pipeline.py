@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import attrs
 import httpcore
@@ -25,7 +25,7 @@ import trio
 from onwards_trio import _errors as errors
 from onwards_trio._config import DEFAULT_SSE_EVENT_LIMIT
 from onwards_trio._errors import HTTPError
-from onwards_trio._ops.logs import access_logged
+from onwards_trio._ops.logs import access_logged, defer_usage
 from onwards_trio._ops.metrics import fallback_reason
 from onwards_trio._proxy.admission import (
     Hold,
@@ -44,6 +44,7 @@ from onwards_trio._proxy.targets import Pool, Provider, Table, Targets
 from onwards_trio._proxy.usage import (
     StreamUsageStripper,
     Usage,
+    UsageKeeper,
     UsageScanner,
     UsageTap,
     stream_usage_requested,
@@ -174,7 +175,7 @@ class _Body:
         it: AsyncIterator[bytes] | None,
         on_end: Callable[[], Awaitable[None]] | None = None,
         tap: UsageTap | None = None,
-        on_usage: Callable[[Usage], None] | None = None,
+        on_usage: Callable[[UsageTap], None] | None = None,
         secret: bytes | None = None,
         permit: Permit | None = None,
     ) -> None:
@@ -276,9 +277,8 @@ class _Body:
         self._see()
         self._tap = None
         rest = tap.close()
-        usage = tap.usage
-        if usage is not None and self._on_usage is not None:
-            self._on_usage(usage)
+        if self._on_usage is not None:
+            self._on_usage(tap)
         return rest
 
     async def _end(self) -> None:
@@ -329,10 +329,8 @@ class _Body:
         has seen, if any, as the end of the body would have."""
         self._see()
         tap, self._tap = self._tap, None
-        if tap is not None:
-            usage = tap.usage
-            if usage is not None and self._on_usage is not None:
-                self._on_usage(usage)
+        if tap is not None and self._on_usage is not None:
+            self._on_usage(tap)
 
 
 def _key_start_at_end(data: bytes, key: bytes) -> int:
@@ -521,7 +519,8 @@ class Proxy:
         # Tracing (client spans per attempt, trace context to opted-in providers); None: off.
         self.telemetry: Telemetry | None = None
         # Called with the usage of every relayed 2xx upstream body (token counters, the
-        # access line), while metrics, tracing or the access log want it.
+        # access line), while metrics or tracing want it; when only the access log does, the
+        # body goes to the access line unread (_ops.logs.defer_usage), not through this.
         self.usage_observer: Callable[[ProxyRequest, str, Provider, Usage], None] | None = None
         # The usage ledger: a row per pipeline run that got past routing and auth; None: off.
         self.ledger: UsageLedger | None = None
@@ -880,7 +879,7 @@ class Proxy:
                     self._hold(request, stack).reservations.append(held)
                     held = None
                 tap: UsageTap | None = None
-                on_usage: Callable[[Usage], None] | None = None
+                on_usage: Callable[[UsageTap], None] | None = None
                 if 200 <= response.status < 300:
                     if span is not None:
                         span.first_byte()
@@ -943,9 +942,11 @@ class Proxy:
         provider: Provider,
         span: AttemptSpan | None,
         headers: list[tuple[bytes, bytes]],
-    ) -> tuple[UsageTap | None, Callable[[Usage], None] | None]:
+    ) -> tuple[UsageTap | None, Callable[[UsageTap], None] | None]:
         """What reads the usage of a 2xx body, and whom it tells (``None``: nobody wants it,
-        and the body is relayed untouched)."""
+        and the body is relayed untouched). When the access line is its only reader, the
+        body's chunks are kept and handed to the line as they are: its writer reads them
+        with many others, off the request's path (``UsageKeeper``)."""
         if span is not None and not span.sampled:
             span = None  # an unsampled trace records no usage
         observer = self.usage_observer
@@ -958,12 +959,18 @@ class Proxy:
         )
         hold = request.hold
         ledger = self.ledger
-        if observer is None and span is None and not strip and hold is None and ledger is None:
-            return None, None
+        if span is None and not strip and hold is None and ledger is None:
+            if observer is None:
+                return None, None
+            if self.metrics is None:  # the observer's only use of it: the access line
+                return UsageKeeper(), cast("Callable[[UsageTap], None]", defer_usage)
 
         priced = ledger is not None or self.metrics is not None
 
-        def report(usage: Usage) -> None:
+        def report(tap: UsageTap) -> None:
+            usage = tap.usage
+            if usage is None:
+                return
             request.usage = usage
             if priced or hold is not None:
                 request.cost = cost_of(pool, provider, usage)

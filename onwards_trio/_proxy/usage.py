@@ -30,17 +30,23 @@ Field mapping (every figure is a count of tokens; absent figures are 0):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any, Final, NamedTuple, Protocol
+from collections.abc import Mapping, Sequence
+from itertools import chain, repeat
+from operator import attrgetter
+from typing import Any, Final, NamedTuple, Protocol, cast
 
 import orjson
+
+from onwards_trio._ops.access import LaterUsage
 
 __all__ = [
     "StreamUsageStripper",
     "Usage",
+    "UsageKeeper",
     "UsageScanner",
     "UsageTap",
     "find_usage",
+    "kept_usages",
     "stream_usage_requested",
     "usage_from_object",
     "with_stream_usage",
@@ -264,6 +270,196 @@ class UsageScanner:
     @property
     def usage(self) -> Usage | None:
         return usage_from_object(self._raw) if self._raw is not None else None
+
+
+# How much of a body a keeper holds on to (a usual answer is well under it); past it, it scans
+# as it goes, as a :class:`UsageScanner` does, and holds nothing.
+_KEEP: Final = 4096
+
+
+class UsageKeeper(LaterUsage):
+    """A tap that only keeps the body's chunks (references, bounded), so that its usage is
+    read later, with many others (:func:`kept_usages`), off the request's path.
+
+    When only the access line wants a body's usage, scanning each body on its own (a scanner
+    object, a ``find``, a match, a parse and a report per body) cost about half of what the
+    access line adds to a request; a request now only appends its chunks to a list. A body
+    larger than ``_KEEP`` is scanned as it passes instead (what it finds is the same: the
+    scanner reads the same chunks). :attr:`usage` reads it at once (a slow path).
+    """
+
+    __slots__ = ("chunks", "scanner", "size")
+
+    def __init__(self) -> None:
+        self.found: Usage | None = None  # set by read_all
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.scanner: UsageScanner | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        scanner = self.scanner
+        if scanner is not None:
+            scanner.feed(chunk)
+            return chunk
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        if self.size > _KEEP:  # too much to hold: scan what is held, and the rest as it comes
+            self.scanner = scanner = UsageScanner()
+            for held in self.chunks:
+                scanner.feed(held)
+            self.chunks = []
+        return chunk
+
+    def close(self) -> bytes:
+        return b""
+
+    @property
+    def usage(self) -> Usage | None:
+        return kept_usages([self])[0]
+
+    @classmethod
+    def read_all(cls, bodies: list[LaterUsage]) -> None:
+        keepers = cast("list[UsageKeeper]", bodies)  # read_all is called on one kind at a time
+        found: Sequence[tuple[int, ...] | None] | None = None
+        if not any(map(_SCANNER, keepers)):  # the usual: all kept whole, all plain
+            found = _plain_counts(list(map(b"".join, map(_CHUNKS, keepers))))
+        if found is None:
+            found = kept_usages(keepers)
+        for _ in map(setattr, keepers, repeat("found"), found):
+            pass
+
+
+_SCANNER: Final = attrgetter("scanner")
+_CHUNKS: Final = attrgetter("chunks")
+
+# A flat usage object (the usual one: counts only) after its key: a match whose object holds
+# no other ``}``; ``[^}]`` is matched far faster than the scanner's ``[^{}]``.
+_FLAT: Final = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(\{[^}]*\})')
+
+
+def kept_usages(keepers: Sequence[UsageKeeper]) -> list[Usage | None]:
+    """The usage of each keeper's body: exactly what a :class:`UsageScanner` fed the same
+    chunks reports, read for many bodies at once.
+
+    The usual body has one ``"usage"`` key, followed by a flat object: for those, one count
+    over all the bodies (no body has a second key), one match per body from its last key and
+    one parse of all the objects. Any other body (two keys, a nested or unfinished object, a
+    parse error) is fed to a scanner, chunk by chunk, as before.
+    """
+    out: list[Usage | None] = [None] * len(keepers)
+    bodies: list[bytes] = []
+    where: list[int] = []  # the keeper each of ``bodies`` belongs to
+    slow: list[int] = []
+    for i, keeper in enumerate(keepers):
+        scanner = keeper.scanner
+        if scanner is not None:
+            out[i] = scanner.usage
+        else:
+            chunks = keeper.chunks
+            bodies.append(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            where.append(i)
+    if bodies:
+        plain = _plain_counts(bodies)
+        if plain is not None:
+            for i, counts in zip(where, plain, strict=True):
+                out[i] = None if counts is None else _usage(counts)
+            bodies = []
+    if bodies:
+        ends = list(map(bytes.rfind, bodies, repeat(_KEY)))
+        keyed = len(ends) - ends.count(-1)
+        # NUL cannot be part of a key: the join makes none across two bodies
+        if keyed and b"\x00".join(bodies).count(_KEY) != keyed:
+            for j, count in enumerate(map(bytes.count, bodies, repeat(_KEY))):
+                if count > 1:
+                    slow.append(where[j])
+                    ends[j] = -1
+        found: list[bytes] = []
+        owners: list[int] = []
+        for j, end in enumerate(ends):
+            if end < 0:
+                continue  # no key (or one for the scanner): no usage here
+            match = _FLAT.match(bodies[j], end)
+            if match is None:
+                slow.append(where[j])
+                continue
+            obj = match.group(1)
+            # one level of braces only, and small enough that a scanner keeps it whole
+            if obj.count(b"{") != 1 or match.end() - end > _MAX_OBJECT:
+                slow.append(where[j])
+                continue
+            found.append(obj)
+            owners.append(where[j])
+        if found:
+            try:
+                parsed = orjson.loads(b"[" + b",".join(found) + b"]")
+            except orjson.JSONDecodeError:
+                parsed = None
+            if parsed is None or len(parsed) != len(found):  # one is not JSON: each alone
+                parsed = list(map(_loads_or_none, found))
+            for i, obj in zip(owners, parsed, strict=True):
+                if type(obj) is dict:
+                    out[i] = usage_from_object(obj)
+    for i in slow:
+        scanner = UsageScanner()
+        for chunk in keepers[i].chunks:
+            scanner.feed(chunk)
+        out[i] = scanner.usage
+    return out
+
+
+def _plain_counts(bodies: list[bytes]) -> list[tuple[int, int, int, int] | None] | None:
+    """The usage counts of each body when every body that has any has the usual plain usage
+    -- one key, a flat object with two plain counts (``prompt_tokens``, ``completion_tokens``;
+    no details) -- read with a few calls over all of them (no Python step per body). ``None``:
+    some body is not like that (the caller reads them one by one)."""
+    # Every key of each body, each with the flat object after it (b"": none follows)
+    keys = list(map(_KEYS.findall, bodies))
+    per_body = set(map(len, keys))
+    if not per_body <= {0, 1}:
+        return None  # a body with two keys
+    found: list[bytes] = list(chain.from_iterable(keys))
+    if b"" in found or max(map(len, found), default=0) > _MAX_OBJECT - 2 * _MAX_WS - 16:
+        return None  # a key without a flat object after it, or one a scanner could lose
+    if b"".join(found).count(b"{") != len(found):
+        return None  # a "{" inside (in a string): the scanner reads such an object otherwise
+    try:
+        # Each is one member only if each is a whole object: a string running from one into
+        # the next would merge two, so the count tells.
+        objs = orjson.loads(b"[" + b",".join(found) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    if len(objs) != len(found) or not set(map(type, objs)) <= {dict}:
+        return None
+    prompt: list[Any] = list(map(dict.get, objs, repeat("prompt_tokens")))
+    completion: list[Any] = list(map(dict.get, objs, repeat("completion_tokens")))
+    if (
+        not set(map(type, prompt)) <= {int}
+        or not set(map(type, completion)) <= {int}
+        or min(prompt, default=0) < 0
+        or min(completion, default=0) < 0
+        or any(map(dict.__contains__, objs, repeat("prompt_tokens_details")))
+        or any(map(dict.__contains__, objs, repeat("completion_tokens_details")))
+    ):
+        return None
+    # usage_from_object's answer for such an object
+    counts: list[tuple[int, int, int, int] | None] = list(
+        zip(prompt, completion, repeat(0), repeat(0))
+    )
+    if 0 not in per_body:
+        return counts
+    it = iter(counts)
+    return [next(it) if got else None for got in keys]
+
+
+_MAX_WS: Final = 64  # white space around a key's ':' that the plain reading accepts
+_KEYS: Final = re.compile(rb'"usage"(?:[ \t\r\n]{0,64}:[ \t\r\n]{0,64}(\{[^}]*\}))?')
+
+
+def _loads_or_none(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
 
 
 class UsageTap(Protocol):

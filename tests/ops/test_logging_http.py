@@ -260,3 +260,56 @@ async def test_access_line_carries_the_token_usage(
     assert r.status_code == 200
     (line,) = await _access_lines(handler_output, 1)
     assert "input_tokens=12 output_tokens=7 cached_tokens=4" in line
+
+
+async def test_access_lines_carry_a_plain_usage_read_with_their_batch(
+    nursery: trio.Nursery, handler_output: io.StringIO
+) -> None:
+    """With only the access log wanting the usage, each body is handed to the line unread
+    and its writer reads the batch's bodies together: every line still has its own figures."""
+    answers = iter(range(1, 100))
+
+    def script(request: Any) -> Reply:
+        n = next(answers)
+        usage = {"prompt_tokens": n, "completion_tokens": 2 * n, "total_tokens": 3 * n}
+        return Reply(body=chat_completion(COMPLETION, usage=usage))
+
+    up = FakeUpstream(script)
+    _, url = await start_gateway(
+        nursery, {"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}
+    )
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=10) as client,
+        trio.open_nursery() as senders,
+    ):
+        for _ in range(6):
+            senders.start_soon(partial(client.post, CHAT, json={"model": "gpt-4", "messages": []}))
+    lines = await _access_lines(handler_output, 6)
+    figures = sorted(
+        (
+            int(ln.split("input_tokens=")[1].split()[0]),
+            ln.split("input_tokens=")[1].split(" ", 1)[1],
+        )
+        for ln in lines
+    )
+    assert figures == [(n, f"output_tokens={2 * n} cached_tokens=0") for n in range(1, 7)]
+
+
+async def test_a_responses_access_line_sums_the_usage_of_every_model_call(
+    nursery: trio.Nursery, handler_output: io.StringIO, tmp_path: Any
+) -> None:
+    from onwards_trio._app.demo import demo_config, demo_upstream
+
+    upstream = await serve_app(nursery, demo_upstream(delay=0))
+    gateway = Gateway(demo_config(upstream, store_path=str(tmp_path / "r.sqlite3")))
+    info = await nursery.start(gateway.serve, "127.0.0.1", 0)
+    async with httpx.AsyncClient(base_url=info.url, timeout=10) as client:
+        r = await client.post(
+            "/v1/responses", json={"model": "demo", "input": "what is the weather in Paris"}
+        )
+    assert r.status_code == 200
+    body = r.json()
+    assert any(item["type"] == "function_call" for item in body["output"])  # two model calls
+    (line,) = await _access_lines(handler_output, 1)
+    usage = body["usage"]
+    assert f"input_tokens={usage['input_tokens']} output_tokens={usage['output_tokens']} " in line

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from onwards_trio._proxy.usage import (
     StreamUsageStripper,
     Usage,
+    UsageKeeper,
     UsageScanner,
     find_usage,
     stream_usage_requested,
@@ -106,6 +107,67 @@ def test_scanner_finds_the_same_usage_however_the_body_is_cut(cuts: list[int]) -
         passed = b"".join(scanner.feed(chunk) for chunk in _chunks(body, cuts)) + scanner.close()
         assert passed == body
         assert scanner.usage == expected
+
+
+# Bodies a kept body's usage must be read from exactly as a scanner reads it: the usual flat
+# object (compact or spaced), the details shape, two keys, an object with a brace in a string,
+# a key with no object, none at all, a number JSON refuses, a key split over a NUL.
+_KEPT_BODIES = (
+    b'{"id": "c", "usage": {"prompt_tokens": 10, "completion_tokens": 40, "total_tokens": 50}}',
+    b'{"id":"c","usage":{"prompt_tokens":3,"completion_tokens":0}}',
+    b'{"id": "c",\n  "usage" :\r\n\t{ "prompt_tokens" : 7 , "completion_tokens" : 1 }\n}',
+    CHAT_BODY,
+    b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "usage": {"completion_tokens": 5}}',
+    b'{"usage": {"prompt_tokens": 4, "completion_tokens": 2, "note": "a{b"}}',
+    b'{"usage": null, "type": "usage"}',
+    b'{"data": [1, 2, 3]}',
+    b'{"usage": {"prompt_tokens": 01, "completion_tokens": 2}}',
+    b'{"usage": {"prompt_tokens": -1, "completion_tokens": 2.5}}',
+    b'{"usage": {"input_tokens": 6, "output_tokens": 2, "cache_read_input_tokens": 3}}',
+    b'{"u": "\x00", "usage": {"prompt_tokens": 8, "completion_tokens": 9}}',
+    b"",
+)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_KEPT_BODIES),
+            st.lists(st.integers(min_value=0, max_value=10_000), max_size=4),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_kept_bodies_read_together_give_what_a_scanner_gives(
+    bodies: list[tuple[bytes, list[int]]],
+) -> None:
+    """The access line's usage, read by its writer for a whole batch at once, is exactly what
+    scanning each body as it passed would have found, however the bodies were cut and
+    whatever else is in the batch."""
+    keepers, expected = [], []
+    for body, cuts in bodies:
+        keeper, scanner = UsageKeeper(), UsageScanner()
+        for chunk in _chunks(body, cuts):
+            assert keeper.feed(chunk) is chunk
+            scanner.feed(chunk)
+        keepers.append(keeper)
+        expected.append(scanner.usage)
+    UsageKeeper.read_all(keepers)  # type: ignore[arg-type]
+    found = [None if k.found is None else Usage(*k.found) for k in keepers]
+    assert found == expected
+    assert [k.usage for k in keepers] == expected
+
+
+def test_a_large_kept_body_is_scanned_as_it_passes_not_held() -> None:
+    tail = b'"usage": {"prompt_tokens": 5, "completion_tokens": 6}}'
+    body = b'{"content": "' + b"x" * 100_000 + b'", ' + tail
+    keeper = UsageKeeper()
+    for chunk in _chunks(body, list(range(0, len(body), 1000))):
+        keeper.feed(chunk)
+    assert sum(map(len, keeper.chunks)) <= 8192  # bounded, whatever the body's size
+    UsageKeeper.read_all([keeper])
+    assert keeper.found == Usage(5, 6)
 
 
 @given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
