@@ -413,18 +413,23 @@ class AccessWriter:
 
 def _read_later(queued: list[Fields]) -> None:
     """Read the usage of every body of the batch left for later, all at once."""
+    parts = list(filter(None, map(_USAGE, queued)))  # the lines with usage
+    if not parts:
+        return
+    kinds = set(map(type, parts))
+    if len(kinds) == 1 and list not in kinds:  # the usual batch: all of one kind
+        (kind,) = kinds
+        if issubclass(kind, LaterUsage):
+            kind.read_all(parts)
+        return
     later: list[LaterUsage] = []
-    for usage in map(_USAGE, queued):
-        if usage is None:
-            continue
+    for usage in parts:
         if isinstance(usage, LaterUsage):
             later.append(usage)
         elif type(usage) is list:
             later.extend(part for part in usage if isinstance(part, LaterUsage))
-    if later:
-        kinds = {type(body) for body in later}
-        for kind in kinds:
-            kind.read_all(later if len(kinds) == 1 else [b for b in later if type(b) is kind])
+    for kind in {type(body) for body in later}:
+        kind.read_all([body for body in later if type(body) is kind])
 
 
 def _sum(parts: list[Any]) -> tuple[int, ...] | None:

@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import httpcore
@@ -910,7 +910,7 @@ class Proxy:
                 stack.callback(permit.release)
                 if span is not None:
                     stack.callback(span.end)
-                if tap is not None:  # runs first: the span and the ledger still see the usage
+                if on_usage is not None:  # runs first: the span and the ledger still see the usage
                     stack.callback(reply_body.report_seen)
                 keep = True
                 return reply
@@ -963,7 +963,11 @@ class Proxy:
             if observer is None:
                 return None, None
             if self.metrics is None:  # the observer's only use of it: the access line
-                return UsageKeeper(), cast("Callable[[UsageTap], None]", defer_usage)
+                # The line gets the body now and reads what it holds when it is written
+                # (what has passed by then: all of it, unless the relay ended early).
+                keeper = UsageKeeper()
+                defer_usage(keeper)
+                return keeper, None
 
         priced = ledger is not None or self.metrics is not None
 
