@@ -607,9 +607,11 @@ def add_usage(usage: Usage) -> None:
 
 def defer_usage(body: LaterUsage) -> None:
     """Add an upstream body whose usage is read later to the current request's access line
-    (only the line wants it: its writer reads it with the rest of its batch)."""
+    (only the line wants it: its writer reads it with the rest of its batch). Not once the
+    request is finished (``send`` is cleared then): a task it started that runs on (a
+    background response's model calls) must not keep bodies for a line already written."""
     exchange = _exchange.get()
-    if exchange is not None:
+    if exchange is not None and exchange.send is not None:
         had = exchange._usage
         if had is None:
             exchange._usage = body

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+import trio
 
 import onwards_trio
 from onwards_trio._ops import logs as _logging
@@ -271,6 +272,38 @@ async def test_exchange_records_what_went_on_the_wire(restore_logging: None) -> 
         "status=200 duration_ms=500.0 alias=gpt-4 provider=1 bytes_in=42 bytes_out=9 "
         "attempts=2 stream=True"
     )
+
+
+async def test_a_body_relayed_after_its_request_finished_is_not_kept_for_its_line(
+    restore_logging: None,
+) -> None:
+    """A task the request started (a background response's model calls) runs in a copy of
+    its context: a body it relays after the request's line was queued is not held for it."""
+    from onwards_trio._ops.logs import begin_exchange, defer_usage, finish_exchange
+    from onwards_trio._proxy.usage import UsageKeeper
+
+    configure_logging("info", stream=io.StringIO())
+
+    async def send(message: Any) -> None:
+        pass
+
+    kept = UsageKeeper()
+    kept.feed(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}}')
+    later, relayed = trio.Event(), trio.Event()
+
+    async def model_call() -> None:
+        await later.wait()
+        defer_usage(kept)
+        relayed.set()
+
+    async with trio.open_nursery() as nursery:
+        begin_exchange(None, "POST", "/v1/responses", 0.0, send)
+        nursery.start_soon(model_call)  # started while the request is current
+        exchange = finish_exchange(None, "POST", "/v1/responses", 200, 0.1)
+        later.set()
+        with trio.fail_after(5):
+            await relayed.wait()
+    assert exchange.usage is None
 
 
 def test_finish_without_begin_still_counts_and_logs(restore_logging: None) -> None:
