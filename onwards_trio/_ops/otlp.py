@@ -54,6 +54,7 @@ __all__ = [
     "int_attribute",
     "known_parts",
     "name_and_kind",
+    "pair_into",
     "pair_parts",
     "span_attributes",
 ]
@@ -413,47 +414,68 @@ def encode_pair(
 ) -> bytes | None:
     """Two ``ScopeSpans.spans`` fields: a request's server span (a root: no parent, no trace
     state) and its client span (``child_id``, with the time to its first chunk, ``first``
-    seconds, then ``usage``, before its prepared attributes), both with
-    the ``usage`` attributes. Three ``struct`` packs and a join for both: the server span's ids
-    are its last fields and the client span's its first, so that both spans' ids are one pack.
-    (Fields in another order than the SDK encoder's: any protobuf parser reads them alike.)
-    ``None``: an unusual size; encode each span alone."""
+    seconds), both with the ``usage`` attributes before their prepared ones. The server
+    span's ids are its last fields and the client span's its first, so that both spans' ids
+    are one pack. (Fields in another order than the SDK encoder's: any protobuf parser reads
+    them alike.) ``None``: an unusual size; encode each span alone."""
+    out: list[bytes] = []
+    if not pair_into(
+        out, trace_id, span_id, child_id, start, end, child_start, child_end, first, parts, usage
+    ):
+        return None
+    return b"".join(out)
+
+
+def pair_into(
+    out: list[bytes],
+    trace_id: int,
+    span_id: int,
+    child_id: int,
+    start: int,
+    end: int,
+    child_start: int,
+    child_end: int,
+    first: float,
+    parts: PairParts,
+    usage: bytes,
+) -> bool:
+    """:func:`encode_pair`'s pieces, appended to ``out`` (a batch joins them once); False:
+    an unusual size, nothing appended."""
     head, rest, size, child_head, child_rest, child_size = parts
     n = len(usage)
     size += n
     child_size += n
     if not (127 < size < _PAIR_LIMIT and 127 < child_size < _PAIR_LIMIT):
-        return None
+        return False
     hi = trace_id >> 64
     lo = trace_id & 0xFFFFFFFFFFFFFFFF  # a constant, not a global
-    return b"".join(
-        (
-            _pair_open(0x12, _V2_LE[size], 0x39, start, 0x41, end),
-            head,
-            usage,
-            rest,
-            _pair_ids(
-                0x0A10,
-                hi,
-                lo,
-                0x1208,
-                span_id,
-                0x12,
-                _V2_BE[child_size],
-                0x0A10,
-                hi,
-                lo,
-                0x1208,
-                child_id,
-                0x2208,
-                span_id,
-            ),
-            _pair_times(0x39, child_start, 0x41, child_end, FIRST_CHUNK, first),
-            child_head,
-            usage,
-            child_rest,
-        )
+    out += (
+        _pair_open(0x12, _V2_LE[size], 0x39, start, 0x41, end),
+        head,
+        usage,
+        rest,
+        _pair_ids(
+            0x0A10,
+            hi,
+            lo,
+            0x1208,
+            span_id,
+            0x12,
+            _V2_BE[child_size],
+            0x0A10,
+            hi,
+            lo,
+            0x1208,
+            child_id,
+            0x2208,
+            span_id,
+        ),
+        _pair_times(0x39, child_start, 0x41, child_end, FIRST_CHUNK, first),
+        child_head,
+        usage,
+        child_rest,
     )
+    return True
 
 
 def encode_span(

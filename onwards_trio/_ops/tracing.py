@@ -109,11 +109,11 @@ from onwards_trio._ops.otlp import (
     PairParts,
     TracesRequest,
     encode_known,
-    encode_pair,
     encode_span,
     int_attribute,
     known_parts,
     name_and_kind,
+    pair_into,
     pair_parts,
     span_attributes,
 )
@@ -518,10 +518,78 @@ _UNSAMPLED_ATTEMPT: Final = _UnsampledAttempt(1, 1, 0, False, False, "")
 _CLOSED: Final = _UnsampledAttempt(1, 1, 0, False, False, "")
 
 
-def _pair_of(request: tuple[Any, ...], *attempt: Any) -> PairParts:
+# A request's two spans' parts: encoded together (pair_parts), and each alone (known_parts)
+# for a pair of an unusual size.
+_Pair = tuple[PairParts, KnownParts, KnownParts]
+# A request's two spans as queued: both trace and span ids, both spans' start and end, the
+# client span's first byte (ns since the epoch), their parts, the usage's four counts.
+_Queued = tuple[int, int, int, int, int, int, int, int, _Pair, int, int, int, int]
+_NO_USAGE: Final = (-1, 0, 0, 0)  # a request without usage, as queued
+
+
+def _pair_of(request: tuple[Any, ...], *attempt: Any) -> _Pair:
     """The parts of a request's server span (``_request_parts_of``'s fields but the last) and
     its client span's (``_attempt_parts_of``'s), neither with a remote parent."""
-    return pair_parts(_request_parts_of(*request), _attempt_parts_of(*attempt))
+    server = _request_parts_of(*request)
+    client = _attempt_parts_of(*attempt)
+    return pair_parts(server, client), server, client
+
+
+def _frames(batch: Sequence[bytes | _Queued]) -> list[bytes]:
+    """A batch's spans as bytes (``ScopeSpans.spans`` fields, to be joined): requests queued
+    as plain values (:meth:`Telemetry.end_request`) are encoded here, off the request path,
+    into one list the export request joins once."""
+    out: list[bytes] = []
+    last = _NO_USAGE
+    encoded = b""
+    for entry in batch:
+        if isinstance(entry, bytes):
+            if entry:
+                out.append(entry)
+            continue
+        (
+            trace_id,
+            span_id,
+            child_id,
+            start,
+            end,
+            child_start,
+            child_end,
+            first,
+            pair,
+            n,
+            m,
+            cached,
+            reasoning,
+        ) = entry
+        try:
+            if n != last[0] or m != last[1] or cached != last[2] or reasoning != last[3]:
+                last = (n, m, cached, reasoning)  # most requests repeat the last one's counts
+                encoded = b"" if n < 0 else _encoded_usage(last)
+            seconds = (first - child_start) / 1e9
+            if not pair_into(
+                out,
+                trace_id,
+                span_id,
+                child_id,
+                start,
+                end,
+                child_start,
+                child_end,
+                seconds,
+                pair[0],
+                encoded,
+            ):  # an unusual size: each span alone
+                out.append(encode_known(trace_id, span_id, "", 0, start, end, pair[1], encoded))
+                extra = _FIRST_CHUNK + _double(seconds) + encoded
+                out.append(
+                    encode_known(
+                        trace_id, child_id, "", span_id, child_start, child_end, pair[2], extra
+                    )
+                )
+        except Exception:  # a bug in tracing loses these spans, not the batch
+            log.exception("spans of trace %032x not exported", trace_id)
+    return out
 
 
 class LoopSpan(_Span):
@@ -570,7 +638,7 @@ class _SpanQueue:
     def __init__(self, max_queue: int, batch: int) -> None:
         # Each entry one span, or two (a request's server and client span, encode_pair) and
         # then an empty entry, so that the entries count the spans.
-        self.spans: collections.deque[bytes] = collections.deque()
+        self.spans: collections.deque[bytes | _Queued] = collections.deque()
         self.max_queue = max_queue
         self.batch = batch
         # Below this many entries, two spans encoded as one fit (a batch never splits them, so
@@ -603,7 +671,7 @@ class _SpanQueue:
         if threading.get_ident() == self._trio_thread:
             self.ready.set()  # a full batch: export now rather than at the next tick
 
-    def take(self) -> list[bytes]:
+    def take(self) -> list[bytes | _Queued]:
         spans = self.spans
         n = min(len(spans), self.batch)
         if n < len(spans) and not spans[n]:
@@ -743,8 +811,12 @@ class Telemetry:
         self.attempt_parts: dict[tuple[Any, ...], KnownParts] = {}
         # A request's server and client span together (encode_pair), and the last of them
         # (compared before the key is hashed: most requests repeat the last one's values).
-        self.pair_parts: dict[tuple[Any, ...], PairParts] = {}
-        self.last_pair: tuple[tuple[Any, ...], PairParts] = ((), (b"", b"", 0, b"", b"", 0))
+        self.pair_parts: dict[tuple[Any, ...], _Pair] = {}
+        no_parts: KnownParts = (b"", b"", 0, b"", False, False)
+        self.last_pair: tuple[tuple[Any, ...], _Pair] = (
+            (),
+            ((b"", b"", 0, b"", b"", 0), no_parts, no_parts),
+        )
         self.exporter = exporter
         self.record_content = record_content
         self.interval = interval
@@ -811,11 +883,11 @@ class Telemetry:
                 with trio.move_on_after(1.0):
                     await self.exporter.aclose()
 
-    async def _export(self, batch: Sequence[bytes]) -> None:
+    async def _export(self, batch: Sequence[bytes | _Queued]) -> None:
         # The exporter bounds its request and retries by the export timeout; this is a margin.
         with trio.move_on_after(self.export_timeout + 1.0):
             try:
-                await self.exporter.export(self.request.encode(batch))
+                await self.exporter.export(self.request.encode(_frames(batch)))
             except Exception:
                 log.warning("span export failed", exc_info=True)
 
@@ -942,35 +1014,41 @@ class Telemetry:
                     attempt.status,
                     attempt.error,
                 )
-                try:
-                    last = self.last_pair
-                    if both == last[0]:  # the same as the last request's: no hashing
-                        pair = last[1]
-                    else:
+                last = self.last_pair
+                if both == last[0]:  # the same as the last request's: no hashing
+                    pair = last[1]
+                else:
+                    try:
                         pair = self.pair_parts.get(both) or _built(self.pair_parts, both, _pair_of)
-                        self.last_pair = (both, pair)
-                    start = attempt.start
-                    frame = encode_pair(
+                    except Exception:  # a bug in tracing must not fail the request
+                        log.exception("span %r not exported", span)
+                        return
+                    self.last_pair = (both, pair)
+                n, m, cached, reasoning = _NO_USAGE if usage is None else usage
+                # Plain values (ints and the cached parts: the collector untracks the tuple at
+                # once), encoded with their batch (_frames), then an empty entry: the entries
+                # count the spans.
+                spans.append(
+                    (
                         span.trace_id,
                         span.span_id,
                         attempt.span_id,
                         span.start,
                         stop,
-                        start,
+                        attempt.start,
                         attempt.stop,
-                        (attempt.first - start) / 1e9,
+                        attempt.first,
                         pair,
-                        b"" if usage is None else _encoded_usage(usage),
+                        n,
+                        m,
+                        cached,
+                        reasoning,
                     )
-                except Exception:  # a bug in tracing must not fail the request
-                    log.exception("span %r not exported", span)
-                    return
-                if frame is not None:  # and an empty entry: the entries count the spans
-                    spans.append(frame)
-                    spans.append(b"")
-                    if len(spans) >= queue.batch:
-                        queue.batch_full()
-                    return
+                )
+                spans.append(b"")
+                if len(spans) >= queue.batch:
+                    queue.batch_full()
+                return
             attempt.encode()
         if queue.refuses():
             return
