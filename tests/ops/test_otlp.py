@@ -31,6 +31,7 @@ from onwards_trio._ops.otlp import (
     pair_parts,
     span_attributes,
 )
+from onwards_trio._ops.tracing import _frames
 
 _INT64 = st.integers(-(2**63), 2**63 - 1)
 _PRIMITIVES = st.one_of(st.text(max_size=30), st.booleans(), _INT64, st.floats(allow_nan=False))
@@ -310,3 +311,89 @@ def test_a_request_and_its_attempt_encoded_together_decode_as_two_spans(
     assert decoded == ExportTraceServiceRequest.FromString(
         request.encode([server_span, client_span])
     )
+
+
+_USAGE_KEYS = (
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+    "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.reasoning.output_tokens",
+)
+
+
+@settings(max_examples=150)
+@given(
+    st.integers(1, 2**128 - 1),
+    st.tuples(_IDS, _IDS),
+    st.tuples(_TIMES, _TIMES, _TIMES, _TIMES),
+    st.tuples(st.text(max_size=1200), st.text(max_size=40)),
+    st.lists(st.one_of(st.none(), st.tuples(*[st.integers(0, 2**40)] * 4)), min_size=1, max_size=3),
+)
+def test_requests_queued_as_values_decode_as_their_spans_in_any_size(
+    trace_id: int,
+    ids: tuple[int, int],
+    times: tuple[int, int, int, int],
+    names: tuple[str, str],
+    usages: list[tuple[int, int, int, int] | None],
+) -> None:
+    """Requests' two spans queued as plain values (the export task encodes a batch of them,
+    each request's together or, at an unusual size, each span alone) decode as
+    :func:`encode_span` makes them."""
+    span_id, child_id = ids
+    start, end, child_start, child_end = times
+    first = child_start + 1_500_000
+    server = {"http.route": names[0], "http.response.status_code": 200}
+    client = {"onwards.attempt": 1}
+    alone = (
+        known_parts(name_and_kind(names[0], 2), span_attributes(server), False, False),
+        known_parts(name_and_kind(names[1], 3), span_attributes(client), False, False),
+    )
+    pair = (pair_parts(*alone), *alone)
+    queued: list[Any] = []
+    expected = []
+    for usage in usages:
+        counts = (-1, 0, 0, 0) if usage is None else usage
+        queued += [
+            (trace_id, span_id, child_id, start, end, child_start, child_end, first, pair, *counts),
+            b"",
+        ]
+        used = {
+            k: v for i, (k, v) in enumerate(zip(_USAGE_KEYS, counts, strict=True)) if i < 2 or v
+        }
+        if usage is None:
+            used = {}
+        server_attributes = {**used, **server}
+        client_attributes = {_FIRST: (first - child_start) / 1e9, **used, **client}
+        expected += [
+            encode_span(
+                trace_id,
+                span_id,
+                "",
+                0,
+                False,
+                names[0],
+                2,
+                start,
+                end,
+                server_attributes,
+                [],
+                False,
+            ),
+            encode_span(
+                trace_id,
+                child_id,
+                "",
+                span_id,
+                False,
+                names[1],
+                3,
+                child_start,
+                child_end,
+                client_attributes,
+                [],
+                False,
+            ),
+        ]
+    request = TracesRequest({}, "x")
+    decoded = ExportTraceServiceRequest.FromString(request.encode(_frames(queued)))
+    assert decoded == ExportTraceServiceRequest.FromString(request.encode(expected))
