@@ -389,8 +389,9 @@ class AttemptSpan(_Span):
     def end(self, failure: str | None = None) -> None:
         """End the span; ``failure`` says why the attempt failed (``timeout``,
         ``network_error``, ``cancelled``, ``rejected``). The first to end under a request's
-        server span still open is encoded with it, when it ends (one cache look-up and one
-        encoding for both); any other is encoded now (see :meth:`Telemetry.end_request`)."""
+        server span still open is queued with it, when it ends (one cache look-up for both,
+        encoded together by the export task); any other is encoded now (see
+        :meth:`Telemetry.end_request`)."""
         if not self.sampled:
             return
         self.stop = time.time_ns()
@@ -636,8 +637,9 @@ class _SpanQueue:
     thread; the Trio task in :meth:`Telemetry.run` exports them in batches."""
 
     def __init__(self, max_queue: int, batch: int) -> None:
-        # Each entry one span, or two (a request's server and client span, encode_pair) and
-        # then an empty entry, so that the entries count the spans.
+        # Each entry one span, or two (a request's server and client span, queued as values
+        # and encoded with the batch: _frames) and then an empty entry, so that the entries
+        # count the spans.
         self.spans: collections.deque[bytes | _Queued] = collections.deque()
         self.max_queue = max_queue
         self.batch = batch
@@ -809,7 +811,7 @@ class Telemetry:
         # are built from its own gateway's values, not from a cache another one filled).
         self.request_parts: dict[tuple[Any, ...], KnownParts] = {}
         self.attempt_parts: dict[tuple[Any, ...], KnownParts] = {}
-        # A request's server and client span together (encode_pair), and the last of them
+        # A request's server and client span together (_pair_of), and the last of them
         # (compared before the key is hashed: most requests repeat the last one's values).
         self.pair_parts: dict[tuple[Any, ...], _Pair] = {}
         no_parts: KnownParts = (b"", b"", 0, b"", False, False)
@@ -989,9 +991,10 @@ class Telemetry:
         span.pending = _CLOSED
         if alias is not None and len(alias) > _ALIAS_LIMIT:
             alias = alias[:_ALIAS_LIMIT] + "..."  # what the client sent, configured or not
-        # Encoded now, into the queue as bytes: a span object waiting seconds for its batch
-        # would survive young collections and be promoted (at 100 % sampling that doubled the
-        # collector's work); the parts every request repeats are encoded once per combination.
+        # Into the queue as bytes or plain values, not as span objects: one waiting seconds for
+        # its batch would survive young collections and be promoted (at 100 % sampling that
+        # doubled the collector's work); the parts every request repeats are encoded once per
+        # combination.
         queue = self.queue
         fields = (span.method, span.route, status, alias, key_label, provider, attempts)
         if attempt is not None:
@@ -1003,7 +1006,7 @@ class Telemetry:
                 and not span.state  # (a sampler may still have given it one)
                 and len(spans) < queue.pair_room
             ):
-                # The usual request: its span and its one client span, in one go.
+                # The usual request: its span and its one client span, queued together.
                 both = (
                     fields,
                     attempt.provider,  # by identity: a reload makes new ones
