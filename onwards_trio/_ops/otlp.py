@@ -47,7 +47,6 @@ __all__ = [
     "TracesRequest",
     "encode_frame",
     "encode_known",
-    "encode_pair",
     "encode_span",
     "export_settings",
     "float_attribute",
@@ -369,7 +368,7 @@ def encode_known(
     return b"".join((lead, head, _times(0x39, start, 0x41, end), extra, rest))
 
 
-# A request's server span and its one client span, encoded together (encode_pair): the
+# A request's server span and its one client span, encoded together (pair_into): the
 # server span's length and times (little-endian), both spans' ids (big-endian, with the client
 # span's length between them), the client span's times and time to its first chunk.
 _pair_open = struct.Struct("<BHBQBQ").pack
@@ -382,13 +381,13 @@ _pair_times = struct.Struct(f"<BQBQ{len(FIRST_CHUNK)}sd").pack
 _PAIR_LIMIT: Final = 2048
 _V2_LE: Final = tuple(n & 127 | 128 | n >> 7 << 8 for n in range(_PAIR_LIMIT))
 _V2_BE: Final = tuple((n & 127 | 128) << 8 | n >> 7 for n in range(_PAIR_LIMIT))
-# What encode_pair needs of both spans' prepared parts: the server span's name/kind and
+# What pair_into needs of both spans' prepared parts: the server span's name/kind and
 # attributes + status + flags, its size without the usage; the same of the client span.
 PairParts = tuple[bytes, bytes, int, bytes, bytes, int]
 
 
 def pair_parts(server: KnownParts, client: KnownParts) -> PairParts:
-    """:func:`encode_pair`'s parts, from each span's :func:`known_parts` (the server span a
+    """:func:`pair_into`'s parts, from each span's :func:`known_parts` (the server span a
     root, the client span its child)."""
     return (
         server[0],
@@ -398,32 +397,6 @@ def pair_parts(server: KnownParts, client: KnownParts) -> PairParts:
         client[1],
         client[2] + 38 + len(FIRST_CHUNK) + 8,
     )
-
-
-def encode_pair(
-    trace_id: int,
-    span_id: int,
-    child_id: int,
-    start: int,
-    end: int,
-    child_start: int,
-    child_end: int,
-    first: float,
-    parts: PairParts,
-    usage: bytes,
-) -> bytes | None:
-    """Two ``ScopeSpans.spans`` fields: a request's server span (a root: no parent, no trace
-    state) and its client span (``child_id``, with the time to its first chunk, ``first``
-    seconds), both with the ``usage`` attributes before their prepared ones. The server
-    span's ids are its last fields and the client span's its first, so that both spans' ids
-    are one pack. (Fields in another order than the SDK encoder's: any protobuf parser reads
-    them alike.) ``None``: an unusual size; encode each span alone."""
-    out: list[bytes] = []
-    if not pair_into(
-        out, trace_id, span_id, child_id, start, end, child_start, child_end, first, parts, usage
-    ):
-        return None
-    return b"".join(out)
 
 
 def pair_into(
@@ -439,8 +412,13 @@ def pair_into(
     parts: PairParts,
     usage: bytes,
 ) -> bool:
-    """:func:`encode_pair`'s pieces, appended to ``out`` (a batch joins them once); False:
-    an unusual size, nothing appended."""
+    """Two ``ScopeSpans.spans`` fields, as pieces appended to ``out`` (a batch joins them
+    once): a request's server span (a root: no parent, no trace state) and its client span
+    (``child_id``, with the time to its first chunk, ``first`` seconds), both with the
+    ``usage`` attributes before their prepared ones. The server span's ids are its last fields
+    and the client span's its first, so that both spans' ids are one pack. (Fields in another
+    order than the SDK encoder's: any protobuf parser reads them alike.) False: an unusual
+    size, nothing appended; encode each span alone."""
     head, rest, size, child_head, child_rest, child_size = parts
     n = len(usage)
     size += n

@@ -548,39 +548,16 @@ def _frames(batch: Sequence[bytes | _Queued]) -> list[bytes]:
             if entry:
                 out.append(entry)
             continue
-        (
-            trace_id,
-            span_id,
-            child_id,
-            start,
-            end,
-            child_start,
-            child_end,
-            first,
-            pair,
-            n,
-            m,
-            cached,
-            reasoning,
-        ) = entry
         try:
-            if n != last[0] or m != last[1] or cached != last[2] or reasoning != last[3]:
-                last = (n, m, cached, reasoning)  # most requests repeat the last one's counts
-                encoded = b"" if n < 0 else _encoded_usage(last)
-            seconds = (first - child_start) / 1e9
-            if not pair_into(
-                out,
-                trace_id,
-                span_id,
-                child_id,
-                start,
-                end,
-                child_start,
-                child_end,
-                seconds,
-                pair[0],
-                encoded,
-            ):  # an unusual size: each span alone
+            usage = entry[9:]  # the four counts: most requests repeat the last one's
+            if usage != last:
+                last = usage
+                encoded = b"" if usage[0] < 0 else _encoded_usage(usage)
+            pair = entry[8]
+            seconds = (entry[7] - entry[5]) / 1e9  # the client span's first byte, from its start
+            if not pair_into(out, *entry[:7], seconds, pair[0], encoded):
+                # an unusual size: each span alone
+                trace_id, span_id, child_id, start, end, child_start, child_end = entry[:7]
                 out.append(encode_known(trace_id, span_id, "", 0, start, end, pair[1], encoded))
                 extra = _FIRST_CHUNK + _double(seconds) + encoded
                 out.append(
@@ -589,7 +566,7 @@ def _frames(batch: Sequence[bytes | _Queued]) -> list[bytes]:
                     )
                 )
         except Exception:  # a bug in tracing loses these spans, not the batch
-            log.exception("spans of trace %032x not exported", trace_id)
+            log.exception("spans of trace %032x not exported", entry[0])
     return out
 
 

@@ -22,12 +22,12 @@ from opentelemetry.trace.span import TraceState
 from onwards_trio._ops.otlp import (
     TracesRequest,
     encode_known,
-    encode_pair,
     encode_span,
     float_attribute,
     int_attribute,
     known_parts,
     name_and_kind,
+    pair_into,
     pair_parts,
     span_attributes,
 )
@@ -253,6 +253,38 @@ _TIMES = st.integers(0, 2**64 - 1)
 
 
 @settings(max_examples=300, deadline=None)
+def _request_spans(
+    trace_id: int,
+    ids: tuple[int, int],
+    times: tuple[int, int, int, int],
+    names: tuple[str, str],
+    attributes: tuple[dict[str, Any], dict[str, Any]],
+    errors: tuple[bool, bool],
+) -> list[bytes]:
+    """A request's server span and its client span, each encoded alone by encode_span."""
+    span_id, child_id = ids
+    start, end, child_start, child_end = times
+    return [
+        encode_span(
+            trace_id, span_id, "", 0, False, names[0], 2, start, end, attributes[0], [], errors[0]
+        ),
+        encode_span(
+            trace_id,
+            child_id,
+            "",
+            span_id,
+            False,
+            names[1],
+            3,
+            child_start,
+            child_end,
+            attributes[1],
+            [],
+            errors[1],
+        ),
+    ]
+
+
 @given(
     st.integers(1, 2**128 - 1),
     st.tuples(_IDS, _IDS),
@@ -273,7 +305,7 @@ def test_a_request_and_its_attempt_encoded_together_decode_as_two_spans(
     attributes: tuple[dict[str, Any], dict[str, Any]],
     usage: dict[str, int],
 ) -> None:
-    """A request's server span and its client span (encode_pair, fields in another order)
+    """A request's server span and its client span (pair_into, fields in another order)
     decode to the same spans as each encoded alone by :func:`encode_span`."""
     server, client = ({k: v for k, v in a.items() if k not in usage} for a in attributes)
     client.pop(_FIRST, None)
@@ -284,33 +316,33 @@ def test_a_request_and_its_attempt_encoded_together_decode_as_two_spans(
     span_id, child_id = ids
     start, end, child_start, child_end = times
     usage_fields = span_attributes(usage)
-    ours = encode_pair(
-        trace_id, span_id, child_id, start, end, child_start, child_end, first, parts, usage_fields
-    )
-    assume(ours is not None)  # an unusual size: each is encoded alone
-    assert ours is not None
-    server_span = encode_span(
-        trace_id, span_id, "", 0, False, names[0], 2, start, end, {**usage, **server}, [], errors[0]
-    )
-    client_span = encode_span(
+    pieces: list[bytes] = []
+    fits = pair_into(
+        pieces,
         trace_id,
-        child_id,
-        "",
         span_id,
-        False,
-        names[1],
-        3,
+        child_id,
+        start,
+        end,
         child_start,
         child_end,
-        {_FIRST: first, **usage, **client},
-        [],
-        errors[1],
+        first,
+        parts,
+        usage_fields,
+    )
+    assume(fits)  # an unusual size: each is encoded alone
+    ours = b"".join(pieces)
+    alone = _request_spans(
+        trace_id,
+        ids,
+        times,
+        names,
+        ({**usage, **server}, {_FIRST: first, **usage, **client}),
+        errors,
     )
     request = TracesRequest({}, "x")
     decoded = ExportTraceServiceRequest.FromString(request.encode([ours]))
-    assert decoded == ExportTraceServiceRequest.FromString(
-        request.encode([server_span, client_span])
-    )
+    assert decoded == ExportTraceServiceRequest.FromString(request.encode(alone))
 
 
 _USAGE_KEYS = (
@@ -350,7 +382,7 @@ def test_requests_queued_as_values_decode_as_their_spans_in_any_size(
     )
     pair = (pair_parts(*alone), *alone)
     queued: list[Any] = []
-    expected = []
+    expected: list[bytes] = []
     for usage in usages:
         counts = (-1, 0, 0, 0) if usage is None else usage
         queued += [
@@ -362,38 +394,14 @@ def test_requests_queued_as_values_decode_as_their_spans_in_any_size(
         }
         if usage is None:
             used = {}
-        server_attributes = {**used, **server}
-        client_attributes = {_FIRST: (first - child_start) / 1e9, **used, **client}
-        expected += [
-            encode_span(
-                trace_id,
-                span_id,
-                "",
-                0,
-                False,
-                names[0],
-                2,
-                start,
-                end,
-                server_attributes,
-                [],
-                False,
-            ),
-            encode_span(
-                trace_id,
-                child_id,
-                "",
-                span_id,
-                False,
-                names[1],
-                3,
-                child_start,
-                child_end,
-                client_attributes,
-                [],
-                False,
-            ),
-        ]
+        expected += _request_spans(
+            trace_id,
+            ids,
+            times,
+            names,
+            ({**used, **server}, {_FIRST: (first - child_start) / 1e9, **used, **client}),
+            (False, False),
+        )
     request = TracesRequest({}, "x")
     decoded = ExportTraceServiceRequest.FromString(request.encode(_frames(queued)))
     assert decoded == ExportTraceServiceRequest.FromString(request.encode(expected))
