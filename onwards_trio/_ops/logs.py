@@ -522,55 +522,33 @@ class Exchange:
                 metrics.observe_http(self.method, self.path, status, seconds)
             if self.stream and self.first_byte is not None and alias and provider is not None:
                 metrics.first_byte(alias, provider, self.first_byte - self.started)
-        bytes_out = self.bytes_out if self._reset is not None else None
-        stream = self.stream or None
+        if not request_observers and not _access.isEnabledFor(logging.INFO):
+            return  # nobody reads the line: no fields, no record
+        fields = (
+            self.method,
+            self.path,
+            status,
+            seconds,
+            alias,
+            provider,
+            bytes_in,
+            self.bytes_out if self._reset is not None else None,
+            attempts,
+            self.stream or None,
+        )
         if not request_observers:
             writer = _writer
             if writer is not None and writer.running:
                 # Only the writer reads it: the fields as one tuple, the usage as it was
                 # relayed (read with the batch), bounded and formatted with its batch (no
                 # record, no per-request formatting).
-                if _access.isEnabledFor(logging.INFO):
-                    writer.add(
-                        (
-                            self.method,
-                            self.path,
-                            status,
-                            seconds,
-                            alias,
-                            provider,
-                            bytes_in,
-                            bytes_out,
-                            attempts,
-                            stream,
-                            self._usage,
-                            time.time(),
-                        )
-                    )
+                writer.add(fields + (self._usage, time.time()))  # noqa: RUF005 (one C concat)
                 return
-            if not _access.isEnabledFor(logging.INFO):
-                return  # nobody reads the line: no record
         usage = total_usage(self._usage)
         tokens_in = tokens_out = cached = None
         if usage is not None:
             tokens_in, tokens_out, cached = usage[0], usage[1], usage[2]
-        log_request(
-            RequestRecord(
-                self.method,
-                self.path,
-                status,
-                seconds,
-                alias,
-                provider,
-                bytes_in,
-                bytes_out,
-                attempts,
-                stream,
-                tokens_in,
-                tokens_out,
-                cached,
-            )
-        )
+        log_request(RequestRecord(*fields, tokens_in, tokens_out, cached))
 
 
 def begin_exchange(

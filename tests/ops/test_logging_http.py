@@ -205,15 +205,21 @@ def test_config_secrets_cover_client_and_upstream_keys() -> None:
     assert config_secrets(config) == {CLIENT_KEY, UPSTREAM_KEY, "def-key-123"}
 
 
-async def test_responses_access_line_names_the_alias(
-    nursery: trio.Nursery, handler_output: io.StringIO, tmp_path: Any
-) -> None:
+async def _demo_gateway(nursery: trio.Nursery, tmp_path: Any) -> str:
+    """The demo config (its upstream served too, a SQLite store in ``tmp_path``): the URL."""
     from onwards_trio._app.demo import demo_config, demo_upstream
 
     upstream = await serve_app(nursery, demo_upstream(delay=0))
     gateway = Gateway(demo_config(upstream, store_path=str(tmp_path / "r.sqlite3")))
     info = await nursery.start(gateway.serve, "127.0.0.1", 0)
-    async with httpx.AsyncClient(base_url=info.url, timeout=10) as client:
+    return str(info.url)
+
+
+async def test_responses_access_line_names_the_alias(
+    nursery: trio.Nursery, handler_output: io.StringIO, tmp_path: Any
+) -> None:
+    url = await _demo_gateway(nursery, tmp_path)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         r = await client.post("/v1/responses", json={"model": "demo", "input": PROMPT})
     assert r.status_code == 200
     (line,) = await _access_lines(handler_output, 1)
@@ -298,12 +304,8 @@ async def test_access_lines_carry_a_plain_usage_read_with_their_batch(
 async def test_a_responses_access_line_sums_the_usage_of_every_model_call(
     nursery: trio.Nursery, handler_output: io.StringIO, tmp_path: Any
 ) -> None:
-    from onwards_trio._app.demo import demo_config, demo_upstream
-
-    upstream = await serve_app(nursery, demo_upstream(delay=0))
-    gateway = Gateway(demo_config(upstream, store_path=str(tmp_path / "r.sqlite3")))
-    info = await nursery.start(gateway.serve, "127.0.0.1", 0)
-    async with httpx.AsyncClient(base_url=info.url, timeout=10) as client:
+    url = await _demo_gateway(nursery, tmp_path)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         r = await client.post(
             "/v1/responses", json={"model": "demo", "input": "what is the weather in Paris"}
         )
