@@ -321,10 +321,11 @@ class UsageKeeper(LaterUsage):
     def read_all(cls, bodies: list[LaterUsage]) -> None:
         keepers = cast("list[UsageKeeper]", bodies)  # read_all is called on one kind at a time
         found: Sequence[tuple[int, ...] | None] | None = None
-        if not any(map(_SCANNER, keepers)):  # the usual: all kept whole, all plain
+        whole = not any(map(_SCANNER, keepers))
+        if whole:  # the usual: all kept whole, all plain
             found = _plain_counts(list(map(b"".join, map(_CHUNKS, keepers))))
-        if found is None:
-            found = kept_usages(keepers)
+        if found is None:  # not read again the way that just failed
+            found = kept_usages(keepers, plain_tried=whole)
         for _ in map(setattr, keepers, repeat("found"), found):
             pass
 
@@ -337,14 +338,15 @@ _CHUNKS: Final = attrgetter("chunks")
 _FLAT: Final = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(\{[^}]*\})')
 
 
-def kept_usages(keepers: Sequence[UsageKeeper]) -> list[Usage | None]:
+def kept_usages(keepers: Sequence[UsageKeeper], plain_tried: bool = False) -> list[Usage | None]:
     """The usage of each keeper's body: exactly what a :class:`UsageScanner` fed the same
     chunks reports, read for many bodies at once.
 
     The usual body has one ``"usage"`` key, followed by a flat object: for those, one count
     over all the bodies (no body has a second key), one match per body from its last key and
     one parse of all the objects. Any other body (two keys, a nested or unfinished object, a
-    parse error) is fed to a scanner, chunk by chunk, as before.
+    parse error) is fed to a scanner, chunk by chunk, as before. ``plain_tried``: the caller
+    already found that these bodies are not all plain (``_plain_counts`` is not run again).
     """
     out: list[Usage | None] = [None] * len(keepers)
     bodies: list[bytes] = []
@@ -358,7 +360,7 @@ def kept_usages(keepers: Sequence[UsageKeeper]) -> list[Usage | None]:
             chunks = keeper.chunks
             bodies.append(chunks[0] if len(chunks) == 1 else b"".join(chunks))
             where.append(i)
-    if bodies:
+    if bodies and not plain_tried:
         plain = _plain_counts(bodies)
         if plain is not None:
             for i, counts in zip(where, plain, strict=True):
