@@ -573,14 +573,10 @@ def add_usage(usage: Usage) -> None:
     exchange = _exchange.get()
     if exchange is not None:
         had = exchange._usage
-        if had is None:
-            exchange._usage = usage
-        elif type(had) is list:
-            exchange._usage = [*had, usage]  # a new list: a queued line keeps the old one
-        elif isinstance(had, LaterUsage):
-            exchange._usage = [had, usage]
-        else:
+        if had is not None and type(had) is not list and not isinstance(had, LaterUsage):
             exchange._usage = had + usage  # type: ignore[operator]  # two Usage: their sum
+        else:
+            _add_part(exchange, usage)
 
 
 def defer_usage(body: LaterUsage) -> None:
@@ -590,13 +586,18 @@ def defer_usage(body: LaterUsage) -> None:
     background response's model calls) must not keep bodies for a line already written."""
     exchange = _exchange.get()
     if exchange is not None and exchange.send is not None:
-        had = exchange._usage
-        if had is None:
-            exchange._usage = body
-        elif type(had) is list:
-            exchange._usage = [*had, body]
-        else:
-            exchange._usage = [had, body]  # type: ignore[list-item]
+        _add_part(exchange, body)
+
+
+def _add_part(exchange: Exchange, part: Usage | LaterUsage) -> None:
+    """One more part of the request's usage (the first alone, then a list of them)."""
+    had = exchange._usage
+    if had is None:
+        exchange._usage = part
+    elif type(had) is list:
+        exchange._usage = [*had, part]  # a new list: a queued line keeps the old one
+    else:
+        exchange._usage = [had, part]  # type: ignore[list-item]
 
 
 def total_usage(usage: UsageParts) -> tuple[int, ...] | None:
