@@ -10,6 +10,8 @@ Run: ``nox -s bench`` or ``python bench/proxy.py [--seconds 5]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import json
 import os
 import socket
@@ -208,6 +210,55 @@ async def load(
     }
 
 
+async def send_for(port: int, concurrency: int, seconds: float, stream: bool) -> int:
+    """Requests over ``concurrency`` keep-alive connections for ``seconds``; how many."""
+    raw = build_request(port, stream)
+    done = [0]
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = Conn(s)
+        async with s:
+            while time.perf_counter() < deadline:
+                await conn.request(raw)
+                done[0] += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return done[0]
+
+
+async def together(
+    gateways: dict[str, tuple[subprocess.Popen[bytes], int]],
+    count: int,
+    seconds: float,
+    concurrency: int,
+    stream: bool,
+) -> dict[str, list[tuple[float, float]]]:
+    """:func:`rounds`, but every gateway is loaded at the same time (each its own
+    ``concurrency`` connections) for ``seconds`` per round: the machine's load then hits them
+    alike at every instant, not just within a round."""
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in gateways}
+
+    async def one(name: str, got: dict[str, tuple[float, float]]) -> None:
+        proc, port = gateways[name]
+        before = cpu_ns(proc.pid)
+        n = await send_for(port, concurrency, seconds, stream)
+        got[name] = ((cpu_ns(proc.pid) - before) / 1000 / max(n, 1), n / seconds)
+
+    for r in range(count + 1):  # the first round warms up
+        got: dict[str, tuple[float, float]] = {}
+        async with trio.open_nursery() as nursery:
+            for name in gateways:
+                nursery.start_soon(one, name, got)
+        if r:
+            for name, figures in got.items():
+                results[name].append(figures)
+    return results
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -254,6 +305,23 @@ def cpu_times(pid: int) -> tuple[float, float]:
             user += int(fields[11]) / tick
             system += int(fields[12]) / tick
     return user, system
+
+
+def cpu_ns(pid: int) -> int:
+    """The process's CPU time so far, all threads, in nanoseconds."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that just ended
+            total += int(Path(path).read_text().split()[0])
+    return total
+
+
+def paired(figures: dict[str, list[float]], name: str, base: str) -> str:
+    """The median of per-round ratios (each against the same round's ``base``: the load
+    drifts less within a round than across the run), with the quartiles."""
+    ratios = [a / b for a, b in zip(figures[name], figures[base], strict=True)]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{q2:.3f} [{q1:.3f}-{q3:.3f}]"
 
 
 def reference_loop_ms() -> float:

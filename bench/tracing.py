@@ -31,25 +31,25 @@ or ``python bench/tracing.py --callgrind 400``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import trio
 from proxy import (  # bench/proxy.py: the same upstream, load generator and gateway runner
-    Conn,
     build_request,
+    cpu_ns,
     free_port,
     machine_state,
+    paired,
     send_count,
     start_gateway,
     start_upstream,
+    together,
     wait_port,
 )
 
@@ -61,67 +61,9 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
-def cpu_ns(pid: int) -> int:
-    """The process's CPU time so far, all threads, in nanoseconds."""
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that just ended
-            total += int(Path(path).read_text().split()[0])
-    return total
-
-
 async def send(port: int, concurrency: int, requests: int, stream: bool) -> float:
     """``requests`` requests over ``concurrency`` keep-alive connections; the seconds taken."""
     return await send_count(port, build_request(port, stream), concurrency, requests)
-
-
-async def send_for(port: int, concurrency: int, seconds: float, stream: bool) -> int:
-    """Requests over ``concurrency`` keep-alive connections for ``seconds``; how many."""
-    raw = build_request(port, stream)
-    done = [0]
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        s = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = Conn(s)
-        async with s:
-            while time.perf_counter() < deadline:
-                await conn.request(raw)
-                done[0] += 1
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(worker)
-    return done[0]
-
-
-async def together(
-    gateways: dict[str, tuple[subprocess.Popen[bytes], int]],
-    count: int,
-    seconds: float,
-    concurrency: int,
-    stream: bool,
-) -> dict[str, list[tuple[float, float]]]:
-    """:func:`rounds`, but every gateway is loaded at the same time (each its own
-    ``concurrency`` connections) for ``seconds`` per round: the machine's load then hits them
-    alike at every instant, not just within a round."""
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in gateways}
-
-    async def one(name: str, got: dict[str, tuple[float, float]]) -> None:
-        proc, port = gateways[name]
-        before = cpu_ns(proc.pid)
-        n = await send_for(port, concurrency, seconds, stream)
-        got[name] = ((cpu_ns(proc.pid) - before) / 1000 / max(n, 1), n / seconds)
-
-    for r in range(count + 1):  # the first round warms up
-        got: dict[str, tuple[float, float]] = {}
-        async with trio.open_nursery() as nursery:
-            for name in gateways:
-                nursery.start_soon(one, name, got)
-        if r:
-            for name, figures in got.items():
-                results[name].append(figures)
-    return results
 
 
 async def rounds(
@@ -298,22 +240,14 @@ def main() -> None:
         for variant in variants:
             name = prefix + variant
             print(
-                f"{name:16} {statistics.median(cpu[name]):10.1f} {_paired(cpu, name, off):>19} "
+                f"{name:16} {statistics.median(cpu[name]):10.1f} {paired(cpu, name, off):>19} "
                 f"{sum(cpu[name]) / sum(cpu[off]):6.3f} "
-                f"{statistics.median(rps[name]):6.0f} {_paired(rps, name, off):>19}"
+                f"{statistics.median(rps[name]):6.0f} {paired(rps, name, off):>19}"
             )
     if args.before:
         print("after vs before, the same variant:")
         for variant in variants:
-            print(f"  {variant:14} CPU {_paired(cpu, variant, 'before ' + variant)}")
-
-
-def _paired(figures: dict[str, list[float]], name: str, base: str) -> str:
-    """The median of per-round ratios (each against the same round's ``base``: the load
-    drifts less within a round than across the run), with the quartiles."""
-    ratios = [a / b for a, b in zip(figures[name], figures[base], strict=True)]
-    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return f"{q2:.3f} [{q1:.3f}-{q3:.3f}]"
+            print(f"  {variant:14} CPU {paired(cpu, variant, 'before ' + variant)}")
 
 
 if __name__ == "__main__":
