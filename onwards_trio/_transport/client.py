@@ -261,7 +261,12 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise NoResponse(f"connection broken while sending: {exc}") from None
         first = True
-        while not parser.head_done or (100 <= parser.status < 200 and parser.status != 101):
+        status = 0
+        while True:
+            if parser.head_done:
+                status = parser._llhttp.get_status_code()
+                if not 100 <= status < 200 or status == 101:
+                    break  # a final answer's head (an interim one's is skipped: the next follows)
             try:
                 data = await self._receive(first)
             except httpcore.ReadError as exc:
@@ -274,9 +279,9 @@ class Connection:
                 raise httpcore.RemoteProtocolError("server disconnected in the response head")
             first = False
             parser.feed(data)
-        if not 200 <= parser.status <= 599:  # relayed as our status line; 101: not asked for
+        if not 200 <= status <= 599:  # relayed as our status line; 101: not asked for
             raise httpcore.RemoteProtocolError("unexpected response status")
-        return Response(self, method == b"HEAD", parser.status, parser.headers)
+        return Response(self, method == b"HEAD", status, parser.headers)
 
 
 class Response:
@@ -308,6 +313,17 @@ class Response:
         self._done = True
         parser = self._conn._parser
         self._conn.reusable = parser.keep_alive and not parser.stray and not self._until_close
+
+    def ended(self) -> bool:
+        """True (and the connection done with) when the body is over: what the next
+        :meth:`__anext__` would end with, without its coroutine and ``StopAsyncIteration``
+        (the usual answer, whose whole body came with its head)."""
+        parser = self._conn._parser
+        if parser.body or not (self._done or parser.complete):
+            return False
+        if not self._done:
+            self._finish()
+        return True
 
     def aiter_stream(self) -> Response:
         return self

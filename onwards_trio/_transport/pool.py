@@ -110,13 +110,13 @@ def forward_headers(
         if k == b"connection":  # it names more hop-by-hop headers (RFC 9110 §7.6.1)
             drop = drop.union(t.strip().lower() for t in v.split(b","))
     out = [(b"host", provider.host_header)]
-    out.extend(
+    out += [  # a list, not a generator: no resumption per field
         (k, v)
         for k, v in headers
         # find, not ``in``: ``b"_" in k`` first tries b"_" as an integer (a TypeError, built
         # and dropped: several times the cost of the search)
         if k not in drop and k != auth_name and k.find(b"_") < 0 and not k.startswith(b"sec-ch-ua")
-    )
+    ]
     if body_length is not None:
         out.append((b"content-length", str(body_length).encode()))
     if auth is not None:
@@ -178,6 +178,10 @@ class UpstreamResponse:
 
     def __anext__(self) -> Awaitable[bytes]:
         return self._response.__anext__()  # no coroutine of its own per chunk
+
+    def ended(self) -> bool:
+        """:meth:`Response.ended <onwards_trio._transport.client.Response.ended>`."""
+        return self._response.ended()
 
     def relay(
         self,

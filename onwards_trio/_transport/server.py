@@ -71,6 +71,10 @@ _BODY_READ_TIMEOUT = 60.0  # between pieces of a request body
 _MAX_PIPELINED = 64 * 1024  # bytes read ahead while a request is served; then backpressure
 _LINGER = 2.0  # after a response, how long to discard an unread request body before closing
 _NO_BODY = frozenset({204, 304})
+# Request header fields our policy reads (_serve); the others pass as they are.
+_POLICED = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
+# Response header fields the server writes itself (from what the app says in them).
+_FRAMING = frozenset({b"content-length", b"connection", b"transfer-encoding"})
 _REASONS = {
     200: b"OK",
     201: b"Created",
@@ -203,11 +207,12 @@ class _Parser:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.current
-        req.size += len(name) + len(value) + 4
-        if req.size > _MAX_HEAD or len(req.headers) >= _MAX_HEADERS:
+        size = req.size = req.size + len(name) + len(value) + 4
+        headers = req.headers
+        if size > _MAX_HEAD or len(headers) >= _MAX_HEADERS:
             raise _HeadTooLarge
         if not req.head_done:  # trailers are checked by llhttp, bounded here, dropped
-            req.headers.append((name.lower(), value.rstrip(b" \t")))
+            headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         req = self.current
@@ -567,6 +572,8 @@ class _Connection:
         expect_continue = False
         hosts = 0
         for name, value in req.headers:
+            if name not in _POLICED:  # one set lookup for the usual field, not four tests
+                continue
             if name == b"host":
                 hosts += 1
             elif name == b"content-length":
@@ -786,28 +793,25 @@ class _Response:
                 raise RuntimeError("http.response.start sent twice")
             status = int(message["status"])
             head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
-            lines = 1
             length = -1
             for name, value in message.get("headers", ()):
-                lname = bytes(name).lower()
-                value = bytes(value)
-                if lname == b"content-length":
-                    if (
-                        not value.isdigit()
-                        or len(value) > 19  # int() of thousands of digits is slow, then refuses
-                        or (length >= 0 and int(value) != length)
-                    ):
-                        raise RuntimeError("invalid content-length from the ASGI app")
-                    length = int(value)
-                    continue  # written once, below
-                elif lname == b"connection":
-                    if b"close" in value.lower():
+                lname = (name if type(name) is bytes else bytes(name)).lower()
+                if type(value) is not bytes:
+                    value = bytes(value)
+                if lname in _FRAMING:  # one set lookup for the usual header, not three tests
+                    if lname == b"content-length":
+                        if (
+                            not value.isdigit()
+                            or len(value) > 19  # int() of thousands of digits is slow
+                            or (length >= 0 and int(value) != length)
+                        ):
+                            raise RuntimeError("invalid content-length from the ASGI app")
+                        length = int(value)
+                    elif lname == b"connection" and b"close" in value.lower():
                         self.close = True
-                    continue  # written by us below
-                elif lname == b"transfer-encoding":
-                    continue  # framing is ours
+                    continue  # framing is ours: written below
                 head += (lname, b": ", value, b"\r\n")
-                lines += 1
+            lines = 1 + (len(head) - 1) // 4  # the status line, then four pieces per field
             if length >= 0 and status >= 200 and status != 204:  # RFC 9110 §8.6
                 head.append(b"content-length: %d\r\n" % length)
                 lines += 1
