@@ -303,7 +303,7 @@ class Gateway:
                     )
                 else:
                     await serve_http(
-                        self,
+                        self._dispatch,
                         host,
                         port,
                         shutdown_trigger=shutdown_trigger,
@@ -341,6 +341,14 @@ class Gateway:
             await self._lifespan(receive, send)
         else:  # hypercorn-trio needs an exception, not a return
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
+
+    def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """:meth:`__call__` for the built-in server: an HTTP request's handler coroutine is
+        returned to be awaited, not awaited in a coroutine of its own (one frame less on
+        every suspension and resumption of the request)."""
+        if scope["type"] == "http":
+            return self._http(scope, receive, send)
+        return self(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         """ASGI lifespan: under an ASGI server (hypercorn, …) startup opens the service nursery
@@ -458,20 +466,21 @@ class Gateway:
         if self.metrics is not None:
             self.metrics.ledger_dropped(count)
 
-    async def _route(
+    def _route(
         self, scope: Scope, receive: Receive, send: Send, *, last: bool = False
-    ) -> int:
+    ) -> Awaitable[int]:
         """Serve a request by its path: ``/v1/messages``, strict routes, ``/v1/responses``, or
-        the proxy (``last``: see :meth:`relay`)."""
+        the proxy (``last``: see :meth:`relay`). The handler's coroutine is returned, to be
+        awaited by the caller (no coroutine of this method's own per request)."""
         path: str = scope["path"]
         if path in ANTHROPIC_ROUTES:
-            return await self.anthropic.handle(scope, receive, send)
+            return self.anthropic.handle(scope, receive, send)
         if self.targets.table.strict_mode and not path.startswith("/v1/responses/"):
             # typed routes only; POST /v1/responses goes to the adapter first
-            return await handle_strict(self, scope, receive, send, responses=self.responses.create)
+            return handle_strict(self, scope, receive, send, responses=self.responses.create)
         if path == "/v1/responses" or path.startswith("/v1/responses/"):
-            return await self.responses.handle(scope, receive, send)
-        return await self._proxy_http(scope, receive, send, last)
+            return self.responses.handle(scope, receive, send)
+        return self._proxy_http(scope, receive, send, last)
 
     async def _models(self, scope: Scope, send: Send) -> int:
         headers = scope["headers"]

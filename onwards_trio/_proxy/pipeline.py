@@ -256,13 +256,17 @@ class _Body:
         if self._first is not None:
             first, self._first = self._first, None
             return self._tapped(first)
-        if self._it is not None:
-            try:
-                chunk = await self._it.__anext__()
-            except StopAsyncIteration:
-                self._it = None
+        it = self._it
+        if it is not None:
+            if type(it) is UpstreamResponse and it.ended():
+                self._it = None  # the usual end: no read, no StopAsyncIteration to catch
             else:
-                return self._tapped(chunk)
+                try:
+                    chunk = await it.__anext__()
+                except StopAsyncIteration:
+                    self._it = None
+                else:
+                    return self._tapped(chunk)
         rest = self._close_tap()
         if rest:
             return rest  # the next call ends the body
@@ -682,15 +686,23 @@ class Proxy:
             reply.headers.extend(hold.headers())
         filters = self.filters
         if filters:
-            ctx = FilterContext(
-                request,
-                alias,
-                pool,
-                reply.provider,
-                table.strict_mode,
-                table.config.sse_max_event_bytes,
-            )
+            strict = table.strict_mode
+            ctx: FilterContext | None = None
             for factory in filters:
+                # A factory that says when it applies (``applies(strict, provider)``) is not
+                # asked, nor a context built, for a reply it would leave alone.
+                applies = getattr(factory, "applies", None)
+                if applies is not None and not applies(strict, reply.provider):
+                    continue
+                if ctx is None:
+                    ctx = FilterContext(
+                        request,
+                        alias,
+                        pool,
+                        reply.provider,
+                        strict,
+                        table.config.sse_max_event_bytes,
+                    )
                 flt = factory(ctx)
                 if flt is not None:
                     reply = await flt(reply)
@@ -994,14 +1006,15 @@ class Proxy:
         """Upstream headers minus the hop-by-hop ones (and any the upstream names in its
         ``Connection``), with the provider's configured headers overriding."""
         drop: set[bytes] | frozenset[bytes] = _HOP_RESPONSE
-        for k, v in response.headers:
-            if k.lower() == b"connection":
+        out = [(k.lower(), v) for k, v in response.headers]  # each name lowered once
+        for k, v in out:
+            if k == b"connection":
                 named = {t.strip() for t in v.lower().split(b",")}
                 drop = _HOP_RESPONSE | named
         extra = provider.response_headers
         if extra:
             drop = drop | {k for k, _ in extra}
-        out = [(k.lower(), v) for k, v in response.headers if k.lower() not in drop]
+        out = [field for field in out if field[0] not in drop]
         out.extend(extra)
         return out
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
@@ -64,6 +64,9 @@ from onwards_trio._proxy.strict_schemas import (
     normalise_response_event,
 )
 from onwards_trio._transport.asgi import ClientDisconnected, Receive, Scope, Send, send_error
+
+if TYPE_CHECKING:
+    from onwards_trio._proxy.targets import Provider
 
 __all__ = [
     "SCRUBBED_REQUEST_KEYS",
@@ -409,7 +412,20 @@ def strict_filter(ctx: FilterContext) -> ResponseFilter | None:
     return _StrictFilter(ctx, _route_kind(ctx.request.path))
 
 
-def response_filter(ctx: FilterContext) -> ResponseFilter | None:
+class _ResponseFilter:
     """The one factory the gateway registers: strict mode, else ``sanitize_response``, else
     ``None`` (bytes relayed untouched)."""
-    return strict_filter(ctx) or sanitize_filter(ctx)
+
+    __slots__ = ()
+
+    def __call__(self, ctx: FilterContext) -> ResponseFilter | None:
+        return strict_filter(ctx) or sanitize_filter(ctx)
+
+    @staticmethod
+    def applies(strict: bool, provider: Provider | None) -> bool:
+        """False when :meth:`__call__` would answer ``None`` for any context with these: the
+        pipeline then builds none (the usual reply, from a plain target)."""
+        return strict or (provider is not None and provider.sanitize)
+
+
+response_filter = _ResponseFilter()
