@@ -568,6 +568,13 @@ class Metrics:
         self.registry.register(_SpanDropsCollector(self))
         #: One token per (method, endpoint label) pair seen.
         self._tokens: dict[tuple[str, str], HttpToken] = {}
+        # The cells an upstream answer and a body's usage add to, by their arguments, for
+        # the table they were labelled under (an alias's label can change on reload): one
+        # dict lookup per update instead of labels, tuples and two lookups per family.
+        self._cells_table: object = None
+        self._upstream_cells: dict[tuple[str, int, int], tuple[list[float], list[float]]] = {}
+        # (labels, then the input, output and cached tokens' cells once made)
+        self._token_cells: dict[tuple[str, int, str], list[Any]] = {}
 
     # -- bounding -------------------------------------------------------------------------
 
@@ -631,11 +638,32 @@ class Metrics:
 
     # -- upstream, per alias and provider ------------------------------------------------
 
+    def _cell_cache_for_table(self) -> None:
+        """Forget the cached cells when the routing table changed (see ``_upstream_cells``)."""
+        targets = self.targets
+        table = targets.table if targets is not None else None
+        if table is not self._cells_table:
+            self._cells_table = table
+            self._upstream_cells = {}
+            self._token_cells = {}
+
     def upstream_response(self, alias: str, provider: int, status: int, seconds: float) -> None:
         """An attempt got a response head with ``status`` after ``seconds``."""
-        alias, index = self.alias_label(alias), str(provider)
-        self._upstream_total.inc((alias, index, str(status)))
-        self._upstream_latency.observe((alias, index), seconds)
+        self._cell_cache_for_table()
+        key = (alias, provider, status)
+        cells = self._upstream_cells.get(key)
+        if cells is None:
+            label, index = self.alias_label(alias), str(provider)
+            total, latency = self._upstream_total, self._upstream_latency
+            count_key, time_key = (label, index, str(status)), (label, index)
+            cells = self._upstream_cells[key] = (
+                total.cells.get(count_key) or total.new(count_key),
+                latency.cells.get(time_key) or latency.new(time_key),
+            )
+        count, timing = cells
+        count[0] += 1
+        timing[0] += seconds
+        timing[2 + bisect_left(self._upstream_latency.bounds, seconds)] += 1
 
     def upstream_failure(self, alias: str, provider: int, kind: str) -> None:
         """An attempt got no response head: ``"timeout"`` or ``"error"`` (network, protocol)."""
@@ -684,13 +712,26 @@ class Metrics:
         """The token usage (a :class:`~onwards_trio._proxy.usage.Usage`) of one relayed body.
 
         A counter never goes down: a negative count (an upstream's nonsense) is not added."""
-        labels = (self.alias_label(alias), str(provider), key)
+        self._cell_cache_for_table()
+        cells = self._token_cells.get((alias, provider, key))
+        if cells is None:  # a family's cell is made when first added to, as inc() makes it
+            labels = (self.alias_label(alias), str(provider), key)
+            cells = self._token_cells[(alias, provider, key)] = [labels, None, None, None]
         if usage.input_tokens > 0:
-            self._input_tokens.inc(labels, usage.input_tokens)
+            cell = cells[1] or self._token_cell(cells, 1, self._input_tokens)
+            cell[0] += usage.input_tokens
         if usage.output_tokens > 0:
-            self._output_tokens.inc(labels, usage.output_tokens)
+            cell = cells[2] or self._token_cell(cells, 2, self._output_tokens)
+            cell[0] += usage.output_tokens
         if usage.cached_tokens > 0:
-            self._cached_tokens.inc(labels, usage.cached_tokens)
+            cell = cells[3] or self._token_cell(cells, 3, self._cached_tokens)
+            cell[0] += usage.cached_tokens
+
+    @staticmethod
+    def _token_cell(cells: list[Any], at: int, family: _Family) -> list[float]:
+        labels = cells[0]
+        cell = cells[at] = family.cells.get(labels) or family.new(labels)
+        return cell
 
     def cost(self, alias: str, provider: int, key: str, micros: int) -> None:
         """What one relayed body cost, in micro-units of the price table's currency."""

@@ -87,6 +87,9 @@ class KeySet:
 def evaluate_rules(rules: Sequence[RoutingRule], labels: Mapping[str, str]) -> RoutingAction | None:
     """First rule whose every ``match_labels`` pair equals the caller's label wins."""
     for rule in rules:
-        if all(labels.get(k) == v for k, v in rule.match_labels.items()):
+        for k, v in rule.match_labels.items():  # a loop, not all() over a generator per rule
+            if labels.get(k) != v:
+                break
+        else:
             return rule.action
     return None

@@ -57,9 +57,15 @@ def select(
     best: list[int] = []
     best_score = 0.0
     for i, p in enumerate(providers):
-        if i in exclude or p.weight <= 0 or p.concurrency.at_capacity:
+        weight = p.weight
+        if weight <= 0 or i in exclude:
             continue
-        score = p.concurrency.active / p.weight
+        conc = p.concurrency  # at_capacity and active, read without two property calls
+        active = conc.counter.active
+        limit = conc.limit
+        if limit is not None and active >= limit:
+            continue
+        score = active / weight
         if not best or score < best_score - _EPS:
             best = [i]
             best_score = score
@@ -79,10 +85,8 @@ def select(
             if pick < 0:
                 idx = i
                 break
-    permit = providers[idx].concurrency.try_acquire()
-    if permit is None:  # pragma: no cover - single-threaded: capacity was checked just above
-        return None
-    return idx, permit
+    # single-threaded: its capacity was checked just above
+    return idx, Permit(providers[idx].concurrency.counter)
 
 
 def plan_attempts(
@@ -98,25 +102,60 @@ def plan_attempts(
     pass over the providers is used up and budget remains, the cascade restarts, so a
     one-provider pool can retry in place.
     """
-    enabled = fallback is not None and fallback.enabled
-    if not enabled:
-        first = select(providers, strategy, rng=rng)
-        if first is not None:
-            yield first
-        return
-    assert fallback is not None
-    budget = fallback.max_attempts or len(providers)
-    replace = fallback.with_replacement and strategy != "priority"
-    tried: set[int] = set()
-    for _ in range(budget):
-        choice = select(providers, strategy, frozenset() if replace else tried, rng)
-        if choice is None and tried and fallback.max_attempts:
-            tried.clear()
-            choice = select(providers, strategy, tried, rng)
+    return _Plan(providers, strategy, fallback, rng)
+
+
+class _Plan:
+    """:func:`plan_attempts`' iterator: a class, not a generator, because the pipeline leaves
+    it at its first successful attempt, and a generator dropped while suspended is closed by
+    throwing ``GeneratorExit`` into it (on every request)."""
+
+    __slots__ = ("_fallback", "_left", "_providers", "_replace", "_rng", "_strategy", "_tried")
+
+    def __init__(
+        self,
+        providers: Sequence[Candidate],
+        strategy: str,
+        fallback: Fallback | None,
+        rng: random.Random | None,
+    ) -> None:
+        self._providers = providers
+        self._strategy = strategy
+        self._rng = rng
+        if fallback is None or not fallback.enabled:
+            self._fallback: Fallback | None = None
+            self._left = 1
+            self._replace = False
+        else:
+            self._fallback = fallback
+            self._left = fallback.max_attempts or len(providers)
+            self._replace = fallback.with_replacement and strategy != "priority"
+        self._tried: set[int] = set()
+
+    def __iter__(self) -> _Plan:
+        return self
+
+    def __next__(self) -> tuple[int, Permit]:
+        if self._left <= 0:
+            raise StopIteration
+        self._left -= 1
+        fallback = self._fallback
+        if fallback is None:
+            choice = select(self._providers, self._strategy, rng=self._rng)
+        else:
+            tried = self._tried
+            choice = select(
+                self._providers, self._strategy, frozenset() if self._replace else tried, self._rng
+            )
+            if choice is None and tried and fallback.max_attempts:
+                tried.clear()
+                choice = select(self._providers, self._strategy, tried, self._rng)
+            if choice is not None:
+                tried.add(choice[0])
         if choice is None:
-            return
-        tried.add(choice[0])
-        yield choice
+            self._left = 0
+            raise StopIteration
+        return choice
 
 
 def status_matches(patterns: Sequence[int], status: int) -> bool:

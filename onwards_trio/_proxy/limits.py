@@ -51,11 +51,18 @@ class TokenBucket:
         self._last = now
 
     def try_acquire(self) -> float | None:
-        self._refill(trio.current_time())
-        if self._tokens >= 1.0 - 1e-9:  # tolerate float drift: waiting "Retry-After" must work
-            self._tokens = max(0.0, self._tokens - 1.0)
+        # _refill, inline: this runs for up to three buckets on every request
+        now = trio.current_time()
+        last = self._last
+        tokens = self._tokens
+        if last is not None and now > last:
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        self._last = now
+        if tokens >= 1.0 - 1e-9:  # tolerate float drift: waiting "Retry-After" must work
+            self._tokens = max(0.0, tokens - 1.0)
             return None
-        return (1.0 - self._tokens) / self.rate
+        self._tokens = tokens
+        return (1.0 - tokens) / self.rate
 
     @property
     def tokens(self) -> float:
