@@ -568,6 +568,8 @@ class Metrics:
         self.registry.register(_SpanDropsCollector(self))
         #: One token per (method, endpoint label) pair seen.
         self._tokens: dict[tuple[str, str], HttpToken] = {}
+        #: The same tokens by (method, path), for the known methods and endpoint paths.
+        self._known_tokens: dict[tuple[str, str], HttpToken] = {}
         # The cells an upstream answer and a body's usage add to, by their arguments, for
         # the table they were labelled under (an alias's label can change on reload): one
         # dict lookup per update instead of labels, tuples and two lookups per family.
@@ -599,10 +601,15 @@ class Metrics:
     # -- HTTP layer -----------------------------------------------------------------------
 
     def _token(self, method: str, path: str) -> HttpToken:
+        token = self._known_tokens.get((method, path))
+        if token is not None:  # a known method on a known endpoint: its labels need no work
+            return token
         key = (method if method in _METHODS else "OTHER", endpoint_label(path))
         token = self._tokens.get(key)
         if token is None:
             token = self._tokens[key] = HttpToken(*key)
+        if method in _METHODS and path in KNOWN_ENDPOINTS:  # bounded: never a client's path
+            self._known_tokens[(method, path)] = token
         return token
 
     def http_started(self, method: str, path: str) -> HttpToken:

@@ -59,12 +59,14 @@ class _Parser:
         "headers",
         "keep_alive",
         "size",
+        "status",
         "stray",
         "waiting",
     )
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
+        self.status = 0  # the status of the last head read (llhttp's, read once per head)
         self.body: list[bytes] = []
         self.size = 0
         self.head_done = False
@@ -87,10 +89,6 @@ class _Parser:
                 return
             raise httpcore.RemoteProtocolError(f"malformed response: {exc}") from None
 
-    @property
-    def status(self) -> int:
-        return int(self._llhttp.get_status_code())
-
     def on_message_begin(self) -> None:
         if not self.waiting:
             self.stray = True  # an answer nobody asked for: ignored, and the link not reused
@@ -102,18 +100,21 @@ class _Parser:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.stray:
             return
-        self.size += len(name) + len(value) + 4
-        if self.size > _MAX_HEAD or len(self.headers) >= _MAX_HEADERS:
+        size = self.size = self.size + len(name) + len(value) + 4
+        headers = self.headers
+        if size > _MAX_HEAD or len(headers) >= _MAX_HEADERS:
             raise _HeadTooLarge
         if not self.head_done:  # trailers are checked by llhttp, bounded here, dropped
-            self.headers.append((name, value.rstrip(b" \t")))
+            headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         if self.stray:
             return
         self.head_done = True
         self.size = 0
-        self.keep_alive = self._llhttp.should_keep_alive()
+        llhttp = self._llhttp
+        self.keep_alive = llhttp.should_keep_alive()
+        self.status = llhttp.get_status_code()
 
     def on_body(self, body: bytes) -> None:
         if not self.stray:
@@ -122,7 +123,7 @@ class _Parser:
     def on_message_complete(self) -> None:
         if self.stray:
             return
-        status = self._llhttp.get_status_code()
+        status = self.status
         if 100 <= status < 200 and status != 101:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
         self.complete = True
@@ -264,7 +265,7 @@ class Connection:
         status = 0
         while True:
             if parser.head_done:
-                status = parser._llhttp.get_status_code()
+                status = parser.status
                 if not 100 <= status < 200 or status == 101:
                     break  # a final answer's head (an interim one's is skipped: the next follows)
             try:
