@@ -434,7 +434,7 @@ class Gateway:
         table = self.targets.table
         if request is None:
             label = table.key_label(bearer_token(scope["headers"]))
-            tel.end_request(span, status if sent is None else sent, None, label, usage=done.usage)
+            tel.end_request(span, status if sent is None else sent, None, label, usage=done._usage)
             return
         alias = request.alias
         if alias is not None:  # the pipeline hashed the key
@@ -448,7 +448,8 @@ class Gateway:
             label,
             request.provider_index,
             request.attempts,
-            done.usage,
+            # as relayed: a body left for later is read with the span's export batch, not now
+            done._usage,
         )
 
     def _usage(self, request: ProxyRequest, alias: str, provider: Provider, usage: Usage) -> None:

@@ -26,7 +26,7 @@ import ssl
 import struct
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -44,6 +44,8 @@ __all__ = [
     "KIND_SERVER",
     "ExportSettings",
     "Exporter",
+    "PairPacker",
+    "PairParts",
     "TracesRequest",
     "encode_frame",
     "encode_known",
@@ -53,8 +55,9 @@ __all__ = [
     "int_attribute",
     "known_parts",
     "name_and_kind",
-    "pair_into",
+    "pair_packer",
     "pair_parts",
+    "pair_with",
     "span_attributes",
 ]
 
@@ -368,26 +371,25 @@ def encode_known(
     return b"".join((lead, head, _times(0x39, start, 0x41, end), extra, rest))
 
 
-# A request's server span and its one client span, encoded together (pair_into): the
-# server span's length and times (little-endian), both spans' ids (big-endian, with the client
-# span's length between them), the client span's times and time to its first chunk.
-_pair_open = struct.Struct("<BHBQBQ").pack
+# A request's server span and its one client span, encoded together (pair_with): the
+# server span's length and times (little-endian) with what follows them, both spans' ids
+# (big-endian, with the client span's length between them), the client span's times and time
+# to its first chunk with what follows them (each of the two a pack per length: pair_packer).
 _pair_ids = struct.Struct(">HQQHQBHHQQHQHQ").pack
 # gen_ai.response.time_to_first_chunk: the attribute's head (its double follows)
 FIRST_CHUNK: Final = float_attribute("gen_ai.response.time_to_first_chunk", 0.0)[:-8]
-_pair_times = struct.Struct(f"<BQBQ{len(FIRST_CHUNK)}sd").pack
 # Two-byte varints of 128 <= n < 2048 (a span's usual length) as the "<H" and ">H" that write
 # them: looked up, not computed, for each span.
 _PAIR_LIMIT: Final = 2048
 _V2_LE: Final = tuple(n & 127 | 128 | n >> 7 << 8 for n in range(_PAIR_LIMIT))
 _V2_BE: Final = tuple((n & 127 | 128) << 8 | n >> 7 for n in range(_PAIR_LIMIT))
-# What pair_into needs of both spans' prepared parts: the server span's name/kind and
+# What pair_packer needs of both spans' prepared parts: the server span's name/kind and
 # attributes + status + flags, its size without the usage; the same of the client span.
 PairParts = tuple[bytes, bytes, int, bytes, bytes, int]
 
 
 def pair_parts(server: KnownParts, client: KnownParts) -> PairParts:
-    """:func:`pair_into`'s parts, from each span's :func:`known_parts` (the server span a
+    """:func:`pair_packer`'s parts, from each span's :func:`known_parts` (the server span a
     root, the client span its child)."""
     return (
         server[0],
@@ -399,7 +401,45 @@ def pair_parts(server: KnownParts, client: KnownParts) -> PairParts:
     )
 
 
-def pair_into(
+# What pair_with needs to encode requests of one combination of parts and usage: the
+# packs of the server span's opening and of the client span's times, each with the prepared
+# bytes that follow it (server: name, kind, usage, attributes; client: the same) as its last
+# field, and the two spans' lengths as the two-byte varints that write them.
+PairPacker = tuple[Callable[..., bytes], int, bytes, int, Callable[..., bytes], bytes]
+_packs: dict[str, Callable[..., bytes]] = {}
+
+
+def _pack(fmt: str) -> Callable[..., bytes]:
+    pack = _packs.get(fmt)
+    if pack is None:
+        if len(_packs) >= 256:  # bounded: the lengths of few combinations are seen
+            _packs.clear()
+        pack = _packs[fmt] = struct.Struct(fmt).pack
+    return pack
+
+
+def pair_packer(parts: PairParts, usage: bytes) -> PairPacker | None:
+    """What :func:`pair_with` encodes a request of these parts and ``usage`` attributes with
+    (built once per combination); ``None``: an unusual size (encode each span alone)."""
+    head, rest, size, child_head, child_rest, child_size = parts
+    n = len(usage)
+    size += n
+    child_size += n
+    if not (127 < size < _PAIR_LIMIT and 127 < child_size < _PAIR_LIMIT):
+        return None
+    middle = head + usage + rest
+    child_middle = child_head + usage + child_rest
+    return (
+        _pack(f"<BHBQBQ{len(middle)}s"),
+        _V2_LE[size],
+        middle,
+        _V2_BE[child_size],
+        _pack(f"<BQBQ{len(FIRST_CHUNK)}sd{len(child_middle)}s"),
+        child_middle,
+    )
+
+
+def pair_with(
     out: list[bytes],
     trace_id: int,
     span_id: int,
@@ -409,29 +449,19 @@ def pair_into(
     child_start: int,
     child_end: int,
     first: float,
-    parts: PairParts,
-    usage: bytes,
-) -> bool:
-    """Two ``ScopeSpans.spans`` fields, as pieces appended to ``out`` (a batch joins them
-    once): a request's server span (a root: no parent, no trace state) and its client span
-    (``child_id``, with the time to its first chunk, ``first`` seconds), both with the
-    ``usage`` attributes before their prepared ones. The server span's ids are its last fields
+    packer: PairPacker,
+) -> None:
+    """Two ``ScopeSpans.spans`` fields, as three pieces appended to ``out`` (a batch joins
+    them once): a request's server span (a root: no parent, no trace state) and its client
+    span (``child_id``, with the time to its first chunk, ``first`` seconds), both with the
+    usage attributes before their prepared ones. The server span's ids are its last fields
     and the client span's its first, so that both spans' ids are one pack. (Fields in another
-    order than the SDK encoder's: any protobuf parser reads them alike.) False: an unusual
-    size, nothing appended; encode each span alone."""
-    head, rest, size, child_head, child_rest, child_size = parts
-    n = len(usage)
-    size += n
-    child_size += n
-    if not (127 < size < _PAIR_LIMIT and 127 < child_size < _PAIR_LIMIT):
-        return False
+    order than the SDK encoder's: any protobuf parser reads them alike.)"""
+    opening, size, middle, child_size, times, child_middle = packer
     hi = trace_id >> 64
     lo = trace_id & 0xFFFFFFFFFFFFFFFF  # a constant, not a global
     out += (
-        _pair_open(0x12, _V2_LE[size], 0x39, start, 0x41, end),
-        head,
-        usage,
-        rest,
+        opening(0x12, size, 0x39, start, 0x41, end, middle),
         _pair_ids(
             0x0A10,
             hi,
@@ -439,7 +469,7 @@ def pair_into(
             0x1208,
             span_id,
             0x12,
-            _V2_BE[child_size],
+            child_size,
             0x0A10,
             hi,
             lo,
@@ -448,12 +478,8 @@ def pair_into(
             0x2208,
             span_id,
         ),
-        _pair_times(0x39, child_start, 0x41, child_end, FIRST_CHUNK, first),
-        child_head,
-        usage,
-        child_rest,
+        times(0x39, child_start, 0x41, child_end, FIRST_CHUNK, first, child_middle),
     )
-    return True
 
 
 def encode_span(

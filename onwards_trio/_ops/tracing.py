@@ -38,9 +38,12 @@ SDK sampler's call cost a few µs each per request (docs/benchmarks.md, "Tracing
   collector's work. The parts a request's spans repeat (name, method, route, status, alias,
   key label, provider, model, attempt, with the status and flags fields) are encoded once per
   distinct combination, so ending a span is mostly two ``struct`` packs and a join. A
-  request's server span and the first of its client spans to end are encoded together when
-  the request ends: one look-up of both spans' parts (first compared with the last
-  request's, which most repeat, before any hashing) and three packs and a join for both.
+  request's server span and the first of its client spans to end are queued together when
+  the request ends, as plain values (one look-up of both spans' parts, first compared with
+  the last request's, which most repeat, before any hashing), and encoded with their batch
+  by the export task (three packs for both). Their token usage, when only the access line and
+  the spans want it, is read off the request path too: the body is kept, and read with a few
+  others' before the values are queued (most often the access writer has read it already).
 * The request's server span and its client spans are tracked in a context variable of our own
   (the pipeline finds its parent there), not in OpenTelemetry's context. Loop spans are *also*
   made current in OpenTelemetry's context (as non-recording spans), so code that uses the
@@ -75,7 +78,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar, Token
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import orjson
 import trio
@@ -99,6 +102,8 @@ from opentelemetry.trace import (
     TraceState,
 )
 
+from onwards_trio._ops.access import LaterUsage
+from onwards_trio._ops.logs import total_usage
 from onwards_trio._ops.otlp import (
     FIRST_CHUNK,
     KIND_CLIENT,
@@ -106,6 +111,7 @@ from onwards_trio._ops.otlp import (
     KIND_SERVER,
     Exporter,
     KnownParts,
+    PairPacker,
     PairParts,
     TracesRequest,
     encode_known,
@@ -113,8 +119,9 @@ from onwards_trio._ops.otlp import (
     int_attribute,
     known_parts,
     name_and_kind,
-    pair_into,
+    pair_packer,
     pair_parts,
+    pair_with,
     span_attributes,
 )
 from onwards_trio._ops.telemetry import _current as _telemetry
@@ -384,6 +391,9 @@ class AttemptSpan(_Span):
         self.first = time.time_ns()
 
     def usage(self, usage: Any) -> None:
+        """The attempt's usage: a ``Usage``, or a body whose usage is read later (a
+        :class:`LaterUsage`: read with the export batch when the span is queued with its
+        request, else when the span is encoded)."""
         self.tokens = usage
 
     def end(self, failure: str | None = None) -> None:
@@ -429,8 +439,11 @@ class AttemptSpan(_Span):
             parts = self.parts.get(key) or _built(self.parts, key, _attempt_parts_of)
             first = self.first
             extra = b"" if first is None else _FIRST_CHUNK + _double((first - self.start) / 1e9)
-            if self.tokens is not None:
-                extra += _usage_fields(self.tokens)
+            tokens = self.tokens
+            if isinstance(tokens, LaterUsage):  # a body to read: read now (the rare path)
+                tokens = tokens.usage
+            if tokens is not None:
+                extra += _usage_fields(tokens)
             frame = encode_known(
                 self.trace_id,
                 self.span_id,
@@ -526,13 +539,19 @@ _Pair = tuple[PairParts, KnownParts, KnownParts]
 # client span's first byte (ns since the epoch), their parts, the usage's four counts.
 _Queued = tuple[int, int, int, int, int, int, int, int, _Pair, int, int, int, int]
 _NO_USAGE: Final = (-1, 0, 0, 0)  # a request without usage, as queued
+# A request whose usage is a body read later (a LaterUsage): its values but the counts, and
+# the body, until a few of them are read together (_SpanQueue.settle).
+_Later = tuple[tuple[int, int, int, int, int, int, int, int, _Pair], LaterUsage]
+_SETTLE: Final = 32  # such requests settled together (_SpanQueue.settle)
+_HOLD: Final = 128  # at most this many wait for the access writer to read their bodies
 
 
-def _pair_of(request: tuple[Any, ...], *attempt: Any) -> _Pair:
-    """The parts of a request's server span (``_request_parts_of``'s fields but the last) and
-    its client span's (``_attempt_parts_of``'s), neither with a remote parent."""
-    server = _request_parts_of(*request)
-    client = _attempt_parts_of(*attempt)
+def _pair_of(*fields: Any) -> _Pair:
+    """The parts of a request's server span (the first seven fields: ``_request_parts_of``'s
+    but the last) and its client span's (the rest: ``_attempt_parts_of``'s), neither with a
+    remote parent."""
+    server = _request_parts_of(*fields[:7])
+    client = _attempt_parts_of(*fields[7:])
     return pair_parts(server, client), server, client
 
 
@@ -541,30 +560,39 @@ def _frames(batch: Sequence[bytes | _Queued]) -> list[bytes]:
     as plain values (:meth:`Telemetry.end_request`) are encoded here, off the request path,
     into one list the export request joins once."""
     out: list[bytes] = []
-    last = _NO_USAGE
+    last: Any = _NO_USAGE
     encoded = b""
+    last_pair: Any = None
+    packer: PairPacker | None = None
     for entry in batch:
         if isinstance(entry, bytes):
             if entry:
                 out.append(entry)
             continue
         try:
-            usage = entry[9:]  # the four counts: most requests repeat the last one's
-            if usage != last:
+            trace_id, span_id, child_id, start, end, child_start, child_end, first, pair = entry[:9]
+            usage = entry[9:]
+            if usage != last:  # most requests repeat the last one's parts and counts
                 last = usage
                 encoded = b"" if usage[0] < 0 else _encoded_usage(usage)
-            pair = entry[8]
-            seconds = (entry[7] - entry[5]) / 1e9  # the client span's first byte, from its start
-            if not pair_into(out, *entry[:7], seconds, pair[0], encoded):
-                # an unusual size: each span alone
-                trace_id, span_id, child_id, start, end, child_start, child_end = entry[:7]
-                out.append(encode_known(trace_id, span_id, "", 0, start, end, pair[1], encoded))
-                extra = _FIRST_CHUNK + _double(seconds) + encoded
-                out.append(
-                    encode_known(
-                        trace_id, child_id, "", span_id, child_start, child_end, pair[2], extra
-                    )
-                )
+                last_pair = None
+            if pair is not last_pair:
+                last_pair = pair
+                packer = pair_packer(pair[0], encoded)
+            seconds = (first - child_start) / 1e9  # the client span's first byte, from its start
+            if packer is not None:
+                pair_with(
+                    out, trace_id, span_id, child_id, start, end, child_start, child_end, seconds,
+                    packer,
+                )  # fmt: skip
+                continue
+            # an unusual size: each span alone
+            out.append(encode_known(trace_id, span_id, "", 0, start, end, pair[1], encoded))
+            extra = _FIRST_CHUNK + _double(seconds) + encoded
+            child = encode_known(
+                trace_id, child_id, "", span_id, child_start, child_end, pair[2], extra
+            )
+            out.append(child)
         except Exception:  # a bug in tracing loses these spans, not the batch
             log.exception("spans of trace %032x not exported", entry[0])
     return out
@@ -618,6 +646,10 @@ class _SpanQueue:
         # and encoded with the batch: _frames) and then an empty entry, so that the entries
         # count the spans.
         self.spans: collections.deque[bytes | _Queued] = collections.deque()
+        # Requests whose usage is still a body (two spans each, counted in the queue's size
+        # too), queued in ``spans`` once their bodies are read, a few together (settle).
+        self.later: list[_Later] = []
+        self.settle_at = _SETTLE  # settle when this many wait
         self.max_queue = max_queue
         self.batch = batch
         # Below this many entries, two spans encoded as one fit (a batch never splits them, so
@@ -634,10 +666,44 @@ class _SpanQueue:
     def refuses(self) -> bool:
         """Whether a span ending now is dropped (the queue is full; counted): asked before
         any work is spent encoding it."""
-        if len(self.spans) >= self.max_queue:
+        if len(self.spans) + 2 * len(self.later) >= self.max_queue:
             self.dropped += 1
             return True
         return False
+
+    def settle(self, force: bool = False) -> None:
+        """Queue the requests whose usage was a body, as plain values (ints and cached
+        parts: the collector untracks the tuple at once, and the body is not held until the
+        export). Those whose body the access writer has read (it reads each within
+        milliseconds of its request, in the order they ended) go first; the rest wait for the
+        next call, unless ``force`` (a batch to export) or too many wait (the access log is
+        off, say): then the tracer reads the unread ones itself, together."""
+        later = self.later
+        ready = 0
+        for _, body in later:
+            if not hasattr(body, "found"):  # set when read
+                break
+            ready += 1
+        if ready < len(later) and (force or len(later) >= _HOLD):
+            unread = [body for _, body in later[ready:] if not hasattr(body, "found")]
+            try:
+                for kind in {type(body) for body in unread}:
+                    kind.read_all([body for body in unread if type(body) is kind])
+            except Exception:  # a bug in tracing loses these spans, not the request
+                log.exception("usage of %d requests not read for their spans", len(unread))
+                del later[ready:]
+            ready = len(later)
+        self.settle_at = len(later) - ready + _SETTLE
+        if not ready:
+            return
+        spans = self.spans
+        for values, body in later[:ready]:
+            counts = body.found
+            spans.append(cast("_Queued", values + (_NO_USAGE if counts is None else counts)))
+            spans.append(b"")
+        del later[:ready]
+        if len(spans) >= self.batch:
+            self.batch_full()
 
     def append(self, span: bytes) -> None:
         """Queue an encoded span whose room :meth:`refuses` checked."""
@@ -651,6 +717,8 @@ class _SpanQueue:
             self.ready.set()  # a full batch: export now rather than at the next tick
 
     def take(self) -> list[bytes | _Queued]:
+        if self.later:
+            self.settle(force=True)
         spans = self.spans
         n = min(len(spans), self.batch)
         if n < len(spans) and not spans[n]:
@@ -845,6 +913,7 @@ class Telemetry:
                 # What is queued now, in batches; spans that end meanwhile wait for the next
                 # tick or a full batch (draining until empty would, under steady traffic,
                 # export a few spans at a time, back to back).
+                queue.settle(force=True)
                 due = len(queue.spans)
                 while due > 0:
                     batch = queue.take()
@@ -857,7 +926,7 @@ class Telemetry:
             # collector that is down.
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(_FLUSH_ON_EXIT):
-                    while queue.spans:
+                    while queue.spans or queue.later:
                         await self._export(queue.take())
                 with trio.move_on_after(1.0):
                     await self.exporter.aclose()
@@ -959,6 +1028,9 @@ class Telemetry:
         attempts: int | None = None,
         usage: Any = None,
     ) -> None:
+        """End the request's server span. ``usage``: the request's token usage as the access
+        line gets it (``_ops.access.UsageParts``: a body left for later is read with the
+        export batch when the span is queued with its client span, else now)."""
         _active.set(span.outer)
         span.outer = None
         if not span.sampled:
@@ -973,7 +1045,6 @@ class Telemetry:
         # doubled the collector's work); the parts every request repeats are encoded once per
         # combination.
         queue = self.queue
-        fields = (span.method, span.route, status, alias, key_label, provider, attempts)
         if attempt is not None:
             spans = queue.spans
             if (
@@ -981,11 +1052,17 @@ class Telemetry:
                 and attempt.first is not None
                 and span.clean  # no trace headers came: a root span
                 and not span.state  # (a sampler may still have given it one)
-                and len(spans) < queue.pair_room
+                and len(spans) + 2 * len(queue.later) < queue.pair_room
             ):
                 # The usual request: its span and its one client span, queued together.
                 both = (
-                    fields,
+                    span.method,
+                    span.route,
+                    status,
+                    alias,
+                    key_label,
+                    provider,
+                    attempts,
                     attempt.provider,  # by identity: a reload makes new ones
                     attempt.path,
                     attempt.model,
@@ -1004,27 +1081,29 @@ class Telemetry:
                         log.exception("span %r not exported", span)
                         return
                     self.last_pair = (both, pair)
-                n, m, cached, reasoning = _NO_USAGE if usage is None else usage
+                values = (
+                    span.trace_id,
+                    span.span_id,
+                    attempt.span_id,
+                    span.start,
+                    stop,
+                    attempt.start,
+                    attempt.stop,
+                    attempt.first,
+                    pair,
+                )
+                if isinstance(usage, LaterUsage):  # a body: read with a few others (settle)
+                    later = queue.later
+                    later.append((values, usage))
+                    if len(spans) + 2 * len(later) >= queue.batch:
+                        queue.settle(force=True)  # a full batch is exported at once
+                    elif len(later) >= queue.settle_at:
+                        queue.settle()
+                    return
                 # Plain values (ints and the cached parts: the collector untracks the tuple at
                 # once), encoded with their batch (_frames), then an empty entry: the entries
                 # count the spans.
-                spans.append(
-                    (
-                        span.trace_id,
-                        span.span_id,
-                        attempt.span_id,
-                        span.start,
-                        stop,
-                        attempt.start,
-                        attempt.stop,
-                        attempt.first,
-                        pair,
-                        n,
-                        m,
-                        cached,
-                        reasoning,
-                    )
-                )
+                spans.append(values + (_NO_USAGE if usage is None else usage))
                 spans.append(b"")
                 if len(spans) >= queue.batch:
                     queue.batch_full()
@@ -1032,8 +1111,18 @@ class Telemetry:
             attempt.encode()
         if queue.refuses():
             return
-        key = (*fields, span.parent_remote)
+        key = (
+            span.method,
+            span.route,
+            status,
+            alias,
+            key_label,
+            provider,
+            attempts,
+            span.parent_remote,
+        )
         try:
+            tokens = total_usage(usage)
             parts = self.request_parts.get(key) or _built(
                 self.request_parts, key, _request_parts_of
             )
@@ -1045,7 +1134,7 @@ class Telemetry:
                 span.start,
                 stop,
                 parts,
-                b"" if usage is None else _usage_fields(usage),
+                b"" if tokens is None else _usage_fields(tokens),
             )
         except Exception:  # a bug in tracing must not fail the request
             log.exception("span %r not exported", span)

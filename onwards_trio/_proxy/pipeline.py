@@ -971,15 +971,20 @@ class Proxy:
         )
         hold = request.hold
         ledger = self.ledger
-        if span is None and not strip and hold is None and ledger is None:
-            if observer is None:
+        if not strip and hold is None and ledger is None and self.metrics is None:
+            if observer is None and span is None:
                 return None, None
-            if self.metrics is None:  # the observer's only use of it: the access line
-                # The line gets the body now and reads what it holds when it is written
-                # (what has passed by then: all of it, unless the relay ended early).
-                keeper = UsageKeeper()
-                defer_usage(keeper)
-                return keeper, None
+            # Only the access line and the span want it (the observer's only use of it
+            # without metrics: the line): they get the body now and read what it holds later,
+            # the line when it is written, the span with its export batch (what has passed
+            # by then: all of it, unless the relay ended early).
+            keeper = UsageKeeper()
+            defer_usage(keeper)  # the request's usage, as the server span also reads it
+            if span is not None:
+                span.usage(keeper)
+            return keeper, None
+        if span is None and not strip and hold is None and ledger is None and observer is None:
+            return None, None
 
         priced = ledger is not None or self.metrics is not None
 

@@ -290,8 +290,9 @@ class UsageKeeper(LaterUsage):
 
     __slots__ = ("chunks", "scanner", "size")
 
+    found: Usage | None  # set by read_all (unset until then: whoever reads next knows)
+
     def __init__(self) -> None:
-        self.found: Usage | None = None  # set by read_all
         self.chunks: list[bytes] = []
         self.size = 0
         self.scanner: UsageScanner | None = None

@@ -27,8 +27,9 @@ from onwards_trio._ops.otlp import (
     int_attribute,
     known_parts,
     name_and_kind,
-    pair_into,
+    pair_packer,
     pair_parts,
+    pair_with,
     span_attributes,
 )
 from onwards_trio._ops.tracing import _frames
@@ -305,7 +306,7 @@ def test_a_request_and_its_attempt_encoded_together_decode_as_two_spans(
     attributes: tuple[dict[str, Any], dict[str, Any]],
     usage: dict[str, int],
 ) -> None:
-    """A request's server span and its client span (pair_into, fields in another order)
+    """A request's server span and its client span (pair_with, fields in another order)
     decode to the same spans as each encoded alone by :func:`encode_span`."""
     server, client = ({k: v for k, v in a.items() if k not in usage} for a in attributes)
     client.pop(_FIRST, None)
@@ -316,21 +317,13 @@ def test_a_request_and_its_attempt_encoded_together_decode_as_two_spans(
     span_id, child_id = ids
     start, end, child_start, child_end = times
     usage_fields = span_attributes(usage)
+    packer = pair_packer(parts, usage_fields)
+    assume(packer is not None)  # an unusual size: each is encoded alone
+    assert packer is not None
     pieces: list[bytes] = []
-    fits = pair_into(
-        pieces,
-        trace_id,
-        span_id,
-        child_id,
-        start,
-        end,
-        child_start,
-        child_end,
-        first,
-        parts,
-        usage_fields,
+    pair_with(
+        pieces, trace_id, span_id, child_id, start, end, child_start, child_end, first, packer
     )
-    assume(fits)  # an unusual size: each is encoded alone
     ours = b"".join(pieces)
     alone = _request_spans(
         trace_id,
