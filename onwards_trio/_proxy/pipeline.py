@@ -956,9 +956,10 @@ class Proxy:
         headers: list[tuple[bytes, bytes]],
     ) -> tuple[UsageTap | None, Callable[[UsageTap], None] | None]:
         """What reads the usage of a 2xx body, and whom it tells (``None``: nobody wants it,
-        and the body is relayed untouched). When the access line is its only reader, the
-        body's chunks are kept and handed to the line as they are: its writer reads them
-        with many others, off the request's path (``UsageKeeper``)."""
+        and the body is relayed untouched). When only the access line and a sampled span
+        read it, the body's chunks are kept and handed to both as they are: the line's writer
+        reads them with many others, off the request's path (``UsageKeeper``), and the span
+        takes what it read."""
         if span is not None and not span.sampled:
             span = None  # an unsampled trace records no usage
         observer = self.usage_observer
@@ -976,8 +977,8 @@ class Proxy:
                 return None, None
             # Only the access line and the span want it (the observer's only use of it
             # without metrics: the line): they get the body now and read what it holds later,
-            # the line when it is written, the span with its export batch (what has passed
-            # by then: all of it, unless the relay ended early).
+            # the line when it is written, the span after that (what has passed by then: all
+            # of it, unless the relay ended early).
             keeper = UsageKeeper()
             defer_usage(keeper)  # the request's usage, as the server span also reads it
             if span is not None:
