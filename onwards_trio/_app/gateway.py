@@ -68,7 +68,6 @@ from onwards_trio._transport.asgi import (
     BodyBudget,
     CancelOnDisconnect,
     ClientDisconnected,
-    EndOnDisconnect,
     Receive,
     Scope,
     Send,
@@ -567,7 +566,18 @@ class Gateway:
         """
         status = 499
         end = getattr(receive, "end_on_disconnect", None) if last else None
-        async with CancelOnDisconnect(receive) if end is None else EndOnDisconnect(receive):
+        # The watch is entered and left by hand, not with ``async with``: the usual request
+        # (``last`` under the built-in server) then costs no context manager object and no
+        # two coroutines, about 1.5 % of its instructions.
+        server: Any = receive  # the built-in server's receive, when ``end`` is set
+        watch: CancelOnDisconnect | None = None
+        previous: trio.CancelScope | None = None
+        if end is not None:
+            previous = end()
+        else:
+            watch = CancelOnDisconnect(receive)
+            await watch.__aenter__()
+        try:
             try:
                 async with self.proxy.open_upstream(request) as reply:
                     status = reply.status
@@ -578,6 +588,17 @@ class Gateway:
             except HTTPError as exc:
                 status = exc.status
                 await error(send, exc)
+        except BaseException as exc:
+            if watch is None:
+                server.cancel_on_disconnect(previous)  # an enclosing one is watched again
+                raise
+            if not await watch.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+            return status  # the client left: the watch ended the relay quietly
+        if watch is None:
+            server.cancel_on_disconnect(previous)
+        else:
+            await watch.__aexit__(None, None, None)
         return status
 
 

@@ -28,7 +28,6 @@ __all__ = [
     "ASGIApp",
     "BodyBudget",
     "CancelOnDisconnect",
-    "EndOnDisconnect",
     "Receive",
     "Scope",
     "Send",
@@ -231,28 +230,6 @@ class CancelOnDisconnect:
                 self._register(self._previous)
         scope.cancel()  # the work is done: stop the watcher
         return bool(await self._manager.__aexit__(*exc))
-
-
-class EndOnDisconnect:
-    """``async with EndOnDisconnect(receive):`` under the built-in server only (its
-    ``receive`` has ``end_on_disconnect``): a client disconnect cancels the connection's own
-    scope, so the cancellation propagates out of the block and out of the handler, and the
-    connection ends. For a handler with nothing left to do for its request once the client has
-    gone but synchronous bookkeeping: unlike :class:`CancelOnDisconnect` it costs no cancel
-    scope per request (a scope costs about as much as the rest of a relay's bookkeeping).
-    """
-
-    __slots__ = ("_previous", "_receive")
-
-    def __init__(self, receive: Receive) -> None:
-        self._receive: Any = receive
-        self._previous: trio.CancelScope | None = None
-
-    async def __aenter__(self) -> None:
-        self._previous = self._receive.end_on_disconnect()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._receive.cancel_on_disconnect(self._previous)  # an enclosing one is watched again
 
 
 async def serve_lifespan(receive: Receive, send: Send) -> None:
