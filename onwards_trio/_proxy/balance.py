@@ -77,7 +77,9 @@ def select(
         idx = best[0]
     else:
         r = rng or random
-        total = sum(providers[i].weight for i in best)
+        total = 0
+        for i in best:  # a loop, not sum() over a generator
+            total += providers[i].weight
         pick = r.random() * total
         idx = best[-1]
         for i in best:

@@ -56,10 +56,12 @@ class TokenBucket:
         last = self._last
         tokens = self._tokens
         if last is not None and now > last:
-            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            tokens += (now - last) * self.rate
+            if tokens > self.burst:  # comparisons, not min()/max()/float() calls
+                tokens = float(self.burst)
         self._last = now
         if tokens >= 1.0 - 1e-9:  # tolerate float drift: waiting "Retry-After" must work
-            self._tokens = max(0.0, tokens - 1.0)
+            self._tokens = tokens - 1.0 if tokens > 1.0 else 0.0
             return None
         self._tokens = tokens
         return (1.0 - tokens) / self.rate
