@@ -212,22 +212,7 @@ async def load(
 
 async def send_for(port: int, concurrency: int, seconds: float, stream: bool) -> int:
     """Requests over ``concurrency`` keep-alive connections for ``seconds``; how many."""
-    raw = build_request(port, stream)
-    done = [0]
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        s = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = Conn(s)
-        async with s:
-            while time.perf_counter() < deadline:
-                await conn.request(raw)
-                done[0] += 1
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(worker)
-    return done[0]
+    return int((await load(port, concurrency, seconds, stream))["n"])
 
 
 async def together(
@@ -237,9 +222,9 @@ async def together(
     concurrency: int,
     stream: bool,
 ) -> dict[str, list[tuple[float, float]]]:
-    """:func:`rounds`, but every gateway is loaded at the same time (each its own
-    ``concurrency`` connections) for ``seconds`` per round: the machine's load then hits them
-    alike at every instant, not just within a round."""
+    """Per gateway and round: (CPU µs per request, requests per second), every gateway loaded
+    at the same time (each its own ``concurrency`` connections) for ``seconds`` per round: the
+    machine's load then hits them alike at every instant, not just within a round."""
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in gateways}
 
     async def one(name: str, got: dict[str, tuple[float, float]]) -> None:

@@ -1045,6 +1045,7 @@ class Telemetry:
         # doubled the collector's work); the parts every request repeats are encoded once per
         # combination.
         queue = self.queue
+        head = (span.method, span.route, status, alias, key_label, provider, attempts)
         if attempt is not None:
             spans = queue.spans
             if (
@@ -1056,13 +1057,7 @@ class Telemetry:
             ):
                 # The usual request: its span and its one client span, queued together.
                 both = (
-                    span.method,
-                    span.route,
-                    status,
-                    alias,
-                    key_label,
-                    provider,
-                    attempts,
+                    *head,
                     attempt.provider,  # by identity: a reload makes new ones
                     attempt.path,
                     attempt.model,
@@ -1111,16 +1106,7 @@ class Telemetry:
             attempt.encode()
         if queue.refuses():
             return
-        key = (
-            span.method,
-            span.route,
-            status,
-            alias,
-            key_label,
-            provider,
-            attempts,
-            span.parent_remote,
-        )
+        key = (*head, span.parent_remote)
         try:
             tokens = total_usage(usage)
             parts = self.request_parts.get(key) or _built(
