@@ -126,6 +126,11 @@ _KEPT_BODIES = (
     b'{"usage": {"input_tokens": 6, "output_tokens": 2, "cache_read_input_tokens": 3}}',
     b'{"u": "\x00", "usage": {"prompt_tokens": 8, "completion_tokens": 9}}',
     b"",
+    b'{"usage": {"prompt_tokens": 10, "completion_tokens": 40, "total_tokens": 50}}',
+    b'{"usage" :\n{ "prompt_tokens" : 0 ,"completion_tokens":\t7 , "total_tokens" : 7 } }',
+    b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 07}}',
+    b'{"usage"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}',
+    b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, "usage": 1}',
 )
 
 
@@ -136,7 +141,7 @@ _KEPT_BODIES = (
             st.lists(st.integers(min_value=0, max_value=10_000), max_size=4),
         ),
         min_size=1,
-        max_size=8,
+        max_size=20,  # alone (a few) and together (many)
     )
 )
 def test_kept_bodies_read_together_give_what_a_scanner_gives(
