@@ -97,11 +97,12 @@ class Guard(Protocol):
     def clean(self, text: str) -> str: ...
 
 
-# Seconds a line may wait for others to share its write. Each batch costs a fixed ~60k
-# instructions (two task wake-ups, the write, the batch's setup): at 20 ms a gateway doing
-# 100 requests a second paid it for every one or two lines; 100 ms is still too short for
-# anyone reading the log to notice.
-_BATCH_DELAY: Final = 0.1
+# Seconds a line may wait for others to share its write. A batch costs a fixed ~60k
+# instructions (two task wake-ups, the write, its set-up): at the rates where a gateway's CPU
+# matters a 20 ms batch holds tens of lines. Longer would let a traced request's span, which
+# waits for this writer to read its kept body only while 128 wait (_ops/tracing.py), read the
+# body itself first past ~1,300 requests a second, and the writer read it again.
+_BATCH_DELAY: Final = 0.02
 _MAX_LINES: Final = 10_000  # lines held at most; past it new lines are dropped and counted
 _MAX_PARTS: Final = 1024  # (method, path, status, alias) whose line parts are kept
 _LOGGER_TEXT: Final = " INFO onwards_trio.access "
