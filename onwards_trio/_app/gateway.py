@@ -433,7 +433,9 @@ class Gateway:
         table = self.targets.table
         if request is None:
             label = table.key_label(bearer_token(scope["headers"]))
-            tel.end_request(span, status if sent is None else sent, None, label, usage=done._usage)
+            tel.end_request(
+                span, status if sent is None else sent, None, label, usage=done.usage_parts
+            )
             return
         alias = request.alias
         if alias is not None:  # the pipeline hashed the key
@@ -448,7 +450,7 @@ class Gateway:
             request.provider_index,
             request.attempts,
             # as relayed: a body left for later is read with the span's export batch, not now
-            done._usage,
+            done.usage_parts,
         )
 
     def _usage(self, request: ProxyRequest, alias: str, provider: Provider, usage: Usage) -> None:

@@ -445,7 +445,6 @@ class Exchange:
 
     __slots__ = (
         "_reset",
-        "_usage",
         "bytes_out",
         "first_byte",
         "method",
@@ -457,6 +456,7 @@ class Exchange:
         "started",
         "stream",
         "token",
+        "usage_parts",
     )
 
     def __init__(self, metrics: Metrics | None, method: str, path: str, started: float) -> None:
@@ -471,15 +471,16 @@ class Exchange:
         self.sent_status: int | None = None
         self.request: Any = None
         # Every upstream body's usage relayed for it (to be summed): a Usage, a body whose
-        # usage is read later (LaterUsage), or a list of them.
-        self._usage: UsageParts = None
+        # usage is read later (LaterUsage), or a list of them. Read as they are by the
+        # access line and the request's span, which sum them off the request's path.
+        self.usage_parts: UsageParts = None
         self._reset: Any = None
         self.send: Send | None = None  # the counting send (wrap_send), until finished
 
     @property
     def usage(self) -> Usage | None:
         """The token usage of every upstream body relayed for this request, summed."""
-        return total_usage(self._usage)  # type: ignore[return-value]  # a sum of Usage
+        return total_usage(self.usage_parts)  # type: ignore[return-value]  # a sum of Usage
 
     def wrap_send(self, send: Send) -> Send:
         # Not a coroutine: it returns the server's send, awaited by the caller (one coroutine
@@ -542,9 +543,9 @@ class Exchange:
                 # Only the writer reads it: the fields as one tuple, the usage as it was
                 # relayed (read with the batch), bounded and formatted with its batch (no
                 # record, no per-request formatting).
-                writer.add(fields + (self._usage, time.time()))  # noqa: RUF005 (one C concat)
+                writer.add(fields + (self.usage_parts, time.time()))  # noqa: RUF005 (one C concat)
                 return
-        usage = total_usage(self._usage)
+        usage = total_usage(self.usage_parts)
         tokens_in = tokens_out = cached = None
         if usage is not None:
             tokens_in, tokens_out, cached = usage[0], usage[1], usage[2]
@@ -572,9 +573,9 @@ def add_usage(usage: Usage) -> None:
     ``/v1/responses`` request sums the usage of every model call it made)."""
     exchange = _exchange.get()
     if exchange is not None:
-        had = exchange._usage
+        had = exchange.usage_parts
         if had is not None and type(had) is not list and not isinstance(had, LaterUsage):
-            exchange._usage = had + usage  # type: ignore[operator]  # two Usage: their sum
+            exchange.usage_parts = had + usage  # type: ignore[operator]  # two Usage: their sum
         else:
             _add_part(exchange, usage)
 
@@ -591,13 +592,13 @@ def defer_usage(body: LaterUsage) -> None:
 
 def _add_part(exchange: Exchange, part: Usage | LaterUsage) -> None:
     """One more part of the request's usage (the first alone, then a list of them)."""
-    had = exchange._usage
+    had = exchange.usage_parts
     if had is None:
-        exchange._usage = part
+        exchange.usage_parts = part
     elif type(had) is list:
-        exchange._usage = [*had, part]  # a new list: a queued line keeps the old one
+        exchange.usage_parts = [*had, part]  # a new list: a queued line keeps the old one
     else:
-        exchange._usage = [had, part]  # type: ignore[list-item]
+        exchange.usage_parts = [had, part]  # type: ignore[list-item]
 
 
 def total_usage(usage: UsageParts) -> tuple[int, ...] | None:
