@@ -66,12 +66,13 @@ class LaterUsage:
     batch (``_proxy.usage.UsageKeeper``: this layer cannot import it).
 
     ``read_all`` fills in ``found`` (the counts: input, output, cached, reasoning; ``None``:
-    the body had none) for many at once; :attr:`usage` reads one at once."""
+    the body had none) for many at once; :attr:`usage` reads one at once. ``found`` is unset
+    until then: a request's span, which waits for this writer's read, tells read bodies from
+    unread ones by it (``_ops.tracing._SpanQueue.settle``)."""
 
     __slots__ = ("found",)
 
-    def __init__(self) -> None:
-        self.found: tuple[int, ...] | None = None
+    found: tuple[int, ...] | None
 
     @classmethod
     def read_all(cls, bodies: list[LaterUsage]) -> None:

@@ -290,7 +290,7 @@ class UsageKeeper(LaterUsage):
 
     __slots__ = ("chunks", "scanner", "size")
 
-    found: Usage | None  # set by read_all (unset until then: whoever reads next knows)
+    found: Usage | None  # set by read_all, unset until then (LaterUsage)
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
