@@ -630,6 +630,10 @@ async def _send_reply(reply: UpstreamReply, send: Send, receive: Receive) -> Non
                     if remaining == 0:
                         ended = True
                         await send({"type": "http.response.body", "body": chunk})
+                        drain = getattr(reply.body, "drain", None)
+                        if drain is not None:  # the pipeline's body: ended without a chunk
+                            await drain()
+                            return
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if ended:

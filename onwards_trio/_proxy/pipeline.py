@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -273,6 +273,19 @@ class _Body:
         await self._end()
         raise StopAsyncIteration
 
+    async def drain(self) -> None:
+        """Read the rest of the body and end it, discarding what is left: what iterating to
+        the end does, for a caller that has sent all it wanted. The usual rest (the body ended
+        with its first chunk) is ended with no chunk to return and no ``StopAsyncIteration``."""
+        it = self._it
+        if self._first is None and (it is None or (type(it) is UpstreamResponse and it.ended())):
+            self._it = None
+            self._close_tap()
+            await self._end()
+            return
+        async for _ in self:
+            pass
+
     def _close_tap(self) -> bytes:
         """The upstream body ended: report the usage the tap found; return what it held."""
         tap = self._tap
@@ -426,6 +439,9 @@ def extract_model(headers: list[tuple[bytes, bytes]], body_json: Any) -> str | N
 MAX_JSON_CONTAINERS = 100_000
 MAX_JSON_DEPTH = 128
 _ORJSON_WRITE_DEPTH = 254
+# JSON nested deeper than MAX_JSON_DEPTH needs that many openers and as many closers: a body
+# shorter holds neither too deep a value nor too many containers, and needs no count.
+_SHORTEST_TOO_DEEP = 2 * (MAX_JSON_DEPTH + 1)
 
 
 def parse_json_body(body: bytes) -> Any:
@@ -434,6 +450,11 @@ def parse_json_body(body: bytes) -> Any:
     if not body:
         return None
     openers = 0
+    if len(body) < _SHORTEST_TOO_DEEP:  # within both bounds, whatever it holds: not counted
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
     start = body[:1]
     if start.isspace():
         start = body.lstrip()[:1]
@@ -490,12 +511,11 @@ class _Upstream:
         self._request = request
         self._releases = Releases()
 
-    async def __aenter__(self) -> UpstreamReply:
-        try:
-            return await self._proxy._open(self._request, self._releases)
-        except BaseException as exc:
-            await self._releases.run(exc)
-            raise
+    def __aenter__(self) -> Coroutine[Any, Any, UpstreamReply]:
+        # The pipeline's coroutine, awaited by ``async with`` (no coroutine of this method's
+        # own: one frame less under every wait of the request); it releases what it took
+        # when it fails.
+        return self._proxy._open(self._request, self._releases)
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
@@ -657,59 +677,63 @@ class Proxy:
         return _Upstream(self, request)
 
     async def _open(self, request: ProxyRequest, stack: Releases) -> UpstreamReply:
-        table = self.targets.table  # one snapshot for the whole request
-        alias, pool, _ = self.resolve(table, request)
-        note: LedgerNote | None = None
-        if self.ledger is not None:  # its row is noted last, with the outcome
-            note = stack.push(LedgerNote(self.ledger, table, pool, request))
-        hold = (
-            None
-            if admit_at_once(self.metrics, table, pool, request, stack)
-            else await admit(self.metrics, table, pool, request, stack)
-        )
-        if (
-            (
-                hold is not None
-                or pool.provider_tokens
-                or table.config.telemetry.stream_usage
-                or note is not None
+        try:
+            table = self.targets.table  # one snapshot for the whole request
+            alias, pool, _ = self.resolve(table, request)
+            note: LedgerNote | None = None
+            if self.ledger is not None:  # its row is noted last, with the outcome
+                note = stack.push(LedgerNote(self.ledger, table, pool, request))
+            hold = (
+                None
+                if admit_at_once(self.metrics, table, pool, request, stack)
+                else await admit(self.metrics, table, pool, request, stack)
             )
-            and request.wants_stream
-            and request.raw_path.endswith(b"completions")
-            and not stream_usage_requested(request.json)
-        ):
-            request.strip_usage = True
-        reply = await self._attempts(request, alias, pool, stack)
-        hold = request.hold  # also made by a provider's token limit
-        if hold is not None:
-            hold.answered = 200 <= reply.status < 300
-            reply.headers.extend(hold.headers())
-        filters = self.filters
-        if filters:
-            strict = table.strict_mode
-            ctx: FilterContext | None = None
-            for factory in filters:
-                # A factory that says when it applies (``applies(strict, provider)``) is not
-                # asked, nor a context built, for a reply it would leave alone.
-                applies = getattr(factory, "applies", None)
-                if applies is not None and not applies(strict, reply.provider):
-                    continue
-                if ctx is None:
-                    ctx = FilterContext(
-                        request,
-                        alias,
-                        pool,
-                        reply.provider,
-                        strict,
-                        table.config.sse_max_event_bytes,
-                    )
-                flt = factory(ctx)
-                if flt is not None:
-                    reply = await flt(reply)
-                    break
-        if note is not None:
-            note.reply = reply
-        return reply
+            if (
+                (
+                    hold is not None
+                    or pool.provider_tokens
+                    or table.config.telemetry.stream_usage
+                    or note is not None
+                )
+                and request.wants_stream
+                and request.raw_path.endswith(b"completions")
+                and not stream_usage_requested(request.json)
+            ):
+                request.strip_usage = True
+            reply = await self._attempts(request, alias, pool, stack)
+            hold = request.hold  # also made by a provider's token limit
+            if hold is not None:
+                hold.answered = 200 <= reply.status < 300
+                reply.headers.extend(hold.headers())
+            filters = self.filters
+            if filters:
+                strict = table.strict_mode
+                ctx: FilterContext | None = None
+                for factory in filters:
+                    # A factory that says when it applies (``applies(strict, provider)``) is not
+                    # asked, nor a context built, for a reply it would leave alone.
+                    applies = getattr(factory, "applies", None)
+                    if applies is not None and not applies(strict, reply.provider):
+                        continue
+                    if ctx is None:
+                        ctx = FilterContext(
+                            request,
+                            alias,
+                            pool,
+                            reply.provider,
+                            strict,
+                            table.config.sse_max_event_bytes,
+                        )
+                    flt = factory(ctx)
+                    if flt is not None:
+                        reply = await flt(reply)
+                        break
+            if note is not None:
+                note.reply = reply
+            return reply
+        except BaseException as exc:
+            await stack.run(exc)  # what the run took, released before the error goes on
+            raise
 
     async def _attempts(
         self, request: ProxyRequest, alias: str, pool: Pool, stack: Releases

@@ -145,10 +145,22 @@ class Connection:
     """One keep-alive connection to an origin. Not safe for concurrent requests (the pool
     hands a connection to one request at a time)."""
 
-    __slots__ = ("_io", "_parser", "_poll", "_stream", "expires_at", "reusable", "timed_out")
+    __slots__ = (
+        "_clock",
+        "_io",
+        "_parser",
+        "_poll",
+        "_stream",
+        "expires_at",
+        "reusable",
+        "timed_out",
+    )
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
+        # The run's clock, read directly: trio.current_time() finds it through two more calls
+        # and a thread-local lookup, on every health check.
+        self._clock = trio.lowlevel.current_clock()
         # Plain TCP (the usual upstream on a private network or loopback): the lean socket
         # calls; TLS goes through the stream.
         self._io: SocketIO | trio.abc.Stream = (
@@ -190,7 +202,7 @@ class Connection:
     def is_healthy(self) -> bool:
         """An idle connection is reusable only if nothing arrived on it (a FIN or stray bytes
         mean the server closed or broke it) and it has not expired."""
-        if trio.current_time() >= self.expires_at or self._parser.stray:
+        if self._clock.current_time() >= self.expires_at or self._parser.stray:
             return False
         poll = self._poll
         if poll is None:  # made once per connection: a check is then one poll(2)
@@ -218,14 +230,10 @@ class Connection:
         self.reusable = False
         await trio.aclose_forcefully(self._stream)
 
-    async def _receive(self, idle: bool = False) -> bytes:
-        """The next bytes; ``idle``: the request was just written, so a plain socket is waited
-        for before the read (see :meth:`SocketIO.receive_when_ready`)."""
-        io = self._io
+    async def _receive(self) -> bytes:
+        """The next bytes of a response's body."""
         try:
-            if idle and type(io) is SocketIO:
-                return await io.receive_when_ready(_READ)
-            return bytes(await io.receive_some(_READ))
+            return bytes(await self._io.receive_some(_READ))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpcore.ReadError(str(exc) or "connection broken") from None
 
@@ -263,17 +271,24 @@ class Connection:
             raise NoResponse(f"connection broken while sending: {exc}") from None
         first = True
         status = 0
+        # plain TCP: the request was just written, so the first read waits for the socket
+        # first (see SocketIO.receive_when_ready); read here, not through _receive (one
+        # coroutine less while the upstream answers)
+        lean = type(io) is SocketIO
         while True:
             if parser.head_done:
                 status = parser.status
                 if not 100 <= status < 200 or status == 101:
                     break  # a final answer's head (an interim one's is skipped: the next follows)
             try:
-                data = await self._receive(first)
-            except httpcore.ReadError as exc:
+                if first and lean:
+                    data = await io.receive_when_ready(_READ)  # type: ignore[union-attr]
+                else:
+                    data = bytes(await io.receive_some(_READ))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 if first:
-                    raise NoResponse(str(exc)) from None
-                raise
+                    raise NoResponse(str(exc) or "connection broken") from None
+                raise httpcore.ReadError(str(exc) or "connection broken") from None
             if not data:
                 if first:
                     raise NoResponse("server disconnected without sending a response")

@@ -299,6 +299,7 @@ class _Connection:
         "_ahead",
         "_body_delivered",
         "_client",
+        "_clock",
         "_continue",
         "_disconnected",
         "_fed",
@@ -349,6 +350,9 @@ class _Connection:
         self._reader_wake: trio.Event | None = None  # set by the handler: the reader waits
         self._finished: trio.Event | None = None  # set when the response ends or the client left
         self.read_deadline = math.inf  # when a read still waiting counts as timed out
+        # The run's clock, read directly for the deadlines: trio.current_time() finds it
+        # through two more calls and a thread-local lookup, once per request.
+        self._clock = trio.lowlevel.current_clock()
         self.waiting_for_head = False
         # Round the connection's requests: what end_on_disconnect registers (see run()).
         self.scope = trio.CancelScope()
@@ -527,7 +531,7 @@ class _Connection:
         parser = self.parser
         requests = parser.requests
         if not (requests and requests[0].head_done):
-            self.read_deadline = trio.current_time() + self.server.keep_alive_timeout
+            self.read_deadline = self._clock.current_time() + self.server.keep_alive_timeout
             self.waiting_for_head = True
             head_started = False
             fed = self._fed
@@ -542,7 +546,7 @@ class _Connection:
                         return None
                     if requests and not head_started:  # the first bytes: the head timeout runs
                         head_started = True
-                        self.read_deadline = trio.current_time() + _HEAD_TIMEOUT
+                        self.read_deadline = self._clock.current_time() + _HEAD_TIMEOUT
                     if self._fed - fed > _MAX_HEAD + _HEAD_FRAMING:  # llhttp would grow a field
                         await self._write(_HEAD_TOO_LARGE)
                         return None
