@@ -17,6 +17,8 @@ from __future__ import annotations
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import trio
+
 from onwards_trio import _errors as errors
 from onwards_trio._config import BudgetSpec, TokenLimitSpec
 from onwards_trio._proxy.budgets import Budget, BudgetReservation
@@ -135,15 +137,17 @@ def _admit_local(
 ) -> None:
     """Pool then key rate limits, then pool then key concurrency permits, in-process."""
     m = metrics
+    now: float | None = None  # read once for both buckets
     if pool.rate is not None:
-        wait = pool.rate.try_acquire()
+        now = trio.current_time()
+        wait = pool.rate.try_acquire(now)
         if wait is not None:
             if m is not None:
                 m.rejected(pool.alias, "rate", "pool")
             raise errors.rate_limited(wait)
     key_rate = table.key_rate.get(ident) if ident is not None else None
     if key_rate is not None:
-        wait = key_rate.try_acquire()
+        wait = key_rate.try_acquire(now)
         if wait is not None:
             if m is not None:
                 m.rejected(pool.alias, "rate", "key")

@@ -517,10 +517,10 @@ class _Upstream:
         # when it fails.
         return self._proxy._open(self._request, self._releases)
 
-    async def __aexit__(
+    def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
-    ) -> None:
-        await self._releases.run(exc)
+    ) -> Coroutine[Any, Any, None]:
+        return self._releases.run(exc)  # its coroutine, awaited by ``async with``
 
 
 class Proxy:

@@ -106,19 +106,24 @@ def forward_headers(
     auth = provider.auth_header
     auth_name = auth[0] if auth else None
     drop = _DROP if trust_forwarded else _DROP_UNTRUSTED
-    for k, v in headers:
-        if k == b"connection":  # it names more hop-by-hop headers (RFC 9110 §7.6.1)
-            drop = drop.union(t.strip().lower() for t in v.split(b","))
     out = [(b"host", provider.host_header)]
-    out += [  # a list, not a generator: no resumption per field
-        (k, v)
-        for k, v in headers
-        # find, not ``in``: ``b"_" in k`` first tries b"_" as an integer (a TypeError, built
-        # and dropped: several times the cost of the search)
-        if k not in drop and k != auth_name and k.find(b"_") < 0 and not k.startswith(b"sec-ch-ua")
-    ]
+    named = False
+    for field in headers:  # one pass; a loop, not a generator: no resumption per field
+        name = field[0]
+        if name in drop:
+            if name == b"connection":
+                named = True
+        # find, not ``in``: ``b"_" in name`` first tries b"_" as an integer (a TypeError,
+        # built and dropped: several times the cost of the search)
+        elif name != auth_name and name.find(b"_") < 0 and not name.startswith(b"sec-ch-ua"):
+            out.append(field)
+    if named:  # it names more hop-by-hop headers (RFC 9110 §7.6.1), wherever they stand
+        for name, value in headers:
+            if name == b"connection":
+                drop = drop.union(t.strip().lower() for t in value.split(b","))
+        out[1:] = [field for field in out[1:] if field[0] not in drop]
     if body_length is not None:
-        out.append((b"content-length", str(body_length).encode()))
+        out.append((b"content-length", b"%d" % body_length))
     if auth is not None:
         out.append(auth)
     out.append(_FORWARDED_PROTO)

@@ -795,7 +795,9 @@ class _Response:
         if kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
-            status = int(message["status"])
+            status = message["status"]
+            if type(status) is not int:  # int() of an int is a call for nothing
+                status = int(status)
             head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
             length = -1
             for name, value in message.get("headers", ()):
@@ -804,13 +806,12 @@ class _Response:
                     value = bytes(value)
                 if lname in _FRAMING:  # one set lookup for the usual header, not three tests
                     if lname == b"content-length":
-                        if (
-                            not value.isdigit()
-                            or len(value) > 19  # int() of thousands of digits is slow
-                            or (length >= 0 and int(value) != length)
-                        ):
+                        if not value.isdigit() or len(value) > 19:  # int() of thousands: slow
                             raise RuntimeError("invalid content-length from the ASGI app")
-                        length = int(value)
+                        declared = int(value)
+                        if length >= 0 and declared != length:
+                            raise RuntimeError("invalid content-length from the ASGI app")
+                        length = declared
                     elif lname == b"connection" and b"close" in value.lower():
                         self.close = True
                     continue  # framing is ours: written below
@@ -833,9 +834,10 @@ class _Response:
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
         if not self.started:
             raise RuntimeError("http.response.body before http.response.start")
-        body: bytes = bytes(message.get("body", b""))
-        more = bool(message.get("more_body", False))
-        out: list[bytes] = []
+        body: bytes = message.get("body", b"")
+        if type(body) is not bytes:  # bytes() of bytes is a call for nothing
+            body = bytes(body)
+        more = message.get("more_body", False)
         if not self._no_body and self._left >= 0:
             if len(body) > self._left:
                 log.error("the ASGI app sent more body bytes than it declared; dropped")
@@ -845,24 +847,26 @@ class _Response:
             if not more and self._left:
                 log.error("the ASGI app sent fewer body bytes than it declared")
                 self.close = True  # the client sees the body end early: an honest signal
-        if self._head is not None:
-            head, self._head = self._head, None
+        out = self._head  # the held head goes out with this piece
+        if out is None:
+            out = []
+        else:
+            self._head = None
             self._conn._continue = False  # never a 100 Continue after a final status
             if self._left < 0 and not self._no_body:
                 if not more:
-                    head.append(b"content-length: %d\r\n" % len(body))
+                    out.append(b"content-length: %d\r\n" % len(body))
                 elif self._http11:
-                    head.append(b"transfer-encoding: chunked\r\n")
+                    out.append(b"transfer-encoding: chunked\r\n")
                     self._chunked = True
                 else:
                     self.close = True  # HTTP/1.0: the body ends with the connection
             if self.close or self._conn.server.draining or not self._keep_alive:
-                head.append(b"connection: close\r\n")
+                out.append(b"connection: close\r\n")
                 self.close = True
             elif not self._http11:
-                head.append(b"connection: keep-alive\r\n")
-            head.append(b"\r\n")
-            out += head
+                out.append(b"connection: keep-alive\r\n")
+            out.append(b"\r\n")
         if not self._no_body and body:
             if self._chunked:
                 out += (b"%x\r\n" % len(body), body, b"\r\n")
@@ -872,10 +876,17 @@ class _Response:
             if self._chunked and not self._no_body:
                 out.append(b"0\r\n\r\n")
             self.finished = True
+        conn = self._conn
         if out:
-            await self._conn._write(b"".join(out))
+            if conn._disconnected:  # dropped, as _write does
+                await trio.lowlevel.checkpoint()
+            else:  # _write's send, inline: no coroutine of its own for every response
+                try:
+                    await conn.io.send_all(b"".join(out))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    conn._gone()
         if self.finished:
-            self._conn.response_finished()
+            conn.response_finished()
 
     async def more(self, body: bytes) -> None:
         """A body piece with more to follow. Once the head is out and the body has no declared
