@@ -103,6 +103,7 @@ _REFUSED_METHODS = {
     )
     for name in ("TRACE", "TRACK", "CONNECT")
 }
+_USUAL_METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _AMBIGUOUS_FRAMING = HTTPError(
     400,
     errors.error_body(
@@ -386,7 +387,7 @@ class Gateway:
             span = tel.start_request(method, endpoint_label(path), scope["headers"])
         status = 500
         try:
-            refused = _REFUSED_METHODS.get(method.upper())
+            refused = None if method in _USUAL_METHODS else _REFUSED_METHODS.get(method.upper())
             if refused is not None:
                 status = 405
                 await send_error(exchange, refused)

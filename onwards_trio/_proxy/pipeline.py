@@ -23,7 +23,7 @@ import orjson
 import trio
 
 from onwards_trio import _errors as errors
-from onwards_trio._config import DEFAULT_SSE_EVENT_LIMIT
+from onwards_trio._config import DEFAULT_SSE_EVENT_LIMIT, Fallback
 from onwards_trio._errors import HTTPError
 from onwards_trio._ops.logs import access_logged, defer_usage
 from onwards_trio._ops.metrics import fallback_reason
@@ -51,6 +51,7 @@ from onwards_trio._proxy.usage import (
     with_stream_usage,
 )
 from onwards_trio._transport.asgi import loads_off_loop
+from onwards_trio._transport.client import Response
 from onwards_trio._transport.pool import (
     UpstreamClient,
     UpstreamResponse,
@@ -93,6 +94,8 @@ _HOP_RESPONSE = frozenset(
     }
 )
 _BODYLESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
+# Request paths (of up to 256 bytes) whose upstream target a provider keeps (Provider.targets)
+_KNOWN_TARGETS = 64
 # What an upstream connection raises when it fails (refused, reset, cut, timed out).
 UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 
@@ -258,7 +261,7 @@ class _Body:
             return self._tapped(first)
         it = self._it
         if it is not None:
-            if type(it) is UpstreamResponse and it.ended():
+            if type(it) is Response and it.ended():
                 self._it = None  # the usual end: no read, no StopAsyncIteration to catch
             else:
                 try:
@@ -278,7 +281,7 @@ class _Body:
         the end does, for a caller that has sent all it wanted. The usual rest (the body ended
         with its first chunk) is ended with no chunk to return and no ``StopAsyncIteration``."""
         it = self._it
-        if self._first is None and (it is None or (type(it) is UpstreamResponse and it.ended())):
+        if self._first is None and (it is None or (type(it) is Response and it.ended())):
             self._it = None
             self._close_tap()
             await self._end()
@@ -312,7 +315,7 @@ class _Body:
         with the end of the response (a held tail that turned out not to be the key).
 
         The streamed reply's path: iterating costs a trip through four layers per event, this
-        is one loop over the upstream socket (:meth:`UpstreamResponse.relay`), with the same
+        is one loop over the upstream socket (:meth:`Response.relay`), with the same
         bytes, usage, masking and end-of-body steps as iterating. A body not from our
         upstream client is iterated."""
         it = self._it
@@ -650,7 +653,14 @@ class Proxy:
         """The upstream request, as the client's coroutine to await (no coroutine of this
         method's own per attempt)."""
         body = self._body_for(request, provider)
-        target = upstream_target(provider, request.raw_path, request.query)
+        raw_path = request.raw_path
+        query = request.query
+        known = provider.targets
+        target = None if query else known.get(raw_path)
+        if target is None:
+            target = upstream_target(provider, raw_path, query)
+            if not query and len(known) < _KNOWN_TARGETS and len(raw_path) <= 256:
+                known[raw_path] = target
         length = None if not body and request.method in _BODYLESS else len(body)
         config = self.targets.config
         trusted = config.trust_forwarded_headers
@@ -753,7 +763,7 @@ class Proxy:
         last_upstream: tuple[int, list[tuple[bytes, bytes]], bytes, Provider] | None = None
         retry_reason: str | None = None  # why the attempt before failed
         shared = self.targets.table.shared
-        full: set[int] = set()  # providers at capacity across replicas
+        full: set[int] | None = None  # providers at capacity across replicas (shared limits)
         for index, permit in plan_attempts(pool.providers, pool.strategy, fallback, self.rng):
             if request.attempts and delays is not None:
                 delay = next(delays)
@@ -769,6 +779,8 @@ class Proxy:
                     raise
             shared_permit: SharedPermit | None = None
             if shared is not None:
+                if full is None:
+                    full = set()
                 chosen = await self._shared_provider(shared, pool, index, permit, full)
                 if chosen is None:
                     continue
@@ -778,7 +790,7 @@ class Proxy:
             request.provider_index = index
             try:
                 outcome = await self._attempt(
-                    request, alias, pool, provider, permit, stack, retry_reason
+                    request, alias, pool, provider, permit, stack, fallback, retry_reason
                 )
             except BaseException:
                 if shared_permit is not None:
@@ -833,10 +845,11 @@ class Proxy:
         provider: Provider,
         permit: Permit,
         stack: Releases,
+        fallback: Fallback | None,
         retry_reason: str | None = None,
     ) -> UpstreamReply | HTTPError | tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """One try at one provider. Returns the reply to relay, or why to try the next one."""
-        fallback = pool.fallback if pool.fallback is not None and pool.fallback.enabled else None
+        """One try at one provider (``fallback``: the pool's, when enabled). Returns the reply
+        to relay, or why to try the next one."""
         keep = False
         tel = self.telemetry
         span: AttemptSpan | None = None
@@ -898,7 +911,7 @@ class Proxy:
                     return (response.status, headers, body)
                 # Read the first chunk before answering: if the upstream dies before its first
                 # byte, nothing has reached the client yet and another attempt is still honest.
-                stream = response.aiter_stream()
+                stream: Any = response.aiter_stream()  # a test client's may be the response itself
                 try:
                     first: bytes | None = await stream.__anext__()
                 except StopAsyncIteration:
@@ -941,7 +954,8 @@ class Proxy:
                 # The upstream client's close is idempotent and shields itself, so it is safe
                 # (and cheap) on the way out of a cancelled relay too.
                 stack.push_async_callback(response.aclose)
-                if stream is not response:
+                if stream is not response and type(stream) is not Response:
+                    # (our client's body is its connection's response, closed with it)
                     stack.push_async_callback(_aclose_shielded, stream)
                 stack.callback(permit.release)
                 if span is not None:

@@ -111,6 +111,9 @@ class Provider:
     reasoning: ReasoningMap | None  # how this upstream takes a reasoning effort
     price: Price | None = None  # what its responses cost (pricing.price_for); None: unknown
     tokens: TokenLimit | None = None  # this upstream's own token limit
+    # request path -> upstream target (_proxy.pipeline), for the few paths clients use: the
+    # join is made once per path, not per request (bounded: past it, paths are joined anew)
+    targets: dict[bytes, bytes] = attrs.field(factory=dict, repr=False)
 
     @property
     def identity(self) -> tuple[str, str | None, str | None]:

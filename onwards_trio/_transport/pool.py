@@ -175,8 +175,10 @@ class UpstreamResponse:
         self.status = response.status
         self.headers = response.headers
 
-    def aiter_stream(self) -> UpstreamResponse:
-        return self
+    def aiter_stream(self) -> Response:
+        """The body's iterator: the connection's response itself (no call of this class's
+        own per chunk); closing this response still hands the connection back."""
+        return self._response
 
     def __aiter__(self) -> UpstreamResponse:
         return self

@@ -71,6 +71,7 @@ _BODY_READ_TIMEOUT = 60.0  # between pieces of a request body
 _MAX_PIPELINED = 64 * 1024  # bytes read ahead while a request is served; then backpressure
 _LINGER = 2.0  # after a response, how long to discard an unread request body before closing
 _NO_BODY = frozenset({204, 304})
+_ASGI = {"version": "3.0", "spec_version": "2.3"}  # every scope's (the same: read, never written)
 # Request header fields our policy reads (_serve); the others pass as they are.
 _POLICED = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
 # Response header fields the server writes itself (from what the app says in them).
@@ -606,7 +607,7 @@ class _Connection:
         path = raw_path.decode("latin-1")
         scope: dict[str, Any] = {
             "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "asgi": _ASGI,
             "http_version": req.version,
             "method": method,
             "scheme": "http",
