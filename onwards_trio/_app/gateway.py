@@ -516,28 +516,39 @@ class Gateway:
     async def read_request(self, scope: Scope, receive: Receive) -> ProxyRequest:
         """Read and frame one request for the pipeline (413 past the body limit)."""
         body = await self.read_bounded_body(scope, receive)
+        small = len(body) < OFF_LOOP_JSON_BYTES
+        request = self._frame(scope, body, small)
+        if not small:
+            request.json = await parse_json_off_loop(body)
+        note_request(request)  # alias, provider, attempts and sizes on the access line
+        return request
+
+    def _frame(self, scope: Scope, body: bytes, parse: bool) -> ProxyRequest:
+        """The pipeline's request for ``body``; ``parse``: its JSON is parsed here (the usual
+        small body, without the coroutines of the off-loop path)."""
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if dot_segments(raw_path):
             raise errors.invalid_request("The request path must not contain '.' or '..' segments.")
-        request = ProxyRequest(
+        return ProxyRequest(
             method=scope["method"].encode(),
             raw_path=raw_path,
             query=scope.get("query_string", b""),
             headers=list(scope["headers"]),
             body=body,
-            # the usual small body is parsed here, without the coroutines of the off-loop path
-            json=parse_json_body(body)
-            if len(body) < OFF_LOOP_JSON_BYTES
-            else await parse_json_off_loop(body),
+            json=parse_json_body(body) if parse else None,
         )
-        note_request(request)  # alias, provider, attempts and sizes on the access line
-        return request
 
     async def _proxy_http(
         self, scope: Scope, receive: Receive, send: Send, last: bool = False
     ) -> int:
         try:
-            request = await self.read_request(scope, receive)
+            # read_request's steps, here: no coroutine of its own per request
+            body = await self.read_bounded_body(scope, receive)
+            small = len(body) < OFF_LOOP_JSON_BYTES
+            request = self._frame(scope, body, small)
+            if not small:
+                request.json = await parse_json_off_loop(body)
+            note_request(request)
         except HTTPError as exc:
             await send_error(send, exc)
             return exc.status
@@ -623,20 +634,32 @@ async def _send_reply(reply: UpstreamReply, send: Send, receive: Receive) -> Non
             # through every layer per event.
             held = await reply.body.relay(write)  # type: ignore[attr-defined]
         else:
-            async for chunk in reply.body:
-                if not chunk or remaining == 0:
-                    continue
-                if remaining is not None:
-                    remaining = max(0, remaining - len(chunk))
-                    if remaining == 0:
-                        ended = True
-                        await send({"type": "http.response.body", "body": chunk})
-                        drain = getattr(reply.body, "drain", None)
-                        if drain is not None:  # the pipeline's body: ended without a chunk
-                            await drain()
-                            return
-                        continue
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            body = reply.body
+            # The pipeline's body hands over its first chunk without a coroutine (the usual
+            # answer's whole body came with its head); then it is iterated.
+            take = getattr(body, "take_first", None)
+            chunk: bytes | None = take() if take is not None else None
+            chunks = body if take is not None else body.__aiter__()  # (the pipeline's: itself)
+            while True:
+                if chunk is None:
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if chunk and remaining != 0:
+                    if remaining is not None:
+                        remaining = max(0, remaining - len(chunk))
+                        if remaining == 0:
+                            ended = True
+                            await send({"type": "http.response.body", "body": chunk})
+                            drain = getattr(body, "drain", None)
+                            if drain is not None:  # the pipeline's body: ended without a chunk
+                                await drain()
+                                return
+                            chunk = None
+                            continue
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = None
             if ended:
                 return
     except UPSTREAM_ERRORS as exc:

@@ -656,7 +656,9 @@ class Metrics:
 
     def upstream_response(self, alias: str, provider: int, status: int, seconds: float) -> None:
         """An attempt got a response head with ``status`` after ``seconds``."""
-        self._cell_cache_for_table()
+        targets = self.targets
+        if targets is None or targets.table is not self._cells_table:  # (no call when not)
+            self._cell_cache_for_table()
         key = (alias, provider, status)
         cells = self._upstream_cells.get(key)
         if cells is None:
@@ -719,7 +721,9 @@ class Metrics:
         """The token usage (a :class:`~onwards_trio._proxy.usage.Usage`) of one relayed body.
 
         A counter never goes down: a negative count (an upstream's nonsense) is not added."""
-        self._cell_cache_for_table()
+        targets = self.targets
+        if targets is None or targets.table is not self._cells_table:  # (no call when not)
+            self._cell_cache_for_table()
         cells = self._token_cells.get((alias, provider, key))
         if cells is None:  # a family's cell is made when first added to, as inc() makes it
             labels = (self.alias_label(alias), str(provider), key)

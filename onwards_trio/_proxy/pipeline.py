@@ -147,7 +147,8 @@ class _Body:
     """The upstream body as an async iterator: the pre-read first chunk, then the rest.
 
     When the upstream body ends, ``permit`` (the provider's concurrency permit) is released and
-    ``on_end`` runs (it hands the connection back to the pool) — before the caller is done
+    ``on_end`` runs (it hands the connection back to the pool; what it returns, if anything, is
+    awaited) — before the caller is done
     with the request, so a client's next request finds the provider as free as it is
     (weighted least-connections counts permits) and can reuse that connection. With a usage
     ``tap``, every chunk passes through it and the usage found is handed to ``on_usage`` when
@@ -176,7 +177,7 @@ class _Body:
         self,
         first: bytes | None,
         it: AsyncIterator[bytes] | None,
-        on_end: Callable[[], Awaitable[None]] | None = None,
+        on_end: Callable[[], Awaitable[None] | None] | None = None,
         tap: UsageTap | None = None,
         on_usage: Callable[[UsageTap], None] | None = None,
         secret: bytes | None = None,
@@ -276,6 +277,15 @@ class _Body:
         await self._end()
         raise StopAsyncIteration
 
+    def take_first(self) -> bytes | None:
+        """The first chunk when it is at hand and needs no masking: what the first
+        ``__anext__`` returns, without its coroutine (``None``: iterate)."""
+        first = self._first
+        if first is None or self._secret is not None:
+            return None
+        self._first = None
+        return self._tapped(first)
+
     async def drain(self) -> None:
         """Read the rest of the body and end it, discarding what is left: what iterating to
         the end does, for a caller that has sent all it wanted. The usual rest (the body ended
@@ -284,7 +294,16 @@ class _Body:
         if self._first is None and (it is None or (type(it) is Response and it.ended())):
             self._it = None
             self._close_tap()
-            await self._end()
+            # _end, inline (no coroutine of its own for the usual end)
+            if self._permit is not None:
+                self._permit.release()
+                self._permit = None
+            on_end = self._on_end
+            if on_end is not None:
+                self._on_end = None
+                pending = on_end()
+                if pending is not None:
+                    await pending
             return
         async for _ in self:
             pass
@@ -308,7 +327,9 @@ class _Body:
             self._permit = None
         if self._on_end is not None:
             on_end, self._on_end = self._on_end, None
-            await on_end()
+            pending = on_end()  # None: done at once (our client's usual hand-back)
+            if pending is not None:
+                await pending
 
     async def relay(self, write: Callable[[bytes], Awaitable[object]]) -> bytes:
         """Pass the rest of the body to ``write`` as it arrives; return what is left to send
@@ -652,7 +673,11 @@ class Proxy:
     ) -> Awaitable[UpstreamResponse]:
         """The upstream request, as the client's coroutine to await (no coroutine of this
         method's own per attempt)."""
-        body = self._body_for(request, provider)
+        body = (
+            request.body  # the usual provider rewrites nothing (no call for that)
+            if provider.model is None and provider.reasoning is None and not request.strip_usage
+            else self._body_for(request, provider)
+        )
         raw_path = request.raw_path
         query = request.query
         known = provider.targets
@@ -662,7 +687,7 @@ class Proxy:
             if not query and len(known) < _KNOWN_TARGETS and len(raw_path) <= 256:
                 known[raw_path] = target
         length = None if not body and request.method in _BODYLESS else len(body)
-        config = self.targets.config
+        config = self.targets.table.config
         trusted = config.trust_forwarded_headers
         headers = forward_headers(request.headers, provider, length, trust_forwarded=trusted)
         if span is not None:
@@ -671,9 +696,11 @@ class Proxy:
         client = self.client
         if timeout is None:
             return client.send(provider, request.method, target, headers, body)
-        deadline = trio.current_time() + timeout
-        if getattr(client, "watching", False):  # its watchdog task: no cancel scope per request
+        clock = getattr(client, "clock", None)  # set while its watchdog task runs
+        if clock is not None:  # the watchdog enforces the deadline: no cancel scope per request
+            deadline = clock.current_time() + timeout
             return client.send(provider, request.method, target, headers, body, deadline)
+        deadline = trio.current_time() + timeout
         return _send_by(deadline, client.send(provider, request.method, target, headers, body))
 
     # -- the pipeline ---------------------------------------------------------------------
@@ -873,8 +900,13 @@ class Proxy:
                     request.attempts,
                     retry_reason,
                 )
-            # the clock is read only for the metrics (a span times itself, more cheaply)
-            t0 = trio.current_time() if m is not None else 0.0
+            # the clock is read only for the metrics (a span times itself, more cheaply): our
+            # client's, directly, while its watchdog runs
+            clock: Any = None
+            t0 = 0.0
+            if m is not None:
+                clock = getattr(self.client, "clock", None) or trio.lowlevel.current_clock()
+                t0 = clock.current_time()
             failure = "cancelled"
             try:
                 response = await self._send(request, provider, span)
@@ -893,7 +925,7 @@ class Proxy:
                 raise
             failure = None
             if m is not None:
-                elapsed = trio.current_time() - t0
+                elapsed = clock.current_time() - t0
                 m.upstream_response(alias, provider.index, response.status, elapsed)
             if span is not None:
                 span.answered(response.status)
@@ -936,7 +968,7 @@ class Proxy:
                 reply_body = _Body(
                     first,
                     stream if first is not None else None,
-                    response.aclose,
+                    response.close_now if type(response) is UpstreamResponse else response.aclose,
                     tap,
                     on_usage,
                     provider.secret,
@@ -953,7 +985,10 @@ class Proxy:
                 )
                 # The upstream client's close is idempotent and shields itself, so it is safe
                 # (and cheap) on the way out of a cancelled relay too.
-                stack.push_async_callback(response.aclose)
+                if type(response) is UpstreamResponse:  # usually closed by then: no coroutine
+                    stack.push_maybe_async(response.close_now)
+                else:
+                    stack.push_async_callback(response.aclose)
                 if stream is not response and type(stream) is not Response:
                     # (our client's body is its connection's response, closed with it)
                     stack.push_async_callback(_aclose_shielded, stream)

@@ -21,7 +21,7 @@ class _Exit(Protocol):
 
 
 _ExitT = TypeVar("_ExitT", bound=_Exit)
-_SYNC, _ASYNC, _OUTCOME = 0, 1, 2
+_SYNC, _ASYNC, _OUTCOME, _MAYBE = 0, 1, 2, 3
 
 
 class Releases:
@@ -41,6 +41,11 @@ class Releases:
     def push_async_callback(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
         self._items.append((fn, args, _ASYNC))
 
+    def push_maybe_async(self, fn: Callable[..., Awaitable[object] | None], *args: Any) -> None:
+        """A release that returns what to wait for, or ``None`` when nothing is left to do
+        (then it costs no coroutine: an upstream response the relay already closed)."""
+        self._items.append((fn, args, _MAYBE))
+
     def push(self, exit: _ExitT) -> _ExitT:
         """Call ``exit.__exit__`` with the outcome (the error ending the run, if any)."""
         self._items.append((exit.__exit__, (), _OUTCOME))
@@ -58,6 +63,10 @@ class Releases:
                     await fn(*args)
                 elif kind == _SYNC:
                     fn(*args)
+                elif kind == _MAYBE:
+                    pending = fn(*args)
+                    if pending is not None:
+                        await pending
                 elif error is None:
                     fn(None, None, None)
                 else:

@@ -98,6 +98,13 @@ async def read_body(
                 if value.isdigit() and (len(value) > 20 or int(value) > limit):
                     raise payload_too_large(limit)
                 break
+    whole = getattr(receive, "whole_body", None)  # the built-in server's extension
+    if whole is not None:
+        got: bytes | None = whole()
+        if got is not None:  # all of it is here
+            if len(got) > limit:
+                raise payload_too_large(limit)
+            return got
     started = trio.current_time()
     first = await receive()
     if first["type"] == "http.disconnect":

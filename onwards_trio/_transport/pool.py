@@ -199,22 +199,40 @@ class UpstreamResponse:
         the body to ``write``, piece by piece (no frame of its own while it waits)."""
         return self._response.relay(write, transform)
 
-    async def aclose(self) -> None:
-        if self._conn is None:
-            return
-        conn, self._conn = self._conn, None
+    def close_now(self) -> Awaitable[None] | None:
+        """:meth:`aclose` without a coroutine for the usual case: the connection is handed
+        back (or closed) now; returns what is left to wait for (connections to close), or
+        ``None`` when nothing is (also when the response was closed already)."""
+        conn = self._conn
+        if conn is None:
+            return None
+        self._conn = None
         pool = self._pool
         try:
             self._response.close()
             doomed = pool.park(conn)
-            if doomed:
-                # Shielded: this runs on the way out of cancelled requests too, and a
-                # connection that is neither returned nor closed would leak its socket.
-                with trio.CancelScope(shield=True):
-                    for old in doomed:
-                        await old.aclose()
-        finally:
+        except BaseException:
             pool.done()
+            raise
+        if not doomed:
+            pool.done()
+            return None
+        return self._close_doomed(doomed)
+
+    async def _close_doomed(self, doomed: list[Connection]) -> None:
+        try:
+            # Shielded: this runs on the way out of cancelled requests too, and a
+            # connection that is neither returned nor closed would leak its socket.
+            with trio.CancelScope(shield=True):
+                for old in doomed:
+                    await old.aclose()
+        finally:
+            self._pool.done()
+
+    async def aclose(self) -> None:
+        pending = self.close_now()
+        if pending is not None:
+            await pending
 
 
 class _HostPool:
@@ -312,7 +330,7 @@ class _HostPool:
                     response = await conn.request(method, target, headers, body)
                 except BaseException as exc:
                     if watch is not None:
-                        watch.remove(conn)
+                        watch.conns.pop(conn, None)
                     await conn.aclose()
                     if conn.timed_out and isinstance(exc, Exception):
                         raise trio.TooSlowError from None
@@ -320,7 +338,7 @@ class _HostPool:
                         continue  # the server had closed that idle connection: one fresh try
                     raise
                 if watch is not None:
-                    watch.remove(conn)
+                    watch.conns.pop(conn, None)  # remove(), inline
                 return UpstreamResponse(response, conn, self)
             raise NoResponse("no response on a fresh connection")  # pragma: no cover
         except BaseException:
@@ -412,6 +430,9 @@ class UpstreamClient:
         self._pools: dict[tuple[bytes, bytes, int | None], _HostPool] = {}
         self._ssl: ssl.SSLContext | None = None
         self._watch: _Watchdog | None = None
+        # The run's clock while :meth:`watch_deadlines` runs (None otherwise): a caller reads
+        # the time for a ``deadline`` from it directly, cheaper than trio.current_time().
+        self.clock: trio.abc.Clock | None = None
 
     @property
     def watching(self) -> bool:
@@ -425,11 +446,13 @@ class UpstreamClient:
         service nursery)."""
         watch = _Watchdog()
         self._watch = watch
+        self.clock = trio.lowlevel.current_clock()
         try:
             task_status.started()
             await watch.run()
         finally:
             self._watch = None
+            self.clock = None
 
     def ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:

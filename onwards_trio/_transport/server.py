@@ -384,7 +384,11 @@ class _Connection:
         bookkeeping (the cancellation reaches it, then :meth:`run`'s scope, which catches it).
         Returns the registration it replaces, to be restored with
         :meth:`cancel_on_disconnect` when the handler is done."""
-        return self.cancel_on_disconnect(self.scope)
+        scope = self.scope  # cancel_on_disconnect(self.scope), inline: once per request
+        previous, self._on_disconnect = self._on_disconnect, scope
+        if self._disconnected:
+            scope.cancel()
+        return previous
 
     # -- the reader task --------------------------------------------------------------------
 
@@ -410,22 +414,12 @@ class _Connection:
             self._wake = None
             trio.lowlevel.reschedule(task)
 
-    async def _read(self, idle: bool) -> bytes:
-        """One read of the socket; ``b""``: the client is gone (closed, reset, or closed by
-        the watchdog). ``idle``: the client has just sent a whole request and waits for its
-        answer, so the read waits for the socket first."""
-        try:
-            if idle:
-                return await self.io.receive_when_ready(_READ)
-            return await self.io.receive_some(_READ)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return b""
-
     async def _reader(self) -> bool:
         """Read until the client is gone (False) or a request's head arrives while the handler
         idles (True): this task then serves it, the handler reads."""
         parser = self.parser
         requests = parser.requests
+        io = self.io
         idle = parser.current.complete  # a whole request came: the client waits for its answer
         while True:
             while not self._wants_bytes():
@@ -434,7 +428,13 @@ class _Connection:
                 wake = self._reader_wake = trio.Event()
                 await wake.wait()
             ahead = parser.current.complete
-            data = await self._read(idle)
+            try:  # b"": the client is gone (closed, reset, or closed by the watchdog)
+                if idle:  # the client sent a whole request and waits: wait for the socket first
+                    data = await io.receive_when_ready(_READ)
+                else:
+                    data = await io.receive_some(_READ)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
             if not data:
                 self._gone()
                 self._wake_handler()
@@ -483,10 +483,11 @@ class _Connection:
     async def _part(self, reading: bool) -> None:
         """One of the connection's two tasks: read or serve, as the roles swap (see the class);
         the one that ends the connection stops the other."""
+        me = trio.lowlevel.current_task()  # read once: the roles swap, the tasks stay
         while True:
             if reading and not await self._reader():
                 return  # the client is gone: the handler sees it
-            linger = await self._serve_all()
+            linger = await self._serve_all(me)
             if linger is not None:
                 break
             reading = True  # the reader took the request over: read in its place
@@ -494,11 +495,12 @@ class _Connection:
         assert self._tasks is not None
         self._tasks.cancel_scope.cancel()
 
-    async def _serve_all(self) -> bool | None:
+    async def _serve_all(self, me: trio.lowlevel.Task) -> bool | None:
         """Serve requests until the connection should close (True: linger first, a request
-        body was left unread) or the reader takes a request over (None)."""
+        body was left unread) or the reader takes a request over (None). ``me``: the task
+        running it."""
         while not self.server.draining:
-            req = await self._next_request()
+            req = await self._next_request(me)
             if req is None:
                 return False
             if req is _TAKEN:
@@ -524,7 +526,7 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
-    async def _next_request(self) -> _Request | None:
+    async def _next_request(self, me: trio.lowlevel.Task) -> _Request | None:
         """The next request whose head is complete, or None when the connection should close
         (idle timeout, client gone, server draining, a malformed head answered), or
         ``_TAKEN`` when the reader serves it (it reset the wait's state). The timeouts are
@@ -551,7 +553,14 @@ class _Connection:
                     if self._fed - fed > _MAX_HEAD + _HEAD_FRAMING:  # llhttp would grow a field
                         await self._write(_HEAD_TOO_LARGE)
                         return None
-                    await self._wait()
+                    # _wait, inline (once per request: no coroutine of its own), as this task
+                    self._wake = me
+                    self._kick_reader()  # never wakes the handler itself: no reschedule first
+                    try:
+                        await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+                    finally:
+                        if self._wake is me:  # after a swap it may be the other task's already
+                            self._wake = None
                     if self._take_over:
                         self._take_over = False
                         taken = True  # the connection's state is the other task's now
@@ -743,6 +752,21 @@ class _Receive:
 
     def __call__(self) -> Awaitable[Message]:
         return self._conn._receive()
+
+    def whole_body(self) -> bytes | None:
+        """The request's whole body, when all of it has arrived and none of it was received
+        yet: what the first ``receive()`` would return as its one message (our extension:
+        :func:`~onwards_trio._transport.asgi.read_body` takes it without the message and the
+        timer a read in pieces needs); ``None``: ``receive()`` it."""
+        conn = self._conn
+        req = conn._req
+        if not req.complete or conn._body_delivered or conn._disconnected or conn._response_done:
+            return None
+        pieces = req.body
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        conn._body_delivered = True
+        return body
 
     def send_more(self, body: bytes) -> Awaitable[None]:
         """``send({"type": "http.response.body", "body": body, "more_body": True})`` for the
