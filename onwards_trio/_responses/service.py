@@ -46,7 +46,7 @@ from onwards_trio import _errors as errors
 from onwards_trio._errors import HTTPError, error_body
 from onwards_trio._loop.events import LoopEvent, LoopEventKind
 from onwards_trio._loop.run import DisconnectPolicy, LoopConfig, LoopError, run_response_loop
-from onwards_trio._loop.steps import MultiStepStore, ResponseStatus, StepKind
+from onwards_trio._loop.steps import ChainStep, MultiStepStore, ResponseStatus, StepKind
 from onwards_trio._loop.tools import RequestContext, ToolError, ToolKind, ToolSchema
 from onwards_trio._ops.reload import config_secrets
 from onwards_trio._ops.telemetry import current_telemetry
@@ -950,19 +950,30 @@ class ResponsesService:
                     if sink.live is not None:  # a retried batch lands before the final status
                         await sink.live.maybe_flush(force=True)
             final = sink.final_response()
-            if job.stored or self.gateway.metrics is not None:
+            live = sink.live
+            store = job.stored and not (live is not None and live.release is not None)
+            if store and job.writer is not None and job.record is not None:
+                # One call that the store shields and bounds itself (FinishedResponse
+                # .start_within): no cancel scope here, which cost as much as the rest of the
+                # write's work on this thread (_stores/batching.py).
+                store = False
+                await self._store_checked(job, sink, final)
+            counted = self._count_steps_now(job)
+            if store or not counted:
                 with _persisting(self.persist_timeout):
-                    live = sink.live
-                    if job.stored and not (live is not None and live.release is not None):
-                        try:
-                            sink.stored = await self._store_final(job, final)
-                        except Exception:
-                            log.exception(
-                                "response %s: could not store its outcome", job.response_id
-                            )
-                    await self._count_steps(job)
+                    if store:
+                        await self._store_checked(job, sink, final)
+                    if not counted:
+                        await self._count_steps(job)
         await sink.release_terminal(sink.stored)
         return final
+
+    async def _store_checked(self, job: _Job, sink: _ResponseSink, final: dict[str, Any]) -> None:
+        """:meth:`_store_final`; whether it worked in ``sink.stored`` (logged when not)."""
+        try:
+            sink.stored = await self._store_final(job, final)
+        except Exception:
+            log.exception("response %s: could not store its outcome", job.response_id)
 
     async def _store_final(self, job: _Job, final: dict[str, Any]) -> bool:
         """Write the response's final state: with its steps, in one call, when they were kept
@@ -974,24 +985,38 @@ class ResponsesService:
         assert isinstance(job.steps, MemoryStore)
         loop_responses, steps = job.steps.contents()
         encoded = orjson.dumps(final)
-        finished = FinishedResponse(
-            job.record.with_response(final), job.unwritten, loop_responses, steps, encoded
-        )
+        record = job.record.with_response(final)
+        within = self.persist_timeout
+        finished = FinishedResponse(record, job.unwritten, loop_responses, steps, encoded, within)
         await job.writer.write_finished(finished)
         job.final_json = encoded
         return True
 
-    async def _count_steps(self, job: _Job) -> None:
-        """Loop steps and tool calls by outcome, for the metrics (one chain read, only when
-        metrics are on)."""
+    def _count_steps_now(self, job: _Job) -> bool:
+        """Count the loop's steps for the metrics at once when there is no need to wait: no
+        metrics, or the steps in a memory store (a foreground response's own). False when
+        :meth:`_count_steps` has to read them."""
         metrics = self.gateway.metrics
         if metrics is None:
-            return
-        alias = job.ctx.model or "unknown"
+            return True
+        if not isinstance(job.steps, MemoryStore):
+            return False
+        self._tally(job, job.steps.chain(job.response_id, None))
+        return True
+
+    async def _count_steps(self, job: _Job) -> None:
+        """Loop steps and tool calls by outcome, for the metrics (one chain read)."""
         try:
             steps = await job.steps.list_chain(job.response_id, None)
         except Exception:
             return
+        self._tally(job, steps)
+
+    def _tally(self, job: _Job, steps: Sequence[ChainStep]) -> None:
+        metrics = self.gateway.metrics
+        if metrics is None:
+            return
+        alias = job.ctx.model or "unknown"
         for step in steps:
             metrics.loop_step(alias, step.kind.value, step.state.value)
             if step.kind == StepKind.TOOL_CALL:

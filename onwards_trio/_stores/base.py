@@ -212,6 +212,10 @@ class FinishedResponse:
     steps: Sequence[tuple[str, ChainStep]]
     # The Response object as JSON, encoded once for the store and the client's answer.
     response_json: bytes | None = None
+    # Set: the write is shielded from its caller's cancellation and fails with
+    # ``trio.TooSlowError`` if the store has not started it within that many seconds (so the
+    # caller needs no cancel scope of its own: batching.py says what that costs).
+    start_within: float | None = None
 
 
 @runtime_checkable
@@ -220,7 +224,9 @@ class FinishedWriter(Protocol):
     thread hop), instead of the dozen store calls of a loop that writes as it goes."""
 
     async def write_finished(self, finished: FinishedResponse) -> bool:
-        """Write it all, or nothing (raising); ``False`` when the update was refused."""
+        """Write it all, or nothing (raising); ``False`` when the update was refused. With
+        ``finished.start_within`` set, shielded from the caller's cancellation and bounded by it
+        (:class:`FinishedResponse`)."""
 
 
 @runtime_checkable

@@ -19,6 +19,7 @@ append on the way in and one ``reschedule`` on the way out.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -35,9 +36,11 @@ class Call(Generic[C]):
     """One caller's function waiting for (or running in) a batch; the batch runner sets
     :attr:`outcome`. ``alone``: it runs in a batch of its own (closing the connection).
     ``merge``: rows the batch runner may insert together with other calls' rows instead of
-    running ``fn`` (:meth:`SqliteFile.run_inserts`); the call's value is then ``value``."""
+    running ``fn`` (:meth:`SqliteFile.insert`); the call's value is then ``value``.
+    ``expires``: the monotonic time after which it is not started (None: a call its caller's
+    cancellation may take out of the queue)."""
 
-    __slots__ = ("alone", "fn", "merge", "outcome", "taken", "task", "value")
+    __slots__ = ("alone", "expires", "fn", "merge", "outcome", "taken", "task", "value")
 
     def __init__(
         self,
@@ -46,11 +49,13 @@ class Call(Generic[C]):
         alone: bool = False,
         merge: Any = None,
         value: Any = None,
+        expires: float | None = None,
     ) -> None:
         self.fn = fn
         self.alone = alone
         self.merge = merge
         self.value = value
+        self.expires = expires
         self.task = trio.lowlevel.current_task()
         self.taken = False  # part of a batch that has started: it will run, whatever happens
         self.outcome: outcome.Outcome[Any] | None = None
@@ -82,12 +87,24 @@ class GroupCommit(Generic[C]):
         self._lock = threading.Lock()  # the queue and ``running``: shared with the writers
 
     async def run(
-        self, fn: Callable[[C], T], *, alone: bool = False, merge: Any = None, value: Any = None
+        self,
+        fn: Callable[[C], T],
+        *,
+        alone: bool = False,
+        merge: Any = None,
+        value: Any = None,
+        start_within: float | None = None,
     ) -> T:
         """``fn(connection)`` in a writer thread, batched with the calls queued meanwhile
-        (or, for a call with ``merge`` rows, those rows inserted with other calls' rows)."""
-        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller starts nothing
-        call: Call[C] = Call(fn, alone=alone, merge=merge, value=value)
+        (or, for a call with ``merge`` rows, those rows inserted with other calls' rows).
+        ``start_within``: shielded from the caller's cancellation, and failed with
+        :class:`trio.TooSlowError` if not started within that many seconds."""
+        expires = None
+        if start_within is None:
+            await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller starts nothing
+        else:
+            expires = time.monotonic() + start_within
+        call: Call[C] = Call(fn, alone=alone, merge=merge, value=value, expires=expires)
         with self._lock:
             self.queue.append(call)
             first = None
@@ -99,8 +116,8 @@ class GroupCommit(Generic[C]):
 
         def abort(_: object) -> trio.lowlevel.Abort:
             with self._lock:
-                if call.taken:  # it runs: its caller waits for the result
-                    return trio.lowlevel.Abort.FAILED
+                if call.taken or call.expires is not None:  # it runs (or expires): the caller
+                    return trio.lowlevel.Abort.FAILED  # waits for the result
                 self.queue.remove(call)
             return trio.lowlevel.Abort.SUCCEEDED
 
@@ -118,7 +135,9 @@ class GroupCommit(Generic[C]):
         """In the writer thread: ``batch``, then batch after batch until the queue is empty."""
         while True:
             try:
-                self.run_batch(batch)
+                live = _unexpired(batch)
+                if live:
+                    self.run_batch(live)
             except Exception as e:  # the runner sets every outcome; this is a last resort
                 for call in batch:
                     if call.outcome is None:
@@ -143,6 +162,20 @@ class GroupCommit(Generic[C]):
         for call in batch:
             call.taken = True
         return batch
+
+
+def _unexpired(batch: list[Call[C]]) -> list[Call[C]]:
+    """The calls of ``batch`` to run; the others, queued past their ``expires``, fail."""
+    now = time.monotonic()
+    if all(call.expires is None or call.expires >= now for call in batch):
+        return batch
+    live = []
+    for call in batch:
+        if call.expires is None or call.expires >= now:
+            live.append(call)
+        else:
+            call.outcome = outcome.Error(trio.TooSlowError("the store took too long to start it"))
+    return live
 
 
 def _deliver(batch: list[Call[Any]]) -> None:

@@ -241,6 +241,10 @@ class MemoryStore:
 
     async def list_chain(self, request_id: str, scope_parent: str | None) -> Sequence[ChainStep]:
         await self._checkpoint()
+        return self.chain(request_id, scope_parent)
+
+    def chain(self, request_id: str, scope_parent: str | None) -> list[ChainStep]:
+        """:meth:`list_chain` without the checkpoint (what is held can be read at once)."""
         return [r.chain_step() for r in self._scopes.get((request_id, scope_parent), ())]
 
     async def assemble_response(self, request_id: str) -> Any:
@@ -516,8 +520,12 @@ class MemoryBackend(StoreBackend):
         super().__init__(MemoryStore(), MemoryResponseStore(), MemoryDurableStore())
 
     async def write_finished(self, finished: FinishedResponse) -> bool:
-        """:class:`~onwards_trio._stores.base.FinishedWriter`: all of it at once."""
-        await trio.lowlevel.checkpoint()
+        """:class:`~onwards_trio._stores.base.FinishedWriter`: all of it at once (shielded
+        when it has ``start_within``, as the SQL stores' writes are)."""
+        if finished.start_within is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
         if not self.responses.put(finished):
             return False
         self.steps.adopt(finished.loop_responses, finished.steps)

@@ -284,11 +284,12 @@ class PostgresDatabase:
             call, limiter=self._limiter, abandon_on_cancel=abandon_on_cancel
         )
 
-    async def write(self, fn: Callable[[Conn], T]) -> T:
+    async def write(self, fn: Callable[[Conn], T], start_within: float | None = None) -> T:
         """``fn(connection)`` as :meth:`run` does, but batched with the writes that queue
         meanwhile (group commit). ``fn`` may open transactions of its own (they become
-        savepoints in a batch); it must not set the transaction's isolation level."""
-        return await self._group.run(fn)
+        savepoints in a batch); it must not set the transaction's isolation level.
+        ``start_within``: shielded and bounded (:meth:`GroupCommit.run`)."""
+        return await self._group.run(fn, start_within=start_within)
 
     @staticmethod
     def _settle(call: Call[Conn], conn: Conn) -> None:
@@ -824,7 +825,7 @@ class PostgresBackend(StoreBackend):
                     )
             return True
 
-        return await self.database.write(write)
+        return await self.database.write(write, finished.start_within)
 
 
 _USAGE_SCHEMA = """

@@ -284,21 +284,25 @@ class SqliteFile:
             for call in batch:
                 call.outcome = outcome.Error(self._error(e))
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn(connection)`` in the writer thread, batched with the calls that queue meanwhile."""
-        return await self._group.run(fn)
+    async def run(
+        self, fn: Callable[[sqlite3.Connection], T], start_within: float | None = None
+    ) -> T:
+        """``fn(connection)`` in the writer thread, batched with the calls that queue meanwhile
+        (``start_within``: shielded and bounded, :meth:`GroupCommit.run`)."""
+        return await self._group.run(fn, start_within=start_within)
 
     async def insert(
         self,
         fn: Callable[[sqlite3.Connection], T],
         rows: Sequence[tuple[str, Sequence[tuple[Any, ...]]]],
         value: T,
+        start_within: float | None = None,
     ) -> T:
         """``fn`` as :meth:`run` does, for a call whose writes are exactly ``rows``:
         ``(insert, rows)`` pairs, ``insert`` an ``INSERT … VALUES`` up to its one row of
         placeholders. In a batch, such calls' rows are inserted together and each returns
         ``value``; ``fn`` runs only when that fails (or when the call is alone)."""
-        return await self._group.run(fn, merge=rows, value=value)
+        return await self._group.run(fn, merge=rows, value=value, start_within=start_within)
 
     async def aclose(self) -> None:
         """Close the connection (shielded: a cancelled close would leak it), after the calls
@@ -823,9 +827,11 @@ class SqliteBackend(StoreBackend):
             return True
 
         if row is None:
-            return await self._db.run(write)
+            return await self._db.run(write, finished.start_within)
         inserts = ((_INSERT_RESPONSE, (row,)), (_INSERT_LOOP_RESPONSE, responses))
-        return await self._db.insert(write, (*inserts, (_INSERT_STEP, steps)), True)
+        return await self._db.insert(
+            write, (*inserts, (_INSERT_STEP, steps)), True, finished.start_within
+        )
 
 
 _INSERT_RESPONSE = "INSERT INTO oresp_responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)"

@@ -37,15 +37,21 @@ async def test_a_stored_answer_is_one_store_call_and_is_stored_when_it_arrives(
         if not fn.__qualname__.startswith("SqliteDurableStore."):  # leases: not this request's
             calls.append(fn.__qualname__)
 
-    async def counted(self: SqliteFile, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        note(fn)
-        return await run(self, fn)
-
-    async def counted_insert(
-        self: SqliteFile, fn: Callable[[sqlite3.Connection], Any], rows: Any, value: Any
+    async def counted(
+        self: SqliteFile, fn: Callable[[sqlite3.Connection], Any], within: float | None = None
     ) -> Any:
         note(fn)
-        return await insert(self, fn, rows, value)
+        return await run(self, fn, within)
+
+    async def counted_insert(
+        self: SqliteFile,
+        fn: Callable[[sqlite3.Connection], Any],
+        rows: Any,
+        value: Any,
+        within: float | None = None,
+    ) -> Any:
+        note(fn)
+        return await insert(self, fn, rows, value, within)
 
     monkeypatch.setattr(SqliteFile, "run", counted)
     monkeypatch.setattr(SqliteFile, "insert", counted_insert)

@@ -136,6 +136,25 @@ async def test_a_queued_write_cancelled_before_its_batch_never_runs(
     assert await db.run(rows) == {"kept": 1}
 
 
+async def test_a_write_given_start_within_runs_though_its_caller_is_cancelled(
+    db: PostgresDatabase,
+) -> None:
+    release = trio.Event()
+
+    def blocker(conn: Conn) -> None:
+        trio.from_thread.run(release.wait)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(db.write, blocker)
+            await trio.sleep(0.05)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                nursery.start_soon(_set, release)
+                assert isinstance(await db.write(insert("shielded"), 30), int)
+    assert await db.run(rows) == {"shielded": 1}
+
+
 async def test_a_write_that_loses_a_deadlock_is_run_again_alone(db: PostgresDatabase) -> None:
     """Two batches lock the same two rows in opposite orders: PostgreSQL aborts one call
     (``deadlock detected``); it runs again alone once its batch has committed, so both
@@ -196,3 +215,7 @@ async def test_a_write_that_loses_a_deadlock_is_run_again_alone(db: PostgresData
         assert await db.run(rows) == {"p": 2, "q": 2, "n0": 1, "n1": 1}
     finally:
         await wide.aclose()
+
+
+async def _set(event: trio.Event) -> None:
+    event.set()

@@ -122,6 +122,56 @@ async def test_a_queued_call_cancelled_before_its_batch_never_runs(file: SqliteF
     await file.aclose()
 
 
+async def test_a_call_given_start_within_runs_though_its_caller_is_cancelled(
+    file: SqliteFile,
+) -> None:
+    release = trio.Event()
+
+    def blocker(db: sqlite3.Connection) -> None:
+        trio.from_thread.run(release.wait)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(file.run, blocker)
+        await trio.sleep(0.05)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            nursery.start_soon(_set, release)  # once the call below is queued, cancelled
+            assert await file.run(_insert("shielded"), 30) == "shielded"
+            with pytest.raises(trio.Cancelled):  # the cancellation lands afterwards
+                await trio.lowlevel.checkpoint()
+    assert await file.run(_rows) == {"shielded": 1}
+    await file.aclose()
+
+
+async def test_a_call_not_started_within_its_bound_fails_without_running(
+    file: SqliteFile,
+) -> None:
+    started, release = trio.Event(), trio.Event()
+
+    def blocker(db: sqlite3.Connection) -> None:
+        trio.from_thread.run_sync(started.set)
+        trio.from_thread.run(release.wait)
+
+    results: list[object] = []
+
+    async def bounded() -> None:
+        try:
+            results.append(await file.run(_insert("late"), 0))
+        except trio.TooSlowError as exc:
+            results.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(file.run, blocker)
+        await started.wait()
+        nursery.start_soon(bounded)
+        nursery.start_soon(file.run, _insert("unbounded"))
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert [type(r) for r in results] == [trio.TooSlowError]
+    assert await file.run(_rows) == {"unbounded": 1}  # it ran; the late one did not
+    await file.aclose()
+
+
 async def _finished(response_id: str) -> FinishedResponse:
     """A new foreground response as the HTTP layer writes it: one completed model step."""
     steps = MemoryStore()
@@ -198,3 +248,7 @@ async def test_a_close_queued_behind_calls_runs_after_them(file: SqliteFile) -> 
         nursery.start_soon(file.aclose)
     assert await file.run(_rows) == {f"k{i}": i for i in range(5)}
     await file.aclose()
+
+
+async def _set(event: trio.Event) -> None:
+    event.set()
