@@ -945,7 +945,10 @@ class Proxy:
                 # byte, nothing has reached the client yet and another attempt is still honest.
                 stream: Any = response.aiter_stream()  # a test client's may be the response itself
                 try:
-                    first: bytes | None = await stream.__anext__()
+                    # our client's response hands over what it has read without a coroutine
+                    first: bytes | None = stream.at_hand() if type(stream) is Response else None
+                    if first is None:
+                        first = await stream.__anext__()
                 except StopAsyncIteration:
                     first = None
                 except UPSTREAM_ERRORS:

@@ -341,6 +341,19 @@ class Response:
             self._finish()
         return True
 
+    def at_hand(self) -> bytes | None:
+        """The body bytes already read, when there are any: what the next :meth:`__anext__`
+        returns without reading, without its coroutine (``None``: await that)."""
+        parser = self._conn._parser
+        pieces = parser.body
+        if not pieces:
+            return None
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        if parser.complete:
+            self._finish()
+        return data
+
     def aiter_stream(self) -> Response:
         return self
 
@@ -350,13 +363,9 @@ class Response:
     async def __anext__(self) -> bytes:
         parser = self._conn._parser
         while True:
-            pieces = parser.body
-            if pieces:
-                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                pieces.clear()
-                if parser.complete:
-                    self._finish()
-                return data
+            ready = self.at_hand()
+            if ready is not None:
+                return ready
             if self._done or parser.complete:
                 if not self._done:
                     self._finish()

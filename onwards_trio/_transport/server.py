@@ -12,7 +12,8 @@ semantics the gateway relies on:
   :class:`~onwards_trio._transport.asgi.CancelOnDisconnect`) has the connection's reader task
   cancel a scope instead, with no task per request; ``receive.end_on_disconnect()`` (also
   ours) has it cancel the connection's own scope, for a handler with nothing left to do once
-  its client has gone (no cancel scope per request at all);
+  its client has gone (no cancel scope per request at all); ``receive.whole_body()`` (ours)
+  hands over a body that has all arrived without a message (read by ``asgi.read_body``);
 * sends after a disconnect are dropped silently (the app is told through ``receive``); a client
   that stops reading for ``write_timeout`` seconds counts as gone;
 * graceful shutdown: when ``shutdown_trigger`` returns, stop accepting, close idle keep-alive
