@@ -164,6 +164,61 @@ def test_kept_bodies_read_together_give_what_a_scanner_gives(
     assert [k.usage for k in keepers] == expected
 
 
+# Bodies in the usual object's shape, read for a batch at once (``_template_counts``), and
+# near misses that a scanner reads otherwise: each must come out as a scanner reads it.
+_PLAIN_BODIES = (
+    b'{"id": "c", "usage": {"prompt_tokens": 10, "completion_tokens": 40, "total_tokens": 50}}',
+    b'{"id":"c","usage":{"prompt_tokens":3,"completion_tokens":0,"total_tokens":3}}',
+    b'{"usage": {"prompt_tokens": 123456789012345678, "completion_tokens": 9, "total_tokens": 1}}',
+    b'{"usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}, "x": [1, 2]}\n',
+    b'{"a": "\x00", "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}',
+    b'{"data": "usage-free"}',
+    b'{"usage": {"prompt_tokens": 01, "completion_tokens": 2, "total_tokens": 3}}',
+    b'{"usage": {"prompt_tokens": -1, "completion_tokens": 2, "total_tokens": 1}}',
+    b'{"usage": {"prompt_tokens": 1.0, "completion_tokens": 2, "total_tokens": 3}}',
+    b'{"usage": {"prompt_tokens": 1e2, "completion_tokens": 2, "total_tokens": 3}}',
+    b'{"usage":{"prompt_tokens":99999999999999999999,"completion_tokens":2,"total_tokens":3}}',
+    b'{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":0,"total_tokens":0}}',
+    b'{"usage":{"prompt_tokens":18446744073709551616,"completion_tokens":0,"total_tokens":0}}',
+    b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3',
+    b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3 }}',
+    b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, "usage": 1}',
+    b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, "t": "usage"}',
+    b'{"usage"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}',
+    b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": true}}',
+    b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2,"total_tokens": 3}}',
+    b'{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3, "x": 1}}',
+)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_PLAIN_BODIES[:5] * 6 + _PLAIN_BODIES[5:]),  # mostly the usual
+            st.lists(st.integers(min_value=0, max_value=10_000), max_size=3),
+        ),
+        min_size=8,  # read together
+        max_size=40,
+    )
+)
+def test_usual_bodies_read_as_a_batch_give_what_a_scanner_gives(
+    bodies: list[tuple[bytes, list[int]]],
+) -> None:
+    """A batch's usual usage objects are read for the batch at once; any near miss in it (a
+    number JSON refuses or reads otherwise, a second key, white space elsewhere, an object
+    not closed) still comes out exactly as a scanner reads it."""
+    keepers, expected = [], []
+    for body, cuts in bodies:
+        keeper, scanner = UsageKeeper(), UsageScanner()
+        for chunk in _chunks(body, cuts):
+            keeper.feed(chunk)
+            scanner.feed(chunk)
+        keepers.append(keeper)
+        expected.append(scanner.usage)
+    UsageKeeper.read_all(keepers)  # type: ignore[arg-type]
+    assert [None if k.found is None else Usage(*k.found) for k in keepers] == expected
+
+
 def test_a_large_kept_body_is_scanned_as_it_passes_not_held() -> None:
     tail = b'"usage": {"prompt_tokens": 5, "completion_tokens": 6}}'
     body = b'{"content": "' + b"x" * 100_000 + b'", ' + tail
