@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -210,37 +211,45 @@ async def load(
     }
 
 
-async def send_for(port: int, concurrency: int, seconds: float, stream: bool) -> int:
+async def send_for(
+    port: int, concurrency: int, seconds: float, stream: bool, responses: bool | None = None
+) -> int:
     """Requests over ``concurrency`` keep-alive connections for ``seconds``; how many."""
-    return int((await load(port, concurrency, seconds, stream))["n"])
+    return int((await load(port, concurrency, seconds, stream, responses))["n"])
+
+
+K = TypeVar("K")  # a gateway's key in together()
 
 
 async def together(
-    gateways: dict[str, tuple[subprocess.Popen[bytes], int]],
+    gateways: dict[K, tuple[subprocess.Popen[bytes], int]],
     count: int,
     seconds: float,
     concurrency: int,
     stream: bool,
-) -> dict[str, list[tuple[float, float]]]:
+    responses: Callable[[K], bool | None] = lambda _: None,
+) -> dict[K, list[tuple[float, float]]]:
     """Per gateway and round: (CPU µs per request, requests per second), every gateway loaded
     at the same time (each its own ``concurrency`` connections) for ``seconds`` per round: the
-    machine's load then hits them alike at every instant, not just within a round."""
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in gateways}
+    machine's load then hits them alike at every instant, not just within a round.
+    ``responses``: per gateway, ``/v1/responses`` requests and their ``store`` (see
+    :func:`build_request`) instead of chat completions (None)."""
+    results: dict[K, list[tuple[float, float]]] = {key: [] for key in gateways}
 
-    async def one(name: str, got: dict[str, tuple[float, float]]) -> None:
-        proc, port = gateways[name]
+    async def one(key: K, got: dict[K, tuple[float, float]]) -> None:
+        proc, port = gateways[key]
         before = cpu_ns(proc.pid)
-        n = await send_for(port, concurrency, seconds, stream)
-        got[name] = ((cpu_ns(proc.pid) - before) / 1000 / max(n, 1), n / seconds)
+        n = await send_for(port, concurrency, seconds, stream, responses(key))
+        got[key] = ((cpu_ns(proc.pid) - before) / 1000 / max(n, 1), n / seconds)
 
     for r in range(count + 1):  # the first round warms up
-        got: dict[str, tuple[float, float]] = {}
+        got: dict[K, tuple[float, float]] = {}
         async with trio.open_nursery() as nursery:
-            for name in gateways:
-                nursery.start_soon(one, name, got)
+            for key in gateways:
+                nursery.start_soon(one, key, got)
         if r:
-            for name, figures in got.items():
-                results[name].append(figures)
+            for key, figures in got.items():
+                results[key].append(figures)
     return results
 
 

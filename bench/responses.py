@@ -47,7 +47,6 @@ from pathlib import Path
 import trio
 from proxy import (  # bench/proxy.py: the upstream, the load generator, the gateway runner
     build_request,
-    cpu_ns,
     cpu_seconds,
     free_port,
     load,
@@ -55,6 +54,7 @@ from proxy import (  # bench/proxy.py: the upstream, the load generator, the gat
     send_count,
     start_gateway,
     start_upstream,
+    together,
     wait_port,
 )
 
@@ -200,31 +200,9 @@ def count_writes(sources: list[tuple[str, str | None]], k: int, rounds: int) -> 
         print(f"after / before, CPU per write: {statistics.median(per):.2f}")
 
 
-async def together(
-    gateways: dict[tuple[str, bool], tuple[subprocess.Popen[bytes], int]],
-    rounds: int,
-    seconds: float,
-    concurrency: int,
-) -> dict[tuple[str, bool], list[tuple[float, float]]]:
-    """Per (checkout, store) gateway and round: (CPU µs per response, responses per second),
-    every gateway loaded at the same time; the first round warms up."""
-    results: dict[tuple[str, bool], list[tuple[float, float]]] = {k: [] for k in gateways}
-
-    async def one(key: tuple[str, bool], got: dict[tuple[str, bool], tuple[float, float]]) -> None:
-        proc, port = gateways[key]
-        before = cpu_ns(proc.pid)
-        n = (await load(port, concurrency, seconds, False, key[1]))["n"]
-        got[key] = ((cpu_ns(proc.pid) - before) / 1000 / max(n, 1), n / seconds)
-
-    for r in range(rounds + 1):
-        got: dict[tuple[str, bool], tuple[float, float]] = {}
-        async with trio.open_nursery() as nursery:
-            for key in gateways:
-                nursery.start_soon(one, key, got)
-        if r:
-            for key, figures in got.items():
-                results[key].append(figures)
-    return results
+def _store(key: tuple[str, bool]) -> bool:
+    """A (checkout, store) gateway's ``store`` setting: what its requests ask for."""
+    return key[1]
 
 
 def run_together(
@@ -245,7 +223,7 @@ def run_together(
             procs.append(gateway)
             gateways[(name, store)] = (gateway, port)
     load_before = machine_state()
-    got = trio.run(together, gateways, args.rounds, args.together, args.concurrency)
+    got = trio.run(together, gateways, args.rounds, args.together, args.concurrency, False, _store)
     print(f"machine before: {load_before}, machine after: {machine_state()}")
     print(
         f"{len(gateways)} gateways loaded together, c={args.concurrency} each, "

@@ -51,14 +51,23 @@ def rows(conn: Conn) -> dict[str, int]:
     return dict(conn.execute("SELECT k, v FROM t").fetchall())
 
 
+async def _hold_writer(nursery: trio.Nursery, db: PostgresDatabase) -> trio.Event:
+    """Start a write that holds the only slot until the returned event is set, and wait until
+    it runs: writes made meanwhile queue behind it."""
+    started, release = trio.Event(), trio.Event()
+
+    def blocker(conn: Conn) -> None:
+        trio.from_thread.run_sync(started.set)
+        trio.from_thread.run(release.wait)
+
+    nursery.start_soon(db.write, blocker)
+    await started.wait()
+    return release
+
+
 async def in_batch(db: PostgresDatabase, fns: list[Callable[[Conn], Any]]) -> list[Any]:
     """Run ``fns`` concurrently while a first write holds the only slot, so they queue up and
     run as one batch; returns each one's result or exception."""
-    release = trio.Event()
-
-    def blocker(conn: Conn) -> None:
-        trio.from_thread.run(release.wait)  # holds the slot until the others are queued
-
     results: list[Any] = [None] * len(fns)
 
     async def one(i: int, fn: Callable[[Conn], Any]) -> None:
@@ -69,8 +78,7 @@ async def in_batch(db: PostgresDatabase, fns: list[Callable[[Conn], Any]]) -> li
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(db.write, blocker)
-            await trio.sleep(0.05)
+            release = await _hold_writer(nursery, db)
             for i, fn in enumerate(fns):
                 nursery.start_soon(one, i, fn)
             await trio.testing.wait_all_tasks_blocked()
@@ -118,15 +126,9 @@ async def test_a_database_error_is_mapped_per_call(db: PostgresDatabase) -> None
 async def test_a_queued_write_cancelled_before_its_batch_never_runs(
     db: PostgresDatabase,
 ) -> None:
-    release = trio.Event()
-
-    def blocker(conn: Conn) -> None:
-        trio.from_thread.run(release.wait)
-
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(db.write, blocker)
-            await trio.sleep(0.05)
+            release = await _hold_writer(nursery, db)
             with trio.CancelScope() as scope:
                 nursery.start_soon(db.write, insert("kept"))
                 scope.cancel()
@@ -139,15 +141,9 @@ async def test_a_queued_write_cancelled_before_its_batch_never_runs(
 async def test_a_write_given_start_within_runs_though_its_caller_is_cancelled(
     db: PostgresDatabase,
 ) -> None:
-    release = trio.Event()
-
-    def blocker(conn: Conn) -> None:
-        trio.from_thread.run(release.wait)
-
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(db.write, blocker)
-            await trio.sleep(0.05)
+            release = await _hold_writer(nursery, db)
             with trio.CancelScope() as scope:
                 scope.cancel()
                 nursery.start_soon(_set, release)

@@ -40,16 +40,25 @@ async def file(tmp_path: Path) -> SqliteFile:
     return SqliteFile(str(tmp_path / "g.db"), SCHEMA)
 
 
+async def _hold_writer(nursery: trio.Nursery, file: SqliteFile) -> trio.Event:
+    """Start a call that holds the writer thread until the returned event is set, and wait
+    until it runs: calls made meanwhile queue behind it."""
+    started, release = trio.Event(), trio.Event()
+
+    def blocker(db: sqlite3.Connection) -> None:
+        trio.from_thread.run_sync(started.set)
+        trio.from_thread.run(release.wait)
+
+    nursery.start_soon(file.run, blocker)
+    await started.wait()
+    return release
+
+
 async def _in_batch(
     file: SqliteFile, fns: list[Callable[[sqlite3.Connection], object]]
 ) -> list[object]:
     """Run ``fns`` concurrently while a first call holds the worker thread, so they queue up
     and run as one batch; returns each one's result or exception."""
-    release = trio.Event()
-
-    def blocker(db: sqlite3.Connection) -> None:
-        trio.from_thread.run(release.wait)  # holds the worker thread until the others are queued
-
     results: list[object] = [None] * len(fns)
 
     async def one(i: int, fn: Callable[[sqlite3.Connection], object]) -> None:
@@ -59,8 +68,7 @@ async def _in_batch(
             results[i] = exc
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(file.run, blocker)
-        await trio.sleep(0.05)
+        release = await _hold_writer(nursery, file)
         for i, fn in enumerate(fns):
             nursery.start_soon(one, i, fn)
         await trio.testing.wait_all_tasks_blocked()
@@ -104,14 +112,8 @@ async def test_a_sqlite_error_is_mapped_per_call(tmp_path: Path) -> None:
 
 
 async def test_a_queued_call_cancelled_before_its_batch_never_runs(file: SqliteFile) -> None:
-    release = trio.Event()
-
-    def blocker(db: sqlite3.Connection) -> None:
-        trio.from_thread.run(release.wait)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(file.run, blocker)
-        await trio.sleep(0.05)
+        release = await _hold_writer(nursery, file)
         with trio.CancelScope() as scope:
             nursery.start_soon(file.run, _insert("kept"))
             scope.cancel()
@@ -125,14 +127,8 @@ async def test_a_queued_call_cancelled_before_its_batch_never_runs(file: SqliteF
 async def test_a_call_given_start_within_runs_though_its_caller_is_cancelled(
     file: SqliteFile,
 ) -> None:
-    release = trio.Event()
-
-    def blocker(db: sqlite3.Connection) -> None:
-        trio.from_thread.run(release.wait)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(file.run, blocker)
-        await trio.sleep(0.05)
+        release = await _hold_writer(nursery, file)
         with trio.CancelScope() as scope:
             scope.cancel()
             nursery.start_soon(_set, release)  # once the call below is queued, cancelled
@@ -146,12 +142,6 @@ async def test_a_call_given_start_within_runs_though_its_caller_is_cancelled(
 async def test_a_call_not_started_within_its_bound_fails_without_running(
     file: SqliteFile,
 ) -> None:
-    started, release = trio.Event(), trio.Event()
-
-    def blocker(db: sqlite3.Connection) -> None:
-        trio.from_thread.run_sync(started.set)
-        trio.from_thread.run(release.wait)
-
     results: list[object] = []
 
     async def bounded() -> None:
@@ -161,8 +151,7 @@ async def test_a_call_not_started_within_its_bound_fails_without_running(
             results.append(exc)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(file.run, blocker)
-        await started.wait()
+        release = await _hold_writer(nursery, file)
         nursery.start_soon(bounded)
         nursery.start_soon(file.run, _insert("unbounded"))
         await trio.testing.wait_all_tasks_blocked()
