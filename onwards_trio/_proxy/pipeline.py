@@ -294,16 +294,9 @@ class _Body:
         if self._first is None and (it is None or (type(it) is Response and it.ended())):
             self._it = None
             self._close_tap()
-            # _end, inline (no coroutine of its own for the usual end)
-            if self._permit is not None:
-                self._permit.release()
-                self._permit = None
-            on_end = self._on_end
-            if on_end is not None:
-                self._on_end = None
-                pending = on_end()
-                if pending is not None:
-                    await pending
+            pending = self._release()  # _end without a coroutine of its own: the usual end
+            if pending is not None:
+                await pending
             return
         async for _ in self:
             pass
@@ -322,14 +315,21 @@ class _Body:
 
     async def _end(self) -> None:
         """Release the provider's permit and hand the connection back (``on_end``)."""
+        pending = self._release()
+        if pending is not None:
+            await pending
+
+    def _release(self) -> Awaitable[None] | None:
+        """:meth:`_end`'s work, at once: what is left to wait for (None: done at once, as our
+        client's usual hand-back is)."""
         if self._permit is not None:
             self._permit.release()
             self._permit = None
-        if self._on_end is not None:
-            on_end, self._on_end = self._on_end, None
-            pending = on_end()  # None: done at once (our client's usual hand-back)
-            if pending is not None:
-                await pending
+        on_end = self._on_end
+        if on_end is None:
+            return None
+        self._on_end = None
+        return on_end()
 
     async def relay(self, write: Callable[[bytes], Awaitable[object]]) -> bytes:
         """Pass the rest of the body to ``write`` as it arrives; return what is left to send
@@ -473,12 +473,12 @@ def parse_json_body(body: bytes) -> Any:
     Raises a 400 :class:`HTTPError` for a JSON body over the bounds above."""
     if not body:
         return None
-    openers = 0
     if len(body) < _SHORTEST_TOO_DEEP:  # within both bounds, whatever it holds: not counted
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             return None
+    openers = 0
     start = body[:1]
     if start.isspace():
         start = body.lstrip()[:1]

@@ -338,7 +338,7 @@ class _HostPool:
                         continue  # the server had closed that idle connection: one fresh try
                     raise
                 if watch is not None:
-                    watch.conns.pop(conn, None)  # remove(), inline
+                    watch.conns.pop(conn, None)
                 return UpstreamResponse(response, conn, self)
             raise NoResponse("no response on a fresh connection")  # pragma: no cover
         except BaseException:
@@ -396,9 +396,6 @@ class _Watchdog:
             if self._sleep is not None:
                 self._sleep.deadline = deadline
 
-    def remove(self, conn: Connection) -> None:
-        self.conns.pop(conn, None)
-
     async def run(self) -> None:
         conns = self.conns
         while True:
@@ -433,11 +430,6 @@ class UpstreamClient:
         # The run's clock while :meth:`watch_deadlines` runs (None otherwise): a caller reads
         # the time for a ``deadline`` from it directly, cheaper than trio.current_time().
         self.clock: trio.abc.Clock | None = None
-
-    @property
-    def watching(self) -> bool:
-        """:meth:`watch_deadlines` is running: :meth:`send` takes a ``deadline``."""
-        return self._watch is not None
 
     async def watch_deadlines(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
