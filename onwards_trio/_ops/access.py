@@ -27,7 +27,7 @@ import os
 import re
 import stat
 import time
-from typing import IO, TYPE_CHECKING, Any, Final, Protocol, TypeAlias
+from typing import IO, TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeAlias
 
 import orjson
 import trio
@@ -43,6 +43,7 @@ __all__ = [
     "bounded_alias",
     "clean_path",
     "logfmt",
+    "read_now",
 ]
 
 _SAFE_VALUE: Final = re.compile(r"^[A-Za-z0-9._~:/{}\[\]@+-]*$")
@@ -74,6 +75,10 @@ class LaterUsage:
 
     found: tuple[int, ...] | None
 
+    #: How many times :func:`read_now` read bodies for another reader (the tracer): the
+    #: writer's batches may then hold bodies already read, which it skips.
+    early: ClassVar[int] = 0
+
     @classmethod
     def read_all(cls, bodies: list[LaterUsage]) -> None:
         raise NotImplementedError
@@ -98,12 +103,12 @@ class Guard(Protocol):
     def clean(self, text: str) -> str: ...
 
 
-# Seconds a line may wait for others to share its write. A batch costs a fixed ~60k
-# instructions (two task wake-ups, the write, its set-up): at the rates where a gateway's CPU
-# matters a 20 ms batch holds tens of lines. Longer would let a traced request's span, which
-# waits for this writer to read its kept body only while 128 wait (_ops/tracing.py), read the
-# body itself first past ~1,300 requests a second, and the writer read it again.
-_BATCH_DELAY: Final = 0.02
+# Seconds a line may wait for others to share its write. A batch costs a fixed ~170k
+# instructions (the expiring sleep's scope, two task wake-ups, the write, the batch's set-up):
+# the longer the wait, the more lines share it. A traced request's span may read a kept body
+# before this writer does (it holds at most 128 unread: _ops/tracing.py); it reads it through
+# read_now, and the writer then skips it (no body is read twice).
+_BATCH_DELAY: Final = 0.1
 _MAX_LINES: Final = 10_000  # lines held at most; past it new lines are dropped and counted
 _MAX_PARTS: Final = 1024  # (method, path, status, alias) whose line parts are kept
 _LOGGER_TEXT: Final = " INFO onwards_trio.access "
@@ -157,6 +162,7 @@ class AccessWriter:
 
     __slots__ = (
         "_buf",
+        "_early",
         "_generation",
         "_guard",
         "_handler",
@@ -186,6 +192,7 @@ class AccessWriter:
         self._json = json
         self._guard = guard
         self._generation = guard.generation
+        self._early = (LaterUsage.early, LaterUsage.early)
         self._parts: dict[tuple[str, str, int, str | None], tuple[str, ...]] = {}
         self._buf: list[Fields] = []  # formatted when written
         self._wake = trio.Event()
@@ -269,7 +276,11 @@ class AccessWriter:
         if self._guard.generation != self._generation:  # a new secret: build the parts again
             self._generation = self._guard.generation
             self._parts.clear()
-        _read_later(queued)
+        # Bodies read early (read_now) since the batch before last: this batch may hold some
+        # (a line may be queued a moment after its span read the body), so it skips the read.
+        early = LaterUsage.early
+        _read_later(queued, unread_only=early != self._early[0])
+        self._early = (self._early[1], early)
         lines = self._lines(queued)
         return "\n".join(lines) + "\n" if lines else ""
 
@@ -417,13 +428,26 @@ class AccessWriter:
                     self._write(lines, dropped)
 
 
-def _read_later(queued: list[Fields]) -> None:
-    """Read the usage of every body of the batch left for later, all at once."""
+def read_now(bodies: list[LaterUsage]) -> None:
+    """Read these bodies now, for a reader that cannot wait for the access writer (a span):
+    each kind together. The writer skips them in its batch (:attr:`LaterUsage.early`)."""
+    LaterUsage.early += 1
+    _read_kinds(bodies)
+
+
+def _read_kinds(bodies: list[LaterUsage]) -> None:
+    for kind in {type(body) for body in bodies}:
+        kind.read_all([body for body in bodies if type(body) is kind])
+
+
+def _read_later(queued: list[Fields], *, unread_only: bool = False) -> None:
+    """Read the usage of every body of the batch left for later, all at once; with
+    ``unread_only`` (some may have been read already, by :func:`read_now`) only the unread."""
     parts = list(filter(None, map(_USAGE, queued)))  # the lines with usage
     if not parts:
         return
     kinds = set(map(type, parts))
-    if len(kinds) == 1 and list not in kinds:  # the usual batch: all of one kind
+    if len(kinds) == 1 and list not in kinds and not unread_only:  # the usual batch
         (kind,) = kinds
         if issubclass(kind, LaterUsage):
             kind.read_all(parts)
@@ -434,8 +458,9 @@ def _read_later(queued: list[Fields]) -> None:
             later.append(usage)
         elif type(usage) is list:
             later.extend(part for part in usage if isinstance(part, LaterUsage))
-    for kind in {type(body) for body in later}:
-        kind.read_all([body for body in later if type(body) is kind])
+    if unread_only:
+        later = [body for body in later if not hasattr(body, "found")]
+    _read_kinds(later)
 
 
 def _sum(parts: list[Any]) -> tuple[int, ...] | None:

@@ -102,7 +102,7 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from onwards_trio._ops.access import LaterUsage
+from onwards_trio._ops.access import LaterUsage, read_now
 from onwards_trio._ops.logs import total_usage
 from onwards_trio._ops.otlp import (
     FIRST_CHUNK,
@@ -687,8 +687,7 @@ class _SpanQueue:
         if ready < len(later) and (force or len(later) >= _HOLD):
             unread = [body for _, body in later[ready:] if not hasattr(body, "found")]
             try:
-                for kind in {type(body) for body in unread}:
-                    kind.read_all([body for body in unread if type(body) is kind])
+                read_now(unread)  # the access writer skips them
             except Exception:  # a bug in tracing loses these spans, not the request
                 log.exception("usage of %d requests not read for their spans", len(unread))
                 del later[ready:]

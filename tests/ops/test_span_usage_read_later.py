@@ -8,7 +8,7 @@ import io
 import logging
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -16,7 +16,8 @@ import trio
 
 from onwards_trio import Gateway, parse_config
 from onwards_trio._ops import logs as _logging
-from onwards_trio._ops.logs import configure_logging
+from onwards_trio._ops.access import AccessWriter, LaterUsage
+from onwards_trio._ops.logs import RedactionFilter, configure_logging
 from onwards_trio._ops.tracing import _HOLD, _SpanQueue
 from onwards_trio._proxy.usage import UsageKeeper
 from tests.ops.otlp_receiver import otlp_receiver
@@ -141,3 +142,41 @@ def test_too_many_waiting_bodies_are_read_by_the_tracer() -> None:
     queue.later = [((n,), _kept(n)) for n in range(_HOLD)]  # type: ignore[misc]
     queue.settle()  # nobody read them (the access log is off): not held any longer
     assert [entry[:2] for entry in queue.spans if entry] == [(n, n) for n in range(_HOLD)]
+
+
+class _CountedKeeper(UsageKeeper):
+    """A keeper whose reads are counted (each body's, by whoever reads it)."""
+
+    reads: ClassVar[list[int]] = []
+
+    @classmethod
+    def read_all(cls, bodies: list[LaterUsage]) -> None:
+        cls.reads.extend(map(id, bodies))
+        super().read_all(bodies)
+
+
+async def test_a_body_the_tracer_read_first_is_not_read_again_by_the_access_writer() -> None:
+    """The access writer waits long for its batch; a span that cannot wait reads the body
+    itself, and the writer then takes the figures it found instead of reading it again."""
+    _CountedKeeper.reads = []
+    bodies = []
+    for n in range(40):
+        keeper = _CountedKeeper()
+        keeper.feed(b'{"id":"x","usage":{"prompt_tokens":%d,"completion_tokens":1}}' % n)
+        bodies.append(keeper)
+    out = io.StringIO()
+    writer = AccessWriter(logging.StreamHandler(out), json=False, guard=RedactionFilter())
+    queue = _SpanQueue(2048, 512)
+    queue.later = [((n,), body) for n, body in enumerate(bodies[:30])]  # type: ignore[misc]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for n, body in enumerate(bodies):
+            writer.add(("POST", CHAT, 200, 0.01, "gpt", 0, 10, 20, 1, None, body, 1e9 + n))
+        queue.settle(force=True)  # the spans of the first 30: read now, by the tracer
+        with trio.fail_after(10):
+            while out.getvalue().count("\n") < len(bodies):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert sorted(_CountedKeeper.reads) == sorted(map(id, bodies))  # each read once
+    counts = [line.split("input_tokens=")[1].split()[:2] for line in out.getvalue().splitlines()]
+    assert counts == [[str(n), "output_tokens=1"] for n in range(len(bodies))]
