@@ -27,6 +27,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any, ClassVar, Final, Protocol, TypeAlias
 
 import orjson
@@ -40,6 +41,7 @@ __all__ = [
     "Fields",
     "LaterUsage",
     "UsageParts",
+    "WholeBodies",
     "bounded_alias",
     "clean_path",
     "logfmt",
@@ -88,10 +90,24 @@ class LaterUsage:
         raise NotImplementedError
 
 
+class WholeBodies:
+    """How the token usage of a whole body handed over as its ``bytes`` is read: the usual
+    answer, whose body came in one piece with its head, when only the access line wants its
+    usage (no keeper, no tap on the relay). Set by ``_proxy.usage`` (this layer cannot
+    import it)."""
+
+    #: One body's usage, now (a ``Usage``; ``None``: none).
+    usage: ClassVar[Callable[[bytes], Any]]
+    #: Many bodies' counts, read together, in their order (each as ``LaterUsage.found``).
+    counts: ClassVar[Callable[[list[bytes]], Sequence[tuple[int, ...] | None]]]
+
+
 #: A request's token usage as the access line gets it: ``None`` (none), one body's counts (a
-#: ``Usage``), a :class:`LaterUsage`, or a list of these (summed: a ``/v1/responses`` request
-#: makes several model calls).
-UsageParts: TypeAlias = "tuple[int, ...] | LaterUsage | list[tuple[int, ...] | LaterUsage] | None"
+#: ``Usage``), a :class:`LaterUsage`, a whole body (``bytes``: :class:`WholeBodies`), or a list
+#: of these (summed: a ``/v1/responses`` request makes several model calls).
+UsageParts: TypeAlias = (
+    "tuple[int, ...] | LaterUsage | bytes | list[tuple[int, ...] | LaterUsage | bytes] | None"
+)
 
 
 class Guard(Protocol):
@@ -279,13 +295,16 @@ class AccessWriter:
         # Bodies read early (read_now) since the batch before last: this batch may hold some
         # (a line may be queued a moment after its span read the body), so it skips the read.
         early = LaterUsage.early
-        _read_later(queued, unread_only=early != self._early[0])
+        read = _read_later(queued, unread_only=early != self._early[0])
         self._early = (self._early[1], early)
-        lines = self._lines(queued)
+        lines = self._lines(queued, read)
         return "\n".join(lines) + "\n" if lines else ""
 
-    def _lines(self, queued: list[Fields]) -> list[str]:
-        """Lines one by one: one pass, the constant parts looked up, the numbers formatted."""
+    def _lines(
+        self, queued: list[Fields], read: dict[int, tuple[int, ...] | None] | None = None
+    ) -> list[str]:
+        """Lines one by one: one pass, the constant parts looked up, the numbers formatted.
+        ``read``: the counts of the whole bodies (``bytes``) among them, by their ``id``."""
         known = self._parts
         built = self._parts_of
         json = self._json
@@ -349,10 +368,12 @@ class AccessWriter:
                 tail += f" stream={flag}"
             counts: Any = usage
             if counts is not None:
-                if isinstance(counts, LaterUsage):
+                if type(counts) is bytes:
+                    counts = read[id(counts)]  # type: ignore[index]  # read with the batch
+                elif isinstance(counts, LaterUsage):
                     counts = counts.found
                 elif type(counts) is list:
-                    counts = _sum(counts)
+                    counts = _sum(counts, read)
             if counts is None:
                 tokens_in = tokens_out = cached = None
             else:
@@ -440,34 +461,53 @@ def _read_kinds(bodies: list[LaterUsage]) -> None:
         kind.read_all([body for body in bodies if type(body) is kind])
 
 
-def _read_later(queued: list[Fields], *, unread_only: bool = False) -> None:
+def _read_later(
+    queued: list[Fields], *, unread_only: bool = False
+) -> dict[int, tuple[int, ...] | None] | None:
     """Read the usage of every body of the batch left for later, all at once; with
-    ``unread_only`` (some may have been read already, by :func:`read_now`) only the unread."""
+    ``unread_only`` (some may have been read already, by :func:`read_now`) only the unread.
+    Returns the counts of the whole bodies (``bytes``), by their ``id``."""
     parts = list(filter(None, map(_USAGE, queued)))  # the lines with usage
     if not parts:
-        return
+        return None
     kinds = set(map(type, parts))
-    if len(kinds) == 1 and list not in kinds and not unread_only:  # the usual batch
+    if len(kinds) == 1 and list not in kinds:  # the usual batch: all of one kind
         (kind,) = kinds
-        if issubclass(kind, LaterUsage):
-            kind.read_all(parts)
-        return
+        if kind is bytes:
+            return dict(zip(map(id, parts), WholeBodies.counts(parts), strict=True))
+        if not unread_only:
+            if issubclass(kind, LaterUsage):
+                kind.read_all(parts)
+            return None
     later: list[LaterUsage] = []
+    whole: list[bytes] = []
     for usage in parts:
-        if isinstance(usage, LaterUsage):
+        if type(usage) is bytes:
+            whole.append(usage)
+        elif isinstance(usage, LaterUsage):
             later.append(usage)
         elif type(usage) is list:
-            later.extend(part for part in usage if isinstance(part, LaterUsage))
+            for part in usage:
+                if type(part) is bytes:
+                    whole.append(part)
+                elif isinstance(part, LaterUsage):
+                    later.append(part)
     if unread_only:
         later = [body for body in later if not hasattr(body, "found")]
     _read_kinds(later)
+    return dict(zip(map(id, whole), WholeBodies.counts(whole), strict=True)) if whole else None
 
 
-def _sum(parts: list[Any]) -> tuple[int, ...] | None:
+def _sum(
+    parts: list[Any], read: dict[int, tuple[int, ...] | None] | None
+) -> tuple[int, ...] | None:
     """The counts of several bodies' usage (read), summed."""
     total: tuple[int, ...] | None = None
     for part in parts:
-        got = part.found if isinstance(part, LaterUsage) else part
+        if type(part) is bytes:
+            got = read[id(part)]  # type: ignore[index]  # read with the batch
+        else:
+            got = part.found if isinstance(part, LaterUsage) else part
         if got is not None:
             total = got if total is None else tuple(a + b for a, b in zip(total, got, strict=True))
     return total

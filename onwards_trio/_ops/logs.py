@@ -37,6 +37,7 @@ from onwards_trio._ops.access import (
     AccessWriter,
     LaterUsage,
     UsageParts,
+    WholeBodies,
     bounded_alias,
     clean_path,
     logfmt,
@@ -574,13 +575,13 @@ def add_usage(usage: Usage) -> None:
     exchange = _exchange.get()
     if exchange is not None:
         had = exchange.usage_parts
-        if had is not None and type(had) is not list and not isinstance(had, LaterUsage):
-            exchange.usage_parts = had + usage  # type: ignore[operator]  # two Usage: their sum
+        if isinstance(had, tuple):
+            exchange.usage_parts = had + usage  # two Usage (a tuple here is one): their sum
         else:
             _add_part(exchange, usage)
 
 
-def defer_usage(body: LaterUsage) -> None:
+def defer_usage(body: LaterUsage | bytes) -> None:
     """Add an upstream body whose usage is read later to the current request's access line
     (only the line wants it: its writer reads it with the rest of its batch). Not once the
     request is finished (``send`` is cleared then): a task it started that runs on (a
@@ -590,7 +591,7 @@ def defer_usage(body: LaterUsage) -> None:
         _add_part(exchange, body)
 
 
-def _add_part(exchange: Exchange, part: Usage | LaterUsage) -> None:
+def _add_part(exchange: Exchange, part: Usage | LaterUsage | bytes) -> None:
     """One more part of the request's usage (the first alone, then a list of them)."""
     had = exchange.usage_parts
     if had is None:
@@ -607,13 +608,22 @@ def total_usage(usage: UsageParts) -> tuple[int, ...] | None:
     if usage is None:
         return None
     if type(usage) is not list:
-        return usage.usage if isinstance(usage, LaterUsage) else usage  # type: ignore[return-value]
+        return _read_one(usage)  # type: ignore[arg-type,no-any-return]
     total: Any = None
     for part in usage:
-        got = part.usage if isinstance(part, LaterUsage) else part
+        got = _read_one(part)
         if got is not None:
             total = got if total is None else total + got
     return total  # type: ignore[no-any-return]
+
+
+def _read_one(part: tuple[int, ...] | LaterUsage | bytes) -> Any:
+    """One usage part's figures (a ``Usage``), read now if it was left for later."""
+    if isinstance(part, LaterUsage):
+        return part.usage
+    if type(part) is bytes:
+        return WholeBodies.usage(part)
+    return part
 
 
 def direct_writer(

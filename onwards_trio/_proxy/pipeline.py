@@ -42,6 +42,7 @@ from onwards_trio._proxy.limits import Permit, Reservation
 from onwards_trio._proxy.releases import Releases
 from onwards_trio._proxy.targets import Pool, Provider, Table, Targets
 from onwards_trio._proxy.usage import (
+    MAX_KEPT,
     StreamUsageStripper,
     Usage,
     UsageKeeper,
@@ -967,7 +968,9 @@ class Proxy:
                 if 200 <= response.status < 300:
                     if span is not None:
                         span.first_byte()
-                    tap, on_usage = self._usage_tap(request, alias, pool, provider, span, headers)
+                    tap, on_usage = self._usage_tap(
+                        request, alias, pool, provider, span, headers, first, stream
+                    )
                 reply_body = _Body(
                     first,
                     stream if first is not None else None,
@@ -1030,12 +1033,16 @@ class Proxy:
         provider: Provider,
         span: AttemptSpan | None,
         headers: list[tuple[bytes, bytes]],
+        first: bytes | None = None,
+        stream: Any = None,
     ) -> tuple[UsageTap | None, Callable[[UsageTap], None] | None]:
         """What reads the usage of a 2xx body, and whom it tells (``None``: nobody wants it,
         and the body is relayed untouched). When only the access line and a sampled span
         read it, the body's chunks are kept and handed to both as they are: the line's writer
         reads them with many others, off the request's path (``UsageKeeper``), and the span
-        takes what it read."""
+        takes what it read. When the line alone reads it and the body's ``first`` chunk is all
+        of it (the usual answer: it came with its head; ``stream`` has ended), the line takes
+        those bytes: no keeper, no tap on the relay."""
         if span is not None and not span.sampled:
             span = None  # an unsampled trace records no usage
         observer = self.usage_observer
@@ -1055,6 +1062,15 @@ class Proxy:
             # without metrics: the line): they get the body now and read what it holds later,
             # the line when it is written, the span after that (what has passed by then: all
             # of it, unless the relay ended early).
+            if (
+                span is None
+                and first is not None
+                and len(first) <= MAX_KEPT
+                and type(stream) is Response
+                and stream.ended()
+            ):
+                defer_usage(first)  # read with the line's batch, as a keeper of it would be
+                return None, None
             keeper = UsageKeeper()
             defer_usage(keeper)  # the request's usage, as the server span also reads it
             if span is not None:

@@ -37,9 +37,10 @@ from typing import Any, Final, NamedTuple, Protocol, cast
 
 import orjson
 
-from onwards_trio._ops.access import LaterUsage
+from onwards_trio._ops.access import LaterUsage, WholeBodies
 
 __all__ = [
+    "MAX_KEPT",
     "StreamUsageStripper",
     "Usage",
     "UsageKeeper",
@@ -275,6 +276,9 @@ class UsageScanner:
 # How much of a body a keeper holds on to (a usual answer is well under it); past it, it scans
 # as it goes, as a :class:`UsageScanner` does, and holds nothing.
 _KEEP: Final = 4096
+#: The largest body handed to the access line whole (``_ops.access.WholeBodies``), as a keeper
+#: keeps it.
+MAX_KEPT: Final = _KEEP
 
 
 class UsageKeeper(LaterUsage):
@@ -358,7 +362,11 @@ def _kept_usage(keeper: UsageKeeper) -> Usage | None:
     scanner = keeper.scanner
     if scanner is not None:
         return scanner.usage
-    chunks = keeper.chunks
+    return _chunks_usage(keeper.chunks)
+
+
+def _chunks_usage(chunks: list[bytes]) -> Usage | None:
+    """:func:`_kept_usage` of chunks held whole (no scanner)."""
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     key = body.find(_KEY)
     if key < 0:
@@ -443,6 +451,25 @@ def _template_counts(bodies: list[bytes]) -> list[tuple[int, int, int, int] | No
     it = iter(found)
     return [next(it) if key else None for key in keys]
 
+
+def _whole_usage(body: bytes) -> Usage | None:
+    """``WholeBodies.usage``: what a keeper fed this one chunk reads."""
+    return _chunks_usage([body])
+
+
+def _whole_counts(bodies: list[bytes]) -> Sequence[tuple[int, ...] | None]:
+    """``WholeBodies.counts``: what keepers fed one of these chunks each read together."""
+    if len(bodies) >= _FEW:
+        found = _template_counts(bodies)
+        if found is None:
+            found = _plain_counts(bodies)
+        if found is not None:
+            return found
+    return list(map(_whole_usage, bodies))
+
+
+WholeBodies.usage = _whole_usage
+WholeBodies.counts = _whole_counts
 
 _SCANNER: Final = attrgetter("scanner")
 _CHUNKS: Final = attrgetter("chunks")

@@ -11,8 +11,9 @@ import orjson
 import pytest
 import trio
 
-from onwards_trio._ops.access import AccessWriter, logfmt
+from onwards_trio._ops.access import AccessWriter, Fields, UsageParts, logfmt
 from onwards_trio._ops.logs import RedactionFilter, RequestRecord
+from onwards_trio._proxy.usage import Usage, UsageKeeper
 
 RECORDS = [
     RequestRecord("POST", "/v1/chat/completions", 200, 0.0123456, "gpt-4", 0, 120, 800, 1),
@@ -159,3 +160,47 @@ async def test_a_secret_learned_by_the_guard_is_masked_by_a_running_writer() -> 
     first, second = out.getvalue().splitlines()
     assert "later-secret-789" in first  # not a secret yet
     assert "later-secret-789" not in second and second.count("***") == 4  # msg (2), path, alias
+
+
+_WHOLE = (
+    b'{"id":"c","usage":{"prompt_tokens":%d,"completion_tokens":2,"total_tokens":9}}',
+    b'{"id": "c", "usage": {"prompt_tokens": %d, "completion_tokens": 1, "total_tokens": 5}}',
+    b'{"usage": {"input_tokens": %d, "output_tokens": 2, "cache_read_input_tokens": 3}}',
+    b'{"data": [%d]}',
+)
+
+
+def _kept(body: bytes) -> UsageKeeper:
+    keeper = UsageKeeper()
+    keeper.feed(body)
+    return keeper
+
+
+@pytest.mark.parametrize("json", [False, True], ids=["text", "json"])
+# read alone / together, with other parts of their requests / all whole bodies
+@pytest.mark.parametrize("size", [3, 12, 40], ids=["few", "many-summed", "many"])
+async def test_a_whole_body_handed_as_bytes_gives_the_line_a_kept_body_gives(
+    json: bool, size: int
+) -> None:
+    """A body that came whole is handed to the line as its bytes, not a keeper: the lines
+    are byte-identical, alone or summed with other parts of a request."""
+    bodies = [_WHOLE[n % len(_WHOLE)] % n for n in range(size)]
+
+    def batch(whole: bool) -> list[Fields]:
+        out: list[Fields] = []
+        for n, body in enumerate(bodies):
+            one: bytes | UsageKeeper = body if whole else _kept(body)
+            part: UsageParts = one
+            if size == 12 and n % 3 == 2:  # a /v1/responses line: several parts, summed
+                part = [Usage(1, 1, 1, 0), one, body if whole else _kept(body)]
+            out.append(("POST", "/v1/x", 200, 0.01, "a", 0, 10, 20, 1, None, part, 1e9 + n))
+        return out
+
+    texts = []
+    for whole in (False, True):
+        writer, out = _writer(json=json)
+        for fields in batch(whole):
+            writer.add(fields)
+        texts.append(await _flushed(writer, out))
+    assert texts[0] == texts[1]
+    assert len(texts[1]) == size and sum("input_tokens=" in line for line in texts[1]) > size // 2

@@ -17,6 +17,7 @@ from onwards_trio import Gateway, parse_config
 from onwards_trio._ops import logs as _logging
 from onwards_trio._ops.logs import configure_logging
 from onwards_trio._ops.reload import config_secrets
+from onwards_trio._proxy import pipeline
 from tests.support import FakeUpstream, Reply, chat_completion, serve_app, sse, start_gateway
 
 CHAT = "/v1/chat/completions"
@@ -299,6 +300,37 @@ async def test_access_lines_carry_a_plain_usage_read_with_their_batch(
         for ln in lines
     )
     assert figures == [(n, f"output_tokens={2 * n} cached_tokens=0") for n in range(1, 7)]
+
+
+async def test_an_answer_that_came_whole_is_handed_to_its_line_without_a_keeper(
+    nursery: trio.Nursery, handler_output: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual answer (its whole body with its head, only the access line reading its
+    usage) gives the line its bytes: no keeper, no tap on the relay; the figures are its own."""
+
+    def no_keeper() -> None:
+        raise AssertionError("a keeper was made for a body that came whole")
+
+    monkeypatch.setattr(pipeline, "UsageKeeper", no_keeper)
+    answers = iter(range(1, 100))
+
+    def script(request: Any) -> Reply:
+        n = next(answers)
+        usage = {"prompt_tokens": n, "completion_tokens": 2 * n, "total_tokens": 3 * n}
+        return Reply(body=chat_completion(COMPLETION, usage=usage))
+
+    up = FakeUpstream(script)
+    _, url = await start_gateway(
+        nursery, {"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}
+    )
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for _ in range(3):
+            r = await client.post(CHAT, json={"model": "gpt-4", "messages": []})
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 0
+    lines = await _access_lines(handler_output, 3)
+    assert [ln.split("input_tokens=")[1] for ln in lines] == [
+        f"{n} output_tokens={2 * n} cached_tokens=0" for n in range(1, 4)
+    ]
 
 
 async def test_a_responses_access_line_sums_the_usage_of_every_model_call(

@@ -9,6 +9,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from onwards_trio._ops.access import WholeBodies
 from onwards_trio._proxy.usage import (
     StreamUsageStripper,
     Usage,
@@ -217,6 +218,26 @@ def test_usual_bodies_read_as_a_batch_give_what_a_scanner_gives(
         expected.append(scanner.usage)
     UsageKeeper.read_all(keepers)  # type: ignore[arg-type]
     assert [None if k.found is None else Usage(*k.found) for k in keepers] == expected
+
+
+@given(
+    st.lists(
+        st.sampled_from(_KEPT_BODIES + _PLAIN_BODIES[:5] * 4 + _PLAIN_BODIES[5:]),
+        min_size=1,
+        max_size=40,  # alone (a few) and together (many)
+    )
+)
+def test_whole_bodies_read_together_give_what_a_scanner_gives(bodies: list[bytes]) -> None:
+    """A body that came whole, handed to the access line as its bytes (no keeper), is read
+    with its batch, or alone now, exactly as a scanner fed that one chunk reads it."""
+    expected = []
+    for body in bodies:
+        scanner = UsageScanner()
+        scanner.feed(body)
+        expected.append(scanner.usage)
+    found = WholeBodies.counts(list(bodies))
+    assert [None if f is None else Usage(*f) for f in found] == expected
+    assert [WholeBodies.usage(body) for body in bodies] == expected
 
 
 def test_a_large_kept_body_is_scanned_as_it_passes_not_held() -> None:
