@@ -269,11 +269,8 @@ async def test_access_line_carries_the_token_usage(
     assert "input_tokens=12 output_tokens=7 cached_tokens=4" in line
 
 
-async def test_access_lines_carry_a_plain_usage_read_with_their_batch(
-    nursery: trio.Nursery, handler_output: io.StringIO
-) -> None:
-    """With only the access log wanting the usage, each body is handed to the line unread
-    and its writer reads the batch's bodies together: every line still has its own figures."""
+async def _numbered_gateway(nursery: trio.Nursery) -> str:
+    """A gateway whose upstream answers its n-th request with usage n in, 2n out."""
     answers = iter(range(1, 100))
 
     def script(request: Any) -> Reply:
@@ -285,6 +282,15 @@ async def test_access_lines_carry_a_plain_usage_read_with_their_batch(
     _, url = await start_gateway(
         nursery, {"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}
     )
+    return url
+
+
+async def test_access_lines_carry_a_plain_usage_read_with_their_batch(
+    nursery: trio.Nursery, handler_output: io.StringIO
+) -> None:
+    """With only the access log wanting the usage, each body is handed to the line unread
+    and its writer reads the batch's bodies together: every line still has its own figures."""
+    url = await _numbered_gateway(nursery)
     async with (
         httpx.AsyncClient(base_url=url, timeout=10) as client,
         trio.open_nursery() as senders,
@@ -312,17 +318,7 @@ async def test_an_answer_that_came_whole_is_handed_to_its_line_without_a_keeper(
         raise AssertionError("a keeper was made for a body that came whole")
 
     monkeypatch.setattr(pipeline, "UsageKeeper", no_keeper)
-    answers = iter(range(1, 100))
-
-    def script(request: Any) -> Reply:
-        n = next(answers)
-        usage = {"prompt_tokens": n, "completion_tokens": 2 * n, "total_tokens": 3 * n}
-        return Reply(body=chat_completion(COMPLETION, usage=usage))
-
-    up = FakeUpstream(script)
-    _, url = await start_gateway(
-        nursery, {"targets": {"gpt-4": {"url": await serve_app(nursery, up)}}}
-    )
+    url = await _numbered_gateway(nursery)
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         for _ in range(3):
             r = await client.post(CHAT, json={"model": "gpt-4", "messages": []})
