@@ -320,6 +320,12 @@ class SqliteFile:
 # SQLite's limit on one statement's parameters is 32,766; a batch's rows go in chunks below it.
 _MAX_PARAMS = 30_000
 
+# What a batch's rows bind for None. sqlite3 binds None as NULL only after its adaptation
+# lookup has failed (two attribute lookups, one raising AttributeError: ~3k instructions a
+# value, in the writer thread, holding the GIL the Trio thread needs). A float NaN is bound at
+# once, and SQLite stores a bound NaN as NULL (it keeps no NaN), so the rows are the same.
+_NULL = float("nan")
+
 
 def _insert_together(conn: sqlite3.Connection, calls: list[Call[sqlite3.Connection]]) -> None:
     """The rows of ``calls`` (:meth:`SqliteFile.insert`), one multi-row ``INSERT`` per table
@@ -333,7 +339,8 @@ def _insert_together(conn: sqlite3.Connection, calls: list[Call[sqlite3.Connecti
         step = max(1, _MAX_PARAMS // len(rows[0]))
         for i in range(0, len(rows), step):
             chunk = rows[i : i + step]
-            conn.execute(_rows_sql(sql, len(chunk)), [v for row in chunk for v in row])
+            values = [_NULL if v is None else v for row in chunk for v in row]
+            conn.execute(_rows_sql(sql, len(chunk)), values)
 
 
 @functools.lru_cache(maxsize=256)
@@ -808,6 +815,8 @@ class SqliteBackend(StoreBackend):
         other new responses in its batch (:meth:`SqliteFile.insert`)."""
         record = finished.record
         row, data = finished_response_text(finished)
+        if row is not None:  # ``background`` as an int: sqlite3 adapts a bool slowly (_NULL)
+            row = (*row[:5], int(row[5]), *row[6:])
         now = time.time()
         dump = _dumps_once()
         responses = [

@@ -3,9 +3,11 @@ new finished responses in a batch are inserted together."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -161,27 +163,31 @@ async def test_a_call_not_started_within_its_bound_fails_without_running(
     await file.aclose()
 
 
-async def _finished(response_id: str) -> FinishedResponse:
-    """A new foreground response as the HTTP layer writes it: one completed model step."""
+async def _finished(response_id: str, **fields: Any) -> FinishedResponse:
+    """A new foreground response as the HTTP layer writes it: one completed model step
+    (``fields``: more of its record's)."""
     steps = MemoryStore()
     await steps.begin_response(response_id, CHAT)
     step = await steps.record_step(response_id, None, None, StepDescriptor.model_call(CHAT))
     await steps.complete_step(step.id, {"answer": response_id})
     await steps.finish_response(response_id, ResponseStatus.COMPLETED, {"id": response_id})
     rows, chain = steps.contents()
-    record = StoredResponse(response_id, {"id": response_id, "status": "completed"})
+    record = StoredResponse(response_id, {"id": response_id, "status": "completed"}, **fields)
     return FinishedResponse(record, True, rows, chain)
 
 
-async def _finish_together(backend: SqliteBackend, ids: list[str]) -> dict[str, bool | Exception]:
-    """``write_finished`` for each of ``ids``, all queued behind a running call (one batch)."""
+async def _finish_together(
+    backend: SqliteBackend, ids: list[str], fields: dict[str, dict[str, Any]] | None = None
+) -> dict[str, bool | Exception]:
+    """``write_finished`` for each of ``ids``, all queued behind a running call (one batch);
+    ``fields``: more record fields by id."""
     started, release = trio.Event(), trio.Event()
 
     def blocker(db: sqlite3.Connection) -> None:
         trio.from_thread.run_sync(started.set)
         trio.from_thread.run(release.wait)
 
-    finished = [await _finished(i) for i in ids]
+    finished = [await _finished(i, **(fields or {}).get(i, {})) for i in ids]
     results: dict[str, bool | Exception] = {}
 
     async def one(f: FinishedResponse) -> None:
@@ -214,6 +220,33 @@ async def test_new_responses_finished_together_are_each_stored_whole(tmp_path: P
         loop = await backend.steps.get_response(i)
         assert loop is not None and loop.output == {"id": i}
     await backend.aclose()
+
+
+async def test_rows_inserted_together_hold_null_and_integers_as_sqlite_types(
+    tmp_path: Path,
+) -> None:
+    # The batch binds None and bools in a cheaper form than sqlite3's adaptation: the
+    # columns must still read NULL and INTEGER in the file, as a lone write leaves them.
+    backend = SqliteBackend(tmp_path / "b.sqlite3")
+    fields = {"resp_a": {"owner": "alice", "background": True}, "resp_b": {}}
+    assert await _finish_together(backend, ["resp_a", "resp_b"], fields) == {
+        "resp_a": True,
+        "resp_b": True,
+    }
+    await backend.aclose()
+    with contextlib.closing(sqlite3.connect(tmp_path / "b.sqlite3")) as db:
+        rows = db.execute(
+            "SELECT id, owner, typeof(owner), background, typeof(background) "
+            "FROM oresp_responses ORDER BY id"
+        ).fetchall()
+        steps = db.execute(
+            "SELECT typeof(scope_parent), typeof(prev_step_id), typeof(error) FROM loop_steps"
+        ).fetchall()
+    assert rows == [
+        ("resp_a", "alice", "text", 1, "integer"),
+        ("resp_b", None, "null", 0, "integer"),
+    ]
+    assert steps == [("null", "null", "null")] * 2
 
 
 async def test_a_response_that_exists_fails_alone_in_a_batch(tmp_path: Path) -> None:
