@@ -478,7 +478,7 @@ class Gateway:
         path: str = scope["path"]
         if path in ANTHROPIC_ROUTES:
             return self.anthropic.handle(scope, receive, send)
-        if self.targets.table.strict_mode and not path.startswith("/v1/responses/"):
+        if self.targets.table.config.strict_mode and not path.startswith("/v1/responses/"):
             # typed routes only; POST /v1/responses goes to the adapter first
             return handle_strict(self, scope, receive, send, responses=self.responses.create)
         if path == "/v1/responses" or path.startswith("/v1/responses/"):
@@ -504,7 +504,7 @@ class Gateway:
         """The request body within every bound: the size limit (a declared length over it is
         refused before a byte is read), the global body budget and the read deadline. (The
         reading coroutine is returned: no coroutine of this method's own per request.)"""
-        config = self.config
+        config = self.targets.table.config  # not the property: one call less
         return read_body(
             receive,
             config.body_limit_bytes,

@@ -21,6 +21,7 @@ __all__ = [
     "evaluate_rules",
     "is_hashed",
     "key_id",
+    "token_of",
 ]
 
 HASH_PREFIX = "sha256:"
@@ -48,10 +49,14 @@ def bearer_token(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
     """The token of ``Authorization: Bearer <token>`` (exact ``Bearer `` prefix, as onwards)."""
     for name, value in headers:
         if name == b"authorization":
-            if value.startswith(b"Bearer "):
-                token = value[7:].decode("latin-1")
-                return token or None
-            return None
+            return token_of(value)
+    return None
+
+
+def token_of(authorization: bytes | None) -> str | None:
+    """:func:`bearer_token` for the first ``Authorization`` value (``None``: there is none)."""
+    if authorization is not None and authorization.startswith(b"Bearer "):
+        return authorization[7:].decode("latin-1") or None
     return None
 
 

@@ -35,7 +35,7 @@ from onwards_trio._proxy.admission import (
     flush,
     reserve_provider,
 )
-from onwards_trio._proxy.auth import bearer_token, evaluate_rules, key_id
+from onwards_trio._proxy.auth import evaluate_rules, key_id, token_of
 from onwards_trio._proxy.balance import backoff_delays, plan_attempts, select, status_matches
 from onwards_trio._proxy.ledger import LedgerNote, cost_of
 from onwards_trio._proxy.limits import Permit, Reservation
@@ -444,11 +444,18 @@ def extract_model(headers: list[tuple[bytes, bytes]], body_json: Any) -> str | N
     """``model-override`` header first, else the JSON body's string ``model``."""
     for k, v in headers:
         if k == b"model-override":
-            try:
-                text = v.decode("ascii")
-            except UnicodeDecodeError:
-                return None
-            return text if text and text.isprintable() else None
+            return _model_of(v, body_json)
+    return _model_of(None, body_json)
+
+
+def _model_of(override: bytes | None, body_json: Any) -> str | None:
+    """:func:`extract_model` for the first ``model-override`` value (``None``: there is none)."""
+    if override is not None:
+        try:
+            text = override.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return text if text and text.isprintable() else None
     if isinstance(body_json, dict):
         model = body_json.get("model")
         if isinstance(model, str) and model:
@@ -578,11 +585,18 @@ class Proxy:
 
     def resolve(self, table: Table, request: ProxyRequest) -> tuple[str, Pool, str | None]:
         """Model → pool → auth → routing rules. Returns (requested alias, pool, token)."""
-        alias = extract_model(request.headers, request.json)
+        override = authorization = None
+        for name, value in request.headers:  # extract_model's and bearer_token's, one pass
+            if name == b"authorization":
+                if authorization is None:
+                    authorization = value
+            elif name == b"model-override" and override is None:
+                override = value
+        alias = _model_of(override, request.json)
         if alias is None:
             raise errors.missing_model()
         request.alias = alias
-        token = bearer_token(request.headers)
+        token = token_of(authorization)
         ident = request.key_id = key_id(token) if token is not None else None
         pool = table.pools.get(alias)
         if pool is None:
@@ -745,7 +759,7 @@ class Proxy:
                 reply.headers.extend(hold.headers())
             filters = self.filters
             if filters:
-                strict = table.strict_mode
+                strict = table.config.strict_mode
                 ctx: FilterContext | None = None
                 for factory in filters:
                     # A factory that says when it applies (``applies(strict, provider)``) is not
@@ -1103,17 +1117,24 @@ class Proxy:
     ) -> list[tuple[bytes, bytes]]:
         """Upstream headers minus the hop-by-hop ones (and any the upstream names in its
         ``Connection``), with the provider's configured headers overriding."""
-        drop: set[bytes] | frozenset[bytes] = _HOP_RESPONSE
-        out = [(k.lower(), v) for k, v in response.headers]  # each name lowered once
-        for k, v in out:
-            if k == b"connection":
-                named = {t.strip() for t in v.lower().split(b",")}
-                drop = _HOP_RESPONSE | named
+        out: list[tuple[bytes, bytes]] = []
+        connection = None
+        for k, v in response.headers:  # one pass, each name lowered once
+            k = k.lower()
+            if k in _HOP_RESPONSE:
+                if k == b"connection":
+                    connection = v  # the last one's names count
+            else:
+                out.append((k, v))
         extra = provider.response_headers
-        if extra:
-            drop = drop | {k for k, _ in extra}
-        out = [field for field in out if field[0] not in drop]
-        out.extend(extra)
+        if connection is not None or extra:  # names dropped wherever they stand
+            drop: set[bytes] | frozenset[bytes] = _HOP_RESPONSE
+            if connection is not None:
+                drop = drop | {t.strip() for t in connection.lower().split(b",")}
+            if extra:
+                drop = drop | {k for k, _ in extra}
+            out = [field for field in out if field[0] not in drop]
+            out.extend(extra)
         return out
 
 

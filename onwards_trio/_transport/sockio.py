@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Protocol
 
 import trio
 
@@ -27,14 +28,22 @@ __all__ = ["SocketIO"]
 _FAIR = 16  # calls in a row that found the socket ready before one yields anyway
 
 
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
 class SocketIO:
     """``receive_some``/``send_all`` (the ``trio.abc.Stream`` names) on one connected trio
     socket (plain TCP), without a schedule point when the socket was ready."""
 
-    __slots__ = ("_ready", "blocked_since", "socket")
+    __slots__ = ("_raw", "_ready", "blocked_since", "socket")
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.socket = sock
+        # The standard socket inside trio's: its fileno() is the C method, where trio's is a
+        # Python call that forwards to it (about six a request). Still asked each time, never
+        # kept: a descriptor closed meanwhile reads as -1, not as a number reused since.
+        self._raw: _HasFileno = getattr(sock, "_sock", sock)
         self._ready = 0  # calls in a row that did not wait
         self.blocked_since: float | None = None  # trio time a send_all began to wait
 
@@ -48,7 +57,7 @@ class SocketIO:
         """Up to ``max_bytes``; ``b""`` at end of stream. Raises ``OSError`` (reset, closed) or
         ``trio.ClosedResourceError`` (closed while waiting)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        sock = self.socket
+        sock = self._raw
         try:
             data = os.read(sock.fileno(), max_bytes)
         except BlockingIOError:  # nothing yet: wait for the socket (it resets the count)
@@ -63,7 +72,7 @@ class SocketIO:
         request, or just sent one and now waits for the answer): it waits for the socket
         first instead of trying the system call, which would fail with ``EAGAIN`` (and
         build an exception) almost every time."""
-        sock = self.socket
+        sock = self._raw
         self._ready = 0
         while True:
             await trio.lowlevel.wait_readable(sock)
@@ -77,7 +86,7 @@ class SocketIO:
         ``trio.ClosedResourceError`` (closed while waiting). While it waits for the socket,
         :attr:`blocked_since` says since when (a watchdog's write timeout)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        sock = self.socket
+        sock = self._raw
         total = len(data)
         try:
             sent = os.write(sock.fileno(), data)
