@@ -300,9 +300,7 @@ class AccessWriter:
         lines = self._lines(queued, read)
         return "\n".join(lines) + "\n" if lines else ""
 
-    def _lines(
-        self, queued: list[Fields], read: dict[int, tuple[int, ...] | None] | None = None
-    ) -> list[str]:
+    def _lines(self, queued: list[Fields], read: _Read) -> list[str]:
         """Lines one by one: one pass, the constant parts looked up, the numbers formatted.
         ``read``: the counts of the whole bodies (``bytes``) among them, by their ``id``."""
         known = self._parts
@@ -369,7 +367,7 @@ class AccessWriter:
             counts: Any = usage
             if counts is not None:
                 if type(counts) is bytes:
-                    counts = read[id(counts)]  # type: ignore[index]  # read with the batch
+                    counts = read[id(counts)]  # read with the batch
                 elif isinstance(counts, LaterUsage):
                     counts = counts.found
                 elif type(counts) is list:
@@ -461,15 +459,17 @@ def _read_kinds(bodies: list[LaterUsage]) -> None:
         kind.read_all([body for body in bodies if type(body) is kind])
 
 
-def _read_later(
-    queued: list[Fields], *, unread_only: bool = False
-) -> dict[int, tuple[int, ...] | None] | None:
+#: The counts of a batch's whole bodies (``bytes``), by their ``id`` (:func:`_read_later`).
+_Read: TypeAlias = dict[int, "tuple[int, ...] | None"]
+
+
+def _read_later(queued: list[Fields], *, unread_only: bool = False) -> _Read:
     """Read the usage of every body of the batch left for later, all at once; with
     ``unread_only`` (some may have been read already, by :func:`read_now`) only the unread.
     Returns the counts of the whole bodies (``bytes``), by their ``id``."""
     parts = list(filter(None, map(_USAGE, queued)))  # the lines with usage
     if not parts:
-        return None
+        return {}
     kinds = set(map(type, parts))
     if len(kinds) == 1 and list not in kinds:  # the usual batch: all of one kind
         (kind,) = kinds
@@ -478,7 +478,7 @@ def _read_later(
         if not unread_only:
             if issubclass(kind, LaterUsage):
                 kind.read_all(parts)
-            return None
+            return {}
     later: list[LaterUsage] = []
     whole: list[bytes] = []
     for usage in parts:
@@ -495,17 +495,15 @@ def _read_later(
     if unread_only:
         later = [body for body in later if not hasattr(body, "found")]
     _read_kinds(later)
-    return dict(zip(map(id, whole), WholeBodies.counts(whole), strict=True)) if whole else None
+    return dict(zip(map(id, whole), WholeBodies.counts(whole), strict=True)) if whole else {}
 
 
-def _sum(
-    parts: list[Any], read: dict[int, tuple[int, ...] | None] | None
-) -> tuple[int, ...] | None:
+def _sum(parts: list[Any], read: _Read) -> tuple[int, ...] | None:
     """The counts of several bodies' usage (read), summed."""
     total: tuple[int, ...] | None = None
     for part in parts:
         if type(part) is bytes:
-            got = read[id(part)]  # type: ignore[index]  # read with the batch
+            got = read[id(part)]  # read with the batch
         else:
             got = part.found if isinstance(part, LaterUsage) else part
         if got is not None:
