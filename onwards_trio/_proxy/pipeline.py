@@ -1047,8 +1047,8 @@ class Proxy:
         provider: Provider,
         span: AttemptSpan | None,
         headers: list[tuple[bytes, bytes]],
-        first: bytes | None = None,
-        stream: Any = None,
+        first: bytes | None,
+        stream: Any,
     ) -> tuple[UsageTap | None, Callable[[UsageTap], None] | None]:
         """What reads the usage of a 2xx body, and whom it tells (``None``: nobody wants it,
         and the body is relayed untouched). When only the access line and a sampled span

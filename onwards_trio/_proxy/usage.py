@@ -334,10 +334,7 @@ class UsageKeeper(LaterUsage):
         found: Sequence[tuple[int, ...] | None] | None = None
         whole = not any(map(_SCANNER, keepers))
         if whole:  # the usual: all kept whole, all plain
-            held = list(map(b"".join, map(_CHUNKS, keepers)))
-            found = _template_counts(held)
-            if found is None:
-                found = _plain_counts(held)
+            found = _usual_counts(list(map(b"".join, map(_CHUNKS, keepers))))
         if found is None:  # not read again the way that just failed
             found = kept_usages(keepers, plain_tried=whole)
         for _ in map(setattr, keepers, repeat("found"), found):
@@ -457,12 +454,17 @@ def _whole_usage(body: bytes) -> Usage | None:
     return _chunks_usage([body])
 
 
+def _usual_counts(bodies: list[bytes]) -> list[tuple[int, int, int, int] | None] | None:
+    """The counts of whole bodies read together when all are usual (one template, else all
+    plain); ``None``: they are not, read them another way."""
+    found = _template_counts(bodies)
+    return found if found is not None else _plain_counts(bodies)
+
+
 def _whole_counts(bodies: list[bytes]) -> Sequence[tuple[int, ...] | None]:
     """``WholeBodies.counts``: what keepers fed one of these chunks each read together."""
     if len(bodies) >= _FEW:
-        found = _template_counts(bodies)
-        if found is None:
-            found = _plain_counts(bodies)
+        found = _usual_counts(bodies)
         if found is not None:
             return found
     return list(map(_whole_usage, bodies))
